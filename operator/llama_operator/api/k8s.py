@@ -1,0 +1,182 @@
+"""Embedded Kubernetes core/v1 types (resources, tolerations, affinity, env), typed as Kubernetes types.
+
+Only the fields a LlamaServer pod can meaningfully use are modelled; each one keeps its upstream name and
+meaning so the values pass straight into the rendered pod spec.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import ApiModel, IntOrString, Quantity
+
+
+class ResourceRequirements(ApiModel):
+    """Compute resources of the llama-server container (core/v1 ResourceRequirements)."""
+
+    limits: dict[str, Quantity] | None = Field(
+        None, description="Maximum resources, e.g. {cpu: '8', memory: 16Gi}. GPUs come from spec.gpu."
+    )
+    requests: dict[str, Quantity] | None = Field(
+        None, description="Minimum resources the scheduler reserves, e.g. {cpu: '4', memory: 8Gi}."
+    )
+
+
+class Toleration(ApiModel):
+    """A core/v1 Toleration: lets the pods schedule onto nodes with matching taints."""
+
+    key: str | None = Field(None, description="Taint key the toleration applies to; empty matches all keys.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (default Equal).")
+    value: str | None = Field(None, description="Taint value to match when operator is Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        None, description="For NoExecute: how long the pod stays bound after the taint appears."
+    )
+
+
+class LabelSelectorRequirement(ApiModel):
+    """One label-selector expression (key, operator, values)."""
+
+    key: str = Field(description="Label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(description="How key and values relate.")
+    values: list[str] | None = Field(None, description="Values for In/NotIn.")
+
+
+class LabelSelector(ApiModel):
+    """A core label selector."""
+
+    match_labels: dict[str, str] | None = Field(None, description="Labels that must all match.")
+    match_expressions: list[LabelSelectorRequirement] | None = Field(
+        None, description="Expressions that must all match."
+    )
+
+
+class NodeSelectorRequirement(ApiModel):
+    """One node-selector expression."""
+
+    key: str = Field(description="Node label (or field) key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"] = Field(
+        description="How key and values relate."
+    )
+    values: list[str] | None = Field(None, description="Values for In/NotIn/Gt/Lt.")
+
+
+class NodeSelectorTerm(ApiModel):
+    """A node-selector term: all of its expressions must match."""
+
+    match_expressions: list[NodeSelectorRequirement] | None = Field(
+        None, description="Requirements on node labels."
+    )
+    match_fields: list[NodeSelectorRequirement] | None = Field(None, description="Requirements on node fields.")
+
+
+class NodeSelector(ApiModel):
+    """Terms ORed together."""
+
+    node_selector_terms: list[NodeSelectorTerm] = Field(description="Any one term must match.")
+
+
+class PreferredSchedulingTerm(ApiModel):
+    """A weighted node preference."""
+
+    weight: int = Field(ge=1, le=100, description="Weight 1-100.")
+    preference: NodeSelectorTerm = Field(description="The preferred node term.")
+
+
+class NodeAffinity(ApiModel):
+    """Node affinity rules."""
+
+    required_during_scheduling_ignored_during_execution: NodeSelector | None = Field(
+        None, description="Hard node requirements."
+    )
+    preferred_during_scheduling_ignored_during_execution: list[PreferredSchedulingTerm] | None = Field(
+        None, description="Soft node preferences."
+    )
+
+
+class PodAffinityTerm(ApiModel):
+    """Co-location rule relative to pods matching a selector."""
+
+    label_selector: LabelSelector | None = Field(None, description="Pods this term refers to.")
+    namespaces: list[str] | None = Field(None, description="Namespaces of those pods (default: this one).")
+    namespace_selector: LabelSelector | None = Field(None, description="Namespaces by label.")
+    topology_key: str = Field(description="Node label defining the topology domain, e.g. kubernetes.io/hostname.")
+
+
+class WeightedPodAffinityTerm(ApiModel):
+    """A weighted pod (anti-)affinity preference."""
+
+    weight: int = Field(ge=1, le=100, description="Weight 1-100.")
+    pod_affinity_term: PodAffinityTerm = Field(description="The term.")
+
+
+class PodAffinity(ApiModel):
+    """Pod affinity or anti-affinity rules."""
+
+    required_during_scheduling_ignored_during_execution: list[PodAffinityTerm] | None = Field(
+        None, description="Hard rules."
+    )
+    preferred_during_scheduling_ignored_during_execution: list[WeightedPodAffinityTerm] | None = Field(
+        None, description="Soft rules."
+    )
+
+
+class Affinity(ApiModel):
+    """A core/v1 Affinity for the server pods."""
+
+    node_affinity: NodeAffinity | None = Field(None, description="Node affinity.")
+    pod_affinity: PodAffinity | None = Field(None, description="Pod affinity.")
+    pod_anti_affinity: PodAffinity | None = Field(None, description="Pod anti-affinity, e.g. spread replicas.")
+
+
+class KeySelector(ApiModel):
+    """A key of a Secret or ConfigMap."""
+
+    name: str = Field(description="Name of the Secret or ConfigMap in the same namespace.")
+    key: str = Field(description="Key inside it.")
+    optional: bool | None = Field(None, description="Whether it may be absent.")
+
+
+class ObjectFieldSelector(ApiModel):
+    """A field of the pod, e.g. metadata.name."""
+
+    field_path: str = Field(description="Path of the field, e.g. status.podIP.")
+    api_version: str | None = Field(None, description="Schema version of the field path.")
+
+
+class ResourceFieldSelector(ApiModel):
+    """A resource of a container, e.g. limits.cpu."""
+
+    resource: str = Field(description="limits.cpu, requests.memory, ...")
+    container_name: str | None = Field(None, description="Container name (default: this one).")
+    divisor: Quantity | None = Field(None, description="Output unit.")
+
+
+class EnvVarSource(ApiModel):
+    """Where an environment variable's value comes from."""
+
+    secret_key_ref: KeySelector | None = Field(None, description="A key of a Secret.")
+    config_map_key_ref: KeySelector | None = Field(None, description="A key of a ConfigMap.")
+    field_ref: ObjectFieldSelector | None = Field(None, description="A pod field.")
+    resource_field_ref: ResourceFieldSelector | None = Field(None, description="A container resource.")
+
+
+class EnvVar(ApiModel):
+    """A core/v1 EnvVar for the llama-server container."""
+
+    name: str = Field(min_length=1, description="Variable name.")
+    value: str | None = Field(None, description="Literal value.")
+    value_from: EnvVarSource | None = Field(None, description="Value from a Secret, ConfigMap or field.")
+
+
+__all__ = [
+    "Affinity",
+    "EnvVar",
+    "IntOrString",
+    "ResourceRequirements",
+    "Toleration",
+]

@@ -1,0 +1,411 @@
+"""The llamacpp.dev/v1alpha1 API: LlamaModel and LlamaServer spec and status.
+
+These pydantic models are the single source of truth: the CRDs (`llama-operator crds`), the admission
+checks and the builders all derive from them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import ApiModel, IntOrString, Quantity
+from .k8s import Affinity, EnvVar, ResourceRequirements, Toleration
+
+GROUP = "llamacpp.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+SHA256_HEX = r"^[a-f0-9]{64}$"
+SPLIT_GGUF_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+# ---------------------------------------------------------------------------------------------- shared
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the resource's namespace."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253, description="Secret name.")
+    key: str = Field(min_length=1, description="Key inside the Secret.")
+
+
+class SecretRef(ApiModel):
+    """A whole Secret in the resource's namespace."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253, description="Secret name.")
+
+
+class Condition(ApiModel):
+    """A status condition in the Kubernetes convention."""
+
+    type: str = Field(description="Condition type, e.g. Ready, ArgsValid, Available.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="One CamelCase word for machines.")
+    message: str = Field("", description="What a person needs to know.")
+    last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="The metadata.generation this was computed for.")
+
+
+# ---------------------------------------------------------------------------------------------- LlamaModel
+
+
+def _check_gguf_file(value: str) -> str:
+    if value.startswith("/") or ".." in value.split("/"):
+        raise ValueError("must be a relative path inside the repository or volume, without '..'")
+    if not value.endswith(".gguf"):
+        raise ValueError("must name a .gguf file (for a split model, its first shard: name-00001-of-0000N.gguf)")
+    return value
+
+
+class HuggingFaceSource(ApiModel):
+    """A GGUF file in a Hugging Face model repository."""
+
+    repo: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Repository id, e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF.",
+    )
+    file: str = Field(
+        min_length=6,
+        description="Path of the .gguf file in the repository; for a split model its first shard "
+        "(name-00001-of-0000N.gguf) and every shard is fetched.",
+    )
+    revision: str = Field("main", min_length=1, description="Branch, tag or commit (default main).")
+    token_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding a Hugging Face token, for gated or private repositories."
+    )
+
+    _file = field_validator("file")(classmethod(lambda cls, v: _check_gguf_file(v)))
+
+
+class HttpSource(ApiModel):
+    """A GGUF file at a plain HTTP(S) URL."""
+
+    url: str = Field(pattern=r"^https?://[^\s]+$", description="http:// or https:// URL of the .gguf file.")
+    headers_secret_ref: SecretRef | None = Field(
+        None,
+        description="Secret whose keys are HTTP header names and values their values (e.g. Authorization), "
+        "sent with every request.",
+    )
+
+
+class VolumeSource(ApiModel):
+    """A GGUF file already present on an existing PersistentVolumeClaim: nothing is downloaded."""
+
+    persistent_volume_claim: str = Field(
+        pattern=DNS_SUBDOMAIN, max_length=253, description="Name of the PVC in the same namespace."
+    )
+    path: str = Field(min_length=6, description="Path of the .gguf file inside the volume.")
+
+    _path = field_validator("path")(classmethod(lambda cls, v: _check_gguf_file(v)))
+
+
+class ModelSource(ApiModel):
+    """Where the model comes from: exactly one of huggingFace, http, volume."""
+
+    hugging_face: HuggingFaceSource | None = Field(None, description="A file in a Hugging Face repository.")
+    http: HttpSource | None = Field(None, description="A plain HTTP(S) URL.")
+    volume: VolumeSource | None = Field(None, description="A file on an existing PersistentVolumeClaim.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSource:
+        given = [name for name in ("huggingFace", "http", "volume") if getattr(self, _snake(name)) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "exactly one of huggingFace, http, volume must be set"
+                + (f" (got {', '.join(given)})" if given else " (got none)")
+            )
+        return self
+
+    @property
+    def kind(self) -> Literal["huggingFace", "http", "volume"]:
+        if self.hugging_face is not None:
+            return "huggingFace"
+        if self.http is not None:
+            return "http"
+        return "volume"
+
+    @property
+    def file_name(self) -> str:
+        """Base name of the (first) GGUF file."""
+        if self.hugging_face is not None:
+            path = self.hugging_face.file
+        elif self.http is not None:
+            path = self.http.url.split("?", 1)[0]
+        else:
+            assert self.volume is not None
+            path = self.volume.path
+        return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _snake(camel: str) -> str:
+    return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel)
+
+
+CacheType = Literal["EmptyDir", "PersistentVolumeClaim", "HostPath"]
+
+
+class CacheSpec(ApiModel):
+    """Where downloaded files are kept between pod starts."""
+
+    type: CacheType | None = Field(
+        None,
+        description="EmptyDir (per pod, lost with it), PersistentVolumeClaim (created and owned by the "
+        "LlamaModel; ReadWriteMany lets replicas spread across nodes, ReadWriteOnce pins them to one node) or "
+        "HostPath (node-local directory shared by every pod on that node). Default: the operator's setting.",
+    )
+    size: Quantity | None = Field(
+        None, description="Volume size (EmptyDir size limit or PVC request). Default: model size plus headroom."
+    )
+    storage_class_name: str | None = Field(None, description="StorageClass of the PVC (default: the cluster's).")
+    access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod", "ReadOnlyMany"]] | None = (
+        Field(None, description="PVC access modes (default ReadWriteOnce).")
+    )
+    path: str | None = Field(
+        None,
+        pattern=r"^/",
+        description="HostPath only: node directory of the cache (default: the operator's hostPath root).",
+    )
+
+
+class LlamaModelSpec(ApiModel):
+    """A GGUF model: where it comes from, its checksum, how it is cached."""
+
+    source: ModelSource = Field(description="Where the GGUF comes from: exactly one of huggingFace, http, volume.")
+    sha256: str | None = Field(
+        None,
+        pattern=SHA256_HEX,
+        description="Expected sha256 of the (first) file, lowercase hex. Optional: Hugging Face publishes it for "
+        "LFS files and that is used when absent.",
+    )
+    cache: CacheSpec = Field(default_factory=CacheSpec, description="How downloaded files are cached.")
+
+
+class ModelFile(ApiModel):
+    """One resolved file of the model (several for a split GGUF)."""
+
+    name: str = Field(description="File name inside the cache directory.")
+    url: str | None = Field(None, description="Where it is downloaded from (absent for volume sources).")
+    size: int | None = Field(None, description="Size in bytes, when known.")
+    sha256: str | None = Field(None, description="Content sha256, when known.")
+
+
+class GgufInfo(ApiModel):
+    """Metadata read from the GGUF header."""
+
+    architecture: str | None = Field(None, description="general.architecture, e.g. llama, qwen2, gemma3.")
+    name: str | None = Field(None, description="general.name.")
+    size_label: str | None = Field(None, description="general.size_label, e.g. 0.5B.")
+    file_type: str | None = Field(None, description="Quantization, e.g. Q4_K_M.")
+    parameter_count: int | None = Field(None, description="Parameters counted from tensor shapes.")
+    context_length: int | None = Field(None, description="Training context length.")
+    block_count: int | None = Field(None, description="Number of transformer blocks.")
+    embedding_length: int | None = Field(None, description="Embedding width.")
+    head_count: int | None = Field(None, description="Attention heads.")
+    head_count_kv: int | None = Field(None, description="Key/value heads.")
+
+
+ModelPhase = Literal["Pending", "Resolving", "Ready", "Failed"]
+
+
+class LlamaModelStatus(ApiModel):
+    """What the operator knows about the model."""
+
+    phase: ModelPhase | None = Field(None, description="Pending, Resolving, Ready or Failed.")
+    message: str | None = Field(None, description="What is wrong, when something is.")
+    observed_generation: int | None = Field(None, description="The metadata.generation this status is for.")
+    conditions: list[Condition] | None = Field(None, description="Resolved, Ready conditions.")
+    files: list[ModelFile] | None = Field(None, description="Every file of the model.")
+    size: int | None = Field(None, description="Total size in bytes.")
+    sha256: str | None = Field(None, description="sha256 of the (first) file.")
+    cache_key: str | None = Field(None, description="Directory of this model inside the cache volume.")
+    gguf: GgufInfo | None = Field(None, description="GGUF header metadata.")
+
+
+# ---------------------------------------------------------------------------------------------- LlamaServer
+
+
+class ModelRef(ApiModel):
+    """A LlamaModel in the same namespace."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253, description="LlamaModel name.")
+    namespace: str | None = Field(
+        None,
+        description="Must be omitted or equal the LlamaServer's namespace: cross-namespace references are "
+        "not supported (a model's cache and Secrets live in its own namespace).",
+    )
+
+
+GpuVendor = Literal["nvidia", "amd", "intel"]
+
+
+class GpuSpec(ApiModel):
+    """GPUs per replica. Absent means CPU only."""
+
+    vendor: GpuVendor = Field(description="nvidia (nvidia.com/gpu), amd (amd.com/gpu) or intel (gpu.intel.com/i915).")
+    count: int = Field(1, ge=1, le=16, description="GPUs per replica (1-16).")
+
+
+class ServiceSpec(ApiModel):
+    """The Service in front of the replicas: the OpenAI-compatible endpoint."""
+
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Service type.")
+    port: int = Field(8080, ge=1, le=65535, description="Service port (the pods always listen on 8080).")
+    annotations: dict[str, str] | None = Field(None, description="Annotations for the Service.")
+
+
+KvCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+
+
+class LlamaServerSpec(ApiModel):
+    """A llama-server fleet serving one LlamaModel."""
+
+    model_ref: ModelRef = Field(description="The LlamaModel to serve (same namespace).")
+    replicas: int = Field(1, ge=0, le=1000, description="Number of llama-server pods.")
+    gpu: GpuSpec | None = Field(None, description="GPUs per replica; absent means CPU inference.")
+
+    # Typed llama-server settings. Each renders to exactly one flag; the same flag in `args` is an error.
+    context_size: int | None = Field(
+        None, ge=0, le=16777216, description="--ctx-size: total context in tokens shared by all slots (0 = model's)."
+    )
+    parallel: int | None = Field(None, ge=1, le=256, description="--parallel: concurrent request slots.")
+    flash_attention: Literal["auto", "on", "off"] | None = Field(None, description="--flash-attn: auto, on or off.")
+    cache_type_k: KvCacheType | None = Field(None, description="--cache-type-k: KV cache type for K.")
+    cache_type_v: KvCacheType | None = Field(
+        None, description="--cache-type-v: KV cache type for V (quantized types need flash attention)."
+    )
+    batch_size: int | None = Field(None, ge=1, le=1048576, description="--batch-size: logical batch size.")
+    ubatch_size: int | None = Field(None, ge=1, le=1048576, description="--ubatch-size: physical batch size.")
+    gpu_layers: IntOrString | None = Field(
+        None, description="--n-gpu-layers: a number, auto or all (default all when gpu is set)."
+    )
+    split_mode: Literal["none", "layer", "row"] | None = Field(
+        None, description="--split-mode across several GPUs: none, layer or row."
+    )
+    tensor_split: list[float] | None = Field(
+        None, description="--tensor-split: share of the model per GPU, e.g. [3, 1]."
+    )
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="--threads (default: derived from the CPU limit or request on CPU)."
+    )
+    alias: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        description="Model name served by /v1/models and accepted in requests (default: the LlamaModel name).",
+    )
+    mode: Literal["chat", "embedding", "rerank"] = Field(
+        "chat", description="chat (completions), embedding (--embedding) or rerank (--reranking)."
+    )
+    chat_template: str | None = Field(
+        None, min_length=1, description="--chat-template: a built-in template name, e.g. chatml or llama3."
+    )
+    args: list[str] | None = Field(
+        None,
+        description="Extra llama-server flags, e.g. [--top-k, '20']. Validated; flags the operator manages "
+        "or that have a typed field are rejected.",
+    )
+
+    image: str | None = Field(None, min_length=1, description="llama-server image (default: by gpu.vendor).")
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the API key clients must send (Authorization: Bearer ...)."
+    )
+    startup_timeout_seconds: int = Field(
+        1800, ge=30, le=86400, description="How long loading the model may take before the pod is restarted."
+    )
+
+    resources: ResourceRequirements | None = Field(None, description="CPU and memory of the llama-server container.")
+    node_selector: dict[str, str] | None = Field(None, description="Node labels the pods must match.")
+    tolerations: list[Toleration] | None = Field(
+        None, description="Tolerations (the GPU vendor's toleration is added automatically)."
+    )
+    affinity: Affinity | None = Field(None, description="Affinity rules for the pods.")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
+    runtime_class_name: str | None = Field(None, description="RuntimeClass of the pods, e.g. nvidia.")
+    pod_annotations: dict[str, str] | None = Field(None, description="Extra annotations on the pods.")
+    pod_labels: dict[str, str] | None = Field(None, description="Extra labels on the pods.")
+    env: list[EnvVar] | None = Field(
+        None, description="Extra environment variables (LLAMA_ARG_* ones are validated like flags)."
+    )
+    service: ServiceSpec = Field(default_factory=ServiceSpec, description="The Service in front of the pods.")
+
+    @field_validator("args")
+    @classmethod
+    def _args_are_strings(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not item for item in value):
+            raise ValueError("empty strings are not valid llama-server arguments")
+        return value
+
+    @field_validator("gpu_layers")
+    @classmethod
+    def _gpu_layers(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be >= 0, 'auto' or 'all'")
+        if isinstance(value, str) and value not in ("auto", "all"):
+            raise ValueError(f"must be a number, 'auto' or 'all' (got {value!r})")
+        return value
+
+
+ServerPhase = Literal["Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed"]
+
+
+class LlamaServerStatus(ApiModel):
+    """What the fleet is doing."""
+
+    phase: ServerPhase | None = Field(None, description="Pending, Downloading, Loading, Ready, Degraded or Failed.")
+    message: str | None = Field(None, description="What is wrong or in progress, for people.")
+    observed_generation: int | None = Field(None, description="The metadata.generation this status is for.")
+    replicas: int | None = Field(None, description="Pods that exist.")
+    ready_replicas: int | None = Field(None, description="Pods that answer /health.")
+    ready: str | None = Field(None, description="ready/desired, for kubectl get.")
+    selector: str | None = Field(None, description="Label selector of the pods (for the scale subresource).")
+    endpoint: str | None = Field(None, description="OpenAI-compatible base URL inside the cluster.")
+    model_name: str | None = Field(None, description="Model name served by /v1/models.")
+    args: list[str] | None = Field(None, description="The llama-server arguments in use.")
+    conditions: list[Condition] | None = Field(
+        None, description="ModelResolved, ArgsValid, Available, Progressing."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- objects
+
+
+class ObjectMeta(ApiModel):
+    """The parts of metadata the operator reads."""
+
+    model_config = {**ApiModel.model_config, "extra": "ignore"}
+
+    name: str
+    namespace: str = "default"
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+class LlamaModel(ApiModel):
+    """A LlamaModel object as stored in the API."""
+
+    model_config = {**ApiModel.model_config, "extra": "ignore"}
+
+    api_version: Literal["llamacpp.dev/v1alpha1"] = API_VERSION
+    kind: Literal["LlamaModel"] = "LlamaModel"
+    metadata: ObjectMeta
+    spec: LlamaModelSpec
+    status: LlamaModelStatus = Field(default_factory=LlamaModelStatus)
+
+
+class LlamaServer(ApiModel):
+    """A LlamaServer object as stored in the API."""
+
+    model_config = {**ApiModel.model_config, "extra": "ignore"}
+
+    api_version: Literal["llamacpp.dev/v1alpha1"] = API_VERSION
+    kind: Literal["LlamaServer"] = "LlamaServer"
+    metadata: ObjectMeta
+    spec: LlamaServerSpec
+    status: LlamaServerStatus = Field(default_factory=LlamaServerStatus)

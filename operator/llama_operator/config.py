@@ -1,0 +1,93 @@
+"""Operator settings: one immutable object built once at startup (from environment variables) and injected.
+
+Every setting is documented in docs/configuration.md; the Helm chart sets them as env vars.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+LLAMA_CPP_BUILD = "b11312"
+LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+_IMAGE_REPO = "ghcr.io/ggml-org/llama.cpp"
+
+DEFAULT_IMAGES: Mapping[str, str] = {
+    "cpu": f"{_IMAGE_REPO}:server-{LLAMA_CPP_BUILD}",
+    "nvidia": f"{_IMAGE_REPO}:server-cuda-{LLAMA_CPP_BUILD}",
+    "amd": f"{_IMAGE_REPO}:server-rocm-{LLAMA_CPP_BUILD}",
+    "intel": f"{_IMAGE_REPO}:server-intel-{LLAMA_CPP_BUILD}",
+}
+DEFAULT_OPERATOR_IMAGE = "ghcr.io/llama-operator/llama-operator:0.1.0"
+
+CacheType = Literal["EmptyDir", "PersistentVolumeClaim", "HostPath"]
+_CACHE_TYPES = ("EmptyDir", "PersistentVolumeClaim", "HostPath")
+
+
+class SettingsError(ValueError):
+    """An operator setting has a value the operator cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable about the operator. Builders receive it as a plain argument."""
+
+    namespaces: tuple[str, ...] = ()
+    """Watched namespaces; empty means all namespaces."""
+    images: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_IMAGES))
+    """llama-server image per accelerator: cpu, nvidia, amd, intel."""
+    fetcher_image: str = DEFAULT_OPERATOR_IMAGE
+    """Image of the init container that downloads models (this operator's image)."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    default_cache_type: CacheType = "EmptyDir"
+    host_path_root: str = "/var/lib/llama-operator/models"
+    """Node directory under which HostPath caches live."""
+    huggingface_endpoint: str = "https://huggingface.co"
+    """Hugging Face hub (or mirror) base URL."""
+    log_format: Literal["text", "json"] = "text"
+    resync_seconds: float = 300.0
+    """Safety-net interval at which every LlamaServer is reconciled even without events."""
+
+    def image_for(self, vendor: str | None) -> str:
+        return self.images[vendor or "cpu"]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build the settings from LLAMA_OPERATOR_* variables; unknown values raise SettingsError."""
+        env = os.environ if environ is None else environ
+        images = dict(DEFAULT_IMAGES)
+        for accel in images:
+            override = env.get(f"LLAMA_OPERATOR_IMAGE_{accel.upper()}")
+            if override:
+                images[accel] = override
+        namespaces = tuple(ns.strip() for ns in env.get("LLAMA_OPERATOR_NAMESPACES", "").split(",") if ns.strip())
+        cache_type = env.get("LLAMA_OPERATOR_DEFAULT_CACHE_TYPE", "EmptyDir")
+        if cache_type not in _CACHE_TYPES:
+            raise SettingsError(
+                f"LLAMA_OPERATOR_DEFAULT_CACHE_TYPE={cache_type!r}: must be one of {', '.join(_CACHE_TYPES)}"
+            )
+        log_format = env.get("LLAMA_OPERATOR_LOG_FORMAT", "text")
+        if log_format not in ("text", "json"):
+            raise SettingsError(f"LLAMA_OPERATOR_LOG_FORMAT={log_format!r}: must be text or json")
+        pull_policy = env.get("LLAMA_OPERATOR_IMAGE_PULL_POLICY", "IfNotPresent")
+        if pull_policy not in ("Always", "IfNotPresent", "Never"):
+            raise SettingsError(
+                f"LLAMA_OPERATOR_IMAGE_PULL_POLICY={pull_policy!r}: must be Always, IfNotPresent or Never"
+            )
+        try:
+            resync = float(env.get("LLAMA_OPERATOR_RESYNC_SECONDS", "300"))
+        except ValueError as exc:
+            raise SettingsError("LLAMA_OPERATOR_RESYNC_SECONDS must be a number of seconds") from exc
+        return cls(
+            namespaces=namespaces,
+            images=images,
+            fetcher_image=env.get("LLAMA_OPERATOR_FETCHER_IMAGE", DEFAULT_OPERATOR_IMAGE),
+            image_pull_policy=pull_policy,  # type: ignore[arg-type]
+            default_cache_type=cache_type,  # type: ignore[arg-type]
+            host_path_root=env.get("LLAMA_OPERATOR_HOSTPATH_ROOT", "/var/lib/llama-operator/models"),
+            huggingface_endpoint=env.get("LLAMA_OPERATOR_HF_ENDPOINT", "https://huggingface.co").rstrip("/"),
+            log_format=log_format,  # type: ignore[arg-type]
+            resync_seconds=resync,
+        )
