@@ -1,0 +1,114 @@
+"""Renders a LlamaServer's typed settings into llama-server arguments: one small pure function per flag.
+
+Each function takes the spec and returns the flag and its value (or nothing). The managed flags (model,
+host, port, alias, metrics) come first, then the typed settings, then the user's validated `args`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from ..api.v1alpha1 import LlamaServerSpec
+
+SERVER_PORT = 8080
+"""The port llama-server listens on inside the pod, whatever the Service port."""
+
+Rendered = list[str]
+
+
+def context_size(spec: LlamaServerSpec) -> Rendered:
+    return [] if spec.context_size is None else ["--ctx-size", str(spec.context_size)]
+
+
+def parallel(spec: LlamaServerSpec) -> Rendered:
+    return [] if spec.parallel is None else ["--parallel", str(spec.parallel)]
+
+
+def flash_attention(spec: LlamaServerSpec) -> Rendered:
+    return [] if spec.flash_attention is None else ["--flash-attn", spec.flash_attention]
+
+
+def cache_type_k(spec: LlamaServerSpec) -> Rendered:
+    return [] if spec.cache_type_k is None else ["--cache-type-k", spec.cache_type_k]
+
+
+def cache_type_v(spec: LlamaServerSpec) -> Rendered:
+    return [] if spec.cache_type_v is None else ["--cache-type-v", spec.cache_type_v]
+
+
+def batch_size(spec: LlamaServerSpec) -> Rendered:
+    return [] if spec.batch_size is None else ["--batch-size", str(spec.batch_size)]
+
+
+def ubatch_size(spec: LlamaServerSpec) -> Rendered:
+    return [] if spec.ubatch_size is None else ["--ubatch-size", str(spec.ubatch_size)]
+
+
+def gpu_layers(spec: LlamaServerSpec) -> Rendered:
+    # With a GPU, offload everything unless told otherwise; on CPU the flag is meaningless.
+    if spec.gpu_layers is not None:
+        return ["--n-gpu-layers", str(spec.gpu_layers)]
+    return ["--n-gpu-layers", "all"] if spec.gpu is not None else []
+
+
+def split_mode(spec: LlamaServerSpec) -> Rendered:
+    return [] if spec.split_mode is None else ["--split-mode", spec.split_mode]
+
+
+def tensor_split(spec: LlamaServerSpec) -> Rendered:
+    if not spec.tensor_split:
+        return []
+    return ["--tensor-split", ",".join(f"{share:g}" for share in spec.tensor_split)]
+
+
+def mode(spec: LlamaServerSpec) -> Rendered:
+    return {"chat": [], "embedding": ["--embedding"], "rerank": ["--reranking"]}[spec.mode]
+
+
+def chat_template(spec: LlamaServerSpec) -> Rendered:
+    return [] if spec.chat_template is None else ["--chat-template", spec.chat_template]
+
+
+TYPED_RENDERERS: Sequence[Callable[[LlamaServerSpec], Rendered]] = (
+    context_size,
+    parallel,
+    flash_attention,
+    cache_type_k,
+    cache_type_v,
+    batch_size,
+    ubatch_size,
+    gpu_layers,
+    split_mode,
+    tensor_split,
+    mode,
+    chat_template,
+)
+
+
+def managed_args(*, model_path: str, model_name: str) -> Rendered:
+    """Flags the operator owns: users cannot set these through `args`."""
+    return [
+        "--model", model_path,
+        "--host", "0.0.0.0",
+        "--port", str(SERVER_PORT),
+        "--alias", model_name,
+        "--metrics",
+    ]  # fmt: skip
+
+
+def threads_arg(threads: int | None) -> Rendered:
+    return [] if threads is None else ["--threads", str(threads)]
+
+
+def render_args(spec: LlamaServerSpec, *, model_path: str, model_name: str, threads: int | None) -> Rendered:
+    """The complete llama-server argument list for a validated spec.
+
+    `threads` is the caller's resolved value (spec.threads, or derived from the CPU limit): llama-server's
+    own default is the host's physical cores, which ignores the container's CPU limit.
+    """
+    args = managed_args(model_path=model_path, model_name=model_name)
+    for render in TYPED_RENDERERS:
+        args += render(spec)
+    args += threads_arg(threads)
+    args += list(spec.args or [])
+    return args
