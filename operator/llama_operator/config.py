@@ -49,6 +49,12 @@ class Settings:
     log_format: Literal["text", "json"] = "text"
     resync_seconds: float = 300.0
     """Safety-net interval at which every LlamaServer is reconciled even without events."""
+    metrics_port: int | None = 8000
+    """Port of the Prometheus /metrics endpoint; None disables it."""
+    webhook_port: int | None = None
+    """Port of the HTTPS validating admission webhook; None disables it."""
+    webhook_cert_dir: str = "/var/run/llama-operator/webhook-certs"
+    """Directory holding tls.crt and tls.key for the webhook server."""
 
     def image_for(self, vendor: str | None) -> str:
         return self.images[vendor or "cpu"]
@@ -81,6 +87,9 @@ class Settings:
         except ValueError as exc:
             raise SettingsError("LLAMA_OPERATOR_RESYNC_SECONDS must be a number of seconds") from exc
         return cls(
+            metrics_port=_optional_port(env, "LLAMA_OPERATOR_METRICS_PORT", default=8000),
+            webhook_port=_optional_port(env, "LLAMA_OPERATOR_WEBHOOK_PORT", default=None),
+            webhook_cert_dir=env.get("LLAMA_OPERATOR_WEBHOOK_CERT_DIR", "/var/run/llama-operator/webhook-certs"),
             namespaces=namespaces,
             images=images,
             fetcher_image=env.get("LLAMA_OPERATOR_FETCHER_IMAGE", DEFAULT_OPERATOR_IMAGE),
@@ -91,3 +100,15 @@ class Settings:
             log_format=log_format,  # type: ignore[arg-type]
             resync_seconds=resync,
         )
+
+
+def _optional_port(env: Mapping[str, str], name: str, *, default: int | None) -> int | None:
+    """A port number from the environment; empty or "0" disables the feature."""
+    raw = env.get(name)
+    if raw is None:
+        return default
+    if raw.strip() in ("", "0"):
+        return None
+    if not raw.strip().isdigit() or not 0 < int(raw) < 65536:
+        raise SettingsError(f"{name}={raw!r}: must be a port number 1-65535, or 0 to disable")
+    return int(raw)
