@@ -1,0 +1,12 @@
+"""Pure builders: typed LlamaModel/LlamaServer + Settings -> Kubernetes object dicts.
+
+No API client, no globals, no clock: the same inputs always give the same objects, which is what makes
+server-side apply converge and what the golden-file tests pin down.
+"""
+
+from .deployment import build_deployment
+from .objects import owner_reference
+from .pvc import build_cache_pvc
+from .service import build_service
+
+__all__ = ["build_cache_pvc", "build_deployment", "build_service", "owner_reference"]

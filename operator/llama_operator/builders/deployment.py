@@ -1,0 +1,230 @@
+"""The Deployment of a LlamaServer: a model-fetch init container and the llama-server container."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..api.v1alpha1 import LlamaModel, LlamaServer
+from ..config import Settings
+from ..flags.render import SERVER_PORT, render_args
+from .cache import CACHE_MOUNT, CACHE_VOLUME, model_path, model_volumes, require_cache_key, server_model_mount
+from .objects import object_meta, selector_labels, server_labels
+from .quantity import parse_quantity
+
+RUN_AS_USER = 65532
+"""A fixed non-root UID: the llama.cpp images default to root, which restricted pod security forbids."""
+
+GPU_RESOURCES = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu", "intel": "gpu.intel.com/i915"}
+HEADER_ENV_PREFIX = "LLAMA_FETCH_HEADER_"
+TMP_VOLUME = "tmp"
+PROBE_PERIOD_SECONDS = 10
+
+MODEL_SHA_ANNOTATION = "llamacpp.dev/model-sha256"
+
+
+def model_name(server: LlamaServer) -> str:
+    """What /v1/models serves and clients put in `model`."""
+    return server.spec.alias or server.spec.model_ref.name
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+    }
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        # fsGroup makes EmptyDir and most PVCs writable for the fetcher; hostPath is not chowned (docs).
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def derived_threads(server: LlamaServer) -> int | None:
+    """--threads: the user's, else (CPU only) the CPU limit, else the request, rounded down, at least 1.
+
+    llama-server's own default is the host's physical core count, which ignores the container's limit and
+    makes throttled pods crawl.
+    """
+    spec = server.spec
+    if spec.threads is not None:
+        return spec.threads
+    if spec.gpu is not None or spec.resources is None:
+        return None
+    for bucket in (spec.resources.limits, spec.resources.requests):
+        if bucket and "cpu" in bucket:
+            return max(1, math.floor(parse_quantity(bucket["cpu"])))
+    return None
+
+
+def server_args(server: LlamaServer, model: LlamaModel) -> list[str]:
+    return render_args(
+        server.spec, model_path=model_path(model), model_name=model_name(server), threads=derived_threads(server)
+    )
+
+
+def _resources(server: LlamaServer) -> dict[str, Any]:
+    spec = server.spec
+    resources: dict[str, Any] = spec.resources.to_wire() if spec.resources else {}
+    if spec.gpu is not None:
+        gpu_key = GPU_RESOURCES[spec.gpu.vendor]
+        # Extended resources must be set as limits (requests default to them).
+        resources["limits"] = {**resources.get("limits", {}), gpu_key: spec.gpu.count}
+    return resources
+
+
+def _tolerations(server: LlamaServer) -> list[dict[str, Any]]:
+    tolerations = [t.to_wire() for t in server.spec.tolerations or []]
+    if server.spec.gpu is not None:
+        gpu = {"key": GPU_RESOURCES[server.spec.gpu.vendor], "operator": "Exists", "effect": "NoSchedule"}
+        if gpu not in tolerations:
+            tolerations.append(gpu)
+    return tolerations
+
+
+def _fetch_args(model: LlamaModel, settings: Settings) -> list[str]:
+    """The `llama-operator fetch` contract (see docs/model-sources.md)."""
+    source = model.spec.source
+    args = ["fetch", "--cache-dir", CACHE_MOUNT, "--cache-key", require_cache_key(model)]
+    if source.hugging_face is not None:
+        hf = source.hugging_face
+        args += ["--hf-repo", hf.repo, "--hf-file", hf.file, "--hf-revision", hf.revision]
+        args += ["--hf-endpoint", settings.huggingface_endpoint]
+    elif source.http is not None:
+        args += ["--url", source.http.url]
+    sha256 = model.status.sha256 or model.spec.sha256
+    if sha256:
+        args += ["--sha256", sha256]
+    return args
+
+
+def _fetch_env(model: LlamaModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Secrets reach the fetcher only as env vars from Secret references, never as arguments."""
+    source = model.spec.source
+    env: list[dict[str, Any]] = []
+    env_from: list[dict[str, Any]] = []
+    if source.hugging_face is not None and source.hugging_face.token_secret_ref is not None:
+        ref = source.hugging_face.token_secret_ref
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if source.http is not None and source.http.headers_secret_ref is not None:
+        env_from.append({"prefix": HEADER_ENV_PREFIX, "secretRef": {"name": source.http.headers_secret_ref.name}})
+    return env, env_from
+
+
+def fetch_init_container(model: LlamaModel, settings: Settings) -> dict[str, Any]:
+    env, env_from = _fetch_env(model)
+    container: dict[str, Any] = {
+        "name": "fetch-model",
+        "image": settings.fetcher_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["llama-operator"],
+        "args": _fetch_args(model, settings),
+        "env": env,
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [
+            {"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT},
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+        ],
+    }
+    if env_from:
+        container["envFrom"] = env_from
+    return container
+
+
+def _http_probe(*, period: int, failures: int, timeout: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": "/health", "port": "http"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout,
+    }
+
+
+def server_container(server: LlamaServer, model: LlamaModel, settings: Settings) -> dict[str, Any]:
+    spec = server.spec
+    env = [e.to_wire() for e in spec.env or []]
+    if spec.api_key_secret_ref is not None:
+        ref = spec.api_key_secret_ref
+        env.append({"name": "LLAMA_API_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    # /health answers 503 while the model loads: the startup probe gives loading its whole budget,
+    # after which readiness reacts within seconds and liveness restarts a wedged server.
+    startup_failures = max(1, math.ceil(spec.startup_timeout_seconds / PROBE_PERIOD_SECONDS))
+    container: dict[str, Any] = {
+        "name": "llama-server",
+        "image": spec.image or settings.image_for(spec.gpu.vendor if spec.gpu else None),
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["/app/llama-server"],
+        "args": server_args(server, model),
+        "env": [{"name": "HOME", "value": "/tmp"}, *env],
+        "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
+        "startupProbe": _http_probe(period=PROBE_PERIOD_SECONDS, failures=startup_failures, timeout=5),
+        "readinessProbe": _http_probe(period=5, failures=3, timeout=3),
+        "livenessProbe": _http_probe(period=20, failures=3, timeout=10),
+        "resources": _resources(server),
+        "securityContext": container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [server_model_mount(model), {"name": TMP_VOLUME, "mountPath": "/tmp"}],
+    }
+    return container
+
+
+def pod_template(server: LlamaServer, model: LlamaModel, settings: Settings) -> dict[str, Any]:
+    spec = server.spec
+    annotations = dict(spec.pod_annotations or {})
+    sha256 = model.status.sha256 or model.spec.sha256
+    if sha256:
+        # A new model revision with the same file name must still roll the pods.
+        annotations[MODEL_SHA_ANNOTATION] = sha256
+    init_containers = [] if model.spec.source.volume is not None else [fetch_init_container(model, settings)]
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "initContainers": init_containers,
+        "containers": [server_container(server, model, settings)],
+        "volumes": [*model_volumes(model, settings), {"name": TMP_VOLUME, "emptyDir": {}}],
+        "terminationGracePeriodSeconds": 30,
+    }
+    optional = {
+        "nodeSelector": spec.node_selector,
+        "affinity": spec.affinity.to_wire() if spec.affinity else None,
+        "tolerations": _tolerations(server) or None,
+        "priorityClassName": spec.priority_class_name,
+        "runtimeClassName": spec.runtime_class_name,
+    }
+    pod_spec.update({key: value for key, value in optional.items() if value})
+    metadata: dict[str, Any] = {"labels": {**(spec.pod_labels or {}), **server_labels(server)}}
+    if annotations:
+        metadata["annotations"] = annotations
+    return {"metadata": metadata, "spec": pod_spec}
+
+
+def build_deployment(server: LlamaServer, model: LlamaModel, settings: Settings) -> dict[str, Any]:
+    # Two GPU pods rarely fit side by side during a rolling update: replace instead of surge.
+    strategy: dict[str, Any] = (
+        {"type": "Recreate"}
+        if server.spec.gpu is not None
+        else {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    )
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": object_meta(server, name=server.metadata.name, labels=server_labels(server)),
+        "spec": {
+            "replicas": server.spec.replicas,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": selector_labels(server)},
+            "strategy": strategy,
+            "template": pod_template(server, model, settings),
+        },
+    }

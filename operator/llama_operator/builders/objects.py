@@ -1,0 +1,59 @@
+"""Metadata shared by every object the operator creates: names, labels, owner references."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..api.v1alpha1 import API_VERSION, LlamaModel, LlamaServer
+
+MANAGED_BY = "llama-operator"
+SERVER_LABEL = "llamacpp.dev/server"
+MODEL_LABEL = "llamacpp.dev/model"
+
+
+def selector_labels(server: LlamaServer) -> dict[str, str]:
+    """The Deployment selector. Immutable on a real cluster, so it holds nothing that may change."""
+    return {"app.kubernetes.io/name": "llama-server", SERVER_LABEL: server.metadata.name}
+
+
+def server_labels(server: LlamaServer) -> dict[str, str]:
+    return {
+        **selector_labels(server),
+        "app.kubernetes.io/instance": server.metadata.name,
+        "app.kubernetes.io/component": "inference",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        MODEL_LABEL: server.spec.model_ref.name,
+    }
+
+
+def model_labels(model: LlamaModel) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "llama-model-cache",
+        "app.kubernetes.io/instance": model.metadata.name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        MODEL_LABEL: model.metadata.name,
+    }
+
+
+def owner_reference(owner: LlamaServer | LlamaModel) -> dict[str, Any]:
+    assert owner.metadata.uid, "owner references need the owner's uid"
+    return {
+        "apiVersion": API_VERSION,
+        "kind": owner.kind,
+        "name": owner.metadata.name,
+        "uid": owner.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def object_meta(
+    owner: LlamaServer | LlamaModel, *, name: str, labels: dict[str, str], annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Metadata of an owned object. Offline renders have no owner uid and so no owner reference."""
+    meta: dict[str, Any] = {"name": name, "namespace": owner.metadata.namespace, "labels": labels}
+    if annotations:
+        meta["annotations"] = annotations
+    if owner.metadata.uid:
+        meta["ownerReferences"] = [owner_reference(owner)]
+    return meta

@@ -1,0 +1,263 @@
+"""The only module that calls the Kubernetes API (besides kopf's own watching), and translates its errors.
+
+The `kubernetes` client is synchronous, so every call runs in a worker thread (`asyncio.to_thread`) and
+never blocks the event loop. Objects travel as plain dicts; writes of owned objects use server-side apply
+with the `llama-operator` field manager, so repeated applies converge and repair drift.
+
+Every (resource, verb) this module may use is declared in `PERMISSIONS`; a call outside it raises at once,
+so the chart's RBAC (checked against `required_permissions()`) cannot silently fall behind the code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import urllib3
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+from .api.v1alpha1 import GROUP, VERSION
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "llama-operator"
+
+
+@dataclass(frozen=True)
+class ResourceKind:
+    """A namespaced API resource: enough to build its URLs."""
+
+    api_group: str
+    version: str
+    plural: str
+
+    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+        base = f"/api/{self.version}" if not self.api_group else f"/apis/{self.api_group}/{self.version}"
+        path = f"{base}/namespaces/{namespace}/{self.plural}"
+        if name is not None:
+            path += f"/{name}"
+        if subresource is not None:
+            path += f"/{subresource}"
+        return path
+
+
+DEPLOYMENTS = ResourceKind("apps", "v1", "deployments")
+SERVICES = ResourceKind("", "v1", "services")
+PERSISTENT_VOLUME_CLAIMS = ResourceKind("", "v1", "persistentvolumeclaims")
+PODS = ResourceKind("", "v1", "pods")
+SECRETS = ResourceKind("", "v1", "secrets")
+LLAMA_MODELS = ResourceKind(GROUP, VERSION, "llamamodels")
+LLAMA_SERVERS = ResourceKind(GROUP, VERSION, "llamaservers")
+
+KINDS_BY_API: Mapping[tuple[str, str], ResourceKind] = {
+    ("apps/v1", "Deployment"): DEPLOYMENTS,
+    ("v1", "Service"): SERVICES,
+    ("v1", "PersistentVolumeClaim"): PERSISTENT_VOLUME_CLAIMS,
+}
+
+
+@dataclass(frozen=True)
+class Permission:
+    """One RBAC rule: verbs on a resource (`plural` or `plural/subresource`) of an API group."""
+
+    api_group: str
+    resource: str
+    verbs: frozenset[str]
+
+
+# What this module does, per resource. Reads of owned kinds also come from kopf's watches (see rbac.py).
+PERMISSIONS: tuple[Permission, ...] = (
+    Permission("apps", "deployments", frozenset({"get", "list", "patch", "delete"})),
+    Permission("", "services", frozenset({"get", "list", "patch", "delete"})),
+    Permission("", "persistentvolumeclaims", frozenset({"get", "list", "patch", "delete"})),
+    Permission("", "pods", frozenset({"list"})),
+    Permission("", "secrets", frozenset({"get"})),
+    Permission(GROUP, "llamamodels", frozenset({"get", "list"})),
+    Permission(GROUP, "llamaservers", frozenset({"get", "list"})),
+    Permission(GROUP, "llamamodels/status", frozenset({"patch"})),
+    Permission(GROUP, "llamaservers/status", frozenset({"patch"})),
+)
+
+
+def _check_permission(kind: ResourceKind, verb: str, subresource: str | None = None) -> None:
+    resource = kind.plural if subresource is None else f"{kind.plural}/{subresource}"
+    for permission in PERMISSIONS:
+        if permission.api_group == kind.api_group and permission.resource == resource and verb in permission.verbs:
+            return
+    raise AssertionError(f"kube.PERMISSIONS does not declare {verb} on {kind.api_group or 'core'}/{resource}")
+
+
+class KubeError(Exception):
+    """The API server refused or failed a request."""
+
+    def __init__(self, message: str, *, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NotFound(KubeError):
+    """404: the object does not exist."""
+
+
+class Conflict(KubeError):
+    """409: a conflicting write (resourceVersion or SSA field ownership)."""
+
+
+class Invalid(KubeError):
+    """422: the object was rejected by validation; retrying the same write cannot help."""
+
+
+class Forbidden(KubeError):
+    """403: RBAC does not allow this; an installation problem, not a transient one."""
+
+
+class Unavailable(KubeError):
+    """The API server could not be reached or answered 5xx/429: worth retrying later."""
+
+
+def _translate(exc: ApiException, what: str) -> KubeError:
+    status = int(exc.status or 0)
+    message = what
+    try:
+        body = json.loads(exc.body or "{}")
+        if isinstance(body, dict) and body.get("message"):
+            message = f"{what}: {body['message']}"
+    except (ValueError, TypeError):
+        pass
+    if status == 404:
+        return NotFound(message, status=status)
+    if status == 409:
+        return Conflict(message, status=status)
+    if status in (400, 422):
+        return Invalid(message, status=status)
+    if status in (401, 403):
+        return Forbidden(message, status=status)
+    return Unavailable(message, status=status)
+
+
+def load_api_client() -> k8s_client.ApiClient:
+    """An API client for the in-cluster service account, else the current kubeconfig (KUBECONFIG)."""
+    configuration = k8s_client.Configuration()
+    try:
+        k8s_config.load_incluster_config(client_configuration=configuration)
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config(client_configuration=configuration)
+    return k8s_client.ApiClient(configuration)
+
+
+class Kube:
+    """Async facade over the synchronous client; one instance per operator process."""
+
+    def __init__(self, api_client: k8s_client.ApiClient, *, field_manager: str = FIELD_MANAGER) -> None:
+        self._api = api_client
+        self._field_manager = field_manager
+
+    def _request_sync(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str | None = None,
+    ) -> Any:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        _, url, headers, body = self._api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        try:
+            response = self._api.call_api(method, url, header_params=headers, body=body, _request_timeout=30)
+        except urllib3.exceptions.HTTPError as exc:
+            raise Unavailable(f"{method} {path}: {exc}") from exc
+        data = response.read()
+        if not 200 <= response.status <= 299:
+            raise ApiException(status=response.status, reason=response.reason, body=data.decode("utf-8", "replace"))
+        return json.loads(data) if data else None
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            return await asyncio.to_thread(self._request_sync, method, path, **kwargs)
+        except ApiException as exc:
+            raise _translate(exc, f"{method} {path}") from None
+
+    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply of an owned object (create or converge); returns the stored object."""
+        kind = KINDS_BY_API[(obj["apiVersion"], obj["kind"])]
+        _check_permission(kind, "patch")
+        meta = obj["metadata"]
+        return await self._request(
+            "PATCH",
+            kind.path(meta["namespace"], meta["name"]),
+            body=obj,
+            query=[("fieldManager", self._field_manager), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+        )
+
+    async def get(self, kind: ResourceKind, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        _check_permission(kind, "get")
+        try:
+            return await self._request("GET", kind.path(namespace, name))
+        except NotFound:
+            return None
+
+    async def list(self, kind: ResourceKind, namespace: str, *, label_selector: str = "") -> list[dict[str, Any]]:
+        _check_permission(kind, "list")
+        query = [("labelSelector", label_selector)] if label_selector else []
+        result = await self._request("GET", kind.path(namespace), query=query)
+        return list(result.get("items") or [])
+
+    async def delete(self, kind: ResourceKind, namespace: str, name: str) -> bool:
+        """Delete (background propagation); False when it was already gone."""
+        _check_permission(kind, "delete")
+        try:
+            await self._request("DELETE", kind.path(namespace, name), body={"propagationPolicy": "Background"})
+        except NotFound:
+            return False
+        return True
+
+    async def patch_status(
+        self, kind: ResourceKind, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """Merge-patch the status subresource; None when the object is gone."""
+        _check_permission(kind, "patch", "status")
+        try:
+            return await self._request(
+                "PATCH",
+                kind.path(namespace, name, "status"),
+                body={"status": dict(status)},
+                content_type="application/merge-patch+json",
+            )
+        except NotFound:
+            return None
+
+    async def read_secret_key(self, namespace: str, name: str, key: str) -> str:
+        """One key of a Secret, decoded. Raises NotFound naming the Secret or the key (never the value)."""
+        secret = await self.get(SECRETS, namespace, name)
+        if secret is None:
+            raise NotFound(f"Secret {namespace}/{name} not found", status=404)
+        data = secret.get("data") or {}
+        if key not in data:
+            raise NotFound(f"Secret {namespace}/{name} has no key {key!r}", status=404)
+        return base64.b64decode(data[key]).decode("utf-8")
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, str]:
+        """Every key of a Secret, decoded."""
+        secret = await self.get(SECRETS, namespace, name)
+        if secret is None:
+            raise NotFound(f"Secret {namespace}/{name} not found", status=404)
+        return {k: base64.b64decode(v).decode("utf-8") for k, v in (secret.get("data") or {}).items()}
