@@ -38,9 +38,10 @@ class ResourceKind:
     version: str
     plural: str
 
-    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    def path(self, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+        """The URL of the object, or of the collection (namespace None: across all namespaces)."""
         base = f"/api/{self.version}" if not self.api_group else f"/apis/{self.api_group}/{self.version}"
-        path = f"{base}/namespaces/{namespace}/{self.plural}"
+        path = f"{base}/namespaces/{namespace}/{self.plural}" if namespace else f"{base}/{self.plural}"
         if name is not None:
             path += f"/{name}"
         if subresource is not None:
@@ -215,7 +216,10 @@ class Kube:
         except NotFound:
             return None
 
-    async def list(self, kind: ResourceKind, namespace: str, *, label_selector: str = "") -> list[dict[str, Any]]:
+    async def list(
+        self, kind: ResourceKind, namespace: str | None, *, label_selector: str = ""
+    ) -> list[dict[str, Any]]:
+        """Objects in one namespace, or in all (None)."""
         _check_permission(kind, "list")
         query = [("labelSelector", label_selector)] if label_selector else []
         result = await self._request("GET", kind.path(namespace), query=query)

@@ -20,7 +20,7 @@ class ApiModel(BaseModel):
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
-        use_attribute_docstrings=False,
+        strict=True,
     )
 
     def to_wire(self) -> dict[str, Any]:

@@ -223,7 +223,7 @@ def build_deployment(server: LlamaServer, model: LlamaModel, settings: Settings)
         "spec": {
             "replicas": server.spec.replicas,
             "revisionHistoryLimit": 3,
-            "selector": {"matchLabels": selector_labels(server)},
+            "selector": {"matchLabels": selector_labels(server.metadata.name)},
             "strategy": strategy,
             "template": pod_template(server, model, settings),
         },

@@ -11,14 +11,19 @@ SERVER_LABEL = "llamacpp.dev/server"
 MODEL_LABEL = "llamacpp.dev/model"
 
 
-def selector_labels(server: LlamaServer) -> dict[str, str]:
+def selector_labels(server_name: str) -> dict[str, str]:
     """The Deployment selector. Immutable on a real cluster, so it holds nothing that may change."""
-    return {"app.kubernetes.io/name": "llama-server", SERVER_LABEL: server.metadata.name}
+    return {"app.kubernetes.io/name": "llama-server", SERVER_LABEL: server_name}
+
+
+def label_selector(labels: dict[str, str]) -> str:
+    """Labels as a `labelSelector` query string."""
+    return ",".join(f"{key}={value}" for key, value in labels.items())
 
 
 def server_labels(server: LlamaServer) -> dict[str, str]:
     return {
-        **selector_labels(server),
+        **selector_labels(server.metadata.name),
         "app.kubernetes.io/instance": server.metadata.name,
         "app.kubernetes.io/component": "inference",
         "app.kubernetes.io/managed-by": MANAGED_BY,

@@ -23,7 +23,7 @@ def build_service(server: LlamaServer) -> dict[str, Any]:
         ),
         "spec": {
             "type": service.type,
-            "selector": selector_labels(server),
+            "selector": selector_labels(server.metadata.name),
             "ports": [{"name": "http", "port": service.port, "targetPort": "http", "protocol": "TCP"}],
         },
     }

@@ -1,0 +1,196 @@
+"""kopf handlers: thin glue from watch events to the reconcile functions.
+
+Every trigger for a LlamaServer — its own spec change, its model becoming ready, a Deployment or pod of
+its changing or vanishing, the periodic resync — ends in the same `reconcile_server` run, serialised and
+coalesced per server. No handler here decides anything itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from .api.v1alpha1 import GROUP, VERSION
+from .builders.objects import MANAGED_BY, MODEL_LABEL, SERVER_LABEL
+from .config import Settings
+from .kube import LLAMA_MODELS, LLAMA_SERVERS, Kube, KubeError, Unavailable, load_api_client
+from .metrics import RECONCILE_SECONDS, RECONCILES
+from .metrics import serve as serve_metrics
+from .reconcile.context import Context
+from .reconcile.model import reconcile_model
+from .reconcile.serial import Coalescer
+from .reconcile.server import reconcile_server
+
+log = logging.getLogger(__name__)
+OWNED = {"app.kubernetes.io/managed-by": MANAGED_BY, SERVER_LABEL: kopf.PRESENT}
+OWNED_BY_MODEL = {"app.kubernetes.io/managed-by": MANAGED_BY, MODEL_LABEL: kopf.PRESENT}
+
+
+def _post_event(body: Mapping[str, Any], *, type: str, reason: str, message: str) -> None:
+    kopf.event(dict(body), type=type, reason=reason, message=message[:1024])
+
+
+class Runtime:
+    """What the handlers share, created once in the startup handler and kept in kopf's memo."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.servers = Coalescer()
+        self.models = Coalescer()
+        self.resync_task: asyncio.Task[None] | None = None
+
+    async def reconcile_server(self, namespace: str, name: str) -> None:
+        await self.servers.run((namespace, name), lambda: self._server_job(namespace, name))
+
+    async def reconcile_model(self, namespace: str, name: str) -> None:
+        await self.models.run((namespace, name), lambda: self._model_job(namespace, name))
+
+    async def _server_job(self, namespace: str, name: str) -> None:
+        body = await self.ctx.kube.get(LLAMA_SERVERS, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return  # deleted: garbage collection removes what it owned
+        with _measure("LlamaServer"):
+            await reconcile_server(body, self.ctx)
+
+    async def _model_job(self, namespace: str, name: str) -> None:
+        body = await self.ctx.kube.get(LLAMA_MODELS, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        with _measure("LlamaModel"):
+            await reconcile_model(body, self.ctx)
+
+    async def resync_forever(self) -> None:
+        """Safety net: reconcile everything now and then, in case an event was missed."""
+        namespaces: tuple[str | None, ...] = self.ctx.settings.namespaces or (None,)
+        while True:
+            await asyncio.sleep(self.ctx.settings.resync_seconds)
+            for namespace in namespaces:
+                try:
+                    for body in await self.ctx.kube.list(LLAMA_SERVERS, namespace):
+                        meta = body["metadata"]
+                        await self.reconcile_server(meta["namespace"], meta["name"])
+                except KubeError as exc:
+                    log.warning("Resync of LlamaServers failed, will retry: %s", exc)
+
+
+class _measure:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __enter__(self) -> None:
+        self.started = time.monotonic()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        RECONCILE_SECONDS.labels(self.kind).observe(time.monotonic() - self.started)
+        RECONCILES.labels(self.kind, "error" if exc_type else "ok").inc()
+
+
+def _runtime(memo: kopf.Memo) -> Runtime:
+    return memo["runtime"]  # type: ignore[no-any-return]
+
+
+async def _guarded(coro: Any) -> None:
+    """Spec handlers: transient API trouble is retried by kopf with a delay, never in a hot loop."""
+    try:
+        await coro
+    except Unavailable as exc:
+        raise kopf.TemporaryError(f"Kubernetes API unavailable: {exc}", delay=15) from exc
+    except KubeError as exc:
+        raise kopf.TemporaryError(f"Kubernetes API refused a request: {exc}", delay=60) from exc
+
+
+async def _best_effort(coro: Any, what: str) -> None:
+    """Event handlers: a failure is logged; the next event or the resync tries again."""
+    try:
+        await coro
+    except KubeError as exc:
+        log.warning("Reconcile after %s failed, will retry later: %s", what, exc)
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config = Settings.from_env()
+    # kopf's bookkeeping lives in our own annotations, keeping status for what users read.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.batching.error_delays = (1, 2, 5, 10, 30, 60)
+    try:
+        from . import admission
+    except ImportError:
+        admission = None  # type: ignore[assignment]
+    if admission is not None and hasattr(admission, "configure_webhook"):
+        admission.configure_webhook(settings, config)
+    runtime = Runtime(Context(kube=Kube(load_api_client()), settings=config, record_event=_post_event))
+    memo["runtime"] = runtime
+    if config.metrics_port:
+        serve_metrics(config.metrics_port)
+    runtime.resync_task = asyncio.create_task(runtime.resync_forever(), name="llama-operator resync")
+    log.info("llama-operator started: namespaces=%s", ",".join(config.namespaces) or "all")
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    runtime = memo.get("runtime")
+    if runtime is not None and runtime.resync_task is not None:
+        runtime.resync_task.cancel()
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+@kopf.on.resume(GROUP, VERSION, "llamamodels")
+@kopf.on.create(GROUP, VERSION, "llamamodels")
+@kopf.on.update(GROUP, VERSION, "llamamodels", field="spec")
+async def model_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    await _guarded(_runtime(memo).reconcile_model(namespace, name))
+
+
+@kopf.index(GROUP, VERSION, "llamaservers")
+def servers_by_model(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
+    model_ref = spec.get("modelRef") or {}
+    return {(namespace, str(model_ref.get("name", ""))): name}
+
+
+@kopf.on.event(GROUP, VERSION, "llamamodels")
+async def model_event(
+    namespace: str, name: str, memo: kopf.Memo, servers_by_model: kopf.Index[tuple[str, str], str], **_: Any
+) -> None:
+    # A model becoming Ready (or vanishing) changes every server that references it: no polling needed.
+    for server in set(servers_by_model.get((namespace, name), [])):
+        await _best_effort(_runtime(memo).reconcile_server(namespace, server), f"LlamaModel {namespace}/{name}")
+
+
+@kopf.on.event("", "v1", "persistentvolumeclaims", labels=OWNED_BY_MODEL)
+async def cache_pvc_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    await _best_effort(_runtime(memo).reconcile_model(namespace, labels[MODEL_LABEL]), "a cache PVC change")
+
+
+# ------------------------------------------------------------------------------------------------- servers
+
+
+@kopf.on.resume(GROUP, VERSION, "llamaservers")
+@kopf.on.create(GROUP, VERSION, "llamaservers")
+@kopf.on.update(GROUP, VERSION, "llamaservers", field="spec")
+async def server_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    await _guarded(_runtime(memo).reconcile_server(namespace, name))
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=OWNED)
+@kopf.on.event("", "v1", "services", labels=OWNED)
+@kopf.on.event("", "v1", "pods", labels=OWNED)
+async def owned_object_event(
+    namespace: str, labels: kopf.Labels, memo: kopf.Memo, resource: kopf.Resource, **_: Any
+) -> None:
+    # Covers drift too: an edited or deleted Deployment/Service is put back by the reconcile it triggers.
+    server = labels[SERVER_LABEL]
+    await _best_effort(_runtime(memo).reconcile_server(namespace, server), f"a {resource.singular} change")

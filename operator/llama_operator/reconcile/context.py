@@ -1,0 +1,23 @@
+"""What every reconcile needs, bundled once at startup: the API caller, settings, and an event recorder."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..config import Settings
+from ..kube import Kube
+
+
+class EventRecorder(Protocol):
+    """Posts Kubernetes Events about an object (kopf's poster in production, a list in unit tests)."""
+
+    def __call__(self, body: Mapping[str, Any], *, type: str, reason: str, message: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Context:
+    kube: Kube
+    settings: Settings
+    record_event: EventRecorder

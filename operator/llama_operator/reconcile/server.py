@@ -1,0 +1,176 @@
+"""Reconciles one LlamaServer: validate, find its model, apply Deployment + Service, write status.
+
+Create, update, resume, drift repair and the periodic resync all run this same function; server-side
+apply makes it idempotent, so running it twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..api.errors import describe
+from ..api.v1alpha1 import Condition, LlamaModel, LlamaServer, LlamaServerStatus
+from ..builders import build_deployment, build_service
+from ..builders.deployment import model_name, server_args
+from ..builders.objects import label_selector, selector_labels
+from ..builders.service import endpoint_url
+from ..kube import DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS
+from .conditions import condition, merge_conditions, now_rfc3339
+from .context import Context
+from .server_status import FleetStatus, fleet_status
+
+log = logging.getLogger(__name__)
+
+
+def spec_problems(server: LlamaServer) -> list[str]:
+    """Problems the CRD schema cannot express; each names the field."""
+    problems = []
+    ref_ns = server.spec.model_ref.namespace
+    if ref_ns is not None and ref_ns != server.metadata.namespace:
+        problems.append(
+            f"spec.modelRef.namespace: must be omitted or {server.metadata.namespace!r}; a LlamaServer can only "
+            f"serve a LlamaModel in its own namespace (got {ref_ns!r})"
+        )
+    return problems
+
+
+def _selector(server_name: str) -> str:
+    return label_selector(selector_labels(server_name))
+
+
+async def _observe(ctx: Context, namespace: str, name: str, desired: int) -> FleetStatus:
+    deployment = await ctx.kube.get(DEPLOYMENTS, namespace, name)
+    pods = await ctx.kube.list(PODS, namespace, label_selector=_selector(name)) if deployment else []
+    return fleet_status(desired, deployment, pods)
+
+
+async def reconcile_server(body: Mapping[str, Any], ctx: Context) -> LlamaServerStatus:
+    """Bring the cluster in line with one LlamaServer and return the status written."""
+    meta = body.get("metadata", {})
+    namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
+    previous = _previous_status(body)
+    desired = body.get("spec", {}).get("replicas", 1)
+    desired = desired if isinstance(desired, int) and desired >= 0 else 0
+
+    try:
+        server = LlamaServer.model_validate(body)
+    except ValidationError as exc:
+        problems = describe(exc, prefix="")
+        return await _write(ctx, body, previous, await _observe(ctx, namespace, name, desired), phase="Failed",
+                            message="; ".join(problems), generation=generation,
+                            conditions=[condition("ArgsValid", False, "InvalidSpec", "; ".join(problems),
+                                                  generation=generation)])
+    problems = spec_problems(server)
+    if problems:
+        return await _write(ctx, body, previous, await _observe(ctx, namespace, name, desired), phase="Failed",
+                            message="; ".join(problems), generation=generation,
+                            conditions=[condition("ArgsValid", False, "InvalidSpec", "; ".join(problems),
+                                                  generation=generation)])
+
+    args_ok = condition("ArgsValid", True, "Valid", generation=generation)
+    model_name_ref = server.spec.model_ref.name
+    model_body = await ctx.kube.get(LLAMA_MODELS, namespace, model_name_ref)
+    model_problem = _model_problem(model_body, namespace, model_name_ref)
+    if model_problem is not None:
+        reason, message = model_problem
+        fleet = await _observe(ctx, namespace, name, server.spec.replicas)
+        return await _write(ctx, body, previous, fleet, phase="Pending", message=message, generation=generation,
+                            conditions=[condition("ModelResolved", False, reason, message, generation=generation),
+                                        args_ok])
+    assert model_body is not None
+    model = LlamaModel.model_validate(model_body)
+
+    deployment = await ctx.kube.apply(build_deployment(server, model, ctx.settings))
+    await ctx.kube.apply(build_service(server))
+    pods = await ctx.kube.list(PODS, namespace, label_selector=_selector(name))
+    fleet = fleet_status(server.spec.replicas, deployment, pods)
+    return await _write(
+        ctx, body, previous, fleet, phase=fleet.phase, message=fleet.message, generation=generation,
+        conditions=[condition("ModelResolved", True, "ModelReady", generation=generation), args_ok],
+        extra={
+            "endpoint": endpoint_url(server),
+            "modelName": model_name(server),
+            "args": server_args(server, model),
+        },
+    )
+
+
+def _model_problem(model_body: Mapping[str, Any] | None, namespace: str, name: str) -> tuple[str, str] | None:
+    if model_body is None:
+        return "ModelNotFound", f"LlamaModel {namespace}/{name} not found; waiting for it to be created"
+    status = model_body.get("status") or {}
+    phase = status.get("phase") or "Pending"
+    if phase != "Ready" or not status.get("cacheKey"):
+        detail = f": {status['message']}" if status.get("message") else ""
+        return "ModelNotReady", f"LlamaModel {namespace}/{name} is {phase}{detail}"
+    return None
+
+
+def _previous_status(body: Mapping[str, Any]) -> LlamaServerStatus:
+    try:
+        return LlamaServerStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        return LlamaServerStatus()
+
+
+def _fleet_conditions(fleet: FleetStatus, desired: int, generation: int | None) -> list[Condition]:
+    available = fleet.ready_replicas >= desired
+    progressing = not available or fleet.updated_replicas < desired
+    return [
+        condition("Available", available, "MinimumReplicasAvailable" if available else "ReplicasNotReady",
+                  f"{fleet.ready_replicas}/{desired} replicas ready", generation=generation),
+        condition("Progressing", progressing, "RollingOut" if progressing else "Complete",
+                  fleet.message if progressing else "", generation=generation),
+    ]
+
+
+async def _write(
+    ctx: Context,
+    body: Mapping[str, Any],
+    previous: LlamaServerStatus,
+    fleet: FleetStatus,
+    *,
+    phase: str,
+    message: str,
+    generation: int | None,
+    conditions: list[Condition],
+    extra: Mapping[str, Any] | None = None,
+) -> LlamaServerStatus:
+    meta = body["metadata"]
+    desired = body.get("spec", {}).get("replicas", 1)
+    desired = desired if isinstance(desired, int) else 0
+    all_conditions = conditions + _fleet_conditions(fleet, desired, generation)
+    status = LlamaServerStatus.model_validate(
+        {
+            **previous.to_wire(),
+            **(extra or {}),
+            "phase": phase,
+            "message": message,
+            "observedGeneration": generation,
+            "replicas": fleet.replicas,
+            "readyReplicas": fleet.ready_replicas,
+            "ready": f"{fleet.ready_replicas}/{desired}",
+            "selector": _selector(meta["name"]),
+            "conditions": [],
+        }
+    )
+    merged = merge_conditions(previous.conditions, all_conditions, now=now_rfc3339())
+    # Conditions not reported this time (e.g. ModelResolved while the spec is invalid) keep their last value.
+    reported = {c.type for c in merged}
+    kept = [c for c in previous.conditions or [] if c.type not in reported]
+    status.conditions = merged + kept
+    if status == previous:
+        return status
+    if phase != previous.phase or (phase in ("Failed", "Pending") and message != previous.message):
+        event_type = "Warning" if phase in ("Failed", "Degraded") else "Normal"
+        ctx.record_event(body, type=event_type, reason=phase, message=message or f"LlamaServer is {phase}")
+    # merge-patch of the whole status: every field we own is written, stale ones explicitly cleared.
+    wire = status.to_wire()
+    cleared = {key: None for key in previous.to_wire() if key not in wire}
+    await ctx.kube.patch_status(LLAMA_SERVERS, meta["namespace"], meta["name"], {**wire, **cleared})
+    log.info("LlamaServer %s/%s is %s%s", meta["namespace"], meta["name"], phase, f": {message}" if message else "")
+    return status

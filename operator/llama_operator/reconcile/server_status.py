@@ -1,0 +1,116 @@
+"""Computes a LlamaServer's phase, message and conditions from its Deployment and pods (pure).
+
+Phases: Pending (no model yet / nothing scheduled), Downloading (the fetch-model init container runs),
+Loading (llama-server started, /health not yet 200), Ready, Degraded (some replicas ready, others not),
+Failed (bad spec, a failed download, or a crash-looping server; the message says which and why).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+FETCH_CONTAINER = "fetch-model"
+SERVER_CONTAINER = "llama-server"
+_CRASH_REASONS = {"CrashLoopBackOff", "Error", "OOMKilled", "CreateContainerConfigError", "InvalidImageName"}
+_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff"}
+
+
+@dataclass(frozen=True)
+class PodSummary:
+    """What one pod says about the fleet."""
+
+    phase: str  # Downloading | Loading | Ready | Failed | Pending
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class FleetStatus:
+    phase: str
+    message: str
+    replicas: int
+    ready_replicas: int
+    updated_replicas: int
+
+
+def _terminated_message(name: str, state: dict[str, Any]) -> str:
+    term = state.get("terminated") or {}
+    text = (term.get("message") or "").strip().splitlines()
+    detail = text[-1] if text else term.get("reason") or "no message"
+    return f"{name} exited with code {term.get('exitCode')}: {detail}"
+
+
+def _container_failure(status: dict[str, Any]) -> str | None:
+    """A failure message when this container is failing, else None."""
+    name = status.get("name", "?")
+    state = status.get("state") or {}
+    waiting = state.get("waiting") or {}
+    reason = waiting.get("reason")
+    if reason in _PULL_REASONS:
+        return f"cannot pull the image of {name}: {waiting.get('message') or reason}"
+    if reason in _CRASH_REASONS:
+        last = status.get("lastState") or {}
+        if last.get("terminated"):
+            return _terminated_message(name, last) + f" (restarting: {reason})"
+        return f"{name}: {reason}: {waiting.get('message', '')}".rstrip(": ")
+    term = state.get("terminated")
+    if term and term.get("exitCode", 0) != 0:
+        return _terminated_message(name, state)
+    return None
+
+
+def summarize_pod(pod: dict[str, Any]) -> PodSummary:
+    status = pod.get("status") or {}
+    name = pod.get("metadata", {}).get("name", "?")
+    for init in status.get("initContainerStatuses") or []:
+        failure = _container_failure(init)
+        if failure:
+            return PodSummary("Failed", f"pod {name}: {failure}")
+        state = init.get("state") or {}
+        if state.get("running"):
+            if init.get("name") == FETCH_CONTAINER:
+                return PodSummary("Downloading", f"pod {name}: downloading the model")
+            return PodSummary("Loading", f"pod {name}: running {init.get('name')}")
+        if not state.get("terminated"):  # waiting to start
+            return PodSummary("Downloading", f"pod {name}: waiting for {init.get('name')}")
+    for container in status.get("containerStatuses") or []:
+        if container.get("name") != SERVER_CONTAINER:
+            continue
+        failure = _container_failure(container)
+        if failure:
+            return PodSummary("Failed", f"pod {name}: {failure}")
+        if container.get("ready"):
+            return PodSummary("Ready")
+        if (container.get("state") or {}).get("running"):
+            return PodSummary("Loading", f"pod {name}: llama-server is loading the model")
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return PodSummary("Pending", f"pod {name} cannot be scheduled: {cond.get('message', '')}".strip())
+    return PodSummary("Pending", f"pod {name} is {status.get('phase', 'Pending')}")
+
+
+def fleet_status(desired: int, deployment: dict[str, Any] | None, pods: Sequence[dict[str, Any]]) -> FleetStatus:
+    dep_status = (deployment or {}).get("status") or {}
+    live_pods = [p for p in pods if not p.get("metadata", {}).get("deletionTimestamp")]
+    ready = int(dep_status.get("readyReplicas") or 0)
+    replicas = int(dep_status.get("replicas") or len(live_pods))
+    updated = int(dep_status.get("updatedReplicas") or 0)
+    summaries = [summarize_pod(p) for p in live_pods]
+    failed = [s for s in summaries if s.phase == "Failed"]
+    if desired == 0:
+        return FleetStatus("Ready", "scaled to zero replicas", replicas, ready, updated)
+    if ready >= desired and not failed:
+        return FleetStatus("Ready", "", replicas, ready, updated)
+    if failed:
+        phase = "Degraded" if ready > 0 else "Failed"
+        return FleetStatus(phase, failed[0].message, replicas, ready, updated)
+    if ready > 0:
+        waiting = next((s.message for s in summaries if s.phase != "Ready"), "")
+        message = f"{ready}/{desired} replicas ready; {waiting}".rstrip("; ")
+        return FleetStatus("Degraded", message, replicas, ready, updated)
+    for phase in ("Loading", "Downloading", "Pending"):
+        found = [s for s in summaries if s.phase == phase]
+        if found:
+            return FleetStatus(phase, found[0].message, replicas, ready, updated)
+    return FleetStatus("Pending", "waiting for pods to be created", replicas, ready, updated)
