@@ -259,6 +259,36 @@ class ServiceSpec(ApiModel):
 
 
 KvCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+LoadMode = Literal["auto", "none", "mmap", "mlock", "mmap+mlock", "dio"]
+
+
+class SpeculativeSpec(ApiModel):
+    """Speculative decoding with a small draft model that proposes tokens the served model verifies."""
+
+    draft_model_ref: ModelRef = Field(
+        description="The draft LlamaModel (same namespace); it must share the served model's vocabulary."
+    )
+    draft_max: int | None = Field(
+        None, ge=1, le=1024, description="--spec-draft-n-max: tokens drafted per step (llama.cpp default 3)."
+    )
+    draft_min: int | None = Field(
+        None, ge=0, le=1024, description="--spec-draft-n-min: minimum drafted tokens to use (default 0)."
+    )
+    draft_p_min: float | None = Field(
+        None, ge=0, le=1, description="--spec-draft-p-min: minimum draft probability to keep drafting (0-1)."
+    )
+    draft_gpu_layers: IntOrString | None = Field(
+        None, description="--spec-draft-ngl: draft layers on the GPU, a number, auto or all."
+    )
+
+    @field_validator("draft_gpu_layers")
+    @classmethod
+    def _draft_gpu_layers(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be >= 0, 'auto' or 'all'")
+        if isinstance(value, str) and value not in ("auto", "all"):
+            raise ValueError(f"must be a number, 'auto' or 'all' (got {value!r})")
+        return value
 
 
 class LlamaServerSpec(ApiModel):
@@ -303,6 +333,14 @@ class LlamaServerSpec(ApiModel):
     )
     chat_template: str | None = Field(
         None, min_length=1, description="--chat-template: a built-in template name, e.g. chatml or llama3."
+    )
+    load_mode: LoadMode | None = Field(
+        None,
+        description="--load-mode: how weights are loaded: auto, none (read, no mmap), mmap, mlock (keep in RAM), "
+        "mmap+mlock or dio (direct I/O). Replaces the removed --mlock and --no-mmap.",
+    )
+    speculative: SpeculativeSpec | None = Field(
+        None, description="Speculative decoding with a draft LlamaModel (--spec-draft-model, --spec-type draft-simple)."
     )
     args: list[str] | None = Field(
         None,
