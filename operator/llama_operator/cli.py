@@ -24,6 +24,41 @@ def _cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .config import Settings
+    from .render import RenderError, render
+
+    try:
+        objects = render(args.files, Settings.from_env(), default_namespace=args.namespace)
+    except RenderError as exc:
+        raise CliError(str(exc)) from None
+    sys.stdout.write("---\n".join(yaml.safe_dump(obj, sort_keys=False) for obj in objects))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from . import handlers  # noqa: F401  (registers the handlers)
+    from .config import Settings, SettingsError
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
+    log_format = kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL
+    kopf.configure(verbose=args.verbose, log_format=log_format)
+    kopf.run(
+        standalone=True,
+        clusterwide=not settings.namespaces,
+        namespaces=list(settings.namespaces),
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-operator", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -31,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     crds = sub.add_parser("crds", help="print the CustomResourceDefinitions (YAML stream)")
     crds.add_argument("--out-dir", help="write one file per CRD into this directory instead")
     crds.set_defaults(func=_cmd_crds)
+
+    render = sub.add_parser("render", help="print the objects the operator would create for YAML files (offline)")
+    render.add_argument("-f", "--filename", dest="files", action="append", required=True,
+                        help="a YAML file with LlamaModel/LlamaServer objects (repeatable)")
+    render.add_argument("-n", "--namespace", default="default", help="namespace for objects that name none")
+    render.set_defaults(func=_cmd_render)
+
+    run = sub.add_parser("run", help="run the operator against the current kubeconfig or in-cluster config")
+    run.add_argument("--liveness", metavar="URL", help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
+    run.add_argument("--verbose", action="store_true", help="debug logging")
+    run.set_defaults(func=_cmd_run)
     return parser
 
 

@@ -13,6 +13,7 @@ from ..api.errors import describe
 from ..api.v1alpha1 import LlamaModel, LlamaModelStatus, ModelFile
 from ..builders import build_cache_pvc
 from ..builders.cache import cache_type
+from ..config import Settings
 from ..kube import LLAMA_MODELS
 from .conditions import condition, merge_conditions, now_rfc3339
 from .context import Context
@@ -32,18 +33,22 @@ def _source_url(model: LlamaModel, hf_endpoint: str) -> str | None:
     return None
 
 
-async def status_from_spec(model: LlamaModel, ctx: Context) -> LlamaModelStatus:
-    """What the spec alone says: no network. The fetcher resolves the rest at download time."""
+def offline_status(model: LlamaModel, settings: Settings) -> LlamaModelStatus:
+    """What the spec alone says, without network: the fetcher resolves the rest at download time."""
     from ..sources import cache_key
 
     file = ModelFile(
         name=model.spec.source.file_name,
-        url=_source_url(model, ctx.settings.huggingface_endpoint),
+        url=_source_url(model, settings.huggingface_endpoint),
         sha256=model.spec.sha256,
     )
     return LlamaModelStatus(
         phase="Ready", files=[file], sha256=model.spec.sha256, cache_key=cache_key(model.spec, model.spec.sha256)
     )
+
+
+async def status_from_spec(model: LlamaModel, ctx: Context) -> LlamaModelStatus:
+    return offline_status(model, ctx.settings)
 
 
 async def reconcile_model(

@@ -1,0 +1,87 @@
+"""`llama-operator render`: the objects the operator would create for some YAML files, with no cluster.
+
+What only the cluster or the network could say (an owner's uid, a sha256 the hub publishes) is left out;
+the init container resolves those at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .api.errors import describe
+from .api.v1alpha1 import API_VERSION, LlamaModel, LlamaServer
+from .builders import build_cache_pvc, build_deployment, build_service
+from .config import Settings
+from .reconcile.model import offline_status
+from .reconcile.server import spec_problems
+
+
+class RenderError(ValueError):
+    """Input that cannot be rendered; the message names the file, the object and the field."""
+
+
+def _load_documents(paths: Iterable[str]) -> list[tuple[str, dict[str, Any]]]:
+    documents = []
+    for path in paths:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise RenderError(f"{path}: {exc.strerror}") from exc
+        try:
+            loaded = list(yaml.safe_load_all(text))
+        except yaml.YAMLError as exc:
+            raise RenderError(f"{path}: not valid YAML: {exc}") from exc
+        for doc in loaded:
+            if doc is None:
+                continue
+            if not isinstance(doc, dict):
+                raise RenderError(f"{path}: every document must be a mapping (a Kubernetes object)")
+            documents.append((path, doc))
+    return documents
+
+
+def _parse(path: str, doc: dict[str, Any], kind: type[LlamaModel] | type[LlamaServer]) -> Any:
+    name = (doc.get("metadata") or {}).get("name", "?")
+    try:
+        return kind.model_validate(doc)
+    except ValidationError as exc:
+        raise RenderError(f"{path}: {doc.get('kind')} {name}: {describe(exc)[0]}") from None
+
+
+def render(paths: Iterable[str], settings: Settings, *, default_namespace: str = "default") -> list[dict[str, Any]]:
+    models: dict[tuple[str, str], LlamaModel] = {}
+    servers: list[tuple[str, LlamaServer]] = []
+    for path, doc in _load_documents(paths):
+        doc.setdefault("metadata", {}).setdefault("namespace", default_namespace)
+        if doc.get("apiVersion") != API_VERSION or doc.get("kind") not in ("LlamaModel", "LlamaServer"):
+            continue  # other objects (Secrets, namespaces) in the same files are not ours to render
+        if doc["kind"] == "LlamaModel":
+            model = _parse(path, doc, LlamaModel)
+            if not model.status.cache_key:  # a status copied from a cluster is kept as is
+                model = model.model_copy(update={"status": offline_status(model, settings)})
+            models[(model.metadata.namespace, model.metadata.name)] = model
+        else:
+            servers.append((path, _parse(path, doc, LlamaServer)))
+    objects: list[dict[str, Any]] = []
+    for model in models.values():
+        pvc = build_cache_pvc(model, settings)
+        if pvc is not None:
+            objects.append(pvc)
+    for path, server in servers:
+        where = f"{path}: LlamaServer {server.metadata.name}"
+        problems = spec_problems(server)
+        if problems:
+            raise RenderError(f"{where}: {problems[0]}")
+        model = models.get((server.metadata.namespace, server.spec.model_ref.name))
+        if model is None:
+            raise RenderError(
+                f"{where}: spec.modelRef.name: LlamaModel {server.spec.model_ref.name!r} is not in the given files "
+                f"(namespace {server.metadata.namespace})"
+            )
+        objects += [build_deployment(server, model, settings), build_service(server)]
+    return objects
