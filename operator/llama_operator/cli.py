@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--liveness", metavar="URL", help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
     run.add_argument("--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_cmd_run)
+    __import__("llama_operator.flags.cli", fromlist=["register"]).register(sub)  # validate-args
+    __import__("llama_operator.fetch", fromlist=["register"]).register(sub)  # fetch (init container)
+    __import__("llama_operator.gguf", fromlist=["register"]).register(sub)  # inspect
     return parser
 
 

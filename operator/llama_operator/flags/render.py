@@ -2,6 +2,7 @@
 
 Each function takes the spec and returns the flag and its value (or nothing). The managed flags (model,
 host, port, alias, metrics) come first, then the typed settings, then the user's validated `args`.
+Render only specs that `validate.validate_server_spec` passed: it guarantees no flag is emitted twice.
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ def batch_size(spec: LlamaServerSpec) -> Rendered:
 
 
 def ubatch_size(spec: LlamaServerSpec) -> Rendered:
-    return [] if spec.ubatch_size is None else ["--ubatch-size", str(spec.ubatch_size)]
+    if spec.ubatch_size is not None:
+        return ["--ubatch-size", str(spec.ubatch_size)]
+    # Embedding and rerank encode each input in one physical batch: follow batchSize instead of
+    # letting llama-server override it at load time.
+    if spec.mode != "chat" and spec.batch_size is not None:
+        return ["--ubatch-size", str(spec.batch_size)]
+    return []
 
 
 def gpu_layers(spec: LlamaServerSpec) -> Rendered:
@@ -69,6 +76,37 @@ def chat_template(spec: LlamaServerSpec) -> Rendered:
     return [] if spec.chat_template is None else ["--chat-template", spec.chat_template]
 
 
+def load_mode(spec: LlamaServerSpec) -> Rendered:
+    return [] if spec.load_mode is None else ["--load-mode", spec.load_mode]
+
+
+def speculative_settings(spec: LlamaServerSpec) -> Rendered:
+    """Draft tuning; the draft model's path comes from the caller (see draft_model_arg)."""
+    draft = spec.speculative
+    if draft is None:
+        return []
+    args = ["--spec-type", "draft-simple"]
+    if draft.draft_max is not None:
+        args += ["--spec-draft-n-max", str(draft.draft_max)]
+    if draft.draft_min is not None:
+        args += ["--spec-draft-n-min", str(draft.draft_min)]
+    if draft.draft_p_min is not None:
+        args += ["--spec-draft-p-min", f"{draft.draft_p_min:g}"]
+    if draft.draft_gpu_layers is not None:
+        args += ["--spec-draft-ngl", str(draft.draft_gpu_layers)]
+    elif spec.gpu is not None:
+        args += ["--spec-draft-ngl", "all"]
+    return args
+
+
+def draft_model_arg(spec: LlamaServerSpec, draft_model_path: str | None) -> Rendered:
+    if spec.speculative is None:
+        return []
+    if draft_model_path is None:
+        raise ValueError("spec.speculative is set: render_args needs draft_model_path")
+    return ["--spec-draft-model", draft_model_path]
+
+
 TYPED_RENDERERS: Sequence[Callable[[LlamaServerSpec], Rendered]] = (
     context_size,
     parallel,
@@ -82,6 +120,8 @@ TYPED_RENDERERS: Sequence[Callable[[LlamaServerSpec], Rendered]] = (
     tensor_split,
     mode,
     chat_template,
+    load_mode,
+    speculative_settings,
 )
 
 
@@ -100,13 +140,23 @@ def threads_arg(threads: int | None) -> Rendered:
     return [] if threads is None else ["--threads", str(threads)]
 
 
-def render_args(spec: LlamaServerSpec, *, model_path: str, model_name: str, threads: int | None) -> Rendered:
+def render_args(
+    spec: LlamaServerSpec,
+    *,
+    model_path: str,
+    model_name: str,
+    threads: int | None,
+    draft_model_path: str | None = None,
+) -> Rendered:
     """The complete llama-server argument list for a validated spec.
 
     `threads` is the caller's resolved value (spec.threads, or derived from the CPU limit): llama-server's
     own default is the host's physical cores, which ignores the container's CPU limit.
+    `draft_model_path` is where the speculative draft LlamaModel's file is in the pod (required when
+    spec.speculative is set).
     """
     args = managed_args(model_path=model_path, model_name=model_name)
+    args += draft_model_arg(spec, draft_model_path)
     for render in TYPED_RENDERERS:
         args += render(spec)
     args += threads_arg(threads)
