@@ -682,9 +682,20 @@ class Emulator(kmock.KubernetesEmulator):
             raise _status_error(404, "NotFound", "the server could not find the requested resource")
         return obj
 
+    @staticmethod
+    def _json_body(request: kmock.Request) -> Any:
+        content_type = request.headers.get("Content-Type", "application/json").split(";")[0].strip()
+        if content_type not in ("application/json", "application/yaml", "*/*", ""):
+            # kubectl sends built-in kinds as protobuf first; a 415 makes client-go retry as JSON.
+            raise _status_error(415, "UnsupportedMediaType",
+                                f"the body of the request was in an unknown format: {content_type}")
+        if content_type == "application/yaml":
+            return yaml.safe_load(request.body)
+        return request.data
+
     async def _serve_create(self, request: kmock.Request) -> kmock.Payload:
         rt = self._resource(request)
-        obj = self._create(rt, request.namespace, request.data)
+        obj = self._create(rt, request.namespace, self._json_body(request))
         return kmock.Response(status=201, payload=obj)
 
     async def _serve_update(self, request: kmock.Request) -> kmock.Payload:
@@ -707,8 +718,8 @@ class Emulator(kmock.KubernetesEmulator):
         if request.subresource == "scale":
             if rt.scale is None:
                 raise _status_error(404, "NotFound", "the server could not find the requested resource")
-            return self._write_scale(rt, old, request.data)
-        body = request.data
+            return self._write_scale(rt, old, self._json_body(request))
+        body = self._json_body(request)
         if not isinstance(body, dict):
             raise _status_error(400, "BadRequest", "the request body must be a JSON object")
         if (body.get("metadata") or {}).get("name") not in (None, request.name):
@@ -767,7 +778,12 @@ class Emulator(kmock.KubernetesEmulator):
             meta["continue"] = base64.urlsafe_b64encode(token.encode()).decode()
         return {"apiVersion": rt.api_version, "kind": f"{rt.kind}List", "metadata": meta, "items": items}
 
-    async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[kmock.Payload]:
+    async def _serve_watch(self, request: kmock.Request) -> kmock.Payload:
+        # kubectl refuses a watch stream without a JSON content type (kopf does not care).
+        return kmock.Response(status=200, headers={"Content-Type": "application/json"},
+                              payload=self._watch_stream(request))
+
+    async def _watch_stream(self, request: kmock.Request) -> AsyncIterator[kmock.Payload]:
         rt = self._resource(request)
         match = self._matcher(request)
         namespace = self._namespace(rt, request.namespace)
