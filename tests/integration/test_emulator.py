@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pathlib
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
 import kubernetes
 import pytest
 from kubernetes.client.exceptions import ApiException
-from llama_operator.emulator import APPLY_PATCH, JSON_PATCH, MERGE_PATCH, EmulatorThread
+from llama_operator.emulator import APPLY_PATCH, JSON_PATCH, MERGE_PATCH, EmulatorThread, patches
 
 pytestmark = pytest.mark.integration
 
@@ -260,3 +262,43 @@ def test_kopf_operator_against_the_emulator(apiserver: EmulatorThread, run_opera
         apiserver.wait_for(lambda: apiserver.read("v1", "configmaps", NS, "m1-child") is None,
                            message="the child garbage-collected")
         assert apiserver.read("v1", "configmaps", NS, "m2-child") is not None
+
+
+@pytest.mark.parametrize(("ops", "expected"), [
+    ([{"op": "add", "path": "/a/-", "value": 3}], {"a": [1, 2, 3], "b": {"c~/": 1}}),
+    ([{"op": "add", "path": "/a/0", "value": 0}], {"a": [0, 1, 2], "b": {"c~/": 1}}),
+    ([{"op": "remove", "path": "/b/c~0~1"}], {"a": [1, 2], "b": {}}),
+    ([{"op": "replace", "path": "/a/1", "value": 9}], {"a": [1, 9], "b": {"c~/": 1}}),
+    ([{"op": "move", "from": "/b", "path": "/d"}], {"a": [1, 2], "d": {"c~/": 1}}),
+    ([{"op": "copy", "from": "/a/0", "path": "/e"}], {"a": [1, 2], "b": {"c~/": 1}, "e": 1}),
+    ([{"op": "test", "path": "/a", "value": [1, 2]}], {"a": [1, 2], "b": {"c~/": 1}}),
+])
+def test_json_patch_operations(ops: list[dict[str, Any]], expected: dict[str, Any]) -> None:
+    assert patches.json_patch({"a": [1, 2], "b": {"c~/": 1}}, ops) == expected
+
+
+@pytest.mark.parametrize("ops", [
+    [{"op": "test", "path": "/a", "value": 1}],
+    [{"op": "test", "path": "/missing", "value": 1}],
+    [{"op": "remove", "path": "/missing"}],
+    [{"op": "replace", "path": "/a/5", "value": 1}],
+])
+def test_json_patch_failures_are_patch_errors(ops: list[dict[str, Any]]) -> None:
+    with pytest.raises(patches.PatchError):
+        patches.json_patch({"a": [1, 2]}, ops)
+
+
+def test_selector_errors_answer_400(apiserver: EmulatorThread) -> None:
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(f"{apiserver.url}/api/v1/configmaps?labelSelector=a%20in%20b")
+    assert exc.value.code == 400 and json.load(exc.value)["kind"] == "Status"
+
+
+async def test_async_tests_run_the_operator_through_threads(apiserver: EmulatorThread, run_operator: Any,
+                                                            tmp_path: pathlib.Path) -> None:
+    log = tmp_path / "handled.log"
+    module = tmp_path / "tiny_async_operator.py"
+    module.write_text(textwrap.dedent(OPERATOR.format(log=str(log))))
+    async with run_operator(module):
+        await apiserver.acall(lambda e: e.create_object("llamacpp.dev/v1alpha1", "llamamodels", NS, model("a1")))
+        await asyncio.to_thread(apiserver.wait_for, lambda: apiserver.read("v1", "configmaps", NS, "a1-child"))
