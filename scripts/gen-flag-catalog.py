@@ -101,10 +101,13 @@ class Prober:
     def accepts(self, *argv: str) -> bool:
         if argv not in self.cache:
             # "-h --help": if a value-taking flag swallows the first, the second still ends the parse.
-            proc = subprocess.run(
-                [self.binary, *argv, "-h", "--help"], capture_output=True, timeout=30, check=False, cwd=self.cwd,
-                env={"PATH": "/usr/bin:/bin"},
-            )  # fmt: skip
+            # A fresh empty directory per probe: `--log-file abc` creates abc, and a later
+            # `--chat-template-file abc` must not find it (the verdict would depend on probe order).
+            with tempfile.TemporaryDirectory(dir=self.cwd) as cwd:
+                proc = subprocess.run(
+                    [self.binary, *argv, "-h", "--help"], capture_output=True, timeout=30, check=False, cwd=cwd,
+                    env={"PATH": "/usr/bin:/bin", "HOME": cwd},
+                )  # fmt: skip
             self.cache[argv] = proc.returncode == 0
         return self.cache[argv]
 

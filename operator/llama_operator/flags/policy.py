@@ -175,7 +175,22 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "--ctx-checkpoints": (0, None),
     "--checkpoint-min-step": (0, None),
     "--reasoning-budget": (-1, None),
-    "--sleep-idle-seconds": (-1, None),
+    "--sleep-idle-seconds": (1, None),  # llama.cpp refuses 0; -1 (disabled) is the default: omit the flag
+    "--repeat-penalty": (0.01, None),  # llama.cpp: finite and > 0
+    "--dry-penalty-last-n": (-1, None),
+    # llama.cpp's own limits for the n-gram speculative settings
+    "--spec-ngram-mod-n-min": (0, 1024),
+    "--spec-ngram-mod-n-max": (0, 1024),
+    "--spec-ngram-mod-n-match": (1, 1024),
+    "--spec-ngram-simple-size-n": (1, 1024),
+    "--spec-ngram-simple-size-m": (1, 1024),
+    "--spec-ngram-simple-min-hits": (1, None),
+    "--spec-ngram-map-k-size-n": (1, 1024),
+    "--spec-ngram-map-k-size-m": (1, 1024),
+    "--spec-ngram-map-k-min-hits": (1, None),
+    "--spec-ngram-map-k4v-size-n": (1, 1024),
+    "--spec-ngram-map-k4v-size-m": (1, 1024),
+    "--spec-ngram-map-k4v-min-hits": (1, None),
     "--embd-normalize": (-1, None),
     "--image-min-tokens": (1, None),
     "--image-max-tokens": (1, None),

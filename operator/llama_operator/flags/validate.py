@@ -156,7 +156,17 @@ def _devices(option: Option, value: str) -> tuple[str, str] | None:
     return None
 
 
+def _cpu_mask(option: Option, value: str) -> tuple[str, str] | None:
+    if not re.fullmatch(r"(0x)?[0-9a-fA-F]{1,64}", value):
+        return "format", f"{option.canonical} expects a hexadecimal CPU mask, e.g. 0xff, got {value!r}"
+    return None
+
+
 CHECKED: dict[str, Callable[[Option, str], tuple[str, str] | None]] = {
+    "--cpu-mask": _cpu_mask,
+    "--cpu-mask-batch": _cpu_mask,
+    "--spec-draft-cpu-mask": _cpu_mask,
+    "--spec-draft-cpu-mask-batch": _cpu_mask,
     "--cpu-range": _cpu_range,
     "--cpu-range-batch": _cpu_range,
     "--spec-draft-cpu-range": _cpu_range,
@@ -175,6 +185,8 @@ CHECKED: dict[str, Callable[[Option, str], tuple[str, str] | None]] = {
 
 def check_value(option: Option, value: str, catalog: Catalog) -> tuple[str, str] | None:
     """(rule, message) when `value` is not acceptable for `option`, else None."""
+    if option.canonical in CHECKED:
+        return CHECKED[option.canonical](option, value)
     if option.kind == "enum":
         return _check_enum(option, value)
     if option.kind in ("int", "float"):
@@ -185,11 +197,8 @@ def check_value(option: Option, value: str, catalog: Catalog) -> tuple[str, str]
                 return problem
         return None
     if option.kind == "checked":
-        validator = CHECKED.get(option.canonical)
-        if validator is None:
-            return "unverifiable", f"{option.canonical} is checked by llama-server against files or state " \
-                "that do not exist before the pod starts; it cannot be validated and is not allowed"
-        return validator(option, value)
+        return "unverifiable", f"{option.canonical} is checked by llama-server against files or state " \
+            "that do not exist before the pod starts; it cannot be validated and is not allowed"
     # string / path
     if value.startswith("-") and catalog.lookup(value.split("=", 1)[0]) is not None:
         return "missing-value", f"{option.canonical} expects a value, but the next item is the flag {value}"
