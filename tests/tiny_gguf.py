@@ -15,8 +15,8 @@ import gguf
 import numpy as np
 
 N_EMBD = 64
-N_HEAD = 4
-N_HEAD_KV = 4
+N_HEAD = 2  # head dim 32: quantized KV cache types (block size 32) need it
+N_HEAD_KV = 2
 N_FF = 128
 N_LAYER = 2
 CONTEXT_LENGTH = 4096
