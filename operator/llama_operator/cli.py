@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_cmd_run)
     __import__("llama_operator.flags.cli", fromlist=["register"]).register(sub)  # validate-args
+    __import__("llama_operator.fetch", fromlist=["register"]).register(sub)  # fetch (init container)
+    __import__("llama_operator.gguf", fromlist=["register"]).register(sub)  # inspect
     return parser
 
 

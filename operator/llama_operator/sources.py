@@ -1,0 +1,428 @@
+"""Model source resolution: from a LlamaModel spec to concrete files, sizes, sha256, GGUF header and cache key.
+
+Owns the knowledge of where model bytes live and what the remote ends say about them:
+- Hugging Face resolve URLs (`<endpoint>/<repo>/resolve/<revision>/<file>`), the `X-Linked-Etag` /
+  `X-Linked-Size` headers the hub returns for LFS files before redirecting to its CDN, and the hub's error codes;
+- split GGUF naming (`name-00001-of-0000N.gguf`): every shard belongs to the model;
+- the error hierarchy the reconcile maps to status (transient `SourceUnreachable` vs. permanent the rest);
+- the cache key: the directory name of a model inside a cache volume.
+
+The pure helpers (`shard_names`, `hf_resolve_url`, `parse_linked_headers`, `error_for_status`,
+`redact_url`) are shared with `fetch`, which runs the same protocol synchronously in the init container.
+Nothing here reads Secrets or logs their values: tokens and headers arrive as arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+
+import httpx
+
+from .api.v1alpha1 import SPLIT_GGUF_RE, GgufInfo, LlamaModelSpec, ModelFile
+from .config import Settings
+from .gguf import (
+    GgufError,
+    GgufHeader,
+    HttpByteSource,
+    HttpStatusError,
+    NotAGgufError,
+    read_header,
+    send_following,
+)
+
+_SHA256_RE = re.compile(r"^[a-f0-9]{64}$")
+_MAX_REDIRECTS = 10
+_SHARD_CONCURRENCY = 8
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+class SourceError(Exception):
+    """The model source cannot be resolved. `reason` is a CamelCase condition reason."""
+
+    reason = "SourceError"
+    transient = False
+
+
+class SourceNotFound(SourceError):
+    """The repository, revision or file does not exist (HTTP 404)."""
+
+    reason = "NotFound"
+
+
+class SourceUnauthorized(SourceError):
+    """The source needs credentials, or the given ones are not enough (HTTP 401/403, gated repository)."""
+
+    reason = "Unauthorized"
+
+
+class NotAGguf(SourceError):
+    """The file is not a GGUF file (bad magic) or its header is unreadable."""
+
+    reason = "NotAGguf"
+
+
+class ChecksumMismatch(SourceError):
+    """The sha256 in the spec differs from the one the source publishes (or the downloaded bytes)."""
+
+    reason = "ChecksumMismatch"
+
+
+class SourceUnreachable(SourceError):
+    """Transient trouble (connection error, timeout, HTTP 5xx or 429): retry later with backoff."""
+
+    reason = "Unreachable"
+    transient = True
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# ---------------------------------------------------------------------------------------------- result
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Everything the operator reports about a model source."""
+
+    files: list[ModelFile]
+    size: int | None
+    """Total bytes over all files, when every size is known."""
+    sha256: str | None
+    """sha256 of the first file (the one the spec's sha256 refers to)."""
+    gguf: GgufInfo | None
+    """Header metadata; None for volume sources (the operator never mounts user volumes)."""
+    cache_key: str
+
+
+# ---------------------------------------------------------------------------------------------- pure helpers
+
+
+def shard_names(file_name: str) -> list[str]:
+    """All files of a model given its (first) file: `a-00001-of-00003.gguf` -> the three shards.
+
+    Works on a path too (`dir/a-00001-of-00003.gguf`): the directory is kept.
+    """
+    head, sep, base = file_name.rpartition("/")
+    match = SPLIT_GGUF_RE.match(base)
+    if match is None:
+        return [file_name]
+    count = int(match.group("count"))
+    width = len(match.group("count"))
+    stem = match.group("stem")
+    return [f"{head}{sep}{stem}-{i:0{width}d}-of-{count:0{width}d}.gguf" for i in range(1, count + 1)]
+
+
+def hf_resolve_url(endpoint: str, repo: str, revision: str, file: str) -> str:
+    """The hub's resolve URL; revision and path are percent-encoded (a branch may contain '/')."""
+    return f"{endpoint.rstrip('/')}/{repo}/resolve/{quote(revision, safe='')}/{quote(file, safe='/')}"
+
+
+def redact_url(url: str) -> str:
+    """The URL without query string, fragment or userinfo: signed URLs and credentials stay out of logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _strip_etag(value: str | None) -> str | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    value = value.strip('"').lower()
+    return value if _SHA256_RE.match(value) else None
+
+
+@dataclass(frozen=True)
+class LinkedInfo:
+    """What a Hugging Face resolve response says about an LFS file before the redirect."""
+
+    sha256: str | None
+    size: int | None
+    location: str | None
+
+
+def parse_linked_headers(response_url: str, status_code: int, headers: Mapping[str, str]) -> LinkedInfo:
+    """Read X-Linked-Etag / X-Linked-Size (LFS files) or ETag / Content-Length (small files, mirrors)."""
+    sha256 = _strip_etag(headers.get("x-linked-etag"))
+    size_text = headers.get("x-linked-size")
+    location = headers.get("location")
+    if status_code == 200:
+        sha256 = sha256 or _strip_etag(headers.get("etag"))
+        size_text = size_text or headers.get("content-length")
+    size = int(size_text) if size_text and size_text.isdigit() else None
+    return LinkedInfo(sha256, size, urljoin(response_url, location) if location else None)
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """Retry-After in seconds (delta form only; an HTTP date is treated as absent)."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def error_for_status(status_code: int, what: str, headers: Mapping[str, str], *, token_given: bool) -> SourceError:
+    """The SourceError for an HTTP error status; `what` names the thing requested (no secrets in it)."""
+    hub_code = headers.get("x-error-code", "")
+    hub_message = headers.get("x-error-message", "")
+    detail = f" ({hub_code}: {hub_message})" if hub_code and hub_message else f" ({hub_code})" if hub_code else ""
+    if status_code == 404:
+        return SourceNotFound(f"{what}: not found (HTTP 404){detail}")
+    if status_code in (401, 403):
+        if hub_code == "GatedRepo" or status_code == 403 or token_given:
+            hint = (
+                "the token in tokenSecretRef / headersSecretRef was refused: check it and, for a gated "
+                "repository, accept its terms on the hub with that account"
+                if token_given
+                else "a token Secret (tokenSecretRef) with access to this gated or private repository is needed"
+            )
+        else:
+            hint = (
+                "the repository is private or gated, or does not exist: a token Secret (tokenSecretRef, or "
+                "headersSecretRef for http sources) is needed"
+            )
+        return SourceUnauthorized(f"{what}: HTTP {status_code}{detail}: {hint}")
+    if status_code == 429 or status_code >= 500 or status_code == 408:
+        return SourceUnreachable(f"{what}: HTTP {status_code}{detail}", retry_after_seconds(headers))
+    return SourceError(f"{what}: unexpected HTTP {status_code}{detail}")
+
+
+def transport_error(what: str, exc: httpx.TransportError) -> SourceUnreachable:
+    return SourceUnreachable(f"{what}: {type(exc).__name__}: {exc or 'connection failed'}")
+
+
+# ---------------------------------------------------------------------------------------------- cache key
+
+_NON_LABEL = re.compile(r"[^a-z0-9]+")
+
+
+def source_identity(spec: LlamaModelSpec) -> str:
+    """A stable string naming the source (not the content): used when no sha256 is known."""
+    source = spec.source
+    if source.hugging_face is not None:
+        hf = source.hugging_face
+        return f"hf:{hf.repo}@{hf.revision}/{hf.file}"
+    if source.http is not None:
+        return f"url:{source.http.url}"
+    assert source.volume is not None
+    return f"volume:{source.volume.persistent_volume_claim}/{source.volume.path}"
+
+
+def cache_key(spec: LlamaModelSpec, sha256: str | None) -> str:
+    """Directory name of the model inside a cache volume: `<readable stem>-<12 hex>`, a DNS label.
+
+    The hex part hashes the content sha256 when known, so two LlamaModels naming the same bytes (another
+    mirror, a tag and its commit) share one cache entry, and a moved `revision: main` gets a new one.
+    Without a sha256 it hashes the source identity (repo@revision/file or the URL).
+    """
+    base = source_file = spec.source.file_name
+    match = SPLIT_GGUF_RE.match(source_file)
+    if match is not None:
+        base = match.group("stem")
+    elif base.endswith(".gguf"):
+        base = base[: -len(".gguf")]
+    stem = _NON_LABEL.sub("-", base.lower()).strip("-")[:40].strip("-") or "model"
+    basis = f"sha256:{sha256}" if sha256 else source_identity(spec)
+    digest = hashlib.sha256(basis.encode()).hexdigest()[:12]
+    return f"{stem}-{digest}"
+
+
+# ---------------------------------------------------------------------------------------------- resolve
+
+
+@dataclass(frozen=True)
+class _Remote:
+    name: str
+    url: str
+    """Where the bytes are read from (the resolve URL for the hub; httpx follows the redirect)."""
+    size: int | None
+    sha256: str | None
+
+
+def _auth_headers(hf_token: str | None, headers: Mapping[str, str]) -> dict[str, str]:
+    out = dict(headers)
+    if hf_token:
+        out["Authorization"] = f"Bearer {hf_token}"
+    return out
+
+
+async def _head_hf(client: httpx.AsyncClient, url: str, name: str, headers: Mapping[str, str],
+                   *, token_given: bool) -> _Remote:
+    """HEAD the resolve URL without following the CDN redirect: the LFS sha256 and size are on that hop.
+
+    Repository renames and revision aliases answer with a redirect to another resolve URL that does not carry
+    the linked headers yet; those hops are followed (on the same origin only, with the same credentials).
+    """
+    current = url
+    origin = urlsplit(url).netloc
+    for _ in range(_MAX_REDIRECTS):
+        try:
+            response = await client.head(current, headers=dict(headers), follow_redirects=False)
+        except httpx.TransportError as exc:
+            raise transport_error(f"{name}: HEAD {redact_url(current)}", exc) from exc
+        if response.status_code >= 400:
+            raise error_for_status(response.status_code, f"{name}", response.headers, token_given=token_given)
+        linked = parse_linked_headers(str(response.url), response.status_code, response.headers)
+        if response.status_code == 200 or linked.sha256 or linked.size is not None or not linked.location:
+            return _Remote(name, url, linked.size, linked.sha256)
+        if urlsplit(linked.location).netloc != origin:
+            # A CDN redirect without linked headers (a non-LFS file on some mirrors): size unknown here.
+            return _Remote(name, url, None, None)
+        current = linked.location
+    raise SourceError(f"{name}: more than {_MAX_REDIRECTS} redirects")
+
+
+async def _head_http(client: httpx.AsyncClient, url: str, name: str, headers: Mapping[str, str]) -> _Remote:
+    """Size (and sha256 when the server publishes an X-Linked-Etag) of a plain URL; HEAD, else a 1-byte GET."""
+    what = f"{name} ({redact_url(url)})"
+    try:
+        response = await send_following(client, "HEAD", url, headers)
+        await response.aclose()
+        if response.status_code in (405, 501):  # servers without HEAD: ask for one byte instead
+            response = await send_following(client, "GET", url, headers, {"Range": "bytes=0-0"})
+            await response.aclose()
+    except httpx.TransportError as exc:
+        raise transport_error(what, exc) from exc
+    except HttpStatusError as exc:
+        raise SourceError(f"{what}: too many redirects") from exc
+    if response.status_code >= 400:
+        raise error_for_status(response.status_code, what, response.headers, token_given=bool(headers))
+    size: int | None = None
+    content_range = response.headers.get("content-range", "")
+    if response.status_code == 206 and "/" in content_range and content_range.rsplit("/", 1)[1].isdigit():
+        size = int(content_range.rsplit("/", 1)[1])
+    elif response.headers.get("content-length", "").isdigit():
+        size = int(response.headers["content-length"])
+    sha256 = _strip_etag(response.headers.get("x-linked-etag"))
+    return _Remote(name, url, size, sha256)
+
+
+async def _read_gguf(
+    client: httpx.AsyncClient, remote: _Remote, headers: Mapping[str, str], *, token_given: bool
+) -> GgufHeader:
+    source = HttpByteSource(client, remote.url, headers)
+    try:
+        return await read_header(source)
+    except NotAGgufError as exc:
+        raise NotAGguf(f"{remote.name}: {exc}") from exc
+    except GgufError as exc:
+        raise NotAGguf(f"{remote.name}: unreadable GGUF header: {exc}") from exc
+    except HttpStatusError as exc:
+        raise error_for_status(exc.status_code, remote.name, exc.headers, token_given=token_given) from exc
+    except httpx.TransportError as exc:
+        raise transport_error(f"{remote.name}: reading the GGUF header", exc) from exc
+
+
+async def _bounded(semaphore: asyncio.Semaphore, coro: Awaitable[T]) -> T:
+    async with semaphore:
+        return await coro
+
+
+async def resolve(
+    spec: LlamaModelSpec,
+    *,
+    settings: Settings,
+    hf_token: str | None,
+    headers: dict[str, str],
+    client: httpx.AsyncClient | None = None,
+) -> ResolvedModel:
+    """Resolve the spec's source: every file with URL, size and sha256, the GGUF header, the cache key.
+
+    Raises a SourceError subclass; `SourceUnreachable` (transient) is the only one worth retrying.
+    `hf_token` and `headers` are secret values read by the caller; they are sent, never logged or returned.
+    """
+    source = spec.source
+    if source.volume is not None:
+        names = shard_names(source.volume.path)
+        files = [ModelFile(name=name.rsplit("/", 1)[-1]) for name in names]
+        files[0] = files[0].model_copy(update={"sha256": spec.sha256})
+        return ResolvedModel(files, None, spec.sha256, None, cache_key(spec, spec.sha256))
+
+    own_client = client is None
+    if client is None:
+        client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0))
+    try:
+        return await _resolve_remote(spec, settings, hf_token, headers, client)
+    finally:
+        if own_client:
+            await client.aclose()
+
+
+async def _resolve_remote(
+    spec: LlamaModelSpec,
+    settings: Settings,
+    hf_token: str | None,
+    headers: Mapping[str, str],
+    client: httpx.AsyncClient,
+) -> ResolvedModel:
+    source = spec.source
+    semaphore = asyncio.Semaphore(_SHARD_CONCURRENCY)
+    if source.hugging_face is not None:
+        hf = source.hugging_face
+        request_headers = _auth_headers(hf_token, headers)
+        token_given = bool(hf_token)
+        jobs = [
+            _head_hf(
+                client,
+                hf_resolve_url(settings.huggingface_endpoint, hf.repo, hf.revision, path),
+                f"{hf.repo}@{hf.revision}/{path}",
+                request_headers,
+                token_given=token_given,
+            )
+            for path in shard_names(hf.file)
+        ]
+    else:
+        assert source.http is not None
+        request_headers = dict(headers)
+        token_given = bool(headers)
+        base_url, sep, query = source.http.url.partition("?")
+        jobs = [
+            _head_http(client, f"{url}{sep}{query}", url.rsplit("/", 1)[-1], request_headers)
+            for url in shard_names(base_url)
+        ]
+    remotes: list[_Remote] = list(await asyncio.gather(*(_bounded(semaphore, job) for job in jobs)))
+
+    first = remotes[0]
+    if spec.sha256 and first.sha256 and spec.sha256 != first.sha256:
+        raise ChecksumMismatch(
+            f"{first.name}: spec.sha256 is {spec.sha256} but the source publishes {first.sha256} "
+            "(the file changed upstream, or the spec names the wrong file/revision)"
+        )
+    sha256 = spec.sha256 or first.sha256
+
+    # Shard 1 carries the metadata; the other shards' headers only add their tensors to the parameter count.
+    headers_read = await asyncio.gather(
+        *(_bounded(semaphore, _read_gguf(client, r, request_headers, token_given=token_given)) for r in remotes)
+    )
+    first_header = headers_read[0]
+    parameter_count = sum(h.tensors.parameter_count for h in headers_read)
+    files = [
+        ModelFile(name=r.name.rsplit("/", 1)[-1], url=r.url, size=r.size, sha256=sha256 if i == 0 else r.sha256)
+        for i, r in enumerate(remotes)
+    ]
+    sizes = [r.size for r in remotes]
+    total = sum(s for s in sizes if s is not None) if all(s is not None for s in sizes) else None
+    return ResolvedModel(
+        files=files,
+        size=total,
+        sha256=sha256,
+        gguf=first_header.info(parameter_count=parameter_count),
+        cache_key=cache_key(spec, sha256),
+    )
