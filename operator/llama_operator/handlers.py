@@ -18,7 +18,7 @@ import kopf
 from .api.v1alpha1 import GROUP, VERSION
 from .builders.objects import MANAGED_BY, MODEL_LABEL, SERVER_LABEL
 from .config import Settings
-from .kube import LLAMA_MODELS, LLAMA_SERVERS, Kube, KubeError, Unavailable, load_api_client
+from .kube import LLAMA_MODELS, LLAMA_SERVERS, Kube, KubeError, Unavailable, connection_settings, load_api_client
 from .metrics import RECONCILE_SECONDS, RECONCILES
 from .metrics import serve as serve_metrics
 from .reconcile.context import Context
@@ -123,12 +123,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.batching.error_delays = (1, 2, 5, 10, 30, 60)
-    try:
+    settings.queueing.error_delays = (1, 2, 5, 10, 30, 60)
+    if config.webhook_port:
+        # Importing registers the validating handlers; kopf refuses to run them without a server, so
+        # they exist only when the webhook is enabled.
         from . import admission
-    except ImportError:
-        admission = None  # type: ignore[assignment]
-    if admission is not None and hasattr(admission, "configure_webhook"):
+
         admission.configure_webhook(settings, config)
     runtime = Runtime(Context(kube=Kube(load_api_client()), settings=config, record_event=_post_event))
     memo["runtime"] = runtime
@@ -136,6 +136,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         serve_metrics(config.metrics_port)
     runtime.resync_task = asyncio.create_task(runtime.resync_forever(), name="llama-operator resync")
     log.info("llama-operator started: namespaces=%s", ",".join(config.namespaces) or "all")
+
+
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    return kopf.ConnectionInfo(**connection_settings(load_api_client()))
 
 
 @kopf.on.cleanup()

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -149,8 +150,28 @@ def load_api_client() -> k8s_client.ApiClient:
     try:
         k8s_config.load_incluster_config(client_configuration=configuration)
     except k8s_config.ConfigException:
-        k8s_config.load_kube_config(client_configuration=configuration)
+        # The client reads KUBECONFIG once at import time; read it now so a changed environment counts.
+        k8s_config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
     return k8s_client.ApiClient(configuration)
+
+
+def connection_settings(api_client: k8s_client.ApiClient) -> dict[str, Any]:
+    """The same endpoint and credentials as `api_client`, as kopf's ConnectionInfo keyword arguments.
+
+    kopf watches with its own HTTP client; logging it in from our configuration means both speak to the
+    same server with the same identity (in-cluster service account or the current kubeconfig context).
+    """
+    conf = api_client.configuration
+    scheme, _, token = (conf.api_key.get("authorization") or "").partition(" ")
+    return {
+        "server": conf.host,
+        "ca_path": conf.ssl_ca_cert,
+        "insecure": not conf.verify_ssl,
+        "scheme": scheme or None,
+        "token": token or None,
+        "certificate_path": conf.cert_file,
+        "private_key_path": conf.key_file,
+    }
 
 
 class Kube:
@@ -159,6 +180,10 @@ class Kube:
     def __init__(self, api_client: k8s_client.ApiClient, *, field_manager: str = FIELD_MANAGER) -> None:
         self._api = api_client
         self._field_manager = field_manager
+
+    @property
+    def api_client(self) -> k8s_client.ApiClient:
+        return self._api
 
     def _request_sync(
         self,
@@ -172,7 +197,7 @@ class Kube:
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
-        _, url, headers, body = self._api.param_serialize(
+        _, url, headers, body, _ = self._api.param_serialize(
             method=method,
             resource_path=path,
             query_params=query or [],

@@ -340,7 +340,18 @@ class Emulator(kmock.KubernetesEmulator):
         else:
             self._objects[key] = obj
         self._publish(rt, "ADDED" if old is None else "MODIFIED", obj, old)
+        if old is None and self._orphaned(obj):
+            # The real garbage collector deletes an object created with owners that are already gone
+            # (e.g. a controller that applied a child just as its owner was deleted).
+            self._delete_object(rt, meta.get("namespace"), meta["name"], propagation="Background")
         return obj
+
+    def _orphaned(self, obj: dict[str, Any]) -> bool:
+        owner_uids = {ref.get("uid") for ref in obj["metadata"].get("ownerReferences") or []}
+        if not owner_uids:
+            return False
+        live_uids = {other["metadata"].get("uid") for _, other in self._all_objects()}
+        return not owner_uids & live_uids
 
     def _remove(self, rt: ResourceType, old: dict[str, Any]) -> dict[str, Any]:
         """Physically remove an object, then collect what it owned and what lived in it."""

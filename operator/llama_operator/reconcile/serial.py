@@ -9,25 +9,35 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Entry:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    requested: int = 0
+    started: int = 0
+    waiters: int = 0
 
 
 class Coalescer:
     def __init__(self) -> None:
-        self._locks: dict[Hashable, asyncio.Lock] = {}
-        self._requested: dict[Hashable, int] = {}
-        self._started: dict[Hashable, int] = {}
+        self._entries: dict[Hashable, _Entry] = {}
 
     async def run(self, key: Hashable, job: Callable[[], Awaitable[None]]) -> None:
         """Run `job` for `key` unless a run that started after this call already covers it."""
-        ticket = self._requested[key] = self._requested.get(key, 0) + 1
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if self._started.get(key, 0) >= ticket:
-                return
-            # Everything requested so far is served by this run: it reads the current state.
-            self._started[key] = self._requested[key]
-            await job()
-        if not lock.locked() and self._started.get(key) == self._requested.get(key):
-            self._locks.pop(key, None)
-            self._requested.pop(key, None)
-            self._started.pop(key, None)
+        entry = self._entries.setdefault(key, _Entry())
+        entry.requested += 1
+        ticket = entry.requested
+        entry.waiters += 1
+        try:
+            async with entry.lock:
+                if entry.started >= ticket:
+                    return
+                # Everything requested so far is served by this run: the job reads the current state.
+                entry.started = entry.requested
+                await job()
+        finally:
+            entry.waiters -= 1
+            if entry.waiters == 0:
+                self._entries.pop(key, None)

@@ -68,11 +68,11 @@ def summarize_pod(pod: dict[str, Any]) -> PodSummary:
         if failure:
             return PodSummary("Failed", f"pod {name}: {failure}")
         state = init.get("state") or {}
-        if state.get("running"):
+        if "running" in state:
             if init.get("name") == FETCH_CONTAINER:
                 return PodSummary("Downloading", f"pod {name}: downloading the model")
             return PodSummary("Loading", f"pod {name}: running {init.get('name')}")
-        if not state.get("terminated"):  # waiting to start
+        if "terminated" not in state:  # waiting to start
             return PodSummary("Downloading", f"pod {name}: waiting for {init.get('name')}")
     for container in status.get("containerStatuses") or []:
         if container.get("name") != SERVER_CONTAINER:
@@ -82,7 +82,7 @@ def summarize_pod(pod: dict[str, Any]) -> PodSummary:
             return PodSummary("Failed", f"pod {name}: {failure}")
         if container.get("ready"):
             return PodSummary("Ready")
-        if (container.get("state") or {}).get("running"):
+        if "running" in (container.get("state") or {}):
             return PodSummary("Loading", f"pod {name}: llama-server is loading the model")
     for cond in status.get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False":

@@ -1,0 +1,214 @@
+"""The real operator (kopf, in-process) against the API emulator: the reconcile loop end to end.
+
+The emulator runs no controllers, so these tests play the Deployment controller and kubelet themselves by
+writing Deployment and pod status, exactly the fields the operator reads.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from tests.conftest import model_body, server_body
+
+CRD = "llamacpp.dev/v1alpha1"
+NS = "default"
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def operator_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMA_OPERATOR_METRICS_PORT", "0")
+    monkeypatch.setenv("LLAMA_OPERATOR_RESYNC_SECONDS", "3600")
+
+
+def _status(apiserver: Any, plural: str, name: str) -> dict[str, Any]:
+    obj = apiserver.read(CRD, plural, NS, name)
+    return (obj or {}).get("status") or {}
+
+
+def _wait_phase(apiserver: Any, name: str, phase: str, *, contains: str = "", timeout: float = 15) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        status = _status(apiserver, "llamaservers", name)
+        if status.get("phase") == phase and contains in (status.get("message") or ""):
+            return status
+        return None
+
+    try:
+        return apiserver.wait_for(ready, timeout=timeout, message=f"LlamaServer {name} phase {phase} {contains!r}")
+    except TimeoutError:
+        raise AssertionError(f"last status: {_status(apiserver, 'llamaservers', name)}") from None
+
+
+def _deployment(apiserver: Any, name: str = "chat") -> dict[str, Any] | None:
+    return apiserver.read("apps/v1", "deployments", NS, name)
+
+
+def _args(dep: dict[str, Any]) -> list[str]:
+    return dep["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def _pod(name: str, server: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": {
+            "app.kubernetes.io/name": "llama-server", "llamacpp.dev/server": server,
+            "app.kubernetes.io/managed-by": "llama-operator"}},
+        "spec": {"containers": [{"name": "llama-server", "image": "x"}]},
+    }
+
+
+def _create(apiserver: Any, plural: str, body: dict[str, Any]) -> dict[str, Any]:
+    body = copy.deepcopy(body)
+    body["metadata"].pop("uid", None)
+    body["metadata"].pop("generation", None)
+    return apiserver.create(CRD, plural, NS, body)
+
+
+def test_create_update_drift_and_delete(apiserver: Any, run_operator: Any) -> None:
+    with run_operator("llama_operator.handlers"):
+        _create(apiserver, "llamamodels", model_body())
+        server = _create(apiserver, "llamaservers", server_body(replicas=2, contextSize=4096))
+
+        dep = apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
+        svc = apiserver.wait_for(lambda: apiserver.read("v1", "services", NS, "chat"), message="Service")
+        for owned in (dep, svc):
+            ref = owned["metadata"]["ownerReferences"][0]
+            assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == ("LlamaServer", "chat",
+                                                                                 server["metadata"]["uid"], True)
+        assert dep["spec"]["replicas"] == 2
+        assert "--ctx-size" in _args(dep) and _args(dep)[_args(dep).index("--ctx-size") + 1] == "4096"
+
+        status = _wait_phase(apiserver, "chat", "Pending", contains="waiting for pods")
+        assert status["endpoint"] == "http://chat.default.svc:8080/v1"
+        assert status["modelName"] == "qwen"
+        assert status["observedGeneration"] == 1
+        assert status["selector"] == "app.kubernetes.io/name=llama-server,llamacpp.dev/server=chat"
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["ModelResolved"]["status"] == "True"
+        assert conditions["ArgsValid"]["status"] == "True"
+        assert conditions["Available"]["status"] == "False"
+
+        # update of a setting -> Deployment updated
+        apiserver.patch(CRD, "llamaservers", NS, "chat", {"spec": {"contextSize": 8192}})
+        apiserver.wait_for(lambda: "8192" in _args(_deployment(apiserver) or {"spec": {"template": {"spec": {
+            "containers": [{"args": []}]}}}}), message="new ctx-size")
+        apiserver.wait_for(lambda: _status(apiserver, "llamaservers", "chat").get("observedGeneration") == 2,
+                           message="observedGeneration 2")
+
+        # deleted by hand -> recreated; edited by hand -> put back
+        apiserver.delete("apps/v1", "deployments", NS, "chat")
+        dep = apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment recreated")
+        assert "8192" in _args(dep)
+        apiserver.patch("apps/v1", "deployments", NS, "chat", {"spec": {"replicas": 7}})
+        apiserver.wait_for(lambda: (_deployment(apiserver) or {}).get("spec", {}).get("replicas") == 2,
+                           message="replicas repaired")
+
+        # delete -> owned objects garbage-collected
+        apiserver.delete(CRD, "llamaservers", NS, "chat")
+        apiserver.wait_for(lambda: _deployment(apiserver) is None and
+                           apiserver.read("v1", "services", NS, "chat") is None, message="owned objects gone")
+
+
+def test_missing_model_then_created(apiserver: Any, run_operator: Any) -> None:
+    with run_operator("llama_operator.handlers"):
+        _create(apiserver, "llamaservers", server_body())
+        status = _wait_phase(apiserver, "chat", "Pending", contains="LlamaModel default/qwen not found")
+        assert {c["type"]: c["reason"] for c in status["conditions"]}["ModelResolved"] == "ModelNotFound"
+        assert _deployment(apiserver) is None
+
+        _create(apiserver, "llamamodels", model_body())
+        apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment after the model appeared")
+        model_status = _status(apiserver, "llamamodels", "qwen")
+        assert model_status["phase"] == "Ready" and model_status["cacheKey"].startswith("qwen2-5-0-5b-instruct")
+        _wait_phase(apiserver, "chat", "Pending", contains="waiting for pods")
+
+
+def test_pod_states_drive_phase_and_message(apiserver: Any, run_operator: Any) -> None:
+    with run_operator("llama_operator.handlers"):
+        _create(apiserver, "llamamodels", model_body())
+        _create(apiserver, "llamaservers", server_body())
+        apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
+
+        apiserver.create("v1", "pods", NS, _pod("chat-1", "chat"))
+        apiserver.patch("v1", "pods", NS, "chat-1", {"status": {"phase": "Pending", "initContainerStatuses": [
+            {"name": "fetch-model", "state": {"running": {"startedAt": "2026-11-22T00:00:00Z"}}}]}},
+            subresource="status")
+        _wait_phase(apiserver, "chat", "Downloading", contains="downloading the model")
+
+        apiserver.patch("v1", "pods", NS, "chat-1", {"status": {"initContainerStatuses": [
+            {"name": "fetch-model", "restartCount": 3,
+             "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+             "lastState": {"terminated": {"exitCode": 3, "message": "sha256 mismatch for m.gguf: expected 0a, got 1b"}}},
+        ]}}, subresource="status")
+        status = _wait_phase(apiserver, "chat", "Failed", contains="sha256 mismatch for m.gguf")
+        assert "fetch-model exited with code 3" in status["message"]
+
+        apiserver.patch("v1", "pods", NS, "chat-1", {"status": {
+            "initContainerStatuses": [{"name": "fetch-model", "state": {"terminated": {"exitCode": 0}}}],
+            "containerStatuses": [{"name": "llama-server", "ready": False, "state": {"running": {}}}]}},
+            subresource="status")
+        _wait_phase(apiserver, "chat", "Loading", contains="loading the model")
+
+        apiserver.patch("v1", "pods", NS, "chat-1", {"status": {
+            "containerStatuses": [{"name": "llama-server", "ready": True, "state": {"running": {}}}]}},
+            subresource="status")
+        apiserver.patch("apps/v1", "deployments", NS, "chat", {"status": {
+            "replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}}, subresource="status")
+        status = _wait_phase(apiserver, "chat", "Ready")
+        assert status["readyReplicas"] == 1 and status["ready"] == "1/1"
+        assert {c["type"]: c["status"] for c in status["conditions"]}["Available"] == "True"
+
+
+@pytest.mark.parametrize(("spec", "field", "text"), [
+    ({"contextSize": "4k"}, "spec.contextSize", "valid integer"),
+    ({"replicas": -1}, "spec.replicas", "greater than or equal to 0"),
+    ({"gpu": {"vendor": "nvidia", "count": 0}}, "spec.gpu.count", "greater than or equal to 1"),
+    ({"bogusField": 1}, "spec.bogusField", "unknown field"),
+    ({"modelRef": {"name": "qwen", "namespace": "other"}}, "spec.modelRef.namespace", "its own namespace"),
+])
+def test_bad_server_spec_gets_a_status_not_a_crash(apiserver: Any, run_operator: Any, spec: dict[str, Any],
+                                                   field: str, text: str) -> None:
+    # The emulator applies no CRD schema, so this is the path taken when the schema could not say it.
+    with run_operator("llama_operator.handlers") as runner:
+        _create(apiserver, "llamamodels", model_body())
+        _create(apiserver, "llamaservers", server_body(**spec))
+        status = _wait_phase(apiserver, "chat", "Failed", contains=field)
+        assert text in status["message"]
+        assert {c["type"]: c["status"] for c in status["conditions"]}["ArgsValid"] == "False"
+        assert _deployment(apiserver) is None
+    assert "Traceback" not in runner.output
+
+
+@pytest.mark.parametrize(("source", "text"), [
+    ({}, "exactly one of huggingFace, http, volume must be set (got none)"),
+    ({"http": {"url": "https://h/m.gguf"}, "volume": {"persistentVolumeClaim": "p", "path": "m.gguf"}},
+     "(got http, volume)"),
+])
+def test_bad_model_source(apiserver: Any, run_operator: Any, source: dict[str, Any], text: str) -> None:
+    with run_operator("llama_operator.handlers") as runner:
+        _create(apiserver, "llamamodels", model_body(spec={"source": source}))
+        apiserver.wait_for(lambda: _status(apiserver, "llamamodels", "qwen").get("phase") == "Failed",
+                           message="model Failed")
+        assert text in _status(apiserver, "llamamodels", "qwen")["message"]
+        assert "spec.source" in _status(apiserver, "llamamodels", "qwen")["message"]
+    assert "Traceback" not in runner.output
+
+
+def test_restart_converges_without_duplicates(apiserver: Any, run_operator: Any) -> None:
+    with run_operator("llama_operator.handlers"):
+        _create(apiserver, "llamamodels", model_body())
+        _create(apiserver, "llamaservers", server_body())
+        apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
+    # while the operator is down: a spec change and a lost Service
+    apiserver.patch(CRD, "llamaservers", NS, "chat", {"spec": {"parallel": 3}})
+    apiserver.delete("v1", "services", NS, "chat")
+    with run_operator("llama_operator.handlers"):
+        apiserver.wait_for(lambda: "--parallel" in _args(_deployment(apiserver) or {"spec": {"template": {"spec": {
+            "containers": [{"args": []}]}}}}), message="converged after restart")
+        apiserver.wait_for(lambda: apiserver.read("v1", "services", NS, "chat"), message="Service back")
+    assert len(apiserver.list("apps/v1", "deployments", NS)) == 1
+    assert len(apiserver.list("v1", "services", NS)) == 1
