@@ -109,3 +109,13 @@ def test_error_shape():
     error = validate_server_spec(_spec({"args": ["--top-k", "4k"]}))[0]
     assert (error.path, error.rule) == ("spec.args[0]", "int")
     assert str(error).startswith("spec.args[0]: ")
+
+
+def test_docs_bad_input_table_is_current():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    check = subprocess.run([sys.executable, str(root / "scripts/gen-flags-doc.py"), "--check"], check=False)
+    assert check.returncode == 0, "docs/flags.md is out of date: run scripts/gen-flags-doc.py"
