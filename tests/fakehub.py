@@ -286,3 +286,50 @@ class _Handler(BaseHTTPRequestHandler):
                 ahead = sent / faults.rate - (time.monotonic() - began)
                 if ahead > 0:
                     time.sleep(ahead)
+
+
+def write_gguf(
+    path: Path,
+    *,
+    arch: str = "llama",
+    vocab: int = 32,
+    tensors: dict[str, tuple[int, ...]] | None = None,
+    file_type: int | None = 15,
+    extra: dict[str, int] | None = None,
+    split: tuple[int, int] | None = None,
+) -> Path:
+    """A synthetic GGUF written with the `gguf` package: metadata, a vocabulary and zero-filled f32 tensors.
+
+    `split=(index, count)` adds the split.* keys gguf-split writes (index is 0-based, as in the file).
+    """
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name("Synthetic Test Model")
+    writer.add_size_label("1K")
+    writer.add_context_length(4096)
+    writer.add_block_count(2)
+    writer.add_embedding_length(8)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    if file_type is not None:
+        writer.add_file_type(file_type)
+    if split is not None:
+        writer.add_uint16("split.no", split[0])
+        writer.add_uint16("split.count", split[1])
+        writer.add_int32("split.tensors.count", 2 * split[1])
+    for key, value in (extra or {}).items():
+        writer.add_uint32(key, value)
+    if vocab:
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list([f"tok{i}" for i in range(vocab)])
+        writer.add_token_scores([0.0] * vocab)
+        writer.add_token_types([1] * vocab)
+    for name, shape in (tensors or {"token_embd.weight": (vocab or 32, 8), "output_norm.weight": (8,)}).items():
+        writer.add_tensor(name, np.zeros(shape, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
