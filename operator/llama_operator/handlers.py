@@ -162,8 +162,9 @@ async def model_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) ->
 
 @kopf.index(GROUP, VERSION, "llamaservers")
 def servers_by_model(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
-    model_ref = spec.get("modelRef") or {}
-    return {(namespace, str(model_ref.get("name", ""))): name}
+    """Which servers use which model (served or speculative draft)."""
+    refs = [spec.get("modelRef") or {}, (spec.get("speculative") or {}).get("draftModelRef") or {}]
+    return {(namespace, str(ref["name"])): name for ref in refs if isinstance(ref, dict) and ref.get("name")}
 
 
 @kopf.on.event(GROUP, VERSION, "llamamodels")

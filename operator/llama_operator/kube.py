@@ -75,16 +75,21 @@ class Permission:
 
 
 # What this module does, per resource. Reads of owned kinds also come from kopf's watches (see rbac.py).
+# Server-side apply that creates an object is authorised as create as well as patch.
 PERMISSIONS: tuple[Permission, ...] = (
-    Permission("apps", "deployments", frozenset({"get", "list", "patch", "delete"})),
-    Permission("", "services", frozenset({"get", "list", "patch", "delete"})),
-    Permission("", "persistentvolumeclaims", frozenset({"get", "list", "patch", "delete"})),
+    Permission("apps", "deployments", frozenset({"get", "list", "create", "patch", "delete"})),
+    Permission("", "services", frozenset({"get", "list", "create", "patch", "delete"})),
+    Permission("", "persistentvolumeclaims", frozenset({"get", "list", "create", "patch", "delete"})),
     Permission("", "pods", frozenset({"list"})),
     Permission("", "secrets", frozenset({"get"})),
     Permission(GROUP, "llamamodels", frozenset({"get", "list"})),
     Permission(GROUP, "llamaservers", frozenset({"get", "list"})),
     Permission(GROUP, "llamamodels/status", frozenset({"patch"})),
     Permission(GROUP, "llamaservers/status", frozenset({"patch"})),
+    # Owned objects carry blockOwnerDeletion: the OwnerReferencesPermissionEnforcement admission plugin
+    # then requires update on the owner's finalizers subresource.
+    Permission(GROUP, "llamamodels/finalizers", frozenset({"update"})),
+    Permission(GROUP, "llamaservers/finalizers", frozenset({"update"})),
 )
 
 
@@ -224,6 +229,7 @@ class Kube:
         """Server-side apply of an owned object (create or converge); returns the stored object."""
         kind = KINDS_BY_API[(obj["apiVersion"], obj["kind"])]
         _check_permission(kind, "patch")
+        _check_permission(kind, "create")
         meta = obj["metadata"]
         return await self._request(
             "PATCH",
@@ -290,3 +296,8 @@ class Kube:
         if secret is None:
             raise NotFound(f"Secret {namespace}/{name} not found", status=404)
         return {k: base64.b64decode(v).decode("utf-8") for k, v in (secret.get("data") or {}).items()}
+
+
+def required_permissions() -> tuple[Permission, ...]:
+    """What this module may call, for RBAC (kopf's own watches are derived from its registry by the chart test)."""
+    return PERMISSIONS

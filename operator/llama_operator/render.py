@@ -53,6 +53,16 @@ def _parse(path: str, doc: dict[str, Any], kind: type[LlamaModel] | type[LlamaSe
         raise RenderError(f"{path}: {doc.get('kind')} {name}: {describe(exc)[0]}") from None
 
 
+def _find_model(
+    models: dict[tuple[str, str], LlamaModel], server: LlamaServer, path: str, name: str, where: str
+) -> LlamaModel:
+    model = models.get((server.metadata.namespace, name))
+    if model is None:
+        namespace = server.metadata.namespace
+        raise RenderError(f"{where}: {path}.name: LlamaModel {name!r} is not in the given files ({namespace=})")
+    return model
+
+
 def render(paths: Iterable[str], settings: Settings, *, default_namespace: str = "default") -> list[dict[str, Any]]:
     models: dict[tuple[str, str], LlamaModel] = {}
     servers: list[tuple[str, LlamaServer]] = []
@@ -77,11 +87,10 @@ def render(paths: Iterable[str], settings: Settings, *, default_namespace: str =
         problems = spec_problems(server)
         if problems:
             raise RenderError(f"{where}: {problems[0]}")
-        model = models.get((server.metadata.namespace, server.spec.model_ref.name))
-        if model is None:
-            raise RenderError(
-                f"{where}: spec.modelRef.name: LlamaModel {server.spec.model_ref.name!r} is not in the given files "
-                f"(namespace {server.metadata.namespace})"
-            )
-        objects += [build_deployment(server, model, settings), build_service(server)]
+        model = _find_model(models, server, "spec.modelRef", server.spec.model_ref.name, where)
+        draft = None
+        if server.spec.speculative is not None:
+            ref = server.spec.speculative.draft_model_ref.name
+            draft = _find_model(models, server, "spec.speculative.draftModelRef", ref, where)
+        objects += [build_deployment(server, model, settings, draft), build_service(server)]
     return objects

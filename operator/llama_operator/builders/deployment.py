@@ -7,6 +7,7 @@ from typing import Any
 
 from ..api.v1alpha1 import LlamaModel, LlamaServer
 from ..config import Settings
+from ..flags.dryrun import dry_run_init_container
 from ..flags.render import SERVER_PORT, render_args
 from .cache import CACHE_MOUNT, CACHE_VOLUME, model_path, model_volumes, require_cache_key, server_model_mount
 from .objects import object_meta, selector_labels, server_labels
@@ -65,9 +66,20 @@ def derived_threads(server: LlamaServer) -> int | None:
     return None
 
 
-def server_args(server: LlamaServer, model: LlamaModel) -> list[str]:
+def draft_model_path(draft: LlamaModel) -> str:
+    """The draft model is fetched into the served model's cache volume, under its own cache key."""
+    if draft.spec.source.volume is not None:
+        raise ValueError("a speculative draft model must be downloadable (huggingFace or http source)")
+    return model_path(draft)
+
+
+def server_args(server: LlamaServer, model: LlamaModel, draft: LlamaModel | None = None) -> list[str]:
     return render_args(
-        server.spec, model_path=model_path(model), model_name=model_name(server), threads=derived_threads(server)
+        server.spec,
+        model_path=model_path(model),
+        model_name=model_name(server),
+        threads=derived_threads(server),
+        draft_model_path=draft_model_path(draft) if draft is not None else None,
     )
 
 
@@ -119,10 +131,10 @@ def _fetch_env(model: LlamaModel) -> tuple[list[dict[str, Any]], list[dict[str, 
     return env, env_from
 
 
-def fetch_init_container(model: LlamaModel, settings: Settings) -> dict[str, Any]:
+def fetch_init_container(model: LlamaModel, settings: Settings, *, name: str = "fetch-model") -> dict[str, Any]:
     env, env_from = _fetch_env(model)
     container: dict[str, Any] = {
-        "name": "fetch-model",
+        "name": name,
         "image": settings.fetcher_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["llama-operator"],
@@ -150,7 +162,9 @@ def _http_probe(*, period: int, failures: int, timeout: int) -> dict[str, Any]:
     }
 
 
-def server_container(server: LlamaServer, model: LlamaModel, settings: Settings) -> dict[str, Any]:
+def server_container(
+    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
+) -> dict[str, Any]:
     spec = server.spec
     env = [e.to_wire() for e in spec.env or []]
     if spec.api_key_secret_ref is not None:
@@ -164,7 +178,7 @@ def server_container(server: LlamaServer, model: LlamaModel, settings: Settings)
         "image": spec.image or settings.image_for(spec.gpu.vendor if spec.gpu else None),
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["/app/llama-server"],
-        "args": server_args(server, model),
+        "args": server_args(server, model, draft),
         "env": [{"name": "HOME", "value": "/tmp"}, *env],
         "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
         "startupProbe": _http_probe(period=PROBE_PERIOD_SECONDS, failures=startup_failures, timeout=5),
@@ -178,20 +192,39 @@ def server_container(server: LlamaServer, model: LlamaModel, settings: Settings)
     return container
 
 
-def pod_template(server: LlamaServer, model: LlamaModel, settings: Settings) -> dict[str, Any]:
+def _init_containers(
+    server: LlamaServer, model: LlamaModel, settings: Settings, main: dict[str, Any], draft: LlamaModel | None
+) -> list[dict[str, Any]]:
+    containers = []
+    if model.spec.source.volume is None:
+        containers.append(fetch_init_container(model, settings))
+    if draft is not None:
+        containers.append(fetch_init_container(draft, settings, name="fetch-draft-model"))
+    if server.spec.image:
+        # A custom image may carry another llama.cpp than the flag catalog: let it parse the arguments first.
+        containers.append(dry_run_init_container(
+            image=main["image"], args=main["args"], security_context=main["securityContext"],
+            volume_mounts=main["volumeMounts"],
+        ))
+    return containers
+
+
+def pod_template(
+    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
+) -> dict[str, Any]:
     spec = server.spec
     annotations = dict(spec.pod_annotations or {})
     sha256 = model.status.sha256 or model.spec.sha256
     if sha256:
         # A new model revision with the same file name must still roll the pods.
         annotations[MODEL_SHA_ANNOTATION] = sha256
-    init_containers = [] if model.spec.source.volume is not None else [fetch_init_container(model, settings)]
+    main = server_container(server, model, settings, draft)
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
-        "initContainers": init_containers,
-        "containers": [server_container(server, model, settings)],
+        "initContainers": _init_containers(server, model, settings, main, draft),
+        "containers": [main],
         "volumes": [*model_volumes(model, settings), {"name": TMP_VOLUME, "emptyDir": {}}],
         "terminationGracePeriodSeconds": 30,
     }
@@ -209,7 +242,10 @@ def pod_template(server: LlamaServer, model: LlamaModel, settings: Settings) -> 
     return {"metadata": metadata, "spec": pod_spec}
 
 
-def build_deployment(server: LlamaServer, model: LlamaModel, settings: Settings) -> dict[str, Any]:
+def build_deployment(
+    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
+) -> dict[str, Any]:
+    """The Deployment; `draft` is the resolved speculative draft LlamaModel when spec.speculative is set."""
     # Two GPU pods rarely fit side by side during a rolling update: replace instead of surge.
     strategy: dict[str, Any] = (
         {"type": "Recreate"}
@@ -225,6 +261,6 @@ def build_deployment(server: LlamaServer, model: LlamaModel, settings: Settings)
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": selector_labels(server.metadata.name)},
             "strategy": strategy,
-            "template": pod_template(server, model, settings),
+            "template": pod_template(server, model, settings, draft),
         },
     }

@@ -18,7 +18,8 @@ from ..builders import build_deployment, build_service
 from ..builders.deployment import model_name, server_args
 from ..builders.objects import label_selector, selector_labels
 from ..builders.service import endpoint_url
-from ..kube import DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS
+from ..flags.validate import validate_server_spec
+from ..kube import DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, Invalid
 from .conditions import condition, merge_conditions, now_rfc3339
 from .context import Context
 from .server_status import FleetStatus, fleet_status
@@ -27,14 +28,18 @@ log = logging.getLogger(__name__)
 
 
 def spec_problems(server: LlamaServer) -> list[str]:
-    """Problems the CRD schema cannot express; each names the field."""
+    """Problems the CRD schema cannot express (references, flags, cross-field rules); each names the field."""
     problems = []
-    ref_ns = server.spec.model_ref.namespace
-    if ref_ns is not None and ref_ns != server.metadata.namespace:
-        problems.append(
-            f"spec.modelRef.namespace: must be omitted or {server.metadata.namespace!r}; a LlamaServer can only "
-            f"serve a LlamaModel in its own namespace (got {ref_ns!r})"
-        )
+    refs = [("spec.modelRef", server.spec.model_ref)]
+    if server.spec.speculative is not None:
+        refs.append(("spec.speculative.draftModelRef", server.spec.speculative.draft_model_ref))
+    for path, ref in refs:
+        if ref.namespace is not None and ref.namespace != server.metadata.namespace:
+            problems.append(
+                f"{path}.namespace: must be omitted or {server.metadata.namespace!r}; a LlamaServer can only "
+                f"use LlamaModels in its own namespace (got {ref.namespace!r})"
+            )
+    problems += [str(error) for error in validate_server_spec(server.spec)]
     return problems
 
 
@@ -72,19 +77,33 @@ async def reconcile_server(body: Mapping[str, Any], ctx: Context) -> LlamaServer
                                                   generation=generation)])
 
     args_ok = condition("ArgsValid", True, "Valid", generation=generation)
-    model_name_ref = server.spec.model_ref.name
-    model_body = await ctx.kube.get(LLAMA_MODELS, namespace, model_name_ref)
-    model_problem = _model_problem(model_body, namespace, model_name_ref)
-    if model_problem is not None:
-        reason, message = model_problem
-        fleet = await _observe(ctx, namespace, name, server.spec.replicas)
-        return await _write(ctx, body, previous, fleet, phase="Pending", message=message, generation=generation,
-                            conditions=[condition("ModelResolved", False, reason, message, generation=generation),
-                                        args_ok])
-    assert model_body is not None
-    model = LlamaModel.model_validate(model_body)
+    models: list[LlamaModel] = []
+    refs = [server.spec.model_ref.name]
+    if server.spec.speculative is not None:
+        refs.append(server.spec.speculative.draft_model_ref.name)
+    for ref in refs:
+        model_body = await ctx.kube.get(LLAMA_MODELS, namespace, ref)
+        model_problem = _model_problem(model_body, namespace, ref)
+        if model_problem is not None:
+            reason, message = model_problem
+            fleet = await _observe(ctx, namespace, name, server.spec.replicas)
+            return await _write(ctx, body, previous, fleet, phase="Pending", message=message, generation=generation,
+                                conditions=[condition("ModelResolved", False, reason, message,
+                                                      generation=generation), args_ok])
+        assert model_body is not None
+        models.append(LlamaModel.model_validate(model_body))
+    model, draft = models[0], (models[1] if len(models) > 1 else None)
 
-    deployment = await ctx.kube.apply(build_deployment(server, model, ctx.settings))
+    try:
+        deployment = await ctx.kube.apply(build_deployment(server, model, ctx.settings, draft))
+    except Invalid as exc:
+        # The API server refused what we built from this spec (e.g. a malformed node label): retrying the
+        # same write cannot help, the spec must change.
+        message = f"the API server rejected the Deployment: {exc}"
+        fleet = await _observe(ctx, namespace, name, server.spec.replicas)
+        return await _write(ctx, body, previous, fleet, phase="Failed", message=message, generation=generation,
+                            conditions=[condition("ModelResolved", True, "ModelReady", generation=generation),
+                                        args_ok])
     await ctx.kube.apply(build_service(server))
     pods = await ctx.kube.list(PODS, namespace, label_selector=_selector(name))
     fleet = fleet_status(server.spec.replicas, deployment, pods)
@@ -94,7 +113,7 @@ async def reconcile_server(body: Mapping[str, Any], ctx: Context) -> LlamaServer
         extra={
             "endpoint": endpoint_url(server),
             "modelName": model_name(server),
-            "args": server_args(server, model),
+            "args": server_args(server, model, draft),
         },
     )
 
