@@ -9,7 +9,6 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-
 from llama_operator.cli import main
 from llama_operator.config import Settings
 from llama_operator.render import RenderError, render
