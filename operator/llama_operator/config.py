@@ -49,6 +49,9 @@ class Settings:
     log_format: Literal["text", "json"] = "text"
     resync_seconds: float = 300.0
     """Safety-net interval at which every LlamaServer is reconciled even without events."""
+    model_resync_seconds: float = 3600.0
+    """Interval at which every LlamaModel's source is resolved again (a moved `revision: main` rolls servers
+    only when its sha256 changes)."""
     metrics_port: int | None = 8000
     """Port of the Prometheus /metrics endpoint; None disables it."""
     webhook_port: int | None = None
@@ -82,10 +85,8 @@ class Settings:
             raise SettingsError(
                 f"LLAMA_OPERATOR_IMAGE_PULL_POLICY={pull_policy!r}: must be Always, IfNotPresent or Never"
             )
-        try:
-            resync = float(env.get("LLAMA_OPERATOR_RESYNC_SECONDS", "300"))
-        except ValueError as exc:
-            raise SettingsError("LLAMA_OPERATOR_RESYNC_SECONDS must be a number of seconds") from exc
+        resync = _seconds(env, "LLAMA_OPERATOR_RESYNC_SECONDS", 300)
+        model_resync = _seconds(env, "LLAMA_OPERATOR_MODEL_RESYNC_SECONDS", 3600)
         return cls(
             metrics_port=_optional_port(env, "LLAMA_OPERATOR_METRICS_PORT", default=8000),
             webhook_port=_optional_port(env, "LLAMA_OPERATOR_WEBHOOK_PORT", default=None),
@@ -99,6 +100,7 @@ class Settings:
             huggingface_endpoint=env.get("LLAMA_OPERATOR_HF_ENDPOINT", "https://huggingface.co").rstrip("/"),
             log_format=log_format,  # type: ignore[arg-type]
             resync_seconds=resync,
+            model_resync_seconds=model_resync,
         )
 
 
@@ -112,3 +114,16 @@ def _optional_port(env: Mapping[str, str], name: str, *, default: int | None) ->
     if not raw.strip().isdigit() or not 0 < int(raw) < 65536:
         raise SettingsError(f"{name}={raw!r}: must be a port number 1-65535, or 0 to disable")
     return int(raw)
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise SettingsError(f"{name}={raw!r}: must be a positive number of seconds")
+    return value

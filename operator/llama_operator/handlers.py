@@ -18,11 +18,20 @@ import kopf
 from .api.v1alpha1 import GROUP, VERSION
 from .builders.objects import MANAGED_BY, MODEL_LABEL, SERVER_LABEL
 from .config import Settings
-from .kube import LLAMA_MODELS, LLAMA_SERVERS, Kube, KubeError, Unavailable, connection_settings, load_api_client
+from .kube import (
+    LLAMA_MODELS,
+    LLAMA_SERVERS,
+    Kube,
+    KubeError,
+    ResourceKind,
+    Unavailable,
+    connection_settings,
+    load_api_client,
+)
 from .metrics import RECONCILE_SECONDS, RECONCILES
 from .metrics import serve as serve_metrics
 from .reconcile.context import Context
-from .reconcile.model import reconcile_model
+from .reconcile.model import RetryLater, reconcile_model
 from .reconcile.serial import Coalescer
 from .reconcile.server import reconcile_server
 
@@ -42,7 +51,7 @@ class Runtime:
         self.ctx = ctx
         self.servers = Coalescer()
         self.models = Coalescer()
-        self.resync_task: asyncio.Task[None] | None = None
+        self.resync_tasks: list[asyncio.Task[None]] = []
 
     async def reconcile_server(self, namespace: str, name: str) -> None:
         await self.servers.run((namespace, name), lambda: self._server_job(namespace, name))
@@ -64,18 +73,20 @@ class Runtime:
         with _measure("LlamaModel"):
             await reconcile_model(body, self.ctx)
 
-    async def resync_forever(self) -> None:
-        """Safety net: reconcile everything now and then, in case an event was missed."""
+    async def resync_forever(self, kind: ResourceKind, interval: float) -> None:
+        """Reconcile every object of a kind now and then: a safety net for missed events, and for models
+        the slow re-resolution that notices a moved revision."""
+        reconcile = self.reconcile_server if kind is LLAMA_SERVERS else self.reconcile_model
         namespaces: tuple[str | None, ...] = self.ctx.settings.namespaces or (None,)
         while True:
-            await asyncio.sleep(self.ctx.settings.resync_seconds)
+            await asyncio.sleep(interval)
             for namespace in namespaces:
                 try:
-                    for body in await self.ctx.kube.list(LLAMA_SERVERS, namespace):
+                    for body in await self.ctx.kube.list(kind, namespace):
                         meta = body["metadata"]
-                        await self.reconcile_server(meta["namespace"], meta["name"])
+                        await _best_effort(reconcile(meta["namespace"], meta["name"]), "resync")
                 except KubeError as exc:
-                    log.warning("Resync of LlamaServers failed, will retry: %s", exc)
+                    log.warning("Resync of %s failed, will retry: %s", kind.plural, exc)
 
 
 class _measure:
@@ -94,10 +105,17 @@ def _runtime(memo: kopf.Memo) -> Runtime:
     return memo["runtime"]  # type: ignore[no-any-return]
 
 
-async def _guarded(coro: Any) -> None:
-    """Spec handlers: transient API trouble is retried by kopf with a delay, never in a hot loop."""
+def backoff_seconds(retry: int) -> float:
+    """10 s, 20 s, 40 s ... capped at 10 minutes."""
+    return float(min(600, 10 * 2 ** min(retry, 6)))
+
+
+async def _guarded(coro: Any, retry: int = 0) -> None:
+    """Spec handlers: transient trouble is retried by kopf with a growing delay, never in a hot loop."""
     try:
         await coro
+    except RetryLater as exc:
+        raise kopf.TemporaryError(str(exc), delay=backoff_seconds(retry)) from exc
     except Unavailable as exc:
         raise kopf.TemporaryError(f"Kubernetes API unavailable: {exc}", delay=15) from exc
     except KubeError as exc:
@@ -108,8 +126,8 @@ async def _best_effort(coro: Any, what: str) -> None:
     """Event handlers: a failure is logged; the next event or the resync tries again."""
     try:
         await coro
-    except KubeError as exc:
-        log.warning("Reconcile after %s failed, will retry later: %s", what, exc)
+    except (KubeError, RetryLater) as exc:
+        log.warning("Reconcile after %s did not finish, will retry later: %s", what, exc)
 
 
 @kopf.on.startup()
@@ -121,6 +139,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
+    # In namespaced mode the chart grants nothing cluster-wide: no CRD or namespace scanning.
+    settings.scanning.disabled = bool(config.namespaces)
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.queueing.error_delays = (1, 2, 5, 10, 30, 60)
@@ -134,7 +154,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo["runtime"] = runtime
     if config.metrics_port:
         serve_metrics(config.metrics_port)
-    runtime.resync_task = asyncio.create_task(runtime.resync_forever(), name="llama-operator resync")
+    runtime.resync_tasks = [
+        asyncio.create_task(runtime.resync_forever(LLAMA_SERVERS, config.resync_seconds), name="resync servers"),
+        asyncio.create_task(runtime.resync_forever(LLAMA_MODELS, config.model_resync_seconds), name="resync models"),
+    ]
     log.info("llama-operator started: namespaces=%s", ",".join(config.namespaces) or "all")
 
 
@@ -146,8 +169,8 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
     runtime = memo.get("runtime")
-    if runtime is not None and runtime.resync_task is not None:
-        runtime.resync_task.cancel()
+    for task in runtime.resync_tasks if runtime is not None else []:
+        task.cancel()
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -156,8 +179,8 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(GROUP, VERSION, "llamamodels")
 @kopf.on.create(GROUP, VERSION, "llamamodels")
 @kopf.on.update(GROUP, VERSION, "llamamodels", field="spec")
-async def model_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    await _guarded(_runtime(memo).reconcile_model(namespace, name))
+async def model_changed(namespace: str, name: str, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    await _guarded(_runtime(memo).reconcile_model(namespace, name), retry)
 
 
 @kopf.index(GROUP, VERSION, "llamaservers")

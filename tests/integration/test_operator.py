@@ -7,21 +7,45 @@ writing Deployment and pod status, exactly the fields the operator reads.
 from __future__ import annotations
 
 import copy
+import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.conftest import model_body, server_body
+from tests.fakehub import FakeHub
+from tests.tiny_gguf import write_tiny_llama
 
 CRD = "llamacpp.dev/v1alpha1"
 NS = "default"
 pytestmark = pytest.mark.integration
 
 
+REPO_ID = "Qwen/Qwen2.5-0.5B-Instruct-GGUF"
+FILE = "qwen2.5-0.5b-instruct-q4_k_m.gguf"
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture
+def hub(tiny_gguf: pathlib.Path) -> Iterator[FakeHub]:
+    """The model source: a local stand-in for Hugging Face serving a real (tiny) GGUF."""
+    fake = FakeHub(token="hf_secret")
+    fake.add(REPO_ID, FILE, tiny_gguf)
+    fake.add("org/gated-GGUF", "m.gguf", tiny_gguf, gated=True)
+    with fake.running():
+        yield fake
+
+
 @pytest.fixture(autouse=True)
-def operator_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def operator_env(monkeypatch: pytest.MonkeyPatch, hub: FakeHub) -> None:
     monkeypatch.setenv("LLAMA_OPERATOR_METRICS_PORT", "0")
     monkeypatch.setenv("LLAMA_OPERATOR_RESYNC_SECONDS", "3600")
+    monkeypatch.setenv("LLAMA_OPERATOR_HF_ENDPOINT", hub.url)
 
 
 def _status(apiserver: Any, plural: str, name: str) -> dict[str, Any]:
@@ -122,9 +146,66 @@ def test_missing_model_then_created(apiserver: Any, run_operator: Any) -> None:
 
         _create(apiserver, "llamamodels", model_body())
         apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment after the model appeared")
-        model_status = _status(apiserver, "llamamodels", "qwen")
-        assert model_status["phase"] == "Ready" and model_status["cacheKey"].startswith("qwen2-5-0-5b-instruct")
         _wait_phase(apiserver, "chat", "Pending", contains="waiting for pods")
+
+
+def test_model_is_resolved_from_its_source(apiserver: Any, run_operator: Any, hub: FakeHub,
+                                           tiny_gguf: pathlib.Path) -> None:
+    with run_operator("llama_operator.handlers"):
+        _create(apiserver, "llamamodels", model_body())
+        status = apiserver.wait_for(lambda: _status(apiserver, "llamamodels", "qwen").get("phase") == "Ready"
+                                    and _status(apiserver, "llamamodels", "qwen"), message="model Ready")
+    served = hub.repos[(REPO_ID, "main")][FILE]
+    assert status["sha256"] == served.sha256 and status["size"] == tiny_gguf.stat().st_size
+    assert status["files"][0]["name"] == FILE
+    assert status["files"][0]["url"].endswith(f"/{REPO_ID}/resolve/main/{FILE}")
+    assert status["gguf"]["architecture"] == "llama"
+    assert status["cacheKey"].startswith("qwen2-5-0-5b-instruct-q4-k-m-")
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
+    assert hub.served_bytes(FILE) < tiny_gguf.stat().st_size, "inspection reads the header, not the weights"
+
+
+@pytest.mark.parametrize(("source", "reason", "text"), [
+    ({"huggingFace": {"repo": REPO_ID, "file": "missing.gguf"}}, "NotFound", "missing.gguf"),
+    ({"huggingFace": {"repo": "org/gated-GGUF", "file": "m.gguf"}}, "Unauthorized", "tokenSecretRef"),
+])
+def test_model_source_errors_are_precise(apiserver: Any, run_operator: Any, source: dict[str, Any], reason: str,
+                                         text: str) -> None:
+    with run_operator("llama_operator.handlers") as runner:
+        _create(apiserver, "llamamodels", model_body(spec={"source": source}))
+        status = apiserver.wait_for(lambda: _status(apiserver, "llamamodels", "qwen").get("phase") == "Failed"
+                                    and _status(apiserver, "llamamodels", "qwen"), message="model Failed")
+    assert {c["type"]: c["reason"] for c in status["conditions"]}["Ready"] == reason
+    assert text in status["message"]
+    assert "Traceback" not in runner.output
+
+
+def test_gated_model_with_token_secret(apiserver: Any, run_operator: Any) -> None:
+    import base64
+
+    apiserver.create("v1", "secrets", NS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf"},
+                                           "data": {"token": base64.b64encode(b"hf_secret").decode()}})
+    source = {"huggingFace": {"repo": "org/gated-GGUF", "file": "m.gguf",
+                              "tokenSecretRef": {"name": "hf", "key": "token"}}}
+    with run_operator("llama_operator.handlers") as runner:
+        _create(apiserver, "llamamodels", model_body(spec={"source": source}))
+        apiserver.wait_for(lambda: _status(apiserver, "llamamodels", "qwen").get("phase") == "Ready",
+                           message="gated model Ready with the token")
+    assert "hf_secret" not in runner.output
+
+
+def test_unreachable_source_stays_resolving_with_backoff(apiserver: Any, run_operator: Any, hub: FakeHub,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMA_OPERATOR_HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    with run_operator("llama_operator.handlers") as runner:
+        _create(apiserver, "llamamodels", model_body())
+        status = apiserver.wait_for(lambda: _status(apiserver, "llamamodels", "qwen").get("phase") == "Resolving"
+                                    and "unreachable" in (_status(apiserver, "llamamodels", "qwen").get("message")
+                                                          or "") and _status(apiserver, "llamamodels", "qwen"),
+                                    message="Resolving with the error")
+        assert "127.0.0.1:9" in status["message"]
+    assert "failed temporarily: source unreachable" in runner.output
+    assert runner.output.count("Handler 'model_changed' is invoked") == 1, "retried after a delay, not at once"
 
 
 def test_pod_states_drive_phase_and_message(apiserver: Any, run_operator: Any) -> None:

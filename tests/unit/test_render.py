@@ -13,6 +13,8 @@ from llama_operator.cli import main
 from llama_operator.config import Settings
 from llama_operator.render import RenderError, render
 
+from tests import pss
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 GOLDEN = pathlib.Path(__file__).parent / "golden"
@@ -78,3 +80,12 @@ def test_cli_exits_nonzero_with_one_line(tmp_path: pathlib.Path, capsys: pytest.
 def test_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["render", "-f", "/nonexistent.yaml"]) == 2
     assert "No such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_operator_pods_pass_restricted_pod_security(example: pathlib.Path) -> None:
+    settings = Settings()
+    pods = pss.pod_specs(render([str(example)], settings))
+    assert pods
+    for name, spec in pods:
+        assert pss.violations(spec, allowed_host_paths=[settings.host_path_root]) == [], name

@@ -9,12 +9,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .. import sources
 from ..api.errors import describe
 from ..api.v1alpha1 import LlamaModel, LlamaModelStatus, ModelFile
 from ..builders import build_cache_pvc
 from ..builders.cache import cache_type
 from ..config import Settings
-from ..kube import LLAMA_MODELS
+from ..kube import LLAMA_MODELS, NotFound
 from .conditions import condition, merge_conditions, now_rfc3339
 from .context import Context
 
@@ -35,25 +36,60 @@ def _source_url(model: LlamaModel, hf_endpoint: str) -> str | None:
 
 def offline_status(model: LlamaModel, settings: Settings) -> LlamaModelStatus:
     """What the spec alone says, without network: the fetcher resolves the rest at download time."""
-    from ..sources import cache_key
-
     file = ModelFile(
         name=model.spec.source.file_name,
         url=_source_url(model, settings.huggingface_endpoint),
         sha256=model.spec.sha256,
     )
+    sha256 = model.spec.sha256
+    return LlamaModelStatus(phase="Ready", files=[file], sha256=sha256, cache_key=sources.cache_key(model.spec, sha256))
+
+
+class RetryLater(Exception):  # noqa: N818  (a signal, not a failure)
+    """Transient trouble already reported in status: the caller should run the reconcile again later."""
+
+
+async def _secrets(model: LlamaModel, ctx: Context) -> tuple[str | None, dict[str, str]]:
+    """The source's credentials, read from Secrets at the moment they are needed and never stored."""
+    namespace, source = model.metadata.namespace, model.spec.source
+    token: str | None = None
+    headers: dict[str, str] = {}
+    if source.hugging_face is not None and source.hugging_face.token_secret_ref is not None:
+        ref = source.hugging_face.token_secret_ref
+        token = (await ctx.kube.read_secret_key(namespace, ref.name, ref.key)).strip()
+    if source.http is not None and source.http.headers_secret_ref is not None:
+        headers = await ctx.kube.read_secret(namespace, source.http.headers_secret_ref.name)
+    return token, headers
+
+
+async def resolve_source(model: LlamaModel, ctx: Context) -> LlamaModelStatus:
+    """Inspect the source over the network: files, sizes, sha256, GGUF header. Never downloads weights."""
+    try:
+        token, headers = await _secrets(model, ctx)
+    except NotFound as exc:
+        # Secrets are not watched: a Secret created later is picked up by the retry.
+        return LlamaModelStatus(phase="Resolving", message=f"{exc}; retrying until it exists")
+    try:
+        resolved = await sources.resolve(model.spec, settings=ctx.settings, hf_token=token, headers=headers)
+    except sources.SourceUnreachable as exc:
+        return LlamaModelStatus(phase="Resolving", message=f"source unreachable, retrying: {exc}")
+    except sources.SourceError as exc:
+        return LlamaModelStatus(phase="Failed", message=str(exc), conditions=[
+            condition("Ready", False, exc.reason, str(exc), generation=model.metadata.generation)])
     return LlamaModelStatus(
-        phase="Ready", files=[file], sha256=model.spec.sha256, cache_key=cache_key(model.spec, model.spec.sha256)
+        phase="Ready",
+        files=resolved.files,
+        size=resolved.size,
+        sha256=resolved.sha256,
+        gguf=resolved.gguf,
+        cache_key=resolved.cache_key,
     )
 
 
-async def status_from_spec(model: LlamaModel, ctx: Context) -> LlamaModelStatus:
-    return offline_status(model, ctx.settings)
-
-
 async def reconcile_model(
-    body: Mapping[str, Any], ctx: Context, resolve: Resolver = status_from_spec
+    body: Mapping[str, Any], ctx: Context, resolve: Resolver = resolve_source
 ) -> LlamaModelStatus:
+    """Resolve the model and write its status; raises RetryLater when it must be tried again."""
     meta = body["metadata"]
     generation = meta.get("generation")
     try:
@@ -68,7 +104,16 @@ async def reconcile_model(
             condition("Ready", False, "InvalidSpec", message, generation=generation)])
         return await _write(ctx, body, previous, status, generation)
 
+    if previous.phase in (None, "Pending") or model.metadata.generation != previous.observed_generation:
+        previous = await _write(ctx, body, previous, previous.model_copy(update={
+            "phase": "Resolving", "message": "inspecting the model source"}), generation)
     status = await resolve(model, ctx)
+    if status.phase == "Resolving":
+        await _write(ctx, body, previous, status.model_copy(update={"conditions": [
+            condition("Ready", False, "Resolving", status.message or "", generation=generation)]}), generation)
+        raise RetryLater(status.message)
+    if status.phase == "Failed":
+        return await _write(ctx, body, previous, status, generation)
     resolved = model.model_copy(update={"status": status})
     pvc = build_cache_pvc(resolved, ctx.settings)
     notes = []
