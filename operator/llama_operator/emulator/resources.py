@@ -102,6 +102,7 @@ def builtin_resources() -> list[ResourceType]:
     return [
         ResourceType("", "v1", "pods", "Pod", short_names=("po",), categories=("all",), status=True),
         ResourceType("", "v1", "services", "Service", short_names=("svc",), categories=("all",), status=True),
+        ResourceType("", "v1", "endpoints", "Endpoints", short_names=("ep",)),
         ResourceType("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", short_names=("pvc",),
                      status=True),
         ResourceType("", "v1", "secrets", "Secret"),
