@@ -23,8 +23,9 @@ file writes, sha256), all of which release the GIL in C, and the process has not
 threads give parallel segments without wrapping every file write in an executor. Each connection is one
 worker thread taking the next unfinished *piece* (a byte range) of the file, in order; a hasher thread
 follows the contiguous downloaded prefix, reading it back from the page cache, so hashing overlaps the
-download instead of following it; it also issues fdatasync as it goes so the final fsync is short. The sync
-`httpx.Client` is thread-safe and honours HTTP(S)_PROXY.
+download instead of following it; it also issues fdatasync as it goes so the final fsync is short. HTTP is
+`http.client` with `readinto` into a reused buffer (see `_Http` for why not httpx); proxies come from
+HTTP(S)_PROXY / NO_PROXY.
 
 Secrets: the Hugging Face token comes from `HF_TOKEN`, extra headers from `LLAMA_FETCH_HEADER_<Name>` env
 vars (populated from Secrets); they are sent only to the origin of the URL they belong to (dropped on a
@@ -34,10 +35,12 @@ redirect to a CDN) and never logged. URLs are logged without their query string.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import errno
 import fcntl
 import hashlib
+import http.client
 import json
 import logging
 import math
@@ -45,14 +48,15 @@ import os
 import random
 import shutil
 import signal
+import ssl
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import httpx
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from .gguf import GGUF_MAGIC
 from .sources import error_for_status, hf_resolve_url, parse_linked_headers, redact_url, shard_names
@@ -81,7 +85,9 @@ MiB = 1024 * 1024
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 10
-_TERMINATION_LIMIT = 4000  # the kubelet keeps at most 4096 bytes
+_TERMINATION_LIMIT = 4000
+_BUFFER_SIZE = 256 * 1024  # readinto fills it completely: small enough for prompt progress and SIGTERM
+_USER_AGENT = "llama-operator-fetch"  # the kubelet keeps at most 4096 bytes
 
 
 class FetchError(Exception):
@@ -217,49 +223,166 @@ class _Piece:
 # ---------------------------------------------------------------------------------------------- HTTP
 
 
-def _same_origin(a: str, b: str) -> bool:
-    ua, ub = httpx.URL(a), httpx.URL(b)
-    return (ua.scheme, ua.host, ua.port) == (ub.scheme, ub.host, ub.port)
+@dataclass
+class _Response:
+    """A response whose headers are a plain lower-cased dict (for the helpers shared with `sources`)."""
+
+    status: int
+    headers: dict[str, str]
+    url: str
+    raw: http.client.HTTPResponse
 
 
-@contextlib.contextmanager
-def _request(
-    client: httpx.Client, method: str, remote: _RemoteFile, extra: Mapping[str, str] | None = None,
-    *, first_hop: Callable[[httpx.Response], None] | None = None,
-) -> Iterator[httpx.Response]:
-    """A streamed request that follows redirects by hand, dropping the secret headers on an origin change.
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
 
-    `first_hop` sees the first response (the hub's resolve answer carrying X-Linked-Etag) before it is
-    followed. Transport errors and retryable statuses become `_Transient`; permanent ones a FetchError.
+
+class _Http:
+    """HTTP/1.1 on `http.client`: one keep-alive connection per (thread, origin), redirects followed by hand.
+
+    Why not httpx here: the body is read with `readinto` straight into a reused buffer that is then written and
+    hashed in place — one copy from the socket, like curl. httpx/h11 allocate and copy every 64 KiB chunk several
+    times, which made fetch CPU-bound at half of curl's speed on fast links. Proxies follow the usual
+    HTTP(S)_PROXY / NO_PROXY variables (CONNECT tunnel for https); TLS trusts $SSL_CERT_FILE, else certifi's
+    bundle (what httpx, used by the operator, trusts).
     """
-    url = remote.url
-    try:
-        for hop in range(_MAX_REDIRECTS + 1):
-            headers = {**(remote.headers if _same_origin(remote.url, url) else {}), **(extra or {})}
-            response = client.send(client.build_request(method, url, headers=headers), stream=True)
-            if hop == 0 and first_hop is not None:
-                first_hop(response)
-            location = response.headers.get("location")
-            if response.status_code in _REDIRECTS and location:
-                response.close()
-                url = str(httpx.URL(url).join(location))
-                continue
+
+    def __init__(self, timeout: float, proxies: Mapping[str, str] | None = None) -> None:
+        self.timeout = timeout
+        self.proxies = dict(urllib.request.getproxies() if proxies is None else proxies)
+        self._local = threading.local()
+        self._ssl: ssl.SSLContext | None = None
+
+    def _context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            cafile = os.environ.get("SSL_CERT_FILE")
+            if not cafile:
+                with contextlib.suppress(ImportError):
+                    import certifi
+
+                    cafile = certifi.where()
+            self._ssl = ssl.create_default_context(cafile=cafile or None)
+        return self._ssl
+
+    def _connections(self) -> dict[tuple[str, str, int], tuple[http.client.HTTPConnection, bool]]:
+        conns = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        return conns
+
+    def _connection(self, key: tuple[str, str, int]) -> tuple[http.client.HTTPConnection, bool, bool]:
+        """(connection, absolute-form request target, reused) for an origin."""
+        conns = self._connections()
+        if key in conns:
+            return (*conns[key], True)
+        scheme, host, port = key
+        proxy = None if urllib.request.proxy_bypass(host) else self.proxies.get(scheme)
+        conn: http.client.HTTPConnection
+        absolute = False
+        if proxy:
+            p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            proxy_auth = {}
+            if p.username:
+                token = base64.b64encode(f"{unquote(p.username)}:{unquote(p.password or '')}".encode()).decode()
+                proxy_auth["Proxy-Authorization"] = f"Basic {token}"
+            if scheme == "https":
+                conn = http.client.HTTPSConnection(p.hostname or "", p.port or 80, timeout=self.timeout,
+                                                   context=self._context())
+                conn.set_tunnel(host, port, headers=proxy_auth)
+            else:
+                conn = http.client.HTTPConnection(p.hostname or "", p.port or 80, timeout=self.timeout)
+                absolute = True
+        elif scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._context())
+        elif scheme == "http":
+            conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        else:
+            raise FetchError(f"unsupported URL scheme {scheme!r}")
+        conns[key] = (conn, absolute)
+        return conn, absolute, False
+
+    def drop(self, key: tuple[str, str, int]) -> None:
+        entry = self._connections().pop(key, None)
+        if entry is not None:
+            entry[0].close()
+
+    def close(self) -> None:
+        for key in list(self._connections()):
+            self.drop(key)
+
+    def _send(self, method: str, url: str, headers: Mapping[str, str]) -> _Response:
+        key = _origin(url)
+        parts = urlsplit(url)
+        for _ in range(2):
+            conn, absolute, reused = self._connection(key)
+            target = urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, "")) if absolute else (
+                (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            )
             try:
-                if response.status_code >= 400:
+                conn.request(method, target, headers=dict(headers))
+                raw = conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                self.drop(key)
+                if reused:  # the server closed an idle keep-alive connection: a fresh one, no backoff
+                    continue
+                raise _Transient(f"{type(exc).__name__}: {exc or 'connection failed'}") from exc
+            return _Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, url, raw)
+        raise _Transient("connection closed twice")  # pragma: no cover - the loop returns or raises
+
+    def _finish(self, response: _Response) -> None:
+        """Release the connection: reusable only when the body was read to its end."""
+        raw = response.raw
+        if not raw.isclosed():
+            try:
+                if raw.length is not None and raw.length <= 64 * 1024:
+                    raw.read()
+            except (OSError, http.client.HTTPException):
+                pass
+        if not raw.isclosed() or raw.will_close:
+            self.drop(_origin(response.url))
+
+    @contextlib.contextmanager
+    def open(
+        self, method: str, remote: _RemoteFile, extra: Mapping[str, str] | None = None,
+        *, first_hop: Callable[[_Response], None] | None = None,
+    ) -> Iterator[_Response]:
+        """Send, following redirects; the caller's secret headers go only to the origin they were given for.
+
+        `first_hop` sees the first answer (the hub's resolve response with X-Linked-Etag) before it is followed.
+        Retryable failures raise `_Transient`, permanent statuses a FetchError.
+        """
+        url = remote.url
+        origin = _origin(remote.url)
+        for hop in range(_MAX_REDIRECTS + 1):
+            headers = {
+                "User-Agent": _USER_AGENT,
+                "Accept-Encoding": "identity",
+                **(remote.headers if _origin(url) == origin else {}),
+                **(extra or {}),
+            }
+            response = self._send(method, url, headers)
+            try:
+                if hop == 0 and first_hop is not None:
+                    first_hop(response)
+                location = response.headers.get("location")
+                if response.status in _REDIRECTS and location:
+                    url = urljoin(url, location)
+                    continue
+                if response.status >= 400:
                     raise _status_error(response, remote)
                 yield response
+                return
             finally:
-                response.close()
-            return
-    except httpx.TransportError as exc:
-        raise _Transient(f"{type(exc).__name__}: {exc or 'connection failed'}") from exc
-    raise FetchError(f"{remote.name}: more than {_MAX_REDIRECTS} redirects")
+                self._finish(response)
+        raise FetchError(f"{remote.name}: more than {_MAX_REDIRECTS} redirects")
 
 
-def _status_error(response: httpx.Response, remote: _RemoteFile) -> Exception:
-    what = f"{remote.name} ({redact_url(str(response.url))})"
-    error = error_for_status(response.status_code, what, response.headers, token_given=bool(remote.headers))
-    status = response.status_code
+def _status_error(response: _Response, remote: _RemoteFile) -> Exception:
+    what = f"{remote.name} ({redact_url(response.url)})"
+    status = response.status
+    error = error_for_status(status, what, response.headers, token_given=bool(remote.headers))
     if error.transient:
         return _Transient(str(error), getattr(error, "retry_after", None))
     if status == 404:
@@ -323,7 +446,7 @@ def _disk_free(path: Path) -> int:
 class Fetcher:
     """Downloads the files of one model into `<cache_dir>/<cache_key>/`.
 
-    Collaborators are parameters so tests (and the benchmark) can substitute them: `client` (an httpx.Client),
+    Collaborators are parameters so tests can substitute them: `proxies` (default: from the environment),
     `free_space` (bytes free under a path), `stop` (an Event set on SIGTERM), `clock`.
     """
 
@@ -331,7 +454,7 @@ class Fetcher:
         self,
         options: FetchOptions,
         *,
-        client: httpx.Client | None = None,
+        proxies: Mapping[str, str] | None = None,
         free_space: Callable[[Path], int] = _disk_free,
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -341,26 +464,11 @@ class Fetcher:
         self.free_space = free_space
         self.stop = stop or threading.Event()
         self.clock = clock
-        self._client = client
-        self._own_client = client is None
-
-    @property
-    def client(self) -> httpx.Client:
-        """Created on first use: building an SSL context costs ~0.1 s, more than a whole cache hit."""
-        if self._client is None:
-            opts = self.options
-            self._client = httpx.Client(
-                timeout=httpx.Timeout(opts.read_timeout, connect=opts.connect_timeout, pool=None),
-                limits=httpx.Limits(
-                    max_connections=opts.connections + 4, max_keepalive_connections=opts.connections + 4
-                ),
-                follow_redirects=False,
-            )
-        return self._client
+        self.http = _Http(options.read_timeout, proxies)
+        self._buffers = threading.local()  # one receive buffer per worker thread
 
     def close(self) -> None:
-        if self._own_client and self._client is not None:
-            self._client.close()
+        self.http.close()
 
     # -- cache ----------------------------------------------------------------------------------------
 
@@ -440,19 +548,18 @@ class Fetcher:
     def _probe(self, remote: _RemoteFile, *, expected_sha: str | None) -> None:
         """Size, sha256 (hub LFS files), range support and validator of one file, with retries."""
 
-        def first_hop(response: httpx.Response) -> None:
-            linked = parse_linked_headers(str(response.url), response.status_code, response.headers)
+        def first_hop(response: _Response) -> None:
+            linked = parse_linked_headers(response.url, response.status, response.headers)
             remote.sha256 = remote.sha256 or linked.sha256
             if linked.size is not None and response.headers.get("x-linked-size"):
                 remote.size = linked.size
 
         def attempt() -> None:
-            with _request(self.client, "HEAD", remote, first_hop=first_hop) as response:
-                status = response.status_code
-                headers = response.headers
+            with self.http.open("HEAD", remote, first_hop=first_hop) as response:
+                status, headers = response.status, response.headers
             if status in (405, 501):
-                with _request(self.client, "GET", remote, {"Range": "bytes=0-0"}) as response:
-                    status, headers = response.status_code, response.headers
+                with self.http.open("GET", remote, {"Range": "bytes=0-0"}) as response:
+                    status, headers = response.status, response.headers
             content_range = headers.get("content-range", "")
             if status == 206 and content_range.rsplit("/", 1)[-1].isdigit():
                 remote.size = int(content_range.rsplit("/", 1)[-1])
@@ -628,7 +735,7 @@ class Fetcher:
 
         def worker() -> None:
             try:
-                while not abort.is_set():
+                while not (abort.is_set() or self.stop.is_set()):
                     piece = next_piece()
                     if piece is None:
                         return
@@ -637,7 +744,7 @@ class Fetcher:
                 failure.append(exc)
                 abort.set()
 
-        hasher = _Hasher(fd, pieces, self.options.fsync_every, abort)
+        hasher = _Hasher(fd, pieces, self.options.fsync_every)
         threads = [threading.Thread(target=worker, name=f"fetch-{i}", daemon=True) for i in range(connections)]
         hasher.start()
         for thread in threads:
@@ -700,17 +807,17 @@ class Fetcher:
             if remote.ranges:
                 extra["Range"] = f"bytes={start}-" + ("" if piece.end is None else str(piece.end - 1))
             # Without range support a retry re-reads the stream from the start and skips what is on disk.
-            with _request(self.client, "GET", remote, extra) as response:
+            with self.http.open("GET", remote, extra) as response:
                 skip = 0
-                if response.status_code == 200 and start > 0:
+                if response.status == 200 and start > 0:
                     skip = start  # a server that ignored Range: drop what we already have
-                elif response.status_code == 206:
+                elif response.status == 206:
                     first = response.headers.get("content-range", "").removeprefix("bytes ").split("-", 1)[0]
                     if first != str(start):
                         raise _Transient(f"server answered range {first!r}, asked for {start}")
-                elif response.status_code != 200:
-                    raise FetchError(f"{remote.name}: unexpected HTTP {response.status_code}")
-                self._stream(response, fd, piece, skip, abort)
+                elif response.status != 200:
+                    raise FetchError(f"{remote.name}: unexpected HTTP {response.status}")
+                self._stream(response.raw, fd, piece, skip, abort)
 
         what = f"{remote.name} bytes {piece.start}-{'' if piece.end is None else piece.end - 1}"
         self._retrying_piece(attempt, what, piece, abort)
@@ -719,10 +826,12 @@ class Fetcher:
         failures = 0
         last = piece.done
         while not piece.complete:
-            if abort.is_set():
+            if abort.is_set() or self.stop.is_set():
                 return
             try:
                 attempt()
+                if abort.is_set() or self.stop.is_set():
+                    return
                 if piece.end is None:
                     return  # unknown size: a clean end of stream is the end of the file
                 if not piece.complete:
@@ -738,52 +847,66 @@ class Fetcher:
                 if abort.wait(delay):
                     return
 
-    def _stream(self, response: httpx.Response, fd: int, piece: _Piece, skip: int, abort: threading.Event) -> None:
+    def _stream(
+        self,
+        response: http.client.HTTPResponse,
+        fd: int,
+        piece: _Piece,
+        skip: int,
+        abort: threading.Event,
+    ) -> None:
         offset = piece.start + piece.done
         limit = None if piece.end is None else piece.end - offset
+        buf = getattr(self._buffers, "buf", None)
+        if buf is None:
+            buf = self._buffers.buf = memoryview(bytearray(_BUFFER_SIZE))
         try:
-            for chunk in response.iter_raw():
+            while limit is None or limit > 0:
+                want = len(buf) if limit is None else min(len(buf), limit + skip)
+                n = response.readinto(buf[:want])
+                if not n:
+                    return  # end of body: the caller checks whether the piece is complete
+                chunk = buf[:n]
                 if skip:
-                    if len(chunk) <= skip:
-                        skip -= len(chunk)
+                    if n <= skip:
+                        skip -= n
                         continue
                     chunk, skip = chunk[skip:], 0
-                if limit is not None and len(chunk) > limit:
-                    chunk = chunk[:limit]
-                if offset == 0 and chunk[:4] != GGUF_MAGIC[: len(chunk[:4])]:
-                    raise NotGgufError(f"not a GGUF file: the server sent {chunk[:16]!r}...")
-                try:
-                    written = os.pwrite(fd, chunk, offset)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise DiskFullError(f"disk full while writing: {exc.strerror}") from exc
-                    raise
+                if offset == 0 and bytes(chunk[:4]) != GGUF_MAGIC[: len(chunk[:4])]:
+                    raise NotGgufError(f"not a GGUF file: the server sent {bytes(chunk[:16])!r}...")
+                written = 0
+                while written < len(chunk):
+                    try:
+                        written += os.pwrite(fd, chunk[written:], offset + written)
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                            raise DiskFullError(f"disk full while writing: {exc.strerror}") from exc
+                        raise
                 offset += written
                 piece.done += written  # only after the bytes are in the file: the state never runs ahead
                 if limit is not None:
                     limit -= written
-                    if limit <= 0:
-                        return
                 if abort.is_set() or self.stop.is_set():  # SIGTERM: stop at a chunk boundary
                     return
-        except httpx.TransportError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             raise _Transient(f"{type(exc).__name__}: {exc or 'connection dropped'}") from exc
 
 
 class _Hasher(threading.Thread):
     """sha256 of the contiguous downloaded prefix, computed while the rest downloads.
 
-    It reads back what the workers wrote (from the page cache) rather than sharing their buffers: that keeps
-    workers independent and makes a resumed download hash its old bytes exactly like new ones. Every
-    `fsync_every` bytes it calls fdatasync so that dirty pages are written while the download continues.
+    It reads back what the workers wrote, from the page cache, rather than hashing in the workers: on a fast link
+    the worker's page-cache writes and the sha256 then run on two cores instead of one after the other (measured:
+    inline hashing made a single stream 2x slower than curl), and a resumed download hashes its old bytes the
+    same way as new ones. Every `fsync_every` bytes it calls fdatasync so that dirty pages are written while the
+    download continues and the final fsync is short.
     """
 
-    def __init__(self, fd: int, pieces: list[_Piece], fsync_every: int, abort: threading.Event) -> None:
+    def __init__(self, fd: int, pieces: list[_Piece], fsync_every: int) -> None:
         super().__init__(name="fetch-sha256", daemon=True)
         self.fd = fd
         self.pieces = pieces
         self.fsync_every = fsync_every
-        self.abort = abort
         self.sha = hashlib.sha256()
         self.hashed = 0
         self._final_size: int | None = None
@@ -802,21 +925,21 @@ class _Hasher(threading.Thread):
         return last.start + last.done
 
     def run(self) -> None:
-        buf = bytearray(8 * MiB)
-        view = memoryview(buf)
-        since_sync = 0
+        view = memoryview(bytearray(8 * MiB))
+        synced = 0
         while not self._cancel.is_set():
             target = self._final_size if self._final_size is not None else self._frontier()
-            while self.hashed < target and not self._cancel.is_set():
-                n = os.preadv(self.fd, [view[: min(len(buf), target - self.hashed)]], self.hashed)
+            while not self._cancel.is_set():
+                if self.hashed >= target:
+                    break
+                n = os.preadv(self.fd, [view[: min(len(view), target - self.hashed)]], self.hashed)
                 if n <= 0:
                     break
                 self.sha.update(view[:n])
                 self.hashed += n
-                since_sync += n
-                if since_sync >= self.fsync_every:
-                    os.fdatasync(self.fd)
-                    since_sync = 0
+            if self.hashed - synced >= self.fsync_every:
+                synced = self.hashed
+                os.fdatasync(self.fd)
             if self._final_size is not None and self.hashed >= self._final_size:
                 return
             self._wake.wait(0.05)
@@ -891,9 +1014,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    # httpx logs every request with its full URL at INFO: presigned CDN URLs carry credentials.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
     if not ((args.hf_repo and args.hf_file) or args.url) or (args.url and (args.hf_repo or args.hf_file)):
         message = "give either --hf-repo and --hf-file, or --url"
         write_termination_log(args.termination_log, "InvalidArguments", message)
