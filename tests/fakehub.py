@@ -6,6 +6,7 @@ Routes:
   (wrong token) with `X-Error-Code: GatedRepo`; unknown files 404 with `X-Error-Code: EntryNotFound`.
 - `HEAD|GET /cdn/<sha256>/<name>`: the bytes, with Range support (206 / Content-Range / 416).
 - `HEAD|GET /plain/<name>`: a plain HTTP source; `required_headers` are enforced (401 otherwise).
+- `HEAD|GET /moved/<name>`: 302 from the plain source to the "CDN" on another origin (`localhost`).
 
 Fault injection per served file (`Faults`): drop the connection after N body bytes (per request, in order),
 5xx bursts with Retry-After, a per-connection bandwidth cap, a first-byte delay, wrong content, no ranges.
@@ -37,8 +38,8 @@ class Faults:
     retry_after: float | None = None
     rate: float | None = None
     """Bytes per second per connection."""
-    delay: float = 0.0
-    """Seconds before the first body byte."""
+    delays: list[float] = field(default_factory=list)
+    """For each of the next GET requests, seconds between the headers and the first body byte."""
     wrong_content: bool = False
     """Serve other bytes of the same size (the sha256 will not match)."""
     no_ranges: bool = False
@@ -210,6 +211,12 @@ class _Handler(BaseHTTPRequestHandler):
             if served is None:
                 return self._simple(404)
             return self._serve(served, head)
+        if path.startswith("/moved/"):  # a plain URL that redirects to another origin (presigned storage)
+            served = hub.plain.get(path[len("/moved/"):])
+            if served is None:
+                return self._simple(404)
+            hub.cdn.setdefault(served.sha256 + "/" + served.name, served)
+            return self._simple(302, {"Location": f"{hub.cdn_url}/cdn/{served.sha256}/{served.name}?sig=x"})
         if path.startswith("/plain/"):
             for key, value in hub.required_headers.items():
                 if self.headers.get(key) != value:
@@ -228,11 +235,12 @@ class _Handler(BaseHTTPRequestHandler):
                 if failing:
                     faults.fail -= 1
                 drop = faults.drop_after.pop(0) if faults.drop_after and not failing else None
+                delay = faults.delays.pop(0) if faults.delays and not failing else 0.0
             if failing:
                 headers = {} if faults.retry_after is None else {"Retry-After": str(faults.retry_after)}
                 return self._simple(faults.fail_status, headers)
         else:
-            drop = None
+            drop, delay = None, 0.0
         start, end = 0, served.size
         status = 200
         range_header = self.headers.get("Range")
@@ -257,8 +265,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if head:
             return
-        if faults.delay:
-            time.sleep(faults.delay)
+        if delay:
+            time.sleep(delay)
         offset = start
         block = 64 * 1024
         began = time.monotonic()

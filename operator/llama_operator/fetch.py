@@ -242,9 +242,9 @@ def _origin(url: str) -> tuple[str, str, int]:
 class _Http:
     """HTTP/1.1 on `http.client`: one keep-alive connection per (thread, origin), redirects followed by hand.
 
-    Why not httpx here: the body is read with `readinto` straight into a reused buffer that is then written and
-    hashed in place — one copy from the socket, like curl. httpx/h11 allocate and copy every 64 KiB chunk several
-    times, which made fetch CPU-bound at half of curl's speed on fast links. Proxies follow the usual
+    Why not httpx here: the body is read with `readinto` straight into a reused buffer that is then written to
+    the file — one copy from the socket, like curl. httpx/h11 allocate and copy every 64 KiB chunk several times,
+    which doubled fetch's user CPU per byte on fast links (docs/model-sources.md). Proxies follow the usual
     HTTP(S)_PROXY / NO_PROXY variables (CONNECT tunnel for https); TLS trusts $SSL_CERT_FILE, else certifi's
     bundle (what httpx, used by the operator, trusts).
     """
@@ -897,9 +897,9 @@ class _Hasher(threading.Thread):
 
     It reads back what the workers wrote, from the page cache, rather than hashing in the workers: on a fast link
     the worker's page-cache writes and the sha256 then run on two cores instead of one after the other (measured:
-    inline hashing made a single stream 2x slower than curl), and a resumed download hashes its old bytes the
-    same way as new ones. Every `fsync_every` bytes it calls fdatasync so that dirty pages are written while the
-    download continues and the final fsync is short.
+    hashing inline made one stream about 2x slower than curl on loopback), and a resumed download hashes its
+    old bytes the same way as new ones. Every `fsync_every` bytes it calls fdatasync so that dirty pages are
+    written while the download continues and the final fsync is short.
     """
 
     def __init__(self, fd: int, pieces: list[_Piece], fsync_every: int) -> None:

@@ -227,6 +227,25 @@ def test_plain_url_with_secret_headers_from_env(hub: FakeHub, tmp_path: Path, ca
     assert "s3cr3t-value" not in caplog.text and "in-url" not in caplog.text
 
 
+def test_slow_response_times_out_and_is_retried(hub: FakeHub, tmp_path: Path) -> None:
+    served = hub.add(REPO, "model.gguf", gguf_bytes(MiB))
+    served.faults.delays = [2.0]  # headers at once, then silence longer than the read timeout
+    assert run(options(hub, tmp_path, read_timeout=0.3), tmp_path)[0] == 0
+    assert (tmp_path / "model-abc" / "model.gguf").read_bytes() == served.data
+
+
+def test_secret_headers_stay_on_their_origin(hub: FakeHub, tmp_path: Path) -> None:
+    served = hub.add_plain("m.gguf", gguf_bytes(MiB))
+    opts = FetchOptions(cache_dir=tmp_path, cache_key="k", url=f"{hub.url}/moved/m.gguf",
+                        headers={"X-Api-Key": "k3y"})
+    assert run(opts, tmp_path)[0] == 0
+    assert (tmp_path / "k" / "m.gguf").read_bytes() == served.data
+    moved = [r for r in hub.requests if r.path.startswith("/moved/")]
+    cdn = [r for r in hub.requests if r.path.startswith("/cdn/")]
+    assert moved and all("x-api-key" in r.header_names for r in moved)
+    assert cdn and all("x-api-key" not in r.header_names for r in cdn)
+
+
 def test_progress_lines(hub: FakeHub, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     served = hub.add(REPO, "model.gguf", gguf_bytes(2 * MiB))
     served.faults.rate = 4 * MiB

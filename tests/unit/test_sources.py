@@ -126,6 +126,15 @@ async def test_plain_url_with_headers(hub: FakeHub, model: bytes) -> None:
     assert resolved.gguf is not None and resolved.gguf.parameter_count == 105
 
 
+async def test_secret_headers_are_not_sent_to_another_origin(hub: FakeHub, model: bytes) -> None:
+    hub.add_plain("m.gguf", model)
+    spec = LlamaModelSpec.model_validate({"source": {"http": {"url": f"{hub.url}/moved/m.gguf"}}})
+    resolved = await resolve(spec, settings=Settings(), hf_token=None, headers={"X-Api-Key": "k3y"})
+    assert resolved.gguf is not None and resolved.size == len(model)
+    cdn = [r for r in hub.requests if r.path.startswith("/cdn/")]
+    assert cdn and all("x-api-key" not in r.header_names for r in cdn)
+
+
 async def test_volume_source_needs_no_network() -> None:
     spec = LlamaModelSpec.model_validate(
         {"source": {"volume": {"persistentVolumeClaim": "models", "path": "q/m-00001-of-00002.gguf"}}}
