@@ -218,8 +218,13 @@ async def server_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -
 @kopf.on.event("", "v1", "services", labels=OWNED)
 @kopf.on.event("", "v1", "pods", labels=OWNED)
 async def owned_object_event(
-    namespace: str, labels: kopf.Labels, memo: kopf.Memo, resource: kopf.Resource, **_: Any
+    type: str, name: str, namespace: str, labels: kopf.Labels, meta: kopf.Meta, memo: kopf.Memo,
+    resource: kopf.Resource, **_: Any
 ) -> None:
     # Covers drift too: an edited or deleted Deployment/Service is put back by the reconcile it triggers.
+    runtime = _runtime(memo)
+    version = meta.get("resourceVersion")
+    if type != "DELETED" and runtime.ctx.kube.is_own_write(resource.plural, namespace, name, version):
+        return  # the echo of our own apply: reconciling again would change nothing
     server = labels[SERVER_LABEL]
-    await _best_effort(_runtime(memo).reconcile_server(namespace, server), f"a {resource.singular} change")
+    await _best_effort(runtime.reconcile_server(namespace, server), f"a {resource.singular} change")

@@ -185,6 +185,8 @@ class Kube:
     def __init__(self, api_client: k8s_client.ApiClient, *, field_manager: str = FIELD_MANAGER) -> None:
         self._api = api_client
         self._field_manager = field_manager
+        # resourceVersion of the last object each apply stored, to recognise the watch echo of our own write.
+        self._applied_versions: dict[tuple[str, str, str], str] = {}
 
     @property
     def api_client(self) -> k8s_client.ApiClient:
@@ -231,13 +233,22 @@ class Kube:
         _check_permission(kind, "patch")
         _check_permission(kind, "create")
         meta = obj["metadata"]
-        return await self._request(
+        stored = await self._request(
             "PATCH",
             kind.path(meta["namespace"], meta["name"]),
             body=obj,
             query=[("fieldManager", self._field_manager), ("force", "true")],
             content_type="application/apply-patch+yaml",
         )
+        version = (stored or {}).get("metadata", {}).get("resourceVersion")
+        if version:
+            self._applied_versions[(kind.plural, meta["namespace"], meta["name"])] = version
+        return stored
+
+    def is_own_write(self, plural: str, namespace: str, name: str, resource_version: str | None) -> bool:
+        """Whether this object version is exactly what our last apply stored (nothing to react to)."""
+        applied = self._applied_versions.get((plural, namespace, name))
+        return resource_version is not None and applied == resource_version
 
     async def get(self, kind: ResourceKind, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""

@@ -223,7 +223,8 @@ def test_pod_states_drive_phase_and_message(apiserver: Any, run_operator: Any) -
         apiserver.patch("v1", "pods", NS, "chat-1", {"status": {"initContainerStatuses": [
             {"name": "fetch-model", "restartCount": 3,
              "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-             "lastState": {"terminated": {"exitCode": 3, "message": "sha256 mismatch for m.gguf: expected 0a, got 1b"}}},
+             "lastState": {"terminated": {"exitCode": 3,
+                                          "message": "sha256 mismatch for m.gguf: expected 0a, got 1b"}}},
         ]}}, subresource="status")
         status = _wait_phase(apiserver, "chat", "Failed", contains="sha256 mismatch for m.gguf")
         assert "fetch-model exited with code 3" in status["message"]
