@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test venv lint crds llama-server unit integration runtime bench clean
+.PHONY: test venv lint crds llama-server unit integration bench clean
 
 test: venv
 	@LLAMA_SERVER_BIN="$$(PYTHON=$(PY) scripts/build-llama-server.sh | tail -n 1)"; \
@@ -31,6 +31,7 @@ lint: venv
 # Regenerates crds/ from the pydantic API models (a test fails when they drift).
 crds: venv
 	$(PY) -m llama_operator.cli crds --out-dir crds
+	@$(MAKE) --no-print-directory chart-crds
 
 unit: venv
 	$(PY) -m pytest -q tests/unit
