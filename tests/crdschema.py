@@ -11,7 +11,6 @@ import copy
 from typing import Any
 
 import jsonschema
-
 from llama_operator.api.crd import all_crds
 
 

@@ -16,23 +16,13 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
+from .api.errors import describe
 from .api.v1alpha1 import GROUP, VERSION, LlamaModelSpec, LlamaServerSpec
 from .config import Settings
-from .flags.validate import validate_server_spec
+from .reconcile.server import spec_problems
 
 SERVER_WEBHOOK_ID = "validate-llamaserver"
 MODEL_WEBHOOK_ID = "validate-llamamodel"
-
-
-def pydantic_messages(exc: ValidationError, *, prefix: str = "spec") -> list[str]:
-    """One `path: message` line per pydantic error, with the camelCase field names users write."""
-    lines = []
-    for error in exc.errors():
-        path = prefix
-        for part in error["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else f".{part}"
-        lines.append(f"{path}: {error['msg']}")
-    return lines
 
 
 def server_spec_problems(spec: dict[str, Any], *, namespace: str | None) -> list[str]:
@@ -40,14 +30,9 @@ def server_spec_problems(spec: dict[str, Any], *, namespace: str | None) -> list
     try:
         parsed = LlamaServerSpec.model_validate(spec)
     except ValidationError as exc:
-        return pydantic_messages(exc)
-    problems = [str(error) for error in validate_server_spec(parsed)]
-    for path, ref in (("spec.modelRef", parsed.model_ref),
-                      ("spec.speculative.draftModelRef", parsed.speculative and parsed.speculative.draft_model_ref)):
-        if ref is not None and ref.namespace and namespace and ref.namespace != namespace:
-            problems.append(f"{path}.namespace: must be omitted or equal the LlamaServer's namespace "
-                            f"({namespace}); cross-namespace references are not supported")
-    return problems
+        return describe(exc, prefix="spec")
+    # Without a namespace in the request (never the case for namespaced kinds) references are not compared.
+    return spec_problems(parsed, namespace or parsed.model_ref.namespace or "")
 
 
 def model_spec_problems(spec: dict[str, Any]) -> list[str]:
@@ -55,8 +40,14 @@ def model_spec_problems(spec: dict[str, Any]) -> list[str]:
     try:
         LlamaModelSpec.model_validate(spec)
     except ValidationError as exc:
-        return pydantic_messages(exc)
+        return describe(exc, prefix="spec")
     return []
+
+
+def _unchanged(operation: str | None, old: kopf.Body | None, spec: kopf.Spec) -> bool:
+    # An UPDATE that leaves the spec alone (kopf's own annotations, labels, deletion) is never refused: an
+    # object admitted under older rules must stay manageable and deletable.
+    return operation == "UPDATE" and old is not None and dict(old.get("spec") or {}) == dict(spec)
 
 
 def _refuse(kind: str, problems: list[str]) -> None:
@@ -65,13 +56,17 @@ def _refuse(kind: str, problems: list[str]) -> None:
 
 
 @kopf.on.validate(GROUP, VERSION, "llamaservers", id=SERVER_WEBHOOK_ID, operations=["CREATE", "UPDATE"])
-def validate_llamaserver(spec: kopf.Spec, namespace: str | None, **_: Any) -> None:
-    _refuse("LlamaServer", server_spec_problems(dict(spec), namespace=namespace))
+def validate_llamaserver(
+    spec: kopf.Spec, namespace: str | None, operation: str | None, old: kopf.Body | None, **_: Any
+) -> None:
+    if not _unchanged(operation, old, spec):
+        _refuse("LlamaServer", server_spec_problems(dict(spec), namespace=namespace))
 
 
 @kopf.on.validate(GROUP, VERSION, "llamamodels", id=MODEL_WEBHOOK_ID, operations=["CREATE", "UPDATE"])
-def validate_llamamodel(spec: kopf.Spec, **_: Any) -> None:
-    _refuse("LlamaModel", model_spec_problems(dict(spec)))
+def validate_llamamodel(spec: kopf.Spec, operation: str | None, old: kopf.Body | None, **_: Any) -> None:
+    if not _unchanged(operation, old, spec):
+        _refuse("LlamaModel", model_spec_problems(dict(spec)))
 
 
 def configure_webhook(settings: kopf.OperatorSettings, config: Settings) -> None:

@@ -84,7 +84,7 @@ def render(paths: Iterable[str], settings: Settings, *, default_namespace: str =
             objects.append(pvc)
     for path, server in servers:
         where = f"{path}: LlamaServer {server.metadata.name}"
-        problems = spec_problems(server)
+        problems = spec_problems(server.spec, server.metadata.namespace)
         if problems:
             raise RenderError(f"{where}: {problems[0]}")
         model = _find_model(models, server, "spec.modelRef", server.spec.model_ref.name, where)

@@ -125,7 +125,7 @@ async def test_each_bad_server_is_refused_with_its_message(webhook, title, field
     [
         ({"modelRef": {"name": "m"}, "contextSize": "4k"}, "spec.contextSize: Input should be a valid integer"),
         ({"modelRef": {"name": "m"}, "flashAttention": "true"}, "spec.flashAttention: Input should be 'auto'"),
-        ({"modelRef": {"name": "m", "namespace": "other"}}, "spec.modelRef.namespace: must be omitted or equal"),
+        ({"modelRef": {"name": "m", "namespace": "other"}}, "spec.modelRef.namespace: must be omitted or 'default'"),
         ({}, "spec.modelRef: Field required"),
     ],
 )
@@ -150,3 +150,18 @@ def test_configure_webhook(tmp_path: Path):
     assert isinstance(server, kopf.WebhookServer)
     assert (server.port, server.certfile, server.pkeyfile) == (9443, str(tmp_path / "tls.crt"),
                                                                str(tmp_path / "tls.key"))
+
+
+async def test_update_that_leaves_an_invalid_spec_alone_is_allowed(webhook):
+    # An object admitted under older rules must stay manageable (kopf's annotations) and deletable.
+    bad = {"modelRef": {"name": "m"}, "args": ["--mlock"]}
+    review = _review("llamaservers", "LlamaServer", bad)
+    review["request"]["operation"] = "UPDATE"
+    review["request"]["oldObject"] = review["request"]["object"]
+    response = await _post(webhook, admission.SERVER_WEBHOOK_ID, review)
+    assert response["allowed"] is True
+    changed = _review("llamaservers", "LlamaServer", {**bad, "contextSize": 4096})
+    changed["request"]["operation"] = "UPDATE"
+    changed["request"]["oldObject"] = review["request"]["object"]
+    response = await _post(webhook, admission.SERVER_WEBHOOK_ID, changed)
+    assert response["allowed"] is False and "--mlock" in response["status"]["message"]

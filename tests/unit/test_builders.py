@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from llama_operator.builders import build_cache_pvc, build_deployment, build_service
 from llama_operator.builders.deployment import derived_threads
 from llama_operator.config import Settings
+
 from tests.conftest import resolved_model, server
 
 
@@ -76,7 +76,8 @@ def test_deployment_table(case: dict[str, Any], settings: Settings) -> None:
     # managed flags, each exactly once
     for flag in ("--model", "--host", "--port", "--alias", "--metrics"):
         assert args.count(flag) == 1, flag
-    assert _flag(args, "--model") == "/models/qwen2-5-0-5b-instruct-q4-k-m-0123456789ab/qwen2.5-0.5b-instruct-q4_k_m.gguf"
+    model_file = "/models/qwen2-5-0-5b-instruct-q4-k-m-0123456789ab/qwen2.5-0.5b-instruct-q4_k_m.gguf"
+    assert _flag(args, "--model") == model_file
     assert fetch["name"] == "fetch-model" and fetch["args"][0] == "fetch"
 
 
@@ -129,7 +130,8 @@ def test_volume_source_mounts_read_only_and_skips_fetch(settings: Settings) -> N
     model = resolved_model(spec={"source": {"volume": {"persistentVolumeClaim": "shared", "path": "a/m.gguf"}}})
     pod = build_deployment(server(), model, settings)["spec"]["template"]["spec"]
     assert pod["initContainers"] == []
-    assert {"name": "model-source", "persistentVolumeClaim": {"claimName": "shared", "readOnly": True}} in pod["volumes"]
+    source = {"name": "model-source", "persistentVolumeClaim": {"claimName": "shared", "readOnly": True}}
+    assert source in pod["volumes"]
     assert _flag(pod["containers"][0]["args"], "--model") == "/model-source/a/m.gguf"
 
 

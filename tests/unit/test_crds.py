@@ -8,9 +8,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-
 from llama_operator.api.crd import CRD_FILES, all_crds, to_yaml
 from llama_operator.cli import main
+
 from tests import crdschema
 from tests.conftest import model_body, server_body
 
@@ -98,7 +98,8 @@ def test_schema_rejects_bad_servers(spec: dict[str, Any], message: str) -> None:
 BAD_MODELS = {
     "no source": ({"source": {}}, "should be non-empty"),
     "two sources": ({"source": {"http": {"url": "https://h/m.gguf"},
-                                "volume": {"persistentVolumeClaim": "p", "path": "m.gguf"}}}, "has too many properties"),
+                                "volume": {"persistentVolumeClaim": "p", "path": "m.gguf"}}},
+                    "has too many properties"),
     "bad sha": ({"source": {"http": {"url": "https://h/m.gguf"}}, "sha256": "XYZ"}, "does not match"),
     "not a url": ({"source": {"http": {"url": "ftp://h/m.gguf"}}}, "does not match"),
 }
@@ -117,4 +118,4 @@ def test_cross_namespace_model_ref_is_not_expressible_in_the_schema_and_caught_b
     from llama_operator.api.v1alpha1 import LlamaServer
     from llama_operator.reconcile.server import spec_problems
 
-    assert "its own namespace" in spec_problems(LlamaServer.model_validate(body))[0]
+    assert "its own namespace" in spec_problems(LlamaServer.model_validate(body).spec, "default")[0]

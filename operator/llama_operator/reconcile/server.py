@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..api.errors import describe
-from ..api.v1alpha1 import Condition, LlamaModel, LlamaServer, LlamaServerStatus
+from ..api.v1alpha1 import Condition, LlamaModel, LlamaServer, LlamaServerSpec, LlamaServerStatus
 from ..builders import build_deployment, build_service
 from ..builders.deployment import model_name, server_args
 from ..builders.objects import label_selector, selector_labels
@@ -27,19 +27,22 @@ from .server_status import FleetStatus, fleet_status
 log = logging.getLogger(__name__)
 
 
-def spec_problems(server: LlamaServer) -> list[str]:
-    """Problems the CRD schema cannot express (references, flags, cross-field rules); each names the field."""
+def spec_problems(spec: LlamaServerSpec, namespace: str) -> list[str]:
+    """Problems the CRD schema cannot express (references, flags, cross-field rules); each names the field.
+
+    The reconcile loop, `render` and the admission webhook all ask this one function.
+    """
     problems = []
-    refs = [("spec.modelRef", server.spec.model_ref)]
-    if server.spec.speculative is not None:
-        refs.append(("spec.speculative.draftModelRef", server.spec.speculative.draft_model_ref))
+    refs = [("spec.modelRef", spec.model_ref)]
+    if spec.speculative is not None:
+        refs.append(("spec.speculative.draftModelRef", spec.speculative.draft_model_ref))
     for path, ref in refs:
-        if ref.namespace is not None and ref.namespace != server.metadata.namespace:
+        if ref.namespace is not None and ref.namespace != namespace:
             problems.append(
-                f"{path}.namespace: must be omitted or {server.metadata.namespace!r}; a LlamaServer can only "
+                f"{path}.namespace: must be omitted or {namespace!r}; a LlamaServer can only "
                 f"use LlamaModels in its own namespace (got {ref.namespace!r})"
             )
-    problems += [str(error) for error in validate_server_spec(server.spec)]
+    problems += [str(error) for error in validate_server_spec(spec)]
     return problems
 
 
@@ -69,7 +72,7 @@ async def reconcile_server(body: Mapping[str, Any], ctx: Context) -> LlamaServer
                             message="; ".join(problems), generation=generation,
                             conditions=[condition("ArgsValid", False, "InvalidSpec", "; ".join(problems),
                                                   generation=generation)])
-    problems = spec_problems(server)
+    problems = spec_problems(server.spec, namespace)
     if problems:
         return await _write(ctx, body, previous, await _observe(ctx, namespace, name, desired), phase="Failed",
                             message="; ".join(problems), generation=generation,
