@@ -11,6 +11,7 @@ import copy
 from typing import Any
 
 import jsonschema
+
 from llama_operator.api.crd import all_crds
 
 

@@ -29,6 +29,7 @@ import kubernetes
 import pytest
 import yaml
 from kopf.testing import KopfRunner
+
 from llama_operator.emulator import EmulatorThread, write_kubeconfig
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

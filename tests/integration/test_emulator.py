@@ -14,6 +14,7 @@ from typing import Any
 import kubernetes
 import pytest
 from kubernetes.client.exceptions import ApiException
+
 from llama_operator.emulator import APPLY_PATCH, JSON_PATCH, MERGE_PATCH, EmulatorThread, patches
 
 pytestmark = pytest.mark.integration

@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from llama_operator.flags.catalog import Option, load_catalog
 from llama_operator.flags.policy import INT32, RANGES, REFUSED
 from llama_operator.flags.validate import validate_args

@@ -18,6 +18,7 @@ from kopf._cogs.structs import references
 from kopf._core.engines.admission import serve_admission_request
 from kopf._core.engines.indexing import OperatorIndexers
 from kopf._core.reactor.inventory import ResourceMemories
+
 from llama_operator import admission
 from llama_operator.api.v1alpha1 import GROUP, VERSION
 from llama_operator.config import Settings

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from llama_operator.builders import build_cache_pvc, build_deployment, build_service
 from llama_operator.builders.deployment import derived_threads
 from llama_operator.config import Settings
-
 from tests.conftest import resolved_model, server
 
 

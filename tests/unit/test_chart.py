@@ -24,8 +24,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from llama_operator import config
 
+from llama_operator import config
 from tests.pss import pod_specs, violations
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,9 +8,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
 from llama_operator.api.crd import CRD_FILES, all_crds, to_yaml
 from llama_operator.cli import main
-
 from tests import crdschema
 from tests.conftest import model_body, server_body
 

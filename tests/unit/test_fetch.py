@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from llama_operator import fetch
 from llama_operator.fetch import Fetcher, FetchOptions, headers_from_env
-
 from tests.fakehub import FakeHub
 
 MiB = 1024 * 1024

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from llama_operator.config import LLAMA_CPP_BUILD
 from llama_operator.flags.catalog import load_catalog
 

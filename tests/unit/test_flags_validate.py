@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from llama_operator.api.v1alpha1 import LlamaServerSpec
 from llama_operator.flags.catalog import load_catalog
 from llama_operator.flags.policy import RANGES, REFUSED, REMOVED

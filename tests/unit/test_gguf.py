@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from llama_operator.gguf import (
     FileByteSource,
     GgufFormatError,
@@ -19,7 +20,6 @@ from llama_operator.gguf import (
     inspect,
     read_header,
 )
-
 from tests.fakehub import FakeHub, write_gguf
 
 

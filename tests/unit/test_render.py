@@ -9,10 +9,10 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
 from llama_operator.cli import main
 from llama_operator.config import Settings
 from llama_operator.render import RenderError, render
-
 from tests import pss
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

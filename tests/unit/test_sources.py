@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from llama_operator.api.v1alpha1 import DNS_LABEL, LlamaModelSpec
 from llama_operator.config import Settings
 from llama_operator.sources import (
@@ -22,7 +23,6 @@ from llama_operator.sources import (
     resolve,
     shard_names,
 )
-
 from tests.fakehub import FakeHub, write_gguf
 
 REPO = "acme/tiny-GGUF"
