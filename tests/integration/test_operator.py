@@ -294,3 +294,31 @@ def test_restart_converges_without_duplicates(apiserver: Any, run_operator: Any)
         apiserver.wait_for(lambda: apiserver.read("v1", "services", NS, "chat"), message="Service back")
     assert len(apiserver.list("apps/v1", "deployments", NS)) == 1
     assert len(apiserver.list("v1", "services", NS)) == 1
+
+
+def test_moved_revision_rolls_servers_only_when_the_sha256_changes(apiserver: Any, run_operator: Any, hub: FakeHub,
+                                                                   tiny_gguf: pathlib.Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMA_OPERATOR_MODEL_RESYNC_SECONDS", "1")
+    with run_operator("llama_operator.handlers"):
+        _create(apiserver, "llamamodels", model_body())
+        _create(apiserver, "llamaservers", server_body())
+        first = apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
+        sha_before = first["spec"]["template"]["metadata"]["annotations"]["llamacpp.dev/model-sha256"]
+
+        # Several re-resolutions of an unchanged `main`: the pod template stays as it was.
+        requests_before = len(hub.requests)
+        apiserver.wait_for(lambda: len(hub.requests) >= requests_before + 4, timeout=15, message="re-resolution")
+        assert _deployment(apiserver)["spec"]["template"] == first["spec"]["template"]
+
+        # `main` moves to other bytes: the next re-resolution notices and the servers roll.
+        moved = tiny_gguf.read_bytes() + b"\0" * 64
+        hub.add(REPO_ID, FILE, moved)
+
+        def rolled() -> bool:
+            annotations = _deployment(apiserver)["spec"]["template"]["metadata"].get("annotations", {})
+            return annotations.get("llamacpp.dev/model-sha256") not in (None, sha_before)
+
+        apiserver.wait_for(rolled, timeout=15, message="pods rolled to the new sha256")
+        status = _status(apiserver, "llamamodels", "qwen")
+        assert status["sha256"] != sha_before and status["size"] == len(moved)
