@@ -46,7 +46,19 @@ Quantity = Annotated[
 ]
 """A Kubernetes resource quantity (`500m`, `2`, `8Gi`)."""
 
-IntOrString = Annotated[
+
+
+def _check_gpu_layers(value: int | str) -> int | str:
+    if isinstance(value, int) and value < 0:
+        raise ValueError("must be >= 0, 'auto' or 'all'")
+    if isinstance(value, str) and value not in ("auto", "all"):
+        raise ValueError(f"must be a number, 'auto' or 'all' (got {value!r})")
+    return value
+
+
+GpuLayers = Annotated[
     int | str,
+    AfterValidator(_check_gpu_layers),
     WithJsonSchema({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}),
 ]
+"""Layers offloaded to the GPU: a number, `auto` or `all`."""

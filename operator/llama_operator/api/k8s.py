@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import ApiModel, IntOrString, Quantity
+from .base import ApiModel, Quantity
 
 
 class ResourceRequirements(ApiModel):
@@ -176,7 +176,6 @@ class EnvVar(ApiModel):
 __all__ = [
     "Affinity",
     "EnvVar",
-    "IntOrString",
     "ResourceRequirements",
     "Toleration",
 ]

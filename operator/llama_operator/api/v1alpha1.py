@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import ApiModel, IntOrString, Quantity
+from .base import ApiModel, GpuLayers, Quantity
 from .k8s import Affinity, EnvVar, ResourceRequirements, Toleration
 
 GROUP = "llamacpp.dev"
@@ -277,18 +277,9 @@ class SpeculativeSpec(ApiModel):
     draft_p_min: float | None = Field(
         None, ge=0, le=1, description="--spec-draft-p-min: minimum draft probability to keep drafting (0-1)."
     )
-    draft_gpu_layers: IntOrString | None = Field(
+    draft_gpu_layers: GpuLayers | None = Field(
         None, description="--spec-draft-ngl: draft layers on the GPU, a number, auto or all."
     )
-
-    @field_validator("draft_gpu_layers")
-    @classmethod
-    def _draft_gpu_layers(cls, value: int | str | None) -> int | str | None:
-        if isinstance(value, int) and value < 0:
-            raise ValueError("must be >= 0, 'auto' or 'all'")
-        if isinstance(value, str) and value not in ("auto", "all"):
-            raise ValueError(f"must be a number, 'auto' or 'all' (got {value!r})")
-        return value
 
 
 class LlamaServerSpec(ApiModel):
@@ -310,7 +301,7 @@ class LlamaServerSpec(ApiModel):
     )
     batch_size: int | None = Field(None, ge=1, le=1048576, description="--batch-size: logical batch size.")
     ubatch_size: int | None = Field(None, ge=1, le=1048576, description="--ubatch-size: physical batch size.")
-    gpu_layers: IntOrString | None = Field(
+    gpu_layers: GpuLayers | None = Field(
         None, description="--n-gpu-layers: a number, auto or all (default all when gpu is set)."
     )
     split_mode: Literal["none", "layer", "row"] | None = Field(
@@ -376,15 +367,6 @@ class LlamaServerSpec(ApiModel):
     def _args_are_strings(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and any(not item for item in value):
             raise ValueError("empty strings are not valid llama-server arguments")
-        return value
-
-    @field_validator("gpu_layers")
-    @classmethod
-    def _gpu_layers(cls, value: int | str | None) -> int | str | None:
-        if isinstance(value, int) and value < 0:
-            raise ValueError("must be >= 0, 'auto' or 'all'")
-        if isinstance(value, str) and value not in ("auto", "all"):
-            raise ValueError(f"must be a number, 'auto' or 'all' (got {value!r})")
         return value
 
 
