@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import socket
 import ssl
 import subprocess
@@ -58,8 +59,25 @@ def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def registry() -> kopf.OperatorRegistry:
+    """A registry holding exactly this module's webhook handlers.
+
+    The handlers register into kopf's default registry at import time, and other tests (KopfRunner) replace
+    that default; re-importing the module into a fresh registry makes these tests independent of order.
+    """
+    previous = kopf.get_default_registry()
+    fresh = kopf.OperatorRegistry()
+    kopf.set_default_registry(fresh)
+    try:
+        importlib.reload(admission)
+    finally:
+        kopf.set_default_registry(previous)
+    return fresh
+
+
 @pytest.fixture
-async def webhook(cert_dir: Path) -> AsyncIterator[tuple[str, ssl.SSLContext]]:
+async def webhook(cert_dir: Path, registry: kopf.OperatorRegistry) -> AsyncIterator[tuple[str, ssl.SSLContext]]:
     """kopf's WebhookServer, configured by admission.configure_webhook, serving this package's handlers."""
     tmp_path = cert_dir
     port = _free_port()
@@ -69,7 +87,7 @@ async def webhook(cert_dir: Path) -> AsyncIterator[tuple[str, ssl.SSLContext]]:
     insights.webhook_resources.update(RESOURCES.values())
     fn = functools.partial(
         serve_admission_request, settings=settings, memories=ResourceMemories(), memobase=kopf.Memo(),
-        registry=kopf.get_default_registry(), insights=insights, indices=OperatorIndexers().indices,
+        registry=registry, insights=insights, indices=OperatorIndexers().indices,
     )  # fmt: skip
     configs = settings.admission.server(fn)
     await anext(configs)  # the server listens once it yields its client config
