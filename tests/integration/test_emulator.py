@@ -247,7 +247,12 @@ def test_kopf_operator_against_the_emulator(apiserver: EmulatorThread, run_opera
 
         apiserver.patch("llamacpp.dev/v1alpha1", "llamamodels", NS, "m1", {"spec": {"sha256": "0" * 64}})
         apiserver.wait_for(lambda: "update m1" in handled(), message="the update handler")
-        settled = apiserver.read("llamacpp.dev/v1alpha1", "llamamodels", NS, "m1")
+        # kopf records the handled spec (an annotation patch) just after the handler returns: wait for that.
+        settled = apiserver.wait_for(
+            lambda: "0" * 64 in json.dumps(apiserver.read("llamacpp.dev/v1alpha1", "llamamodels", NS, "m1")
+                                           .get("metadata", {}).get("annotations", {}))
+            and apiserver.read("llamacpp.dev/v1alpha1", "llamamodels", NS, "m1"),
+            message="kopf's last-handled annotation")
         time.sleep(1.5)  # no handling loop: nothing writes the object again
         assert apiserver.read("llamacpp.dev/v1alpha1", "llamamodels", NS, "m1") == settled
         assert handled() == ["create m1", "update m1"]
