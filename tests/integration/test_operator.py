@@ -322,3 +322,20 @@ def test_moved_revision_rolls_servers_only_when_the_sha256_changes(apiserver: An
         apiserver.wait_for(rolled, timeout=15, message="pods rolled to the new sha256")
         status = _status(apiserver, "llamamodels", "qwen")
         assert status["sha256"] != sha_before and status["size"] == len(moved)
+
+
+def test_bad_args_on_a_running_server_keep_the_running_pods(apiserver: Any, run_operator: Any) -> None:
+    with run_operator("llama_operator.handlers") as runner:
+        _create(apiserver, "llamamodels", model_body())
+        _create(apiserver, "llamaservers", server_body(args=["--top-k", "20"]))
+        good = apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
+        apiserver.patch(CRD, "llamaservers", NS, "chat", {"spec": {"args": ["--mlock"], "contextSize": 8192}})
+        status = _wait_phase(apiserver, "chat", "Failed", contains="spec.args[0]")
+        assert "--load-mode" in status["message"], "a removed flag names its replacement"
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["ArgsValid"]["status"] == "False" and conditions["ArgsValid"]["observedGeneration"] == 2
+        assert _deployment(apiserver)["spec"] == good["spec"], "the bad spec is not rolled out"
+        # fixing the spec rolls out the fix
+        apiserver.patch(CRD, "llamaservers", NS, "chat", {"spec": {"args": ["--top-k", "40"]}})
+        apiserver.wait_for(lambda: "40" in _args(_deployment(apiserver)), message="fixed spec rolled out")
+    assert "Traceback" not in runner.output
