@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -56,30 +57,47 @@ async def _observe(ctx: Context, namespace: str, name: str, desired: int) -> Fle
     return fleet_status(desired, deployment, pods)
 
 
-async def reconcile_server(body: Mapping[str, Any], ctx: Context) -> LlamaServerStatus:
-    """Bring the cluster in line with one LlamaServer and return the status written."""
-    meta = body.get("metadata", {})
-    namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
-    previous = _previous_status(body)
-    desired = body.get("spec", {}).get("replicas", 1)
-    desired = desired if isinstance(desired, int) and desired >= 0 else 0
+@dataclass(frozen=True)
+class Outcome:
+    """What one reconcile found: the phase and message to report, its conditions, and the fleet observed."""
 
+    phase: str
+    message: str
+    conditions: list[Condition]
+    fleet: FleetStatus
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def parse_server(body: Mapping[str, Any]) -> tuple[LlamaServer | None, list[str]]:
+    """The typed LlamaServer and every problem with it (schema, references, flags); problems name the field."""
     try:
         server = LlamaServer.model_validate(body)
     except ValidationError as exc:
-        problems = describe(exc, prefix="")
-        return await _write(ctx, body, previous, await _observe(ctx, namespace, name, desired), phase="Failed",
-                            message="; ".join(problems), generation=generation,
-                            conditions=[condition("ArgsValid", False, "InvalidSpec", "; ".join(problems),
-                                                  generation=generation)])
-    problems = spec_problems(server.spec, namespace)
-    if problems:
-        return await _write(ctx, body, previous, await _observe(ctx, namespace, name, desired), phase="Failed",
-                            message="; ".join(problems), generation=generation,
-                            conditions=[condition("ArgsValid", False, "InvalidSpec", "; ".join(problems),
-                                                  generation=generation)])
+        return None, describe(exc)
+    return server, spec_problems(server.spec, server.metadata.namespace)
 
+
+def desired_replicas(body: Mapping[str, Any]) -> int:
+    replicas = body.get("spec", {}).get("replicas", 1)
+    return replicas if isinstance(replicas, int) and replicas >= 0 else 0
+
+
+async def reconcile_server(body: Mapping[str, Any], ctx: Context) -> LlamaServerStatus:
+    """Bring the cluster in line with one LlamaServer and return the status written."""
+    return await _write(ctx, body, await _reconcile(body, ctx))
+
+
+async def _reconcile(body: Mapping[str, Any], ctx: Context) -> Outcome:
+    meta = body["metadata"]
+    namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
+    server, problems = parse_server(body)
+    if server is None or problems:
+        # Nothing is applied: the pods of the last good spec keep running.
+        message = "; ".join(problems)
+        invalid = condition("ArgsValid", False, "InvalidSpec", message, generation=generation)
+        return Outcome("Failed", message, [invalid], await _observe(ctx, namespace, name, desired_replicas(body)))
     args_ok = condition("ArgsValid", True, "Valid", generation=generation)
+
     models: list[LlamaModel] = []
     refs = [server.spec.model_ref.name]
     if server.spec.speculative is not None:
@@ -89,36 +107,29 @@ async def reconcile_server(body: Mapping[str, Any], ctx: Context) -> LlamaServer
         model_problem = _model_problem(model_body, namespace, ref)
         if model_problem is not None:
             reason, message = model_problem
-            fleet = await _observe(ctx, namespace, name, server.spec.replicas)
-            return await _write(ctx, body, previous, fleet, phase="Pending", message=message, generation=generation,
-                                conditions=[condition("ModelResolved", False, reason, message,
-                                                      generation=generation), args_ok])
+            return Outcome("Pending", message,
+                           [condition("ModelResolved", False, reason, message, generation=generation), args_ok],
+                           await _observe(ctx, namespace, name, server.spec.replicas))
         assert model_body is not None
         models.append(LlamaModel.model_validate(model_body))
     model, draft = models[0], (models[1] if len(models) > 1 else None)
+    model_ok = condition("ModelResolved", True, "ModelReady", generation=generation)
 
     try:
         deployment = await ctx.kube.apply(build_deployment(server, model, ctx.settings, draft))
     except Invalid as exc:
         # The API server refused what we built from this spec (e.g. a malformed node label): retrying the
         # same write cannot help, the spec must change.
-        message = f"the API server rejected the Deployment: {exc}"
-        fleet = await _observe(ctx, namespace, name, server.spec.replicas)
-        return await _write(ctx, body, previous, fleet, phase="Failed", message=message, generation=generation,
-                            conditions=[condition("ModelResolved", True, "ModelReady", generation=generation),
-                                        args_ok])
+        return Outcome("Failed", f"the API server rejected the Deployment: {exc}", [model_ok, args_ok],
+                       await _observe(ctx, namespace, name, server.spec.replicas))
     await ctx.kube.apply(build_service(server))
     pods = await ctx.kube.list(PODS, namespace, label_selector=_selector(name))
     fleet = fleet_status(server.spec.replicas, deployment, pods)
-    return await _write(
-        ctx, body, previous, fleet, phase=fleet.phase, message=fleet.message, generation=generation,
-        conditions=[condition("ModelResolved", True, "ModelReady", generation=generation), args_ok],
-        extra={
-            "endpoint": endpoint_url(server),
-            "modelName": model_name(server),
-            "args": server_args(server, model, draft),
-        },
-    )
+    return Outcome(fleet.phase, fleet.message, [model_ok, args_ok], fleet, extra={
+        "endpoint": endpoint_url(server),
+        "modelName": model_name(server),
+        "args": server_args(server, model, draft),
+    })
 
 
 def _model_problem(model_body: Mapping[str, Any] | None, namespace: str, name: str) -> tuple[str, str] | None:
@@ -150,28 +161,18 @@ def _fleet_conditions(fleet: FleetStatus, desired: int, generation: int | None) 
     ]
 
 
-async def _write(
-    ctx: Context,
-    body: Mapping[str, Any],
-    previous: LlamaServerStatus,
-    fleet: FleetStatus,
-    *,
-    phase: str,
-    message: str,
-    generation: int | None,
-    conditions: list[Condition],
-    extra: Mapping[str, Any] | None = None,
-) -> LlamaServerStatus:
+async def _write(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> LlamaServerStatus:
     meta = body["metadata"]
-    desired = body.get("spec", {}).get("replicas", 1)
-    desired = desired if isinstance(desired, int) else 0
-    all_conditions = conditions + _fleet_conditions(fleet, desired, generation)
+    generation = meta.get("generation")
+    previous = _previous_status(body)
+    desired = desired_replicas(body)
+    fleet = outcome.fleet
     status = LlamaServerStatus.model_validate(
         {
             **previous.to_wire(),
-            **(extra or {}),
-            "phase": phase,
-            "message": message,
+            **outcome.extra,
+            "phase": outcome.phase,
+            "message": outcome.message,
             "observedGeneration": generation,
             "replicas": fleet.replicas,
             "readyReplicas": fleet.ready_replicas,
@@ -180,13 +181,14 @@ async def _write(
             "conditions": [],
         }
     )
-    merged = merge_conditions(previous.conditions, all_conditions, now=now_rfc3339())
+    reported = outcome.conditions + _fleet_conditions(fleet, desired, generation)
+    merged = merge_conditions(previous.conditions, reported, now=now_rfc3339())
     # Conditions not reported this time (e.g. ModelResolved while the spec is invalid) keep their last value.
-    reported = {c.type for c in merged}
-    kept = [c for c in previous.conditions or [] if c.type not in reported]
+    kept = [c for c in previous.conditions or [] if c.type not in {c.type for c in merged}]
     status.conditions = merged + kept
     if status == previous:
         return status
+    phase, message = outcome.phase, outcome.message
     if phase != previous.phase or (phase in ("Failed", "Pending") and message != previous.message):
         event_type = "Warning" if phase in ("Failed", "Degraded") else "Normal"
         ctx.record_event(body, type=event_type, reason=phase, message=message or f"LlamaServer is {phase}")
