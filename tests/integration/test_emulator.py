@@ -308,3 +308,15 @@ async def test_async_tests_run_the_operator_through_threads(apiserver: EmulatorT
     async with run_operator(module):
         await apiserver.acall(lambda e: e.create_object("llamacpp.dev/v1alpha1", "llamamodels", NS, model("a1")))
         await asyncio.to_thread(apiserver.wait_for, lambda: apiserver.read("v1", "configmaps", NS, "a1-child"))
+
+
+def test_request_log_limit_keeps_the_newest_requests() -> None:
+    with EmulatorThread(request_log_limit=5) as server:
+        for i in range(12):
+            server.create("v1", "configmaps", "default", {"apiVersion": "v1", "kind": "ConfigMap",
+                                                          "metadata": {"name": f"c{i}"}})
+        for _ in range(12):
+            with urllib.request.urlopen(f"{server.url}/api/v1/namespaces/default/configmaps") as response:
+                assert len(json.loads(response.read())["items"]) == 12
+        log = server.call(lambda e: list(e))  # kmock's request log
+        assert 5 <= len(log) <= 6  # the limit, plus the request being served when it was trimmed

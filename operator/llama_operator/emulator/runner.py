@@ -33,8 +33,9 @@ class EmulatorThread:
     """An Emulator served over HTTP from a background thread (a context manager)."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int | None = None,
-                 crds: list[dict[str, Any]] | None = None) -> None:
+                 crds: list[dict[str, Any]] | None = None, request_log_limit: int | None = None) -> None:
         self.host = host
+        self._request_log_limit = request_log_limit
         self._port = port
         self._crds = list(crds or [])
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -80,7 +81,7 @@ class EmulatorThread:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.emulator = Emulator()
+        self.emulator = Emulator(request_log_limit=self._request_log_limit)
         for crd in self._crds:
             self.emulator.create_object("apiextensions.k8s.io/v1", "customresourcedefinitions", None, crd)
         async with self.emulator, kmock.Server(self.emulator, host=self.host, port=self._port) as server:

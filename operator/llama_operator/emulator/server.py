@@ -163,6 +163,10 @@ class Emulator(kmock.KubernetesEmulator):
     _watchers: list[_Watcher] = attrs.field(factory=list, init=False)
     # Last configuration applied per (object, field manager): what a re-apply may remove.
     _applied: dict[tuple[ObjKey, str], dict[str, Any]] = attrs.field(factory=dict, init=False)
+    # kmock keeps every request for assertions and matches each new one against that whole log, so a
+    # long-running emulator (the sandbox, benchmarks) slows down quadratically. A limit keeps the newest
+    # requests only; tests that assert on the log leave it unlimited.
+    request_log_limit: int | None = attrs.field(default=None)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()  # registers discovery + list/watch/fetch/create/update/delete
@@ -230,6 +234,8 @@ class Emulator(kmock.KubernetesEmulator):
         # Skip KubernetesEmulator._handle: it mutates kmock's store with plain dict merges before
         # routing. Here the writes happen in the fallback handlers below, after user reactions had
         # their chance to intercept (an intercepted write is therefore not stored).
+        if self.request_log_limit is not None and len(self._requests) > self.request_log_limit:
+            del self._requests[: len(self._requests) - self.request_log_limit]
         return await super(kmock.KubernetesEmulator, self)._handle(request)
 
     def _resource(self, request: kmock.Request) -> ResourceType:

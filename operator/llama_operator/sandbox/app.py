@@ -36,6 +36,8 @@ from .node import Node
 log = logging.getLogger("llama_operator.sandbox")
 
 OPERATOR_GRACE = 10.0
+REQUEST_LOG_LIMIT = 256
+"""The sandbox runs for hours: its API emulator keeps only the newest requests (see Emulator)."""
 
 
 
@@ -98,7 +100,8 @@ class Sandbox:
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.state_dir / "pods", ignore_errors=True)  # pods of a previous run's (gone) API
-        emulator = await asyncio.to_thread(EmulatorThread(port=self.api_port or None, crds=all_crds()).start)
+        emulator = await asyncio.to_thread(EmulatorThread(port=self.api_port or None, crds=all_crds(),
+                                                              request_log_limit=REQUEST_LOG_LIMIT).start)
         kubeconfig = write_kubeconfig(self.state_dir / "kubeconfig", emulator.url)
         say(f"API server: {emulator.url}")
         say(f"kubeconfig: {kubeconfig}")
