@@ -9,6 +9,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -16,30 +17,20 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import kubernetes
 import pytest
 
+from llama_operator.emulator import runner
 from tests.llama_bin import llama_server_bin
 from tests.tiny_gguf import write_tiny_llama
 
-T = TypeVar("T")
+# The sandbox's API serves a whole node and an operator: poll it gently.
+wait_for = functools.partial(runner.wait_for, interval=0.25)
 LLAMA_OPERATOR = str(Path(sys.executable).with_name("llama-operator"))
-
-
-def wait_for(predicate: Callable[[], T], *, timeout: float, message: str, interval: float = 0.25) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
 
 
 def tree_processes(marker: str) -> list[str]:

@@ -46,7 +46,7 @@ def _wait_phase(sandbox: SandboxProcess, plural: str, name: str, phase: str, *, 
         return status if status.get("phase") == phase and (check is None or check(status)) else None
     try:
         return wait_for(reached, timeout=timeout, message=f"{plural}/{name} phase {phase}")
-    except AssertionError:
+    except TimeoutError:
         raise AssertionError(f"last status of {name}: {_status(sandbox, plural, name)}\n{sandbox.log()}") from None
 
 

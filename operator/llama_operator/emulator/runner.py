@@ -130,14 +130,19 @@ class EmulatorThread:
     def wait_for(self, predicate: Callable[[], T], *, timeout: float = 10.0, interval: float = 0.05,
                  message: str = "condition") -> T:
         """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = predicate()
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout}s waiting for {message}")
-            time.sleep(interval)
+        return wait_for(predicate, timeout=timeout, interval=interval, message=message)
+
+
+def wait_for(predicate: Callable[[], T], *, timeout: float, interval: float = 0.05, message: str = "condition") -> T:
+    """Poll `predicate` until it returns something truthy; TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
 
 
 def kubeconfig(server_url: str, *, namespace: str = "default", context: str = "emulator") -> dict[str, Any]:
