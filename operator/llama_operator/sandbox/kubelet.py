@@ -31,7 +31,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -495,8 +495,9 @@ class PodRuntime:
         value = probe.get("terminationGracePeriodSeconds")
         return float(value) if value is not None else self.grace
 
-    async def _probe_until(self, probe: dict[str, Any], status: ContainerStatus) -> bool:
-        """Probe until successThreshold successes in a row (True) or failureThreshold failures in a row (False)."""
+    async def _probe_verdicts(self, probe: dict[str, Any], status: ContainerStatus) -> AsyncIterator[bool | None]:
+        """Run a probe on its schedule; after each check yield True once successThreshold checks in a row passed,
+        False once failureThreshold checks in a row failed, else None (no verdict yet)."""
         await asyncio.sleep(float(probe.get("initialDelaySeconds") or 0))
         period = float(probe.get("periodSeconds") or 10)
         need_ok, need_fail = int(probe.get("successThreshold") or 1), int(probe.get("failureThreshold") or 3)
@@ -506,31 +507,21 @@ class PodRuntime:
                 ok, fail = ok + 1, 0
             else:
                 ok, fail = 0, fail + 1
-            if ok >= need_ok:
-                return True
-            if fail >= need_fail:
-                return False
+            yield True if ok >= need_ok else False if fail >= need_fail else None
             await asyncio.sleep(period)
 
+    async def _probe_until(self, probe: dict[str, Any], status: ContainerStatus) -> bool:
+        """Probe until successThreshold successes in a row (True) or failureThreshold failures in a row (False)."""
+        async for verdict in self._probe_verdicts(probe, status):
+            if verdict is not None:
+                return verdict
+        raise AssertionError("unreachable: probing never ends by itself")
+
     async def _readiness(self, probe: dict[str, Any], status: ContainerStatus) -> None:
-        await asyncio.sleep(float(probe.get("initialDelaySeconds") or 0))
-        period = float(probe.get("periodSeconds") or 10)
-        need_ok, need_fail = int(probe.get("successThreshold") or 1), int(probe.get("failureThreshold") or 3)
-        ok = fail = 0
-        while True:
-            if await self._check(probe, status.spec):
-                ok, fail = ok + 1, 0
-            else:
-                ok, fail = 0, fail + 1
-            ready = status.ready
-            if ok >= need_ok:
-                ready = True
-            elif fail >= need_fail:
-                ready = False
-            if ready != status.ready:
-                status.ready = ready
+        async for verdict in self._probe_verdicts(probe, status):
+            if verdict is not None and verdict != status.ready:
+                status.ready = verdict
                 self._changed()
-            await asyncio.sleep(period)
 
     async def _liveness(self, probe: dict[str, Any], status: ContainerStatus,
                         proc: asyncio.subprocess.Process) -> None:
