@@ -141,6 +141,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING
     # In namespaced mode the chart grants nothing cluster-wide: no CRD or namespace scanning.
     settings.scanning.disabled = bool(config.namespaces)
+    # Only our own children are watched, filtered by the API server: a big cluster's pods never reach us.
+    for owned in ("deployments", "services", "pods", "persistentvolumeclaims"):
+        settings.watching.label_selectors[owned] = f"app.kubernetes.io/managed-by={MANAGED_BY}"
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.queueing.error_delays = (1, 2, 5, 10, 30, 60)

@@ -339,3 +339,14 @@ def test_bad_args_on_a_running_server_keep_the_running_pods(apiserver: Any, run_
         apiserver.patch(CRD, "llamaservers", NS, "chat", {"spec": {"args": ["--top-k", "40"]}})
         apiserver.wait_for(lambda: "40" in _args(_deployment(apiserver)), message="fixed spec rolled out")
     assert "Traceback" not in runner.output
+
+
+def test_owned_kinds_are_watched_with_a_server_side_label_selector(apiserver: Any, run_operator: Any) -> None:
+    with run_operator("llama_operator.handlers"):
+        _create(apiserver, "llamamodels", model_body())
+        _create(apiserver, "llamaservers", server_body())
+        apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
+        requests = apiserver.call(lambda e: [(r.url.path, dict(r.params)) for r in e])
+    watched = {path: params for path, params in requests if params.get("watch") == "true"}
+    for path in ("/api/v1/pods", "/apis/apps/v1/deployments", "/api/v1/services", "/api/v1/persistentvolumeclaims"):
+        assert watched[path]["labelSelector"] == "app.kubernetes.io/managed-by=llama-operator", path
