@@ -277,15 +277,26 @@ class Kube:
         return True
 
     async def patch_status(
-        self, kind: ResourceKind, namespace: str, name: str, status: Mapping[str, Any]
+        self,
+        kind: ResourceKind,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+        *,
+        previous: Mapping[str, Any] | None = None,
     ) -> dict[str, Any] | None:
-        """Merge-patch the status subresource; None when the object is gone."""
+        """Merge-patch the status subresource; None when the object is gone.
+
+        With `previous` (the status as last read), the result is exactly `status`: top-level keys that
+        `previous` has and `status` lacks are cleared, not left stale.
+        """
         _check_permission(kind, "patch", "status")
+        cleared = {key: None for key in previous or {} if key not in status}
         try:
             return await self._request(
                 "PATCH",
                 kind.path(namespace, name, "status"),
-                body={"status": dict(status)},
+                body={"status": {**status, **cleared}},
                 content_type="application/merge-patch+json",
             )
         except NotFound:

@@ -4,7 +4,7 @@ cache PVC when the cache type asks for one."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,14 +21,11 @@ from .context import Context
 
 log = logging.getLogger(__name__)
 
-Resolver = Callable[[LlamaModel, Context], Awaitable[LlamaModelStatus]]
-
-
 def _source_url(model: LlamaModel, hf_endpoint: str) -> str | None:
     source = model.spec.source
     if source.hugging_face is not None:
         hf = source.hugging_face
-        return f"{hf_endpoint}/{hf.repo}/resolve/{hf.revision}/{hf.file}"
+        return sources.hf_resolve_url(hf_endpoint, hf.repo, hf.revision, hf.file)
     if source.http is not None:
         return source.http.url
     return None
@@ -86,9 +83,7 @@ async def resolve_source(model: LlamaModel, ctx: Context) -> LlamaModelStatus:
     )
 
 
-async def reconcile_model(
-    body: Mapping[str, Any], ctx: Context, resolve: Resolver = resolve_source
-) -> LlamaModelStatus:
+async def reconcile_model(body: Mapping[str, Any], ctx: Context) -> LlamaModelStatus:
     """Resolve the model and write its status; raises RetryLater when it must be tried again."""
     meta = body["metadata"]
     generation = meta.get("generation")
@@ -107,7 +102,7 @@ async def reconcile_model(
     if previous.phase in (None, "Pending") or model.metadata.generation != previous.observed_generation:
         previous = await _write(ctx, body, previous, previous.model_copy(update={
             "phase": "Resolving", "message": "inspecting the model source"}), generation)
-    status = await resolve(model, ctx)
+    status = await resolve_source(model, ctx)
     if status.phase == "Resolving":
         await _write(ctx, body, previous, status.model_copy(update={"conditions": [
             condition("Ready", False, "Resolving", status.message or "", generation=generation)]}), generation)
@@ -150,9 +145,8 @@ async def _write(
         event_type = "Warning" if status.phase == "Failed" else "Normal"
         ctx.record_event(body, type=event_type, reason=status.phase or "Pending",
                          message=status.message or f"LlamaModel is {status.phase}")
-    wire = status.to_wire()
-    cleared = {key: None for key in previous.to_wire() if key not in wire}
-    await ctx.kube.patch_status(LLAMA_MODELS, meta["namespace"], meta["name"], {**wire, **cleared})
+    await ctx.kube.patch_status(LLAMA_MODELS, meta["namespace"], meta["name"], status.to_wire(),
+                                previous=previous.to_wire())
     log.info("LlamaModel %s/%s is %s%s", meta["namespace"], meta["name"], status.phase,
              f": {status.message}" if status.message else "")
     return status

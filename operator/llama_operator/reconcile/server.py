@@ -192,9 +192,7 @@ async def _write(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> Lla
     if phase != previous.phase or (phase in ("Failed", "Pending") and message != previous.message):
         event_type = "Warning" if phase in ("Failed", "Degraded") else "Normal"
         ctx.record_event(body, type=event_type, reason=phase, message=message or f"LlamaServer is {phase}")
-    # merge-patch of the whole status: every field we own is written, stale ones explicitly cleared.
-    wire = status.to_wire()
-    cleared = {key: None for key in previous.to_wire() if key not in wire}
-    await ctx.kube.patch_status(LLAMA_SERVERS, meta["namespace"], meta["name"], {**wire, **cleared})
+    await ctx.kube.patch_status(LLAMA_SERVERS, meta["namespace"], meta["name"], status.to_wire(),
+                                previous=previous.to_wire())
     log.info("LlamaServer %s/%s is %s%s", meta["namespace"], meta["name"], phase, f": {message}" if message else "")
     return status
