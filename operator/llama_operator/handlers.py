@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
@@ -54,24 +54,25 @@ class Runtime:
         self.resync_tasks: list[asyncio.Task[None]] = []
 
     async def reconcile_server(self, namespace: str, name: str) -> None:
-        await self.servers.run((namespace, name), lambda: self._server_job(namespace, name))
+        job = self._job(LLAMA_SERVERS, "LlamaServer", reconcile_server, namespace, name)
+        await self.servers.run((namespace, name), job)
 
     async def reconcile_model(self, namespace: str, name: str) -> None:
-        await self.models.run((namespace, name), lambda: self._model_job(namespace, name))
+        job = self._job(LLAMA_MODELS, "LlamaModel", reconcile_model, namespace, name)
+        await self.models.run((namespace, name), job)
 
-    async def _server_job(self, namespace: str, name: str) -> None:
-        body = await self.ctx.kube.get(LLAMA_SERVERS, namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return  # deleted: garbage collection removes what it owned
-        with _measure("LlamaServer"):
-            await reconcile_server(body, self.ctx)
-
-    async def _model_job(self, namespace: str, name: str) -> None:
-        body = await self.ctx.kube.get(LLAMA_MODELS, namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return
-        with _measure("LlamaModel"):
-            await reconcile_model(body, self.ctx)
+    def _job(
+        self, kind: ResourceKind, kind_name: str, reconcile: Callable[[Any, Context], Awaitable[Any]],
+        namespace: str, name: str,
+    ) -> Callable[[], Awaitable[None]]:
+        """One reconcile of the object as it is when the job runs (not as it was when triggered)."""
+        async def job() -> None:
+            body = await self.ctx.kube.get(kind, namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return  # deleted: garbage collection removes what it owned
+            with _measure(kind_name):
+                await reconcile(body, self.ctx)
+        return job
 
     async def resync_forever(self, kind: ResourceKind, interval: float) -> None:
         """Reconcile every object of a kind now and then: a safety net for missed events, and for models
