@@ -1,15 +1,17 @@
-# Developer entry points. `make test` works on a fresh machine: it builds the virtualenv and the pinned
-# llama-server from scratch (both cached), then runs every test.
+# Developer entry points. `make test` works on a fresh machine: it builds the virtualenv, the pinned
+# llama-server and the Kubernetes control plane from scratch (all cached outside the repo), then runs every test.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test venv lint crds llama-server unit integration bench clean
+.PHONY: test venv lint crds llama-server control-plane unit integration bench clean
 
 test: venv
-	@LLAMA_SERVER_BIN="$$(PYTHON=$(PY) scripts/build-llama-server.sh | tail -n 1)"; \
-	  export LLAMA_SERVER_BIN; echo "llama-server: $$LLAMA_SERVER_BIN"; \
+	@LLAMA_SERVER_BIN="$$(PYTHON=$(PY) scripts/build-llama-server.sh | tail -n 1)" && \
+	  LLAMA_OPERATOR_CONTROL_PLANE_DIR="$$(scripts/build-control-plane.sh | tail -n 1)" && \
+	  export LLAMA_SERVER_BIN LLAMA_OPERATOR_CONTROL_PLANE_DIR && echo "llama-server: $$LLAMA_SERVER_BIN" && \
+	  echo "control plane: $$LLAMA_OPERATOR_CONTROL_PLANE_DIR" && \
 	  $(VENV)/bin/ruff check operator tests benchmarks && \
 	  $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
@@ -25,6 +27,11 @@ $(STAMP): pyproject.toml
 llama-server: venv
 	@PYTHON=$(PY) scripts/build-llama-server.sh
 
+# Builds (once, cached outside the repo keyed by the versions) etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler and kubectl from the Go modules in hack/control-plane/, and prints their directory.
+control-plane:
+	@scripts/build-control-plane.sh
+
 lint: venv
 	$(VENV)/bin/ruff check operator tests benchmarks
 
@@ -37,10 +44,12 @@ unit: venv
 	$(PY) -m pytest -q tests/unit
 
 integration: venv
-	$(PY) -m pytest -q tests/integration
+	@LLAMA_OPERATOR_CONTROL_PLANE_DIR="$$(scripts/build-control-plane.sh | tail -n 1)" && \
+	  export LLAMA_OPERATOR_CONTROL_PLANE_DIR && $(PY) -m pytest -q tests/integration
 
 bench: venv
-	$(PY) benchmarks/reconcile.py
+	@LLAMA_OPERATOR_CONTROL_PLANE_DIR="$$(scripts/build-control-plane.sh | tail -n 1)" && \
+	  export LLAMA_OPERATOR_CONTROL_PLANE_DIR && $(PY) benchmarks/reconcile.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

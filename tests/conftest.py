@@ -56,3 +56,11 @@ def settings() -> Settings:
 
 def deep(obj: Any) -> Any:
     return copy.deepcopy(obj)
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """Path of the real helm binary (tests/helm.py)."""
+    from tests.helm import find_helm
+
+    return find_helm()

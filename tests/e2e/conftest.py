@@ -24,12 +24,12 @@ from typing import Any
 import kubernetes
 import pytest
 
-from llama_operator.emulator import runner
+from llama_operator import waiting
 from tests.llama_bin import llama_server_bin
 from tests.tiny_gguf import write_tiny_llama
 
 # The sandbox's API serves a whole node and an operator: poll it gently.
-wait_for = functools.partial(runner.wait_for, interval=0.25)
+wait_for = functools.partial(waiting.wait_for, interval=0.25)
 LLAMA_OPERATOR = str(Path(sys.executable).with_name("llama-operator"))
 
 

@@ -1,27 +1,33 @@
-"""Integration-test harness: the API emulator, a kubeconfig pointing at it, and a kopf operator runner.
+"""Integration-test harness: a real control plane (etcd, kube-apiserver, kube-controller-manager), the operator
+running in-process with the chart's RBAC, one namespace per test.
 
 Fixtures:
-- `apiserver` -> EmulatorThread: a fresh emulator per test on 127.0.0.1 (random port) serving the
-  built-in resources and the CRDs in crds/*.yaml. Direct access for arranging and asserting:
-  `apiserver.read/list/create/patch/delete(api_version, plural, namespace, [name, ...])`,
-  `apiserver.wait_for(predicate)`, and `apiserver.emulator` (the kmock object: `.objects`, `.requests`,
-  reactions for fault injection).
-- `kubeconfig` -> pathlib.Path: a kubeconfig for the emulator, exported as KUBECONFIG for this test, so
-  kopf's login and `kubernetes.config.load_kube_config()` find it.
-- `k8s_api` -> kubernetes.client.ApiClient configured from that kubeconfig (not the global default).
+- `control_plane` (session) -> ControlPlane: built by `make control-plane` (found through
+  $LLAMA_OPERATOR_CONTROL_PLANE_DIR or PATH), started once, CRDs from crds/ installed through the API server
+  (a schema the API server refuses fails the suite), torn down at the end.
+- `apiserver` -> ClusterApi (tests/cluster.py): the admin's client, bound to a fresh namespace
+  (`apiserver.namespace`) that is deleted after the test.
+- `operator_identity(watch_namespaces=None)` -> kubeconfig path of a ServiceAccount bound to exactly the
+  RBAC objects `helm template` renders for the chart (cluster mode, or namespaced mode for the given
+  namespaces).
+- `kubeconfig` -> that kubeconfig for cluster mode, exported as KUBECONFIG for the test, so kopf's login and
+  the operator's `load_api_client()` find it: the operator has the chart's permissions and nothing more.
 - `run_operator(*targets, namespace=None, args=(), settings=None)` -> a context manager, sync or async,
-  running `kopf run --standalone --verbose` on module names or file paths in a KopfRunner thread.
-  `async with` enters and leaves it through asyncio.to_thread, so the test's loop never blocks on it
-  and kopf never runs inside the pytest loop.
+  running `kopf run --standalone --verbose` on module names or file paths in a KopfRunner thread; with
+  `namespace`, in namespaced mode with the chart's Role for that namespace.
+- `kubectl(*args)` -> the control plane's own kubectl as the admin.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import pathlib
+import re
 import sys
 import types
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import kopf
@@ -30,41 +36,120 @@ import pytest
 import yaml
 from kopf.testing import KopfRunner
 
-from llama_operator.emulator import EmulatorThread, write_kubeconfig
+from llama_operator.controlplane import BinariesMissing, ControlPlane, find_binaries
+from llama_operator.controlplane.binaries import ENV_DIR
+from tests.cluster import ClusterApi, apply_objects, kubectl
+from tests.helm import helm_template
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+OPERATOR_NAMESPACE = "llama-system"
+RELEASE = "llama"
+RBAC_KINDS = {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount"}
 
 
 def _repo_crds() -> list[dict[str, Any]]:
     return [yaml.safe_load(path.read_text()) for path in sorted((REPO / "crds").glob("*.yaml"))]
 
 
-@pytest.fixture
-def apiserver() -> Iterator[EmulatorThread]:
-    with EmulatorThread(crds=_repo_crds()) as server:
-        yield server
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    try:
+        binaries = find_binaries()
+    except BinariesMissing as exc:
+        if os.environ.get(ENV_DIR):
+            raise  # `make test` said where they are: missing binaries are a failure, not a skip
+        pytest.skip(str(exc))
+    cluster = ControlPlane(tmp_path_factory.mktemp("control-plane"), binaries, controllers=True,
+                           audit_service_accounts=True)
+    with cluster:
+        admin = ClusterApi(cluster)
+        apply_objects(admin, _repo_crds())
+        admin.wait_for(lambda: all(
+            any(c["type"] == "Established" and c["status"] == "True"
+                for c in (admin.read("apiextensions.k8s.io/v1", "customresourcedefinitions", None,
+                                     crd["metadata"]["name"]) or {}).get("status", {}).get("conditions", []))
+            for crd in _repo_crds()), timeout=30, message="CRDs Established")
+        admin.close()
+        yield cluster
+
+
+def _namespace_for(node_name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", node_name.lower()).strip("-")[:40].strip("-")
+    return f"{slug}-{uuid.uuid4().hex[:5]}"
 
 
 @pytest.fixture
-def kubeconfig(apiserver: EmulatorThread, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-               ) -> pathlib.Path:
-    path = write_kubeconfig(tmp_path / "kubeconfig", apiserver.url)
+def apiserver(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[ClusterApi]:
+    api = ClusterApi(control_plane, _namespace_for(request.node.name))
+    api.create("v1", "namespaces", None, {"apiVersion": "v1", "kind": "Namespace",
+                                         "metadata": {"name": api.namespace}})
+    try:
+        yield api
+    finally:
+        # The test's own objects go first, so no operator of a later test sees them in a terminating namespace.
+        for plural in ("llamaservers", "llamamodels"):
+            for obj in api.list("llamacpp.dev/v1alpha1", plural, api.namespace):
+                api.delete("llamacpp.dev/v1alpha1", plural, api.namespace, obj["metadata"]["name"])
+        api.delete("v1", "namespaces", None, api.namespace)
+        api.close()
+
+
+class OperatorIdentities:
+    """Kubeconfigs of ServiceAccounts with exactly the chart's RBAC, one per watch mode, made once."""
+
+    def __init__(self, cluster: ControlPlane, helm: str, directory: pathlib.Path) -> None:
+        self.cluster = cluster
+        self.helm = helm
+        self.directory = directory
+        self._made: dict[tuple[str, ...], pathlib.Path] = {}
+        self.admin = ClusterApi(cluster, OPERATOR_NAMESPACE)
+        if self.admin.read("v1", "namespaces", None, OPERATOR_NAMESPACE) is None:
+            self.admin.create("v1", "namespaces", None, {"apiVersion": "v1", "kind": "Namespace",
+                                                         "metadata": {"name": OPERATOR_NAMESPACE}})
+
+    def __call__(self, watch_namespaces: list[str] | None = None) -> pathlib.Path:
+        key = tuple(watch_namespaces or ())
+        if key not in self._made:
+            # Each mode is its own release, so its ServiceAccount holds only that mode's grants.
+            release = RELEASE if not key else f"{RELEASE}-ns-{uuid.uuid4().hex[:5]}"
+            objects = helm_template(self.helm, release, OPERATOR_NAMESPACE,
+                                    {"watchNamespaces": list(key), "webhook": {"enabled": False}})
+            rbac = [obj for obj in objects if obj["kind"] in RBAC_KINDS]
+            (account,) = [obj for obj in rbac if obj["kind"] == "ServiceAccount"]
+            apply_objects(self.admin, rbac)
+            name = account["metadata"]["name"]
+            token = self.admin.request(
+                "POST", f"/api/v1/namespaces/{OPERATOR_NAMESPACE}/serviceaccounts/{name}/token",
+                body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                      "spec": {"expirationSeconds": 24 * 3600}})["status"]["token"]
+            path = self.directory / f"{release}.kubeconfig"
+            self._made[key] = self.cluster.kubeconfig_for_token(
+                path, token, user=f"system:serviceaccount:{OPERATOR_NAMESPACE}:{name}")
+        return self._made[key]
+
+
+@pytest.fixture(scope="session")
+def operator_identity(control_plane: ControlPlane, helm: str, tmp_path_factory: pytest.TempPathFactory
+                      ) -> Iterator[OperatorIdentities]:
+    identities = OperatorIdentities(control_plane, helm, tmp_path_factory.mktemp("identities"))
+    yield identities
+    identities.admin.close()
+
+
+def _use_kubeconfig(path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBECONFIG", str(path))
     # The kubernetes client reads KUBECONFIG once, at import; point its default at this file too.
     monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
     monkeypatch.setattr(kubernetes.config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
     # Keep kopf (and the kubernetes client's in-cluster detection) away from any real cluster.
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    return path
 
 
 @pytest.fixture
-def k8s_api(kubeconfig: pathlib.Path) -> Iterator[kubernetes.client.ApiClient]:
-    client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
-    try:
-        yield client
-    finally:
-        client.close()
+def kubeconfig(operator_identity: OperatorIdentities, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    path = operator_identity()
+    _use_kubeconfig(path, monkeypatch)
+    return path
 
 
 class OperatorRun:
@@ -104,11 +189,29 @@ class OperatorRun:
 
 
 class OperatorRunnerFactory:
+    def __init__(self, identities: OperatorIdentities, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.identities = identities
+        self.monkeypatch = monkeypatch
+
     def __call__(self, *targets: str | pathlib.Path, namespace: str | None = None, args: tuple[str, ...] = (),
                  settings: kopf.OperatorSettings | None = None, timeout: float = 30) -> OperatorRun:
+        if namespace:
+            # Namespaced mode, as the chart installs it: a Role in the watched namespace, nothing cluster-wide.
+            _use_kubeconfig(self.identities([namespace]), self.monkeypatch)
+            self.monkeypatch.setenv("LLAMA_OPERATOR_NAMESPACES", namespace)
         return OperatorRun(targets, namespace=namespace, args=args, settings=settings, timeout=timeout)
 
 
 @pytest.fixture
-def run_operator(kubeconfig: pathlib.Path) -> OperatorRunnerFactory:
-    return OperatorRunnerFactory()
+def run_operator(kubeconfig: pathlib.Path, operator_identity: OperatorIdentities,
+                 monkeypatch: pytest.MonkeyPatch) -> OperatorRunnerFactory:
+    return OperatorRunnerFactory(operator_identity, monkeypatch)
+
+
+@pytest.fixture
+def kubectl_admin(control_plane: ControlPlane, apiserver: ClusterApi) -> Callable[..., Any]:
+    """`kubectl_admin("get", "llama")`: the control plane's kubectl as the admin, in the test's namespace."""
+    def run(*args: str, input: str | None = None, check: bool = False) -> Any:
+        return kubectl(control_plane, "--namespace", apiserver.namespace, *args, input=input, check=check)
+    return run
+

