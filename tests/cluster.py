@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import ssl
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -48,8 +49,9 @@ class ClusterApi:
     def __init__(self, cluster: ControlPlane, namespace: str = "default") -> None:
         self.cluster = cluster
         self.namespace = namespace
-        self.http = httpx.Client(base_url=cluster.server, verify=str(cluster.ca_cert), timeout=30,
-                                 cert=(str(cluster.pki / "admin.crt"), str(cluster.pki / "admin.key")))
+        tls = ssl.create_default_context(cafile=str(cluster.ca_cert))
+        tls.load_cert_chain(str(cluster.pki / "admin.crt"), str(cluster.pki / "admin.key"))
+        self.http = httpx.Client(base_url=cluster.server, verify=tls, timeout=30)
 
     def close(self) -> None:
         self.http.close()
