@@ -3,8 +3,8 @@ running in-process with the chart's RBAC, one namespace per test.
 
 Fixtures:
 - `control_plane` (session) -> ControlPlane: built by `make control-plane` (found through
-  $LLAMA_OPERATOR_CONTROL_PLANE_DIR or PATH), started once, CRDs from crds/ installed through the API server
-  (a schema the API server refuses fails the suite), torn down at the end.
+  $LLAMA_OPERATOR_CONTROL_PLANE_DIR or PATH), started once, CRDs from crds/ created through the API server
+  (a schema the API server refuses fails the suite) before the controllers start, torn down at the end.
 - `apiserver` -> ClusterApi (tests/cluster.py): the admin's client, bound to a fresh namespace
   (`apiserver.namespace`) that is deleted after the test.
 - `operator_identity(watch_namespaces=None)` -> kubeconfig path of a ServiceAccount bound to exactly the
@@ -59,17 +59,10 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
         if os.environ.get(ENV_DIR):
             raise  # `make test` said where they are: missing binaries are a failure, not a skip
         pytest.skip(str(exc))
+    # The CRDs go in through the API server: a schema it refuses fails the whole suite.
     cluster = ControlPlane(tmp_path_factory.mktemp("control-plane"), binaries, controllers=True,
-                           audit_service_accounts=True)
+                           audit_service_accounts=True, crds=_repo_crds())
     with cluster:
-        admin = ClusterApi(cluster)
-        apply_objects(admin, _repo_crds())
-        admin.wait_for(lambda: all(
-            any(c["type"] == "Established" and c["status"] == "True"
-                for c in (admin.read("apiextensions.k8s.io/v1", "customresourcedefinitions", None,
-                                     crd["metadata"]["name"]) or {}).get("status", {}).get("conditions", []))
-            for crd in _repo_crds()), timeout=30, message="CRDs Established")
-        admin.close()
         yield cluster
 
 

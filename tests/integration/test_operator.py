@@ -117,7 +117,7 @@ def test_create_update_drift_and_delete(apiserver: Any, run_operator: Any) -> No
         assert dep["spec"]["replicas"] == 2
         assert "--ctx-size" in _args(dep) and _args(dep)[_args(dep).index("--ctx-size") + 1] == "4096"
 
-        status = _wait_phase(apiserver, "chat", "Pending", contains="waiting for pods")
+        status = _wait_phase(apiserver, "chat", "Pending", contains="is Pending")
         assert status["endpoint"] == f"http://chat.{apiserver.namespace}.svc:8080/v1"
         assert status["modelName"] == "qwen"
         assert status["observedGeneration"] == 1
@@ -152,13 +152,13 @@ def test_create_update_drift_and_delete(apiserver: Any, run_operator: Any) -> No
 def test_missing_model_then_created(apiserver: Any, run_operator: Any) -> None:
     with run_operator("llama_operator.handlers"):
         _create(apiserver, "llamaservers", server_body())
-        status = _wait_phase(apiserver, "chat", "Pending", contains="LlamaModel default/qwen not found")
+        status = _wait_phase(apiserver, "chat", "Pending", contains=f"LlamaModel {apiserver.namespace}/qwen not found")
         assert {c["type"]: c["reason"] for c in status["conditions"]}["ModelResolved"] == "ModelNotFound"
         assert _deployment(apiserver) is None
 
         _create(apiserver, "llamamodels", model_body())
         apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment after the model appeared")
-        _wait_phase(apiserver, "chat", "Pending", contains="waiting for pods")
+        _wait_phase(apiserver, "chat", "Pending", contains="is Pending")
 
 
 def test_model_is_resolved_from_its_source(apiserver: Any, run_operator: Any, hub: FakeHub,
