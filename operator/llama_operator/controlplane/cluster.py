@@ -305,7 +305,7 @@ class ControlPlane:
         def established() -> bool:
             for crd in self.crds:
                 stored = json.loads(self._admin_request("GET", f"{collection}/{crd['metadata']['name']}"))
-                conditions = stored.get("status", {}).get("conditions", [])
+                conditions = (stored.get("status") or {}).get("conditions") or []
                 if not any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
                     return False
             return True
