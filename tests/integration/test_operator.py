@@ -117,7 +117,7 @@ def test_create_update_drift_and_delete(apiserver: Any, run_operator: Any) -> No
         assert dep["spec"]["replicas"] == 2
         assert "--ctx-size" in _args(dep) and _args(dep)[_args(dep).index("--ctx-size") + 1] == "4096"
 
-        status = _wait_phase(apiserver, "chat", "Pending", contains="is Pending")
+        status = _wait_phase(apiserver, "chat", "Pending", contains="pod chat-")
         assert status["endpoint"] == f"http://chat.{apiserver.namespace}.svc:8080/v1"
         assert status["modelName"] == "qwen"
         assert status["observedGeneration"] == 1
@@ -158,7 +158,7 @@ def test_missing_model_then_created(apiserver: Any, run_operator: Any) -> None:
 
         _create(apiserver, "llamamodels", model_body())
         apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment after the model appeared")
-        _wait_phase(apiserver, "chat", "Pending", contains="is Pending")
+        _wait_phase(apiserver, "chat", "Pending", contains="pod chat-")
 
 
 def test_model_is_resolved_from_its_source(apiserver: Any, run_operator: Any, hub: FakeHub,
