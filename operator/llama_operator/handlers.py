@@ -18,20 +18,20 @@ import kopf
 from .api.v1alpha1 import GROUP, VERSION
 from .builders.objects import MANAGED_BY, MODEL_LABEL, SERVER_LABEL
 from .config import Settings
+from .errors import RetryPolicy
 from .kube import (
     LLAMA_MODELS,
     LLAMA_SERVERS,
     Kube,
-    KubeError,
     ResourceKind,
-    Unavailable,
     connection_settings,
     load_api_client,
 )
 from .metrics import RECONCILE_SECONDS, RECONCILES
 from .metrics import serve as serve_metrics
+from .reconcile.boundary import Verdict, failure_verdict, guarded
 from .reconcile.context import Context
-from .reconcile.model import RetryLater, reconcile_model
+from .reconcile.model import reconcile_model
 from .reconcile.serial import Coalescer
 from .reconcile.server import reconcile_server
 
@@ -45,90 +45,117 @@ def _post_event(body: Mapping[str, Any], *, type: str, reason: str, message: str
 
 
 class Runtime:
-    """What the handlers share, created once in the startup handler and kept in kopf's memo."""
+    """What the handlers share, created once in the startup handler and kept in kopf's memo.
 
-    def __init__(self, ctx: Context) -> None:
+    It owns the retry policy too: a failed reconcile, whatever triggered it, is scheduled again by
+    `errors.RetryPolicy` (never / slow / capped backoff), so kopf never retries a handler by itself.
+    """
+
+    def __init__(self, ctx: Context, policy: RetryPolicy | None = None) -> None:
         self.ctx = ctx
-        self.servers = Coalescer()
-        self.models = Coalescer()
+        self.policy = policy or RetryPolicy()
+        self.servers: Coalescer[Verdict] = Coalescer()
+        self.models: Coalescer[Verdict] = Coalescer()
         self.resync_tasks: list[asyncio.Task[None]] = []
+        self._attempts: dict[tuple[str, str, str], int] = {}
+        self._retries: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
+        self._retry_tasks: set[asyncio.Task[Verdict]] = set()
 
-    async def reconcile_server(self, namespace: str, name: str) -> None:
+    async def reconcile_server(self, namespace: str, name: str) -> Verdict:
         job = self._job(LLAMA_SERVERS, "LlamaServer", reconcile_server, namespace, name)
-        await self.servers.run((namespace, name), job)
+        return await self.servers.run((namespace, name), job)
 
-    async def reconcile_model(self, namespace: str, name: str) -> None:
+    async def reconcile_model(self, namespace: str, name: str) -> Verdict:
         job = self._job(LLAMA_MODELS, "LlamaModel", reconcile_model, namespace, name)
-        await self.models.run((namespace, name), job)
+        return await self.models.run((namespace, name), job)
 
     def _job(
         self, kind: ResourceKind, kind_name: str, reconcile: Callable[[Any, Context], Awaitable[Any]],
         namespace: str, name: str,
-    ) -> Callable[[], Awaitable[None]]:
+    ) -> Callable[[], Awaitable[Verdict]]:
         """One reconcile of the object as it is when the job runs (not as it was when triggered)."""
-        async def job() -> None:
-            body = await self.ctx.kube.get(kind, namespace, name)
-            if body is None or body["metadata"].get("deletionTimestamp"):
-                return  # deleted: garbage collection removes what it owned
-            with _measure(kind_name):
-                await reconcile(body, self.ctx)
+        key = (kind.plural, namespace, name)
+
+        async def job() -> Verdict:
+            attempt = self._attempts.get(key, 0) + 1
+            started = time.monotonic()
+            try:
+                body = await self.ctx.kube.get(kind, namespace, name)
+            except Exception as exc:  # noqa: BLE001 - no object, no status to write: log and retry
+                verdict = failure_verdict(exc, attempt, self.policy)
+                log.warning("Reading %s %s/%s failed: %s", kind_name, namespace, name, verdict.message)
+            else:
+                if body is None or body["metadata"].get("deletionTimestamp"):
+                    self._settle(key, Verdict(ok=True), namespace, name)
+                    return Verdict(ok=True)  # deleted: garbage collection removes what it owned
+                verdict = await guarded(kind, body, self.ctx, reconcile, attempt=attempt, policy=self.policy)
+            RECONCILE_SECONDS.labels(kind_name).observe(time.monotonic() - started)
+            RECONCILES.labels(kind_name, "ok" if verdict.ok else "error").inc()
+            self._settle(key, verdict, namespace, name)
+            return verdict
+
         return job
+
+    def _settle(self, key: tuple[str, str, str], verdict: Verdict, namespace: str, name: str) -> None:
+        """Forget the failures of a successful reconcile, or schedule the next attempt of a failed one."""
+        pending = self._retries.pop(key, None)
+        if pending is not None:
+            pending.cancel()
+        if verdict.ok:
+            self._attempts.pop(key, None)
+            return
+        self._attempts[key] = self._attempts.get(key, 0) + 1
+        if verdict.retry_in is None:
+            return  # a bad spec: the next generation (or event) reconciles it again
+        again = self.reconcile_server if key[0] == LLAMA_SERVERS.plural else self.reconcile_model
+
+        def fire() -> None:
+            self._retries.pop(key, None)
+            task = asyncio.create_task(again(namespace, name), name=f"retry {key[0]} {namespace}/{name}")
+            self._retry_tasks.add(task)
+            task.add_done_callback(self._retry_tasks.discard)
+
+        self._retries[key] = asyncio.get_running_loop().call_later(verdict.retry_in, fire)
+
+    def close(self) -> None:
+        """Cancel the resync and every scheduled retry (operator shutdown)."""
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
+        for task in [*self.resync_tasks, *self._retry_tasks]:
+            task.cancel()
 
     async def resync_forever(self, kind: ResourceKind, interval: float) -> None:
         """Reconcile every object of a kind now and then: a safety net for missed events, and for models
-        the slow re-resolution that notices a moved revision."""
+        the slow re-resolution that notices a moved revision. Nothing one object does can end it."""
         reconcile = self.reconcile_server if kind is LLAMA_SERVERS else self.reconcile_model
         namespaces: tuple[str | None, ...] = self.ctx.settings.namespaces or (None,)
         while True:
             await asyncio.sleep(interval)
             for namespace in namespaces:
                 try:
-                    for body in await self.ctx.kube.list(kind, namespace):
-                        meta = body["metadata"]
-                        await _best_effort(reconcile(meta["namespace"], meta["name"]), "resync")
-                except KubeError as exc:
+                    bodies = await self.ctx.kube.list(kind, namespace)
+                except Exception as exc:  # noqa: BLE001 - the next round lists again
                     log.warning("Resync of %s failed, will retry: %s", kind.plural, exc)
-
-
-class _measure:
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-
-    def __enter__(self) -> None:
-        self.started = time.monotonic()
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        RECONCILE_SECONDS.labels(self.kind).observe(time.monotonic() - self.started)
-        RECONCILES.labels(self.kind, "error" if exc_type else "ok").inc()
+                    continue
+                for body in bodies:
+                    meta = body.get("metadata") or {}
+                    await _best_effort(reconcile(meta.get("namespace", ""), meta.get("name", "")), "resync")
 
 
 def _runtime(memo: kopf.Memo) -> Runtime:
     return memo["runtime"]  # type: ignore[no-any-return]
 
 
-def backoff_seconds(retry: int) -> float:
-    """10 s, 20 s, 40 s ... capped at 10 minutes."""
-    return float(min(600, 10 * 2 ** min(retry, 6)))
-
-
-async def _guarded(coro: Any, retry: int = 0) -> None:
-    """Spec handlers: transient trouble is retried by kopf with a growing delay, never in a hot loop."""
+async def _best_effort(coro: Awaitable[Verdict], what: str) -> None:
+    """Run a reconcile from an event or the resync; its failures are already in status and scheduled for
+    retry by the Runtime, so here only a bug in the plumbing itself is left to log."""
     try:
         await coro
-    except RetryLater as exc:
-        raise kopf.TemporaryError(str(exc), delay=backoff_seconds(retry)) from exc
-    except Unavailable as exc:
-        raise kopf.TemporaryError(f"Kubernetes API unavailable: {exc}", delay=15) from exc
-    except KubeError as exc:
-        raise kopf.TemporaryError(f"Kubernetes API refused a request: {exc}", delay=60) from exc
-
-
-async def _best_effort(coro: Any, what: str) -> None:
-    """Event handlers: a failure is logged; the next event or the resync tries again."""
-    try:
-        await coro
-    except (KubeError, RetryLater) as exc:
-        log.warning("Reconcile after %s did not finish, will retry later: %s", what, exc)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - a trigger must never take the watch or the resync down with it
+        log.exception("Reconcile after %s failed", what)
 
 
 @kopf.on.startup()
@@ -173,8 +200,8 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
     runtime = memo.get("runtime")
-    for task in runtime.resync_tasks if runtime is not None else []:
-        task.cancel()
+    if runtime is not None:
+        runtime.close()
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -183,8 +210,8 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(GROUP, VERSION, "llamamodels")
 @kopf.on.create(GROUP, VERSION, "llamamodels")
 @kopf.on.update(GROUP, VERSION, "llamamodels", field="spec")
-async def model_changed(namespace: str, name: str, memo: kopf.Memo, retry: int, **_: Any) -> None:
-    await _guarded(_runtime(memo).reconcile_model(namespace, name), retry)
+async def model_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    await _best_effort(_runtime(memo).reconcile_model(namespace, name), f"a change of LlamaModel {namespace}/{name}")
 
 
 @kopf.index(GROUP, VERSION, "llamaservers")
@@ -215,7 +242,7 @@ async def cache_pvc_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, 
 @kopf.on.create(GROUP, VERSION, "llamaservers")
 @kopf.on.update(GROUP, VERSION, "llamaservers", field="spec")
 async def server_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    await _guarded(_runtime(memo).reconcile_server(namespace, name))
+    await _best_effort(_runtime(memo).reconcile_server(namespace, name), f"a change of LlamaServer {namespace}/{name}")
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED)

@@ -25,6 +25,10 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from .api.v1alpha1 import GROUP, VERSION
+from .errors import Conflict, Forbidden, Invalid, KubeError, NotFound, Unavailable
+
+__all__ = ["Conflict", "Forbidden", "Invalid", "KubeError", "NotFound", "Unavailable"]  # the error taxonomy lives
+# in errors.py; callers keep importing the API errors from here, where they are raised.
 
 log = logging.getLogger(__name__)
 
@@ -101,35 +105,8 @@ def _check_permission(kind: ResourceKind, verb: str, subresource: str | None = N
     raise AssertionError(f"kube.PERMISSIONS does not declare {verb} on {kind.api_group or 'core'}/{resource}")
 
 
-class KubeError(Exception):
-    """The API server refused or failed a request."""
-
-    def __init__(self, message: str, *, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class NotFound(KubeError):
-    """404: the object does not exist."""
-
-
-class Conflict(KubeError):
-    """409: a conflicting write (resourceVersion or SSA field ownership)."""
-
-
-class Invalid(KubeError):
-    """422: the object was rejected by validation; retrying the same write cannot help."""
-
-
-class Forbidden(KubeError):
-    """403: RBAC does not allow this; an installation problem, not a transient one."""
-
-
-class Unavailable(KubeError):
-    """The API server could not be reached or answered 5xx/429: worth retrying later."""
-
-
-def _translate(exc: ApiException, what: str) -> KubeError:
+def _translate(exc: ApiException, what: str, permission: str | None = None) -> KubeError:
+    """The ApiException as one of our errors; `permission` names the RBAC rule a 401/403 lacks."""
     status = int(exc.status or 0)
     message = what
     try:
@@ -145,8 +122,16 @@ def _translate(exc: ApiException, what: str) -> KubeError:
     if status in (400, 422):
         return Invalid(message, status=status)
     if status in (401, 403):
-        return Forbidden(message, status=status)
+        return Forbidden(message, status=status, permission=permission)
     return Unavailable(message, status=status)
+
+
+def _rule(verb: str, kind: ResourceKind, namespace: str | None, subresource: str | None = None) -> str:
+    """The RBAC rule a request needs, as a person reads it: `patch deployments.apps in namespace ml`."""
+    resource = kind.plural + (f".{kind.api_group}" if kind.api_group else "")
+    resource += f"/{subresource}" if subresource else ""
+    where = f"in namespace {namespace}" if namespace else "cluster-wide"
+    return f"{verb} {resource} {where}"
 
 
 def load_api_client() -> k8s_client.ApiClient:
@@ -221,11 +206,11 @@ class Kube:
             raise ApiException(status=response.status, reason=response.reason, body=data.decode("utf-8", "replace"))
         return json.loads(data) if data else None
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def _request(self, method: str, path: str, *, permission: str | None = None, **kwargs: Any) -> Any:
         try:
             return await asyncio.to_thread(self._request_sync, method, path, **kwargs)
         except ApiException as exc:
-            raise _translate(exc, f"{method} {path}") from None
+            raise _translate(exc, f"{method} {path}", permission) from None
 
     async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply of an owned object (create or converge); returns the stored object."""
@@ -239,6 +224,7 @@ class Kube:
             body=obj,
             query=[("fieldManager", self._field_manager), ("force", "true")],
             content_type="application/apply-patch+yaml",
+            permission=_rule("patch", kind, meta["namespace"]) + " (and create)",
         )
         version = (stored or {}).get("metadata", {}).get("resourceVersion")
         if version:
@@ -254,7 +240,7 @@ class Kube:
         """The object, or None when it does not exist."""
         _check_permission(kind, "get")
         try:
-            return await self._request("GET", kind.path(namespace, name))
+            return await self._request("GET", kind.path(namespace, name), permission=_rule("get", kind, namespace))
         except NotFound:
             return None
 
@@ -264,14 +250,16 @@ class Kube:
         """Objects in one namespace, or in all (None)."""
         _check_permission(kind, "list")
         query = [("labelSelector", label_selector)] if label_selector else []
-        result = await self._request("GET", kind.path(namespace), query=query)
+        result = await self._request("GET", kind.path(namespace), query=query,
+                                     permission=_rule("list", kind, namespace))
         return list(result.get("items") or [])
 
     async def delete(self, kind: ResourceKind, namespace: str, name: str) -> bool:
         """Delete (background propagation); False when it was already gone."""
         _check_permission(kind, "delete")
         try:
-            await self._request("DELETE", kind.path(namespace, name), body={"propagationPolicy": "Background"})
+            await self._request("DELETE", kind.path(namespace, name), body={"propagationPolicy": "Background"},
+                                permission=_rule("delete", kind, namespace))
         except NotFound:
             return False
         return True
@@ -298,6 +286,7 @@ class Kube:
                 kind.path(namespace, name, "status"),
                 body={"status": {**status, **cleared}},
                 content_type="application/merge-patch+json",
+                permission=_rule("patch", kind, namespace, "status"),
             )
         except NotFound:
             return None

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from .api.errors import describe
 from .api.v1alpha1 import API_VERSION, LlamaModel, LlamaServer
 from .builders import build_cache_pvc, build_deployment, build_service
+from .builders.deployment import model_problems
 from .config import Settings
 from .reconcile.model import offline_status
 from .reconcile.server import spec_problems
@@ -92,5 +93,8 @@ def render(paths: Iterable[str], settings: Settings, *, default_namespace: str =
         if server.spec.speculative is not None:
             ref = server.spec.speculative.draft_model_ref.name
             draft = _find_model(models, server, "spec.speculative.draftModelRef", ref, where)
+        unbuildable = model_problems(draft)
+        if unbuildable:
+            raise RenderError(f"{where}: {unbuildable[0]}")
         objects += [build_deployment(server, model, settings, draft), build_service(server)]
     return objects

@@ -7,9 +7,18 @@ from typing import Any
 
 from ..api.v1alpha1 import LlamaModel, LlamaServer
 from ..config import Settings
+from ..errors import InvalidSpec
 from ..flags.dryrun import dry_run_init_container
 from ..flags.render import SERVER_PORT, render_args
-from .cache import CACHE_MOUNT, CACHE_VOLUME, model_path, model_volumes, require_cache_key, server_model_mount
+from .cache import (
+    CACHE_MOUNT,
+    CACHE_VOLUME,
+    cache_volume,
+    model_path,
+    model_volumes,
+    require_cache_key,
+    server_model_mount,
+)
 from .objects import object_meta, selector_labels, server_labels
 from .quantity import parse_quantity
 
@@ -67,11 +76,30 @@ def derived_threads(server: LlamaServer) -> int | None:
     return None
 
 
+def model_problems(draft: LlamaModel | None) -> list[str]:
+    """What cannot be built from the referenced models; each problem names the LlamaServer field.
+
+    The reconcile and `render` ask this before building, so a bad combination is a status, not an exception.
+    """
+    if draft is not None and draft.spec.source.volume is not None:
+        return [
+            f"spec.speculative.draftModelRef: LlamaModel {draft.metadata.name} has a volume source; a draft model "
+            "must be downloadable (huggingFace or http source): it is fetched into the served model's cache"
+        ]
+    return []
+
+
 def draft_model_path(draft: LlamaModel) -> str:
     """The draft model is fetched into the served model's cache volume, under its own cache key."""
-    if draft.spec.source.volume is not None:
-        raise ValueError("a speculative draft model must be downloadable (huggingFace or http source)")
+    problems = model_problems(draft)
+    if problems:
+        raise InvalidSpec(problems[0])
     return model_path(draft)
+
+
+def _draft_cache(model: LlamaModel, draft: LlamaModel | None) -> bool:
+    """Whether the pod needs a cache volume for the draft alone: the served model comes from a volume."""
+    return draft is not None and model.spec.source.volume is not None
 
 
 def server_args(server: LlamaServer, model: LlamaModel, draft: LlamaModel | None = None) -> list[str]:
@@ -190,6 +218,8 @@ def server_container(
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [server_model_mount(model), {"name": TMP_VOLUME, "mountPath": "/tmp"}],
     }
+    if _draft_cache(model, draft):
+        container["volumeMounts"].insert(1, {"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT, "readOnly": True})
     return container
 
 
@@ -210,6 +240,11 @@ def _init_containers(
     return containers
 
 
+def _draft_volumes(model: LlamaModel, settings: Settings, draft: LlamaModel | None) -> list[dict[str, Any]]:
+    # With a downloaded served model the draft shares its cache; with a volume-source one it needs its own.
+    return [cache_volume(draft, settings)] if draft is not None and _draft_cache(model, draft) else []
+
+
 def pod_template(
     server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
 ) -> dict[str, Any]:
@@ -226,7 +261,8 @@ def pod_template(
         "securityContext": pod_security_context(),
         "initContainers": _init_containers(server, model, settings, main, draft),
         "containers": [main],
-        "volumes": [*model_volumes(model, settings), {"name": TMP_VOLUME, "emptyDir": {}}],
+        "volumes": [*model_volumes(model, settings), *_draft_volumes(model, settings, draft),
+                    {"name": TMP_VOLUME, "emptyDir": {}}],
         "terminationGracePeriodSeconds": 30,
     }
     optional = {

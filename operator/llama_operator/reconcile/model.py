@@ -15,7 +15,9 @@ from ..api.v1alpha1 import LlamaModel, LlamaModelStatus, ModelFile
 from ..builders import build_cache_pvc
 from ..builders.cache import cache_type
 from ..config import Settings
+from ..errors import RetryLater
 from ..kube import LLAMA_MODELS, NotFound
+from .boundary import reconciled
 from .conditions import condition, merge_conditions, now_rfc3339
 from .context import Context
 
@@ -40,10 +42,6 @@ def offline_status(model: LlamaModel, settings: Settings) -> LlamaModelStatus:
     )
     sha256 = model.spec.sha256
     return LlamaModelStatus(phase="Ready", files=[file], sha256=sha256, cache_key=sources.cache_key(model.spec, sha256))
-
-
-class RetryLater(Exception):  # noqa: N818  (a signal, not a failure)
-    """Transient trouble already reported in status: the caller should run the reconcile again later."""
 
 
 async def _secrets(model: LlamaModel, ctx: Context) -> tuple[str | None, dict[str, str]]:
@@ -137,7 +135,8 @@ async def _write(
     meta = body["metadata"]
     status = status.model_copy(update={
         "observed_generation": generation,
-        "conditions": merge_conditions(previous.conditions, status.conditions or [], now=now_rfc3339()),
+        "conditions": merge_conditions(previous.conditions, [*(status.conditions or []), reconciled(generation)],
+                                       now=now_rfc3339()),
     })
     if status == previous:
         return status

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -16,11 +16,12 @@ from pydantic import ValidationError
 from ..api.errors import describe
 from ..api.v1alpha1 import Condition, LlamaModel, LlamaServer, LlamaServerSpec, LlamaServerStatus
 from ..builders import build_deployment, build_service
-from ..builders.deployment import model_name, server_args
+from ..builders.deployment import model_name, model_problems, server_args
 from ..builders.objects import label_selector, selector_labels
 from ..builders.service import endpoint_url
 from ..flags.validate import validate_server_spec
 from ..kube import DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, Invalid
+from .boundary import reconciled
 from .conditions import condition, merge_conditions, now_rfc3339
 from .context import Context
 from .server_status import FleetStatus, fleet_status
@@ -59,13 +60,19 @@ async def _observe(ctx: Context, namespace: str, name: str, desired: int) -> Fle
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one reconcile found: the phase and message to report, its conditions, and the fleet observed."""
+    """What one reconcile found: the phase and message to report, its conditions, and the fleet observed.
+
+    `endpoint`, `model_name` and `args` are reported only once the Deployment was built from them; otherwise
+    the previous values stay in status.
+    """
 
     phase: str
     message: str
     conditions: list[Condition]
     fleet: FleetStatus
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    endpoint: str | None = None
+    model_name: str | None = None
+    args: list[str] | None = None
 
 
 def parse_server(body: Mapping[str, Any]) -> tuple[LlamaServer | None, list[str]]:
@@ -104,15 +111,22 @@ async def _reconcile(body: Mapping[str, Any], ctx: Context) -> Outcome:
         refs.append(server.spec.speculative.draft_model_ref.name)
     for ref in refs:
         model_body = await ctx.kube.get(LLAMA_MODELS, namespace, ref)
-        model_problem = _model_problem(model_body, namespace, ref)
-        if model_problem is not None:
-            reason, message = model_problem
+        parsed, model_problem = _parse_model(model_body, namespace, ref)
+        if parsed is None:
+            reason, message = model_problem or ("ModelNotReady", f"LlamaModel {namespace}/{ref} is not ready")
             return Outcome("Pending", message,
                            [condition("ModelResolved", False, reason, message, generation=generation), args_ok],
                            await _observe(ctx, namespace, name, server.spec.replicas))
-        assert model_body is not None
-        models.append(LlamaModel.model_validate(model_body))
+        models.append(parsed)
     model, draft = models[0], (models[1] if len(models) > 1 else None)
+    unbuildable = model_problems(draft)
+    if unbuildable:
+        # A combination of models the pod cannot be built from: a bad spec, not a crash of the reconcile.
+        message = "; ".join(unbuildable)
+        return Outcome("Failed", message,
+                       [condition("ModelResolved", False, "DraftNotDownloadable", message, generation=generation),
+                        args_ok],
+                       await _observe(ctx, namespace, name, server.spec.replicas))
     model_ok = condition("ModelResolved", True, "ModelReady", generation=generation)
 
     try:
@@ -125,22 +139,26 @@ async def _reconcile(body: Mapping[str, Any], ctx: Context) -> Outcome:
     await ctx.kube.apply(build_service(server))
     pods = await ctx.kube.list(PODS, namespace, label_selector=_selector(name))
     fleet = fleet_status(server.spec.replicas, deployment, pods)
-    return Outcome(fleet.phase, fleet.message, [model_ok, args_ok], fleet, extra={
-        "endpoint": endpoint_url(server),
-        "modelName": model_name(server),
-        "args": server_args(server, model, draft),
-    })
+    return Outcome(fleet.phase, fleet.message, [model_ok, args_ok], fleet, endpoint=endpoint_url(server),
+                   model_name=model_name(server), args=server_args(server, model, draft))
 
 
-def _model_problem(model_body: Mapping[str, Any] | None, namespace: str, name: str) -> tuple[str, str] | None:
+def _parse_model(
+    model_body: Mapping[str, Any] | None, namespace: str, name: str
+) -> tuple[LlamaModel | None, tuple[str, str] | None]:
+    """The referenced LlamaModel, typed, when it is ready to serve; else (None, (reason, message))."""
     if model_body is None:
-        return "ModelNotFound", f"LlamaModel {namespace}/{name} not found; waiting for it to be created"
-    status = model_body.get("status") or {}
-    phase = status.get("phase") or "Pending"
-    if phase != "Ready" or not status.get("cacheKey"):
-        detail = f": {status['message']}" if status.get("message") else ""
-        return "ModelNotReady", f"LlamaModel {namespace}/{name} is {phase}{detail}"
-    return None
+        return None, ("ModelNotFound", f"LlamaModel {namespace}/{name} not found; waiting for it to be created")
+    try:
+        model = LlamaModel.model_validate(model_body)
+    except ValidationError as exc:
+        # Stored before the CRD schema (or this operator version) rejected it: say what is wrong with it.
+        return None, ("ModelInvalid", f"LlamaModel {namespace}/{name} is invalid: {'; '.join(describe(exc))}")
+    phase = model.status.phase or "Pending"
+    if phase != "Ready" or not model.status.cache_key:
+        detail = f": {model.status.message}" if model.status.message else ""
+        return None, ("ModelNotReady", f"LlamaModel {namespace}/{name} is {phase}{detail}")
+    return model, None
 
 
 def _previous_status(body: Mapping[str, Any]) -> LlamaServerStatus:
@@ -170,7 +188,8 @@ async def _write(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> Lla
     status = LlamaServerStatus.model_validate(
         {
             **previous.to_wire(),
-            **outcome.extra,
+            **LlamaServerStatus(endpoint=outcome.endpoint, model_name=outcome.model_name,
+                                args=outcome.args).to_wire(),
             "phase": outcome.phase,
             "message": outcome.message,
             "observedGeneration": generation,
@@ -181,7 +200,7 @@ async def _write(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> Lla
             "conditions": [],
         }
     )
-    reported = outcome.conditions + _fleet_conditions(fleet, desired, generation)
+    reported = outcome.conditions + _fleet_conditions(fleet, desired, generation) + [reconciled(generation)]
     merged = merge_conditions(previous.conditions, reported, now=now_rfc3339())
     # Conditions not reported this time (e.g. ModelResolved while the spec is invalid) keep their last value.
     kept = [c for c in previous.conditions or [] if c.type not in {c.type for c in merged}]

@@ -1,0 +1,96 @@
+"""The contract between the builders, the fetcher (`llama-operator fetch`) and the status code.
+
+The builders write these names into every pod; the fetcher reads its inputs from them and reports through
+them; `reconcile/server_status.py` reads the pods back with them. Keeping them in one module means a rename
+cannot leave one side behind. Pure constants and two tiny formats: no I/O, no imports from the package.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+# ---------------------------------------------------------------------------------------------- containers
+
+FETCH_CONTAINER = "fetch-model"
+"""Init container that downloads the served model."""
+FETCH_DRAFT_CONTAINER = "fetch-draft-model"
+"""Init container that downloads the speculative draft model."""
+DRY_RUN_CONTAINER = "validate-args"
+"""Init container that parses the arguments with a user-supplied image (`llama-server <args> -h`)."""
+SERVER_CONTAINER = "llama-server"
+FETCH_CONTAINERS = (FETCH_CONTAINER, FETCH_DRAFT_CONTAINER)
+
+# ---------------------------------------------------------------------------------------------- volumes, paths
+
+CACHE_VOLUME = "model-cache"
+CACHE_MOUNT = "/models"
+"""Where the cache volume is mounted in the fetcher and in llama-server: `<mount>/<cacheKey>/<file>`."""
+SOURCE_VOLUME = "model-source"
+SOURCE_MOUNT = "/model-source"
+"""Where a `volume` source's PVC is mounted (read-only) in llama-server."""
+TMP_VOLUME = "tmp"
+TMP_MOUNT = "/tmp"
+TERMINATION_LOG = "/dev/termination-log"
+"""The kubelet copies this file into `state.terminated.message` of the container (at most 4096 bytes)."""
+TERMINATION_LIMIT = 4000
+
+# ---------------------------------------------------------------------------------------------- environment
+
+TOKEN_ENV = "HF_TOKEN"
+"""The Hugging Face token (from `tokenSecretRef`)."""
+HEADER_ENV_PREFIX = "LLAMA_FETCH_HEADER_"
+"""`envFrom` prefix: every key of `headersSecretRef` becomes `LLAMA_FETCH_HEADER_<Header_Name>`."""
+TRUSTED_ENV = "LLAMA_FETCH_TRUSTED_SHA256"
+"""sha256sum-format lines (`<hex>  <file>`) recorded on the first verified download (trust on first use);
+from the model's trust ConfigMap, optional: absent until the first download is recorded."""
+TRUST_CONFIGMAP_KEY = "sha256sum"
+TERMINATION_LOG_ENV = "LLAMA_FETCH_TERMINATION_LOG"
+API_KEY_ENV = "LLAMA_API_KEY"
+
+# ---------------------------------------------------------------------------------------------- exit codes
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 10
+EXIT_UNAUTHORIZED = 11
+EXIT_FORBIDDEN = 12
+EXIT_CHECKSUM = 13
+EXIT_NOT_GGUF = 14
+EXIT_DISK_FULL = 15
+EXIT_UNREACHABLE = 16
+EXIT_INTERRUPTED = 143
+
+# ---------------------------------------------------------------------------------------------- reports
+
+VERIFIED_PREFIX = "Verified:"
+"""First line of the fetcher's termination message on success; sha256sum-format lines follow."""
+_SUM_LINE = re.compile(r"^([a-f0-9]{64})  (\S.*)$")
+
+
+def format_sums(sums: Mapping[str, str]) -> str:
+    """`{file: sha256}` as sha256sum lines (`<hex>  <file>`), in file order."""
+    return "".join(f"{sha}  {name}\n" for name, sha in sums.items())
+
+
+def parse_sums(text: str) -> dict[str, str]:
+    """sha256sum lines back into `{file: sha256}`; other lines are ignored."""
+    sums = {}
+    for line in text.splitlines():
+        match = _SUM_LINE.match(line.strip())
+        if match:
+            sums[match.group(2)] = match.group(1)
+    return sums
+
+
+def verified_message(sums: Mapping[str, str]) -> str:
+    """What a successful fetch leaves in its termination message: the sha256 of every file it vouches for."""
+    return f"{VERIFIED_PREFIX} {len(sums)} file(s)\n{format_sums(sums)}"
+
+
+def parse_verified(message: str | None) -> dict[str, str] | None:
+    """The `{file: sha256}` of a successful fetch's termination message, None when it is not one."""
+    if not message or not message.startswith(VERIFIED_PREFIX):
+        return None
+    return parse_sums(message)
