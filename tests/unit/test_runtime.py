@@ -10,7 +10,8 @@ import pytest
 
 from llama_operator import handlers
 from llama_operator.config import Settings
-from llama_operator.kube import LLAMA_SERVERS
+from llama_operator.errors import InvalidSpec, RetryPolicy
+from llama_operator.kube import LLAMA_SERVERS, Forbidden, Invalid, Unavailable
 from llama_operator.reconcile.context import Context
 from tests.conftest import server_body
 from tests.fakekube import Events, FakeKube
@@ -68,4 +69,78 @@ async def test_resync_survives_a_failing_list(monkeypatch: pytest.MonkeyPatch) -
         await _until(lambda: ran == ["a"] or len(ran) > 1)
     finally:
         task.cancel()
+        runtime.close()
+
+
+FAST = RetryPolicy(base=0.02, cap=0.08, forbidden=0.05)
+
+
+async def test_transient_failures_are_retried_with_backoff_until_they_succeed(monkeypatch: pytest.MonkeyPatch) -> None:
+    kube = FakeKube()
+    kube.put(LLAMA_SERVERS, server_body("a"))
+    failures = [Unavailable("GET deployments: 503", status=503)] * 3
+    ran: list[float] = []
+
+    async def reconcile(body: Mapping[str, Any], ctx: Context) -> None:
+        ran.append(asyncio.get_running_loop().time())
+        if failures:
+            raise failures.pop()
+
+    monkeypatch.setattr(handlers, "reconcile_server", reconcile)
+    runtime = handlers.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()),  # type: ignore[arg-type]
+                               policy=FAST)
+    try:
+        verdict = await runtime.reconcile_server("default", "a")
+        assert not verdict.ok and verdict.reason == "Unavailable" and verdict.retry_in is not None
+        await _until(lambda: len(ran) == 4)  # three failures, then the success: no event needed
+        gaps = [b - a for a, b in zip(ran, ran[1:], strict=False)]
+        assert gaps[0] >= 0.01 and gaps[2] >= 0.04  # 0.01-0.02, 0.02-0.04, 0.04-0.08: it grows
+        await asyncio.sleep(0.2)
+        assert len(ran) == 4 and runtime._retries == {} and runtime._attempts == {}  # success ends the retries
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize(("error", "retried"), [
+    (lambda: InvalidSpec("spec.x: bad"), False),
+    (lambda: Invalid("PATCH deployments: invalid", status=422), False),
+    (lambda: Forbidden("PATCH deployments: forbidden", status=403, permission="patch deployments.apps"), True),
+    (lambda: RuntimeError("a bug"), True),
+])
+async def test_retry_by_error_class(monkeypatch: pytest.MonkeyPatch, error: Any, retried: bool) -> None:
+    kube = FakeKube()
+    kube.put(LLAMA_SERVERS, server_body("a"))
+    ran: list[str] = []
+
+    async def reconcile(body: Mapping[str, Any], ctx: Context) -> None:
+        ran.append("run")
+        raise error()
+
+    monkeypatch.setattr(handlers, "reconcile_server", reconcile)
+    runtime = handlers.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()),  # type: ignore[arg-type]
+                               policy=FAST)
+    try:
+        await runtime.reconcile_server("default", "a")
+        await asyncio.sleep(0.15)
+        assert (len(ran) > 1) == retried
+        status = kube.objects[("llamaservers", "default", "a")]["status"]
+        assert status["phase"] == ("Pending" if retried else "Failed")
+        assert ("not retried until the spec changes" in status["message"]) == (not retried)
+    finally:
+        runtime.close()
+
+
+async def test_an_unreadable_object_is_retried_without_a_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    kube = FakeKube()
+    kube.put(LLAMA_SERVERS, server_body("a"))
+    kube.fail("get", "a", lambda: Unavailable("GET: connection refused"))
+    runtime = _runtime(kube)
+    runtime.policy = FAST
+    try:
+        verdict = await runtime.reconcile_server("default", "a")
+        assert not verdict.ok and verdict.retry_in is not None
+        await _until(lambda: kube.count("get") >= 3)
+        kube.fail_on.clear()
+        await _until(lambda: "status" in kube.objects[("llamaservers", "default", "a")])
+    finally:
         runtime.close()
