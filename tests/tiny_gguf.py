@@ -22,7 +22,7 @@ N_LAYER = 2
 CONTEXT_LENGTH = 4096
 
 
-def _vocab() -> tuple[list[str], list[float], list[int]]:
+def _vocab(size: int | None = None) -> tuple[list[str], list[float], list[int]]:
     tokens = ["<unk>", "<s>", "</s>"]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
     # Byte-fallback tokens let the SentencePiece tokenizer encode any input.
@@ -30,17 +30,20 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     types += [gguf.TokenType.BYTE] * 256
     # Printable ASCII pieces ("▁" is SentencePiece's word-boundary marker).
     pieces = ["▁"] + [chr(c) for c in range(33, 127)] + ["▁" + chr(c) for c in range(97, 123)]
+    if size is not None:  # filler words up to the asked size (the memory benchmark's big-vocabulary variant)
+        pieces += [f"▁w{i}" for i in range(max(0, size - len(tokens) - len(pieces)))]
     tokens += pieces
     types += [gguf.TokenType.NORMAL] * len(pieces)
     scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
     return tokens, scores, [int(t) for t in types]
 
 
-def write_tiny_llama(path: str | Path, *, seed: int = 0) -> Path:
-    """Write the tiny llama GGUF to `path` (parent directories created) and return the path."""
+def write_tiny_llama(path: str | Path, *, seed: int = 0, vocab_size: int | None = None) -> Path:
+    """Write the tiny llama GGUF to `path` (parent directories created) and return the path; `vocab_size`
+    pads the vocabulary with filler words (default: the ~380 tokens above)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokens, scores, types = _vocab()
+    tokens, scores, types = _vocab(vocab_size)
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
 

@@ -58,6 +58,10 @@ class Settings:
     """Port of the HTTPS validating admission webhook; None disables it."""
     webhook_cert_dir: str = "/var/run/llama-operator/webhook-certs"
     """Directory holding tls.crt and tls.key for the webhook server."""
+    memory_request_from_estimate: bool = True
+    """A llama-server container without a memory request or limit gets the memory estimate as its request."""
+    memory_request_headroom_percent: float = 10.0
+    """Added to the estimate for that default request."""
 
     def image_for(self, vendor: str | None) -> str:
         return self.images[vendor or "cpu"]
@@ -87,6 +91,12 @@ class Settings:
             )
         resync = _seconds(env, "LLAMA_OPERATOR_RESYNC_SECONDS", 300)
         model_resync = _seconds(env, "LLAMA_OPERATOR_MODEL_RESYNC_SECONDS", 3600)
+        from_estimate = env.get("LLAMA_OPERATOR_MEMORY_REQUEST_FROM_ESTIMATE", "true").strip().lower()
+        if from_estimate not in ("true", "false"):
+            raise SettingsError(
+                f"LLAMA_OPERATOR_MEMORY_REQUEST_FROM_ESTIMATE={from_estimate!r}: must be true or false"
+            )
+        headroom = _percent(env, "LLAMA_OPERATOR_MEMORY_REQUEST_HEADROOM_PERCENT", 10.0)
         return cls(
             metrics_port=_optional_port(env, "LLAMA_OPERATOR_METRICS_PORT", default=8000),
             webhook_port=_optional_port(env, "LLAMA_OPERATOR_WEBHOOK_PORT", default=None),
@@ -101,6 +111,8 @@ class Settings:
             log_format=log_format,  # type: ignore[arg-type]
             resync_seconds=resync,
             model_resync_seconds=model_resync,
+            memory_request_from_estimate=from_estimate == "true",
+            memory_request_headroom_percent=headroom,
         )
 
 
@@ -126,4 +138,17 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
         value = -1
     if value <= 0:
         raise SettingsError(f"{name}={raw!r}: must be a positive number of seconds")
+    return value
+
+
+def _percent(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 1000:
+        raise SettingsError(f"{name}={raw!r}: must be a percentage from 0 to 1000")
     return value

@@ -143,8 +143,26 @@ GGML_TYPE_NAMES: Mapping[int, str] = {
     41: "Q1_0",
 }
 
-# Small integer arrays of these keys are materialised (per-layer head counts); every other array is skipped.
-_WANTED_ARRAY_SUFFIXES = (".attention.head_count", ".attention.head_count_kv")
+# ggml_type -> (elements per block, bytes per block): a tensor's size in the file is elements / block * bytes.
+GGML_BLOCK_SIZES: Mapping[int, tuple[int, int]] = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 36),
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
+    23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2),
+    34: (256, 54), 35: (256, 66), 39: (32, 17), 40: (64, 36), 41: (128, 18), 42: (64, 18),
+}  # fmt: skip
+
+# ggml types the CPU backend repacks for its AVX2 matrix kernels (ggml-cpu/repack.cpp): Q4_0, Q4_K, IQ4_NL, MXFP4.
+CPU_REPACKED_TYPES = frozenset({2, 12, 20, 39})
+
+# Small arrays of these keys are materialised (per-layer head counts, feed-forward widths, the sliding-window
+# layer pattern): the memory estimate needs them. Every other array is skipped.
+_WANTED_ARRAY_SUFFIXES = (
+    ".attention.head_count",
+    ".attention.head_count_kv",
+    ".attention.sliding_window_pattern",
+    ".feed_forward_length",
+)
 _MAX_MATERIALISED_ARRAY = 4096
 # Strings longer than this (chat templates, licences) are kept out of the scalar metadata summary.
 _MAX_SUMMARY_STRING = 1024
@@ -292,6 +310,50 @@ class TensorSummary:
     count: int = 0
     parameter_count: int = 0
     elements_by_type: dict[int, int] = field(default_factory=dict)
+    bytes_by_group: dict[str, int] = field(default_factory=dict)
+    """Data bytes by where llama.cpp places the tensor: `layers` (blk.N.*, offloadable per layer),
+    `embedding` (token_embd, always in host memory), `output` (the output head; absent when tied to token_embd)
+    and `other` (final norm, RoPE factors)."""
+
+    repackable_bytes: int = 0
+    """Bytes of matrices ggml's CPU backend copies into its interleaved layout at load on AVX2 CPUs (Q4_0,
+    Q4_K, IQ4_NL, MXFP4 with rows in multiples of 8): on CPU they are resident twice, mapped and repacked."""
+
+    def add(self, name: str, dims: tuple[int, ...], ggml_type: int) -> None:
+        elements = math.prod(dims)
+        self.parameter_count += elements
+        self.elements_by_type[ggml_type] = self.elements_by_type.get(ggml_type, 0) + elements
+        group = tensor_group(name)
+        size = tensor_bytes(dims, ggml_type)
+        self.bytes_by_group[group] = self.bytes_by_group.get(group, 0) + size
+        if group in ("layers", "output") and ggml_type in CPU_REPACKED_TYPES and len(dims) >= 2 and dims[1] % 8 == 0:
+            self.repackable_bytes += size
+
+    def merged(self, other: TensorSummary) -> TensorSummary:
+        """This file's tensors plus another shard's (a split model)."""
+        out = TensorSummary(self.count + other.count, self.parameter_count + other.parameter_count,
+                            repackable_bytes=self.repackable_bytes + other.repackable_bytes)
+        for mine, theirs, into in ((self.elements_by_type, other.elements_by_type, out.elements_by_type),
+                                   (self.bytes_by_group, other.bytes_by_group, out.bytes_by_group)):
+            for key in {*mine, *theirs}:
+                into[key] = mine.get(key, 0) + theirs.get(key, 0)  # type: ignore[index]
+        return out
+
+
+def tensor_bytes(dims: tuple[int, ...], ggml_type: int) -> int:
+    """Bytes of a tensor's data; an unknown type counts as 2 bytes per element (the common f16 case)."""
+    block, size = GGML_BLOCK_SIZES.get(ggml_type, (1, 2))
+    return math.prod(dims) // block * size
+
+
+def tensor_group(name: str) -> str:
+    if name.startswith("blk."):
+        return "layers"
+    if name.startswith("token_embd."):
+        return "embedding"
+    if name.startswith("output."):
+        return "output"
+    return "other"
 
 
 @dataclass
@@ -336,8 +398,14 @@ class GgufHeader:
         value = self.metadata.get("split.count")
         return value if isinstance(value, int) and value > 0 else 1
 
-    def info(self, parameter_count: int | None = None) -> GgufInfo:
-        """The GgufInfo for status; `parameter_count` overrides this file's own count (split models)."""
+    def info(self, parameter_count: int | None = None, *, tensors: TensorSummary | None = None) -> GgufInfo:
+        """The GgufInfo for status; `tensors` (every shard's, for a split model) or `parameter_count`
+        override this file's own."""
+        from .fit.shape import memory_shape  # architecture knowledge lives with the estimate
+
+        tensors = tensors or self.tensors
+        if parameter_count is None:
+            parameter_count = tensors.parameter_count
         name = self.metadata.get("general.name")
         size_label = self.metadata.get("general.size_label")
         return GgufInfo(
@@ -345,12 +413,13 @@ class GgufHeader:
             name=name if isinstance(name, str) else None,
             size_label=size_label if isinstance(size_label, str) else None,
             file_type=self.file_type,
-            parameter_count=self.tensors.parameter_count if parameter_count is None else parameter_count,
+            parameter_count=parameter_count,
             context_length=self._arch_int("context_length"),
             block_count=self._arch_int("block_count"),
             embedding_length=self._arch_int("embedding_length"),
             head_count=self._arch_int("attention.head_count"),
             head_count_kv=self._arch_int("attention.head_count_kv"),
+            memory=memory_shape(self.metadata, tensors),
         )
 
 
@@ -459,16 +528,14 @@ async def read_header(
 
     tensors = TensorSummary(count=tensor_count)
     for _ in range(tensor_count):
-        await cur.string()  # tensor name
+        name = (await cur.string()).decode("utf-8", "replace")
         n_dims = await cur.unpack("<I", 4)
         if n_dims > _MAX_DIMS:
             raise GgufFormatError(f"tensor with {n_dims} dimensions: corrupt header")
         dims = struct.unpack(f"<{n_dims}Q", await cur.take(8 * n_dims))
         ggml_type = await cur.unpack("<I", 4)
         cur.skip(8)  # data offset
-        elements = math.prod(dims)
-        tensors.parameter_count += elements
-        tensors.elements_by_type[ggml_type] = tensors.elements_by_type.get(ggml_type, 0) + elements
+        tensors.add(name, dims, ggml_type)
     return GgufHeader(version, tensor_count, metadata, tensors, header_size=cur.offset)
 
 
@@ -561,13 +628,58 @@ def _cmd_inspect(args: Any) -> int:
         return 1
     if not args.metadata:
         result.pop("metadata")
+    if args.fit:
+        return _print_fit(args, result)
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
 
 
+def _print_fit(args: Any, result: dict[str, Any]) -> int:
+    import sys
+
+    from .fit import FitSettings, estimate, table
+
+    info = GgufInfo.model_validate(result["gguf"])
+    if info.memory is None:
+        print("llama-operator inspect: the header lacks the architecture or block count: no estimate",
+              file=sys.stderr)
+        return 1
+    gpu_layers: int | str | None = args.gpu_layers
+    if isinstance(gpu_layers, str) and gpu_layers.isdigit():
+        gpu_layers = int(gpu_layers)
+    settings = FitSettings(
+        context_size=args.ctx_size,
+        parallel=args.parallel,
+        kv_unified=args.kv_unified,
+        cache_type_k=args.cache_type_k,
+        cache_type_v=args.cache_type_v,
+        flash_attention=args.flash_attn,
+        batch_size=args.batch_size,
+        ubatch_size=args.ubatch_size,
+        gpu_count=args.gpus,
+        gpu_layers=gpu_layers,  # type: ignore[arg-type]
+        tensor_split=[float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None,
+        embedding=args.embedding,
+        cache_ram_mib=args.cache_ram,
+    )
+    try:
+        fit = estimate(info.memory, settings, trained_context=info.context_length)
+    except ValueError as exc:
+        print(f"llama-operator inspect: {exc}", file=sys.stderr)
+        return 1
+    shape = info.memory
+    print(f"{result['source']}: {info.architecture} {info.size_label or ''} {info.file_type or ''}, "
+          f"{shape.layers} layers ({shape.attention_layers} full attention, {shape.sliding_window_layers} "
+          f"sliding window, {shape.recurrent_layers} recurrent), trained context {info.context_length}")
+    print(table(fit))
+    return 0
+
+
 def register(sub: Any) -> None:
     """Add the `inspect` subcommand to the llama-operator command line."""
+    import argparse
+
     parser = sub.add_parser(
         "inspect",
         help="print a GGUF file's header (architecture, quantization, parameters) as JSON",
@@ -577,4 +689,23 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("target", help="path or http(s) URL of a .gguf file")
     parser.add_argument("--metadata", action="store_true", help="also print every scalar metadata key")
+    fit = parser.add_argument_group(
+        "memory fit", "--fit prints the memory llama-server needs per device instead of JSON; the other options "
+        "are the llama-server settings it assumes (llama-server's defaults when omitted)")
+    fit.add_argument("--fit", action="store_true", help="print the memory estimate (docs/memory-fit.md)")
+    fit.add_argument("-c", "--ctx-size", type=int, help="total context across slots (default: trained context)")
+    fit.add_argument("-np", "--parallel", type=int, help="slots (default: auto = 4 with a unified KV cache)")
+    fit.add_argument("--kv-unified", action=argparse.BooleanOptionalAction, default=None,
+                     help="one KV stream shared by the slots (default: only when --parallel is not given)")
+    kv_types = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+    fit.add_argument("-ctk", "--cache-type-k", default="f16", choices=kv_types, help="K cache type (f16)")
+    fit.add_argument("-ctv", "--cache-type-v", default="f16", choices=kv_types, help="V cache type (f16)")
+    fit.add_argument("-fa", "--flash-attn", default="auto", choices=["auto", "on", "off"], help="(auto)")
+    fit.add_argument("-b", "--batch-size", type=int, help="logical batch (2048)")
+    fit.add_argument("-ub", "--ubatch-size", type=int, help="physical batch (512)")
+    fit.add_argument("--gpus", type=int, default=0, help="GPUs per replica (0: CPU only)")
+    fit.add_argument("-ngl", "--gpu-layers", default=None, help="layers on the GPUs: a number, auto or all (all)")
+    fit.add_argument("-ts", "--tensor-split", help="share per GPU, e.g. 3,1")
+    fit.add_argument("--embedding", action="store_true", help="embedding/rerank mode (one output per token)")
+    fit.add_argument("--cache-ram", type=int, default=8192, help="prompt cache limit in MiB (8192)")
     parser.set_defaults(func=_cmd_inspect)

@@ -61,6 +61,8 @@ PODS = ResourceKind("", "v1", "pods")
 SECRETS = ResourceKind("", "v1", "secrets")
 LLAMA_MODELS = ResourceKind(GROUP, VERSION, "llamamodels")
 LLAMA_SERVERS = ResourceKind(GROUP, VERSION, "llamaservers")
+NODES = ResourceKind("", "v1", "nodes")
+"""Cluster-scoped: read (cluster mode only) for the GPU memory labels the Fits condition compares with."""
 
 KINDS_BY_API: Mapping[tuple[str, str], ResourceKind] = {
     ("apps/v1", "Deployment"): DEPLOYMENTS,
@@ -76,6 +78,8 @@ class Permission:
     api_group: str
     resource: str
     verbs: frozenset[str]
+    cluster_scoped: bool = False
+    """A cluster-scoped resource: granted by the chart only in cluster mode (a Role cannot grant it)."""
 
 
 # What this module does, per resource. Reads of owned kinds also come from kopf's watches (see rbac.py).
@@ -94,6 +98,8 @@ PERMISSIONS: tuple[Permission, ...] = (
     # then requires update on the owner's finalizers subresource.
     Permission(GROUP, "llamamodels/finalizers", frozenset({"update"})),
     Permission(GROUP, "llamaservers/finalizers", frozenset({"update"})),
+    # GPU memory per node (nvidia.com/gpu.memory) for the Fits condition; namespaced mode does without.
+    Permission("", "nodes", frozenset({"list"}), cluster_scoped=True),
 )
 
 
@@ -309,6 +315,8 @@ class Kube:
         return {k: base64.b64decode(v).decode("utf-8") for k, v in (secret.get("data") or {}).items()}
 
 
-def required_permissions() -> tuple[Permission, ...]:
-    """What this module may call, for RBAC (kopf's own watches are derived from its registry by the chart test)."""
-    return PERMISSIONS
+def required_permissions(*, namespaced: bool = False) -> tuple[Permission, ...]:
+    """What this module may call, for RBAC (kopf's own watches are derived from its registry by the chart test).
+
+    `namespaced`: what a Role in each watched namespace must grant (no cluster-scoped resources)."""
+    return tuple(p for p in PERMISSIONS if not (namespaced and p.cluster_scoped))

@@ -412,7 +412,9 @@ async def _resolve_remote(
         *(_bounded(semaphore, _read_gguf(client, r, request_headers, token_given=token_given)) for r in remotes)
     )
     first_header = headers_read[0]
-    parameter_count = sum(h.tensors.parameter_count for h in headers_read)
+    tensors = first_header.tensors
+    for other in headers_read[1:]:
+        tensors = tensors.merged(other.tensors)
     files = [
         ModelFile(name=r.name.rsplit("/", 1)[-1], url=r.url, size=r.size, sha256=sha256 if i == 0 else r.sha256)
         for i, r in enumerate(remotes)
@@ -423,6 +425,6 @@ async def _resolve_remote(
         files=files,
         size=total,
         sha256=sha256,
-        gguf=first_header.info(parameter_count=parameter_count),
+        gguf=first_header.info(tensors=tensors),
         cache_key=cache_key(spec, sha256),
     )

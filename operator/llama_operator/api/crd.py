@@ -170,6 +170,8 @@ def llamaserver_crd() -> dict[str, Any]:
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
             {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
             {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
+            {"name": "Memory", "type": "string", "jsonPath": ".status.memory.host", "priority": 1,
+             "description": "Estimated host memory per replica (docs/memory-fit.md)."},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
     )

@@ -194,6 +194,35 @@ class ModelFile(ApiModel):
     sha256: str | None = Field(None, description="Content sha256, when known.")
 
 
+class ModelMemoryShape(ApiModel):
+    """The sizes a memory estimate needs, derived from the GGUF header (see docs/memory-fit.md)."""
+
+    weight_bytes: int = Field(0, description="Bytes of all tensor data.")
+    layer_weight_bytes: int = Field(0, description="Bytes of the repeating blk.N tensors (offloaded per layer).")
+    embedding_weight_bytes: int = Field(0, description="Bytes of token_embd (always kept in host memory).")
+    output_weight_bytes: int = Field(0, description="Bytes of the output head (0 when tied to token_embd).")
+    cpu_repacked_bytes: int = Field(
+        0, description="Bytes of weights the CPU backend also keeps in its repacked layout (Q4_0, Q4_K, IQ4_NL, "
+        "MXFP4 on AVX2): counted twice for layers that run on the CPU."
+    )
+    layers: int = Field(0, description="Transformer blocks.")
+    vocab_size: int = Field(0, description="Tokens in the vocabulary.")
+    embedding_length: int = Field(0, description="Embedding width.")
+    feed_forward_length: int = Field(0, description="Widest feed-forward layer.")
+    head_count: int = Field(0, description="Most attention (query) heads in a layer.")
+    attention_layers: int = Field(0, description="Layers with a full-context KV cache.")
+    sliding_window_layers: int = Field(0, description="Layers with a sliding-window KV cache.")
+    sliding_window: int = Field(0, description="Tokens a sliding-window layer attends to.")
+    recurrent_layers: int = Field(0, description="Layers with a fixed-size recurrent state (Mamba, RWKV, ...).")
+    key_width: int = Field(0, description="K elements per token, summed over the full-context layers.")
+    value_width: int = Field(0, description="V elements per token, summed over the full-context layers.")
+    sliding_key_width: int = Field(0, description="K elements per token, summed over the sliding-window layers.")
+    sliding_value_width: int = Field(0, description="V elements per token, summed over the sliding-window layers.")
+    recurrent_state_width: int = Field(
+        0, description="f32 elements of recurrent state per sequence, summed over the recurrent layers."
+    )
+
+
 class GgufInfo(ApiModel):
     """Metadata read from the GGUF header."""
 
@@ -207,6 +236,9 @@ class GgufInfo(ApiModel):
     embedding_length: int | None = Field(None, description="Embedding width.")
     head_count: int | None = Field(None, description="Attention heads.")
     head_count_kv: int | None = Field(None, description="Key/value heads.")
+    memory: ModelMemoryShape | None = Field(
+        None, description="Sizes the memory estimate of a LlamaServer uses (weights, KV cache widths, layers)."
+    )
 
 
 ModelPhase = Literal["Pending", "Resolving", "Ready", "Failed"]
@@ -373,6 +405,24 @@ class LlamaServerSpec(ApiModel):
 ServerPhase = Literal["Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed"]
 
 
+class MemoryEstimate(ApiModel):
+    """Memory one replica needs, estimated from the model's GGUF header and the server's settings."""
+
+    host: str = Field(description="Host memory of the llama-server container (what resources.limits.memory "
+                      "must hold), e.g. 1536Mi.")
+    gpu: str | None = Field(None, description="VRAM per GPU (the largest share), when gpu is set.")
+    weights: str = Field(description="Model weights, over all devices.")
+    kv_cache: str = Field(description="KV cache and recurrent state, over all devices.")
+    compute: str = Field(description="Compute buffers, over all devices.")
+    overhead: str = Field(description="Process, tokenizer and GPU driver overhead.")
+    context_size: int = Field(description="KV cells allocated for all slots together (llama.cpp rounds up).")
+    context_per_slot: int = Field(description="Tokens one request can use.")
+    slots: int = Field(description="Parallel request slots.")
+    prompt_cache_max: str | None = Field(
+        None, description="Host memory the prompt cache (--cache-ram) may add over time; 'unbounded' for -1."
+    )
+
+
 class LlamaServerStatus(ApiModel):
     """What the fleet is doing."""
 
@@ -386,8 +436,11 @@ class LlamaServerStatus(ApiModel):
     endpoint: str | None = Field(None, description="OpenAI-compatible base URL inside the cluster.")
     model_name: str | None = Field(None, description="Model name served by /v1/models.")
     args: list[str] | None = Field(None, description="The llama-server arguments in use.")
+    memory: MemoryEstimate | None = Field(
+        None, description="Estimated memory per replica (docs/memory-fit.md); see the Fits condition."
+    )
     conditions: list[Condition] | None = Field(
-        None, description="ModelResolved, ArgsValid, Available, Progressing."
+        None, description="ModelResolved, ArgsValid, Fits, Available, Progressing."
     )
 
 

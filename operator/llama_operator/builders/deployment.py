@@ -8,6 +8,7 @@ from typing import Any
 from ..api.v1alpha1 import LlamaModel, LlamaServer
 from ..config import Settings
 from ..errors import InvalidSpec
+from ..fit import estimate_server, request_quantity
 from ..flags.dryrun import dry_run_init_container
 from ..flags.render import SERVER_PORT, render_args
 from .cache import (
@@ -112,9 +113,32 @@ def server_args(server: LlamaServer, model: LlamaModel, draft: LlamaModel | None
     )
 
 
-def _resources(server: LlamaServer) -> dict[str, Any]:
+def default_memory_request(
+    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
+) -> str | None:
+    """The memory request of a llama-server container whose spec sets neither a memory request nor a limit:
+    the memory estimate plus headroom (docs/memory-fit.md), so the scheduler places it on a node that can
+    hold the model. None when disabled or when the model's status has no memory shape."""
+    resources = server.spec.resources
+    for bucket in (resources.requests, resources.limits) if resources is not None else ():
+        if bucket and "memory" in bucket:
+            return None
+    if not settings.memory_request_from_estimate:
+        return None
+    fit = estimate_server(server.spec, model.status.gguf, draft.status.gguf if draft is not None else None)
+    if fit is None:
+        return None
+    return request_quantity(fit.host.total, headroom_percent=settings.memory_request_headroom_percent)
+
+
+def _resources(
+    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
+) -> dict[str, Any]:
     spec = server.spec
     resources: dict[str, Any] = spec.resources.to_wire() if spec.resources else {}
+    memory = default_memory_request(server, model, settings, draft)
+    if memory is not None:
+        resources["requests"] = {**resources.get("requests", {}), "memory": memory}
     if spec.gpu is not None:
         gpu_key = GPU_RESOURCES[spec.gpu.vendor]
         # Extended resources must be set as limits (requests default to them).
@@ -213,7 +237,7 @@ def server_container(
         "startupProbe": _http_probe(period=STARTUP_PROBE_PERIOD_SECONDS, failures=startup_failures, timeout=2),
         "readinessProbe": _http_probe(period=5, failures=3, timeout=3),
         "livenessProbe": _http_probe(period=20, failures=3, timeout=10),
-        "resources": _resources(server),
+        "resources": _resources(server, model, settings, draft),
         "securityContext": container_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [server_model_mount(model), {"name": TMP_VOLUME, "mountPath": "/tmp"}],

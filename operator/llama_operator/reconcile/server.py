@@ -14,16 +14,18 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..api.errors import describe
-from ..api.v1alpha1 import Condition, LlamaModel, LlamaServer, LlamaServerSpec, LlamaServerStatus
+from ..api.v1alpha1 import Condition, LlamaModel, LlamaServer, LlamaServerSpec, LlamaServerStatus, MemoryEstimate
 from ..builders import build_deployment, build_service
 from ..builders.deployment import model_name, model_problems, server_args
 from ..builders.objects import label_selector, selector_labels
 from ..builders.service import endpoint_url
+from ..fit import estimate_server
 from ..flags.validate import validate_server_spec
 from ..kube import DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, Invalid
 from .boundary import reconciled
 from .conditions import condition, merge_conditions, now_rfc3339
 from .context import Context
+from .fits import fits_condition, fits_event, gpu_nodes, memory_status
 from .server_status import FleetStatus, fleet_status
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ class Outcome:
     endpoint: str | None = None
     model_name: str | None = None
     args: list[str] | None = None
+    memory: MemoryEstimate | None = None
 
 
 def parse_server(body: Mapping[str, Any]) -> tuple[LlamaServer | None, list[str]]:
@@ -128,19 +131,22 @@ async def _reconcile(body: Mapping[str, Any], ctx: Context) -> Outcome:
                         args_ok],
                        await _observe(ctx, namespace, name, server.spec.replicas))
     model_ok = condition("ModelResolved", True, "ModelReady", generation=generation)
+    fit = estimate_server(server.spec, model.status.gguf, draft.status.gguf if draft is not None else None)
+    fits = fits_condition(server, fit, model.status.gguf, **await gpu_nodes(ctx, server), generation=generation)
+    memory = memory_status(fit) if fit is not None else None
 
     try:
         deployment = await ctx.kube.apply(build_deployment(server, model, ctx.settings, draft))
     except Invalid as exc:
         # The API server refused what we built from this spec (e.g. a malformed node label): retrying the
         # same write cannot help, the spec must change.
-        return Outcome("Failed", f"the API server rejected the Deployment: {exc}", [model_ok, args_ok],
-                       await _observe(ctx, namespace, name, server.spec.replicas))
+        return Outcome("Failed", f"the API server rejected the Deployment: {exc}", [model_ok, args_ok, fits],
+                       await _observe(ctx, namespace, name, server.spec.replicas), memory=memory)
     await ctx.kube.apply(build_service(server))
     pods = await ctx.kube.list(PODS, namespace, label_selector=_selector(name))
     fleet = fleet_status(server.spec.replicas, deployment, pods)
-    return Outcome(fleet.phase, fleet.message, [model_ok, args_ok], fleet, endpoint=endpoint_url(server),
-                   model_name=model_name(server), args=server_args(server, model, draft))
+    return Outcome(fleet.phase, fleet.message, [model_ok, args_ok, fits], fleet, endpoint=endpoint_url(server),
+                   model_name=model_name(server), args=server_args(server, model, draft), memory=memory)
 
 
 def _parse_model(
@@ -189,7 +195,7 @@ async def _write(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> Lla
         {
             **previous.to_wire(),
             **LlamaServerStatus(endpoint=outcome.endpoint, model_name=outcome.model_name,
-                                args=outcome.args).to_wire(),
+                                args=outcome.args, memory=outcome.memory).to_wire(),
             "phase": outcome.phase,
             "message": outcome.message,
             "observedGeneration": generation,
@@ -211,6 +217,7 @@ async def _write(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> Lla
     if phase != previous.phase or (phase in ("Failed", "Pending") and message != previous.message):
         event_type = "Warning" if phase in ("Failed", "Degraded") else "Normal"
         ctx.record_event(body, type=event_type, reason=phase, message=message or f"LlamaServer is {phase}")
+    fits_event(ctx, body, previous.conditions, status.conditions)
     await ctx.kube.patch_status(LLAMA_SERVERS, meta["namespace"], meta["name"], status.to_wire(),
                                 previous=previous.to_wire())
     log.info("LlamaServer %s/%s is %s%s", meta["namespace"], meta["name"], phase, f": {message}" if message else "")

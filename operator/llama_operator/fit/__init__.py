@@ -1,0 +1,129 @@
+"""Memory fit: how much host memory and VRAM a llama-server needs, from the GGUF header and the settings.
+
+`shape.py` turns GGUF metadata into a `ModelMemoryShape` (stored in LlamaModel status), `estimate.py` does
+the arithmetic, this module connects them to a LlamaServer spec and formats the result. All pure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from ..api.v1alpha1 import GgufInfo, LlamaServerSpec
+from .estimate import DeviceEstimate, Estimate, FitSettings, MiB, estimate
+
+__all__ = [
+    "DeviceEstimate",
+    "Estimate",
+    "FitSettings",
+    "estimate",
+    "estimate_server",
+    "format_bytes",
+    "request_quantity",
+    "settings_from_spec",
+    "table",
+]
+
+
+def _flag_value(args: Sequence[str], names: tuple[str, ...]) -> str | None:
+    """The value of the last occurrence of a flag in llama-server arguments (the last one wins)."""
+    value = None
+    for index, arg in enumerate(args[:-1]):
+        if arg in names:
+            value = args[index + 1]
+    return value
+
+
+def _last_switch(args: Sequence[str], on: tuple[str, ...], off: tuple[str, ...]) -> bool | None:
+    state = None
+    for arg in args:
+        if arg in on:
+            state = True
+        elif arg in off:
+            state = False
+    return state
+
+
+def settings_from_spec(spec: LlamaServerSpec) -> FitSettings:
+    """The memory-relevant settings of a LlamaServer, including the few `args` flags that change memory."""
+    args = list(spec.args or [])
+    cache_ram = _flag_value(args, ("-cram", "--cache-ram"))
+    ubatch = spec.ubatch_size
+    if ubatch is None and spec.mode != "chat":
+        ubatch = spec.batch_size  # what flags/render.py passes for embedding and rerank
+    return FitSettings(
+        context_size=spec.context_size,
+        parallel=spec.parallel,
+        kv_unified=_last_switch(args, ("-kvu", "--kv-unified"), ("-no-kvu", "--no-kv-unified")),
+        cache_type_k=spec.cache_type_k or "f16",
+        cache_type_v=spec.cache_type_v or "f16",
+        flash_attention=spec.flash_attention or "auto",
+        batch_size=spec.batch_size,
+        ubatch_size=ubatch,
+        gpu_count=spec.gpu.count if spec.gpu is not None else 0,
+        gpu_layers=spec.gpu_layers,  # type: ignore[arg-type]
+        tensor_split=spec.tensor_split,
+        split_mode=spec.split_mode,
+        swa_full="--swa-full" in args,
+        embedding=spec.mode != "chat",
+        cache_ram_mib=int(cache_ram) if cache_ram and cache_ram.lstrip("-").isdigit() else 8192,
+    )
+
+
+def estimate_server(spec: LlamaServerSpec, gguf: GgufInfo | None, draft: GgufInfo | None = None) -> Estimate | None:
+    """The estimate for a LlamaServer serving a model with this header info; None when the model's status
+    has no memory shape (a volume source, or a status written before the shape existed)."""
+    if gguf is None or gguf.memory is None:
+        return None
+    settings = settings_from_spec(spec)
+    result = estimate(gguf.memory, settings, trained_context=gguf.context_length)
+    if draft is not None and draft.memory is not None and spec.speculative is not None:
+        # The draft model gets its own weights and KV cache of the same context on the same devices.
+        layers = spec.speculative.draft_gpu_layers
+        draft_settings = FitSettings(**{**settings.__dict__, "gpu_layers": layers if layers is not None else
+                                        settings.gpu_layers})
+        extra = estimate(draft.memory, draft_settings, trained_context=draft.context_length)
+        for mine, theirs in zip(result.devices, extra.devices, strict=True):
+            mine.weights += theirs.weights
+            mine.kv_cache += theirs.kv_cache
+            mine.recurrent_state += theirs.recurrent_state
+            mine.compute += theirs.compute
+        result.notes.append("includes the speculative draft model's weights, KV cache and compute buffers")
+    return result
+
+
+def format_bytes(size: int) -> str:
+    """Bytes for people: 512.0 MiB, 1.25 GiB."""
+    if size >= 1024 * MiB:
+        return f"{size / (1024 * MiB):.2f} GiB"
+    return f"{size / MiB:.1f} MiB"
+
+
+def request_quantity(size: int, *, headroom_percent: float = 0) -> str:
+    """Bytes plus headroom, rounded up to whole MiB, as a Kubernetes quantity (`1536Mi`)."""
+    return f"{max(1, math.ceil(size * (1 + headroom_percent / 100) / MiB))}Mi"
+
+
+def table(result: Estimate) -> str:
+    """A readable table: one column per device, one row per component."""
+    rows = [("weights", "weights"), ("KV cache", "kv_cache"), ("recurrent state", "recurrent_state"),
+            ("compute buffers", "compute"), ("overhead", "overhead")]
+    names = [d.name for d in result.devices]
+    width = max(12, *(len(n) for n in names))
+    lines = [f"{'':<16}" + "".join(f"{n:>{width}}" for n in names)]
+    for label, attr in rows:
+        values = [getattr(d, attr) for d in result.devices]
+        if not any(values):
+            continue
+        lines.append(f"{label:<16}" + "".join(f"{format_bytes(v):>{width}}" for v in values))
+    lines.append(f"{'total':<16}" + "".join(f"{format_bytes(d.total):>{width}}" for d in result.devices))
+    layout = "unified" if result.kv_unified else f"{result.slots} streams"
+    lines.append("")
+    lines.append(f"context: {result.context_size} cells ({result.slots} slots, {result.context_per_slot} per slot, "
+                 f"{layout}), flash attention {'on' if result.flash_attention else 'off'}"
+                 + (f", {result.gpu_layers} layers on GPU" if result.gpus else ""))
+    if result.prompt_cache_max:
+        cache = "unbounded" if result.prompt_cache_max < 0 else format_bytes(result.prompt_cache_max)
+        lines.append(f"prompt cache: may grow by up to {cache} of host memory over time (--cache-ram)")
+    lines += [f"note: {note}" for note in result.notes]
+    return "\n".join(lines)
