@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "operator"))
 
+from llama_operator.api.v1alpha1 import SERVER_RULES, SPECULATIVE_RULES  # noqa: E402
 from tests.unit.flag_cases import BAD_CASES  # noqa: E402
+
+CEL_RULES = {rule.id for rule in SERVER_RULES + SPECULATIVE_RULES}
 
 DOC = ROOT / "docs/flags.md"
 BEGIN, END = "<!-- BEGIN bad-input table (scripts/gen-flags-doc.py) -->", "<!-- END bad-input table -->"
@@ -25,10 +28,12 @@ def _cell(text: str) -> str:
 
 
 def table() -> str:
-    rows = ["| Case | Spec (besides modelRef) | Rule | Message the user sees |", "|---|---|---|---|"]
+    rows = ["| Case | Spec (besides modelRef) | Rule | Refused by | Message the user sees |", "|---|---|---|---|---|"]
     for title, fields, messages, rules in BAD_CASES:
         spec = _cell(json.dumps(fields, separators=(", ", ": ")))
-        rows.append(f"| {title} | `{spec}` | {', '.join(dict.fromkeys(rules))} | "
+        # Measured by tests/integration/test_bad_input_apply.py against a real API server.
+        layer = "API server (CEL)" if set(rules) <= CEL_RULES else "webhook"
+        rows.append(f"| {title} | `{spec}` | {', '.join(dict.fromkeys(rules))} | {layer} | "
                     + "<br>".join(f"`{_cell(m)}`" for m in messages) + " |")
     return "\n".join(rows)
 

@@ -103,12 +103,16 @@ BAD_CASES: list[tuple[str, dict[str, Any], list[str], list[str]]] = [
     ("batch smaller than slots", {"batchSize": 2, "parallel": 4},
      ["spec.batchSize: batchSize (2) must be >= parallel (4): every slot needs room in a batch"],
      ["batch-below-parallel"]),
+    ("physical batch above logical", {"batchSize": 256, "ubatchSize": 512},
+     ["spec.ubatchSize: ubatchSize (512) must be <= batchSize (256)"], ["ubatch-above-batch"]),
     ("embedding needs ubatch = batch", {"mode": "embedding", "batchSize": 1024, "ubatchSize": 512},
      ["spec.ubatchSize: mode embedding encodes each input in one physical batch: ubatchSize must equal "
       "batchSize (or leave ubatchSize unset and it follows batchSize)"], ["pooling-mode-ubatch"]),
     ("rerank needs rank pooling", {"mode": "rerank", "args": ["--pooling", "mean"]},
-     ["spec.args[0]: mode rerank needs --pooling rank (it is set for you; remove --pooling)"],
+     ["spec.args: mode rerank needs --pooling rank (it is set for you; remove --pooling)"],
      ["rerank-pooling"]),
+    ("pooling in chat mode", {"args": ["--pooling", "mean"]},
+     ["spec.args: --pooling only applies to mode embedding or rerank"], ["chat-pooling"]),
     ("speculative in embedding mode", {"mode": "embedding", "speculative": {"draftModelRef": {"name": "d"}}},
      ["spec.speculative: speculative decoding generates text; mode embedding does not"], ["mode-speculative"]),
     ("draft min above max", {"speculative": {"draftModelRef": {"name": "d"}, "draftMin": 8, "draftMax": 4}},
@@ -116,6 +120,8 @@ BAD_CASES: list[tuple[str, dict[str, Any], list[str], list[str]]] = [
     ("tensor split without GPUs", {"tensorSplit": [3, 1]},
      ["spec.tensorSplit: tensorSplit has 2 shares but gpu.count is 0: give one share per GPU"],
      ["tensor-split-gpus"]),
+    ("tensor split of zeros", {"gpu": {"vendor": "nvidia", "count": 2}, "tensorSplit": [0, 0]},
+     ["spec.tensorSplit: tensorSplit shares must be >= 0 with a positive sum"], ["tensor-split-gpus"]),
 ]
 
 GOOD_CASES: list[dict[str, Any]] = [

@@ -1,4 +1,8 @@
-"""The CRDs: generated from the pydantic models, checked in, structural, and rejecting bad input."""
+"""The CRDs: generated from the pydantic models, checked in, structural, and rejecting bad input.
+
+Bad input is checked against the generated schema with tests/crdschema.py standing in for the API server
+(JSON schema + CEL); tests/integration/test_bad_input_apply.py has the real API server's verdicts.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,23 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from llama_operator.api.base import GPU_LAYERS_RULES
+from llama_operator.api.cel import CEL_KEY, Rule, violations
 from llama_operator.api.crd import CRD_FILES, all_crds, to_yaml
+from llama_operator.api.v1alpha1 import (
+    ARGS_RULES,
+    GGUF_FILE_RULES,
+    SERVER_RULES,
+    SOURCE_RULES,
+    SPECULATIVE_RULES,
+    LlamaModelSpec,
+    LlamaServerSpec,
+)
 from llama_operator.cli import main
 from tests import crdschema
 from tests.conftest import model_body, server_body
+
+from .flag_cases import BAD_CASES, GOOD_CASES
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -86,6 +103,10 @@ BAD_SERVERS = {
     "contextSize not a number": ({"contextSize": "4k"}, "'4k' is not of type 'integer'"),
     "bad flash attention": ({"flashAttention": "yes"}, "'yes' is not one of ['auto', 'on', 'off']"),
     "toleration typo": ({"tolerations": [{"key": "k", "operater": "Exists"}]}, "('operater' was unexpected)"),
+    "gpuLayers word": ({"gpuLayers": "most"}, "spec.gpuLayers: must be a number, 'auto' or 'all'"),
+    "negative gpuLayers": ({"gpuLayers": -1}, "spec.gpuLayers: must be >= 0, 'auto' or 'all'"),
+    "empty arg": ({"args": ["--jinja", ""]}, "spec.args: empty strings are not valid llama-server arguments"),
+    "too many args": ({"args": ["--jinja"] * 257}, "is too long"),
 }
 
 
@@ -96,10 +117,14 @@ def test_schema_rejects_bad_servers(spec: dict[str, Any], message: str) -> None:
 
 
 BAD_MODELS = {
-    "no source": ({"source": {}}, "should be non-empty"),
+    "no source": ({"source": {}}, "spec.source: exactly one of huggingFace, http, volume must be set (got none)"),
     "two sources": ({"source": {"http": {"url": "https://h/m.gguf"},
                                 "volume": {"persistentVolumeClaim": "p", "path": "m.gguf"}}},
-                    "has too many properties"),
+                    "spec.source: exactly one of huggingFace, http, volume must be set (got http, volume)"),
+    "absolute path": ({"source": {"volume": {"persistentVolumeClaim": "p", "path": "/models/m.gguf"}}},
+                      "spec.source.volume.path: must be a relative path inside the repository or volume"),
+    "not a gguf": ({"source": {"huggingFace": {"repo": "a/b", "file": "model.bin"}}},
+                   "spec.source.huggingFace.file: must name a .gguf file"),
     "bad sha": ({"source": {"http": {"url": "https://h/m.gguf"}}, "sha256": "XYZ"}, "does not match"),
     "not a url": ({"source": {"http": {"url": "ftp://h/m.gguf"}}}, "does not match"),
 }
@@ -111,8 +136,101 @@ def test_schema_rejects_bad_models(spec: dict[str, Any], message: str) -> None:
     assert any(message in p for p in problems), problems
 
 
+@pytest.mark.parametrize(("title", "fields", "messages", "rules"), BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_flag_table_rows_with_a_cel_rule_are_refused_by_the_schema(title: str, fields: dict[str, Any],
+                                                                   messages: list[str], rules: list[str]) -> None:
+    # A row whose rules are all CEL rules is refused at `kubectl apply` with the operator's very messages; the
+    # others (the flag catalog) pass the schema and are the webhook's.
+    problems = crdschema.errors(server_body(**fields))
+    if set(rules) <= CEL_RULE_IDS:
+        assert problems == messages
+    else:
+        assert problems == []
+
+
+CEL_RULE_IDS = {rule.id for rule in SERVER_RULES + SPECULATIVE_RULES}
+
+SERVER_CORPUS = [fields for _, fields, _, _ in BAD_CASES] + GOOD_CASES + [
+    {"mode": "embedding", "batchSize": 512, "ubatchSize": 1024},
+    {"mode": "rerank", "args": ["--pooling"]},
+    {"mode": "rerank", "args": ["--top-k", "3", "--pooling", "rank"]},
+    {"mode": "embedding", "args": ["--pooling", "cls"]},
+    {"args": ["--jinja"]},
+    {"gpu": {"vendor": "amd"}, "tensorSplit": [1]},
+    {"gpu": {"vendor": "amd", "count": 3}, "tensorSplit": [1, -1, 1]},
+    {"tensorSplit": []},
+    {"cacheTypeV": "f16"},
+    {"cacheTypeV": "q4_0", "flashAttention": "on"},
+    {"speculative": {"draftModelRef": {"name": "d"}, "draftMin": 2}},
+    {"speculative": {"draftModelRef": {"name": "d"}, "draftMin": 4, "draftMax": 4}},
+]
+
+
+@pytest.mark.parametrize("fields", SERVER_CORPUS, ids=[str(f) for f in SERVER_CORPUS])
+def test_server_cel_rules_say_what_their_python_says(fields: dict[str, Any]) -> None:
+    # Each rule is declared once with its CEL and its Python predicate: they must agree, messages included.
+    body = server_body(**fields)
+    spec = LlamaServerSpec.model_validate(body["spec"])
+    found = violations(SERVER_RULES, spec, "spec")
+    if spec.speculative is not None:
+        found += violations(SPECULATIVE_RULES, spec.speculative, "spec.speculative")
+    assert sorted(crdschema.cel_errors(body)) == sorted(f"{path}: {message}" for path, message, _ in found)
+
+
+MODEL_CORPUS = [
+    {"huggingFace": {"repo": "a/b", "file": "m.gguf"}},
+    {"http": {"url": "https://h/m.gguf"}},
+    {"volume": {"persistentVolumeClaim": "p", "path": "dir/m.gguf"}},
+    {},
+    {"huggingFace": {"repo": "a/b", "file": "m.gguf"}, "http": {"url": "https://h/m.gguf"}},
+    {"huggingFace": {"repo": "a/b", "file": "m.gguf"}, "volume": {"persistentVolumeClaim": "p", "path": "m.gguf"}},
+    {"huggingFace": {"repo": "a/b", "file": "m.gguf"}, "http": {"url": "https://h/m.gguf"},
+     "volume": {"persistentVolumeClaim": "p", "path": "m.gguf"}},
+]
+
+
+@pytest.mark.parametrize("source", MODEL_CORPUS, ids=[",".join(s) or "none" for s in MODEL_CORPUS])
+def test_model_cel_rules_say_what_their_python_says(source: dict[str, Any]) -> None:
+    body = model_body(spec={"source": source})
+    try:
+        LlamaModelSpec.model_validate(body["spec"])
+        python: list[str] = []
+    except ValueError as exc:
+        python = [f"spec.source: {error['msg'].removeprefix('Value error, ')}" for error in exc.errors()]
+    assert crdschema.cel_errors(body) == python
+
+
+SCALARS: list[tuple[tuple[Rule, ...], list[Any]]] = [
+    (GPU_LAYERS_RULES, [0, 7, 999, -1, "auto", "all", "All", "", "12"]),
+    (GGUF_FILE_RULES, ["m.gguf", "dir/m-00001-of-00002.gguf", "/m.gguf", "../m.gguf", "a/../m.gguf", "a/..",
+                       "..", "m.bin", "a..b.gguf", "dir/..m.gguf"]),
+    (ARGS_RULES, [["--jinja"], [], ["--top-k", ""], [""]]),
+]
+
+
+@pytest.mark.parametrize(("rules", "values"), SCALARS, ids=["gpuLayers", "ggufFile", "args"])
+def test_field_cel_rules_say_what_their_python_says(rules: tuple[Rule, ...], values: list[Any]) -> None:
+    for rule in rules:
+        for value in values:
+            assert crdschema.evaluate(rule.cel, value) == rule.holds(value), (rule.id, value)
+            if not rule.holds(value):
+                expression = rule.to_schema().get("messageExpression")
+                assert (crdschema.evaluate(expression, value) if expression else rule.message) \
+                    == rule.violation(value)
+
+
+def test_every_rule_is_in_the_crds() -> None:
+    in_crds = [entry["rule"] for crd in all_crds()
+               for _, node in _walk(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+               for entry in node.get(CEL_KEY) or []]
+    for rules in (SERVER_RULES, SPECULATIVE_RULES, SOURCE_RULES, GGUF_FILE_RULES, GPU_LAYERS_RULES, ARGS_RULES):
+        for rule in rules:
+            assert rule.cel in in_crds, rule.id
+
+
 def test_cross_namespace_model_ref_is_not_expressible_in_the_schema_and_caught_by_the_operator() -> None:
-    # The schema cannot compare with metadata.namespace; the operator (and the webhook) reject it.
+    # CEL in a CRD cannot read metadata.namespace (the API server refuses a rule that does: measured in
+    # tests/integration/test_bad_input_apply.py); the operator and the webhook reject it.
     body = server_body(modelRef={"name": "qwen", "namespace": "other"})
     assert crdschema.errors(body) == []
     from llama_operator.api.v1alpha1 import LlamaServer

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
+from .cel import Rule, cel_schema, check_value
+
 
 class ApiModel(BaseModel):
     """Base of every API object: camelCase aliases, strict about unknown fields.
@@ -48,17 +50,17 @@ Quantity = Annotated[
 
 
 
-def _check_gpu_layers(value: int | str) -> int | str:
-    if isinstance(value, int) and value < 0:
-        raise ValueError("must be >= 0, 'auto' or 'all'")
-    if isinstance(value, str) and value not in ("auto", "all"):
-        raise ValueError(f"must be a number, 'auto' or 'all' (got {value!r})")
-    return value
-
+GPU_LAYERS_RULES = (
+    Rule("gpu-layers", "type(self) != int || self >= 0", lambda v: not isinstance(v, int) or v >= 0,
+         "must be >= 0, 'auto' or 'all'"),
+    Rule("gpu-layers", "type(self) == int || self in ['auto', 'all']",
+         lambda v: isinstance(v, int) or v in ("auto", "all"), "must be a number, 'auto' or 'all'"),
+)
 
 GpuLayers = Annotated[
     int | str,
-    AfterValidator(_check_gpu_layers),
-    WithJsonSchema({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}),
+    AfterValidator(lambda value: check_value(GPU_LAYERS_RULES, value)),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
+                    **cel_schema(GPU_LAYERS_RULES)}),
 ]
 """Layers offloaded to the GPU: a number, `auto` or `all`."""

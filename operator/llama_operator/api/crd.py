@@ -1,7 +1,8 @@
 """Generates the two CustomResourceDefinitions from the pydantic API models.
 
 The output is a structural schema: every node typed, `$ref`s inlined, pydantic's Optional encoding
-(`anyOf: [X, null]`) collapsed to X, and int-or-string fields marked the Kubernetes way.
+(`anyOf: [X, null]`) collapsed to X, and int-or-string fields marked the Kubernetes way. The models' validation
+rules (api/cel.py) come along as `x-kubernetes-validations`, so the API server itself enforces them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from .cel import CEL_KEY
 from .v1alpha1 import GROUP, VERSION, LlamaModelSpec, LlamaModelStatus, LlamaServerSpec, LlamaServerStatus
 
 _DROP_KEYS = {"title", "additionalProperties"}
@@ -30,7 +32,7 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
         node = target
     if node.get("x-kubernetes-int-or-string"):
         return {
-            k: v for k, v in node.items() if k in ("description", "x-kubernetes-int-or-string", "default")
+            k: v for k, v in node.items() if k in ("description", "x-kubernetes-int-or-string", "default", CEL_KEY)
         }
     any_of = node.pop("anyOf", None)
     if any_of is not None:
@@ -65,13 +67,6 @@ def schema_for(model: type) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")  # type: ignore[attr-defined]
     defs = raw.pop("$defs", {})
     return _inline(raw, defs)
-
-
-def _source_one_of(spec: dict[str, Any]) -> None:
-    # "exactly one source" in the schema itself, so `kubectl apply` rejects it before the operator sees it.
-    source = spec["properties"]["source"]
-    source["minProperties"] = 1
-    source["maxProperties"] = 1
 
 
 def _crd(
@@ -129,7 +124,6 @@ def _crd(
 
 def llamamodel_crd() -> dict[str, Any]:
     spec = schema_for(LlamaModelSpec)
-    _source_one_of(spec)
     return _crd(
         kind="LlamaModel",
         plural="llamamodels",

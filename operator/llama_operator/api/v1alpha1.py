@@ -7,11 +7,12 @@ checks and the builders all derive from them.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from .base import ApiModel, GpuLayers, Quantity
+from .cel import Rule, cel_schema, check_value, snake
 from .k8s import Affinity, EnvVar, ResourceRequirements, Toleration
 
 GROUP = "llamacpp.dev"
@@ -54,12 +55,16 @@ class Condition(ApiModel):
 # ---------------------------------------------------------------------------------------------- LlamaModel
 
 
-def _check_gguf_file(value: str) -> str:
-    if value.startswith("/") or ".." in value.split("/"):
-        raise ValueError("must be a relative path inside the repository or volume, without '..'")
-    if not value.endswith(".gguf"):
-        raise ValueError("must name a .gguf file (for a split model, its first shard: name-00001-of-0000N.gguf)")
-    return value
+GGUF_FILE_RULES = (
+    Rule("relative-path",
+         "!self.startsWith('/') && self != '..' && !self.startsWith('../') && !self.contains('/../') "
+         "&& !self.endsWith('/..')",
+         lambda v: not v.startswith("/") and ".." not in v.split("/"),
+         "must be a relative path inside the repository or volume, without '..'"),
+    Rule("gguf-file", "self.endsWith('.gguf')", lambda v: v.endswith(".gguf"),
+         "must name a .gguf file (for a split model, its first shard: name-00001-of-0000N.gguf)"),
+)
+"""A GGUF file inside a repository or volume (huggingFace.file, volume.path)."""
 
 
 class HuggingFaceSource(ApiModel):
@@ -71,15 +76,17 @@ class HuggingFaceSource(ApiModel):
     )
     file: str = Field(
         min_length=6,
+        max_length=1024,
         description="Path of the .gguf file in the repository; for a split model its first shard "
         "(name-00001-of-0000N.gguf) and every shard is fetched.",
+        json_schema_extra=cel_schema(GGUF_FILE_RULES),
     )
     revision: str = Field("main", min_length=1, description="Branch, tag or commit (default main).")
     token_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key holding a Hugging Face token, for gated or private repositories."
     )
 
-    _file = field_validator("file")(classmethod(lambda cls, v: _check_gguf_file(v)))
+    _file = field_validator("file")(classmethod(lambda cls, v: check_value(GGUF_FILE_RULES, v)))
 
 
 class HttpSource(ApiModel):
@@ -99,13 +106,31 @@ class VolumeSource(ApiModel):
     persistent_volume_claim: str = Field(
         pattern=DNS_SUBDOMAIN, max_length=253, description="Name of the PVC in the same namespace."
     )
-    path: str = Field(min_length=6, description="Path of the .gguf file inside the volume.")
+    path: str = Field(min_length=6, max_length=1024, description="Path of the .gguf file inside the volume.",
+                      json_schema_extra=cel_schema(GGUF_FILE_RULES))
 
-    _path = field_validator("path")(classmethod(lambda cls, v: _check_gguf_file(v)))
+    _path = field_validator("path")(classmethod(lambda cls, v: check_value(GGUF_FILE_RULES, v)))
+
+
+SOURCE_KINDS = ("huggingFace", "http", "volume")
+# The names of the sources that are set, comma-separated, or 'none' (no `join`: its cost estimate is unbounded).
+_GIVEN = " && ".join(f"!has(self.{kind})" for kind in SOURCE_KINDS) + " ? 'none' : " + " + ".join(
+    f"(has(self.{kind}) ? " + ("(" + " || ".join(f"has(self.{k})" for k in SOURCE_KINDS[:i]) + " ? ', ' : '') + "
+                               if i else "") + f"'{kind}' : '')"
+    for i, kind in enumerate(SOURCE_KINDS))
+
+SOURCE_RULES = (
+    Rule("one-source", "size([has(self.huggingFace), has(self.http), has(self.volume)].filter(s, s)) == 1",
+         lambda s: len(s.given) == 1,
+         "exactly one of huggingFace, http, volume must be set (got {given})",
+         values={"given": (_GIVEN, lambda s: ", ".join(s.given) or "none")}),
+)
 
 
 class ModelSource(ApiModel):
     """Where the model comes from: exactly one of huggingFace, http, volume."""
+
+    model_config = {**ApiModel.model_config, "json_schema_extra": cel_schema(SOURCE_RULES)}
 
     hugging_face: HuggingFaceSource | None = Field(None, description="A file in a Hugging Face repository.")
     http: HttpSource | None = Field(None, description="A plain HTTP(S) URL.")
@@ -113,13 +138,12 @@ class ModelSource(ApiModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
-        given = [name for name in ("huggingFace", "http", "volume") if getattr(self, _snake(name)) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "exactly one of huggingFace, http, volume must be set"
-                + (f" (got {', '.join(given)})" if given else " (got none)")
-            )
-        return self
+        return check_value(SOURCE_RULES, self)
+
+    @property
+    def given(self) -> list[str]:
+        """The sources that are set (exactly one in a valid object)."""
+        return [name for name in SOURCE_KINDS if getattr(self, snake(name)) is not None]
 
     @property
     def kind(self) -> Literal["huggingFace", "http", "volume"]:
@@ -140,10 +164,6 @@ class ModelSource(ApiModel):
             assert self.volume is not None
             path = self.volume.path
         return path.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _snake(camel: str) -> str:
-    return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel)
 
 
 CacheType = Literal["EmptyDir", "PersistentVolumeClaim", "HostPath"]
@@ -292,10 +312,27 @@ class ServiceSpec(ApiModel):
 
 KvCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 LoadMode = Literal["auto", "none", "mmap", "mlock", "mmap+mlock", "dio"]
+ARGS_MAX_ITEMS = 256
+ARG_MAX_LENGTH = 16384
+"""Bounds of spec.args (the API server estimates a rule's cost from them: CEL rules look into args)."""
+ARGS_RULES = (
+    Rule("empty-arg", "self.all(a, size(a) > 0)", lambda args: all(args),
+         "empty strings are not valid llama-server arguments"),
+)
+QUANTIZED_KV = ("q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+"""KV cache types that are quantized (a quantized V cache needs flash attention)."""
+
+SPECULATIVE_RULES = (
+    Rule("draft-min-above-max", "!has(self.draftMin) || !has(self.draftMax) || self.draftMin <= self.draftMax",
+         lambda s: s.draft_min is None or s.draft_max is None or s.draft_min <= s.draft_max,
+         "draftMin ({draftMin}) must be <= draftMax ({draftMax})", field="draftMin"),
+)
 
 
 class SpeculativeSpec(ApiModel):
     """Speculative decoding with a small draft model that proposes tokens the served model verifies."""
+
+    model_config = {**ApiModel.model_config, "json_schema_extra": cel_schema(SPECULATIVE_RULES)}
 
     draft_model_ref: ModelRef = Field(
         description="The draft LlamaModel (same namespace); it must share the served model's vocabulary."
@@ -314,8 +351,75 @@ class SpeculativeSpec(ApiModel):
     )
 
 
+def _gpus(spec: LlamaServerSpec) -> int:
+    return spec.gpu.count if spec.gpu else 0
+
+
+def _pooling_value(args: list[str] | None) -> str | None:
+    """The item after the first `--pooling` in args ('' when it is last), None without `--pooling`."""
+    if not args or "--pooling" not in args:
+        return None
+    index = args.index("--pooling") + 1
+    return args[index] if index < len(args) else ""
+
+
+# Cross-field rules of the typed llama-server settings. The API server checks them at `kubectl apply`; the
+# operator checks them with the flags (flags/validate.py) for objects that got past an older CRD.
+SERVER_RULES = (
+    Rule("kv-quant-needs-flash-attention",
+         f"!has(self.cacheTypeV) || !(self.cacheTypeV in {list(QUANTIZED_KV)}) "
+         "|| (has(self.flashAttention) && self.flashAttention == 'on')",
+         lambda s: s.cache_type_v not in QUANTIZED_KV or s.flash_attention == "on",
+         "a quantized V cache ({cacheTypeV}) needs flash attention: set flashAttention: on", field="cacheTypeV"),
+    Rule("batch-below-parallel", "!has(self.batchSize) || !has(self.parallel) || self.batchSize >= self.parallel",
+         lambda s: s.batch_size is None or s.parallel is None or s.batch_size >= s.parallel,
+         "batchSize ({batchSize}) must be >= parallel ({parallel}): every slot needs room in a batch",
+         field="batchSize"),
+    Rule("ubatch-above-batch",
+         "!has(self.batchSize) || !has(self.ubatchSize) || self.ubatchSize <= self.batchSize",
+         lambda s: s.batch_size is None or s.ubatch_size is None or s.ubatch_size <= s.batch_size,
+         "ubatchSize ({ubatchSize}) must be <= batchSize ({batchSize})", field="ubatchSize"),
+    Rule("pooling-mode-ubatch",
+         "!has(self.mode) || self.mode == 'chat' || !has(self.batchSize) || !has(self.ubatchSize) "
+         "|| self.batchSize == self.ubatchSize",
+         lambda s: s.mode == "chat" or s.batch_size is None or s.ubatch_size is None
+         or s.batch_size == s.ubatch_size,
+         "mode {mode} encodes each input in one physical batch: ubatchSize must equal batchSize "
+         "(or leave ubatchSize unset and it follows batchSize)", field="ubatchSize"),
+    Rule("mode-speculative", "!has(self.speculative) || !has(self.mode) || self.mode == 'chat'",
+         lambda s: s.speculative is None or s.mode == "chat",
+         "speculative decoding generates text; mode {mode} does not", field="speculative"),
+    # --pooling is the one flag a mode decides (rerank sets --pooling rank); no other option takes it as a value.
+    Rule("chat-pooling", "!has(self.args) || (has(self.mode) && self.mode != 'chat') || !('--pooling' in self.args)",
+         lambda s: s.mode != "chat" or _pooling_value(s.args) is None,
+         "--pooling only applies to mode embedding or rerank", field="args"),
+    Rule("rerank-pooling",
+         "!has(self.args) || !has(self.mode) || self.mode != 'rerank' || !('--pooling' in self.args) "
+         "|| (self.args.indexOf('--pooling') + 1 < size(self.args) "
+         "&& self.args[self.args.indexOf('--pooling') + 1] == 'rank')",
+         lambda s: s.mode != "rerank" or _pooling_value(s.args) in (None, "rank"),
+         "mode rerank needs --pooling rank (it is set for you; remove --pooling)", field="args"),
+    Rule("tensor-split-gpus",
+         "!has(self.tensorSplit) || size(self.tensorSplit) == 0 "
+         "|| size(self.tensorSplit) == (has(self.gpu) ? self.gpu.count : 0)",
+         lambda s: not s.tensor_split or len(s.tensor_split) == _gpus(s),
+         "tensorSplit has {shares} shares but gpu.count is {gpus}: give one share per GPU", field="tensorSplit",
+         values={"shares": ("size(self.tensorSplit)", lambda s: len(s.tensor_split)),
+                 "gpus": ("has(self.gpu) ? self.gpu.count : 0", _gpus)}),
+    Rule("tensor-split-gpus",
+         "!has(self.tensorSplit) || size(self.tensorSplit) == 0 "
+         "|| size(self.tensorSplit) != (has(self.gpu) ? self.gpu.count : 0) "
+         "|| (self.tensorSplit.all(x, x >= 0.0) && self.tensorSplit.exists(x, x > 0.0))",
+         lambda s: not s.tensor_split or len(s.tensor_split) != _gpus(s)
+         or (all(x >= 0 for x in s.tensor_split) and sum(s.tensor_split) > 0),
+         "tensorSplit shares must be >= 0 with a positive sum", field="tensorSplit"),
+)
+
+
 class LlamaServerSpec(ApiModel):
     """A llama-server fleet serving one LlamaModel."""
+
+    model_config = {**ApiModel.model_config, "json_schema_extra": cel_schema(SERVER_RULES)}
 
     model_ref: ModelRef = Field(description="The LlamaModel to serve (same namespace).")
     replicas: int = Field(1, ge=0, le=1000, description="Number of llama-server pods.")
@@ -340,7 +444,7 @@ class LlamaServerSpec(ApiModel):
         None, description="--split-mode across several GPUs: none, layer or row."
     )
     tensor_split: list[float] | None = Field(
-        None, description="--tensor-split: share of the model per GPU, e.g. [3, 1]."
+        None, max_length=16, description="--tensor-split: share of the model per GPU, e.g. [3, 1]."
     )
     threads: int | None = Field(
         None, ge=1, le=1024, description="--threads (default: derived from the CPU limit or request on CPU)."
@@ -365,10 +469,12 @@ class LlamaServerSpec(ApiModel):
     speculative: SpeculativeSpec | None = Field(
         None, description="Speculative decoding with a draft LlamaModel (--spec-draft-model, --spec-type draft-simple)."
     )
-    args: list[str] | None = Field(
+    args: list[Annotated[str, Field(max_length=ARG_MAX_LENGTH)]] | None = Field(
         None,
+        max_length=ARGS_MAX_ITEMS,
         description="Extra llama-server flags, e.g. [--top-k, '20']. Validated; flags the operator manages "
         "or that have a typed field are rejected.",
+        json_schema_extra=cel_schema(ARGS_RULES),
     )
 
     image: str | None = Field(None, min_length=1, description="llama-server image (default: by gpu.vendor).")
@@ -397,9 +503,7 @@ class LlamaServerSpec(ApiModel):
     @field_validator("args")
     @classmethod
     def _args_are_strings(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and any(not item for item in value):
-            raise ValueError("empty strings are not valid llama-server arguments")
-        return value
+        return value if value is None else check_value(ARGS_RULES, value)
 
 
 ServerPhase = Literal["Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed"]

@@ -21,11 +21,11 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..api.v1alpha1 import LlamaServerSpec
+from ..api.cel import violations
+from ..api.v1alpha1 import SERVER_RULES, SPECULATIVE_RULES, LlamaServerSpec
 from .catalog import Catalog, Option, load_catalog
 from .policy import INT32, RANGES, REMOVED, refusal
 
-QUANTIZED_KV = frozenset({"q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"})
 TRUTHY = frozenset({"on", "enabled", "true", "1"})
 FALSEY = frozenset({"off", "disabled", "false", "0"})
 
@@ -370,63 +370,21 @@ def _suggest_env(name: str, catalog: Catalog) -> str | None:
 
 
 def _cross_field(spec: LlamaServerSpec, arg_flags: list[ParsedFlag]) -> list[FieldError]:
-    errors: list[FieldError] = []
-    if spec.cache_type_v in QUANTIZED_KV and spec.flash_attention != "on":
-        errors.append(FieldError(
-            "spec.cacheTypeV",
-            f"a quantized V cache ({spec.cache_type_v}) needs flash attention: set flashAttention: on",
-            "kv-quant-needs-flash-attention",
-        ))
-    if spec.batch_size is not None and spec.parallel is not None and spec.batch_size < spec.parallel:
-        errors.append(FieldError(
-            "spec.batchSize",
-            f"batchSize ({spec.batch_size}) must be >= parallel ({spec.parallel}): every slot needs room in a batch",
-            "batch-below-parallel",
-        ))
-    if spec.batch_size is not None and spec.ubatch_size is not None and spec.ubatch_size > spec.batch_size:
-        errors.append(FieldError(
-            "spec.ubatchSize",
-            f"ubatchSize ({spec.ubatch_size}) must be <= batchSize ({spec.batch_size})",
-            "ubatch-above-batch",
-        ))
+    # The cross-field rules live with the model (api/v1alpha1.py SERVER_RULES) and are in the CRD as CEL too:
+    # the API server refuses them at `kubectl apply`. What needs the parsed flags stays here (the webhook's part).
+    errors = [FieldError(*found) for found in violations(SERVER_RULES, spec, "spec")]
+    if spec.speculative is not None:
+        errors += [FieldError(*found) for found in violations(SPECULATIVE_RULES, spec.speculative, "spec.speculative")]
     if spec.mode != "chat":
-        if spec.batch_size is not None and spec.ubatch_size is not None and spec.batch_size != spec.ubatch_size:
-            errors.append(FieldError(
-                "spec.ubatchSize",
-                f"mode {spec.mode} encodes each input in one physical batch: ubatchSize must equal batchSize "
-                "(or leave ubatchSize unset and it follows batchSize)",
-                "pooling-mode-ubatch",
-            ))
-        if spec.speculative is not None:
-            errors.append(FieldError("spec.speculative", f"speculative decoding generates text; mode "
-                                     f"{spec.mode} does not", "mode-speculative"))
         for flag in arg_flags:
-            if flag.option.canonical == "--pooling" and spec.mode == "rerank" and flag.values != ("rank",):
-                errors.append(FieldError(flag.path, "mode rerank needs --pooling rank (it is set for you; "
-                                         "remove --pooling)", "rerank-pooling"))
             if flag.option.canonical == "--spec-type":
                 errors.append(FieldError(flag.path, f"speculative decoding generates text; mode {spec.mode} "
                                          "does not", "mode-speculative"))
-    elif any(f.option.canonical == "--pooling" for f in arg_flags):
-        flag = next(f for f in arg_flags if f.option.canonical == "--pooling")
-        errors.append(FieldError(flag.path, "--pooling only applies to mode embedding or rerank", "chat-pooling"))
     if spec.speculative is not None:
         spec_type = next((f for f in arg_flags if f.option.canonical == "--spec-type"), None)
         if spec_type is not None:
             errors.append(FieldError(spec_type.path, "--spec-type is set by spec.speculative (draft-simple); "
                                      "remove it", "typed-field"))
-        low, high = spec.speculative.draft_min, spec.speculative.draft_max
-        if low is not None and high is not None and low > high:
-            errors.append(FieldError("spec.speculative.draftMin", f"draftMin ({low}) must be <= draftMax ({high})",
-                                     "draft-min-above-max"))
-    if spec.tensor_split:
-        count = spec.gpu.count if spec.gpu else 0
-        if len(spec.tensor_split) != count:
-            errors.append(FieldError("spec.tensorSplit", f"tensorSplit has {len(spec.tensor_split)} shares but "
-                                     f"gpu.count is {count}: give one share per GPU", "tensor-split-gpus"))
-        elif sum(spec.tensor_split) <= 0 or any(share < 0 for share in spec.tensor_split):
-            errors.append(FieldError("spec.tensorSplit", "tensorSplit shares must be >= 0 with a positive sum",
-                                     "tensor-split-gpus"))
     return errors
 
 
