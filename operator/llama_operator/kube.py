@@ -158,7 +158,12 @@ def connection_settings(api_client: k8s_client.ApiClient) -> dict[str, Any]:
     same server with the same identity (in-cluster service account or the current kubeconfig context).
     """
     conf = api_client.configuration
-    scheme, _, token = (conf.api_key.get("authorization") or "").partition(" ")
+    # The client keeps the token under "BearerToken" (kubeconfig and in-cluster alike; "authorization" in
+    # older releases); read it the way the client itself does, or kopf would watch as system:anonymous.
+    if conf.refresh_api_key_hook is not None:
+        conf.refresh_api_key_hook(conf)
+    header = conf.get_api_key_with_prefix("BearerToken", alias="authorization") or ""
+    scheme, _, token = header.partition(" ")
     return {
         "server": conf.host,
         "ca_path": conf.ssl_ca_cert,
