@@ -173,7 +173,7 @@ def test_immutable_cache_pvc_change_is_a_clear_status(apiserver: ClusterApi, run
 
 def test_watches_resume_after_an_apiserver_restart(apiserver: ClusterApi, run_operator: Any,
                                                    control_plane: Any) -> None:
-    with run_operator("llama_operator.handlers"):
+    with run_operator("llama_operator.handlers") as runner:
         _create(apiserver, "llamamodels", model_body())
         _create(apiserver, "llamaservers", server_body(contextSize=4096))
         apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
@@ -183,6 +183,8 @@ def test_watches_resume_after_an_apiserver_restart(apiserver: ClusterApi, run_op
         apiserver.wait_for(lambda: "8192" in (_deployment(apiserver) or {}).get("spec", {}).get("template", {})
                            .get("spec", {}).get("containers", [{}])[0].get("args", []), timeout=60,
                            message="the change after the restart reconciled")
+    # The new API server's watch cache starts after the versions kopf had seen: 410 Gone, and kopf re-lists.
+    assert "Restarting the watch-stream" in runner.output
 
 
 def test_namespaced_mode_runs_on_the_charts_role_alone(apiserver: ClusterApi, run_operator: Any) -> None:
