@@ -1,8 +1,11 @@
-"""An in-memory stand-in for `llama_operator.kube.Kube`, for unit tests of the reconcile functions.
+"""An in-memory API server behind the real `llama_operator.kube.Kube`, for unit tests of the reconcile code.
 
-It stores plain dicts keyed by (plural, namespace, name), bumps `resourceVersion` on every write and
-`metadata.generation` on spec writes (like the API server), records every call in `calls`, and raises an
-injected exception when a test asks it to (`fail_on`).
+`FakeKube` is a `Kube` whose one HTTP method, `_request`, is answered from a dict keyed by
+(plural, namespace, name) instead of a socket, so everything above it — server-side apply bookkeeping, the
+skip of unchanged applies, own-write recognition, status patches, Secret reads, the permission checks — is
+the product's own code. Like the API server it bumps `resourceVersion` on every real change (not on a
+no-op apply) and `metadata.generation` on spec changes, records every request in `calls`, and raises an
+injected exception where a test asks (`fail`).
 """
 
 from __future__ import annotations
@@ -12,23 +15,37 @@ import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from llama_operator.kube import KINDS_BY_API, ResourceKind
+from llama_operator.kube import Kube, NotFound, ResourceKind
 
 Key = tuple[str, str, str]
 
 
-class FakeKube:
+def _parse(path: str) -> tuple[str, str | None, str | None, str | None]:
+    """(plural, namespace, name, subresource) of an API path."""
+    parts = path.strip("/").split("/")
+    parts = parts[2:] if parts[0] == "api" else parts[3:]  # api/v1/... or apis/group/version/...
+    namespace = None
+    if parts[0] == "namespaces":
+        namespace, parts = parts[1], parts[2:]
+    plural = parts[0]
+    name = parts[1] if len(parts) > 1 else None
+    sub = parts[2] if len(parts) > 2 else None
+    return plural, namespace, name, sub
+
+
+class FakeKube(Kube):
     def __init__(self) -> None:
+        super().__init__(None)  # type: ignore[arg-type]  # no API client: _request never leaves the process
         self.objects: dict[Key, dict[str, Any]] = {}
         self.calls: list[tuple[str, str, str | None, str | None]] = []
         self.fail_on: dict[tuple[str, str | None], Callable[[], BaseException]] = {}
-        """(method, object name or None for any) -> factory of the exception that call raises."""
+        """(verb, object name or None for any) -> factory of the exception that request raises."""
         self._versions = itertools.count(100)
-        self._applied: dict[Key, str] = {}
 
-    # -- arranging ------------------------------------------------------------------------------------
+    # -- arranging and asserting ----------------------------------------------------------------------
 
     def put(self, kind: ResourceKind, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Store an object as a user (or another controller) would have created it."""
         obj = copy.deepcopy(dict(body))
         meta = obj.setdefault("metadata", {})
         meta.setdefault("namespace", "default")
@@ -36,97 +53,82 @@ class FakeKube:
         meta.setdefault("uid", f"uid-{meta['name']}")
         meta["resourceVersion"] = str(next(self._versions))
         self.objects[(kind.plural, meta["namespace"], meta["name"])] = obj
-        return obj
-
-    def fail(self, method: str, name: str | None, exc: Callable[[], BaseException]) -> None:
-        self.fail_on[(method, name)] = exc
-
-    def _maybe_fail(self, method: str, name: str | None) -> None:
-        self.calls.append((method, "", None, name))
-        for key in ((method, name), (method, None)):
-            if key in self.fail_on:
-                raise self.fail_on[key]()
-
-    def count(self, method: str, plural: str | None = None) -> int:
-        return sum(1 for call in self.calls if call[0] == method and (plural is None or call[1] == plural))
-
-    # -- the Kube interface ---------------------------------------------------------------------------
-
-    async def get(self, kind: ResourceKind, namespace: str, name: str) -> dict[str, Any] | None:
-        self._maybe_fail("get", name)
-        self.calls[-1] = ("get", kind.plural, namespace, name)
-        obj = self.objects.get((kind.plural, namespace, name))
-        return copy.deepcopy(obj) if obj is not None else None
-
-    async def list(
-        self, kind: ResourceKind, namespace: str | None, *, label_selector: str = ""
-    ) -> list[dict[str, Any]]:
-        self._maybe_fail("list", None)
-        self.calls[-1] = ("list", kind.plural, namespace, None)
-        wanted = dict(part.split("=", 1) for part in label_selector.split(",") if part)
-        out = []
-        for (plural, ns, _), obj in sorted(self.objects.items()):
-            labels = obj.get("metadata", {}).get("labels") or {}
-            if plural == kind.plural and namespace in (None, ns) and all(labels.get(k) == v for k, v in wanted.items()):
-                out.append(copy.deepcopy(obj))
-        return out
-
-    async def apply(self, obj: Mapping[str, Any], **_: Any) -> dict[str, Any]:
-        meta = obj["metadata"]
-        self._maybe_fail("apply", meta["name"])
-        kind = KINDS_BY_API[(obj["apiVersion"], obj["kind"])]
-        self.calls[-1] = ("apply", kind.plural, meta["namespace"], meta["name"])
-        key = (kind.plural, meta["namespace"], meta["name"])
-        existing = self.objects.get(key)
-        stored = copy.deepcopy(dict(obj))
-        stored_meta = stored["metadata"]
-        if existing is not None:
-            stored["status"] = existing.get("status", {})
-            stored_meta["uid"] = existing["metadata"]["uid"]
-            changed = existing.get("spec") != stored.get("spec")
-            stored_meta["generation"] = existing["metadata"]["generation"] + (1 if changed else 0)
-            if not changed and existing["metadata"].get("labels") == stored_meta.get("labels"):
-                stored_meta["resourceVersion"] = existing["metadata"]["resourceVersion"]
-                self.objects[key] = stored
-                self._applied[key] = stored_meta["resourceVersion"]
-                return copy.deepcopy(stored)
-        else:
-            stored_meta["uid"] = f"uid-{meta['name']}"
-            stored_meta["generation"] = 1
-        stored_meta["resourceVersion"] = str(next(self._versions))
-        self.objects[key] = stored
-        self._applied[key] = stored_meta["resourceVersion"]
-        return copy.deepcopy(stored)
-
-    def is_own_write(self, plural: str, namespace: str, name: str, resource_version: str | None) -> bool:
-        return resource_version is not None and self._applied.get((plural, namespace, name)) == resource_version
-
-    async def delete(self, kind: ResourceKind, namespace: str, name: str) -> bool:
-        self._maybe_fail("delete", name)
-        return self.objects.pop((kind.plural, namespace, name), None) is not None
-
-    async def patch_status(
-        self, kind: ResourceKind, namespace: str, name: str, status: Mapping[str, Any], *,
-        previous: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any] | None:
-        self._maybe_fail("patch_status", name)
-        self.calls[-1] = ("patch_status", kind.plural, namespace, name)
-        obj = self.objects.get((kind.plural, namespace, name))
-        if obj is None:
-            return None
-        obj["status"] = copy.deepcopy(dict(status))
-        obj["metadata"]["resourceVersion"] = str(next(self._versions))
         return copy.deepcopy(obj)
 
-    async def read_secret_key(self, namespace: str, name: str, key: str) -> str:
-        from llama_operator.kube import NotFound
+    def edit(self, plural: str, name: str, change: Callable[[dict[str, Any]], None], *, spec: bool = True) -> None:
+        """Change a stored object in place as someone else would (kubectl edit): bumps the versions."""
+        obj = self.objects[(plural, "default", name)]
+        change(obj)
+        obj["metadata"]["resourceVersion"] = str(next(self._versions))
+        if spec:
+            obj["metadata"]["generation"] = obj["metadata"].get("generation", 1) + 1
 
-        raise NotFound(f"Secret {namespace}/{name} not found", status=404)
+    def fail(self, verb: str, name: str | None, exc: Callable[[], BaseException]) -> None:
+        """Make `verb` (get, list, apply, patch_status, delete) on `name` (None: any) raise `exc()`."""
+        self.fail_on[(verb, name)] = exc
 
-    async def read_secret(self, namespace: str, name: str) -> dict[str, str]:
-        from llama_operator.kube import NotFound
+    def count(self, verb: str, plural: str | None = None) -> int:
+        return sum(1 for call in self.calls if call[0] == verb and (plural is None or call[1] == plural))
 
-        raise NotFound(f"Secret {namespace}/{name} not found", status=404)
+    # -- the API server -------------------------------------------------------------------------------
+
+    async def _request(self, method: str, path: str, *, permission: str | None = None, body: Any = None,
+                       query: list[tuple[str, str]] | None = None, content_type: str | None = None) -> Any:
+        plural, namespace, name, sub = _parse(path)
+        verb = {"GET": "get" if name else "list", "DELETE": "delete"}.get(method) or (
+            "patch_status" if sub == "status" else "apply")
+        self.calls.append((verb, plural, namespace, name))
+        for key in ((verb, name), (verb, None)):
+            if key in self.fail_on:
+                raise self.fail_on[key]()
+        if verb == "list":
+            wanted = dict(part.split("=", 1) for part in dict(query or []).get("labelSelector", "").split(",") if part)
+            items = [copy.deepcopy(obj) for (p, ns, _), obj in sorted(self.objects.items())
+                     if p == plural and namespace in (None, ns)
+                     and all((obj["metadata"].get("labels") or {}).get(k) == v for k, v in wanted.items())]
+            return {"items": items}
+        assert namespace is not None and name is not None
+        key = (plural, namespace, name)
+        stored = self.objects.get(key)
+        if verb == "get":
+            if stored is None:
+                raise NotFound(f"GET {path}: not found", status=404)
+            return copy.deepcopy(stored)
+        if verb == "delete":
+            if self.objects.pop(key, None) is None:
+                raise NotFound(f"DELETE {path}: not found", status=404)
+            return {}
+        if verb == "patch_status":
+            if stored is None:
+                raise NotFound(f"PATCH {path}: not found", status=404)
+            status = stored.setdefault("status", {})
+            for field, value in body["status"].items():
+                if value is None:
+                    status.pop(field, None)
+                else:
+                    status[field] = copy.deepcopy(value)
+            stored["metadata"]["resourceVersion"] = str(next(self._versions))
+            return copy.deepcopy(stored)
+        return self._server_side_apply(key, body)
+
+    def _server_side_apply(self, key: Key, body: Mapping[str, Any]) -> dict[str, Any]:
+        desired = copy.deepcopy(dict(body))
+        meta = desired["metadata"]
+        existing = self.objects.get(key)
+        if existing is None:
+            meta.update(uid=f"uid-{meta['name']}", generation=1, resourceVersion=str(next(self._versions)))
+            self.objects[key] = desired
+            return copy.deepcopy(desired)
+        old_meta = existing["metadata"]
+        merged = {**existing, **{k: v for k, v in desired.items() if k != "metadata"}}
+        merged["metadata"] = {**old_meta, **{k: v for k, v in meta.items()}}
+        if merged == existing:
+            return copy.deepcopy(existing)  # a no-op apply stores nothing and keeps the resourceVersion
+        if merged.get("spec") != existing.get("spec"):
+            merged["metadata"]["generation"] = old_meta.get("generation", 1) + 1
+        merged["metadata"]["resourceVersion"] = str(next(self._versions))
+        self.objects[key] = merged
+        return copy.deepcopy(merged)
 
 
 class Events(list[tuple[str, str, str, str]]):

@@ -231,8 +231,14 @@ async def model_event(
 
 
 @kopf.on.event("", "v1", "persistentvolumeclaims", labels=OWNED_BY_MODEL)
-async def cache_pvc_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
-    await _best_effort(_runtime(memo).reconcile_model(namespace, labels[MODEL_LABEL]), "a cache PVC change")
+async def cache_pvc_event(
+    type: str, name: str, namespace: str, labels: kopf.Labels, meta: kopf.Meta, memo: kopf.Memo, **_: Any
+) -> None:
+    runtime = _runtime(memo)
+    if type != "DELETED" and runtime.ctx.kube.is_own_write("persistentvolumeclaims", namespace, name,
+                                                           meta.get("resourceVersion")):
+        return  # the echo of our own apply: the operator's own writes do not wake it
+    await _best_effort(runtime.reconcile_model(namespace, labels[MODEL_LABEL]), "a cache PVC change")
 
 
 # ------------------------------------------------------------------------------------------------- servers

@@ -4,7 +4,8 @@ Owns the knowledge of where model bytes live and what the remote ends say about 
 - Hugging Face resolve URLs (`<endpoint>/<repo>/resolve/<revision>/<file>`), the `X-Linked-Etag` /
   `X-Linked-Size` headers the hub returns for LFS files before redirecting to its CDN, and the hub's error codes;
 - split GGUF naming (`name-00001-of-0000N.gguf`): every shard belongs to the model;
-- the error hierarchy the reconcile maps to status (transient `SourceUnreachable` vs. permanent the rest);
+- which error of the taxonomy (errors.py, shared with `fetch`) an HTTP answer means: transient
+  `SourceUnreachable` vs. permanent the rest;
 - the cache key: the directory name of a model inside a cache volume.
 
 The pure helpers (`shard_names`, `hf_resolve_url`, `parse_linked_headers`, `error_for_status`,
@@ -26,6 +27,15 @@ import httpx
 
 from .api.v1alpha1 import SPLIT_GGUF_RE, GgufInfo, LlamaModelSpec, ModelFile
 from .config import Settings
+from .errors import (
+    ChecksumMismatch,
+    NotAGguf,
+    SourceError,
+    SourceForbidden,
+    SourceNotFound,
+    SourceUnauthorized,
+    SourceUnreachable,
+)
 from .gguf import (
     GgufError,
     GgufHeader,
@@ -40,51 +50,6 @@ _SHA256_RE = re.compile(r"^[a-f0-9]{64}$")
 _MAX_REDIRECTS = 10
 _SHARD_CONCURRENCY = 8
 T = TypeVar("T")
-
-
-# ---------------------------------------------------------------------------------------------- errors
-
-
-class SourceError(Exception):
-    """The model source cannot be resolved. `reason` is a CamelCase condition reason."""
-
-    reason = "SourceError"
-    transient = False
-
-
-class SourceNotFound(SourceError):
-    """The repository, revision or file does not exist (HTTP 404)."""
-
-    reason = "NotFound"
-
-
-class SourceUnauthorized(SourceError):
-    """The source needs credentials, or the given ones are not enough (HTTP 401/403, gated repository)."""
-
-    reason = "Unauthorized"
-
-
-class NotAGguf(SourceError):
-    """The file is not a GGUF file (bad magic) or its header is unreadable."""
-
-    reason = "NotAGguf"
-
-
-class ChecksumMismatch(SourceError):
-    """The sha256 in the spec differs from the one the source publishes (or the downloaded bytes)."""
-
-    reason = "ChecksumMismatch"
-
-
-class SourceUnreachable(SourceError):
-    """Transient trouble (connection error, timeout, HTTP 5xx or 429): retry later with backoff."""
-
-    reason = "Unreachable"
-    transient = True
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 # ---------------------------------------------------------------------------------------------- result
@@ -198,9 +163,10 @@ def error_for_status(status_code: int, what: str, headers: Mapping[str, str], *,
                 "the repository is private or gated, or does not exist: a token Secret (tokenSecretRef, or "
                 "headersSecretRef for http sources) is needed"
             )
-        return SourceUnauthorized(f"{what}: HTTP {status_code}{detail}: {hint}")
+        error = SourceForbidden if status_code == 403 else SourceUnauthorized
+        return error(f"{what}: HTTP {status_code}{detail}: {hint}")
     if status_code == 429 or status_code >= 500 or status_code == 408:
-        return SourceUnreachable(f"{what}: HTTP {status_code}{detail}", retry_after_seconds(headers))
+        return SourceUnreachable(f"{what}: HTTP {status_code}{detail}", retry_after=retry_after_seconds(headers))
     return SourceError(f"{what}: unexpected HTTP {status_code}{detail}")
 
 

@@ -15,6 +15,7 @@ from llama_operator.sources import (
     ChecksumMismatch,
     NotAGguf,
     SourceError,
+    SourceForbidden,
     SourceNotFound,
     SourceUnauthorized,
     SourceUnreachable,
@@ -67,15 +68,18 @@ async def test_user_sha256_must_match_the_hub(hub: FakeHub, model: bytes) -> Non
 
 
 @pytest.mark.parametrize(
-    ("token", "error", "message"),
-    [(None, SourceUnauthorized, "tokenSecretRef"), ("wrong", SourceUnauthorized, "refused")],
+    ("token", "error", "message", "reason"),
+    [(None, SourceUnauthorized, "tokenSecretRef", "Unauthorized"), ("wrong", SourceForbidden, "refused", "Forbidden")],
 )
-async def test_gated_repository(hub: FakeHub, model: bytes, token: str | None, error: type, message: str) -> None:
+async def test_gated_repository(hub: FakeHub, model: bytes, token: str | None, error: type, message: str,
+                                reason: str) -> None:
     hub.add("acme/gated", "model.gguf", model, gated=True)
     settings = Settings(huggingface_endpoint=hub.url)
     with pytest.raises(error, match=message) as info:
         await resolve(hf_spec(repo="acme/gated"), settings=settings, hf_token=token, headers={})
-    assert info.value.reason == "Unauthorized" and not info.value.transient
+    # The same class, reason and exit code as the fetcher's for the same answer (errors.py).
+    assert info.value.reason == reason and not info.value.transient
+    assert isinstance(info.value, SourceUnauthorized)
     assert "wrong" not in str(info.value)
     resolved = await resolve(hf_spec(repo="acme/gated"), settings=settings, hf_token=hub.token, headers={})
     assert resolved.gguf is not None

@@ -261,6 +261,26 @@ class GgufInfo(ApiModel):
     )
 
 
+class FileChecksum(ApiModel):
+    """The sha256 of one model file."""
+
+    name: str = Field(description="File name inside the cache directory.")
+    sha256: str = Field(pattern=SHA256_HEX, description="Content sha256, lowercase hex.")
+
+
+class TrustOnFirstUse(ApiModel):
+    """Checksums recorded from the first verified download of a source that publishes none.
+
+    Every later download (other pods, other nodes) must produce the same bytes; see docs/model-sources.md.
+    """
+
+    source: str = Field(description="The source they were recorded for (hf:repo@revision/file or url:...); "
+                        "another source starts over.")
+    files: list[FileChecksum] = Field(description="sha256 of every file, as the first verified download found it.")
+    recorded_time: str | None = Field(None, description="When they were recorded (RFC 3339).")
+    recorded_from: str | None = Field(None, description="The pod whose download recorded them.")
+
+
 ModelPhase = Literal["Pending", "Resolving", "Ready", "Failed"]
 
 
@@ -276,6 +296,12 @@ class LlamaModelStatus(ApiModel):
     sha256: str | None = Field(None, description="sha256 of the (first) file.")
     cache_key: str | None = Field(None, description="Directory of this model inside the cache volume.")
     gguf: GgufInfo | None = Field(None, description="GGUF header metadata.")
+    last_resolved_time: str | None = Field(
+        None, description="When the source was last inspected (RFC 3339); it is inspected again when the spec "
+        "changes or LLAMA_OPERATOR_MODEL_RESYNC_SECONDS later.")
+    trust_on_first_use: TrustOnFirstUse | None = Field(
+        None, description="For a source without a published sha256 (and no spec.sha256): the checksums of the "
+        "first verified download, which every later download must match.")
 
 
 # ---------------------------------------------------------------------------------------------- LlamaServer

@@ -12,6 +12,22 @@ def now_rfc3339() -> str:
     return datetime.datetime.now(tz=datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+def rfc3339(seconds: float) -> str:
+    """Epoch seconds as RFC 3339 UTC, to the second (what Kubernetes writes)."""
+    stamp = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC).replace(microsecond=0)
+    return stamp.isoformat().replace("+00:00", "Z")
+
+
+def parse_rfc3339(text: str | None) -> float | None:
+    """RFC 3339 back to epoch seconds; None for None or anything unparsable."""
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 def condition(type_: str, ok: bool | None, reason: str, message: str = "", *, generation: int | None) -> Condition:
     status = "Unknown" if ok is None else ("True" if ok else "False")
     return Condition(type=type_, status=status, reason=reason, message=message, observed_generation=generation)

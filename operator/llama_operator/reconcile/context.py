@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,3 +22,5 @@ class Context:
     kube: Kube
     settings: Settings
     record_event: EventRecorder
+    clock: Callable[[], float] = time.time
+    """Wall-clock seconds (tests move it): when the periodic re-resolution of a model source is due."""

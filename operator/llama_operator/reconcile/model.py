@@ -16,9 +16,9 @@ from ..builders import build_cache_pvc
 from ..builders.cache import cache_type
 from ..config import Settings
 from ..errors import RetryLater
-from ..kube import LLAMA_MODELS, NotFound
+from ..kube import LLAMA_MODELS, PERSISTENT_VOLUME_CLAIMS, Invalid, NotFound
 from .boundary import reconciled
-from .conditions import condition, merge_conditions, now_rfc3339
+from .conditions import condition, merge_conditions, now_rfc3339, parse_rfc3339, rfc3339
 from .context import Context
 
 log = logging.getLogger(__name__)
@@ -97,21 +97,60 @@ async def reconcile_model(body: Mapping[str, Any], ctx: Context) -> LlamaModelSt
             condition("Ready", False, "InvalidSpec", message, generation=generation)])
         return await _write(ctx, body, previous, status, generation)
 
+    if not resolution_due(model, previous, now=ctx.clock(), interval=ctx.settings.model_resync_seconds):
+        if previous.cache_key is None:
+            return await _write(ctx, body, previous, previous, generation)  # a failed source waits for its turn
+        # Resolved for this generation and not due again: reuse it, no network (a PVC event lands here).
+        status = previous.model_copy(update={"phase": "Ready", "message": None, "conditions": None})
+        return await _converge(ctx, body, model, previous, status, generation)
     if previous.phase in (None, "Pending") or model.metadata.generation != previous.observed_generation:
         previous = await _write(ctx, body, previous, previous.model_copy(update={
             "phase": "Resolving", "message": "inspecting the model source"}), generation)
     status = await resolve_source(model, ctx)
+    if status.phase in ("Ready", "Failed"):
+        status = status.model_copy(update={"last_resolved_time": rfc3339(ctx.clock())})
     if status.phase == "Resolving":
         await _write(ctx, body, previous, status.model_copy(update={"conditions": [
             condition("Ready", False, "Resolving", status.message or "", generation=generation)]}), generation)
         raise RetryLater(status.message)
     if status.phase == "Failed":
         return await _write(ctx, body, previous, status, generation)
+    return await _converge(ctx, body, model, previous, status, generation)
+
+
+def resolution_due(model: LlamaModel, previous: LlamaModelStatus, *, now: float, interval: float) -> bool:
+    """Whether the source must be inspected (over the network) in this reconcile.
+
+    Yes for a new generation, while still resolving (a transient error's retry), for a status that never
+    recorded a resolution, and when the periodic re-resolution is due (a moved `revision: main`, a file that
+    appeared at a 404'd URL). A tenth of the interval is slack: the resync that comes once per interval must
+    find it due even if the last resolution ran a moment after the previous resync.
+    """
+    if model.metadata.generation != previous.observed_generation or previous.phase in (None, "Resolving"):
+        return True
+    resolved = parse_rfc3339(previous.last_resolved_time)
+    return resolved is None or now - resolved >= 0.9 * interval
+
+
+async def _converge(
+    ctx: Context, body: Mapping[str, Any], model: LlamaModel, previous: LlamaModelStatus, status: LlamaModelStatus,
+    generation: int | None,
+) -> LlamaModelStatus:
+    """Apply the cache PVC (when the cache type asks for one) and write the resolved status."""
     resolved = model.model_copy(update={"status": status})
     pvc = build_cache_pvc(resolved, ctx.settings)
     notes = []
     if pvc is not None:
-        await ctx.kube.apply(pvc)
+        try:
+            live = await ctx.kube.get(PERSISTENT_VOLUME_CLAIMS, pvc["metadata"]["namespace"], pvc["metadata"]["name"])
+            await ctx.kube.apply(pvc, live=live)
+        except Invalid as exc:
+            # Most of a PVC's spec is immutable once created: retrying the same apply can never succeed.
+            message = (f"cache PVC {pvc['metadata']['name']} cannot be changed to match spec.cache ({exc}); "
+                       "revert spec.cache, or delete the PVC so it is re-created (the model is downloaded again)")
+            return await _write(ctx, body, previous, status.model_copy(update={
+                "phase": "Failed", "message": message, "conditions": [
+                    condition("Ready", False, "CachePVCImmutable", message, generation=generation)]}), generation)
         modes = pvc["spec"]["accessModes"]
         if modes == ["ReadWriteOnce"]:
             notes.append(f"cache PVC {pvc['metadata']['name']} is ReadWriteOnce: every replica runs on the node "

@@ -21,7 +21,7 @@ from ..builders.objects import label_selector, selector_labels
 from ..builders.service import endpoint_url
 from ..fit import estimate_server
 from ..flags.validate import validate_server_spec
-from ..kube import DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, Invalid
+from ..kube import DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, SERVICES, Invalid
 from .boundary import reconciled
 from .conditions import condition, merge_conditions, now_rfc3339
 from .context import Context
@@ -135,14 +135,18 @@ async def _reconcile(body: Mapping[str, Any], ctx: Context) -> Outcome:
     fits = fits_condition(server, fit, model.status.gguf, **await gpu_nodes(ctx, server), generation=generation)
     memory = memory_status(fit) if fit is not None else None
 
+    # Read before applying: the Deployment's status is needed anyway, and an unchanged desired object whose live
+    # copy is still what we applied is not sent again (a pod event costs reads, not writes).
+    live = await ctx.kube.get(DEPLOYMENTS, namespace, name)
     try:
-        deployment = await ctx.kube.apply(build_deployment(server, model, ctx.settings, draft))
+        deployment = await ctx.kube.apply(build_deployment(server, model, ctx.settings, draft), live=live)
     except Invalid as exc:
         # The API server refused what we built from this spec (e.g. a malformed node label): retrying the
         # same write cannot help, the spec must change.
         return Outcome("Failed", f"the API server rejected the Deployment: {exc}", [model_ok, args_ok, fits],
                        await _observe(ctx, namespace, name, server.spec.replicas), memory=memory)
-    await ctx.kube.apply(build_service(server))
+    service = build_service(server)
+    await ctx.kube.apply(service, live=await ctx.kube.get(SERVICES, namespace, service["metadata"]["name"]))
     pods = await ctx.kube.list(PODS, namespace, label_selector=_selector(name))
     fleet = fleet_status(server.spec.replicas, deployment, pods)
     return Outcome(fleet.phase, fleet.message, [model_ok, args_ok, fits], fleet, endpoint=endpoint_url(server),
