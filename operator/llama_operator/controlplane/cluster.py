@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -49,6 +50,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies, even by SIGKILL (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 @dataclass
 class _Process:
     name: str
@@ -60,7 +70,7 @@ class _Process:
         with open(self.log_path, "ab") as out:
             # A session of its own: stopping signals the whole process group, never the test runner.
             self.popen = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True)
+                                          start_new_session=True, preexec_fn=_die_with_parent)
 
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
@@ -96,6 +106,9 @@ class ControlPlane:
     watches them from the start instead of discovering them at its next 30 s resync.
     `audit_service_accounts` writes an audit log (metadata level) of every request a ServiceAccount makes,
     so a test can see what the operator asked for (`audit_events()`).
+    `serving_ips` are extra IP SANs of the API server's certificate (an address on which a forwarder reaches
+    it, e.g. the sandbox node's, for pods in their own network namespaces); `issue_client_cert` signs more
+    identities (a kubelet's) with the same CA.
     """
 
     state_dir: pathlib.Path
@@ -105,6 +118,7 @@ class ControlPlane:
     audit_service_accounts: bool = False
     crds: list[dict[str, Any]] = field(default_factory=list)
     extra_apiserver_args: list[str] = field(default_factory=list)
+    serving_ips: list[str] = field(default_factory=list)
     apiserver_port: int = 0
     etcd_port: int = 0
     _processes: dict[str, _Process] = field(default_factory=dict, init=False)
@@ -188,15 +202,30 @@ class ControlPlane:
         return _write_kubeconfig(path, server=self.server, ca_pem=self.ca_cert.read_bytes(), user=user,
                                  credentials={"token": token}, namespace=namespace)
 
+    def issue_cert(self, name: str, *, common_name: str, organizations: list[str] | tuple[str, ...] = (),
+                   ip_addresses: list[str] | tuple[str, ...] = (), dns_names: list[str] | tuple[str, ...] = (),
+                   client: bool = False, server: bool = False) -> KeyPair:
+        """A certificate signed by this control plane's CA (`pki/<name>.crt|key`); available after start()."""
+        return self._ca.issue(name, common_name=common_name, organizations=organizations,
+                              ip_addresses=ip_addresses, dns_names=dns_names, client=client, server=server)
+
+    def kubeconfig_for_cert(self, path: pathlib.Path, pair: KeyPair, *, user: str, namespace: str = "default"
+                            ) -> pathlib.Path:
+        """A kubeconfig that authenticates with a client certificate (e.g. one from issue_cert)."""
+        return _write_kubeconfig(path, server=self.server, ca_pem=self.ca_cert.read_bytes(), user=user,
+                                 credentials={"client-certificate-data": _b64(pair.cert.read_bytes()),
+                                              "client-key-data": _b64(pair.key.read_bytes())},
+                                 namespace=namespace)
+
     # -- internals ------------------------------------------------------------------------------------------
 
     def _make_pki(self) -> None:
-        ca = CertificateAuthority(self.pki)
+        ca = self._ca = CertificateAuthority(self.pki)
         self._serving = ca.issue(
             "apiserver", common_name="kube-apiserver", server=True,
             dns_names=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                        "kubernetes.default.svc.cluster.local"],
-            ip_addresses=[LOOPBACK, KUBERNETES_SERVICE_IP])
+            ip_addresses=[LOOPBACK, KUBERNETES_SERVICE_IP, *self.serving_ips])
         self._admin = ca.issue("admin", common_name=ADMIN_USER, organizations=["system:masters"], client=True)
         self._kubelet_client = ca.issue("apiserver-kubelet-client", common_name="kube-apiserver-kubelet-client",
                                         organizations=["system:masters"], client=True)
