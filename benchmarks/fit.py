@@ -7,8 +7,9 @@
 Each case starts the pinned llama-server (CPU) with the operator's defaults (`--parallel` unset: 4 slots, one
 unified KV stream) and the case's `--ctx-size` and `--cache-type-k/-v`, and reads `/proc/<pid>/status`:
 - load: VmRSS once `/health` answers 200 (weights paged in by the warm-up, KV cache cleared = touched);
-- peak: VmHWM after one completion whose prompt fills a whole ubatch (512 tokens), which touches the
-  compute buffers the way real traffic does. A memory limit has to hold this, so the estimate aims at it.
+- peak: VmHWM after one completion whose prompt fills the context (up to 4096 tokens; larger contexts get one
+  full 512-token ubatch, as filling 32k tokens takes minutes on 2 cores), which touches the KV cache, the masks
+  and the compute buffers the way real traffic does. A memory limit has to hold this: the estimate aims at it.
 The error is (estimate - measured) / measured. Needs the binary: `make llama-server` (or LLAMA_SERVER_BIN).
 """
 
@@ -41,7 +42,9 @@ from tests.tiny_gguf import write_tiny_llama  # noqa: E402
 
 CONTEXTS = {"tiny": (1024, 2048, 4096), "tiny-128k": (1024, 2048, 4096), "gemma": (2048, 8192, 32768)}
 CACHE_TYPES = ("f16", "q8_0")
-PROMPT_TOKENS = 512
+FILL_UP_TO = 4096
+"""Contexts up to this are filled by the prompt (every KV cell and the whole attention mask in use); larger ones
+get one full ubatch (512 tokens): prompt processing of 32k tokens takes minutes on 2 cores."""
 
 
 @dataclass
@@ -76,7 +79,11 @@ def _get(url: str, body: dict | None = None, timeout: float = 120) -> int:
         return 0
 
 
-_BUFFER_RE = re.compile(r"(\S+) (KV|compute|model|output|RS) buffer size = +([0-9.]+) MiB")
+_BUFFER_RE = re.compile(r"(\S+) +(KV|compute|model|output|RS) buffer size = +([0-9.]+) MiB")
+
+
+def prompt_tokens(ctx: int) -> int:
+    return ctx - 16 if ctx <= FILL_UP_TO else 512
 
 
 def measure(binary: str, model: Path, ctx: int, cache_type: str, log_dir: Path) -> Measured:
@@ -96,7 +103,8 @@ def measure(binary: str, model: Path, ctx: int, cache_type: str, log_dir: Path) 
         time.sleep(0.5)
         load = _status_kib(proc.pid, "VmRSS")
         status = _get(f"http://127.0.0.1:{port}/completion",
-                      {"prompt": [100 + i % 50 for i in range(PROMPT_TOKENS)], "n_predict": 4, "cache_prompt": False})
+                      {"prompt": [100 + i % 50 for i in range(prompt_tokens(ctx))], "n_predict": 4,
+                       "cache_prompt": False}, timeout=900)
         if status != 200:
             raise RuntimeError(f"completion answered HTTP {status}; see {log_path}")
         peak = _status_kib(proc.pid, "VmHWM")
@@ -130,7 +138,8 @@ def main() -> int:
 
         models["gemma"] = Path(gemma.assemble(work / "gemma-3-270m-it-Q4_K_M.gguf"))
 
-    header = f"{'model':<10}{'ctx':>7} {'cache':<6}{'estimate':>9}{'load RSS':>10}{'err':>7}{'peak RSS':>10}{'err':>7}"
+    header = (f"{'model':<10}{'ctx':>7} {'cache':<6}{'prompt':>7}{'estimate':>9}{'load RSS':>10}{'err':>7}"
+              f"{'peak RSS':>10}{'err':>7}")
     if args.components:  # llama.cpp's "compute" here is its compute buffer plus its output (logits) buffer
         header += "   est KV / llama KV   est compute / llama compute  (MiB)"
     print(header)
@@ -149,7 +158,8 @@ def main() -> int:
                 err_load = (predicted - got.load) / got.load * 100
                 err_peak = (predicted - got.peak) / got.peak * 100
                 errors.append(abs(err_peak))
-                line = (f"{name:<10}{ctx:>7} {cache_type:<6}{_mib(predicted):>9}{_mib(got.load):>10}"
+                line = (f"{name:<10}{ctx:>7} {cache_type:<6}{prompt_tokens(ctx):>7}{_mib(predicted):>9}"
+                        f"{_mib(got.load):>10}"
                         f"{err_load:>+6.1f}%{_mib(got.peak):>10}{err_peak:>+6.1f}%")
                 if args.components:
                     line += (f"   {_mib(fit.host.kv_cache)} / {got.buffers.get('KV', 0):7.1f}"

@@ -184,7 +184,19 @@ def test_kv_cache(name: str, shape: ModelMemoryShape, settings: FitSettings, exp
     fit = estimate(shape, settings, trained_context=131072)
     assert (fit.context_size, fit.context_per_slot, fit.slots, fit.host.kv_cache) == expected
     assert fit.host.total == sum((fit.host.weights, fit.host.kv_cache, fit.host.recurrent_state,
-                                  fit.host.compute, fit.host.overhead))
+                                  fit.host.compute, fit.host.checkpoints, fit.host.overhead))
+
+
+def test_one_context_checkpoint_counts_and_the_rest_is_growth() -> None:
+    # gemma3: a checkpoint holds one slot's sliding-window cells (window 512 + ubatch 512) of the 15 SWA layers
+    fit = estimate(GEMMA, FitSettings(context_size=8192))
+    assert fit.host.checkpoints == 1024 * 3840 * 2 * 2
+    assert fit.checkpoints_max == (32 * 4 - 1) * fit.host.checkpoints
+    assert estimate(GEMMA, FitSettings(context_size=8192, ctx_checkpoints=0)).host.checkpoints == 0
+    assert estimate(GEMMA, FitSettings(context_size=8192, swa_full=True)).host.checkpoints == 0
+    assert estimate(DENSE, FitSettings(context_size=8192)).host.checkpoints == 0  # plain attention rolls back
+    recurrent = ModelMemoryShape(layers=4, recurrent_layers=4, recurrent_state_width=1000, embedding_length=64)
+    assert estimate(recurrent, FitSettings(context_size=256)).host.checkpoints == 4000
 
 
 def test_kv_bytes_rounds_quantized_rows_to_blocks() -> None:
@@ -293,12 +305,13 @@ def test_settings_from_spec_reads_typed_fields_and_memory_flags_in_args() -> Non
     settings = settings_from_spec(_spec(
         contextSize=8192, parallel=2, cacheTypeK="q8_0", cacheTypeV="q4_0", flashAttention="on", batchSize=1024,
         gpu={"vendor": "nvidia", "count": 2}, gpuLayers=20, tensorSplit=[1.0, 1.0],
-        args=["--cache-ram", "0", "--kv-unified", "--swa-full", "--top-k", "20"],
+        args=["--cache-ram", "0", "--kv-unified", "--swa-full", "--top-k", "20", "-ctxcp", "4"],
     ))  # fmt: skip
     assert settings == FitSettings(
         context_size=8192, parallel=2, kv_unified=True, cache_type_k="q8_0", cache_type_v="q4_0",
         flash_attention="on", batch_size=1024, ubatch_size=None, gpu_count=2, gpu_layers=20,
         tensor_split=[1.0, 1.0], split_mode=None, swa_full=True, embedding=False, cache_ram_mib=0,
+        ctx_checkpoints=4,
     )  # fmt: skip
     # the last of a repeated switch wins, as in llama-server
     assert settings_from_spec(_spec(args=["-kvu", "--no-kv-unified"])).kv_unified is False
@@ -328,6 +341,7 @@ def test_table_lists_devices_and_components() -> None:
     lines = text.splitlines()
     assert lines[0].split() == ["host", "gpu0", "gpu1"]
     assert [line.split()[0] for line in lines[1:6]] == ["weights", "KV", "compute", "overhead", "total"]
+    assert "checkpoint" not in text  # plain attention: no context checkpoints
     assert "8192 cells (4 slots, 8192 per slot, unified)" in text
 
 

@@ -187,3 +187,13 @@ def test_settings_from_env() -> None:
         Settings.from_env({"LLAMA_OPERATOR_MEMORY_REQUEST_FROM_ESTIMATE": "yes"})
     with pytest.raises(SettingsError, match="HEADROOM_PERCENT"):
         Settings.from_env({"LLAMA_OPERATOR_MEMORY_REQUEST_HEADROOM_PERCENT": "-5"})
+
+
+def test_growth_beyond_the_limit_is_pointed_out() -> None:
+    # 8 GiB of prompt cache (llama-server's default --cache-ram) does not fit in what an 8 GiB limit leaves
+    cond = _fits(_server(contextSize=4096, resources={"limits": {"memory": "8Gi"}}))
+    assert cond.reason == "Fits" and "bound them with --cache-ram (MiB) and --ctx-checkpoints" in cond.message
+    bounded = _fits(_server(contextSize=4096, resources={"limits": {"memory": "8Gi"}},
+                            args=["--cache-ram", "1024"]))
+    assert "--cache-ram" not in bounded.message
+    assert "--cache-ram" not in _fits(_server(contextSize=4096)).message  # no limit: nothing to OOM against

@@ -551,6 +551,10 @@ class MemoryEstimate(ApiModel):
     prompt_cache_max: str | None = Field(
         None, description="Host memory the prompt cache (--cache-ram) may add over time; 'unbounded' for -1."
     )
+    checkpoints_max: str | None = Field(
+        None, description="Host memory more context checkpoints (--ctx-checkpoints per slot; sliding-window and "
+        "recurrent models) may add over time."
+    )
 
 
 class LlamaServerStatus(ApiModel):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 from ..api.v1alpha1 import GgufInfo, LlamaServerSpec
 from .estimate import DeviceEstimate, Estimate, FitSettings, MiB, estimate
@@ -48,6 +49,7 @@ def settings_from_spec(spec: LlamaServerSpec) -> FitSettings:
     """The memory-relevant settings of a LlamaServer, including the few `args` flags that change memory."""
     args = list(spec.args or [])
     cache_ram = _flag_value(args, ("-cram", "--cache-ram"))
+    checkpoints = _flag_value(args, ("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"))
     ubatch = spec.ubatch_size
     if ubatch is None and spec.mode != "chat":
         ubatch = spec.batch_size  # what flags/render.py passes for embedding and rerank
@@ -67,6 +69,7 @@ def settings_from_spec(spec: LlamaServerSpec) -> FitSettings:
         swa_full="--swa-full" in args,
         embedding=spec.mode != "chat",
         cache_ram_mib=int(cache_ram) if cache_ram and cache_ram.lstrip("-").isdigit() else 8192,
+        ctx_checkpoints=int(checkpoints) if checkpoints and checkpoints.isdigit() else 32,
     )
 
 
@@ -80,14 +83,14 @@ def estimate_server(spec: LlamaServerSpec, gguf: GgufInfo | None, draft: GgufInf
     if draft is not None and draft.memory is not None and spec.speculative is not None:
         # The draft model gets its own weights and KV cache of the same context on the same devices.
         layers = spec.speculative.draft_gpu_layers
-        draft_settings = FitSettings(**{**settings.__dict__, "gpu_layers": layers if layers is not None else
-                                        settings.gpu_layers})
+        draft_settings = replace(settings, gpu_layers=layers if layers is not None else settings.gpu_layers)
         extra = estimate(draft.memory, draft_settings, trained_context=draft.context_length)
         for mine, theirs in zip(result.devices, extra.devices, strict=True):
             mine.weights += theirs.weights
             mine.kv_cache += theirs.kv_cache
             mine.recurrent_state += theirs.recurrent_state
             mine.compute += theirs.compute
+            mine.checkpoints += theirs.checkpoints
         result.notes.append("includes the speculative draft model's weights, KV cache and compute buffers")
     return result
 
@@ -107,7 +110,7 @@ def request_quantity(size: int, *, headroom_percent: float = 0) -> str:
 def table(result: Estimate) -> str:
     """A readable table: one column per device, one row per component."""
     rows = [("weights", "weights"), ("KV cache", "kv_cache"), ("recurrent state", "recurrent_state"),
-            ("compute buffers", "compute"), ("overhead", "overhead")]
+            ("compute buffers", "compute"), ("checkpoint", "checkpoints"), ("overhead", "overhead")]
     names = [d.name for d in result.devices]
     width = max(12, *(len(n) for n in names))
     lines = [f"{'':<16}" + "".join(f"{n:>{width}}" for n in names)]
@@ -125,5 +128,8 @@ def table(result: Estimate) -> str:
     if result.prompt_cache_max:
         cache = "unbounded" if result.prompt_cache_max < 0 else format_bytes(result.prompt_cache_max)
         lines.append(f"prompt cache: may grow by up to {cache} of host memory over time (--cache-ram)")
+    if result.checkpoints_max:
+        lines.append(f"context checkpoints: may grow by up to {format_bytes(result.checkpoints_max)} of host "
+                     "memory over time (--ctx-checkpoints per slot)")
     lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)

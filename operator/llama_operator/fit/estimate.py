@@ -12,7 +12,12 @@ measurements that calibrated the overhead terms (benchmarks/fit.py):
 - compute buffers: the largest intermediate tensors of a worst-case `ubatch` batch: the attention scores
   (without flash attention) or the masks (with it), the feed-forward activations, and logits for one output
   per slot.
-- overhead: the process itself (binary, tokenizer tables, HTTP server) and, per GPU, the driver context.
+- checkpoints: models with sliding-window or recurrent layers cannot roll those back, so llama-server copies
+  their state of a slot into host memory while it processes a prompt ("context checkpoints", up to
+  `--ctx-checkpoints` 32 per slot). One is counted; the rest, like the prompt cache (`--cache-ram`), is growth
+  over time, reported separately.
+- overhead: the process itself (binary, tokenizer tables, HTTP server, per-token request bookkeeping) and, per
+  GPU, the driver context.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ DEFAULT_BATCH = 2048
 DEFAULT_UBATCH = 512
 DEFAULT_CACHE_RAM_MIB = 8192
 """llama-server keeps prompts of idle slots in host memory up to `--cache-ram` MiB (default 8192)."""
+DEFAULT_CTX_CHECKPOINTS = 32
+"""`--ctx-checkpoints`: context checkpoints kept per slot (sliding-window and recurrent models)."""
 
 # Calibrated on the pinned llama-server (benchmarks/fit.py, docs/memory-fit.md).
 PROCESS_OVERHEAD = 16 * MiB
@@ -56,6 +63,9 @@ PROCESS_OVERHEAD = 16 * MiB
 VOCAB_BYTES_PER_TOKEN = 200
 """Tokenizer tables (token strings, maps, scores) per vocabulary entry (measured 167 bytes with a 131072-token
 variant of the tiny model, 199 with gemma3's 262144 tokens)."""
+CONTEXT_BYTES_PER_TOKEN = 640
+"""Request bookkeeping per context token (prompt tokens, JSON, slot state): a prompt that fills a 4096-token
+context raised the tiny model's peak by 2.5 MiB more than its KV cache and buffers explain."""
 GPU_CONTEXT_OVERHEAD = 512 * MiB
 """Per GPU: driver context, cuBLAS workspace and kernels (not measured here: no GPU on the test machines)."""
 GPU_HOST_OVERHEAD = 384 * MiB
@@ -84,6 +94,7 @@ class FitSettings:
     swa_full: bool = False
     embedding: bool = False
     cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB
+    ctx_checkpoints: int = DEFAULT_CTX_CHECKPOINTS
 
 
 @dataclass
@@ -95,11 +106,12 @@ class DeviceEstimate:
     kv_cache: int = 0
     recurrent_state: int = 0
     compute: int = 0
+    checkpoints: int = 0
     overhead: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.recurrent_state + self.compute + self.overhead
+        return self.weights + self.kv_cache + self.recurrent_state + self.compute + self.checkpoints + self.overhead
 
 
 @dataclass
@@ -117,7 +129,9 @@ class Estimate:
     """Blocks offloaded to GPUs."""
     trained_context: int | None
     prompt_cache_max: int
-    """Bytes the prompt cache (--cache-ram) may add over time, beyond `host.total`."""
+    """Bytes the prompt cache (--cache-ram) may add over time, beyond `host.total` (-1: unbounded)."""
+    checkpoints_max: int = 0
+    """Bytes the context checkpoints of every slot may add over time, beyond the one in `host.total`."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -247,7 +261,14 @@ def estimate(shape: ModelMemoryShape, settings: FitSettings, *, trained_context:
     host.kv_cache = round((kv_full + kv_swa) * state_fraction)
     host.recurrent_state = round(recurrent * state_fraction)
     vocab_overhead = shape.vocab_size * VOCAB_BYTES_PER_TOKEN
-    host.overhead = PROCESS_OVERHEAD + vocab_overhead
+    host.overhead = PROCESS_OVERHEAD + vocab_overhead + CONTEXT_BYTES_PER_TOKEN * n_ctx
+    # A context checkpoint: one slot's sliding-window cells (at most window + ubatch) and recurrent state.
+    checkpoint = shape.recurrent_state_width * 4
+    if shape.sliding_window_layers and not settings.swa_full:
+        checkpoint += kv_bytes(pad(min(per_slot, shape.sliding_window + ubatch)), shape.sliding_key_width,
+                               shape.sliding_value_width, settings.cache_type_k, settings.cache_type_v)
+    checkpoint *= 1 if settings.ctx_checkpoints > 0 else 0
+    host.checkpoints = checkpoint
     devices = [host]
     if settings.gpu_count > 0:
         host.overhead += GPU_HOST_OVERHEAD
@@ -286,5 +307,6 @@ def estimate(shape: ModelMemoryShape, settings: FitSettings, *, trained_context:
         gpu_layers=gpu_layers,
         trained_context=trained_context,
         prompt_cache_max=prompt_cache_max,
+        checkpoints_max=max(0, checkpoint * settings.ctx_checkpoints * slots - checkpoint),
         notes=notes,
     )

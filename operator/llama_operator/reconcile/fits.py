@@ -41,6 +41,7 @@ def memory_status(fit: Estimate) -> MemoryEstimate:
         context_per_slot=fit.context_per_slot,
         slots=fit.slots,
         prompt_cache_max=None if cache == 0 else ("unbounded" if cache < 0 else request_quantity(cache)),
+        checkpoints_max=request_quantity(fit.checkpoints_max) if fit.checkpoints_max else None,
     )
 
 
@@ -49,6 +50,13 @@ def _breakdown(fit: Estimate) -> str:
     return (f"weights {format_bytes(host.weights)}, KV cache {format_bytes(host.kv_cache + host.recurrent_state)}"
             f" for {fit.context_size} cells, compute {format_bytes(host.compute)}, overhead "
             f"{format_bytes(host.overhead)}")
+
+
+def _growth(fit: Estimate) -> int:
+    """What the host memory may grow by after load (-1: unbounded)."""
+    if fit.prompt_cache_max < 0:
+        return -1
+    return fit.prompt_cache_max + fit.checkpoints_max
 
 
 def _memory_limit(server: LlamaServer) -> int | None:
@@ -160,6 +168,11 @@ def fits_condition(
     within = (f"within resources.limits.memory {format_bytes(limit)}" if limit is not None
               else "no memory limit set")
     message = f"estimated host memory {format_bytes(host)} ({_breakdown(fit)}), {within}"
+    growth = _growth(fit)
+    if limit is not None and growth and (growth < 0 or host + growth > limit):
+        notes.append(f"the prompt cache and context checkpoints may add "
+                     f"{'unbounded memory' if growth < 0 else format_bytes(growth)} over time: bound them with "
+                     "--cache-ram (MiB) and --ctx-checkpoints in args, or the pod may be OOM-killed later")
     if notes:
         message += "; " + "; ".join(notes)
     trained = gguf.context_length
