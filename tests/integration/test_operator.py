@@ -217,7 +217,7 @@ def test_unreachable_source_stays_resolving_with_backoff(apiserver: Any, run_ope
                                                           or "") and _status(apiserver, "llamamodels", "qwen"),
                                     message="Resolving with the error")
         assert "127.0.0.1:9" in status["message"]
-    assert "failed temporarily: source unreachable" in runner.output
+    assert "failed (attempt 1): source unreachable" in runner.output  # the Runtime schedules the retry (issue 11)
     assert runner.output.count("Handler 'model_changed' is invoked") == 1, "retried after a delay, not at once"
 
 
