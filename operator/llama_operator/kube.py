@@ -16,7 +16,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,8 @@ PODS = ResourceKind("", "v1", "pods")
 SECRETS = ResourceKind("", "v1", "secrets")
 LLAMA_MODELS = ResourceKind(GROUP, VERSION, "llamamodels")
 LLAMA_SERVERS = ResourceKind(GROUP, VERSION, "llamaservers")
+ENDPOINT_SLICES = ResourceKind("discovery.k8s.io", "v1", "endpointslices")
+"""Read (watched) by the gateway: the ready addresses of each LlamaServer's Service."""
 NODES = ResourceKind("", "v1", "nodes")
 """Cluster-scoped: read (cluster mode only) for the GPU memory labels the Fits condition compares with."""
 
@@ -104,12 +107,13 @@ PERMISSIONS: tuple[Permission, ...] = (
 )
 
 
-def _check_permission(kind: ResourceKind, verb: str, subresource: str | None = None) -> None:
+def _check_permission(kind: ResourceKind, verb: str, subresource: str | None = None,
+                      permissions: tuple[Permission, ...] = PERMISSIONS) -> None:
     resource = kind.plural if subresource is None else f"{kind.plural}/{subresource}"
-    for permission in PERMISSIONS:
+    for permission in permissions:
         if permission.api_group == kind.api_group and permission.resource == resource and verb in permission.verbs:
             return
-    raise AssertionError(f"kube.PERMISSIONS does not declare {verb} on {kind.api_group or 'core'}/{resource}")
+    raise AssertionError(f"the declared permissions lack {verb} on {kind.api_group or 'core'}/{resource}")
 
 
 def _translate(exc: ApiException, what: str, permission: str | None = None) -> KubeError:
@@ -219,9 +223,12 @@ class Applied:
 class Kube:
     """Async facade over the synchronous client; one instance per operator process."""
 
-    def __init__(self, api_client: k8s_client.ApiClient, *, field_manager: str = FIELD_MANAGER) -> None:
+    def __init__(self, api_client: k8s_client.ApiClient, *, field_manager: str = FIELD_MANAGER,
+                 permissions: tuple[Permission, ...] = PERMISSIONS) -> None:
         self._api = api_client
         self._field_manager = field_manager
+        # What this process may call (the operator's PERMISSIONS, or the gateway's): RBAC is derived from it.
+        self._permissions = permissions
         # What the last apply of each object sent and got back: recognises the watch echo of our own write, and
         # lets an unchanged desired object skip the apply (see `apply(live=...)`).
         self._applied: dict[tuple[str, str, str], Applied] = {}
@@ -274,8 +281,8 @@ class Kube:
         event then costs a read, not a write.
         """
         kind = KINDS_BY_API[(obj["apiVersion"], obj["kind"])]
-        _check_permission(kind, "patch")
-        _check_permission(kind, "create")
+        _check_permission(kind, "patch", permissions=self._permissions)
+        _check_permission(kind, "create", permissions=self._permissions)
         meta = obj["metadata"]
         key = (kind.plural, meta["namespace"], meta["name"])
         digest = desired_digest(obj)
@@ -302,7 +309,7 @@ class Kube:
 
     async def get(self, kind: ResourceKind, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
-        _check_permission(kind, "get")
+        _check_permission(kind, "get", permissions=self._permissions)
         try:
             return await self._request("GET", kind.path(namespace, name), permission=_rule("get", kind, namespace))
         except NotFound:
@@ -312,7 +319,7 @@ class Kube:
         self, kind: ResourceKind, namespace: str | None, *, label_selector: str = ""
     ) -> list[dict[str, Any]]:
         """Objects in one namespace, or in all (None)."""
-        _check_permission(kind, "list")
+        _check_permission(kind, "list", permissions=self._permissions)
         query = [("labelSelector", label_selector)] if label_selector else []
         result = await self._request("GET", kind.path(namespace), query=query,
                                      permission=_rule("list", kind, namespace))
@@ -320,7 +327,7 @@ class Kube:
 
     async def delete(self, kind: ResourceKind, namespace: str, name: str) -> bool:
         """Delete (background propagation); False when it was already gone."""
-        _check_permission(kind, "delete")
+        _check_permission(kind, "delete", permissions=self._permissions)
         try:
             await self._request("DELETE", kind.path(namespace, name), body={"propagationPolicy": "Background"},
                                 permission=_rule("delete", kind, namespace))
@@ -342,7 +349,7 @@ class Kube:
         With `previous` (the status as last read), the result is exactly `status`: top-level keys that
         `previous` has and `status` lacks are cleared, not left stale.
         """
-        _check_permission(kind, "patch", "status")
+        _check_permission(kind, "patch", "status", permissions=self._permissions)
         cleared = {key: None for key in previous or {} if key not in status}
         try:
             return await self._request(
@@ -352,6 +359,106 @@ class Kube:
                 content_type="application/merge-patch+json",
                 permission=_rule("patch", kind, namespace, "status"),
             )
+        except NotFound:
+            return None
+
+    async def list_versioned(self, kind: ResourceKind, namespace: str | None, *, label_selector: str = ""
+                             ) -> tuple[list[dict[str, Any]], str]:
+        """Objects in one namespace (or all: None) and the list's resourceVersion, where a watch starts."""
+        _check_permission(kind, "list", permissions=self._permissions)
+        query = [("labelSelector", label_selector)] if label_selector else []
+        result = await self._request("GET", kind.path(namespace), query=query,
+                                     permission=_rule("list", kind, namespace))
+        return list(result.get("items") or []), str((result.get("metadata") or {}).get("resourceVersion") or "")
+
+    async def watch(self, kind: ResourceKind, namespace: str | None, resource_version: str, *,
+                    label_selector: str = "", timeout_seconds: int = 300
+                    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """(type, object) events after `resource_version` until the API server ends the watch.
+
+        Types: ADDED, MODIFIED, DELETED, BOOKMARK (an object with only metadata.resourceVersion). A watch whose
+        version is too old raises Unavailable with status 410: list again. The stream is read in a daemon thread
+        (the client is synchronous); leaving the iteration early shuts the connection down.
+        """
+        _check_permission(kind, "watch", permissions=self._permissions)
+        query = [("watch", "true"), ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(timeout_seconds))]
+        if resource_version:
+            query.append(("resourceVersion", resource_version))
+        if label_selector:
+            query.append(("labelSelector", label_selector))
+        path = kind.path(namespace)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        done = object()
+        holder: dict[str, Any] = {}
+
+        def put(item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def run() -> None:
+            try:
+                self._watch_sync(path, query, timeout_seconds, put, holder)
+            except BaseException as exc:  # handed to the reader, which raises it
+                put(exc)
+            finally:
+                put(done)
+
+        threading.Thread(target=run, name=f"watch {path}", daemon=True).start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    return
+                if isinstance(item, ApiException):
+                    raise _translate(item, f"GET {path} (watch)", _rule("watch", kind, namespace))
+                if isinstance(item, BaseException):
+                    raise item
+                event_type, obj = item
+                if event_type == "ERROR":
+                    code = int(obj.get("code") or 0)
+                    raise Unavailable(f"watch {path}: {obj.get('message')}", status=code)
+                yield event_type, obj
+        finally:
+            response = holder.get("response")
+            if response is not None:
+                response.shutdown()  # unblocks the reading thread
+
+    def _watch_sync(self, path: str, query: list[tuple[str, str]], timeout_seconds: int,
+                    put: Any, holder: dict[str, Any]) -> None:
+        _, url, headers, _, _ = self._api.param_serialize(
+            method="GET", resource_path=path, query_params=query, header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"])
+        try:
+            response = self._api.call_api("GET", url, header_params=headers,
+                                          _request_timeout=(10, timeout_seconds + 30))
+        except urllib3.exceptions.HTTPError as exc:
+            raise Unavailable(f"GET {path} (watch): {exc}") from exc
+        raw = response.response
+        holder["response"] = raw
+        if not 200 <= raw.status <= 299:
+            raise ApiException(status=raw.status, reason=raw.reason, body=raw.read().decode("utf-8", "replace"))
+        pending = b""
+        try:
+            for chunk in raw.stream(amt=None, decode_content=False):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        event = json.loads(line)
+                        put((event.get("type"), event.get("object") or {}))
+        except (urllib3.exceptions.HTTPError, OSError, ValueError, AttributeError):
+            # Shut down by the reader, or the connection dropped: the caller watches again from its version.
+            return
+        finally:
+            raw.release_conn()
+
+    async def scale(self, kind: ResourceKind, namespace: str, name: str, replicas: int) -> dict[str, Any] | None:
+        """Set spec.replicas through the scale subresource (what `kubectl scale` does); None when gone."""
+        _check_permission(kind, "patch", "scale", permissions=self._permissions)
+        try:
+            return await self._request(
+                "PATCH", kind.path(namespace, name, "scale"), body={"spec": {"replicas": replicas}},
+                content_type="application/merge-patch+json", permission=_rule("patch", kind, namespace, "scale"))
         except NotFound:
             return None
 

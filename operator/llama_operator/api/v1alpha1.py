@@ -336,6 +336,54 @@ class ServiceSpec(ApiModel):
     annotations: dict[str, str] | None = Field(None, description="Annotations for the Service.")
 
 
+SCALING_RULES = (
+    Rule("min-above-max", "self.minReplicas <= self.maxReplicas",
+         lambda s: s.min_replicas <= s.max_replicas,
+         "minReplicas ({minReplicas}) must be <= maxReplicas ({maxReplicas})", field="minReplicas"),
+)
+
+
+class ScalingSpec(ApiModel):
+    """Replicas that follow the load, down to zero while idle: decided by the gateway (docs/gateway.md).
+
+    With this set, the gateway is the one component that writes spec.replicas (through the scale subresource).
+    A `kubectl scale` inside [minReplicas, maxReplicas] is kept for at least scaleDownDelaySeconds (and counts as
+    activity for idleSeconds); a value outside is put back to the nearest bound.
+    """
+
+    model_config = {**ApiModel.model_config, "json_schema_extra": cel_schema(SCALING_RULES)}
+
+    min_replicas: int = Field(
+        1, ge=0, le=1000, description="Fewest replicas; 0 lets the server scale to zero while idle (the gateway "
+        "holds the first request while it scales up again).")
+    max_replicas: int = Field(1, ge=1, le=1000, description="Most replicas the load may ask for.")
+    target_in_flight: int | None = Field(
+        None, ge=1, le=1024, description="In-flight requests per replica the autoscaler aims at (mean over "
+        "windowSeconds); default: spec.parallel, else 4.")
+    idle_seconds: int = Field(
+        300, ge=1, le=604800, description="With minReplicas 0: seconds without any request before scaling to zero.")
+    scale_down_delay_seconds: int = Field(
+        60, ge=0, le=86400, description="A scale-down happens only when no higher replica count was wanted during "
+        "this many seconds (no flapping); scale-ups are immediate.")
+    window_seconds: int = Field(
+        30, ge=1, le=3600, description="Seconds over which in-flight requests are averaged into the load.")
+
+
+class RoutingSpec(ApiModel):
+    """How the gateway spreads requests over this server's ready replicas."""
+
+    strategy: Literal["LeastInFlight", "PrefixAffinity"] = Field(
+        "LeastInFlight", description="LeastInFlight: the replica with the fewest requests in flight. "
+        "PrefixAffinity: consistent hashing with bounded load over the prompt prefix, so one conversation keeps "
+        "hitting the replica whose KV cache holds it, unless that replica is over loadBound times the mean load.")
+    prefix_characters: int = Field(
+        2048, ge=16, le=1048576, description="PrefixAffinity: characters of the prompt hashed (for chat: the "
+        "messages up to and including the first user message).")
+    load_bound: float = Field(
+        1.25, ge=1.0, le=100.0, description="PrefixAffinity: no replica takes more than ceil(loadBound x mean "
+        "in-flight) requests; past that the next replica on the ring gets the request.")
+
+
 KvCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 LoadMode = Literal["auto", "none", "mmap", "mlock", "mmap+mlock", "dio"]
 ARGS_MAX_ITEMS = 256
@@ -525,6 +573,11 @@ class LlamaServerSpec(ApiModel):
         None, description="Extra environment variables (LLAMA_ARG_* ones are validated like flags)."
     )
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="The Service in front of the pods.")
+    scaling: ScalingSpec | None = Field(
+        None, description="Autoscaling and scale to zero by the gateway (docs/gateway.md); absent: spec.replicas "
+        "is left to you.")
+    routing: RoutingSpec | None = Field(
+        None, description="How the gateway balances requests over the replicas (default LeastInFlight).")
 
     @field_validator("args")
     @classmethod
@@ -557,6 +610,19 @@ class MemoryEstimate(ApiModel):
     )
 
 
+class AutoscalingStatus(ApiModel):
+    """The gateway autoscaler's view of this server (written by the gateway only)."""
+
+    load: float | None = Field(None, description="Mean in-flight plus held requests over the window.")
+    in_flight: int | None = Field(None, description="Requests in flight through the gateway right now.")
+    queued: int | None = Field(None, description="Requests held by the gateway waiting for a ready replica.")
+    desired_replicas: int | None = Field(None, description="Replicas the autoscaler wants.")
+    last_scale_time: str | None = Field(None, description="When spec.replicas last changed (RFC 3339).")
+    reason: str | None = Field(None, description="Why, in one CamelCase word (ScaleFromZero, LoadAboveTarget, ...).")
+    message: str | None = Field(None, description="Why, for people.")
+    updated_time: str | None = Field(None, description="When the gateway wrote this view (RFC 3339).")
+
+
 class LlamaServerStatus(ApiModel):
     """What the fleet is doing."""
 
@@ -572,6 +638,9 @@ class LlamaServerStatus(ApiModel):
     args: list[str] | None = Field(None, description="The llama-server arguments in use.")
     memory: MemoryEstimate | None = Field(
         None, description="Estimated memory per replica (docs/memory-fit.md); see the Fits condition."
+    )
+    autoscaling: AutoscalingStatus | None = Field(
+        None, description="The gateway autoscaler's view (load, desired replicas, last scale, why); with spec.scaling."
     )
     conditions: list[Condition] | None = Field(
         None, description="ModelResolved, ArgsValid, Fits, Available, Progressing."

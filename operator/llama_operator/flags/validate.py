@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..api.cel import violations
-from ..api.v1alpha1 import SERVER_RULES, SPECULATIVE_RULES, LlamaServerSpec
+from ..api.v1alpha1 import SCALING_RULES, SERVER_RULES, SPECULATIVE_RULES, LlamaServerSpec
 from .catalog import Catalog, Option, load_catalog
 from .policy import INT32, RANGES, REMOVED, refusal
 
@@ -375,6 +375,8 @@ def _cross_field(spec: LlamaServerSpec, arg_flags: list[ParsedFlag]) -> list[Fie
     errors = [FieldError(*found) for found in violations(SERVER_RULES, spec, "spec")]
     if spec.speculative is not None:
         errors += [FieldError(*found) for found in violations(SPECULATIVE_RULES, spec.speculative, "spec.speculative")]
+    if spec.scaling is not None:
+        errors += [FieldError(*found) for found in violations(SCALING_RULES, spec.scaling, "spec.scaling")]
     if spec.mode != "chat":
         for flag in arg_flags:
             if flag.option.canonical == "--spec-type":

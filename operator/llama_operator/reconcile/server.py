@@ -189,6 +189,15 @@ def _fleet_conditions(fleet: FleetStatus, desired: int, generation: int | None) 
     ]
 
 
+GATEWAY_STATUS_FIELDS = ("autoscaling",)
+"""Status written by the gateway's autoscaler (docs/gateway.md), never by the operator: left out of the operator's
+merge patch, so the gateway's latest view stays whatever (older) copy this reconcile read."""
+
+
+def _without_gateway(wire: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in wire.items() if key not in GATEWAY_STATUS_FIELDS}
+
+
 async def _write(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> LlamaServerStatus:
     meta = body["metadata"]
     generation = meta.get("generation")
@@ -222,7 +231,7 @@ async def _write(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> Lla
         event_type = "Warning" if phase in ("Failed", "Degraded") else "Normal"
         ctx.record_event(body, type=event_type, reason=phase, message=message or f"LlamaServer is {phase}")
     fits_event(ctx, body, previous.conditions, status.conditions)
-    await ctx.kube.patch_status(LLAMA_SERVERS, meta["namespace"], meta["name"], status.to_wire(),
-                                previous=previous.to_wire())
+    await ctx.kube.patch_status(LLAMA_SERVERS, meta["namespace"], meta["name"], _without_gateway(status.to_wire()),
+                                previous=_without_gateway(previous.to_wire()))
     log.info("LlamaServer %s/%s is %s%s", meta["namespace"], meta["name"], phase, f": {message}" if message else "")
     return status
