@@ -62,6 +62,11 @@ EXIT_DISK_FULL = 15
 EXIT_UNREACHABLE = 16
 EXIT_INTERRUPTED = 143
 
+# ---------------------------------------------------------------------------------------------- files
+
+GGUF_MAGIC = b"GGUF"
+"""The first four bytes of every GGUF file: the fetcher checks them on the first chunk, `gguf` parses on."""
+
 # ---------------------------------------------------------------------------------------------- reports
 
 VERIFIED_PREFIX = "Verified:"

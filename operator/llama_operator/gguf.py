@@ -25,8 +25,8 @@ from typing import Any, Protocol
 import httpx
 
 from .api.v1alpha1 import GgufInfo
-
-GGUF_MAGIC = b"GGUF"
+from .contract import GGUF_MAGIC
+from .fetch.http import MAX_REDIRECTS, REDIRECTS, hop_headers, same_origin
 
 # GGUF metadata value types (gguf.md in the ggml repository).
 _UINT8, _INT8, _UINT16, _INT16, _UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY, _UINT64, _INT64, _FLOAT64 = (
@@ -219,15 +219,6 @@ class HttpStatusError(Exception):
         self.headers = dict(headers)
 
 
-_REDIRECTS = (301, 302, 303, 307, 308)
-_MAX_REDIRECTS = 10
-
-
-def same_origin(a: str, b: str) -> bool:
-    pa, pb = httpx.URL(a), httpx.URL(b)
-    return (pa.scheme, pa.host, pa.port) == (pb.scheme, pb.host, pb.port)
-
-
 async def send_following(
     client: httpx.AsyncClient,
     method: str,
@@ -242,12 +233,12 @@ async def send_following(
     once the origin changes; `extra` (Range) is always sent. The caller closes the returned response.
     """
     current = url
-    for _ in range(_MAX_REDIRECTS + 1):
-        send_headers = {**(headers if same_origin(url, current) else {}), **(extra or {})}
+    for _ in range(MAX_REDIRECTS + 1):
+        send_headers = hop_headers(headers, url, current, extra)
         request = client.build_request(method, current, headers=send_headers)
         response = await client.send(request, stream=True, follow_redirects=False)
         location = response.headers.get("location")
-        if response.status_code not in _REDIRECTS or not location:
+        if response.status_code not in REDIRECTS or not location:
             return response
         await response.aclose()
         current = str(httpx.URL(current).join(location))

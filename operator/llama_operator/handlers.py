@@ -27,7 +27,7 @@ from .kube import (
     connection_settings,
     load_api_client,
 )
-from .metrics import RECONCILE_SECONDS, RECONCILES
+from .metrics import PHASES, RECONCILE_SECONDS, RECONCILES
 from .metrics import serve as serve_metrics
 from .reconcile.boundary import Verdict, failure_verdict, guarded
 from .reconcile.context import Context
@@ -86,6 +86,7 @@ class Runtime:
                 log.warning("Reading %s %s/%s failed: %s", kind_name, namespace, name, verdict.message)
             else:
                 if body is None or body["metadata"].get("deletionTimestamp"):
+                    PHASES.forget(kind_name, namespace, name)
                     self._settle(key, Verdict(ok=True), namespace, name)
                     return Verdict(ok=True)  # deleted: garbage collection removes what it owned
                 verdict = await guarded(kind, body, self.ctx, reconcile, attempt=attempt, policy=self.policy)
@@ -138,6 +139,10 @@ class Runtime:
                 except Exception as exc:  # noqa: BLE001 - the next round lists again
                     log.warning("Resync of %s failed, will retry: %s", kind.plural, exc)
                     continue
+                # Objects deleted while no event reached us leave the phase gauges here.
+                metas = [b.get("metadata") or {} for b in bodies]
+                PHASES.retain("LlamaServer" if kind is LLAMA_SERVERS else "LlamaModel", namespace,
+                              [(m.get("namespace", ""), m.get("name", "")) for m in metas])
                 for body in bodies:
                     meta = body.get("metadata") or {}
                     await _best_effort(reconcile(meta.get("namespace", ""), meta.get("name", "")), "resync")

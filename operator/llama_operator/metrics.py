@@ -1,8 +1,15 @@
-"""Prometheus metrics of the operator itself (served on Settings.metrics_port at /metrics)."""
+"""Prometheus metrics of the operator itself (served on Settings.metrics_port at /metrics).
+
+Besides the reconcile counters: how many LlamaModels and LlamaServers are in each phase (`PHASES`, fed by the
+status writers and pruned by the resync), and the replicas and estimated memory of each LlamaServer. The
+llama-server pods serve their own metrics (`llamacpp:*`, `--metrics`) on :8080/metrics.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from collections.abc import Iterable
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RECONCILES = Counter(
     "llama_operator_reconciles_total", "Reconciles run, by kind and result.", ["kind", "result"]
@@ -10,6 +17,84 @@ RECONCILES = Counter(
 RECONCILE_SECONDS = Histogram(
     "llama_operator_reconcile_duration_seconds", "Time spent in one reconcile.", ["kind"]
 )
+OBJECTS = Gauge(
+    "llama_operator_objects", "LlamaModels and LlamaServers by kind and phase.", ["kind", "phase"]
+)
+SERVER_REPLICAS = Gauge(
+    "llama_operator_server_replicas", "Replicas of a LlamaServer: desired and ready.",
+    ["namespace", "name", "state"],
+)
+SERVER_MEMORY = Gauge(
+    "llama_operator_server_memory_estimate_bytes", "Estimated memory per replica of a LlamaServer "
+    "(device: host or gpu, the largest GPU share).", ["namespace", "name", "device"],
+)
+
+KINDS = ("LlamaModel", "LlamaServer")
+PHASES_BY_KIND = {
+    "LlamaModel": ("Pending", "Resolving", "Ready", "Failed"),
+    "LlamaServer": ("Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed"),
+}
+
+
+class PhaseTracker:
+    """The last phase of every object, as the gauge `llama_operator_objects{kind,phase}` counts them.
+
+    Every phase of a kind is exported (0 included), so a dashboard's series never disappear."""
+
+    def __init__(self) -> None:
+        self._phases: dict[tuple[str, str, str], str] = {}
+        for kind, phases in PHASES_BY_KIND.items():
+            for phase in phases:
+                OBJECTS.labels(kind, phase).set(0)
+
+    def observe(self, kind: str, namespace: str, name: str, phase: str | None) -> None:
+        self._phases[(kind, namespace, name)] = phase or "Pending"
+        self._export(kind)
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        if self._phases.pop((kind, namespace, name), None) is not None:
+            self._export(kind)
+        if kind == "LlamaServer":
+            for state in ("desired", "ready"):
+                _remove(SERVER_REPLICAS, namespace, name, state)
+            for device in ("host", "gpu"):
+                _remove(SERVER_MEMORY, namespace, name, device)
+
+    def retain(self, kind: str, namespace: str | None, existing: Iterable[tuple[str, str]]) -> None:
+        """Forget the objects of `kind` (in `namespace`, or everywhere) that no longer exist."""
+        alive = set(existing)
+        for key in [k for k in self._phases if k[0] == kind and (namespace is None or k[1] == namespace)]:
+            if (key[1], key[2]) not in alive:
+                self.forget(*key)
+
+    def _export(self, kind: str) -> None:
+        counts = dict.fromkeys(PHASES_BY_KIND[kind], 0)
+        for (k, _, _), phase in self._phases.items():
+            if k == kind:
+                counts[phase] = counts.get(phase, 0) + 1
+        for phase, count in counts.items():
+            OBJECTS.labels(kind, phase).set(count)
+
+
+def _remove(gauge: Gauge, *labels: str) -> None:
+    try:
+        gauge.remove(*labels)
+    except KeyError:
+        pass
+
+
+def observe_server(namespace: str, name: str, *, desired: int, ready: int, host_bytes: int | None,
+                   gpu_bytes: int | None) -> None:
+    SERVER_REPLICAS.labels(namespace, name, "desired").set(desired)
+    SERVER_REPLICAS.labels(namespace, name, "ready").set(ready)
+    for device, value in (("host", host_bytes), ("gpu", gpu_bytes)):
+        if value is None:
+            _remove(SERVER_MEMORY, namespace, name, device)
+        else:
+            SERVER_MEMORY.labels(namespace, name, device).set(value)
+
+
+PHASES = PhaseTracker()
 
 
 def serve(port: int) -> None:

@@ -8,8 +8,9 @@ Owns the knowledge of where model bytes live and what the remote ends say about 
   `SourceUnreachable` vs. permanent the rest;
 - the cache key: the directory name of a model inside a cache volume.
 
-The pure helpers (`shard_names`, `hf_resolve_url`, `parse_linked_headers`, `error_for_status`,
-`redact_url`) are shared with `fetch`, which runs the same protocol synchronously in the init container.
+The pure HTTP helpers (`hf_resolve_url`, `parse_linked_headers`, `error_for_status`, `redact_url`) live in
+`fetch.http` and `shard_names` in `fetch.plan`, shared with the fetcher, which runs the same protocol
+synchronously in the init container; they are re-exported here.
 Nothing here reads Secrets or logs their values: tokens and headers arrive as arguments.
 """
 
@@ -21,7 +22,7 @@ import re
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -36,6 +37,16 @@ from .errors import (
     SourceUnauthorized,
     SourceUnreachable,
 )
+from .fetch.http import (
+    LinkedInfo,
+    error_for_status,
+    hf_resolve_url,
+    parse_linked_headers,
+    redact_url,
+    retry_after_seconds,
+    strip_etag,
+)
+from .fetch.plan import shard_names
 from .gguf import (
     GgufError,
     GgufHeader,
@@ -46,7 +57,13 @@ from .gguf import (
     send_following,
 )
 
-_SHA256_RE = re.compile(r"^[a-f0-9]{64}$")
+__all__ = [  # the source errors and HTTP helpers are re-exported: callers name one module for source trouble
+    "ChecksumMismatch", "LinkedInfo", "NotAGguf", "ResolvedModel", "SourceError", "SourceForbidden", "SourceNotFound",
+    "SourceUnauthorized", "SourceUnreachable", "cache_key", "error_for_status", "hf_resolve_url",
+    "parse_linked_headers", "redact_url", "resolve", "retry_after_seconds", "shard_names", "source_identity",
+    "transport_error",
+]
+
 _MAX_REDIRECTS = 10
 _SHARD_CONCURRENCY = 8
 T = TypeVar("T")
@@ -70,104 +87,6 @@ class ResolvedModel:
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
-
-
-def shard_names(file_name: str) -> list[str]:
-    """All files of a model given its (first) file: `a-00001-of-00003.gguf` -> the three shards.
-
-    Works on a path too (`dir/a-00001-of-00003.gguf`): the directory is kept.
-    """
-    head, sep, base = file_name.rpartition("/")
-    match = SPLIT_GGUF_RE.match(base)
-    if match is None:
-        return [file_name]
-    count = int(match.group("count"))
-    width = len(match.group("count"))
-    stem = match.group("stem")
-    return [f"{head}{sep}{stem}-{i:0{width}d}-of-{count:0{width}d}.gguf" for i in range(1, count + 1)]
-
-
-def hf_resolve_url(endpoint: str, repo: str, revision: str, file: str) -> str:
-    """The hub's resolve URL; revision and path are percent-encoded (a branch may contain '/')."""
-    return f"{endpoint.rstrip('/')}/{repo}/resolve/{quote(revision, safe='')}/{quote(file, safe='/')}"
-
-
-def redact_url(url: str) -> str:
-    """The URL without query string, fragment or userinfo: signed URLs and credentials stay out of logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def _strip_etag(value: str | None) -> str | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.startswith("W/"):
-        value = value[2:]
-    value = value.strip('"').lower()
-    return value if _SHA256_RE.match(value) else None
-
-
-@dataclass(frozen=True)
-class LinkedInfo:
-    """What a Hugging Face resolve response says about an LFS file before the redirect."""
-
-    sha256: str | None
-    size: int | None
-    location: str | None
-
-
-def parse_linked_headers(response_url: str, status_code: int, headers: Mapping[str, str]) -> LinkedInfo:
-    """Read X-Linked-Etag / X-Linked-Size (LFS files) or ETag / Content-Length (small files, mirrors)."""
-    sha256 = _strip_etag(headers.get("x-linked-etag"))
-    size_text = headers.get("x-linked-size")
-    location = headers.get("location")
-    if status_code == 200:
-        sha256 = sha256 or _strip_etag(headers.get("etag"))
-        size_text = size_text or headers.get("content-length")
-    size = int(size_text) if size_text and size_text.isdigit() else None
-    return LinkedInfo(sha256, size, urljoin(response_url, location) if location else None)
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """Retry-After in seconds (delta form only; an HTTP date is treated as absent)."""
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
-
-
-def error_for_status(status_code: int, what: str, headers: Mapping[str, str], *, token_given: bool) -> SourceError:
-    """The SourceError for an HTTP error status; `what` names the thing requested (no secrets in it)."""
-    hub_code = headers.get("x-error-code", "")
-    hub_message = headers.get("x-error-message", "")
-    detail = f" ({hub_code}: {hub_message})" if hub_code and hub_message else f" ({hub_code})" if hub_code else ""
-    if status_code == 404:
-        return SourceNotFound(f"{what}: not found (HTTP 404){detail}")
-    if status_code in (401, 403):
-        if hub_code == "GatedRepo" or status_code == 403 or token_given:
-            hint = (
-                "the token in tokenSecretRef / headersSecretRef was refused: check it and, for a gated "
-                "repository, accept its terms on the hub with that account"
-                if token_given
-                else "a token Secret (tokenSecretRef) with access to this gated or private repository is needed"
-            )
-        else:
-            hint = (
-                "the repository is private or gated, or does not exist: a token Secret (tokenSecretRef, or "
-                "headersSecretRef for http sources) is needed"
-            )
-        error = SourceForbidden if status_code == 403 else SourceUnauthorized
-        return error(f"{what}: HTTP {status_code}{detail}: {hint}")
-    if status_code == 429 or status_code >= 500 or status_code == 408:
-        return SourceUnreachable(f"{what}: HTTP {status_code}{detail}", retry_after=retry_after_seconds(headers))
-    return SourceError(f"{what}: unexpected HTTP {status_code}{detail}")
 
 
 def transport_error(what: str, exc: httpx.TransportError) -> SourceUnreachable:
@@ -276,7 +195,7 @@ async def _head_http(client: httpx.AsyncClient, url: str, name: str, headers: Ma
         size = int(content_range.rsplit("/", 1)[1])
     elif response.headers.get("content-length", "").isdigit():
         size = int(response.headers["content-length"])
-    sha256 = _strip_etag(response.headers.get("x-linked-etag"))
+    sha256 = strip_etag(response.headers.get("x-linked-etag"))
     return _Remote(name, url, size, sha256)
 
 

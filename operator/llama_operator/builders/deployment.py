@@ -33,6 +33,11 @@ STARTUP_PROBE_PERIOD_SECONDS = 2
 """Probe loading often: /health is cheap, and a 10 s period would add up to 10 s to every start."""
 
 MODEL_SHA_ANNOTATION = "llamacpp.dev/model-sha256"
+SCRAPE_ANNOTATIONS = {
+    "prometheus.io/scrape": "true",
+    "prometheus.io/port": str(SERVER_PORT),
+    "prometheus.io/path": "/metrics",
+}
 
 
 def model_name(server: LlamaServer) -> str:
@@ -273,7 +278,9 @@ def pod_template(
     server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
 ) -> dict[str, Any]:
     spec = server.spec
-    annotations = dict(spec.pod_annotations or {})
+    # Prometheus' annotation-based discovery scrapes llama-server's own metrics (it always runs with --metrics);
+    # the user's podAnnotations win, e.g. prometheus.io/scrape: "false".
+    annotations = {**SCRAPE_ANNOTATIONS, **(spec.pod_annotations or {})}
     sha256 = model.status.sha256 or model.spec.sha256
     if sha256:
         # A new model revision with the same file name must still roll the pods.

@@ -17,6 +17,7 @@ from ..builders.cache import cache_type
 from ..config import Settings
 from ..errors import RetryLater
 from ..kube import LLAMA_MODELS, PERSISTENT_VOLUME_CLAIMS, Invalid, NotFound
+from ..metrics import PHASES
 from .boundary import reconciled
 from .conditions import condition, merge_conditions, now_rfc3339, parse_rfc3339, rfc3339
 from .context import Context
@@ -177,6 +178,7 @@ async def _write(
         "conditions": merge_conditions(previous.conditions, [*(status.conditions or []), reconciled(generation)],
                                        now=now_rfc3339()),
     })
+    PHASES.observe("LlamaModel", meta["namespace"], meta["name"], status.phase)
     if status == previous:
         return status
     if status.phase != previous.phase:

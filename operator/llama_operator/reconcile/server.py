@@ -18,10 +18,12 @@ from ..api.v1alpha1 import Condition, LlamaModel, LlamaServer, LlamaServerSpec, 
 from ..builders import build_deployment, build_service
 from ..builders.deployment import model_name, model_problems, server_args
 from ..builders.objects import label_selector, selector_labels
+from ..builders.quantity import parse_quantity
 from ..builders.service import endpoint_url
 from ..fit import estimate_server
 from ..flags.validate import validate_server_spec
 from ..kube import DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, SERVICES, Invalid
+from ..metrics import PHASES, observe_server
 from .boundary import reconciled
 from .conditions import condition, merge_conditions, now_rfc3339
 from .context import Context
@@ -178,6 +180,14 @@ def _previous_status(body: Mapping[str, Any]) -> LlamaServerStatus:
         return LlamaServerStatus()
 
 
+def _observe_metrics(namespace: str, name: str, status: LlamaServerStatus, desired: int) -> None:
+    PHASES.observe("LlamaServer", namespace, name, status.phase)
+    memory = status.memory
+    observe_server(namespace, name, desired=desired, ready=status.ready_replicas or 0,
+                   host_bytes=int(parse_quantity(memory.host)) if memory else None,
+                   gpu_bytes=int(parse_quantity(memory.gpu)) if memory and memory.gpu else None)
+
+
 def _fleet_conditions(fleet: FleetStatus, desired: int, generation: int | None) -> list[Condition]:
     available = fleet.ready_replicas >= desired
     progressing = not available or fleet.updated_replicas < desired
@@ -224,6 +234,7 @@ async def _write(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> Lla
     # Conditions not reported this time (e.g. ModelResolved while the spec is invalid) keep their last value.
     kept = [c for c in previous.conditions or [] if c.type not in {c.type for c in merged}]
     status.conditions = merged + kept
+    _observe_metrics(meta["namespace"], meta["name"], status, desired)
     if status == previous:
         return status
     phase, message = outcome.phase, outcome.message

@@ -1,0 +1,135 @@
+"""`llama-operator fetch` on the command line: arguments, secrets from the environment, exit codes, and the
+termination message the operator reads back (docs/model-sources.md lists all of it)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from .. import contract
+from ..errors import OperatorError
+from .cache import disk_free
+from .fetcher import Fetcher
+from .plan import DEFAULT_CONNECTIONS, FetchOptions
+
+log = logging.getLogger(__name__)
+
+
+def headers_from_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """`LLAMA_FETCH_HEADER_<Name>` variables as HTTP headers; `_` in the name becomes `-` (X_Api_Key)."""
+    prefix = contract.HEADER_ENV_PREFIX
+    return {
+        key[len(prefix):].replace("_", "-"): value
+        for key, value in environ.items()
+        if key.startswith(prefix) and len(key) > len(prefix)
+    }
+
+
+def write_termination_log(path: str, text: str) -> None:
+    """What the kubelet puts into the container status (best effort, at most `TERMINATION_LIMIT` bytes)."""
+    data = text.encode()[: contract.TERMINATION_LIMIT]
+    try:
+        with open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as exc:
+        log.debug("could not write the termination log %s: %s", path, exc)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `fetch` subcommand to the llama-operator command line."""
+    parser = sub.add_parser(
+        "fetch",
+        help="download a model's files into a cache directory (the init container)",
+        description="Download every file of a model into <cache-dir>/<cache-key>/ with resume, parallel "
+        "segments and sha256 verification. Secrets come from the environment: HF_TOKEN, and "
+        "LLAMA_FETCH_HEADER_<Header-Name> for extra HTTP headers.",
+    )
+    parser.add_argument("--cache-dir", required=True, type=Path, help="root of the cache volume")
+    parser.add_argument("--cache-key", required=True, help="directory of this model inside the cache")
+    parser.add_argument("--hf-repo", help="Hugging Face repository, e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF")
+    parser.add_argument("--hf-file", help="file in the repository (first shard of a split model)")
+    parser.add_argument("--hf-revision", default="main", help="branch, tag or commit (default main)")
+    parser.add_argument("--hf-endpoint", default=os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
+                        help="hub base URL (default $HF_ENDPOINT or https://huggingface.co)")
+    parser.add_argument("--url", help="plain http(s) URL of the file (first shard of a split model)")
+    parser.add_argument("--sha256", help="expected sha256 of the (first) file, lowercase hex")
+    parser.add_argument("--trust-on-first-use", action="store_true",
+                        help=f"the source publishes no sha256: verify every file against ${contract.TRUSTED_ENV} "
+                        "(sha256sum lines recorded from the first verified download) when it is set, and report "
+                        "the sha256 of every verified file in the termination message on success")
+    parser.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS,
+                        help=f"parallel connections for large files (default {DEFAULT_CONNECTIONS})")
+    parser.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
+    parser.add_argument("--retries", type=int, default=10,
+                        help="consecutive failed attempts without progress before giving up (default 10)")
+    parser.add_argument("--termination-log",
+                        default=os.environ.get(contract.TERMINATION_LOG_ENV, contract.TERMINATION_LOG),
+                        help=f"where the outcome is written (default ${contract.TERMINATION_LOG_ENV} or "
+                        f"{contract.TERMINATION_LOG})")
+    parser.set_defaults(func=_cmd_fetch)
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if not ((args.hf_repo and args.hf_file) or args.url) or (args.url and (args.hf_repo or args.hf_file)):
+        message = "give either --hf-repo and --hf-file, or --url"
+        write_termination_log(args.termination_log, f"InvalidArguments: {message}")
+        print(f"llama-operator fetch: {message}", file=sys.stderr)
+        return contract.EXIT_USAGE
+    if args.sha256 is not None:
+        args.sha256 = args.sha256.lower()
+    trusted = contract.parse_sums(os.environ.get(contract.TRUSTED_ENV, "")) if args.trust_on_first_use else {}
+    options = FetchOptions(
+        cache_dir=args.cache_dir,
+        cache_key=args.cache_key,
+        hf_repo=args.hf_repo,
+        hf_file=args.hf_file,
+        hf_revision=args.hf_revision,
+        hf_endpoint=args.hf_endpoint.rstrip("/"),
+        url=args.url,
+        sha256=args.sha256,
+        trusted=trusted,
+        connections=max(1, args.connections),
+        hf_token=os.environ.get(contract.TOKEN_ENV) or None,
+        headers=headers_from_env(os.environ),
+        progress_interval=args.progress_interval,
+        retries=args.retries,
+    )
+    return run(options, termination_log=args.termination_log, report=args.trust_on_first_use)
+
+
+def run(options: FetchOptions, *, termination_log: str, free_space: Callable[[Path], int] = disk_free,
+        report: bool = False) -> int:
+    """Fetch, turning the outcome into an exit code and a termination message. SIGTERM stops cleanly.
+
+    Failure: `Reason: message`. Success with `report`: `contract.verified_message` (every file's sha256, for
+    the operator to record on first use); without it nothing is written.
+    """
+    stop = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    fetcher = Fetcher(options, free_space=free_space, stop=stop)
+    try:
+        fetcher.run()
+        if report:
+            write_termination_log(termination_log, contract.verified_message(fetcher.sums))
+        return contract.EXIT_OK
+    except OperatorError as exc:
+        log.error("%s: %s", exc.reason, exc)
+        write_termination_log(termination_log, f"{exc.reason}: {exc}")
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - the init container must always leave a reason behind
+        log.exception("unexpected error")
+        write_termination_log(termination_log, f"Error: {type(exc).__name__}: {exc}")
+        return contract.EXIT_ERROR
+    finally:
+        fetcher.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
