@@ -1,9 +1,14 @@
 """End-to-end harness: `llama-operator sandbox` as a real child process, a fake Hugging Face, models.
 
+The sandbox is a real one-node cluster (control plane from `make control-plane`, the operator installed with
+helm, pods in network namespaces), so these tests need root, the control-plane binaries and helm; without
+them they skip and say why (or fail, when `make test` exported LLAMA_OPERATOR_CONTROL_PLANE_DIR).
+
 Fixtures:
+- `sandbox_env` (session) -> the environment a sandbox needs: LLAMA_SERVER_BIN, HELM, the control plane.
 - `sandbox_factory(env=...)` -> start `llama-operator sandbox` (state in a temp dir, Services on any free
   port) and return a `SandboxProcess`: `.kubeconfig`, `.api` (kubernetes ApiClient), `.url(service)` (the
-  local Service URL), `.wait_line(regex)`, `.stop()` (SIGINT, like Ctrl-C; returns the exit code).
+  local Service URL), `.kubectl(*args)`, `.wait_line(regex)`, `.stop()` (SIGINT, like Ctrl-C; returns the exit code).
 - `tiny_gguf` (session) -> a tiny random-weight llama GGUF; `gemma_gguf` (session) -> the real Gemma 3 270M.
 """
 
@@ -25,12 +30,16 @@ import kubernetes
 import pytest
 
 from llama_operator import waiting
+from llama_operator.controlplane import BinariesMissing, find_binaries
+from llama_operator.controlplane.binaries import ENV_DIR
+from tests.helm import find_helm
 from tests.llama_bin import llama_server_bin
 from tests.tiny_gguf import write_tiny_llama
 
 # The sandbox's API serves a whole node and an operator: poll it gently.
 wait_for = functools.partial(waiting.wait_for, interval=0.25)
 LLAMA_OPERATOR = str(Path(sys.executable).with_name("llama-operator"))
+START_TIMEOUT = 240
 
 
 def tree_processes(marker: str) -> list[str]:
@@ -51,20 +60,27 @@ def tree_processes(marker: str) -> list[str]:
 
 
 class SandboxProcess:
-    def __init__(self, state_dir: Path, env: dict[str, str]) -> None:
+    def __init__(self, state_dir: Path, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
         self.state_dir = state_dir
+        self.env = env
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [LLAMA_OPERATOR, "sandbox", "--state-dir", str(state_dir), "--service-port-base", "0", "--verbose"],
+            [LLAMA_OPERATOR, "sandbox", "--state-dir", str(state_dir), "--service-port-base", "0", "--verbose",
+             *args],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.wait_line(r"^Sandbox ready", timeout=60)
         self.kubeconfig = state_dir / "kubeconfig"
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> SandboxProcess:
+        """Until the sandbox says it is ready; then the API clients are usable."""
+        self.wait_line(r"^Sandbox ready", timeout=timeout)
+        self.kubectl_bin = self.wait_line(r"^kubectl: (.+)$").group(1)
         self.api = kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.apps = kubernetes.client.AppsV1Api(self.api)
+        return self
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -81,34 +97,63 @@ class SandboxProcess:
 
         return wait_for(found, timeout=timeout, message=f"sandbox output {pattern!r}")
 
+    def kubectl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """The sandbox's kubectl (same version as its API server) with the sandbox's kubeconfig."""
+        proc = subprocess.run([self.kubectl_bin, "--kubeconfig", str(self.kubeconfig), *args], capture_output=True,
+                              text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+        return proc
+
     def url(self, service: str, port: int = 8080) -> str:
         def read() -> str | None:
             path = self.state_dir / "services.json"
             return json.loads(path.read_text()).get(f"{service}:{port}") if path.exists() else None
         return wait_for(read, timeout=30, message=f"a local port for Service {service}")
 
-    def stop(self, timeout: float = 60) -> int:
+    def stop(self, timeout: float = 90) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
         try:
             return self.proc.wait(timeout=timeout)
         finally:
-            self.api.close()
+            if hasattr(self, "api"):
+                self.api.close()
             self._reader.join(timeout=5)
 
     def log(self) -> str:
         return "\n".join(self.lines[-80:])
 
 
+def sandbox_requirements() -> dict[str, str]:
+    """The environment a sandbox needs, or pytest.skip with the reason (a failure under `make test`)."""
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox needs root (a network namespace per pod)")
+    try:
+        binaries = find_binaries()
+    except BinariesMissing as exc:
+        if os.environ.get(ENV_DIR):
+            raise
+        pytest.skip(str(exc))
+    return {"LLAMA_SERVER_BIN": llama_server_bin(), "HELM": find_helm(),
+            ENV_DIR: str(binaries.kube_apiserver.parent)}
+
+
+@pytest.fixture(scope="session")
+def sandbox_env() -> dict[str, str]:
+    return sandbox_requirements()
+
+
 @pytest.fixture
-def sandbox_factory(tmp_path: Path) -> Iterator[Callable[..., SandboxProcess]]:
+def sandbox_factory(tmp_path: Path, sandbox_env: dict[str, str]) -> Iterator[Callable[..., SandboxProcess]]:
     started: list[SandboxProcess] = []
 
-    def start(env: dict[str, str] | None = None, state_dir: Path | None = None) -> SandboxProcess:
-        full_env = {**os.environ, "LLAMA_SERVER_BIN": llama_server_bin(), **(env or {})}
-        sandbox = SandboxProcess(state_dir or tmp_path / "state", full_env)
+    def start(env: dict[str, str] | None = None, state_dir: Path | None = None,
+              args: tuple[str, ...] = ()) -> SandboxProcess:
+        full_env = {**os.environ, **sandbox_env, **(env or {})}
+        sandbox = SandboxProcess(state_dir or tmp_path / "state", full_env, args)
         started.append(sandbox)
-        return sandbox
+        return sandbox.wait_ready()
 
     yield start
     for sandbox in started:

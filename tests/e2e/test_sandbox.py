@@ -1,5 +1,6 @@
-"""The product end to end through `llama-operator sandbox`: the real operator, the exact objects it renders,
-the real fetcher and the real llama-server, called with the official OpenAI client.
+"""The product end to end through `llama-operator sandbox`: a real control plane, the operator installed by
+`helm install` and running as a pod with its ServiceAccount, the exact objects it renders, the real fetcher
+and the real llama-server, called with the official OpenAI client, and kubectl as a user runs it.
 
 No code path of the operator or of the rendered objects knows about the sandbox; the only test-specific
 input is LLAMA_OPERATOR_HF_ENDPOINT (an operator setting), pointing at a local fake Hugging Face.
@@ -8,8 +9,12 @@ input is LLAMA_OPERATOR_HF_ENDPOINT (an operator setting), pointing at a local f
 from __future__ import annotations
 
 import base64
+import ipaddress
+import json
 import os
 import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ from tests.fakehub import FakeHub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.runtime]
 GROUP, VERSION, NS = "llamacpp.dev", "v1alpha1", "default"
+OPERATOR_NS, OPERATOR = "llama-system", "llama-operator"
 
 
 def _create(sandbox: SandboxProcess, plural: str, name: str, spec: dict[str, Any]) -> None:
@@ -59,6 +65,27 @@ def _server_pid(pod: Any) -> int:
     return int(status.container_id.removeprefix("sandbox://"))
 
 
+def _jwt_claims(token: str) -> dict[str, Any]:
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+def _check_operator_pod(sandbox: SandboxProcess) -> None:
+    """The operator runs as the chart's Deployment pod, logged in with its own ServiceAccount token."""
+    (pod,) = sandbox.core.list_namespaced_pod(OPERATOR_NS, label_selector=f"app.kubernetes.io/name={OPERATOR}").items
+    assert pod.status.phase == "Running" and pod.spec.service_account_name == OPERATOR
+    assert pod.metadata.owner_references[0].kind == "ReplicaSet"  # the real Deployment controller's
+    pod_dir = next((sandbox.state_dir / "pods").glob(f"{OPERATOR_NS}_{pod.metadata.name}_*"))
+    (token_file,) = pod_dir.glob("volumes/kube-api-access-*/token")
+    claims = _jwt_claims(token_file.read_text())
+    assert claims["sub"] == f"system:serviceaccount:{OPERATOR_NS}:{OPERATOR}"
+    assert claims["kubernetes.io"]["pod"]["name"] == pod.metadata.name  # a bound TokenRequest token
+    pid = int(pod.status.container_statuses[0].container_id.removeprefix("sandbox://"))
+    environ = dict(item.split("=", 1) for item in
+                   (Path("/proc") / str(pid) / "environ").read_bytes().decode().split("\0") if "=" in item)
+    assert "KUBECONFIG" not in environ and environ["KUBERNETES_SERVICE_HOST"] == pod.status.host_ip
+
+
 def _chat(client: openai.OpenAI, model: str) -> str:
     reply = client.chat.completions.create(model=model, max_tokens=8,
                                            messages=[{"role": "user", "content": "Say hello"}])
@@ -71,6 +98,7 @@ def test_tiny_model_lifecycle(sandbox_factory: Any, tiny_gguf: Path) -> None:
     served = hub.add("test/tiny-GGUF", "tiny-q8_0.gguf", tiny_gguf)
     with hub.running():
         sandbox = sandbox_factory(env={"LLAMA_OPERATOR_HF_ENDPOINT": hub.url})
+        _check_operator_pod(sandbox)
         _create(sandbox, "llamamodels", "tiny", {"source": {"huggingFace": {
             "repo": "test/tiny-GGUF", "file": "tiny-q8_0.gguf"}}})
         model = _wait_phase(sandbox, "llamamodels", "tiny", "Ready", timeout=60)
@@ -93,14 +121,41 @@ def test_tiny_model_lifecycle(sandbox_factory: Any, tiny_gguf: Path) -> None:
             pod_dir = next((sandbox.state_dir / "pods").glob(f"{NS}_{pod.metadata.name}_*"))
             cache = next((pod_dir / "volumes" / "model-cache").iterdir())
             assert (cache / "tiny-q8_0.gguf.verified").exists()
-            assert "Verified tiny-q8_0.gguf" in (pod_dir / "fetch-model.log").read_text()
+            assert "Verified tiny-q8_0.gguf" in sandbox.kubectl("logs", pod.metadata.name, "-c", "fetch-model").stdout
             fetch = next(s for s in pod.status.init_container_statuses if s.name == "fetch-model")
             assert fetch.state.terminated.exit_code == 0
 
-        # the OpenAI API through the Service
+        # what users see: printer columns, real pod IPs in the EndpointSlice the real controller wrote
+        table = sandbox.kubectl("get", "llama").stdout  # both kinds (the `llama` category), with their columns
+        headers = [line.split() for line in table.splitlines() if line.startswith("NAME")]
+        assert ["NAME", "MODEL", "PHASE", "READY"] in [h[:4] for h in headers] and len(headers) == 2
+        row = next(line for line in table.splitlines() if line.startswith("llamaserver.llamacpp.dev/chat "))
+        assert row.split()[1:4] == ["tiny", "Ready", "2/2"], table
+        slices = json.loads(sandbox.kubectl("get", "endpointslices", "-l", "kubernetes.io/service-name=chat",
+                                            "-o", "json").stdout)["items"]
+        addresses = sorted(a for sl in slices for e in sl["endpoints"] for a in e["addresses"])
+        assert addresses == sorted(p.status.pod_ip for p in pods)
+        assert all(not ipaddress.ip_address(a).is_loopback for a in addresses)
+        assert slices[0]["ports"][0]["port"] == 8080
+
+        # the OpenAI API through the Service's local port
         client = openai.OpenAI(base_url=sandbox.url("default/chat") + "/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny"]
-        assert isinstance(_chat(client, "tiny"), str)
+        pod_name = pods[0].metadata.name
+        follow = subprocess.Popen([sandbox.kubectl_bin, "--kubeconfig", str(sandbox.kubeconfig), "logs", "-f",
+                                   pod_name, "-c", "llama-server", "--tail", "1"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        followed: list[str] = []
+        threading.Thread(target=lambda: followed.extend(follow.stdout or []), daemon=True).start()
+        try:
+            wait_for(lambda: followed, timeout=30, message="the last line from kubectl logs -f --tail 1")
+            for _ in range(4):  # round-robin over two pods: each gets some
+                assert isinstance(_chat(client, "tiny"), str)
+            wait_for(lambda: any("launch_slot_" in line for line in followed[1:]), timeout=15,
+                     message="kubectl logs -f streaming the requests' log lines")
+        finally:
+            follow.terminate()
+            follow.wait(timeout=10)
         chunks = list(client.chat.completions.create(model="tiny", max_tokens=8, stream=True,
                                                      messages=[{"role": "user", "content": "Count"}]))
         assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason in (None, "length", "stop")
@@ -113,18 +168,19 @@ def test_tiny_model_lifecycle(sandbox_factory: Any, tiny_gguf: Path) -> None:
             s.get("observedGeneration") == 2 and s.get("readyReplicas") == 2
             and not old_names & {p.metadata.name for p in _pods(sandbox, "chat")}
             and len(_pods(sandbox, "chat")) == 2))
+        sandbox.kubectl("rollout", "status", "deployment/chat", "--timeout=60s")
         for pod in _pods(sandbox, "chat"):
             args = (Path("/proc") / str(_server_pid(pod)) / "cmdline").read_bytes().split(b"\0")
             assert args[args.index(b"--ctx-size") + 1] == b"512"
         assert len(_chat(client, "tiny")) >= 0
 
-        # a bad flag is rejected with a message, and nothing is started for it
-        _create(sandbox, "llamaservers", "bad", {"modelRef": {"name": "tiny"}, "args": ["--no-such-flag", "1"]})
-        bad = _wait_phase(sandbox, "llamaservers", "bad", "Failed", timeout=30)
-        assert "--no-such-flag" in bad["message"]
+        # a bad flag is refused at apply by the operator's webhook (through the chart's Service and TLS)
+        with pytest.raises(ApiException) as refused:
+            _create(sandbox, "llamaservers", "bad", {"modelRef": {"name": "tiny"}, "args": ["--no-such-flag", "1"]})
+        assert "denied the request" in refused.value.body and "--no-such-flag" in refused.value.body
         assert _pods(sandbox, "bad") == []
 
-        # a killed llama-server is restarted and the fleet is Ready again
+        # a killed llama-server is restarted and the fleet is Ready again; `kubectl logs --previous` has the old run
         victim = _pods(sandbox, "chat")[0]
         os.kill(_server_pid(victim), signal.SIGKILL)
 
@@ -139,15 +195,26 @@ def test_tiny_model_lifecycle(sandbox_factory: Any, tiny_gguf: Path) -> None:
         status = restarted.status.container_statuses[0]
         assert status.ready and status.last_state.terminated.exit_code == 137
         assert restarted.status.init_container_statuses[0].restart_count == 0  # no second download
+        previous = sandbox.kubectl("logs", victim.metadata.name, "-c", "llama-server", "--previous").stdout
+        current = sandbox.kubectl("logs", victim.metadata.name, "-c", "llama-server").stdout
+        assert previous and current and previous != current
+        assert len(sandbox.kubectl("logs", victim.metadata.name, "-c", "llama-server", "--tail", "2").stdout
+                   .splitlines()) == 2
         _chat(client, "tiny")
 
-        # delete everything: no process is left
-        for name in ("chat", "bad"):
-            sandbox.custom.delete_namespaced_custom_object(GROUP, VERSION, NS, "llamaservers", name)
+        # delete everything: no process is left; helm uninstall keeps the CRDs (crds.keep, docs/install.md)
+        sandbox.kubectl("delete", "llamaserver", "chat", "--wait=true")
         sandbox.custom.delete_namespaced_custom_object(GROUP, VERSION, NS, "llamamodels", "tiny")
-        wait_for(lambda: not [p for p in tree_processes(str(sandbox.state_dir / "pods"))], timeout=45,
+        wait_for(lambda: not [p for p in tree_processes(str(sandbox.state_dir / "pods" / f"{NS}_"))], timeout=60,
                  message="every pod process to exit")
-        assert _pods(sandbox, "chat") == []
+        wait_for(lambda: _pods(sandbox, "chat") == [], timeout=30, message="the pods gone from the API")
+        uninstall = subprocess.run([sandbox.env["HELM"], "uninstall", OPERATOR, "--namespace", OPERATOR_NS,
+                                    "--kubeconfig", str(sandbox.kubeconfig), "--wait"],
+                                   capture_output=True, text=True, timeout=120)
+        assert uninstall.returncode == 0, uninstall.stdout + uninstall.stderr
+        assert sandbox.kubectl("get", "crd", "llamaservers.llamacpp.dev", "llamamodels.llamacpp.dev").returncode == 0
+        wait_for(lambda: not sandbox.core.list_namespaced_pod(OPERATOR_NS).items, timeout=60,
+                 message="the operator pod gone")
         assert sandbox.stop() == 0
         assert tree_processes(str(sandbox.state_dir)) == []
 

@@ -1,8 +1,8 @@
-"""`llama-operator sandbox`: the whole product on one machine, with no cluster (optional extra `sandbox`).
+"""`llama-operator sandbox`: the whole product on one machine: a real one-node cluster (optional extra `sandbox`).
 
 The command line is registered here without importing the sandbox itself, so `llama-operator` works where
-the extra (kmock, aiohttp) is not installed. app.py runs it; node.py, kubelet.py, proxy.py and images.py are
-the local node; docs/sandbox.md is the user's walkthrough.
+the extra (aiohttp, cryptography) is not installed. app.py runs it; node.py, kubelet.py, logs.py, network.py,
+proxy.py and images.py are the node; helm.py installs the operator; docs/sandbox.md is the user's walkthrough.
 """
 
 from __future__ import annotations
@@ -23,12 +23,20 @@ def _command(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add the `sandbox` subcommand to the CLI's subparsers."""
     default_state = os.path.join(os.environ.get("XDG_STATE_HOME") or "~/.local/state", "llama-operator", "sandbox")
-    parser = sub.add_parser("sandbox", help="try it without a cluster: API emulator + operator + local node")
+    parser = sub.add_parser("sandbox", help="try it without a cluster: a local one-node Kubernetes with the operator")
     parser.add_argument("--state-dir", help=f"kubeconfig, logs, volumes and model caches (default {default_state})")
     parser.add_argument("--api-port", type=int, default=0, help="port of the API server (default: any free port)")
     parser.add_argument("--service-port-base", type=int, default=DEFAULT_SERVICE_PORT_BASE,
                         help="Services get local ports from this one up (default %(default)s; 0: any free port)")
     parser.add_argument("--image", action="append", metavar="IMAGE=EXECUTABLE",
                         help="run this image (or image repository) as this local executable (repeatable)")
+    parser.add_argument("--operator", choices=["helm", "local"], default="helm",
+                        help="helm: install charts/llama-operator, the operator runs as a pod (default); "
+                             "local: run `llama-operator run` as a local process with the admin kubeconfig")
+    parser.add_argument("--chart", help="the chart to install (default: charts/llama-operator of this checkout)")
+    parser.add_argument("--helm", help="the helm binary (default: $HELM, PATH, or scripts/get-helm.sh's cache)")
+    parser.add_argument("--control-plane-dir",
+                        help="directory with etcd, kube-apiserver, ... (default: $LLAMA_OPERATOR_CONTROL_PLANE_DIR, "
+                             "PATH, or the `make control-plane` build)")
     parser.add_argument("--verbose", action="store_true", help="log every pod and container event")
     parser.set_defaults(func=_command)

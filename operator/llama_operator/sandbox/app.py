@@ -1,17 +1,22 @@
-"""`llama-operator sandbox`: the API emulator, the CRDs, the operator (unchanged) and a local node, in one tree.
+"""`llama-operator sandbox`: a real one-node Kubernetes cluster on this machine, with the operator installed.
 
-Process tree: this process serves the Kubernetes API emulator (a thread) and runs the node (kubelet,
-Deployment/PV/Endpoints controllers, Service proxies; node.py). The operator is a child process,
-`llama-operator run`, pointed at the emulator by a kubeconfig file exactly as it would be at a cluster, and
-restarted if it exits (as its Deployment would). Pods' containers are further child processes (kubelet.py).
+What runs (all children of this process, each in a process group of its own):
+- the real control plane (llama_operator.controlplane): etcd, kube-apiserver (Node,RBAC authorization,
+  webhooks resolved through the Service's endpoints: `--enable-aggregator-routing`), kube-controller-manager
+  and kube-scheduler, from `make control-plane`;
+- in this process: the node (node.py) — the kubelet for Node `sandbox` with its HTTPS port for
+  `kubectl logs` (logs.py), a local-path provisioner, and host ports for Services — plus the pod network's
+  host side (network.py: bridge, API server forwarder, egress proxy);
+- the operator: by default `helm install` of charts/llama-operator, so it is a pod of its Deployment on the
+  node, with its ServiceAccount, the chart's RBAC and its webhook behind the chart's Service and TLS;
+  `--operator local` runs `llama-operator run` as a plain process with the admin kubeconfig instead (no webhook);
+- pods' containers: local processes in the pods' network namespaces (kubelet.py).
 
-State directory (default `$XDG_STATE_HOME/llama-operator/sandbox`, i.e. `~/.local/state/...`):
-`kubeconfig`, `operator.log`, `services.json` (Service → local URL), `pods/<ns>_<pod>_<uid>/` (emptyDirs,
-container logs, termination messages; cleared at start), `pvc/<ns>/<claim>/` and `hostpath/<path>/`
-(persistent model caches: kept across runs, so a second run starts warm).
-
-Shutdown (Ctrl-C / SIGTERM): every pod gets SIGTERM, its grace period, then SIGKILL; the operator the same;
-a second Ctrl-C SIGKILLs at once. No process is left behind.
+Every start is a fresh cluster: the etcd data and pod directories of the previous run are deleted at start.
+What makes a second start warm is kept: PVC and hostPath volume directories (model caches) and the built
+binaries. State directory (default `$XDG_STATE_HOME/llama-operator/sandbox`): `kubeconfig` (written once the
+sandbox is ready, removed at stop), `services.json`, `cluster/` (control plane: PKI, etcd, logs),
+`pods/<ns>_<pod>_<uid>/`, `pvc/<ns>/<claim>/`, `hostpath/<path>/`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -28,17 +34,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .client import Api, Informer
+import aiohttp
+
+from ..controlplane import BinariesMissing, ControlPlane, ControlPlaneBinaries, find_binaries
+from .client import Api, ApiError, Informer, client_ssl_context, resource_path
+from .helm import NAMESPACE, RELEASE, find_chart, find_helm, install, values_from_env
 from .images import ImageTable, operator_executable
-from .kubelet import spawn, terminate
-from .node import Node
+from .kubelet import NODE_NAME, NodeContext, spawn, terminate
+from .logs import KubeletServer
+from .network import API_PORT, EgressProxy, Forwarder, NetworkError, PodNetwork
+from .node import KUBELET_PORT, Kubelet, LocalPathProvisioner, ServiceProxies
 
 log = logging.getLogger("llama_operator.sandbox")
 
 OPERATOR_GRACE = 10.0
-REQUEST_LOG_LIMIT = 256
-"""The sandbox runs for hours: its API emulator keeps only the newest requests (see Emulator)."""
-
+READY_TIMEOUT = 300.0
+PROBE_SERVER = "sandbox-webhook-probe"
 
 
 def default_state_dir() -> Path:
@@ -50,21 +61,55 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def find_control_plane(directory: str | None) -> ControlPlaneBinaries:
+    """--control-plane-dir, $LLAMA_OPERATOR_CONTROL_PLANE_DIR, PATH, else the newest `make control-plane` build."""
+    try:
+        return find_binaries(directory)
+    except BinariesMissing:
+        if directory or os.environ.get("LLAMA_OPERATOR_CONTROL_PLANE_DIR"):
+            raise
+        root = os.environ.get("LLAMA_OPERATOR_CACHE") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llama-operator")
+        for candidate in sorted(glob.glob(os.path.join(root, "control-plane-*")), key=os.path.getmtime,
+                                reverse=True):
+            with contextlib.suppress(BinariesMissing):
+                return find_binaries(candidate)
+        raise
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not start; the message says why and what to do."""
+
+
 class Sandbox:
-    def __init__(self, *, state_dir: Path, api_port: int, service_port_base: int, images: dict[str, str]) -> None:
+    def __init__(self, *, state_dir: Path, api_port: int, service_port_base: int, images: dict[str, str],
+                 operator: str = "helm", chart: str | None = None, helm: str | None = None,
+                 control_plane_dir: str | None = None) -> None:
         self.state_dir = state_dir
         self.api_port = api_port
         self.service_port_base = service_port_base
         self.images = ImageTable(images)
+        self.operator_mode = operator
+        self.chart = chart
+        self.helm = helm
+        self.control_plane_dir = control_plane_dir
         self.urls: dict[str, str] = {}
         self._ready: dict[tuple[str, str], bool] = {}
         self._operator: asyncio.subprocess.Process | None = None
         self._stopping = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.network: PodNetwork | None = None
 
-    def _on_service(self, service: str, port: int, local_port: int) -> None:
-        self.urls[f"{service}:{port}"] = f"http://127.0.0.1:{local_port}"
+    # ------------------------------------------------------------------------------------------ reporting
+
+    def _on_service(self, service: str, port: int, local_port: int | None) -> None:
+        key = f"{service}:{port}"
+        if local_port is None:
+            self.urls.pop(key, None)
+        else:
+            self.urls[key] = f"http://127.0.0.1:{local_port}"
+            say(f"Service {service} port {port} -> http://127.0.0.1:{local_port}")
         (self.state_dir / "services.json").write_text(json.dumps(self.urls, indent=2, sort_keys=True) + "\n")
-        say(f"Service {service} port {port} -> http://127.0.0.1:{local_port}")
 
     def _on_servers(self, servers: Informer) -> None:
         for (namespace, name), server in servers.objects.items():
@@ -79,7 +124,9 @@ class Sandbox:
                 say(f"LlamaServer {namespace}/{name} is Ready: {where} (model {status.get('modelName')})")
             self._ready[(namespace, name)] = ready
 
-    async def _run_operator(self, kubeconfig: Path) -> None:
+    # ------------------------------------------------------------------------------------------ the operator
+
+    async def _run_local_operator(self, kubeconfig: Path) -> None:
         env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
         env.setdefault("LLAMA_OPERATOR_METRICS_PORT", "0")  # the default :8000 would clash on a workstation
         env.pop("KUBERNETES_SERVICE_HOST", None)  # never the in-cluster config of a surrounding cluster
@@ -87,38 +134,115 @@ class Sandbox:
         while not self._stopping:
             self._operator = await spawn([operator_executable(), "run"], env=env, cwd=self.state_dir,
                                          log_path=log_path)
-            say(f"Operator: llama-operator run (pid {self._operator.pid}), log {log_path}")
+            say(f"Operator: llama-operator run (local process, pid {self._operator.pid}), log {log_path}")
             code = await self._operator.wait()
             if self._stopping:
                 return
             say(f"Operator exited with code {code}; restarting in 5s (see {log_path})")
             await asyncio.sleep(5)
 
+    async def _install_operator(self, admin_kubeconfig: Path) -> None:
+        helm = find_helm(self.helm)
+        chart = find_chart(self.chart)
+        values = values_from_env(os.environ)
+        output = await install(helm, chart, admin_kubeconfig, values, self.state_dir / "values.yaml")
+        first = next((line for line in output.splitlines() if line.startswith("NAME:")), "")
+        say(f"Operator: helm install {RELEASE} {chart} --namespace {NAMESPACE} ({first.strip() or 'installed'})")
+
+    async def _wait_operator(self, admin: Api) -> None:
+        """Until the operator answers: Deployment available and (helm mode) its webhook refusing a bad object."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_TIMEOUT
+        path = resource_path("llamacpp.dev/v1alpha1", "llamaservers", "default")
+        bad = {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer", "metadata": {"name": PROBE_SERVER},
+               "spec": {"modelRef": {"name": PROBE_SERVER}, "args": ["--sandbox-webhook-probe"]}}
+        while loop.time() < deadline:
+            try:
+                await admin.create(path, bad, params={"dryRun": "All"})
+            except ApiError as exc:
+                if "denied the request" in exc.message:
+                    return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.5)
+        raise SandboxError(f"the operator's webhook did not answer within {READY_TIMEOUT:.0f} s: see "
+                           f"`kubectl -n {NAMESPACE} describe pods` and the pod logs under {self.state_dir}/pods")
+
+    # ------------------------------------------------------------------------------------------ run
+
     async def run(self, stop: asyncio.Event) -> int:
         from ..api.crd import all_crds
-        from ..emulator import EmulatorThread, write_kubeconfig
 
+        if str(self.state_dir.resolve()).startswith(("/run/", "/var/run/")):
+            raise SandboxError("the state directory must not be under /run (pods get a private /run)")
+        binaries = find_control_plane(self.control_plane_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.state_dir / "pods", ignore_errors=True)  # pods of a previous run's (gone) API
-        emulator = await asyncio.to_thread(EmulatorThread(port=self.api_port or None, crds=all_crds(),
-                                                              request_log_limit=REQUEST_LOG_LIMIT).start)
-        kubeconfig = write_kubeconfig(self.state_dir / "kubeconfig", emulator.url)
-        say(f"API server: {emulator.url}")
-        say(f"kubeconfig: {kubeconfig}")
-        say(f"  export KUBECONFIG={kubeconfig}")
-        tasks: list[asyncio.Task[Any]] = []
+        for stale in ("pods", "cluster", "kubeconfig", "services.json"):
+            target = self.state_dir / stale
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        network = self.network = PodNetwork(self.state_dir)
+        await asyncio.to_thread(network.setup)
+        local = self.operator_mode == "local"
+        cluster = ControlPlane(
+            self.state_dir / "cluster", binaries, controllers=True, scheduler=True,
+            crds=all_crds() if local else [], apiserver_port=self.api_port, serving_ips=[network.node_ip],
+            extra_apiserver_args=["--enable-aggregator-routing=true"])
+        host_services: list[Any] = []
+        kubelet: Kubelet | None = None
+        kubeconfig = self.state_dir / "kubeconfig"
         try:
-            async with Api(emulator.url) as api:
-                node = Node(api, state_dir=self.state_dir, images=self.images,
-                            service_port_base=self.service_port_base, on_service=self._on_service)
-                servers = Informer(api, "llamacpp.dev/v1alpha1", "llamaservers", lambda: None)
+            await asyncio.to_thread(cluster.start)
+            say(f"API server: {cluster.server} (etcd, kube-apiserver, kube-controller-manager, kube-scheduler; "
+                f"logs in {cluster.logs})")
+            node_client = cluster.issue_cert("kubelet-client", common_name=f"system:node:{NODE_NAME}",
+                                             organizations=["system:nodes"], client=True)
+            node_serving = cluster.issue_cert("kubelet-serving", common_name=NODE_NAME, server=True,
+                                              ip_addresses=[network.node_ip], dns_names=[NODE_NAME])
+            admin_pair = cluster.pki / "admin.crt", cluster.pki / "admin.key"
+            forwarder = Forwarder(network.node_ip, API_PORT, "127.0.0.1", cluster.apiserver_port)
+            egress = EgressProxy(network.node_ip)
+            for service in (forwarder, egress):
+                await service.start()
+                host_services.append(service)
+            admin = Api(cluster.server, client_ssl_context(cluster.ca_cert, *admin_pair))
+            node_api = Api(cluster.server, client_ssl_context(cluster.ca_cert, node_client.cert, node_client.key))
+            async with admin, node_api, aiohttp.ClientSession() as probes:
+                version = (await admin.request("GET", "/version")).get("gitVersion", "")
+                context = NodeContext(api=node_api, images=self.images, state_dir=self.state_dir, network=network,
+                                      node_ip=network.node_ip, api_port=API_PORT, proxy_url=egress.url,
+                                      record_event=lambda *a: kubelet.record_event(*a) if kubelet else None,
+                                      probe_session=probes)
+                kubelet = Kubelet(context, kubernetes_version=version)
+                await kubelet.register()
+                server = KubeletServer(network.node_ip, KUBELET_PORT, cert=node_serving.cert, key=node_serving.key,
+                                       client_ca=cluster.ca_cert, lookup=kubelet.runtime)
+                await server.start()
+                host_services.append(server)
+                say(f"Node {NODE_NAME}: {network.node_ip} (pods on {network.cidr}, bridge {network.bridge})")
+                provisioner = LocalPathProvisioner(admin, self.state_dir)
+                await provisioner.install()
+                proxies = ServiceProxies(admin, port_base=self.service_port_base, quiet_namespaces=(NAMESPACE,),
+                                         on_service=self._on_service)
+                servers = Informer(admin, "llamacpp.dev/v1alpha1", "llamaservers", lambda: None)
                 servers._on_change = lambda: self._on_servers(servers)
-                tasks = [asyncio.create_task(node.run(), name="node"),
-                         asyncio.create_task(servers.run(), name="llamaservers"),
-                         asyncio.create_task(self._run_operator(kubeconfig), name="operator")]
+                self._tasks = [asyncio.create_task(kubelet.run(), name="kubelet"),
+                               asyncio.create_task(provisioner.run(), name="provisioner"),
+                               asyncio.create_task(proxies.run(), name="service proxies")]
+                if local:
+                    self._tasks.append(asyncio.create_task(self._run_local_operator(cluster.admin_kubeconfig),
+                                                           name="operator"))
+                else:
+                    await self._install_operator(cluster.admin_kubeconfig)
+                    await self._wait_operator(admin)
+                self._tasks.append(asyncio.create_task(servers.run(), name="llamaservers"))
+                shutil.copyfile(cluster.admin_kubeconfig, kubeconfig)
+                kubeconfig.chmod(0o600)
+                say(f"kubeconfig: {kubeconfig}")
+                say(f"  export KUBECONFIG={kubeconfig}")
+                say(f"kubectl: {binaries.kubectl}")
                 say(f"Sandbox ready (state {self.state_dir}). Ctrl-C stops it and everything it started.")
                 stopped = asyncio.create_task(stop.wait())
-                done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait([stopped, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     if task is not stopped and task.exception() is not None:
                         log.error("sandbox %s failed", task.get_name(), exc_info=task.exception())
@@ -126,16 +250,23 @@ class Sandbox:
                 say("Stopping: pods get SIGTERM and their grace period, then SIGKILL")
                 self._stopping = True
                 operator = self._operator
-                await asyncio.gather(node.shutdown(),
+                await asyncio.gather(kubelet.shutdown(),
                                      terminate(operator, OPERATOR_GRACE) if operator else asyncio.sleep(0))
+                await proxies.close()
         finally:
             self._stopping = True
-            for task in tasks:
+            for task in self._tasks:
                 task.cancel()
-            for task in tasks:
+            for task in self._tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            await asyncio.to_thread(emulator.stop)
+            if kubelet is not None:
+                await kubelet.shutdown()
+            for service in host_services:
+                with contextlib.suppress(Exception):
+                    await service.close()
+            await asyncio.to_thread(cluster.stop)
+            await asyncio.to_thread(network.teardown)
             kubeconfig.unlink(missing_ok=True)
         say("Sandbox stopped")
         return 0
@@ -149,8 +280,9 @@ async def _main(args: argparse.Namespace) -> int:
             print(f"llama-operator sandbox: --image {item!r}: expected IMAGE=EXECUTABLE", file=sys.stderr)
             return 2
         images[image] = exe
-    sandbox = Sandbox(state_dir=args.state_path, api_port=args.api_port,
-                      service_port_base=args.service_port_base, images=images)
+    sandbox = Sandbox(state_dir=args.state_path, api_port=args.api_port, service_port_base=args.service_port_base,
+                      images=images, operator=args.operator, chart=args.chart, helm=args.helm,
+                      control_plane_dir=args.control_plane_dir)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
@@ -160,16 +292,22 @@ async def _main(args: argparse.Namespace) -> int:
         signals += 1
         if signals > 1:  # a second Ctrl-C: no more grace
             say("Killing everything now")
-            _kill_children()
+            _kill_children(sandbox.network)
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    return await sandbox.run(stop)
+    runner = asyncio.create_task(sandbox.run(stop))
+    try:
+        return await runner
+    except (SandboxError, NetworkError, BinariesMissing) as exc:
+        print(f"llama-operator sandbox: {exc}", file=sys.stderr)
+        return 1
 
 
-def _kill_children() -> None:
-    """SIGKILL every process group this process started (children run in sessions of their own)."""
+def _kill_children(network: PodNetwork | None) -> None:
+    """SIGKILL every process group this process started (children run in sessions of their own), then remove
+    the pod network."""
     with contextlib.suppress(OSError):
         for pid_dir in Path("/proc").iterdir():
             if not pid_dir.name.isdigit():
@@ -178,6 +316,9 @@ def _kill_children() -> None:
                 fields = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()
                 if int(fields[1]) == os.getpid():  # ppid
                     os.killpg(int(pid_dir.name), signal.SIGKILL)
+    if network is not None:
+        with contextlib.suppress(Exception):
+            network.teardown()
     os._exit(130)
 
 

@@ -16,11 +16,9 @@ container's `terminationMessagePath` is mapped to a file in the pod directory th
 read a fixed path internally get it through the image's documented override (the fetcher's
 `LLAMA_FETCH_TERMINATION_LOG`), as an image's ENV would.
 
-Network identity: every pod is 127.0.0.1 and each declared container port gets a pod-private host port. For
-llama.cpp images the listening address is rewritten (`--host <anything>` → 127.0.0.1, `--port <containerPort>`
-→ the host port, also `LLAMA_ARG_HOST`/`LLAMA_ARG_PORT`); probes, Endpoints and Service proxies use the
-mapping, so several replicas all "listen on 8080". Network namespaces (root only, Linux only) were not used:
-one mechanism that behaves the same for every user beats two.
+Paths under /run (and /var/run), such as the service-account token directory, are not rewritten: every pod
+has a private tmpfs on /run where those volumes are real bind mounts (network.py). Network identity needs no
+mapping: every pod has a network namespace and IP of its own, so servers listen where their arguments say.
 """
 
 from __future__ import annotations
@@ -51,8 +49,6 @@ class LocalImage:
     """Container path (or bare name found on the image's PATH) → local executable."""
     env: Mapping[str, str] = field(default_factory=dict)
     """Image ENV; `{termination_log}` is replaced by the container's mapped termination message file."""
-    listen_flags: tuple[str, str] | None = None
-    """(host flag, port flag) of a server whose listening address the sandbox rewrites."""
 
     def command(self, command: Sequence[str] | None, args: Sequence[str] | None) -> list[str]:
         """Kubernetes semantics: command replaces the entrypoint, args replace the image's CMD."""
@@ -113,8 +109,7 @@ class ImageTable:
             if binary is None:
                 raise ImageError(f"{image}: no llama-server binary (set LLAMA_SERVER_BIN, put llama-server on "
                                  "PATH, or run `make llama-server`)")
-            return LocalImage(entrypoint=(LLAMA_SERVER_PATH,), executables={LLAMA_SERVER_PATH: binary},
-                              listen_flags=("--host", "--port"))
+            return LocalImage(entrypoint=(LLAMA_SERVER_PATH,), executables={LLAMA_SERVER_PATH: binary})
         if repo.rsplit("/", 1)[-1] == "llama-operator":
             exe = operator_executable()
             return LocalImage(entrypoint=("llama-operator",),
@@ -138,25 +133,3 @@ class PathMap:
             if value.startswith(container_path + "/"):
                 return host_path + value[len(container_path):]
         return value
-
-
-def rewrite_listen(argv: list[str], env: dict[str, str], image: LocalImage, ports: Mapping[int, int]) -> list[str]:
-    """Point a server at 127.0.0.1 and its pod-private host port (see the module docstring)."""
-    if image.listen_flags is None or not ports:
-        return argv
-    host_flag, port_flag = image.listen_flags
-    out = list(argv)
-    for i in range(1, len(out) - 1):
-        if out[i] == host_flag:
-            out[i + 1] = "127.0.0.1"
-        elif out[i] == port_flag and out[i + 1].isdigit() and int(out[i + 1]) in ports:
-            out[i + 1] = str(ports[int(out[i + 1])])
-    if env.get("LLAMA_ARG_HOST"):
-        env["LLAMA_ARG_HOST"] = "127.0.0.1"
-    if env.get("LLAMA_ARG_PORT", "").isdigit() and int(env["LLAMA_ARG_PORT"]) in ports:
-        env["LLAMA_ARG_PORT"] = str(ports[int(env["LLAMA_ARG_PORT"])])
-    if port_flag not in out[1:] and "LLAMA_ARG_PORT" not in env and 8080 in ports:
-        out += [port_flag, str(ports[8080])]  # the server's default port is 8080
-    if host_flag not in out[1:] and "LLAMA_ARG_HOST" not in env:
-        out += [host_flag, "127.0.0.1"]
-    return out

@@ -1,20 +1,27 @@
-"""The sandbox kubelet: runs one pod's containers as local processes and writes the pod's status.
+"""The sandbox kubelet's container runtime: one pod's containers as local processes, and the pod's status.
 
-Per pod (`PodRuntime`): volumes become directories, the init containers run one after another to
-completion, then the main containers start; startup, readiness and liveness probes run as specified
-(httpGet, tcpSocket, exec); crashed containers restart with the kubelet's backoff (immediately, then 10 s
-doubling to 5 min, reset after 10 min of running); termination messages come from the container's
-termination message file or, with `FallbackToLogsOnError`, from the tail of its log. Status
-(`initContainerStatuses`/`containerStatuses` with running/terminated/waiting, `lastState`, `ready`,
-`restartCount`, pod conditions and phase) is written through the API's status subresource.
+Per pod (`PodRuntime`): a network namespace with the pod's IP (network.py); volumes become directories
+(emptyDir, hostPath, PVC → its PersistentVolume's directory, secret, configMap, downwardAPI and projected
+volumes, whose service-account tokens come from the TokenRequest API and are renewed before they expire);
+the init containers run one after another to completion, then the main containers start; startup, readiness
+and liveness probes run as specified (httpGet, tcpSocket, exec) against the pod IP; crashed containers restart
+with the kubelet's backoff (immediately, then 10 s doubling to 5 min, reset after 10 min of running);
+termination messages come from the container's termination message file or, with `FallbackToLogsOnError`,
+from the tail of its log. Status (`initContainerStatuses`/`containerStatuses` with running/terminated/waiting,
+`lastState`, `ready`, `started`, `restartCount`, conditions, phase, podIP, hostIP) goes through the API's
+`pods/status`; events (Pulled, Created, Started, Killing, Unhealthy, BackOff, Failed) like a kubelet's.
 
-Stopping a pod sends SIGTERM to every container's process group, waits the pod's grace period, then
-SIGKILLs. Each container is its own process group (its children die with it); on Linux every process also
-gets PR_SET_PDEATHSIG=SIGKILL, so even a SIGKILLed sandbox leaves nothing behind.
+Each container's output goes to `<container>.log` in the pod directory (the previous instance's to
+`<container>.previous.log`): what `kubectl logs [--previous]` serves (logs.py).
 
-Deviations from a real kubelet (docs/sandbox.md): once a startup probe succeeds, readiness is probed at
-once rather than at its next period tick; resource limits, security contexts and read-only mounts are not
-enforced; every pod's IP is 127.0.0.1 (ports are remapped, see images.py).
+Stopping a pod sends SIGTERM to every container's process group, waits the grace period, then SIGKILLs.
+Each container is its own process group; every process also gets PR_SET_PDEATHSIG=SIGKILL, so even a
+SIGKILLed sandbox leaves nothing behind.
+
+Deviations from a real kubelet (docs/sandbox.md): no images (images.py maps them to local executables) and
+no root filesystem of their own, so volume paths in arguments and environment are rewritten (except under
+/run, which is a private tmpfs with real bind mounts); resource limits, security contexts and read-only
+mounts are not enforced; once a startup probe succeeds, readiness is probed at once.
 """
 
 from __future__ import annotations
@@ -24,26 +31,28 @@ import base64
 import contextlib
 import ctypes
 import datetime
+import json
 import logging
 import os
 import re
 import signal
-import socket
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from .client import Api, ApiError, resource_path
-from .images import ImageError, ImageTable, LocalImage, PathMap, rewrite_listen
+from .images import ImageError, ImageTable, LocalImage, PathMap
+from .network import PodAddress, PodNetwork, enter_pod, under_run
 
 log = logging.getLogger("llama_operator.sandbox")
 
 NODE_NAME = "sandbox"
-POD_IP = "127.0.0.1"
 BACKOFF_INITIAL = 10.0
 BACKOFF_MAX = 300.0
 BACKOFF_RESET = 600.0
@@ -51,20 +60,14 @@ DEFAULT_TERMINATION_PATH = "/dev/termination-log"
 MAX_MESSAGE = 4096
 FALLBACK_LINES = 80
 FALLBACK_BYTES = 2048
-# Environment a container inherits from the node: enough to find shared libraries and reach the network
-# the way the host does. Nothing else leaks in (a stray LLAMA_ARG_* or HF_TOKEN would change behaviour).
-PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
-                   "https_proxy", "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "LD_LIBRARY_PATH")
+TOKEN_REFRESH_FRACTION = 0.8
+# Environment a container inherits from the node: enough to find shared libraries. Nothing else leaks in (a
+# stray LLAMA_ARG_* or HF_TOKEN would change behaviour); proxies are the node's own (network.py).
+PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR", "LD_LIBRARY_PATH")
 
 
 def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((POD_IP, 0))
-        return int(sock.getsockname()[1])
 
 
 def _die_with_parent() -> None:
@@ -74,12 +77,19 @@ def _die_with_parent() -> None:
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-async def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_path: Path) -> asyncio.subprocess.Process:
-    """Start a process in a session of its own, output appended to `log_path`."""
+async def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_path: Path,
+                pod: tuple[str, dict[str, str]] | None = None) -> asyncio.subprocess.Process:
+    """Start a process in a session of its own, output appended to `log_path`; with `pod` = (netns, /run
+    mounts), inside that pod's network namespace and a private mount namespace."""
+    def prepare() -> None:
+        _die_with_parent()
+        if pod is not None:
+            enter_pod(*pod)
+
     with log_path.open("ab") as out:
         return await asyncio.create_subprocess_exec(
             *argv, env=env, cwd=str(cwd), stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-            start_new_session=True, preexec_fn=_die_with_parent)
+            start_new_session=True, preexec_fn=prepare)
 
 
 def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
@@ -119,8 +129,50 @@ def expand(value: str, env: dict[str, str]) -> str:
     return _VAR.sub(sub, value)
 
 
+def write_atomic(directory: Path, files: dict[str, tuple[bytes, int]]) -> None:
+    """The kubelet's atomic volume update: files live in a timestamped directory that `..data` points to,
+    each visible name is a symlink through `..data`, and one rename swaps all of them at once."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = directory / f"..{datetime.datetime.now(datetime.UTC).strftime('%Y_%m_%d_%H_%M_%S.%f')}"
+    stamp.mkdir()
+    for name, (data, mode) in files.items():
+        target = stamp / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        target.chmod(mode)
+    link = directory / "..data_tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(stamp.name)
+    old = (directory / "..data").resolve() if (directory / "..data").is_symlink() else None
+    os.replace(link, directory / "..data")
+    for name in files:
+        top = name.split("/", 1)[0]
+        visible = directory / top
+        if not visible.is_symlink():
+            visible.symlink_to(f"..data/{top}")
+    if old is not None and old.exists() and old != stamp.resolve():
+        for path in sorted(old.rglob("*"), reverse=True):
+            path.unlink() if not path.is_dir() else path.rmdir()
+        old.rmdir()
+
+
 class ConfigError(Exception):
     """The container cannot be configured yet (a missing Secret/ConfigMap): CreateContainerConfigError."""
+
+
+@dataclass
+class NodeContext:
+    """What every pod on the node shares: the API (as the node), images, directories, network, egress."""
+
+    api: Api
+    images: ImageTable
+    state_dir: Path
+    network: PodNetwork
+    node_ip: str
+    api_port: int
+    proxy_url: str
+    record_event: Callable[[dict[str, Any], str, str, str, str | None], None]
+    probe_session: aiohttp.ClientSession
 
 
 class ContainerStatus:
@@ -136,6 +188,8 @@ class ContainerStatus:
         self.started = False
         self.container_id = ""
         self.proc: asyncio.subprocess.Process | None = None
+        self.instance = 0
+        self.exited = asyncio.Event()
 
     def to_wire(self) -> dict[str, Any]:
         status: dict[str, Any] = {
@@ -151,41 +205,30 @@ class ContainerStatus:
 class PodRuntime:
     """Runs one pod until it is stopped (deleted from the API, or the sandbox shuts down)."""
 
-    def __init__(self, pod: dict[str, Any], *, api: Api, images: ImageTable, state_dir: Path,
-                 on_change: Callable[[], None]) -> None:
+    def __init__(self, pod: dict[str, Any], node: NodeContext, on_change: Callable[[], None]) -> None:
         meta = pod["metadata"]
         self.pod = pod
         self.namespace: str = meta.get("namespace") or "default"
         self.name: str = meta["name"]
         self.uid: str = meta.get("uid") or ""
-        self.labels: dict[str, str] = dict(meta.get("labels") or {})
         self.spec: dict[str, Any] = pod.get("spec") or {}
-        self.api = api
-        self.images = images
-        self.state_dir = state_dir
-        self.dir = state_dir / "pods" / f"{self.namespace}_{self.name}_{self.uid[:8]}"
+        self.node = node
+        self.api = node.api
+        self.dir = node.state_dir / "pods" / f"{self.namespace}_{self.name}_{self.uid[:8]}"
         self._on_change = on_change
         self.init_statuses = [ContainerStatus(c) for c in self.spec.get("initContainers") or []]
         self.statuses = [ContainerStatus(c) for c in self.spec.get("containers") or []]
-        for status in self.statuses:
-            status.state = {"waiting": {"reason": "PodInitializing"}}
-        # Network identity: containerPort → pod-private host port; port name → containerPort.
-        self.ports: dict[int, int] = {}
-        self.port_names: dict[str, int] = {}
-        for container in self.spec.get("containers") or []:
-            for port in container.get("ports") or []:
-                self.ports[int(port["containerPort"])] = free_port()
-                if port.get("name"):
-                    self.port_names[port["name"]] = int(port["containerPort"])
+        self.address: PodAddress | None = None
         self.initialized = False
         self.failed = False
+        self.succeeded = False
         self.stopping = False
         self.start_time = now()
         self.volumes: dict[str, Path] = {}
+        self._transitions: dict[str, tuple[str, str]] = {}
         self._dirty = asyncio.Event()
         self._written: dict[str, Any] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._writer: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
         self.done = asyncio.Event()
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -195,29 +238,43 @@ class PodRuntime:
         return self.initialized and bool(self.statuses) and all(s.ready for s in self.statuses)
 
     @property
+    def ip(self) -> str:
+        return self.address.ip if self.address else ""
+
+    def container(self, name: str) -> ContainerStatus | None:
+        return next((s for s in self.init_statuses + self.statuses if s.name == name), None)
+
+    def log_path(self, container: str, *, previous: bool = False) -> Path:
+        return self.dir / (f"{container}.previous.log" if previous else f"{container}.log")
+
+    @property
     def grace(self) -> float:
         value = self.spec.get("terminationGracePeriodSeconds")
         return float(30 if value is None else value)
 
     def start(self) -> None:
-        self._writer = asyncio.create_task(self._status_writer(), name=f"status {self.name}")
-        self._task = asyncio.create_task(self._run(), name=f"pod {self.name}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._tasks = [asyncio.create_task(self._status_writer(), name=f"status {self.name}"),
+                       asyncio.create_task(self._run(), name=f"pod {self.name}")]
         self._changed()
 
     async def stop(self, grace: float | None = None) -> None:
-        """SIGTERM every container, wait the grace period, SIGKILL; then end the pod's tasks."""
+        """SIGTERM every container, wait the grace period, SIGKILL; then end the pod's tasks and network."""
         if self.stopping:
             await self.done.wait()
             return
         self.stopping = True
         grace = self.grace if grace is None else grace
-        procs = [s.proc for s in self.init_statuses + self.statuses if s.proc is not None]
-        await asyncio.gather(*(terminate(p, grace) for p in procs))
-        for task in (self._task, self._writer):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        running = [s for s in self.init_statuses + self.statuses if s.proc is not None]
+        for status in running:
+            self._event("Normal", "Killing", f"Stopping container {status.name}", status.name)
+        await asyncio.gather(*(terminate(s.proc, grace) for s in running if s.proc is not None))
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.node.network.remove_pod(self.uid)
         log.info("Stopped pod %s/%s", self.namespace, self.name)
         self.done.set()
         self._on_change()
@@ -226,9 +283,17 @@ class PodRuntime:
         self._dirty.set()
         self._on_change()
 
+    def _event(self, kind: str, reason: str, message: str, container: str | None = None) -> None:
+        self.node.record_event(self.pod, kind, reason, message, container)
+
     async def _run(self) -> None:
         try:
-            await self._prepare_volumes()
+            self.address = await self.node.network.add_pod(self.uid)
+            self._changed()
+            while True:
+                if await self._prepare_volumes():
+                    break
+                await asyncio.sleep(2)  # the API may have the missing Secret/PVC binding later
             for status in self.init_statuses:
                 if not await self._run_container(status, init=True):
                     self.failed = True
@@ -236,7 +301,12 @@ class PodRuntime:
                     return
             self.initialized = True
             self._changed()
-            await asyncio.gather(*(self._run_container(s, init=False) for s in self.statuses))
+            results = await asyncio.gather(*(self._run_container(s, init=False) for s in self.statuses))
+            if not self.stopping:
+                codes = [s.state.get("terminated", {}).get("exitCode", 1) for s in self.statuses]
+                self.succeeded = all(results) and all(code == 0 for code in codes)
+                self.failed = not self.succeeded
+                self._changed()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -244,33 +314,133 @@ class PodRuntime:
 
     # ------------------------------------------------------------------------------------------ volumes
 
-    async def _prepare_volumes(self) -> None:
-        for volume in self.spec.get("volumes") or []:
-            name = volume["name"]
-            if "hostPath" in volume:
-                path = self.state_dir / "hostpath" / volume["hostPath"]["path"].lstrip("/")
-            elif "persistentVolumeClaim" in volume:
-                path = self.state_dir / "pvc" / self.namespace / volume["persistentVolumeClaim"]["claimName"]
-            else:  # emptyDir, and the pod-local directory for secret/configMap contents
-                path = self.dir / "volumes" / name
-            path.mkdir(parents=True, exist_ok=True)
-            if "secret" in volume or "configMap" in volume:
-                await self._project(volume, path)
-            self.volumes[name] = path
+    async def _prepare_volumes(self) -> bool:
+        """Make every volume's directory; False (after a FailedMount event) when one cannot be made yet."""
+        try:
+            for volume in self.spec.get("volumes") or []:
+                name = volume["name"]
+                if "hostPath" in volume:
+                    path = self.node.state_dir / "hostpath" / volume["hostPath"]["path"].lstrip("/")
+                elif "persistentVolumeClaim" in volume:
+                    path = await self._claim_directory(volume["persistentVolumeClaim"]["claimName"])
+                else:  # emptyDir, and the pod-local directory of secret/configMap/projected/downwardAPI files
+                    path = self.dir / "volumes" / name
+                path.mkdir(parents=True, exist_ok=True)
+                self.volumes[name] = path
+                if any(k in volume for k in ("secret", "configMap", "projected", "downwardAPI")):
+                    await self._project(volume, path)
+            return True
+        except (ConfigError, ApiError, aiohttp.ClientError) as exc:
+            self._event("Warning", "FailedMount", f"MountVolume.SetUp failed: {exc}")
+            return False
+
+    async def _claim_directory(self, claim: str) -> Path:
+        pvc = await self._read("persistentvolumeclaims", claim)
+        if pvc is None:
+            raise ConfigError(f'persistentvolumeclaim "{claim}" not found')
+        volume_name = (pvc.get("spec") or {}).get("volumeName")
+        pv = await self.api.get(resource_path("v1", "persistentvolumes", None, volume_name)) if volume_name else None
+        if pv is None:
+            raise ConfigError(f'persistentvolumeclaim "{claim}" is not bound')
+        spec = pv.get("spec") or {}
+        path = (spec.get("hostPath") or spec.get("local") or {}).get("path")
+        if not path:
+            raise ConfigError(f"persistentvolume {volume_name} is neither hostPath nor local")
+        return Path(path)
 
     async def _project(self, volume: dict[str, Any], path: Path) -> None:
+        files: dict[str, tuple[bytes, int]] = {}
         if "secret" in volume:
-            source, data = volume["secret"], await self._read("secrets", volume["secret"].get("secretName", ""))
-            decoded = {k: base64.b64decode(v) for k, v in ((data or {}).get("data") or {}).items()}
+            source = volume["secret"]
+            await self._add_keys(files, "secrets", source.get("secretName", ""), source,
+                                 int(source.get("defaultMode", 0o644)))
+        elif "configMap" in volume:
+            source = volume["configMap"]
+            await self._add_keys(files, "configmaps", source.get("name", ""), source,
+                                 int(source.get("defaultMode", 0o644)))
+        elif "downwardAPI" in volume:
+            source = volume["downwardAPI"]
+            self._add_downward(files, source.get("items") or [], int(source.get("defaultMode", 0o644)))
         else:
-            source, data = volume["configMap"], await self._read("configmaps", volume["configMap"].get("name", ""))
-            decoded = {k: v.encode() for k, v in ((data or {}).get("data") or {}).items()}
-        items = source.get("items") or [{"key": k, "path": k} for k in decoded]
+            projected = volume["projected"]
+            mode = int(projected.get("defaultMode", 0o644))
+            refresh: list[tuple[dict[str, Any], float]] = []
+            for source in projected.get("sources") or []:
+                if "secret" in source:
+                    await self._add_keys(files, "secrets", source["secret"].get("name", ""), source["secret"], mode)
+                elif "configMap" in source:
+                    await self._add_keys(files, "configmaps", source["configMap"].get("name", ""),
+                                         source["configMap"], mode)
+                elif "downwardAPI" in source:
+                    self._add_downward(files, source["downwardAPI"].get("items") or [], mode)
+                elif "serviceAccountToken" in source:
+                    token_source = source["serviceAccountToken"]
+                    token, ttl = await self._token(token_source)
+                    files[token_source["path"]] = (token.encode(), 0o600 if mode == 0o644 else mode)
+                    refresh.append((token_source, ttl))
+            if refresh:
+                self._tasks.append(asyncio.create_task(self._renew_tokens(volume, path, files, refresh),
+                                                       name=f"tokens {self.name}"))
+        write_atomic(path, files)
+
+    async def _add_keys(self, files: dict[str, tuple[bytes, int]], plural: str, name: str, source: dict[str, Any],
+                        mode: int) -> None:
+        obj = await self._read(plural, name)
+        kind = "secret" if plural == "secrets" else "configmap"
+        if obj is None:
+            if source.get("optional"):
+                return
+            raise ConfigError(f'{kind} "{name}" not found')
+        if plural == "secrets":
+            data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+        else:
+            data = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
+            data.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
+        items = source.get("items") or [{"key": k, "path": k} for k in data]
         for item in items:
-            if item["key"] in decoded:
-                target = path / item["path"]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(decoded[item["key"]])
+            if item["key"] in data:
+                files[item["path"]] = (data[item["key"]], int(item.get("mode", mode)))
+            elif not source.get("optional"):
+                raise ConfigError(f'configmap references non-existent config key: {item["key"]}')
+
+    def _add_downward(self, files: dict[str, tuple[bytes, int]], items: list[dict[str, Any]], mode: int) -> None:
+        for item in items:
+            if "fieldRef" in item:
+                files[item["path"]] = (self._field(item["fieldRef"].get("fieldPath", "")).encode(),
+                                       int(item.get("mode", mode)))
+
+    async def _token(self, source: dict[str, Any]) -> tuple[str, float]:
+        account = self.spec.get("serviceAccountName") or "default"
+        spec: dict[str, Any] = {"expirationSeconds": int(source.get("expirationSeconds") or 3600),
+                                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": self.name,
+                                                   "uid": self.uid}}
+        if source.get("audience"):
+            spec["audiences"] = [source["audience"]]
+        review = await self.api.create(
+            resource_path("v1", "serviceaccounts", self.namespace, account, "token"),
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
+        status = review.get("status") or {}
+        expires = datetime.datetime.fromisoformat(status["expirationTimestamp"].replace("Z", "+00:00"))
+        ttl = (expires - datetime.datetime.now(datetime.UTC)).total_seconds()
+        return status["token"], ttl
+
+    async def _renew_tokens(self, volume: dict[str, Any], path: Path, files: dict[str, tuple[bytes, int]],
+                            tokens: list[tuple[dict[str, Any], float]]) -> None:
+        """Like the kubelet: a fresh token once 80% of the old one's lifetime has passed."""
+        while True:
+            await asyncio.sleep(max(5.0, min(ttl for _, ttl in tokens) * TOKEN_REFRESH_FRACTION))
+            try:
+                renewed = []
+                for source, _ in tokens:
+                    token, ttl = await self._token(source)
+                    files[source["path"]] = (token.encode(), files[source["path"]][1])
+                    renewed.append((source, ttl))
+                tokens = renewed
+                write_atomic(path, files)
+            except (ApiError, aiohttp.ClientError, KeyError) as exc:
+                log.warning("pod %s/%s: renewing the token of volume %s: %s", self.namespace, self.name,
+                            volume["name"], exc)
+                tokens = [(source, 20.0) for source, _ in tokens]
 
     async def _read(self, plural: str, name: str) -> dict[str, Any] | None:
         return await self.api.get(resource_path("v1", plural, self.namespace, name))
@@ -284,11 +454,8 @@ class PodRuntime:
             if ref.get("optional"):
                 return None
             raise ConfigError(f'{kind} "{ref.get("name")}" not found')
-        if plural == "secrets":
-            raw = (obj.get("data") or {}).get(ref["key"])
-            value = base64.b64decode(raw).decode() if raw is not None else (obj.get("stringData") or {}).get(ref["key"])
-        else:
-            value = (obj.get("data") or {}).get(ref["key"])
+        raw = (obj.get("data") or {}).get(ref["key"])
+        value = (base64.b64decode(raw).decode() if raw is not None else None) if plural == "secrets" else raw
         if value is None and not ref.get("optional"):
             raise ConfigError(f'couldn\'t find key {ref["key"]} in {kind.capitalize()} {self.namespace}/{ref["name"]}')
         return value
@@ -297,12 +464,16 @@ class PodRuntime:
         meta = self.pod.get("metadata") or {}
         simple = {"metadata.name": self.name, "metadata.namespace": self.namespace, "metadata.uid": self.uid,
                   "spec.nodeName": NODE_NAME, "spec.serviceAccountName": self.spec.get("serviceAccountName", ""),
-                  "status.podIP": POD_IP, "status.hostIP": POD_IP, "status.podIPs": POD_IP}
+                  "status.podIP": self.ip, "status.hostIP": self.node.node_ip, "status.podIPs": self.ip,
+                  "status.hostIPs": self.node.node_ip}
         if path in simple:
             return simple[path]
         match = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
         if match:
             return str((meta.get(match.group(1)) or {}).get(match.group(2), ""))
+        if path in ("metadata.labels", "metadata.annotations"):
+            values = meta.get(path.split(".")[1]) or {}
+            return "\n".join(f"{k}={json.dumps(str(v))}" for k, v in sorted(values.items()))
         return ""
 
     async def _environment(self, container: dict[str, Any]) -> dict[str, str]:
@@ -336,8 +507,28 @@ class PodRuntime:
                 env[item["name"]] = value
         return env
 
-    def _path_map(self, container: dict[str, Any], termination_file: Path) -> PathMap:
+    def _node_env(self) -> dict[str, str]:
+        """What the node gives every container: the `kubernetes` Service variables (pointing at the node's
+        forwarder to the API server) and the node's egress proxy."""
+        host, port = self.node.node_ip, str(self.node.api_port)
+        env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
+        env.update({
+            "HOSTNAME": self.name,
+            "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port, "KUBERNETES_SERVICE_PORT_HTTPS": port,
+            "KUBERNETES_PORT": f"tcp://{host}:{port}", f"KUBERNETES_PORT_{port}_TCP": f"tcp://{host}:{port}",
+            f"KUBERNETES_PORT_{port}_TCP_PROTO": "tcp", f"KUBERNETES_PORT_{port}_TCP_PORT": port,
+            f"KUBERNETES_PORT_{port}_TCP_ADDR": host,
+        })
+        no_proxy = ",".join([host, self.node.network.cidr, ".svc", ".cluster.local"])
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+            env[name] = self.node.proxy_url
+        env["NO_PROXY"] = env["no_proxy"] = no_proxy
+        return env
+
+    def _mounts(self, container: dict[str, Any], termination_file: Path) -> tuple[PathMap, dict[str, str]]:
+        """(rewriting of container paths, real bind mounts under /run)."""
         mounts: dict[str, str] = {}
+        run_mounts: dict[str, str] = {}
         for mount in container.get("volumeMounts") or []:
             host = self.volumes.get(mount["name"])
             if host is None:
@@ -345,45 +536,48 @@ class PodRuntime:
             if mount.get("subPath"):
                 host = host / mount["subPath"]
                 host.mkdir(parents=True, exist_ok=True)
-            mounts[mount["mountPath"]] = str(host)
+            run_path = under_run(mount["mountPath"])
+            if run_path is not None:
+                run_mounts[run_path] = str(host)
+            else:
+                mounts[mount["mountPath"]] = str(host)
         mounts[container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH] = str(termination_file)
-        return PathMap(mounts)
+        return PathMap(mounts), run_mounts
 
     async def _command(self, container: dict[str, Any], termination_file: Path
-                       ) -> tuple[list[str], dict[str, str], LocalImage]:
-        image = self.images.resolve(container.get("image", ""))
-        paths = self._path_map(container, termination_file)
+                       ) -> tuple[list[str], dict[str, str], LocalImage, dict[str, str]]:
+        image = self.node.images.resolve(container.get("image", ""))
+        paths, run_mounts = self._mounts(container, termination_file)
         user_env = await self._environment(container)
-        env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
-        env["HOSTNAME"] = self.name
+        env = self._node_env()
         env.update({k: v.format(termination_log=termination_file) for k, v in image.env.items()})
         env.update({k: paths.rewrite(v) for k, v in user_env.items()})
         command = [paths.rewrite(expand(a, user_env)) for a in container.get("command") or []]
         args = [paths.rewrite(expand(a, user_env)) for a in container.get("args") or []]
-        argv = image.command(command or None, args)
-        ports = {p: h for p, h in self.ports.items()
-                 if any(int(cp["containerPort"]) == p for cp in container.get("ports") or [])}
-        return rewrite_listen(argv, env, image, ports), env, image
+        return image.command(command or None, args), env, image, run_mounts
 
     # ------------------------------------------------------------------------------------------ containers
 
     async def _run_container(self, status: ContainerStatus, *, init: bool) -> bool:
-        """Run (and restart, per restartPolicy) one container. Init containers: True once one run succeeded."""
+        """Run (and restart, per restartPolicy) one container. True once a run ended as the pod wants it to
+        (init containers: exit 0); False when the pod failed or is stopping."""
         container = status.spec
         policy = self.spec.get("restartPolicy") or "Always"
         crashes = 0
-        log_path = self.dir / f"{status.name}.log"
         termination_file = self.dir / f"{status.name}.termination-log"
+        image = container.get("image", "")
         while not self.stopping:
             try:
-                argv, env, _ = await self._command(container, termination_file)
+                argv, env, _, run_mounts = await self._command(container, termination_file)
             except ImageError as exc:
                 status.state = {"waiting": {"reason": "ErrImagePull", "message": str(exc)}}
+                self._event("Warning", "Failed", f'Failed to pull image "{image}": {exc}', status.name)
                 self._changed()
                 await asyncio.sleep(BACKOFF_INITIAL)
                 continue
             except ConfigError as exc:
                 status.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
+                self._event("Warning", "Failed", f"Error: {exc}", status.name)
                 self._changed()
                 await asyncio.sleep(2)
                 continue
@@ -391,25 +585,39 @@ class PodRuntime:
                 log.warning("pod %s/%s: %s", self.namespace, self.name, exc)
                 await asyncio.sleep(2)
                 continue
+            if status.instance == 0:
+                self._event("Normal", "Pulled", f'Container image "{image}" already present on machine '
+                            f"(the sandbox runs {argv[0]})", status.name)
             termination_file.write_bytes(b"")
-            offset = log_path.stat().st_size if log_path.exists() else 0
+            log_path = self.log_path(status.name)
+            if status.instance > 0 and log_path.exists():
+                os.replace(log_path, self.log_path(status.name, previous=True))
+            log_path.write_bytes(b"")
             started = time.monotonic()
             try:
-                proc = await spawn(argv, env=env, cwd=self.dir, log_path=log_path)
+                assert self.address is not None
+                proc = await spawn(argv, env=env, cwd=self.dir, log_path=log_path,
+                                   pod=(self.address.netns, run_mounts))
             except OSError as exc:
                 status.state = {"waiting": {"reason": "RunContainerError", "message": str(exc)}}
+                self._event("Warning", "Failed", f"Error: {exc}", status.name)
                 self._changed()
                 await asyncio.sleep(BACKOFF_INITIAL)
                 continue
+            status.instance += 1
+            status.exited.clear()
             status.proc = proc
             status.container_id = f"sandbox://{proc.pid}"
             status.state = {"running": {"startedAt": now()}}
             status.started = init  # main containers are started once their startup probe passes
             log.info("Started container %s in pod %s/%s (pid %d)", status.name, self.namespace, self.name, proc.pid)
+            self._event("Normal", "Created", f"Created container: {status.name}", status.name)
+            self._event("Normal", "Started", f"Started container {status.name}", status.name)
             self._changed()
             probes = None if init else asyncio.create_task(self._probe(status, proc))
             code = exit_code(await proc.wait())
             _signal_group(proc, signal.SIGKILL)  # anything the container left running
+            status.exited.set()
             if probes is not None:
                 probes.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -421,7 +629,7 @@ class PodRuntime:
                 "startedAt": status.state.get("running", {}).get("startedAt", now()), "finishedAt": now(),
                 "containerID": status.container_id,
             }
-            message = self._termination_message(container, termination_file, log_path, offset, code)
+            message = self._termination_message(container, termination_file, log_path, code)
             if message:
                 terminated["message"] = message
             status.ready = False
@@ -434,7 +642,7 @@ class PodRuntime:
             if policy == "Never" or (policy == "OnFailure" and code == 0):
                 status.state = {"terminated": terminated}
                 self._changed()
-                return False
+                return code == 0
             log.info("Container %s in pod %s/%s exited with code %d; restarting", status.name, self.namespace,
                      self.name, code)
             status.last_state = {"terminated": terminated}
@@ -445,22 +653,23 @@ class PodRuntime:
             status.restart_count += 1
             if delay:
                 status.state = {"waiting": {"reason": "CrashLoopBackOff", "message": (
-                    f"back-off {int(delay)}s restarting failed container={status.name} pod={self.name}")}}
+                    f"back-off {int(delay)}s restarting failed container={status.name} pod={self.name}"
+                    f"_{self.namespace}({self.uid})")}}
+                self._event("Warning", "BackOff", "Back-off restarting failed container "
+                            f"{status.name} in pod {self.name}_{self.namespace}({self.uid})", status.name)
                 self._changed()
                 await asyncio.sleep(delay)
         return False
 
     @staticmethod
-    def _termination_message(container: dict[str, Any], termination_file: Path, log_path: Path, offset: int,
-                             code: int) -> str:
+    def _termination_message(container: dict[str, Any], termination_file: Path, log_path: Path, code: int) -> str:
         with contextlib.suppress(OSError):
             text = termination_file.read_bytes()[:MAX_MESSAGE].decode(errors="replace")
             if text.strip():
                 return text
         if code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
-            with contextlib.suppress(OSError), log_path.open("rb") as handle:
-                handle.seek(offset)
-                lines = handle.read().decode(errors="replace").splitlines()[-FALLBACK_LINES:]
+            with contextlib.suppress(OSError):
+                lines = log_path.read_bytes().decode(errors="replace").splitlines()[-FALLBACK_LINES:]
                 return "\n".join(lines)[-FALLBACK_BYTES:]
         return ""
 
@@ -469,8 +678,10 @@ class PodRuntime:
     async def _probe(self, status: ContainerStatus, proc: asyncio.subprocess.Process) -> None:
         container = status.spec
         startup = container.get("startupProbe")
-        if startup is not None and not await self._probe_until(startup, status):
+        if startup is not None and not await self._probe_until(startup, status, "Startup"):
             log.info("Startup probe of %s in pod %s/%s failed; restarting it", status.name, self.namespace, self.name)
+            self._event("Normal", "Killing", f"Container {status.name} failed startup probe, will be restarted",
+                        status.name)
             await terminate(proc, self._probe_grace(startup))
             return
         status.started = True
@@ -495,7 +706,8 @@ class PodRuntime:
         value = probe.get("terminationGracePeriodSeconds")
         return float(value) if value is not None else self.grace
 
-    async def _probe_verdicts(self, probe: dict[str, Any], status: ContainerStatus) -> AsyncIterator[bool | None]:
+    async def _probe_verdicts(self, probe: dict[str, Any], status: ContainerStatus, kind: str
+                              ) -> AsyncIterator[bool | None]:
         """Run a probe on its schedule; after each check yield True once successThreshold checks in a row passed,
         False once failureThreshold checks in a row failed, else None (no verdict yet)."""
         await asyncio.sleep(float(probe.get("initialDelaySeconds") or 0))
@@ -503,22 +715,24 @@ class PodRuntime:
         need_ok, need_fail = int(probe.get("successThreshold") or 1), int(probe.get("failureThreshold") or 3)
         ok = fail = 0
         while True:
-            if await self._check(probe, status.spec):
+            passed, detail = await self._check(probe, status.spec)
+            if passed:
                 ok, fail = ok + 1, 0
             else:
                 ok, fail = 0, fail + 1
+                if fail == need_fail:
+                    self._event("Warning", "Unhealthy", f"{kind} probe failed: {detail}", status.name)
             yield True if ok >= need_ok else False if fail >= need_fail else None
             await asyncio.sleep(period)
 
-    async def _probe_until(self, probe: dict[str, Any], status: ContainerStatus) -> bool:
-        """Probe until successThreshold successes in a row (True) or failureThreshold failures in a row (False)."""
-        async for verdict in self._probe_verdicts(probe, status):
+    async def _probe_until(self, probe: dict[str, Any], status: ContainerStatus, kind: str) -> bool:
+        async for verdict in self._probe_verdicts(probe, status, kind):
             if verdict is not None:
                 return verdict
         raise AssertionError("unreachable: probing never ends by itself")
 
     async def _readiness(self, probe: dict[str, Any], status: ContainerStatus) -> None:
-        async for verdict in self._probe_verdicts(probe, status):
+        async for verdict in self._probe_verdicts(probe, status, "Readiness"):
             if verdict is not None and verdict != status.ready:
                 status.ready = verdict
                 self._changed()
@@ -528,71 +742,96 @@ class PodRuntime:
         period = float(probe.get("periodSeconds") or 10)
         need_fail = int(probe.get("failureThreshold") or 3)
         fail = 0
+        detail = ""
         while fail < need_fail:
             await asyncio.sleep(period)  # the first tick: the startup probe has just answered
-            fail = 0 if await self._check(probe, status.spec) else fail + 1
+            passed, detail = await self._check(probe, status.spec)
+            fail = 0 if passed else fail + 1
         log.info("Liveness probe of %s in pod %s/%s failed; restarting it", status.name, self.namespace, self.name)
+        self._event("Warning", "Unhealthy", f"Liveness probe failed: {detail}", status.name)
+        self._event("Normal", "Killing", f"Container {status.name} failed liveness probe, will be restarted",
+                    status.name)
         await terminate(proc, self._probe_grace(probe))
 
-    def _resolve_port(self, port: Any) -> int:
-        container_port = self.port_names.get(port, 0) if isinstance(port, str) and not port.isdigit() else int(port)
-        return self.ports.get(container_port, container_port)
+    def _resolve_port(self, port: Any, container: dict[str, Any]) -> int:
+        if isinstance(port, str) and not port.isdigit():
+            for item in container.get("ports") or []:
+                if item.get("name") == port:
+                    return int(item["containerPort"])
+            raise ValueError(f"no port named {port}")
+        return int(port)
 
-    async def _check(self, probe: dict[str, Any], container: dict[str, Any]) -> bool:
+    async def _check(self, probe: dict[str, Any], container: dict[str, Any]) -> tuple[bool, str]:
         timeout = float(probe.get("timeoutSeconds") or 1)
         try:
             if "httpGet" in probe:
                 get = probe["httpGet"]
-                url = f"{get.get('scheme', 'HTTP').lower()}://{POD_IP}:{self._resolve_port(get['port'])}" \
+                host = get.get("host") or self.ip
+                url = f"{get.get('scheme', 'HTTP').lower()}://{host}:{self._resolve_port(get['port'], container)}" \
                       f"{get.get('path', '/')}"
                 headers = {h["name"]: h["value"] for h in get.get("httpHeaders") or []}
-                async with self.api.session.get(url, headers=headers, ssl=False, allow_redirects=False,
-                                                timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-                    return 200 <= response.status < 400
+                async with self.node.probe_session.get(url, headers=headers, ssl=False, allow_redirects=False,
+                                                       timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                    ok = 200 <= response.status < 400
+                    return ok, f"HTTP probe failed with statuscode: {response.status}"
             if "tcpSocket" in probe:
-                port = self._resolve_port(probe["tcpSocket"]["port"])
-                _, writer = await asyncio.wait_for(asyncio.open_connection(POD_IP, port), timeout)
+                port = self._resolve_port(probe["tcpSocket"]["port"], container)
+                _, writer = await asyncio.wait_for(asyncio.open_connection(self.ip, port), timeout)
                 writer.close()
-                return True
+                return True, ""
             if "exec" in probe:
                 termination_file = self.dir / f"{container['name']}.probe-termination-log"
-                argv, env, _ = await self._command({**container, "command": probe["exec"]["command"],
-                                                    "args": []}, termination_file)
-                proc = await spawn(argv, env=env, cwd=self.dir, log_path=self.dir / "probes.log")
+                argv, env, _, run_mounts = await self._command(
+                    {**container, "command": probe["exec"]["command"], "args": []}, termination_file)
+                assert self.address is not None
+                proc = await spawn(argv, env=env, cwd=self.dir, log_path=self.dir / "probes.log",
+                                   pod=(self.address.netns, run_mounts))
                 try:
-                    return await asyncio.wait_for(proc.wait(), timeout) == 0
+                    code = await asyncio.wait_for(proc.wait(), timeout)
+                    return code == 0, f"command {probe['exec']['command']} exited with {code}"
                 except TimeoutError:
                     await terminate(proc, 0)
-                    return False
-        except (aiohttp.ClientError, OSError, TimeoutError, ImageError, ConfigError, ApiError):
-            return False
+                    return False, f"command timed out after {timeout:g}s"
+        except (aiohttp.ClientError, OSError, TimeoutError, ImageError, ConfigError, ApiError, ValueError) as exc:
+            return False, str(exc) or type(exc).__name__
         log.warning("pod %s/%s: unsupported probe %s; treating it as passing", self.namespace, self.name,
                     sorted(probe))
-        return True
+        return True, ""
 
     # ------------------------------------------------------------------------------------------ status
+
+    def _condition(self, kind: str, value: bool) -> dict[str, Any]:
+        text = "True" if value else "False"
+        previous = self._transitions.get(kind)
+        if previous is None or previous[0] != text:
+            previous = self._transitions[kind] = (text, now())
+        return {"type": kind, "status": text, "lastProbeTime": None, "lastTransitionTime": previous[1]}
 
     def to_status(self) -> dict[str, Any]:
         running = any("running" in s.state for s in self.statuses)
         if self.failed:
             phase = "Failed"
+        elif self.succeeded:
+            phase = "Succeeded"
         elif self.initialized and running:
             phase = "Running"
         else:
             phase = "Pending"
-        ready = "True" if self.ready else "False"
-
-        def cond(kind: str, value: str) -> dict[str, Any]:
-            return {"type": kind, "status": value, "lastProbeTime": None}
-
-        return {
-            "phase": phase,
-            "hostIP": POD_IP, "podIP": POD_IP, "podIPs": [{"ip": POD_IP}], "startTime": self.start_time,
-            "conditions": [cond("PodScheduled", "True"), cond("Initialized", "True" if self.initialized else "False"),
-                           cond("ContainersReady", ready), cond("Ready", ready)],
+        status: dict[str, Any] = {
+            "phase": phase, "hostIP": self.node.node_ip, "hostIPs": [{"ip": self.node.node_ip}],
+            "startTime": self.start_time,
+            "conditions": [self._condition("PodReadyToStartContainers", self.address is not None),
+                           self._condition("Initialized", self.initialized),
+                           self._condition("Ready", self.ready),
+                           self._condition("ContainersReady", self.ready),
+                           self._condition("PodScheduled", True)],
             "initContainerStatuses": [s.to_wire() for s in self.init_statuses],
             "containerStatuses": [s.to_wire() for s in self.statuses],
         }
+        if self.ip:
+            status["podIP"] = self.ip
+            status["podIPs"] = [{"ip": self.ip}]
+        return status
 
     async def _status_writer(self) -> None:
         path = resource_path("v1", "pods", self.namespace, self.name, "status")
@@ -602,10 +841,14 @@ class PodRuntime:
             status = self.to_status()
             if status != self._written and not self.stopping:  # a stopping pod is being deleted
                 try:
-                    await self.api.patch(path, {"status": status})
+                    await self.api.patch(path, {"metadata": {"uid": self.uid}, "status": status})
                     self._written = status
                 except (ApiError, aiohttp.ClientError) as exc:
                     log.warning("pod %s/%s: writing status: %s", self.namespace, self.name, exc)
                     self._dirty.set()
                     await asyncio.sleep(1)
             await asyncio.sleep(0.05)  # coalesce bursts of changes into one write
+
+
+def event_name(pod_name: str) -> str:
+    return f"{pod_name}.{uuid.uuid4().hex[:16]}"

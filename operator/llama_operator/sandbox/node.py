@@ -1,28 +1,32 @@
-"""The sandbox node: the controllers a cluster would run for the operator's objects, on one local machine.
+"""The sandbox node: what a real cluster's node runs, for one machine, against the real control plane.
 
-- Deployment controller (ReplicaSet-less): pods `<deployment>-<template hash>-<suffix>` with the template's
-  labels plus `pod-template-hash`, owned by the Deployment (so deleting it garbage-collects them). A changed
-  template rolls: `RollingUpdate` honours maxSurge/maxUnavailable (new pods Ready before old ones go);
-  `Recreate` deletes the old pods and creates new ones only after their processes are gone. Writes
-  Deployment status (replicas, updatedReplicas, readyReplicas, availableReplicas, unavailableReplicas,
-  observedGeneration, conditions).
-- Scheduler + kubelet: every pod runs here (`spec.nodeName` is set to `sandbox` on the pods it creates); a
-  pod that disappears from the API is stopped gracefully (see kubelet.py).
-- PV controller: PersistentVolumeClaims are bound at once to a directory under the state directory.
-- Endpoints controller + kube-proxy: for every Service, an Endpoints object listing the ready pods
-  (127.0.0.1 and each pod's host port), and a TCP proxy on a local port per Service port.
+- `Kubelet`: registers the Node `sandbox` (labels, capacity with GPU extended resources, addresses,
+  daemonEndpoints, nodeInfo, conditions), renews its Lease in `kube-node-lease` every 10 s, runs the pods the
+  real scheduler binds to it (kubelet.py, one `PodRuntime` each), and finishes their deletion: on a
+  deletionTimestamp, SIGTERM, the grace period, SIGKILL, then DELETE with grace 0 and the pod's uid as
+  precondition. It talks to the API server as `system:node:sandbox` (Node authorizer: it may read only the
+  Secrets, ConfigMaps, PVCs and tokens of its own pods) and posts events like a kubelet.
+- `LocalPathProvisioner`: the StorageClass `sandbox-local` (the default class) and a small external
+  provisioner for it: a PersistentVolumeClaim of that class gets a hostPath PersistentVolume on
+  `<state>/pvc/<namespace>/<claim>`, which the real PV controller binds. A released volume's PV object is
+  deleted; its directory is kept, so a claim of the same name (next run, or re-created) finds its files.
+- `ServiceProxies`: kube-proxy for the host: one 127.0.0.1 listener per Service port, round-robin over the
+  ready endpoints the real EndpointSlice controller wrote.
 
-Everything is level-triggered: informers (list + watch) wake one reconcile pass that converges all of it.
+Deployments, ReplicaSets, Endpoints/EndpointSlices, PV binding, garbage collection and scheduling are done by
+the real kube-controller-manager and kube-scheduler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
+import datetime
 import logging
-import random
+import os
+import platform
+import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,323 +34,388 @@ from typing import Any
 import aiohttp
 
 from .client import Api, ApiError, Informer, resource_path
-from .images import ImageTable
-from .kubelet import NODE_NAME, POD_IP, PodRuntime
+from .kubelet import NODE_NAME, NodeContext, PodRuntime
 from .proxy import ServiceProxy
 
 log = logging.getLogger("llama_operator.sandbox")
 
-TEMPLATE_HASH = "pod-template-hash"
+KUBELET_PORT = 10250
+LEASE_SECONDS = 40
+LEASE_RENEW = 10.0
+STATUS_REPORT = 60.0
+GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu", "gpu.intel.com/i915")
+GPU_COUNT = 8
+STORAGE_CLASS = "sandbox-local"
+PROVISIONER = "sandbox.llamacpp.dev/local-path"
+SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
 
 
-def template_hash(template: dict[str, Any]) -> str:
-    digest = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()
-    alphabet = "bcdfghjkmnpqrstvwxz2456789"  # the apimachinery "safe" alphabet: no vowels, no look-alikes
-    return "".join(alphabet[int(digest[i:i + 2], 16) % len(alphabet)] for i in range(0, 20, 2))
+def micro_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _suffix() -> str:
-    return "".join(random.choices("bcdfghjklmnpqrstvwxz2456789", k=5))
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _owned_by(obj: dict[str, Any], uid: str) -> bool:
-    return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
+def _read(path: str, default: str = "") -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return default
 
 
-def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+def _os_image() -> str:
+    for line in _read("/etc/os-release").splitlines():
+        if line.startswith("PRETTY_NAME="):
+            return line.split("=", 1)[1].strip('"')
+    return platform.system()
 
 
-def _pod_ready(pod: dict[str, Any]) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in (pod.get("status") or {}).get("conditions") or [])
+def _memory_kib() -> int:
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1])
+    return 0
 
 
-def _scaled(value: Any, replicas: int, *, round_up: bool) -> int:
-    if isinstance(value, str) and value.endswith("%"):
-        exact = replicas * int(value[:-1]) / 100
-        return int(-(-exact // 1)) if round_up else int(exact)
-    return int(value)
+def _arch() -> str:
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
-class Node:
-    """The local node and controllers; `run()` until cancelled, then `shutdown()`."""
+class Kubelet:
+    """Node registration, heartbeat, and the pods bound to this node. `run()` until cancelled, then `shutdown()`."""
 
-    def __init__(self, api: Api, *, state_dir: Path, images: ImageTable, service_port_base: int,
-                 on_service: Callable[[str, int, int], None] | None = None) -> None:
-        self.api = api
-        self.state_dir = state_dir
-        self.images = images
-        self.service_port_base = service_port_base
-        self.on_service = on_service
+    def __init__(self, node: NodeContext, *, kubernetes_version: str, on_pods: Callable[[], None] | None = None
+                 ) -> None:
+        self.node = node
+        self.api = node.api
+        self.version = kubernetes_version
+        self.on_pods = on_pods
         self._wake = asyncio.Event()
-        self.deployments = Informer(api, "apps/v1", "deployments", self.wake)
-        self.pods = Informer(api, "v1", "pods", self.wake)
-        self.services = Informer(api, "v1", "services", self.wake)
-        self.claims = Informer(api, "v1", "persistentvolumeclaims", self.wake)
+        self.pods = Informer(self.api, "v1", "pods", self.wake, params={"fieldSelector": f"spec.nodeName={NODE_NAME}"})
         self.runtimes: dict[str, PodRuntime] = {}
-        self.proxies: dict[tuple[str, str, int], ServiceProxy] = {}
-        self._endpoints_written: dict[tuple[str, str], Any] = {}
-        self._status_written: dict[str, Any] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._deleting: set[str] = set()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._events: set[asyncio.Task[Any]] = set()
+        self.node_uid = ""
+        self._started = now()
 
     def wake(self) -> None:
         self._wake.set()
 
+    def runtime(self, namespace: str, name: str) -> PodRuntime | None:
+        return next((r for r in self.runtimes.values() if r.namespace == namespace and r.name == name), None)
+
+    # ------------------------------------------------------------------------------------------ the Node
+
+    def node_object(self) -> dict[str, Any]:
+        arch = _arch()
+        disk = shutil.disk_usage(self.node.state_dir)
+        capacity = {"cpu": str(os.cpu_count() or 1), "memory": f"{_memory_kib()}Ki", "pods": "110",
+                    "ephemeral-storage": f"{disk.total // 1024}Ki", "hugepages-2Mi": "0",
+                    **{gpu: str(GPU_COUNT) for gpu in GPU_RESOURCES}}
+        return {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": NODE_NAME, "labels": {
+                "kubernetes.io/hostname": NODE_NAME, "kubernetes.io/os": "linux", "kubernetes.io/arch": arch,
+                "beta.kubernetes.io/os": "linux", "beta.kubernetes.io/arch": arch,
+                "node.kubernetes.io/instance-type": "llama-operator-sandbox"}},
+            "spec": {"podCIDR": self.node.network.cidr, "podCIDRs": [self.node.network.cidr]},
+            "status": {"capacity": capacity, "allocatable": dict(capacity), **self.node_status()},
+        }
+
+    def node_status(self) -> dict[str, Any]:
+        heartbeat = now()
+
+        def cond(kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
+            return {"type": kind, "status": status, "reason": reason, "message": message,
+                    "lastHeartbeatTime": heartbeat, "lastTransitionTime": self._started}
+
+        return {
+            "conditions": [
+                cond("MemoryPressure", "False", "KubeletHasSufficientMemory",
+                     "kubelet has sufficient memory available"),
+                cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+                cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+                cond("Ready", "True", "KubeletReady", "kubelet is posting ready status (llama-operator sandbox)"),
+            ],
+            "addresses": [{"type": "InternalIP", "address": self.node.node_ip},
+                          {"type": "Hostname", "address": NODE_NAME}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": KUBELET_PORT}},
+            "nodeInfo": {
+                "machineID": _read("/etc/machine-id"), "systemUUID": _read("/etc/machine-id"),
+                "bootID": _read("/proc/sys/kernel/random/boot_id"), "kernelVersion": platform.release(),
+                "osImage": _os_image(), "containerRuntimeVersion": "llama-operator-sandbox://0.1.0",
+                "kubeletVersion": self.version, "kubeProxyVersion": "", "operatingSystem": "linux",
+                "architecture": _arch(),
+            },
+        }
+
+    async def register(self) -> None:
+        self._started = now()
+        body = self.node_object()
+        try:
+            created = await self.api.create(resource_path("v1", "nodes"), body)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            created = await self.api.patch(resource_path("v1", "nodes", None, NODE_NAME, "status"),
+                                           {"status": body["status"]})
+        self.node_uid = (created or {}).get("metadata", {}).get("uid", "")
+        log.info("Registered Node %s (%s)", NODE_NAME, self.node.node_ip)
+        await self._renew_lease()
+
+    async def _renew_lease(self) -> None:
+        path = resource_path("coordination.k8s.io/v1", "leases", "kube-node-lease", NODE_NAME)
+        spec = {"holderIdentity": NODE_NAME, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": micro_now()}
+        if await self.api.patch(path, {"spec": spec}) is None:
+            await self.api.create(resource_path("coordination.k8s.io/v1", "leases", "kube-node-lease"), {
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": NODE_NAME, "namespace": "kube-node-lease", "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "Node", "name": NODE_NAME, "uid": self.node_uid}]},
+                "spec": spec})
+
+    async def _heartbeat(self) -> None:
+        last_status = asyncio.get_running_loop().time()
+        while True:
+            await asyncio.sleep(LEASE_RENEW)
+            try:
+                await self._renew_lease()
+                if asyncio.get_running_loop().time() - last_status >= STATUS_REPORT:
+                    await self.api.patch(resource_path("v1", "nodes", None, NODE_NAME, "status"),
+                                         {"status": self.node_status()})
+                    last_status = asyncio.get_running_loop().time()
+            except (ApiError, aiohttp.ClientError, OSError) as exc:
+                log.warning("node heartbeat: %s", exc)
+
+    # ------------------------------------------------------------------------------------------ events
+
+    def record_event(self, pod: dict[str, Any], kind: str, reason: str, message: str,
+                     container: str | None = None) -> None:
+        meta = pod["metadata"]
+        stamp = now()
+        involved = {"apiVersion": "v1", "kind": "Pod", "namespace": meta["namespace"], "name": meta["name"],
+                    "uid": meta.get("uid", "")}
+        if container is not None:
+            section = "initContainers" if any(
+                c["name"] == container for c in (pod.get("spec") or {}).get("initContainers") or []) else "containers"
+            involved["fieldPath"] = f"spec.{section}{{{container}}}"
+        body = {"apiVersion": "v1", "kind": "Event",
+                "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+                "involvedObject": involved, "reason": reason, "message": message, "type": kind,
+                "source": {"component": "kubelet", "host": NODE_NAME}, "reportingComponent": "kubelet",
+                "reportingInstance": NODE_NAME, "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1}
+
+        async def post() -> None:
+            with contextlib.suppress(ApiError, aiohttp.ClientError, OSError):
+                await self.api.create(resource_path("v1", "events", meta["namespace"]), body)
+
+        task = asyncio.create_task(post())
+        self._events.add(task)
+        task.add_done_callback(self._events.discard)
+
+    # ------------------------------------------------------------------------------------------ pods
+
     async def run(self) -> None:
-        informers = (self.deployments, self.pods, self.services, self.claims)
-        self._tasks = [asyncio.create_task(i.run(), name=f"informer {i.plural}") for i in informers]
-        await asyncio.gather(*(i.synced.wait() for i in informers))
+        self._tasks = [asyncio.create_task(self.pods.run(), name="informer pods"),
+                       asyncio.create_task(self._heartbeat(), name="node heartbeat")]
+        await self.pods.synced.wait()
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=30)
             except TimeoutError:
                 pass
             self._wake.clear()
-            try:
-                await self.reconcile()
-            except (ApiError, aiohttp.ClientError) as exc:
-                log.warning("sandbox node: %s; retrying", exc)
-                await asyncio.sleep(1)
-                self.wake()
+            self.sync()
 
-    async def reconcile(self) -> None:
-        await self._bind_claims()
-        for deployment in self.deployments.values():
-            await self._sync_deployment(deployment)
-        self._sync_kubelet()
-        await self._sync_services()
+    def sync(self) -> None:
+        live = {p["metadata"]["uid"]: p for p in self.pods.values() if p["metadata"].get("uid")}
+        for uid, pod in live.items():
+            phase = (pod.get("status") or {}).get("phase")
+            if pod["metadata"].get("deletionTimestamp"):
+                if uid not in self._deleting:
+                    self._deleting.add(uid)
+                    asyncio.create_task(self._finish_deletion(pod), name=f"delete {pod['metadata']['name']}")
+            elif uid not in self.runtimes and phase not in ("Succeeded", "Failed"):
+                runtime = PodRuntime(pod, self.node, on_change=self._pod_changed)
+                self.runtimes[uid] = runtime
+                runtime.start()
+        for uid, runtime in list(self.runtimes.items()):
+            if uid not in live and not runtime.stopping:  # force-deleted: stop what is left
+                asyncio.create_task(runtime.stop(0), name=f"stop {runtime.name}")
+            if runtime.done.is_set() and uid not in live:
+                del self.runtimes[uid]
+                self._deleting.discard(uid)
+
+    def _pod_changed(self) -> None:
+        self.wake()
+        if self.on_pods is not None:
+            self.on_pods()
+
+    async def _finish_deletion(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        runtime = self.runtimes.get(meta["uid"])
+        grace = meta.get("deletionGracePeriodSeconds")
+        if runtime is not None:
+            await runtime.stop(None if grace is None else float(grace))
+        try:
+            await self.api.delete(resource_path("v1", "pods", meta["namespace"], meta["name"]), {
+                "apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
+                "preconditions": {"uid": meta["uid"]}})
+        except (ApiError, aiohttp.ClientError) as exc:
+            if not (isinstance(exc, ApiError) and exc.status == 409):  # already replaced by a new pod
+                log.warning("deleting pod %s/%s: %s", meta["namespace"], meta["name"], exc)
+                self._deleting.discard(meta["uid"])
+        self.wake()
 
     async def shutdown(self) -> None:
-        """Stop every pod (SIGTERM, grace period, SIGKILL), every proxy and the informers."""
+        """Stop every pod (SIGTERM, grace period, SIGKILL) and the informers; the pods stay in the API."""
+        await asyncio.gather(*(runtime.stop() for runtime in list(self.runtimes.values())))
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*(runtime.stop() for runtime in list(self.runtimes.values())))
-        for proxy in self.proxies.values():
-            await proxy.close()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    # ------------------------------------------------------------------------------------------ PVs
 
-    async def _bind_claims(self) -> None:
+class LocalPathProvisioner:
+    """Dynamic hostPath volumes under the state directory for the `sandbox-local` StorageClass."""
+
+    def __init__(self, api: Api, state_dir: Path) -> None:
+        self.api = api
+        self.root = state_dir / "pvc"
+        self._wake = asyncio.Event()
+        self.claims = Informer(api, "v1", "persistentvolumeclaims", self._wake.set)
+        self.volumes = Informer(api, "v1", "persistentvolumes", self._wake.set)
+
+    async def install(self) -> None:
+        try:
+            await self.api.create(resource_path("storage.k8s.io/v1", "storageclasses"), {
+                "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+                "metadata": {"name": STORAGE_CLASS,
+                             "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+                "provisioner": PROVISIONER, "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate"})
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(i.run()) for i in (self.claims, self.volumes)]
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                try:
+                    await self._reconcile()
+                except (ApiError, aiohttp.ClientError) as exc:
+                    log.warning("local-path provisioner: %s", exc)
+                    await asyncio.sleep(1)
+                    self._wake.set()
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _reconcile(self) -> None:
+        provisioned = {((v.get("spec") or {}).get("claimRef") or {}).get("uid") for v in self.volumes.values()}
         for claim in self.claims.values():
-            if (claim.get("status") or {}).get("phase") == "Bound":
+            meta, spec = claim["metadata"], claim.get("spec") or {}
+            annotations = meta.get("annotations") or {}
+            wanted = PROVISIONER in (annotations.get("volume.kubernetes.io/storage-provisioner"),
+                                     annotations.get("volume.beta.kubernetes.io/storage-provisioner"))
+            if not wanted or spec.get("volumeName") or meta["uid"] in provisioned or meta.get("deletionTimestamp"):
                 continue
-            spec = claim.get("spec") or {}
-            meta = claim["metadata"]
-            status = {"phase": "Bound", "accessModes": spec.get("accessModes") or ["ReadWriteOnce"],
-                      "capacity": {"storage": spec.get("resources", {}).get("requests", {}).get("storage", "1Gi")}}
-            (self.state_dir / "pvc" / meta["namespace"] / meta["name"]).mkdir(parents=True, exist_ok=True)
-            written = await self.api.patch(resource_path("v1", "persistentvolumeclaims", meta["namespace"],
-                                                         meta["name"], "status"), {"status": status})
-            if written:
-                self.claims.put(written)
-                log.info("Bound PersistentVolumeClaim %s/%s", meta["namespace"], meta["name"])
+            directory = self.root / meta["namespace"] / meta["name"]
+            directory.mkdir(parents=True, exist_ok=True)
+            storage = ((spec.get("resources") or {}).get("requests") or {}).get("storage", "1Gi")
+            name = f"pvc-{meta['uid']}"
+            with contextlib.suppress(ApiError):
+                await self.api.create(resource_path("v1", "persistentvolumes"), {
+                    "apiVersion": "v1", "kind": "PersistentVolume",
+                    "metadata": {"name": name, "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER}},
+                    "spec": {"capacity": {"storage": storage},
+                             "accessModes": spec.get("accessModes") or ["ReadWriteOnce"],
+                             "persistentVolumeReclaimPolicy": "Delete", "storageClassName": STORAGE_CLASS,
+                             "volumeMode": spec.get("volumeMode") or "Filesystem",
+                             "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                                          "namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]},
+                             "hostPath": {"path": str(directory), "type": "DirectoryOrCreate"}}})
+                log.info("Provisioned PersistentVolume %s for claim %s/%s at %s", name, meta["namespace"],
+                         meta["name"], directory)
+        for volume in self.volumes.values():
+            meta = volume["metadata"]
+            ours = (meta.get("annotations") or {}).get("pv.kubernetes.io/provisioned-by") == PROVISIONER
+            if ours and (volume.get("status") or {}).get("phase") == "Released" and not meta.get("deletionTimestamp"):
+                await self.api.delete(resource_path("v1", "persistentvolumes", None, meta["name"]))
+                log.info("Deleted released PersistentVolume %s (its directory stays as a cache)", meta["name"])
 
-    # ------------------------------------------------------------------------------------------ Deployments
 
-    async def _sync_deployment(self, deployment: dict[str, Any]) -> None:
-        meta, spec = deployment["metadata"], deployment.get("spec") or {}
-        if meta.get("deletionTimestamp"):
-            return
-        namespace, uid = meta["namespace"], meta["uid"]
-        replicas = int(spec.get("replicas", 1))
-        template = spec.get("template") or {}
-        current = template_hash(template)
-        pods = [p for p in self.pods.values() if p["metadata"].get("namespace") == namespace and _owned_by(p, uid)]
-        new = [p for p in pods if p["metadata"].get("labels", {}).get(TEMPLATE_HASH) == current]
-        old = [p for p in pods if p not in new]
-        strategy = spec.get("strategy") or {}
+class ServiceProxies:
+    """A local port per Service port, forwarding to the Service's ready endpoints (from EndpointSlices)."""
 
-        if strategy.get("type") == "Recreate":
-            if old:
-                for pod in old:
-                    await self._delete_pod(pod)
-            elif not self._old_processes_running(uid, current):
-                await self._scale(deployment, new, replicas, current)
-        else:
-            rolling = strategy.get("rollingUpdate") or {}
-            surge = _scaled(rolling.get("maxSurge", "25%"), replicas, round_up=True)
-            unavailable = _scaled(rolling.get("maxUnavailable", "25%"), replicas, round_up=False)
-            if surge == 0 and unavailable == 0:
-                unavailable = 1  # as the API server enforces
-            if not old:
-                await self._scale(deployment, new, replicas, current)
-            else:
-                # Surge new pods up to replicas + maxSurge in total.
-                room = min(replicas + surge - len(pods), replicas - len(new))
-                for _ in range(max(0, room)):
-                    new.append(await self._create_pod(deployment, current))
-                # Unready old pods never count towards availability: they can go at once.
-                for pod in [p for p in old if not _pod_ready(p)]:
-                    await self._delete_pod(pod)
-                    old.remove(pod)
-                ready = sum(_pod_ready(p) for p in new) + len(old)
-                removable = ready - (replicas - unavailable)
-                for pod in old[:max(0, removable)]:
-                    await self._delete_pod(pod)
-        await self._write_deployment_status(deployment, current)
+    def __init__(self, api: Api, *, port_base: int, quiet_namespaces: tuple[str, ...],
+                 on_service: Callable[[str, int, int | None], None]) -> None:
+        self.api = api
+        self.port_base = port_base
+        self.quiet_namespaces = (*SYSTEM_NAMESPACES, *quiet_namespaces)
+        self.on_service = on_service
+        self._wake = asyncio.Event()
+        self.services = Informer(api, "v1", "services", self._wake.set)
+        self.slices = Informer(api, "discovery.k8s.io/v1", "endpointslices", self._wake.set)
+        self.proxies: dict[tuple[str, str, int], ServiceProxy] = {}
 
-    def _old_processes_running(self, owner_uid: str, current: str) -> bool:
-        return any(_owned_by(r.pod, owner_uid) and r.labels.get(TEMPLATE_HASH) != current
-                   for r in self.runtimes.values())
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(i.run()) for i in (self.services, self.slices)]
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                await self._sync()
+        finally:
+            for task in tasks:
+                task.cancel()
 
-    async def _scale(self, deployment: dict[str, Any], pods: list[dict[str, Any]], replicas: int,
-                     current: str) -> None:
-        for _ in range(replicas - len(pods)):
-            await self._create_pod(deployment, current)
-        if len(pods) > replicas:
-            # Unready first, then the newest (as the ReplicaSet controller ranks them).
-            ranked = sorted(pods, key=lambda p: (_pod_ready(p), p["metadata"].get("creationTimestamp", "")),
-                            reverse=False)
-            ranked = [p for p in ranked if not _pod_ready(p)] + sorted(
-                [p for p in ranked if _pod_ready(p)], key=lambda p: p["metadata"].get("creationTimestamp", ""),
-                reverse=True)
-            for pod in ranked[:len(pods) - replicas]:
-                await self._delete_pod(pod)
+    async def close(self) -> None:
+        for proxy in self.proxies.values():
+            await proxy.close()
 
-    async def _create_pod(self, deployment: dict[str, Any], current: str) -> dict[str, Any]:
-        meta = deployment["metadata"]
-        template = deployment["spec"]["template"]
-        tmeta = template.get("metadata") or {}
-        body = {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {
-                "name": f"{meta['name']}-{current}-{_suffix()}", "namespace": meta["namespace"],
-                "labels": {**(tmeta.get("labels") or {}), TEMPLATE_HASH: current},
-                "annotations": dict(tmeta.get("annotations") or {}),
-                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"],
-                                     "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}],
-            },
-            "spec": {**(template.get("spec") or {}), "nodeName": NODE_NAME},
-        }
-        created = await self.api.create(resource_path("v1", "pods", meta["namespace"]), body)
-        self.pods.put(created)
-        log.info("Created pod %s/%s", meta["namespace"], created["metadata"]["name"])
-        return created
-
-    async def _delete_pod(self, pod: dict[str, Any]) -> None:
-        meta = pod["metadata"]
-        await self.api.delete(resource_path("v1", "pods", meta["namespace"], meta["name"]))
-        self.pods.forget(pod)
-        log.info("Deleted pod %s/%s", meta["namespace"], meta["name"])
-
-    async def _write_deployment_status(self, deployment: dict[str, Any], current: str) -> None:
-        meta = deployment["metadata"]
-        replicas = int((deployment.get("spec") or {}).get("replicas", 1))
-        pods = [p for p in self.pods.values()
-                if p["metadata"].get("namespace") == meta["namespace"] and _owned_by(p, meta["uid"])]
-        updated = [p for p in pods if p["metadata"].get("labels", {}).get(TEMPLATE_HASH) == current]
-        ready = sum(_pod_ready(p) for p in pods)
-        available = ready >= replicas
-        complete = available and len(updated) == replicas == len(pods) and all(_pod_ready(p) for p in updated)
-        status = {
-            "observedGeneration": meta.get("generation"),
-            "replicas": len(pods), "updatedReplicas": len(updated), "readyReplicas": ready,
-            "availableReplicas": ready, "unavailableReplicas": max(0, replicas - ready),
-            "conditions": [
-                {"type": "Available", "status": "True" if available else "False",
-                 "reason": "MinimumReplicasAvailable" if available else "MinimumReplicasUnavailable"},
-                {"type": "Progressing", "status": "True",
-                 "reason": "NewReplicaSetAvailable" if complete else "ReplicaSetUpdated"},
-            ],
-        }
-        key = meta["uid"]
-        if self._status_written.get(key) == status and deployment.get("status", {}).get("replicas") == len(pods):
-            return
-        written = await self.api.patch(resource_path("apps/v1", "deployments", meta["namespace"], meta["name"],
-                                                     "status"), {"status": status})
-        if written:
-            self._status_written[key] = status
-            self.deployments.put(written)
-
-    # ------------------------------------------------------------------------------------------ kubelet
-
-    def _sync_kubelet(self) -> None:
-        live = {p["metadata"]["uid"]: p for p in self.pods.values() if p["metadata"].get("uid")}
-        for uid, pod in live.items():
-            if uid not in self.runtimes and not pod["metadata"].get("deletionTimestamp"):
-                runtime = PodRuntime(pod, api=self.api, images=self.images, state_dir=self.state_dir,
-                                     on_change=self.wake)
-                self.runtimes[uid] = runtime
-                runtime.start()
-        for uid, runtime in list(self.runtimes.items()):
-            if runtime.done.is_set():
-                del self.runtimes[uid]
-            elif (uid not in live or live[uid]["metadata"].get("deletionTimestamp")) and not runtime.stopping:
-                asyncio.create_task(runtime.stop(), name=f"stop {runtime.name}")
-
-    # ------------------------------------------------------------------------------------------ Services
-
-    def _endpoints(self, service: dict[str, Any], port: dict[str, Any]) -> list[tuple[str, int, str]]:
-        """(ip, host port, pod name) of every ready pod behind one Service port."""
+    def targets(self, service: dict[str, Any], port: dict[str, Any]) -> list[tuple[str, int]]:
         meta = service["metadata"]
-        selector = (service.get("spec") or {}).get("selector") or {}
-        target = port.get("targetPort", port.get("port"))
+        name = port.get("name") or ""
         found = []
-        for runtime in self.runtimes.values():
-            if runtime.namespace != meta["namespace"] or runtime.stopping or not runtime.ready:
+        for slice_ in self.slices.values():
+            smeta = slice_["metadata"]
+            if smeta.get("namespace") != meta["namespace"] or \
+                    (smeta.get("labels") or {}).get("kubernetes.io/service-name") != meta["name"]:
                 continue
-            if not _matches(selector, runtime.labels):
+            numbers = [p.get("port") for p in slice_.get("ports") or [] if (p.get("name") or "") == name]
+            if not numbers or numbers[0] is None:
                 continue
-            container_port = runtime.port_names.get(target) if isinstance(target, str) else int(target)
-            if container_port in runtime.ports:
-                found.append((POD_IP, runtime.ports[container_port], runtime.name))
+            for endpoint in slice_.get("endpoints") or []:
+                if (endpoint.get("conditions") or {}).get("ready") is False:
+                    continue
+                found += [(address, int(numbers[0])) for address in endpoint.get("addresses") or []]
         return sorted(found)
 
-    async def _sync_services(self) -> None:
+    async def _sync(self) -> None:
         seen: set[tuple[str, str, int]] = set()
         for service in self.services.values():
-            meta = service["metadata"]
-            subsets = []
-            for port in (service.get("spec") or {}).get("ports") or []:
+            meta, spec = service["metadata"], service.get("spec") or {}
+            if (meta["namespace"], meta["name"]) == ("default", "kubernetes") or spec.get("type") == "ExternalName" \
+                    or spec.get("clusterIP") == "None":
+                continue
+            for port in spec.get("ports") or []:
+                if port.get("protocol", "TCP") != "TCP":
+                    continue
                 key = (meta["namespace"], meta["name"], int(port["port"]))
                 seen.add(key)
                 proxy = self.proxies.get(key)
                 if proxy is None:
                     proxy = ServiceProxy(f"{meta['namespace']}/{meta['name']}:{port['port']}")
-                    await proxy.listen(self.service_port_base)
+                    await proxy.listen(0 if meta["namespace"] in self.quiet_namespaces else self.port_base)
                     self.proxies[key] = proxy
-                    if self.on_service is not None:
-                        self.on_service(f"{meta['namespace']}/{meta['name']}", int(port["port"]), proxy.port)
-                endpoints = self._endpoints(service, port)
-                proxy.targets = [(ip, host_port) for ip, host_port, _ in endpoints]
-                for ip, host_port, pod in endpoints:
-                    subsets.append({
-                        "addresses": [{"ip": ip, "nodeName": NODE_NAME,
-                                       "targetRef": {"kind": "Pod", "namespace": meta["namespace"], "name": pod}}],
-                        "ports": [{"name": port.get("name", ""), "port": host_port,
-                                   "protocol": port.get("protocol", "TCP")}],
-                    })
-            await self._write_endpoints(service, subsets)
+                    self.on_service(f"{meta['namespace']}/{meta['name']}", int(port["port"]), proxy.port)
+                proxy.targets = self.targets(service, port)
         for key in [k for k in self.proxies if k not in seen]:
             await self.proxies.pop(key).close()
-        for key in [k for k in self._endpoints_written if (k[0], k[1]) not in {(s[0], s[1]) for s in seen}]:
-            self._endpoints_written.pop(key)
-
-    async def _write_endpoints(self, service: dict[str, Any], subsets: list[dict[str, Any]]) -> None:
-        meta = service["metadata"]
-        key = (meta["namespace"], meta["name"])
-        if self._endpoints_written.get(key) == subsets:
-            return
-        body = {"apiVersion": "v1", "kind": "Endpoints",
-                "metadata": {"name": meta["name"], "namespace": meta["namespace"],
-                             "labels": dict(meta.get("labels") or {}),
-                             "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": meta["name"],
-                                                  "uid": meta["uid"]}]},
-                "subsets": subsets}
-        path = resource_path("v1", "endpoints", meta["namespace"])
-        try:
-            try:
-                await self.api.create(path, body)
-            except ApiError as exc:
-                if exc.status != 409:
-                    raise
-                await self.api.patch(resource_path("v1", "endpoints", meta["namespace"], meta["name"]),
-                                     {"subsets": subsets})
-        except ApiError as exc:
-            if exc.status != 404:  # an API server without Endpoints: the proxies still work
-                raise
-        self._endpoints_written[key] = subsets
+            self.on_service(f"{key[0]}/{key[1]}", key[2], None)
