@@ -45,6 +45,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "watchNamespaces": ["team-a"],
     },
     "servicemonitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
+    "monitoring": {
+        "monitoring": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                       "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "LLM"}}},
+        "memoryRequest": {"fromEstimate": False, "headroomPercent": 25},
+    },
+    "monitoring-namespaced": {"monitoring": {"podMonitor": {"enabled": True}}, "watchNamespaces": ["team-a"]},
     "minimal": {
         "crds": {"install": False},
         "metrics": {"enabled": False},
@@ -81,6 +87,23 @@ _STRUCTURAL = {
                 "namespaceSelector": {"type": "object", "additionalProperties": False,
                                       "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}}},
                 "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False, "required": ["port"],
+                    "properties": {"port": {"type": "string"}, "path": {"type": "string"},
+                                   "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"}}}},
+            }}},
+    },
+    ("monitoring.coreos.com/v1", "PodMonitor"): {
+        "type": "object",
+        "required": ["spec"],
+        "properties": {"spec": {
+            "type": "object", "additionalProperties": False, "required": ["selector", "podMetricsEndpoints"],
+            "properties": {
+                "selector": {"type": "object", "required": ["matchLabels"]},
+                "namespaceSelector": {"type": "object", "additionalProperties": False, "minProperties": 1,
+                                      "maxProperties": 1, "properties": {
+                                          "any": {"type": "boolean"},
+                                          "matchNames": {"type": "array", "items": {"type": "string"}}}},
+                "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
                     "type": "object", "additionalProperties": False, "required": ["port"],
                     "properties": {"port": {"type": "string"}, "path": {"type": "string"},
                                    "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"}}}},
@@ -486,6 +509,10 @@ def test_environment_is_what_the_operator_reads(helm: str, scenario: str) -> Non
         "LLAMA_OPERATOR_METRICS_PORT": lambda raw: settings.metrics_port == port(raw),
         "LLAMA_OPERATOR_WEBHOOK_PORT": lambda raw: settings.webhook_port == port(raw),
         "LLAMA_OPERATOR_WEBHOOK_CERT_DIR": lambda raw: settings.webhook_cert_dir == raw,
+        "LLAMA_OPERATOR_MEMORY_REQUEST_FROM_ESTIMATE": lambda raw: settings.memory_request_from_estimate == (
+            raw == "true"),
+        "LLAMA_OPERATOR_MEMORY_REQUEST_HEADROOM_PERCENT": lambda raw: settings.memory_request_headroom_percent == float(
+            raw),
         **{
             f"LLAMA_OPERATOR_IMAGE_{vendor.upper()}": (lambda raw, v=vendor: settings.images[v] == raw)
             for vendor in config.DEFAULT_IMAGES
@@ -501,6 +528,9 @@ def test_environment_is_what_the_operator_reads(helm: str, scenario: str) -> Non
     assert (settings.metrics_port is not None) == values.get("metrics", {}).get("enabled", True)
     assert settings.log_format == values.get("logFormat", "text")
     assert settings.default_cache_type == values.get("defaultCacheType", "EmptyDir")
+    memory = values.get("memoryRequest", {})
+    assert settings.memory_request_from_estimate == memory.get("fromEstimate", True)
+    assert settings.memory_request_headroom_percent == memory.get("headroomPercent", 10)
 
 
 # --------------------------------------------------------------------------------------------------------- CRDs
@@ -729,6 +759,74 @@ def test_metrics_service_and_servicemonitor(helm: str) -> None:
     assert monitor["spec"]["endpoints"][0]["port"] == port["name"]
     assert not find(render(helm, "default"), "ServiceMonitor")
     assert not [s for s in find(render(helm, "minimal"), "Service") if s["metadata"]["name"].endswith("-metrics")]
+
+
+def test_podmonitor_selects_the_llama_server_pods(helm: str) -> None:
+    from llama_operator.builders.objects import server_labels
+    from tests.conftest import server
+
+    (monitor,) = find(render(helm, "monitoring"), "PodMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    # what the operator's pods carry, and the container port llama-server listens on
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= server_labels(server()).items()
+    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+    (namespaced,) = find(render(helm, "monitoring-namespaced"), "PodMonitor")
+    assert namespaced["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+    assert not find(render(helm, "default"), "PodMonitor")
+
+
+_PROMQL_WORDS = {"sum", "max", "min", "avg", "count", "by", "without", "rate", "irate", "increase", "le",
+                 "histogram_quantile", "on", "ignoring", "group_left", "group_right", "and", "or", "unless"}
+
+
+def promql_metrics(expr: str) -> set[str]:
+    """The metric names in a PromQL expression: identifiers that are not functions, keywords, label names in
+    `by (...)` or label matchers, or numbers."""
+    stripped = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    stripped = re.sub(r"\[[^\]]*\]", "", stripped)  # range selectors
+    stripped = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", stripped)  # grouping labels
+    names = set()
+    for match in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", stripped):
+        token, rest = match.group(0), stripped[match.end():].lstrip()
+        if token in _PROMQL_WORDS or rest.startswith("("):
+            continue
+        names.add(token)
+    return names
+
+
+def test_promql_metrics_finds_names_and_only_names() -> None:
+    assert promql_metrics('sum by (namespace, pod) (rate(llamacpp:prompt_tokens_total{namespace=~"$ns"}[5m]))'
+                          ) == {"llamacpp:prompt_tokens_total"}
+    assert promql_metrics("histogram_quantile(0.95, sum by (le) (rate(a_bucket[5m]))) / b") == {"a_bucket", "b"}
+
+
+def test_grafana_dashboard_is_valid_and_queries_only_metrics_the_tests_scrape(helm: str) -> None:
+    from tests.metric_names import SEEN
+
+    text = (CHART / "files" / "dashboards" / "llama-operator.json").read_text()
+    dashboard = json.loads(text)
+    assert dashboard["uid"] and dashboard["title"] and dashboard["panels"]
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert exprs and len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+    used: set[str] = set()
+    for expr in exprs:
+        names = promql_metrics(expr)
+        assert names, f"no metric in {expr!r}"
+        assert names <= SEEN, f"{expr!r} queries {sorted(names - SEEN)}, which no test scrapes"
+        used |= names
+    # the dashboard covers what the issue asks for: tokens/s, in flight and deferred, time per token, phases
+    assert {"llamacpp:tokens_predicted_total", "llamacpp:requests_processing", "llamacpp:requests_deferred",
+            "llamacpp:tokens_predicted_seconds_total", "llama_operator_objects"} <= used
+    for panel in dashboard["panels"]:  # panels do not overlap on Grafana's 24-column grid
+        pos = panel["gridPos"]
+        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24
+    (config_map,) = [c for c in find(render(helm, "monitoring"), "ConfigMap") if c["metadata"]["name"].endswith(
+        "-dashboard")]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["annotations"] == {"grafana_folder": "LLM"}
+    assert json.loads(config_map["data"]["llama-operator.json"]) == dashboard
+    assert not [c for c in find(render(helm, "default"), "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
 
 
 # ------------------------------------------------------------------------------------------- Dockerfile + kind
