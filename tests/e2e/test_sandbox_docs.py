@@ -1,8 +1,10 @@
 """docs/sandbox.md's walkthrough, run as written: every ```bash block, in order, in one shell.
 
 The only differences from a user's machine: HOME is a temporary directory (so the state directory is
-fresh), the operator's Hugging Face endpoint is a local fake hub serving the real Gemma 3 270M file under
-the repository examples/tiny-cpu.yaml names, and the sandbox's own llama-operator is first on PATH.
+fresh; when port 18080 is taken, the walkthrough runs with another `--service-port-base`), the operator's
+Hugging Face endpoint is a local fake hub serving the real Gemma 3 270M file under
+the repository examples/tiny-cpu.yaml names, and the sandbox's own llama-operator and the control plane's
+kubectl are first on PATH (the walkthrough's prerequisites).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from llama_operator.controlplane.binaries import ENV_DIR
 from tests.e2e.conftest import tree_processes
 from tests.fakehub import FakeHub
-from tests.llama_bin import llama_server_bin
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.runtime]
@@ -40,26 +42,38 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def test_walkthrough_runs(tmp_path: Path, gemma_gguf: Path) -> None:
-    if not _port_free(18080):
-        pytest.skip("port 18080 (the walkthrough's Service URL) is taken on this machine")
+def test_walkthrough_runs(tmp_path: Path, gemma_gguf: Path, sandbox_env: dict[str, str]) -> None:
     hub = FakeHub()
     hub.add("unsloth/gemma-3-270m-it-GGUF", "gemma-3-270m-it-Q4_K_M.gguf", gemma_gguf)
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBECONFIG", "XDG_"))}
-    env.update(HOME=str(home), LLAMA_SERVER_BIN=llama_server_bin(),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.update(sandbox_env)
+    env.update(HOME=str(home), PATH=os.pathsep.join([str(Path(sys.executable).parent), sandbox_env[ENV_DIR],
+                                                      os.environ["PATH"]]))
     script = "set -euo pipefail\n" + walkthrough_script()
+    port = 18080
+    if not _port_free(port):  # taken on this machine: the walkthrough with another --service-port-base
+        port = next(p for p in range(18180, 18980, 10) if all(_port_free(p + i) for i in range(3)))
+        script = script.replace("llama-operator sandbox &", f"llama-operator sandbox --service-port-base {port} &")
+        script = script.replace("18080", str(port))
     with hub.running():
         env["LLAMA_OPERATOR_HF_ENDPOINT"] = hub.url
         result = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=600)
+                                timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
-    assert "LlamaServer default/gemma3-270m is Ready: http://127.0.0.1:18080/v1" in output
+    assert f"LlamaServer default/gemma3-270m is Ready: http://127.0.0.1:{port}/v1" in output
     assert '"id":"gemma3-270m"' in output.replace(" ", "")  # /v1/models
     assert '"chat.completion"' in output
+    assert "sandbox   Ready" in output  # kubectl get nodes
+    assert re.search(r"pod/llama-operator-\S+ +1/1 +Running", output)  # the chart's operator pod
+    assert re.search(r"NAME +MODEL +PHASE +READY", output)  # kubectl get llama: the printer columns
+    assert re.search(r"gemma3-270m-\S+ +IPv4 +8080 +10\.250\.", output)  # a real pod IP in the EndpointSlice
+    assert "main: server is listening" in output or "srv " in output  # kubectl logs of llama-server
+    assert "KIND:       LlamaServer" in output and "contextSize" in output  # kubectl explain
+    assert 'admission webhook "validate-llamaserver.llamacpp.dev" denied the request' in output
+    assert "--top-kk" in output
     assert "deployment \"gemma3-270m\" successfully rolled out" in output
     assert "Sandbox stopped" in output
     assert tree_processes(str(home)) == []

@@ -45,6 +45,7 @@ LEASE_RENEW = 10.0
 STATUS_REPORT = 60.0
 GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu", "gpu.intel.com/i915")
 GPU_COUNT = 8
+MIN_CPUS = 8
 STORAGE_CLASS = "sandbox-local"
 PROVISIONER = "sandbox.llamacpp.dev/local-path"
 SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
@@ -112,7 +113,9 @@ class Kubelet:
     def node_object(self) -> dict[str, Any]:
         arch = _arch()
         disk = shutil.disk_usage(self.node.state_dir)
-        capacity = {"cpu": str(os.cpu_count() or 1), "memory": f"{_memory_kib()}Ki", "pods": "110",
+        # Requests are not enforced here (kubelet.py), so a small machine still advertises MIN_CPUS: the
+        # examples (1 CPU per replica) must fit a rolling update's surge pod next to the operator.
+        capacity = {"cpu": str(max(os.cpu_count() or 1, MIN_CPUS)), "memory": f"{_memory_kib()}Ki", "pods": "110",
                     "ephemeral-storage": f"{disk.total // 1024}Ki", "hugepages-2Mi": "0",
                     **{gpu: str(GPU_COUNT) for gpu in GPU_RESOURCES}}
         return {
