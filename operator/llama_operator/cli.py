@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     __import__("llama_operator.fetch", fromlist=["register"]).register(sub)  # fetch (init container)
     __import__("llama_operator.gguf", fromlist=["register"]).register(sub)  # inspect
     __import__("llama_operator.sandbox", fromlist=["register"]).register(sub)  # sandbox
+    __import__("llama_operator.gateway", fromlist=["register"]).register(sub)  # gateway
     return parser
 
 

@@ -1,0 +1,82 @@
+"""`llama-operator gateway`: one OpenAI-compatible endpoint for every LlamaServer (docs/gateway.md).
+
+Modules, one job each: `routing` (LlamaServers -> routes by model name, alias, namespace/name), `endpoints`
+(EndpointSlices -> ready replicas), `balancer` (least in-flight, prefix affinity with bounded load: pure),
+`hold` (requests waiting for a replica), `autoscaler` (the load, the pure scaling decision, the one writer of
+spec.replicas), `proxy` (the aiohttp server and upstream client), `metrics`, `watch` (list+watch loops), `app`
+(the wiring and the gateway's RBAC).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+
+def _upstreams(values: list[str]) -> dict[str, list[str]]:
+    static: dict[str, list[str]] = {}
+    for value in values:
+        name, sep, url = value.partition("=")
+        if not sep or not name or not url:
+            raise argparse.ArgumentTypeError(f"--upstream wants NAME=URL, got {value!r}")
+        static.setdefault(name, []).append(url.rstrip("/"))
+    return static
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from ..cli import CliError
+    from .app import FIELD_MANAGER, PERMISSIONS, GatewayConfig, serve
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        static = _upstreams(args.upstream or [])
+    except argparse.ArgumentTypeError as exc:
+        raise CliError(str(exc)) from None
+    config = GatewayConfig(
+        listen=args.listen, admin=args.admin, namespaces=tuple(filter(None, args.namespaces.split(","))),
+        hold_timeout=args.hold_timeout, hold_queue=args.hold_queue, max_request_bytes=args.max_request_bytes,
+        connect_timeout=args.connect_timeout, autoscale=not args.no_autoscale,
+        autoscale_interval=args.autoscale_interval, retry_after=args.retry_after, static=static)
+    kube: Any = None
+    if not static:
+        from ..kube import Kube, load_api_client
+
+        kube = Kube(load_api_client(), field_manager=FIELD_MANAGER, permissions=PERMISSIONS)
+    try:
+        asyncio.run(serve(config, kube))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def register(sub: Any) -> None:
+    gateway = sub.add_parser(
+        "gateway", help="one OpenAI-compatible endpoint for every LlamaServer: routing, balancing, scale to zero")
+    gateway.add_argument("--listen", default="0.0.0.0:8080", help="address of the OpenAI API (default %(default)s)")
+    gateway.add_argument("--admin", default="0.0.0.0:9090",
+                         help="address of /metrics, /healthz, /readyz (default %(default)s)")
+    gateway.add_argument("--namespaces", default=os.environ.get("LLAMA_GATEWAY_NAMESPACES", ""),
+                         help="comma-separated namespaces to serve (default: all; env LLAMA_GATEWAY_NAMESPACES)")
+    gateway.add_argument("--hold-timeout", type=float, default=120.0,
+                         help="seconds a request waits for a replica of its model to become ready (default "
+                         "%(default)s); then 503 with Retry-After")
+    gateway.add_argument("--hold-queue", type=int, default=100,
+                         help="requests that may wait per model (default %(default)s); more get 503 at once")
+    gateway.add_argument("--max-request-bytes", type=int, default=32 << 20,
+                         help="largest request body accepted (default %(default)s); larger ones get 413")
+    gateway.add_argument("--connect-timeout", type=float, default=5.0,
+                         help="seconds to connect to a replica before trying another (default %(default)s)")
+    gateway.add_argument("--retry-after", type=int, default=5, help="Retry-After of 503 answers (default %(default)s)")
+    gateway.add_argument("--autoscale-interval", type=float, default=1.0,
+                         help="seconds between autoscaler decisions (default %(default)s)")
+    gateway.add_argument("--no-autoscale", action="store_true",
+                         help="never write spec.replicas or status.autoscaling (route and hold only)")
+    gateway.add_argument("--upstream", action="append", metavar="NAME=URL",
+                         help="a fixed replica for model NAME instead of the cluster (repeatable; no Kubernetes)")
+    gateway.add_argument("--verbose", action="store_true", help="debug logging")
+    gateway.set_defaults(func=_cmd_gateway)

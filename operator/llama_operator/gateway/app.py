@@ -1,0 +1,197 @@
+"""The gateway process: the tables, their watches, the proxy, the autoscaler and the admin endpoints, wired.
+
+Two listeners: the OpenAI API (`listen`, default :8080) and the admin port (`admin`, default :9090) with
+`/metrics` (Prometheus), `/healthz` (the event loop answers) and `/readyz` (the first lists of LlamaServers and
+EndpointSlices arrived, so a request is never refused as unknown by a gateway that has not looked yet).
+
+`static` routes (`--upstream NAME=URL`) need no cluster at all: the same proxy in front of fixed llama-server
+URLs (the benchmark uses them, so does anyone trying the gateway without Kubernetes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from ..api.v1alpha1 import GROUP
+from ..kube import ENDPOINT_SLICES, LLAMA_SERVERS, Kube, Permission
+from . import metrics
+from .autoscaler import Autoscaler, Traffic
+from .endpoints import EndpointTable
+from .hold import HoldQueue
+from .proxy import Proxy
+from .routing import RoutingTable
+from .watch import list_and_watch
+
+log = logging.getLogger(__name__)
+
+PERMISSIONS: tuple[Permission, ...] = (
+    # The routing table: every LlamaServer's model name, alias, replicas, scaling and routing settings.
+    Permission(GROUP, "llamaservers", frozenset({"list", "watch"})),
+    # The autoscaler: spec.replicas through the scale subresource (never the whole object) ...
+    Permission(GROUP, "llamaservers/scale", frozenset({"patch"})),
+    # ... and its view in status.autoscaling (a merge patch of that one key).
+    Permission(GROUP, "llamaservers/status", frozenset({"patch"})),
+    # Ready replicas, from the slices the EndpointSlice controller writes for the operator's Services.
+    Permission("discovery.k8s.io", "endpointslices", frozenset({"list", "watch"})),
+)
+"""Everything the gateway asks of the API server; the chart's gateway RBAC is checked against it."""
+
+FIELD_MANAGER = "llama-gateway"
+SLICE_SELECTOR = "app.kubernetes.io/name=llama-server,app.kubernetes.io/managed-by=llama-operator"
+"""The EndpointSlice controller copies the Service's labels onto its slices: only LlamaServer Services' slices."""
+
+
+def required_permissions() -> tuple[Permission, ...]:
+    return PERMISSIONS
+
+
+def _host_port(text: str, default_port: int) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host:
+        return text or "0.0.0.0", default_port
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass
+class GatewayConfig:
+    listen: str = "0.0.0.0:8080"
+    admin: str = "0.0.0.0:9090"
+    namespaces: tuple[str, ...] = ()
+    """Watched namespaces; empty: all (cluster mode)."""
+    hold_timeout: float = 120.0
+    hold_queue: int = 100
+    max_request_bytes: int = 32 << 20
+    connect_timeout: float = 5.0
+    autoscale: bool = True
+    autoscale_interval: float = 1.0
+    retry_after: int = 5
+    static: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    """model name -> replica base URLs (no Kubernetes)."""
+
+
+def static_bodies(static: Mapping[str, Sequence[str]]) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """LlamaServer-like and EndpointSlice-like objects for fixed upstreams (namespace `static`)."""
+    servers, slices = [], []
+    for name, urls in static.items():
+        servers.append({"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer",
+                        "metadata": {"namespace": "static", "name": name},
+                        "spec": {"modelRef": {"name": name}, "replicas": len(urls)}})
+        for index, url in enumerate(urls):
+            parts = urlsplit(url)
+            if parts.scheme != "http" or not parts.hostname or not parts.port:
+                raise ValueError(f"--upstream {name}={url}: give http://host:port")
+            slices.append({"metadata": {"namespace": "static", "name": f"{name}-{index}",
+                                        "labels": {"kubernetes.io/service-name": name}},
+                           "ports": [{"name": "http", "port": parts.port}],
+                           "endpoints": [{"addresses": [parts.hostname], "conditions": {"ready": True}}]})
+    return servers, slices
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, kube: Kube | None) -> None:
+        self.config = config
+        self.kube = kube
+        self.routes = RoutingTable()
+        self.traffic = Traffic()
+        self.hold = HoldQueue(timeout=config.hold_timeout, limit=config.hold_queue)
+        self.endpoints = EndpointTable(on_change=self._endpoints_changed)
+        self.autoscaler = Autoscaler(kube if config.autoscale else None, self.routes, self.traffic,
+                                     interval=config.autoscale_interval)
+        self.proxy = Proxy(self.routes, self.endpoints, self.traffic, self.hold, kick=self.autoscaler.kick,
+                           max_request_bytes=config.max_request_bytes, connect_timeout=config.connect_timeout,
+                           retry_after=config.retry_after)
+        self._synced: list[asyncio.Event] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runners: list[web.AppRunner] = []
+        self.api_port: int | None = None
+        self.admin_port: int | None = None
+
+    def _endpoints_changed(self, namespace: str, service: str) -> None:
+        key = f"{namespace}/{service}"
+        metrics.READY_ENDPOINTS.labels(key).set(len(self.endpoints.ready(namespace, service)))
+        self.hold.notify(key)
+
+    @property
+    def ready(self) -> bool:
+        return all(event.is_set() for event in self._synced)
+
+    def _admin_app(self) -> web.Application:
+        async def metrics_handler(_: web.Request) -> web.Response:
+            return web.Response(body=metrics.exposition(), content_type="text/plain", charset="utf-8")
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
+        async def readyz(_: web.Request) -> web.Response:
+            return web.Response(text="ok") if self.ready else web.Response(status=503, text="not synced yet")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics_handler)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        return app
+
+    def _start_watches(self) -> None:
+        assert self.kube is not None
+        for namespace in self.config.namespaces or (None,):
+            servers, slices = asyncio.Event(), asyncio.Event()
+            self._synced += [servers, slices]
+            self._tasks.append(asyncio.create_task(list_and_watch(
+                self.kube, LLAMA_SERVERS, namespace, replace=self.routes.replace, upsert=self.routes.upsert,
+                remove=lambda body: self.routes.remove(body["metadata"]["namespace"], body["metadata"]["name"]),
+                synced=servers)))
+            self._tasks.append(asyncio.create_task(list_and_watch(
+                self.kube, ENDPOINT_SLICES, namespace, replace=self.endpoints.replace, upsert=self.endpoints.upsert,
+                remove=self.endpoints.remove, synced=slices, label_selector=SLICE_SELECTOR)))
+
+    async def start(self) -> None:
+        if self.config.static:
+            servers, slices = static_bodies(self.config.static)
+            self.routes.replace(servers, None)
+            self.endpoints.replace(slices, None)
+        if self.kube is not None:
+            self._start_watches()
+        if self.config.autoscale and self.kube is not None:
+            self._tasks.append(asyncio.create_task(self.autoscaler.run()))
+        for app, where, attr in ((self.proxy.app(), self.config.listen, "api_port"),
+                                 (self._admin_app(), self.config.admin, "admin_port")):
+            # handler_cancellation: a client that goes away cancels its handler, which closes the upstream.
+            runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+            await runner.setup()
+            host, port = _host_port(where, 0)
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            self._runners.append(runner)
+            sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+            setattr(self, attr, sockets[0].getsockname()[1] if sockets else port)
+        log.info("Gateway listening: OpenAI API on %s (port %s), metrics on %s (port %s); watching %s",
+                 self.config.listen, self.api_port, self.config.admin, self.admin_port,
+                 ", ".join(self.config.namespaces) or ("all namespaces" if self.kube else "static upstreams"))
+
+    async def wait_synced(self) -> None:
+        await asyncio.gather(*(event.wait() for event in self._synced))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+
+
+async def serve(config: GatewayConfig, kube: Kube | None) -> None:
+    gateway = Gateway(config, kube)
+    await gateway.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await gateway.stop()

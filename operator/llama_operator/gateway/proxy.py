@@ -1,0 +1,344 @@
+"""The OpenAI-compatible HTTP front (aiohttp server) and the upstream client to the replicas.
+
+- `GET /v1/models` lists every LlamaServer the gateway can reach in OpenAI's list format, scaled-to-zero ones
+  included (`owned_by` is the namespace; `state`, `replicas`, `ready_replicas`, `aliases` are extra fields that
+  OpenAI clients ignore); `GET /v1/models/{model}` one of them.
+- `POST /v1/...` (chat/completions, completions, embeddings, rerank, responses, ...): the JSON body's `model`
+  picks the route (routing.py); the body is forwarded byte for byte, the response streamed back chunk by chunk
+  as it arrives (SSE included), never buffered. An unknown model is 404 in OpenAI's error format naming the
+  model and the known ones.
+- No ready replica: the request is held (hold.py) while the autoscaler scales the server up; on timeout 503 with
+  Retry-After.
+- A replica that fails before the first response byte reached the client (refused connection, reset, 502/503/
+  504) is skipped for a few seconds and the request goes to another ready replica; once a byte was sent the
+  failure is the client's to see (the connection is cut, never a silently spliced answer).
+- The client going away cancels the handler (aiohttp handler_cancellation), which closes the upstream
+  connection: llama-server notices and stops generating.
+- API keys: the gateway holds none and reads no Secret. The client's Authorization (or X-Api-Key) header goes to
+  the replica unchanged and the replica's 401 comes back unchanged. For a LlamaServer with apiKeySecretRef a
+  request without any key is answered 401 by the gateway itself, so an anonymous client cannot wake a server
+  from zero that would refuse it anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from . import metrics
+from .autoscaler import Traffic
+from .balancer import HashRing, bounded_load, least_in_flight, prompt_prefix
+from .endpoints import EndpointTable
+from .hold import HoldQueue, QueueFull
+from .routing import Route, RoutingTable
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+                        "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
+RETRY_STATUSES = frozenset({502, 503, 504})
+EJECT_SECONDS = 5.0
+_MODEL_LABEL = web.RequestKey("model", str)
+_CLIENT_GONE = web.RequestKey("client_gone", bool)
+_UPSTREAM_BROKE = web.RequestKey("upstream_broke", bool)
+
+
+def openai_error(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: Mapping[str, str] | None = None) -> web.Response:
+    """An error in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=dict(headers or {}))
+
+
+def _has_api_key(headers: Mapping[str, str]) -> bool:
+    authorization = headers.get("Authorization", "")
+    return bool(authorization.partition(" ")[2].strip()) or bool(headers.get("X-Api-Key", "").strip())
+
+
+class Proxy:
+    """The request path: route, hold, balance, forward, stream."""
+
+    def __init__(self, routes: RoutingTable, endpoints: EndpointTable, traffic: Traffic, hold: HoldQueue, *,
+                 kick: Callable[[], None] = lambda: None, max_request_bytes: int = 32 << 20,
+                 connect_timeout: float = 5.0, retry_after: int = 5) -> None:
+        self.routes = routes
+        self.endpoints = endpoints
+        self.traffic = traffic
+        self.hold = hold
+        self.kick = kick
+        self.max_request_bytes = max_request_bytes
+        self.connect_timeout = connect_timeout
+        self.retry_after = retry_after
+        self.in_flight: dict[str, int] = {}
+        """Requests in flight per replica URL (what least-in-flight and the load bound compare)."""
+        self._ejected: dict[str, float] = {}
+        self._rings: dict[tuple[str, ...], HashRing] = {}
+        self._turn = 0
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_request_bytes)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model:.+}", self.get_model)
+        app.router.add_post("/v1/{tail:.+}", self.handle)
+        app.router.add_get("/health", self.health)
+        app.router.add_route("*", "/{tail:.*}", self.not_found)
+        app.on_startup.append(self._open)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def _open(self, _: web.Application) -> None:
+        # No total timeout (a generation may take minutes); the connect timeout finds dead replicas fast.
+        # auto_decompress=False: bytes go through as the replica sent them, with its Content-Encoding.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout))
+
+    async def _close(self, _: web.Application) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # -- models --------------------------------------------------------------------------------------------
+
+    def _model_object(self, route: Route) -> dict[str, Any]:
+        ready = len(self.endpoints.ready(*route.service))
+        state = "ready" if ready else ("scaled_to_zero" if route.replicas == 0 else "starting")
+        return {"id": self.routes.public_name(route), "object": "model", "created": route.created,
+                "owned_by": route.namespace, "namespace": route.namespace, "llamaserver": route.name,
+                "aliases": list(route.names), "state": state, "replicas": route.replicas, "ready_replicas": ready,
+                "autoscaling": route.scaling is not None}
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model_object(r) for r in self.routes.routes()]})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        resolution = self.routes.resolve(model)
+        if resolution.route is None:
+            return self._unknown(model, resolution.candidates)
+        return web.json_response(self._model_object(resolution.route))
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return openai_error(404, f"{request.method} {request.path} is not served by this gateway (OpenAI API "
+                            "under /v1: POST /v1/chat/completions, /v1/completions, /v1/embeddings ..., "
+                            "GET /v1/models)", code="not_found")
+
+    def _unknown(self, model: str, candidates: Sequence[Route]) -> web.Response:
+        if candidates:
+            names = ", ".join(r.key for r in candidates)
+            return openai_error(400, f"The model '{model}' is served by several LlamaServers ({names}): "
+                                "name one as <namespace>/<name>.", param="model", code="model_ambiguous")
+        known = ", ".join(self.routes.known_names()) or "none"
+        return openai_error(404, f"The model '{model}' does not exist on this gateway. Known models: {known}.",
+                            param="model", code="model_not_found")
+
+    # -- requests ------------------------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        code = "500"
+        try:
+            response, _ = await self._handle(request, started)
+            code = str(response.status)
+            if request.get(_CLIENT_GONE):
+                code = "499"  # the client went away; nginx's code for it
+            elif request.get(_UPSTREAM_BROKE):
+                code = "502"
+            return response
+        except asyncio.CancelledError:
+            code = "499"
+            raise
+        finally:
+            label = request.get(_MODEL_LABEL, "unknown")
+            metrics.REQUESTS.labels(label, code).inc()
+            if label != "unknown":
+                metrics.REQUEST_DURATION.labels(label).observe(time.monotonic() - started)
+
+    async def _handle(self, request: web.Request, started: float) -> tuple[web.StreamResponse, str]:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return openai_error(413, f"The request body is larger than this gateway accepts "
+                                f"({self.max_request_bytes} bytes).", code="request_too_large"), "unknown"
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            return openai_error(400, "The request body must be a JSON object with a 'model' field.",
+                                code="invalid_json"), "unknown"
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            return openai_error(400, "You must provide a model parameter.", param="model",
+                                code="missing_model"), "unknown"
+        resolution = self.routes.resolve(model)
+        route = resolution.route
+        if route is None:
+            return self._unknown(model, resolution.candidates), "unknown"
+        key = route.key
+        request[_MODEL_LABEL] = key
+        if route.api_key_required and not _has_api_key(request.headers):
+            return openai_error(401, f"LlamaServer {key} requires an API key: send Authorization: Bearer <key>.",
+                                code="invalid_api_key"), key
+        if not self.endpoints.ready(*route.service):
+            refused = await self._hold(route)
+            if refused is not None:
+                return refused, key
+        self.traffic.start(key)
+        try:
+            return await self._forward(request, route, payload, body, started), key
+        finally:
+            self.traffic.finish(key)
+
+    async def _hold(self, route: Route) -> web.Response | None:
+        """Wait for a ready replica; None when one is there, else the 503 to answer."""
+        key = route.key
+        if route.replicas == 0 and route.scaling is None:
+            return openai_error(503, f"LlamaServer {key} is scaled to zero and has no spec.scaling to wake it: "
+                                f"scale it up (kubectl -n {route.namespace} scale lserver {route.name} --replicas 1).",
+                                type="server_error", code="model_scaled_to_zero")
+        retry = {"Retry-After": str(self.retry_after)}
+        held = time.monotonic()
+        self.traffic.hold(key)
+        self.kick()
+        outcome = "timeout"
+        try:
+            if await self.hold.hold(key, lambda: bool(self.endpoints.ready(*route.service))):
+                outcome = "ready"
+                return None
+            return openai_error(503, f"The model '{route.model_name}' ({key}) has no ready replica after "
+                                f"{self.hold.timeout:g}s; it is starting, retry later.", type="server_error",
+                                code="model_not_ready", headers=retry)
+        except QueueFull:
+            outcome = "full"
+            return openai_error(503, f"{self.hold.limit} requests already wait for the model '{route.model_name}' "
+                                f"({key}) to start; retry later.", type="server_error", code="model_not_ready",
+                                headers=retry)
+        finally:
+            self.traffic.release(key)
+            metrics.HOLD_SECONDS.labels(key, outcome).observe(time.monotonic() - held)
+
+    def _candidates(self, route: Route, tried: set[str]) -> list[str]:
+        urls = [e.url for e in self.endpoints.ready(*route.service) if e.url not in tried]
+        now = time.monotonic()
+        healthy = [u for u in urls if self._ejected.get(u, 0) <= now]
+        return healthy or urls
+
+    def pick(self, route: Route, candidates: Sequence[str], payload: Mapping[str, Any]) -> str:
+        routing = route.routing
+        if routing.strategy == "PrefixAffinity" and len(candidates) > 1:
+            prefix = prompt_prefix(payload, routing.prefix_characters)
+            if prefix is not None:
+                ring = self._rings.get(tuple(candidates))
+                if ring is None:
+                    if len(self._rings) > 256:
+                        self._rings.clear()
+                    ring = self._rings[tuple(candidates)] = HashRing(candidates)
+                return bounded_load(ring, prefix, self.in_flight, routing.load_bound)
+        self._turn += 1
+        return least_in_flight(candidates, self.in_flight, self._turn)
+
+    def _forward_headers(self, request: web.Request) -> dict[str, str]:
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in HOP_BY_HOP and k.lower() not in ("host", "content-length")}
+        peer = request.remote or ""
+        previous = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
+        headers["X-Forwarded-Proto"] = request.scheme
+        headers["X-Forwarded-Host"] = request.host
+        return headers
+
+    async def _forward(self, request: web.Request, route: Route, payload: Mapping[str, Any], body: bytes,
+                       started: float) -> web.StreamResponse:
+        assert self._session is not None
+        key = route.key
+        headers = self._forward_headers(request)
+        tried: set[str] = set()
+        last_error = ""
+        while True:
+            candidates = self._candidates(route, tried)
+            if not candidates:
+                if not tried:
+                    return openai_error(503, f"The model '{route.model_name}' ({key}) has no ready replica; retry "
+                                        "later.", type="server_error", code="model_not_ready",
+                                        headers={"Retry-After": str(self.retry_after)})
+                return openai_error(502, f"Every ready replica of {key} failed before answering ({last_error}).",
+                                    type="server_error", code="upstream_error")
+            url = self.pick(route, candidates, payload)
+            if tried:
+                metrics.UPSTREAM_RETRIES.labels(key).inc()
+            tried.add(url)
+            self.in_flight[url] = self.in_flight.get(url, 0) + 1
+            upstream: aiohttp.ClientResponse | None = None
+            try:
+                try:
+                    upstream = await self._session.request(request.method, url + request.path_qs, data=body,
+                                                           headers=headers)
+                    retry_status = upstream.status in RETRY_STATUSES and len(candidates) > 1
+                    first = b"" if retry_status else await upstream.content.readany()
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    last_error = f"{url}: {type(exc).__name__}: {exc}".rstrip(": ")
+                    self._eject(url, last_error)
+                    continue
+                if retry_status:
+                    last_error = f"{url}: HTTP {upstream.status}"
+                    self._eject(url, last_error)
+                    continue
+                return await self._stream(request, upstream, first, key, started)
+            finally:
+                self.in_flight[url] -= 1
+                if not self.in_flight[url]:
+                    del self.in_flight[url]
+                if upstream is not None:
+                    upstream.close()
+
+    def _eject(self, url: str, why: str) -> None:
+        log.warning("replica %s failed before answering, skipped for %gs: %s", url, EJECT_SECONDS, why)
+        self._ejected[url] = time.monotonic() + EJECT_SECONDS
+
+    async def _stream(self, request: web.Request, upstream: aiohttp.ClientResponse, first: bytes, key: str,
+                      started: float) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for name, value in upstream.headers.items():
+            if name.lower() not in HOP_BY_HOP and name.lower() not in ("date", "server"):
+                response.headers.add(name, value)
+        try:
+            await response.prepare(request)
+            if first:
+                await response.write(first)
+        except ConnectionError:
+            request[_CLIENT_GONE] = True
+            return response
+        metrics.TIME_TO_FIRST_BYTE.labels(key).observe(time.monotonic() - started)
+        while True:
+            try:
+                chunk = await upstream.content.readany()
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                # Bytes were sent: no retry. Cut the connection, so the client sees a broken stream, not an end.
+                log.warning("the stream of %s from its replica broke after the first byte: %s", key, exc)
+                request[_UPSTREAM_BROKE] = True
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            if not chunk:
+                break
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                request[_CLIENT_GONE] = True  # the client went away: closing the upstream stops the generation
+                return response
+        await response.write_eof()
+        return response

@@ -1,0 +1,185 @@
+"""The routing table: which LlamaServer a request's `model` names, built from the watched LlamaServers.
+
+Each LlamaServer is reachable under three names: the model name it serves (`status.modelName`, which is
+`spec.alias` or the LlamaModel's name), its `spec.alias`, and `<namespace>/<name>`. The last one is always
+unique; a bare name that several LlamaServers serve (two namespaces, each with a `qwen`) is ambiguous and the
+request is refused with the qualified names to choose from. A server whose spec does not parse is left out
+(the operator reports why in its status).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..api.v1alpha1 import AutoscalingStatus, LlamaServer, RoutingSpec, ScalingSpec
+from ..builders.deployment import model_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARALLEL = 4
+"""llama-server's slots when spec.parallel is unset (b11312: --parallel auto gives 4)."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """One LlamaServer as the gateway sees it."""
+
+    namespace: str
+    name: str
+    model_name: str
+    alias: str | None
+    replicas: int
+    ready_replicas: int
+    scaling: ScalingSpec | None
+    routing: RoutingSpec
+    api_key_required: bool
+    created: int
+    """metadata.creationTimestamp, epoch seconds (OpenAI's `created`)."""
+    parallel: int
+    last_scale_time: str | None = None
+    """status.autoscaling.lastScaleTime: the autoscaler's memory across gateway restarts."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def service(self) -> tuple[str, str]:
+        """(namespace, name) of its Service: the operator names it after the LlamaServer."""
+        return self.namespace, self.name
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(n for n in (self.model_name, self.alias, self.key) if n))
+
+    @property
+    def target_in_flight(self) -> int:
+        if self.scaling is not None and self.scaling.target_in_flight is not None:
+            return self.scaling.target_in_flight
+        return self.parallel
+
+
+def _epoch(timestamp: str | None) -> int:
+    if not timestamp:
+        return 0
+    try:
+        return int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0
+
+
+def route_from(body: Mapping[str, Any]) -> Route | None:
+    """The Route of a LlamaServer object, or None when its spec does not parse."""
+    meta = body.get("metadata") or {}
+    try:
+        server = LlamaServer.model_validate({**body, "status": {}})
+    except ValidationError as exc:
+        log.warning("LlamaServer %s/%s is not routed: its spec is invalid (%d problems; see its status)",
+                    meta.get("namespace"), meta.get("name"), exc.error_count())
+        return None
+    status = body.get("status") or {}
+    autoscaling = None
+    try:
+        autoscaling = AutoscalingStatus.model_validate(status.get("autoscaling") or {})
+    except ValidationError:
+        pass
+    spec = server.spec
+    return Route(
+        namespace=server.metadata.namespace,
+        name=server.metadata.name,
+        model_name=status.get("modelName") or model_name(server),
+        alias=spec.alias,
+        replicas=spec.replicas,
+        ready_replicas=int(status.get("readyReplicas") or 0),
+        scaling=spec.scaling,
+        routing=spec.routing or RoutingSpec(),
+        api_key_required=spec.api_key_secret_ref is not None,
+        created=_epoch(meta.get("creationTimestamp")),
+        parallel=spec.parallel or DEFAULT_PARALLEL,
+        last_scale_time=autoscaling.last_scale_time if autoscaling else None,
+    )
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a requested model name resolves to: one route, several (ambiguous), or none."""
+
+    route: Route | None
+    candidates: tuple[Route, ...] = ()
+
+
+class RoutingTable:
+    """LlamaServers by key, and the name index over them."""
+
+    def __init__(self) -> None:
+        self._routes: dict[str, Route] = {}
+        self._by_name: dict[str, list[Route]] = {}
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def get(self, key: str) -> Route | None:
+        return self._routes.get(key)
+
+    def routes(self) -> list[Route]:
+        return sorted(self._routes.values(), key=lambda r: r.key)
+
+    def upsert(self, body: Mapping[str, Any]) -> Route | None:
+        meta = body.get("metadata") or {}
+        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        route = route_from(body)
+        if route is None:
+            self._routes.pop(key, None)
+        else:
+            self._routes[key] = route
+        self._reindex()
+        return route
+
+    def remove(self, namespace: str, name: str) -> None:
+        self._routes.pop(f"{namespace}/{name}", None)
+        self._reindex()
+
+    def replace(self, bodies: Iterable[Mapping[str, Any]], namespace: str | None) -> None:
+        """The full list (after a relist) of one namespace, or of all of them (None)."""
+        for key in [k for k, r in self._routes.items() if namespace is None or r.namespace == namespace]:
+            del self._routes[key]
+        for body in bodies:
+            route = route_from(body)
+            if route is not None:
+                self._routes[route.key] = route
+        self._reindex()
+
+    def set_replicas(self, key: str, replicas: int) -> None:
+        """What the autoscaler just wrote, before the watch echoes it."""
+        route = self._routes.get(key)
+        if route is not None:
+            self._routes[key] = replace(route, replicas=replicas)
+
+    def _reindex(self) -> None:
+        index: dict[str, list[Route]] = {}
+        for route in self.routes():
+            for name in route.names:
+                index.setdefault(name, []).append(route)
+        self._by_name = index
+
+    def resolve(self, model: str) -> Resolution:
+        found = self._by_name.get(model) or []
+        if len(found) == 1:
+            return Resolution(found[0])
+        return Resolution(None, tuple(found))
+
+    def public_name(self, route: Route) -> str:
+        """The shortest name that reaches exactly this route: the model name, else `<namespace>/<name>`."""
+        for name in (route.model_name, route.alias):
+            if name and len(self._by_name.get(name) or []) == 1:
+                return name
+        return route.key
+
+    def known_names(self) -> list[str]:
+        return [self.public_name(route) for route in self.routes()]
