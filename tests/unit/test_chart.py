@@ -45,6 +45,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "watchNamespaces": ["team-a"],
     },
     "servicemonitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
+    "gateway": {"gateway": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}}},
+    "gateway-namespaced": {"gateway": {"enabled": True, "autoscale": False, "service": {
+        "type": "LoadBalancer", "annotations": {"example.com/lb": "internal"}}},
+        "watchNamespaces": ["team-a", "team-b"]},
     "monitoring": {
         "monitoring": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}},
                        "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "LLM"}}},
@@ -186,7 +190,8 @@ def find(objects: Iterable[Mapping[str, Any]], kind: str) -> list[Mapping[str, A
 
 
 def the_deployment(objects: list[dict[str, Any]]) -> Mapping[str, Any]:
-    (deployment,) = find(objects, "Deployment")
+    """The operator's Deployment (the gateway, when enabled, has its own: see `the_gateway`)."""
+    (deployment,) = [d for d in find(objects, "Deployment") if not d["metadata"]["name"].endswith("-gateway")]
     return deployment
 
 
@@ -273,6 +278,8 @@ def test_helm_lint_strict(helm: str, scenario: str) -> None:
         (["--set", "watchNamespaces={Team_A}"], "/watchNamespaces/0"),
         (["--set", "tolerations[0].efect=NoSchedule"], "efect"),
         (["--set", "defaultCacheType=Local"], "defaultCacheType"),
+        (["--set", "gateway.holdTimeout=5"], "holdTimeout"),
+        (["--set", "gateway.holdQueueLength=0"], "/gateway/holdQueueLength"),
     ],
 )
 def test_typo_in_values_fails_through_the_schema(helm: str, args: list[str], complaint: str) -> None:
@@ -587,18 +594,20 @@ def _bound_grants(objects: list[dict[str, Any]], sa: str) -> dict[tuple[str, str
     """{(role kind, namespace, role name): triples} for every role bound to the operator's ServiceAccount."""
     roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objects
              if o["kind"] in ("Role", "ClusterRole")}
-    bound = {}
+    bound, bound_to_anyone = {}, set()
     for binding in find(objects, "RoleBinding") + find(objects, "ClusterRoleBinding"):
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
         ref = binding["roleRef"]
         key = (ref["kind"], binding["metadata"].get("namespace") if ref["kind"] == "Role" else None, ref["name"])
         assert key in roles, f"{binding['kind']} {binding['metadata']['name']} refers to a missing {key}"
-        bound[key] = expand(roles[key]["rules"])
-    assert len(bound) == len(roles), "a rendered role is not bound to the operator"
+        bound_to_anyone.add(key)
+        (subject,) = binding["subjects"]
+        if subject == {"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}:
+            bound[key] = expand(roles[key]["rules"])
+    assert bound_to_anyone == set(roles), "a rendered role is bound to nobody"
     return bound
 
 
-@pytest.mark.parametrize("scenario", ["default", "namespaced", "cert-manager-issuer"])
+@pytest.mark.parametrize("scenario", ["default", "namespaced", "cert-manager-issuer", "gateway", "gateway-namespaced"])
 def test_rbac_grants_exactly_what_the_code_uses(helm: str, scenario: str) -> None:
     namespaces = SCENARIOS[scenario].get("watchNamespaces")
     # Cluster-scoped reads (Nodes, for the Fits condition) exist only in cluster mode.
@@ -887,3 +896,115 @@ def test_kind_e2e(helm: str) -> None:
         pytest.skip("set LLAMA_OPERATOR_KIND_E2E=1 to run the kind e2e (creates a cluster, ~10 minutes)")
     proc = subprocess.run(["make", "kind-e2e", f"HELM={helm}"], cwd=REPO, timeout=3600)
     assert proc.returncode == 0
+
+
+# ------------------------------------------------------------------------------------------------------ gateway
+
+
+def the_gateway(objects: list[dict[str, Any]]) -> Mapping[str, Any]:
+    (deployment,) = [d for d in find(objects, "Deployment") if d["metadata"]["name"].endswith("-gateway")]
+    return deployment
+
+
+def test_gateway_is_off_by_default(helm: str) -> None:
+    assert not [o for o in render(helm, "default") if "gateway" in o["metadata"]["name"]]
+
+
+@pytest.mark.parametrize("scenario", ["gateway", "gateway-namespaced"])
+def test_gateway_rbac_grants_exactly_what_the_gateway_uses(helm: str, scenario: str) -> None:
+    from llama_operator.gateway.app import required_permissions
+
+    values = SCENARIOS[scenario]
+    autoscale = values["gateway"].get("autoscale", True)
+    needs = {(p.api_group, p.resource, verb) for p in required_permissions(autoscale=autoscale) for verb in p.verbs}
+    objects = render(helm, scenario)
+    account = the_gateway(objects)["spec"]["template"]["spec"]["serviceAccountName"]
+    assert account != f"{RELEASE}-llama-operator", "the gateway has an identity of its own"
+    assert [a for a in find(objects, "ServiceAccount") if a["metadata"]["name"] == account]
+    bound = _bound_grants(objects, account)
+    namespaces = values.get("watchNamespaces")
+    if namespaces:
+        assert {kind for kind, _, _ in bound} == {"Role"} and {ns for _, ns, _ in bound} == set(namespaces)
+    else:
+        assert {kind for kind, _, _ in bound} == {"ClusterRole"}
+    for key, granted in bound.items():
+        assert granted == needs, f"{key}: extra {sorted(granted - needs)}, missing {sorted(needs - granted)}"
+    # It reads no Secret (it holds no API keys), no pod, and never writes a LlamaServer beyond scale and status.
+    assert {r for _, r, _ in needs} <= {"llamaservers", "endpointslices", "llamaservers/scale", "llamaservers/status"}
+    assert ("llamacpp.dev", "llamaservers/scale", "patch") in needs if autoscale else not any(
+        verb == "patch" for _, _, verb in needs)
+
+
+@pytest.mark.parametrize("scenario", ["gateway", "gateway-namespaced"])
+def test_gateway_deployment_is_wired_to_the_cli(helm: str, scenario: str) -> None:
+    from llama_operator.cli import build_parser
+    from llama_operator.gateway import config_from_args
+    from llama_operator.gateway.app import Gateway, GatewayConfig
+
+    values = SCENARIOS[scenario]
+    objects = render(helm, scenario)
+    deployment, operator = the_gateway(objects), the_deployment(objects)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert deployment["spec"]["replicas"] == 1, "one autoscaler: the load is what one gateway sees"
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert container["image"] == operator["spec"]["template"]["spec"]["containers"][0]["image"]
+    _assert_qualified_and_pinned(container["image"])
+
+    # The chart's arguments mean to the CLI what the values say.
+    args = build_parser().parse_args(container["args"])
+    assert args.command == "gateway"
+    config = config_from_args(args)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert (config.listen, config.admin) == (f"0.0.0.0:{ports['http']}", f"0.0.0.0:{ports['metrics']}")
+    assert config.namespaces == tuple(values.get("watchNamespaces", ()))
+    assert config.autoscale == values["gateway"].get("autoscale", True)
+    assert (config.hold_timeout, config.hold_queue, config.max_request_bytes, config.static) == (120, 100, 32 << 20, {})
+    # The probes ask for paths the gateway's admin port serves.
+    served = {route.resource.canonical for route in Gateway(GatewayConfig(), None)._admin_app().router.routes()
+              if route.resource is not None}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "metrics" and container[probe]["httpGet"]["path"] in served
+
+    # The gateway's Services select its pod and not the operator's, and the other way round.
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    operator_labels = operator["spec"]["template"]["metadata"]["labels"]
+    assert not deployment["spec"]["selector"]["matchLabels"].items() <= operator_labels.items()
+    assert not operator["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    services = {s["metadata"]["name"]: s for s in find(objects, "Service")}
+    api = services[deployment["metadata"]["name"]]
+    assert api["spec"]["selector"].items() <= labels.items()
+    assert api["spec"]["type"] == values["gateway"].get("service", {}).get("type", "ClusterIP")
+    assert api["metadata"].get("annotations") == values["gateway"].get("service", {}).get("annotations")
+    assert [p["targetPort"] for p in api["spec"]["ports"]] == ["http"]
+    for service in services.values():
+        selects_gateway = service["spec"]["selector"].items() <= labels.items()
+        assert selects_gateway != (service["spec"]["selector"].items() <= operator_labels.items())
+
+
+def test_gateway_metrics_service_and_servicemonitor(helm: str) -> None:
+    objects = render(helm, "gateway")
+    deployment = the_gateway(objects)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (metrics_service,) = [s for s in find(objects, "Service") if s["metadata"]["name"].endswith("-gateway-metrics")]
+    assert metrics_service["spec"]["selector"].items() <= labels.items()
+    (port,) = metrics_service["spec"]["ports"]
+    assert port["targetPort"] == "metrics" and port["port"] == SCENARIOS["gateway"]["gateway"].get("metricsPort", 9090)
+    (monitor,) = [m for m in find(objects, "ServiceMonitor") if m["metadata"]["name"].endswith("-gateway")]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert [s for s in find(objects, "Service") if selector.items() <= s["metadata"]["labels"].items()] == [
+        metrics_service]
+    assert not [s for s in find(render(helm, "gateway-namespaced"), "ServiceMonitor")]
+
+
+def test_gateway_names_fit_kubernetes_limits(helm: str) -> None:
+    long_release = "a-release-name-that-is-long-on-purpose-" + "x" * 14
+    proc = subprocess.run([helm, "template", long_release, str(CHART), "-n", NAMESPACE, "--set",
+                           "gateway.enabled=true"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    names = [obj["metadata"]["name"] for obj in filter(None, yaml.safe_load_all(proc.stdout))
+             if obj["kind"] == "Service"]
+    assert any(name.endswith("-gateway") for name in names) and any(name.endswith("-gateway-metrics") for name in names)
+    for name in names:
+        assert re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name), f"bad Service name {name!r}"

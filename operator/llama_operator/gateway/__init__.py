@@ -24,29 +24,37 @@ def _upstreams(values: list[str]) -> dict[str, list[str]]:
     return static
 
 
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The GatewayConfig the command line asks for (raises ArgumentTypeError for a bad --upstream)."""
+    from .app import GatewayConfig
+
+    return GatewayConfig(
+        listen=args.listen, admin=args.admin, namespaces=tuple(filter(None, args.namespaces.split(","))),
+        hold_timeout=args.hold_timeout, hold_queue=args.hold_queue, max_request_bytes=args.max_request_bytes,
+        connect_timeout=args.connect_timeout, autoscale=not args.no_autoscale,
+        autoscale_interval=args.autoscale_interval, retry_after=args.retry_after,
+        static=_upstreams(args.upstream or []))
+
+
 def _cmd_gateway(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
     from ..cli import CliError
-    from .app import FIELD_MANAGER, PERMISSIONS, GatewayConfig, serve
+    from .app import FIELD_MANAGER, required_permissions, serve
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        static = _upstreams(args.upstream or [])
+        config = config_from_args(args)
     except argparse.ArgumentTypeError as exc:
         raise CliError(str(exc)) from None
-    config = GatewayConfig(
-        listen=args.listen, admin=args.admin, namespaces=tuple(filter(None, args.namespaces.split(","))),
-        hold_timeout=args.hold_timeout, hold_queue=args.hold_queue, max_request_bytes=args.max_request_bytes,
-        connect_timeout=args.connect_timeout, autoscale=not args.no_autoscale,
-        autoscale_interval=args.autoscale_interval, retry_after=args.retry_after, static=static)
     kube: Any = None
-    if not static:
+    if not config.static:
         from ..kube import Kube, load_api_client
 
-        kube = Kube(load_api_client(), field_manager=FIELD_MANAGER, permissions=PERMISSIONS)
+        kube = Kube(load_api_client(), field_manager=FIELD_MANAGER,
+                    permissions=required_permissions(autoscale=config.autoscale))
     try:
         asyncio.run(serve(config, kube))
     except KeyboardInterrupt:

@@ -48,8 +48,12 @@ SLICE_SELECTOR = "app.kubernetes.io/name=llama-server,app.kubernetes.io/managed-
 """The EndpointSlice controller copies the Service's labels onto its slices: only LlamaServer Services' slices."""
 
 
-def required_permissions() -> tuple[Permission, ...]:
-    return PERMISSIONS
+WRITES = frozenset({"llamaservers/scale", "llamaservers/status"})
+
+
+def required_permissions(*, autoscale: bool = True) -> tuple[Permission, ...]:
+    """What the gateway calls; without the autoscaler it only reads."""
+    return tuple(p for p in PERMISSIONS if autoscale or p.resource not in WRITES)
 
 
 def _host_port(text: str, default_port: int) -> tuple[str, int]:
