@@ -1,10 +1,17 @@
-"""Time from `kubectl apply` to Ready through `llama-operator sandbox`, cold and warm cache, and the sandbox's
-idle cost.
+"""Time from `kubectl apply` to Ready through `llama-operator sandbox`, cold and warm cache, the sandbox's own
+start-up, and the idle cost of every process it runs.
 
-Run: `.venv/bin/python benchmarks/sandbox_ready.py [--model tiny|gemma]` (needs the pinned llama-server:
-`make llama-server`). A local stand-in for Hugging Face serves the GGUF. Cold: a fresh PVC cache (download,
-verify, load). Warm: the LlamaServer is deleted and created again over the same cache (the fetcher's cache hit,
-then load). Idle: CPU and RSS of the sandbox and the operator processes over 10 s with one server running.
+Run (as root, like the sandbox): `.venv/bin/python benchmarks/sandbox_ready.py [--model tiny|gemma]` with
+LLAMA_OPERATOR_CONTROL_PLANE_DIR (`make control-plane`), the pinned llama-server (`make llama-server`) and helm
+(`scripts/get-helm.sh`, or $HELM). A local stand-in for Hugging Face serves the GGUF.
+
+- start: `llama-operator sandbox` until it says ready (control plane, node, `helm install`, the operator pod
+  and its webhook answering);
+- cold: a fresh PVC cache (download, verify, load); warm: the LlamaServer is deleted and created again over the
+  same cache (the fetcher's cache hit, then load);
+- idle: CPU and RSS over 10 s with one server running and nothing to do, per process of the sandbox's tree
+  (this process: kubelet, provisioner, Service ports; etcd; kube-apiserver; kube-controller-manager;
+  kube-scheduler; the operator pod; llama-server).
 """
 
 from __future__ import annotations
@@ -15,17 +22,19 @@ import pathlib
 import sys
 import tempfile
 import time
+from collections import defaultdict
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.e2e.conftest import SandboxProcess, wait_for  # noqa: E402
+from tests.e2e.conftest import SandboxProcess, sandbox_requirements, wait_for  # noqa: E402
 from tests.fakehub import FakeHub  # noqa: E402
-from tests.llama_bin import llama_server_bin  # noqa: E402
 from tests.tiny_gguf import write_tiny_llama  # noqa: E402
 
 GROUP, VERSION, NS = "llamacpp.dev", "v1alpha1", "default"
 REPO_ID, FILE = "bench/model-GGUF", "model.gguf"
+IDLE_SECONDS = 10.0
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "llama-server")
 
 
 def _proc_stats(pid: int) -> tuple[float, int]:
@@ -35,12 +44,30 @@ def _proc_stats(pid: int) -> tuple[float, int]:
     return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
-        children = (task / "children").read_text().split()
-        out += [int(c) for c in children]
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        try:
+            for task in pathlib.Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
     return out
+
+
+def _component(pid: int, sandbox_pid: int) -> str:
+    if pid == sandbox_pid:
+        return "sandbox (node)"
+    argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    name = os.path.basename(argv[0].decode(errors="replace"))
+    if name in COMPONENTS:
+        return name
+    if any(a.endswith(b"llama-operator") for a in argv[:2]) and b"run" in argv:
+        return "operator pod"
+    return name
 
 
 def _server(name: str) -> dict:
@@ -56,13 +83,16 @@ def _ready_after_apply(sandbox: SandboxProcess, name: str) -> float:
     return time.monotonic() - started
 
 
-def run(model_path: pathlib.Path) -> dict[str, float]:
+def run(model_path: pathlib.Path) -> dict:
     hub = FakeHub()
     hub.add(REPO_ID, FILE, model_path)
     with hub.running(), tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "LLAMA_SERVER_BIN": llama_server_bin(), "LLAMA_OPERATOR_HF_ENDPOINT": hub.url}
+        env = {**os.environ, **sandbox_requirements(), "LLAMA_OPERATOR_HF_ENDPOINT": hub.url}
+        started = time.monotonic()
         sandbox = SandboxProcess(pathlib.Path(tmp) / "state", env)
         try:
+            sandbox.wait_ready()
+            start = time.monotonic() - started
             sandbox.custom.create_namespaced_custom_object(GROUP, VERSION, NS, "llamamodels", {
                 "apiVersion": f"{GROUP}/{VERSION}", "kind": "LlamaModel", "metadata": {"name": "model"},
                 "spec": {"source": {"huggingFace": {"repo": REPO_ID, "file": FILE}},
@@ -71,23 +101,26 @@ def run(model_path: pathlib.Path) -> dict[str, float]:
                               .get("status") or {}).get("phase") == "Ready", timeout=120, message="model Ready")
             cold = _ready_after_apply(sandbox, "cold")
             sandbox.custom.delete_namespaced_custom_object(GROUP, VERSION, NS, "llamaservers", "cold")
+            wait_for(lambda: not sandbox.core.list_namespaced_pod(NS, label_selector="llamacpp.dev/server=cold").items,
+                     timeout=60, message="the cold server's pod gone")
             warm = _ready_after_apply(sandbox, "warm")
-            time.sleep(3)  # let the start-up settle before measuring idle
-            operator = next(pid for pid in _children(sandbox.proc.pid)
-                            if b"run" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
-                            and b"llama-operator" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes())
-            before = {pid: _proc_stats(pid) for pid in (sandbox.proc.pid, operator)}
-            time.sleep(10)
-            after = {pid: _proc_stats(pid) for pid in (sandbox.proc.pid, operator)}
+            time.sleep(5)  # let the start-up settle before measuring idle
+            pids = _tree(sandbox.proc.pid)
+            before = {pid: _proc_stats(pid) for pid in pids if pathlib.Path(f"/proc/{pid}").exists()}
+            time.sleep(IDLE_SECONDS)
+            idle: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+            for pid, (cpu0, _) in before.items():
+                try:
+                    cpu1, rss = _proc_stats(pid)
+                    name = _component(pid, sandbox.proc.pid)
+                except OSError:
+                    continue
+                idle[name][0] += (cpu1 - cpu0) / IDLE_SECONDS * 100
+                idle[name][1] += rss / 2**20
         finally:
             sandbox.stop()
-    idle = {pid: ((after[pid][0] - before[pid][0]) / 10 * 100, after[pid][1] / 2**20) for pid in before}
-    return {
-        "cold_s": cold, "warm_s": warm,
-        "sandbox_cpu_pct": idle[sandbox.proc.pid][0], "sandbox_rss_mib": idle[sandbox.proc.pid][1],
-        "operator_cpu_pct": idle[operator][0], "operator_rss_mib": idle[operator][1],
-        "model_mib": model_path.stat().st_size / 2**20,
-    }
+    return {"start_s": start, "cold_s": cold, "warm_s": warm, "idle": dict(idle),
+            "model_mib": model_path.stat().st_size / 2**20}
 
 
 def main() -> None:
@@ -102,12 +135,21 @@ def main() -> None:
         else:
             path = write_tiny_llama(pathlib.Path(tmp) / "tiny.gguf")
         r = run(path)
-    print("| model | size (MiB) | apply -> Ready, cold cache (s) | apply -> Ready, warm cache (s) "
-          "| idle sandbox CPU % / RSS MiB | idle operator CPU % / RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print(f"| {args.model} | {r['model_mib']:.1f} | {r['cold_s']:.1f} | {r['warm_s']:.1f} "
-          f"| {r['sandbox_cpu_pct']:.1f} / {r['sandbox_rss_mib']:.0f} | {r['operator_cpu_pct']:.1f} / "
-          f"{r['operator_rss_mib']:.0f} |")
+    print("| model | size (MiB) | sandbox start -> ready (s) | apply -> Ready, cold cache (s) "
+          "| apply -> Ready, warm cache (s) |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| {args.model} | {r['model_mib']:.1f} | {r['start_s']:.1f} | {r['cold_s']:.1f} | {r['warm_s']:.1f} |")
+    print()
+    print(f"Idle over {IDLE_SECONDS:.0f} s, one server running (CPU % of one core):")
+    print()
+    print("| process | CPU % | RSS MiB |")
+    print("|---|---:|---:|")
+    total_cpu = total_rss = 0.0
+    for name, (cpu, rss) in sorted(r["idle"].items(), key=lambda item: -item[1][1]):
+        print(f"| {name} | {cpu:.1f} | {rss:.0f} |")
+        total_cpu += cpu
+        total_rss += rss
+    print(f"| **all** | **{total_cpu:.1f}** | **{total_rss:.0f}** |")
 
 
 if __name__ == "__main__":

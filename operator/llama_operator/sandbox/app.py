@@ -38,7 +38,7 @@ import aiohttp
 
 from ..controlplane import BinariesMissing, ControlPlane, ControlPlaneBinaries, find_binaries
 from .client import Api, ApiError, Informer, client_ssl_context, resource_path
-from .helm import NAMESPACE, RELEASE, find_chart, find_helm, install, values_from_env
+from .helm import NAMESPACE, RELEASE, HelmError, find_chart, find_helm, install, values_from_env
 from .images import ImageTable, operator_executable
 from .kubelet import NODE_NAME, NodeContext, spawn, terminate
 from .logs import KubeletServer
@@ -300,7 +300,7 @@ async def _main(args: argparse.Namespace) -> int:
     runner = asyncio.create_task(sandbox.run(stop))
     try:
         return await runner
-    except (SandboxError, NetworkError, BinariesMissing) as exc:
+    except (SandboxError, NetworkError, BinariesMissing, HelmError) as exc:
         print(f"llama-operator sandbox: {exc}", file=sys.stderr)
         return 1
 

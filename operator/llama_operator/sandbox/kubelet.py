@@ -21,7 +21,7 @@ SIGKILLed sandbox leaves nothing behind.
 Deviations from a real kubelet (docs/sandbox.md): no images (images.py maps them to local executables) and
 no root filesystem of their own, so volume paths in arguments and environment are rewritten (except under
 /run, which is a private tmpfs with real bind mounts); resource limits, security contexts and read-only
-mounts are not enforced; once a startup probe succeeds, readiness is probed at once.
+mounts are not enforced.
 """
 
 from __future__ import annotations
@@ -253,6 +253,7 @@ class PodRuntime:
         return float(30 if value is None else value)
 
     def start(self) -> None:
+        self._admitted = asyncio.get_running_loop().time()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._tasks = [asyncio.create_task(self._status_writer(), name=f"status {self.name}"),
                        asyncio.create_task(self._run(), name=f"pod {self.name}")]
@@ -709,12 +710,26 @@ class PodRuntime:
     async def _probe_verdicts(self, probe: dict[str, Any], status: ContainerStatus, kind: str
                               ) -> AsyncIterator[bool | None]:
         """Run a probe on its schedule; after each check yield True once successThreshold checks in a row passed,
-        False once failureThreshold checks in a row failed, else None (no verdict yet)."""
-        await asyncio.sleep(float(probe.get("initialDelaySeconds") or 0))
+        False once failureThreshold checks in a row failed, else None (no verdict yet).
+
+        The schedule is the kubelet's: a startup probe ticks every periodSeconds from the moment the pod was
+        admitted (its probe worker exists before the container runs), skipping ticks within
+        initialDelaySeconds of the container's start; a readiness probe runs at once when the container has
+        started (the kubelet triggers it manually then) and every periodSeconds after that."""
+        loop = asyncio.get_running_loop()
         period = float(probe.get("periodSeconds") or 10)
+        initial = float(probe.get("initialDelaySeconds") or 0)
         need_ok, need_fail = int(probe.get("successThreshold") or 1), int(probe.get("failureThreshold") or 3)
+        container_started = loop.time()
+        aligned = kind == "Startup"
+        if not aligned:
+            await asyncio.sleep(initial)
         ok = fail = 0
         while True:
+            if aligned:
+                await asyncio.sleep(period - (loop.time() - self._admitted) % period)
+                if loop.time() - container_started < initial:
+                    continue
             passed, detail = await self._check(probe, status.spec)
             if passed:
                 ok, fail = ok + 1, 0
@@ -723,7 +738,8 @@ class PodRuntime:
                 if fail == need_fail:
                     self._event("Warning", "Unhealthy", f"{kind} probe failed: {detail}", status.name)
             yield True if ok >= need_ok else False if fail >= need_fail else None
-            await asyncio.sleep(period)
+            if not aligned:
+                await asyncio.sleep(period)
 
     async def _probe_until(self, probe: dict[str, Any], status: ContainerStatus, kind: str) -> bool:
         async for verdict in self._probe_verdicts(probe, status, kind):
