@@ -70,7 +70,10 @@ GGUF_MAGIC = b"GGUF"
 # ---------------------------------------------------------------------------------------------- reports
 
 VERIFIED_PREFIX = "Verified:"
-"""First line of the fetcher's termination message on success; sha256sum-format lines follow."""
+"""First line of the fetcher's termination message on success (with --trust-on-first-use): `Verified: N file(s)
+in <cache-key>`, then sha256sum-format lines."""
+TRUSTED_HEADER = "# trust on first use, cache key "
+"""First line of the trust ConfigMap's `sha256sum`: the sums below belong to this cache key only."""
 _SUM_LINE = re.compile(r"^([a-f0-9]{64})  (\S.*)$")
 
 
@@ -89,13 +92,30 @@ def parse_sums(text: str) -> dict[str, str]:
     return sums
 
 
-def verified_message(sums: Mapping[str, str]) -> str:
+def _first_line(text: str) -> str:
+    return text.split("\n", 1)[0].strip()
+
+
+def verified_message(cache_key: str, sums: Mapping[str, str]) -> str:
     """What a successful fetch leaves in its termination message: the sha256 of every file it vouches for."""
-    return f"{VERIFIED_PREFIX} {len(sums)} file(s)\n{format_sums(sums)}"
+    return f"{VERIFIED_PREFIX} {len(sums)} file(s) in {cache_key}\n{format_sums(sums)}"
 
 
-def parse_verified(message: str | None) -> dict[str, str] | None:
-    """The `{file: sha256}` of a successful fetch's termination message, None when it is not one."""
+def parse_verified(message: str | None) -> tuple[str, dict[str, str]] | None:
+    """(cache key, `{file: sha256}`) of a successful fetch's termination message; None when it is not one."""
     if not message or not message.startswith(VERIFIED_PREFIX):
         return None
-    return parse_sums(message)
+    cache_key = _first_line(message).rpartition(" in ")[2]
+    return (cache_key, parse_sums(message)) if cache_key else None
+
+
+def trusted_sums_text(cache_key: str, sums: Mapping[str, str]) -> str:
+    """The trust ConfigMap's `sha256sum` value."""
+    return f"{TRUSTED_HEADER}{cache_key}\n{format_sums(sums)}"
+
+
+def parse_trusted_sums(text: str | None, cache_key: str) -> dict[str, str]:
+    """The recorded sums when they belong to `cache_key` (another source's are ignored), else {}."""
+    if not text or _first_line(text) != f"{TRUSTED_HEADER}{cache_key}":
+        return {}
+    return parse_sums(text)

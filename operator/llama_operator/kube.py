@@ -61,6 +61,7 @@ SERVICES = ResourceKind("", "v1", "services")
 PERSISTENT_VOLUME_CLAIMS = ResourceKind("", "v1", "persistentvolumeclaims")
 PODS = ResourceKind("", "v1", "pods")
 SECRETS = ResourceKind("", "v1", "secrets")
+CONFIG_MAPS = ResourceKind("", "v1", "configmaps")
 LLAMA_MODELS = ResourceKind(GROUP, VERSION, "llamamodels")
 LLAMA_SERVERS = ResourceKind(GROUP, VERSION, "llamaservers")
 ENDPOINT_SLICES = ResourceKind("discovery.k8s.io", "v1", "endpointslices")
@@ -72,6 +73,7 @@ KINDS_BY_API: Mapping[tuple[str, str], ResourceKind] = {
     ("apps/v1", "Deployment"): DEPLOYMENTS,
     ("v1", "Service"): SERVICES,
     ("v1", "PersistentVolumeClaim"): PERSISTENT_VOLUME_CLAIMS,
+    ("v1", "ConfigMap"): CONFIG_MAPS,
 }
 
 
@@ -94,6 +96,8 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission("", "persistentvolumeclaims", frozenset({"get", "list", "create", "patch", "delete"})),
     Permission("", "pods", frozenset({"list"})),
     Permission("", "secrets", frozenset({"get"})),
+    # A LlamaModel's trust ConfigMap (the sha256 recorded on first use, read by its pods' fetchers).
+    Permission("", "configmaps", frozenset({"get", "create", "patch"})),
     Permission(GROUP, "llamamodels", frozenset({"get", "list"})),
     Permission(GROUP, "llamaservers", frozenset({"get", "list"})),
     Permission(GROUP, "llamamodels/status", frozenset({"patch"})),

@@ -48,6 +48,9 @@ POD_CASES = {
                                     "lastState": failed(11, "Unauthorized: needs a token")}]),
                          "Failed", "pod p: fetch-model exited with code 11: Unauthorized: needs a token "
                                    "(restarting: CrashLoopBackOff)"),
+    "draft fetch running": (pod(init=[{"name": "fetch-model", "state": DONE},
+                                      {"name": "fetch-draft-model", "state": RUNNING}]),
+                            "Downloading", "pod p: downloading the draft model"),
     "dry run running": (pod(init=[{"name": "fetch-model", "state": DONE},
                                   {"name": "validate-args", "state": RUNNING}]),
                         "Loading", "pod p: running validate-args"),

@@ -274,8 +274,9 @@ class TrustOnFirstUse(ApiModel):
     Every later download (other pods, other nodes) must produce the same bytes; see docs/model-sources.md.
     """
 
-    source: str = Field(description="The source they were recorded for (hf:repo@revision/file or url:...); "
-                        "another source starts over.")
+    cache_key: str = Field(description="The cache key (status.cacheKey) they were recorded for: a source without "
+                           "a published sha256 is keyed by its identity, so another source starts over.")
+    source: str | None = Field(None, description="The source they were recorded for (hf:repo@revision/file, url:...).")
     files: list[FileChecksum] = Field(description="sha256 of every file, as the first verified download found it.")
     recorded_time: str | None = Field(None, description="When they were recorded (RFC 3339).")
     recorded_from: str | None = Field(None, description="The pod whose download recorded them.")

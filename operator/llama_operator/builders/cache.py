@@ -6,12 +6,9 @@ from typing import Any
 
 from ..api.v1alpha1 import CacheType, LlamaModel
 from ..config import Settings
+from ..contract import CACHE_MOUNT, CACHE_VOLUME, SOURCE_MOUNT, SOURCE_VOLUME
 from .quantity import gibibytes_ceil
 
-CACHE_VOLUME = "model-cache"
-CACHE_MOUNT = "/models"
-SOURCE_VOLUME = "model-source"
-SOURCE_MOUNT = "/model-source"
 HEADROOM = 1.1
 """Cache sizes derived from the model size leave 10% (and at least 1 GiB) for .part files and markers."""
 

@@ -7,6 +7,16 @@ from typing import Any
 
 from ..api.v1alpha1 import LlamaModel, LlamaServer
 from ..config import Settings
+from ..contract import (
+    API_KEY_ENV,
+    FETCH_CONTAINER,
+    FETCH_DRAFT_CONTAINER,
+    HEADER_ENV_PREFIX,
+    SERVER_CONTAINER,
+    TMP_MOUNT,
+    TMP_VOLUME,
+    TOKEN_ENV,
+)
 from ..errors import InvalidSpec
 from ..fit import estimate_server, request_quantity
 from ..flags.dryrun import dry_run_init_container
@@ -22,13 +32,12 @@ from .cache import (
 )
 from .objects import object_meta, selector_labels, server_labels
 from .quantity import parse_quantity
+from .trust import needs_trust, trusted_env
 
 RUN_AS_USER = 65532
 """A fixed non-root UID: the llama.cpp images default to root, which restricted pod security forbids."""
 
 GPU_RESOURCES = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu", "intel": "gpu.intel.com/i915"}
-HEADER_ENV_PREFIX = "LLAMA_FETCH_HEADER_"
-TMP_VOLUME = "tmp"
 STARTUP_PROBE_PERIOD_SECONDS = 2
 """Probe loading often: /health is cheap, and a 10 s period would add up to 10 s to every start."""
 
@@ -173,6 +182,8 @@ def _fetch_args(model: LlamaModel, settings: Settings) -> list[str]:
     sha256 = model.status.sha256 or model.spec.sha256
     if sha256:
         args += ["--sha256", sha256]
+    if needs_trust(model):
+        args.append("--trust-on-first-use")
     return args
 
 
@@ -183,13 +194,15 @@ def _fetch_env(model: LlamaModel) -> tuple[list[dict[str, Any]], list[dict[str, 
     env_from: list[dict[str, Any]] = []
     if source.hugging_face is not None and source.hugging_face.token_secret_ref is not None:
         ref = source.hugging_face.token_secret_ref
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        env.append({"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     if source.http is not None and source.http.headers_secret_ref is not None:
         env_from.append({"prefix": HEADER_ENV_PREFIX, "secretRef": {"name": source.http.headers_secret_ref.name}})
+    if needs_trust(model):
+        env.append(trusted_env(model))
     return env, env_from
 
 
-def fetch_init_container(model: LlamaModel, settings: Settings, *, name: str = "fetch-model") -> dict[str, Any]:
+def fetch_init_container(model: LlamaModel, settings: Settings, *, name: str = FETCH_CONTAINER) -> dict[str, Any]:
     env, env_from = _fetch_env(model)
     container: dict[str, Any] = {
         "name": name,
@@ -203,7 +216,7 @@ def fetch_init_container(model: LlamaModel, settings: Settings, *, name: str = "
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [
             {"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT},
-            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+            {"name": TMP_VOLUME, "mountPath": TMP_MOUNT},
         ],
     }
     if env_from:
@@ -227,12 +240,12 @@ def server_container(
     env = [e.to_wire() for e in spec.env or []]
     if spec.api_key_secret_ref is not None:
         ref = spec.api_key_secret_ref
-        env.append({"name": "LLAMA_API_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     # /health answers 503 while the model loads: the startup probe gives loading its whole budget,
     # after which readiness reacts within seconds and liveness restarts a wedged server.
     startup_failures = max(1, math.ceil(spec.startup_timeout_seconds / STARTUP_PROBE_PERIOD_SECONDS))
     container: dict[str, Any] = {
-        "name": "llama-server",
+        "name": SERVER_CONTAINER,
         "image": spec.image or settings.image_for(spec.gpu.vendor if spec.gpu else None),
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["/app/llama-server"],
@@ -245,7 +258,7 @@ def server_container(
         "resources": _resources(server, model, settings, draft),
         "securityContext": container_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": [server_model_mount(model), {"name": TMP_VOLUME, "mountPath": "/tmp"}],
+        "volumeMounts": [server_model_mount(model), {"name": TMP_VOLUME, "mountPath": TMP_MOUNT}],
     }
     if _draft_cache(model, draft):
         container["volumeMounts"].insert(1, {"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT, "readOnly": True})
@@ -259,7 +272,7 @@ def _init_containers(
     if model.spec.source.volume is None:
         containers.append(fetch_init_container(model, settings))
     if draft is not None:
-        containers.append(fetch_init_container(draft, settings, name="fetch-draft-model"))
+        containers.append(fetch_init_container(draft, settings, name=FETCH_DRAFT_CONTAINER))
     if server.spec.image:
         # A custom image may carry another llama.cpp than the flag catalog: let it parse the arguments first.
         containers.append(dry_run_init_container(

@@ -61,8 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--sha256", help="expected sha256 of the (first) file, lowercase hex")
     parser.add_argument("--trust-on-first-use", action="store_true",
                         help=f"the source publishes no sha256: verify every file against ${contract.TRUSTED_ENV} "
-                        "(sha256sum lines recorded from the first verified download) when it is set, and report "
-                        "the sha256 of every verified file in the termination message on success")
+                        "(recorded from the first verified download, for this cache key) when it is set, and "
+                        "report the sha256 of every verified file in the termination message on success")
     parser.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS,
                         help=f"parallel connections for large files (default {DEFAULT_CONNECTIONS})")
     parser.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
@@ -84,7 +84,8 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
         return contract.EXIT_USAGE
     if args.sha256 is not None:
         args.sha256 = args.sha256.lower()
-    trusted = contract.parse_sums(os.environ.get(contract.TRUSTED_ENV, "")) if args.trust_on_first_use else {}
+    trusted = (contract.parse_trusted_sums(os.environ.get(contract.TRUSTED_ENV), args.cache_key)
+               if args.trust_on_first_use else {})
     options = FetchOptions(
         cache_dir=args.cache_dir,
         cache_key=args.cache_key,
@@ -119,7 +120,7 @@ def run(options: FetchOptions, *, termination_log: str, free_space: Callable[[Pa
     try:
         fetcher.run()
         if report:
-            write_termination_log(termination_log, contract.verified_message(fetcher.sums))
+            write_termination_log(termination_log, contract.verified_message(options.cache_key, fetcher.sums))
         return contract.EXIT_OK
     except OperatorError as exc:
         log.error("%s: %s", exc.reason, exc)

@@ -14,9 +14,10 @@ from ..api.errors import describe
 from ..api.v1alpha1 import LlamaModel, LlamaModelStatus, ModelFile
 from ..builders import build_cache_pvc
 from ..builders.cache import cache_type
+from ..builders.trust import build_trust_configmap
 from ..config import Settings
 from ..errors import RetryLater
-from ..kube import LLAMA_MODELS, PERSISTENT_VOLUME_CLAIMS, Invalid, NotFound
+from ..kube import CONFIG_MAPS, LLAMA_MODELS, PERSISTENT_VOLUME_CLAIMS, Invalid, NotFound
 from ..metrics import PHASES
 from .boundary import reconciled
 from .conditions import condition, merge_conditions, now_rfc3339, parse_rfc3339, rfc3339
@@ -110,6 +111,10 @@ async def reconcile_model(body: Mapping[str, Any], ctx: Context) -> LlamaModelSt
     status = await resolve_source(model, ctx)
     if status.phase in ("Ready", "Failed"):
         status = status.model_copy(update={"last_resolved_time": rfc3339(ctx.clock())})
+    trusted = previous.trust_on_first_use
+    if status.phase == "Ready" and trusted is not None and trusted.cache_key == status.cache_key:
+        # The same source (its cache key hashes its identity): what its first download verified still holds.
+        status = status.model_copy(update={"trust_on_first_use": trusted})
     if status.phase == "Resolving":
         await _write(ctx, body, previous, status.model_copy(update={"conditions": [
             condition("Ready", False, "Resolving", status.message or "", generation=generation)]}), generation)
@@ -159,6 +164,10 @@ async def _converge(
     elif cache_type(resolved, ctx.settings) == "PersistentVolumeClaim":
         status = status.model_copy(update={"phase": "Pending"})
         notes.append("cache.size is needed to create the cache PVC until the model size is known")
+    trust = build_trust_configmap(resolved)
+    if trust is not None:  # recorded by a server reconcile; put back here when deleted or edited
+        live = await ctx.kube.get(CONFIG_MAPS, trust["metadata"]["namespace"], trust["metadata"]["name"])
+        await ctx.kube.apply(trust, live=live)
     ready = status.phase == "Ready"
     message = "; ".join(filter(None, [status.message, *notes]))
     status = status.model_copy(update={

@@ -20,6 +20,7 @@ from ..builders.deployment import model_name, model_problems, server_args
 from ..builders.objects import label_selector, selector_labels
 from ..builders.quantity import parse_quantity
 from ..builders.service import endpoint_url
+from ..contract import FETCH_CONTAINER, FETCH_DRAFT_CONTAINER
 from ..fit import estimate_server
 from ..flags.validate import validate_server_spec
 from ..kube import DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, SERVICES, Invalid
@@ -29,6 +30,7 @@ from .conditions import condition, merge_conditions, now_rfc3339
 from .context import Context
 from .fits import fits_condition, fits_event, gpu_nodes, memory_status
 from .server_status import FleetStatus, fleet_status
+from .trust import record_first_use
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,7 @@ async def _reconcile(body: Mapping[str, Any], ctx: Context) -> Outcome:
     service = build_service(server)
     await ctx.kube.apply(service, live=await ctx.kube.get(SERVICES, namespace, service["metadata"]["name"]))
     pods = await ctx.kube.list(PODS, namespace, label_selector=_selector(name))
+    await record_first_use(ctx, {FETCH_CONTAINER: model, FETCH_DRAFT_CONTAINER: draft}, pods)
     fleet = fleet_status(server.spec.replicas, deployment, pods)
     return Outcome(fleet.phase, fleet.message, [model_ok, args_ok, fits], fleet, endpoint=endpoint_url(server),
                    model_name=model_name(server), args=server_args(server, model, draft), memory=memory)

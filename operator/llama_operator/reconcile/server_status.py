@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-FETCH_CONTAINER = "fetch-model"
-SERVER_CONTAINER = "llama-server"
+from ..contract import FETCH_CONTAINER, FETCH_CONTAINERS, SERVER_CONTAINER
+
 _CRASH_REASONS = {"CrashLoopBackOff", "Error", "OOMKilled", "CreateContainerConfigError", "InvalidImageName"}
 _PULL_REASONS = {"ErrImagePull", "ImagePullBackOff"}
 
@@ -69,8 +69,9 @@ def summarize_pod(pod: dict[str, Any]) -> PodSummary:
             return PodSummary("Failed", f"pod {name}: {failure}")
         state = init.get("state") or {}
         if "running" in state:
-            if init.get("name") == FETCH_CONTAINER:
-                return PodSummary("Downloading", f"pod {name}: downloading the model")
+            if init.get("name") in FETCH_CONTAINERS:
+                what = "model" if init.get("name") == FETCH_CONTAINER else "draft model"
+                return PodSummary("Downloading", f"pod {name}: downloading the {what}")
             return PodSummary("Loading", f"pod {name}: running {init.get('name')}")
         if "terminated" not in state:  # waiting to start
             return PodSummary("Downloading", f"pod {name}: waiting for {init.get('name')}")
