@@ -1,4 +1,4 @@
-"""What the old API emulator hid and a real kube-apiserver + kube-controller-manager show: controllers, printer
+"""What only a real kube-apiserver + kube-controller-manager show: controllers, printer
 columns, OpenAPI, the scale subresource, server-side apply ownership, immutable fields, watches surviving an
 API-server restart, and the chart's namespaced RBAC.
 """
