@@ -247,3 +247,47 @@ def test_gemma_with_api_key(sandbox_factory: Any, gemma_gguf: Path) -> None:
         assert reply.choices[0].message.content
         assert sandbox.stop() == 0
         assert tree_processes(str(sandbox.state_dir)) == []
+
+
+def test_second_start_is_warm_and_local_operator(sandbox_factory: Any, tiny_gguf: Path, tmp_path: Path) -> None:
+    """A second start with the same state directory is a fresh cluster whose PVC model cache is still there;
+    `--operator local` runs the operator as a plain process (no webhook: bad input shows in status)."""
+    hub = FakeHub()
+    hub.add("test/tiny-GGUF", "tiny-q8_0.gguf", tiny_gguf)
+    state = tmp_path / "warm-state"
+    model = {"source": {"huggingFace": {"repo": "test/tiny-GGUF", "file": "tiny-q8_0.gguf"}},
+             "cache": {"type": "PersistentVolumeClaim", "size": "1Gi"}}
+    with hub.running():
+        first = sandbox_factory(env={"LLAMA_OPERATOR_HF_ENDPOINT": hub.url}, state_dir=state)
+        _create(first, "llamamodels", "tiny", model)
+        _create(first, "llamaservers", "chat", {"modelRef": {"name": "tiny"}, "contextSize": 256})
+        _wait_phase(first, "llamaservers", "chat", "Ready")
+        (pod,) = _pods(first, "chat")
+        assert "Verified tiny-q8_0.gguf" in first.kubectl("logs", pod.metadata.name, "-c", "fetch-model").stdout
+        (claim_name,) = [v.persistent_volume_claim.claim_name for v in pod.spec.volumes if v.persistent_volume_claim]
+        claim = first.core.read_namespaced_persistent_volume_claim(claim_name, NS)
+        assert claim.status.phase == "Bound" and claim.spec.storage_class_name == "sandbox-local"
+        volume = first.core.read_persistent_volume(claim.spec.volume_name)
+        assert volume.spec.host_path.path == str(state / "pvc" / NS / claim.metadata.name)
+        assert first.stop() == 0
+        assert tree_processes(str(state)) == []
+
+        second = sandbox_factory(env={"LLAMA_OPERATOR_HF_ENDPOINT": hub.url}, state_dir=state,
+                                 args=("--operator", "local"))
+        assert _pods(second, "chat") == [] and second.custom.list_namespaced_custom_object(
+            GROUP, VERSION, NS, "llamaservers")["items"] == []  # a fresh cluster
+        assert not second.core.list_namespaced_pod(OPERATOR_NS).items  # no operator pod: a local process
+        started = time.monotonic()
+        _create(second, "llamamodels", "tiny", model)
+        _create(second, "llamaservers", "chat", {"modelRef": {"name": "tiny"}, "contextSize": 256})
+        _wait_phase(second, "llamaservers", "chat", "Ready")
+        print(f"second start, warm PVC cache: apply -> Ready in {time.monotonic() - started:.1f}s")
+        (pod,) = _pods(second, "chat")
+        assert "Cache hit" in second.kubectl("logs", pod.metadata.name, "-c", "fetch-model").stdout
+        _create(second, "llamaservers", "bad", {"modelRef": {"name": "tiny"}, "args": ["--no-such-flag", "1"]})
+        bad = _wait_phase(second, "llamaservers", "bad", "Failed", timeout=30)
+        assert "--no-such-flag" in bad["message"]
+        assert (state / "operator.log").exists()
+        assert second.stop() == 0
+        assert tree_processes(str(state)) == []
+        assert not (state / "network.json").exists()  # its bridge and network namespaces are gone

@@ -181,16 +181,17 @@ class Sandbox:
             target = self.state_dir / stale
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
         network = self.network = PodNetwork(self.state_dir)
-        await asyncio.to_thread(network.setup)
         local = self.operator_mode == "local"
-        cluster = ControlPlane(
-            self.state_dir / "cluster", binaries, controllers=True, scheduler=True,
-            crds=all_crds() if local else [], apiserver_port=self.api_port, serving_ips=[network.node_ip],
-            extra_apiserver_args=["--enable-aggregator-routing=true"])
+        cluster: ControlPlane | None = None
         host_services: list[Any] = []
         kubelet: Kubelet | None = None
         kubeconfig = self.state_dir / "kubeconfig"
         try:
+            await asyncio.to_thread(network.setup)
+            cluster = ControlPlane(
+                self.state_dir / "cluster", binaries, controllers=True, scheduler=True,
+                crds=all_crds() if local else [], apiserver_port=self.api_port, serving_ips=[network.node_ip],
+                extra_apiserver_args=["--enable-aggregator-routing=true"])
             await asyncio.to_thread(cluster.start)
             say(f"API server: {cluster.server} (etcd, kube-apiserver, kube-controller-manager, kube-scheduler; "
                 f"logs in {cluster.logs})")
@@ -265,7 +266,8 @@ class Sandbox:
             for service in host_services:
                 with contextlib.suppress(Exception):
                     await service.close()
-            await asyncio.to_thread(cluster.stop)
+            if cluster is not None:
+                await asyncio.to_thread(cluster.stop)
             await asyncio.to_thread(network.teardown)
             kubeconfig.unlink(missing_ok=True)
         say("Sandbox stopped")
