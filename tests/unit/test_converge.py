@@ -107,25 +107,22 @@ class Clock:
 
 @pytest.fixture
 def resolver(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Counts the network resolutions; the next outcome is whatever the test puts into `outcomes`."""
+    """[calls, outcomes]: every network resolution is appended to calls; the next one raises outcomes[0] if any."""
     from llama_operator import sources
     from llama_operator.api.v1alpha1 import ModelFile
 
     calls: list[Any] = []
+    outcomes: list[BaseException] = []
 
     async def resolve(spec: Any, **_: Any) -> sources.ResolvedModel:
         calls.append(spec)
-        outcome = calls_outcomes.pop(0) if calls_outcomes else None
-        if isinstance(outcome, BaseException):
-            raise outcome
+        if outcomes:
+            raise outcomes.pop(0)
         return sources.ResolvedModel([ModelFile(name="m.gguf", url="https://h/m.gguf", size=100)], 100, None,
                                      None, sources.cache_key(spec, None))
 
-    calls_outcomes: list[Any] = []
     monkeypatch.setattr(sources, "resolve", resolve)
-    calls.append  # noqa: B018 - the list is the fixture's handle
-    resolver_state = [calls, calls_outcomes]
-    return resolver_state
+    return [calls, outcomes]
 
 
 async def _model_reconcile(kube: FakeKube, ctx: Context) -> None:
@@ -192,9 +189,31 @@ async def test_an_unreachable_source_is_resolved_again_on_the_retry(resolver: li
     assert kube.objects[("llamamodels", "default", "qwen")]["status"]["phase"] == "Ready"
 
 
-def test_own_cache_pvc_writes_do_not_wake_the_model_reconcile() -> None:
-    import inspect
+async def test_own_cache_pvc_writes_do_not_wake_the_model_reconcile(resolver: list[Any]) -> None:
+    import kopf
 
     from llama_operator import handlers
 
-    assert "is_own_write" in inspect.getsource(handlers.cache_pvc_event)
+    kube = FakeKube()
+    kube.put(LLAMA_MODELS, model_body("qwen", spec=PVC_MODEL))
+    runtime = handlers.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()))
+    memo = kopf.Memo(runtime=runtime)
+    try:
+        await runtime.reconcile_model("default", "qwen")
+        pvc = kube.objects[("persistentvolumeclaims", "default", "qwen-cache")]
+        kube.calls.clear()
+        labels = pvc["metadata"]["labels"]
+        # the watch echo of our own apply: nothing at all happens
+        await handlers.cache_pvc_event(type="ADDED", name="qwen-cache", namespace="default", labels=labels,
+                                       meta=pvc["metadata"], memo=memo)
+        assert kube.calls == []
+        # someone else changed it (the PV controller binding it): one reconcile, reads only, no resolution
+        kube.edit("persistentvolumeclaims", "qwen-cache", lambda p: p.setdefault("status", {}).update(
+            phase="Bound"), spec=False)
+        pvc = kube.objects[("persistentvolumeclaims", "default", "qwen-cache")]
+        await handlers.cache_pvc_event(type="MODIFIED", name="qwen-cache", namespace="default", labels=labels,
+                                       meta=pvc["metadata"], memo=memo)
+        assert kube.count("get", "llamamodels") == 1 and kube.count("apply") == 0
+        assert len(resolver[0]) == 1  # resolved once, at the start
+    finally:
+        runtime.close()
