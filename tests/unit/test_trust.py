@@ -207,3 +207,19 @@ async def test_the_model_keeps_its_record_and_repairs_its_configmap(monkeypatch:
     kube.edit("llamamodels", "qwen", lambda m: m["spec"]["source"]["http"].update(url="https://h/other.gguf"))
     await reconcile_model(kube.objects[("llamamodels", "default", "qwen")], ctx)  # another source: start over
     assert "trustOnFirstUse" not in kube.objects[("llamamodels", "default", "qwen")]["status"]
+
+
+async def test_a_refused_record_does_not_hold_up_the_server_status() -> None:
+    from llama_operator.kube import Forbidden
+
+    kube, events = FakeKube(), Events()
+    kube.put(LLAMA_MODELS, model_body("qwen", spec=URL_SPEC, status=READY))
+    kube.put(LLAMA_SERVERS, server_body())
+    kube.put(PODS, _pod("chat-1", contract.verified_message("m-0123456789ab", {"m.gguf": "f" * 64})))
+    kube.fail("apply", "qwen-sha256", lambda: Forbidden("forbidden", status=403,
+                                                        permission="create configmaps in namespace default"))
+    ctx = Context(kube=kube, settings=Settings(), record_event=events)
+    await reconcile_server(kube.objects[("llamaservers", "default", "chat")], ctx)
+    assert kube.objects[("llamaservers", "default", "chat")]["status"]["phase"] == "Pending"
+    warning = next(e for e in events if e[0] == "qwen" and e[1] == "Warning")
+    assert warning[2] == "Forbidden" and "create configmaps in namespace default" in warning[3]

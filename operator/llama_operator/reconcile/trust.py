@@ -18,6 +18,7 @@ from typing import Any
 from ..api.v1alpha1 import FileChecksum, LlamaModel, TrustOnFirstUse
 from ..builders.trust import build_trust_configmap, needs_trust
 from ..contract import parse_verified
+from ..errors import KubeError, describe, reason
 from ..kube import CONFIG_MAPS, LLAMA_MODELS
 from ..sources import source_identity
 from .conditions import now_rfc3339
@@ -62,7 +63,15 @@ async def record_first_use(
                     recorded_time=now_rfc3339(),
                     recorded_from=pod,
                 )
-                await _record(ctx, model, record)
+                try:
+                    await _record(ctx, model, record)
+                except KubeError as exc:
+                    # A side job of the server reconcile: the server's own status must not wait for it. The pod
+                    # keeps its report, so the next reconcile (event, retry, resync) records it.
+                    message = f"could not record the first verified download: {describe(exc)}"
+                    log.warning("LlamaModel %s/%s: %s", model.metadata.namespace, model.metadata.name, message)
+                    ctx.record_event(model.to_wire(), type="Warning", reason=reason(exc), message=message)
+                    return
                 continue
             recorded = {file.name: file.sha256 for file in record.files}
             differ = sorted(name for name, sha in sums.items() if recorded.get(name) not in (None, sha))
