@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-DRY_RUN_CONTAINER = "validate-args"
+from ..contract import DRY_RUN_CONTAINER
+
 LLAMA_SERVER_PATH = "/app/llama-server"
 # Both spellings: if the image's llama.cpp treats the last user flag as taking a value, it swallows the
 # first and the second still ends the parse (instead of starting a server inside an init container).
