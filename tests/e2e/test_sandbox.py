@@ -141,17 +141,17 @@ def test_tiny_model_lifecycle(sandbox_factory: Any, tiny_gguf: Path) -> None:
         # the OpenAI API through the Service's local port
         client = openai.OpenAI(base_url=sandbox.url("default/chat") + "/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny"]
-        pod_name = pods[0].metadata.name
+        # the client keeps one connection, which the Service port sends to one of the pods: follow both
         follow = subprocess.Popen([sandbox.kubectl_bin, "--kubeconfig", str(sandbox.kubeconfig), "logs", "-f",
-                                   pod_name, "-c", "llama-server", "--tail", "1"],
+                                   "-l", "llamacpp.dev/server=chat", "-c", "llama-server", "--tail", "1", "--prefix"],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         followed: list[str] = []
         threading.Thread(target=lambda: followed.extend(follow.stdout or []), daemon=True).start()
         try:
-            wait_for(lambda: followed, timeout=30, message="the last line from kubectl logs -f --tail 1")
-            for _ in range(4):  # round-robin over two pods: each gets some
+            wait_for(lambda: len(followed) >= 2, timeout=30, message="each pod's last line from kubectl logs -f")
+            for _ in range(4):
                 assert isinstance(_chat(client, "tiny"), str)
-            wait_for(lambda: any("launch_slot_" in line for line in followed[1:]), timeout=15,
+            wait_for(lambda: any("launch_slot_" in line for line in followed[2:]), timeout=15,
                      message="kubectl logs -f streaming the requests' log lines")
         finally:
             follow.terminate()
