@@ -284,6 +284,13 @@ def test_second_start_is_warm_and_local_operator(sandbox_factory: Any, tiny_gguf
         print(f"second start, warm PVC cache: apply -> Ready in {time.monotonic() - started:.1f}s")
         (pod,) = _pods(second, "chat")
         assert "Cache hit" in second.kubectl("logs", pod.metadata.name, "-c", "fetch-model").stdout
+        # a GPU server schedules on the node's advertised nvidia.com/gpu (and runs the CPU llama-server)
+        _create(second, "llamaservers", "gpu", {"modelRef": {"name": "tiny"}, "contextSize": 256,
+                                                "gpu": {"vendor": "nvidia", "count": 1}})
+        _wait_phase(second, "llamaservers", "gpu", "Ready", timeout=120)
+        (gpu_pod,) = _pods(second, "gpu")
+        assert gpu_pod.spec.containers[0].resources.limits["nvidia.com/gpu"] == "1"
+        assert second.core.read_node("sandbox").status.allocatable["nvidia.com/gpu"] == "8"
         _create(second, "llamaservers", "bad", {"modelRef": {"name": "tiny"}, "args": ["--no-such-flag", "1"]})
         bad = _wait_phase(second, "llamaservers", "bad", "Failed", timeout=30)
         assert "--no-such-flag" in bad["message"]

@@ -71,6 +71,7 @@ def test_walkthrough_runs(tmp_path: Path, gemma_gguf: Path, sandbox_env: dict[st
     assert re.search(r"NAME +MODEL +PHASE +READY", output)  # kubectl get llama: the printer columns
     assert re.search(r"gemma3-270m-\S+ +IPv4 +8080 +10\.250\.", output)  # a real pod IP in the EndpointSlice
     assert "main: server is listening" in output or "srv " in output  # kubectl logs of llama-server
+    assert "Events:" in output  # kubectl describe
     assert "KIND:       LlamaServer" in output and "contextSize" in output  # kubectl explain
     assert 'admission webhook "validate-llamaserver.llamacpp.dev" denied the request' in output
     assert "--top-kk" in output

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import ctypes
 import datetime
 import json
 import logging
@@ -48,7 +47,7 @@ import aiohttp
 
 from .client import Api, ApiError, resource_path
 from .images import ImageError, ImageTable, LocalImage, PathMap
-from .network import PodAddress, PodNetwork, enter_pod, under_run
+from .network import LIBC, PodAddress, PodNetwork, enter_pod, under_run
 
 log = logging.getLogger("llama_operator.sandbox")
 
@@ -74,7 +73,7 @@ def _die_with_parent() -> None:
     """Runs in the child before exec: SIGKILL it when the sandbox dies, however it dies."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 async def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_path: Path,

@@ -185,8 +185,8 @@ class PodNetwork:
             self._free.append(pod.ip)
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
+# Loaded once in the parent: a forked child (with other threads in the parent) must not dlopen anything.
+LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def _check(result: int, what: str) -> None:
@@ -198,7 +198,7 @@ def _check(result: int, what: str) -> None:
 def enter_pod(netns: str, run_mounts: Mapping[str, str]) -> None:
     """In a freshly forked child, before exec: join the pod's network namespace, then a private mount
     namespace with a tmpfs on /run and `run_mounts` (container path under /run → host path) bind-mounted."""
-    libc = _libc()
+    libc = LIBC
     fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
     _check(libc.setns(fd, _CLONE_NEWNET), "setns")
     os.close(fd)
