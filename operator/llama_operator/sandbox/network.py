@@ -145,10 +145,12 @@ class PodNetwork:
         self.record.unlink(missing_ok=True)
 
     def teardown(self) -> None:
-        for pod in list(self._pods.values()):
-            _ip("netns", "delete", pod.netns, check=False)
         self._pods.clear()
         if self.index >= 0:
+            # Every namespace of this bridge, also one whose pod was stopped while it was being set up.
+            for name in _ip("netns", "list", check=False).stdout.split():
+                if name.startswith(f"{self.bridge}-"):
+                    _ip("netns", "delete", name, check=False)
             _ip("link", "delete", self.bridge, check=False)
         self.record.unlink(missing_ok=True)
 
