@@ -129,6 +129,14 @@ def sandbox_requirements() -> dict[str, str]:
     """The environment a sandbox needs, or pytest.skip with the reason (a failure under `make test`)."""
     if os.geteuid() != 0:
         pytest.skip("the sandbox needs root (a network namespace per pod)")
+    probe = f"lsbx-probe-{os.getpid()}"
+    try:
+        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        pytest.skip("the sandbox needs the `ip` command (iproute2)")
+    subprocess.run(["ip", "netns", "delete", probe], capture_output=True, timeout=30)
+    if made.returncode != 0:
+        pytest.skip(f"this machine cannot make network namespaces (the sandbox's pods need them): {made.stderr}")
     try:
         binaries = find_binaries()
     except BinariesMissing as exc:

@@ -29,6 +29,7 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -111,6 +112,8 @@ class PodNetwork:
                                "(run it with sudo -E, or as root in a VM/container with CAP_NET_ADMIN)")
         if not Path("/proc/self/ns/net").exists():
             raise NetworkError("this kernel has no network namespaces")
+        if shutil.which("ip") is None:
+            raise NetworkError("the sandbox needs the `ip` command (iproute2: apt-get install iproute2)")
         self._cleanup_recorded()
         used = _used_networks()
         for index, subnet in enumerate(SUPERNET.subnets(new_prefix=24)):
