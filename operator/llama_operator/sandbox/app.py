@@ -224,8 +224,7 @@ class Sandbox:
                 await provisioner.install()
                 proxies = ServiceProxies(admin, port_base=self.service_port_base, quiet_namespaces=(NAMESPACE,),
                                          on_service=self._on_service)
-                servers = Informer(admin, "llamacpp.dev/v1alpha1", "llamaservers", lambda: None)
-                servers._on_change = lambda: self._on_servers(servers)
+                servers = Informer(admin, "llamacpp.dev/v1alpha1", "llamaservers", lambda: self._on_servers(servers))
                 self._tasks = [asyncio.create_task(kubelet.run(), name="kubelet"),
                                asyncio.create_task(provisioner.run(), name="provisioner"),
                                asyncio.create_task(proxies.run(), name="service proxies")]

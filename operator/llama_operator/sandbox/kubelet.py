@@ -37,7 +37,6 @@ import re
 import signal
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -863,7 +862,3 @@ class PodRuntime:
                     self._dirty.set()
                     await asyncio.sleep(1)
             await asyncio.sleep(0.05)  # coalesce bursts of changes into one write
-
-
-def event_name(pod_name: str) -> str:
-    return f"{pod_name}.{uuid.uuid4().hex[:16]}"

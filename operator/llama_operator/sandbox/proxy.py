@@ -1,4 +1,4 @@
-"""The sandbox's kube-proxy: one local TCP listener per Service port, round-robin over the ready pods."""
+"""The sandbox's kube-proxy: one local TCP listener per Service port, round-robin over the ready endpoints."""
 
 from __future__ import annotations
 
@@ -7,21 +7,12 @@ import contextlib
 import itertools
 import logging
 
+from .network import splice
+
 log = logging.getLogger("llama_operator.sandbox")
 
 HOST = "127.0.0.1"
 PORT_SEARCH = 200
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (ConnectionError, OSError):
-        pass
 
 
 class ServiceProxy:
@@ -72,11 +63,7 @@ class ServiceProxy:
                     continue
             if upstream is None:
                 return
-            up_reader, up_writer = upstream
-            try:
-                await asyncio.gather(_pipe(client_reader, up_writer), _pipe(up_reader, client_writer))
-            finally:
-                up_writer.close()
+            await splice((client_reader, client_writer), upstream)
         finally:
             client_writer.close()
             self._connections.discard(task)
