@@ -32,7 +32,7 @@ def server_spec_problems(spec: dict[str, Any], *, namespace: str | None) -> list
     except ValidationError as exc:
         return describe(exc, prefix="spec")
     # Without a namespace in the request (never the case for namespaced kinds) references are not compared.
-    return spec_problems(parsed, namespace or parsed.model_ref.namespace or "")
+    return spec_problems(parsed, namespace or (parsed.model_ref.namespace if parsed.model_ref else None) or "")
 
 
 def model_spec_problems(spec: dict[str, Any]) -> list[str]:

@@ -52,6 +52,8 @@ class Settings:
     model_resync_seconds: float = 3600.0
     """Interval at which every LlamaModel's source is resolved again (a moved `revision: main` rolls servers
     only when its sha256 changes)."""
+    model_status_seconds: float = 10.0
+    """Interval at which router-mode servers' pods are asked which models they have loaded (status.models)."""
     metrics_port: int | None = 8000
     """Port of the Prometheus /metrics endpoint; None disables it."""
     webhook_port: int | None = None
@@ -91,6 +93,7 @@ class Settings:
             )
         resync = _seconds(env, "LLAMA_OPERATOR_RESYNC_SECONDS", 300)
         model_resync = _seconds(env, "LLAMA_OPERATOR_MODEL_RESYNC_SECONDS", 3600)
+        model_status = _seconds(env, "LLAMA_OPERATOR_MODEL_STATUS_SECONDS", 10)
         from_estimate = env.get("LLAMA_OPERATOR_MEMORY_REQUEST_FROM_ESTIMATE", "true").strip().lower()
         if from_estimate not in ("true", "false"):
             raise SettingsError(
@@ -111,6 +114,7 @@ class Settings:
             log_format=log_format,  # type: ignore[arg-type]
             resync_seconds=resync,
             model_resync_seconds=model_resync,
+            model_status_seconds=model_status,
             memory_request_from_estimate=from_estimate == "true",
             memory_request_headroom_percent=headroom,
         )

@@ -18,8 +18,32 @@ FETCH_DRAFT_CONTAINER = "fetch-draft-model"
 """Init container that downloads the speculative draft model."""
 DRY_RUN_CONTAINER = "validate-args"
 """Init container that parses the arguments with a user-supplied image (`llama-server <args> -h`)."""
+FETCH_MMPROJ_CONTAINER = "fetch-mmproj"
+"""Init container that downloads the served model's multimodal projector (LlamaModel spec.mmproj)."""
 SERVER_CONTAINER = "llama-server"
-FETCH_CONTAINERS = (FETCH_CONTAINER, FETCH_DRAFT_CONTAINER)
+FETCH_CONTAINERS = (FETCH_CONTAINER, FETCH_DRAFT_CONTAINER, FETCH_MMPROJ_CONTAINER)
+_ROUTER_FETCH = re.compile(r"^(fetch-model|fetch-mmproj)-(\d+)$")
+
+
+def router_fetch_container(index: int, *, mmproj: bool = False) -> str:
+    """The fetcher of the index-th LlamaModel of a router-mode server (spec.models, distinct models in order)."""
+    return f"{FETCH_MMPROJ_CONTAINER if mmproj else FETCH_CONTAINER}-{index}"
+
+
+def is_fetch_container(name: str) -> bool:
+    return name in FETCH_CONTAINERS or _ROUTER_FETCH.match(name) is not None
+
+
+def fetch_subject(name: str, cache_key: str | None = None) -> str:
+    """What a fetch container downloads, for messages: `the model`, `the multimodal projector of <key>` ..."""
+    if name == FETCH_DRAFT_CONTAINER:
+        return "the draft model"
+    router = _ROUTER_FETCH.match(name)
+    what = "the multimodal projector" if name.startswith(FETCH_MMPROJ_CONTAINER) else "the model"
+    if router is None:
+        return what
+    which = cache_key or f"#{int(router.group(2)) + 1}"
+    return f"the multimodal projector of model {which}" if what != "the model" else f"model {which}"
 
 # ---------------------------------------------------------------------------------------------- volumes, paths
 

@@ -221,8 +221,9 @@ async def model_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) ->
 
 @kopf.index(GROUP, VERSION, "llamaservers")
 def servers_by_model(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
-    """Which servers use which model (served or speculative draft)."""
+    """Which servers use which model (served, speculative draft, or one of spec.models)."""
     refs = [spec.get("modelRef") or {}, (spec.get("speculative") or {}).get("draftModelRef") or {}]
+    refs += [entry.get("modelRef") or {} for entry in spec.get("models") or [] if isinstance(entry, dict)]
     return {(namespace, str(ref["name"])): name for ref in refs if isinstance(ref, dict) and ref.get("name")}
 
 

@@ -17,7 +17,9 @@ from .api.errors import describe
 from .api.v1alpha1 import API_VERSION, LlamaModel, LlamaServer
 from .builders import build_cache_pvc, build_deployment, build_service
 from .builders.deployment import model_problems
+from .builders.router import build_preset_configmap, build_router_deployment
 from .config import Settings
+from .errors import InvalidSpec
 from .reconcile.model import offline_status
 from .reconcile.server import spec_problems
 
@@ -88,6 +90,17 @@ def render(paths: Iterable[str], settings: Settings, *, default_namespace: str =
         problems = spec_problems(server.spec, server.metadata.namespace)
         if problems:
             raise RenderError(f"{where}: {problems[0]}")
+        if server.spec.models is not None:
+            found = {entry.model_ref.name: _find_model(models, server, f"spec.models[{index}].modelRef",
+                                                       entry.model_ref.name, where)
+                     for index, entry in enumerate(server.spec.models)}
+            try:
+                objects += [build_preset_configmap(server, found, settings),
+                            build_router_deployment(server, found, settings), build_service(server)]
+            except InvalidSpec as exc:
+                raise RenderError(f"{where}: {exc}") from None
+            continue
+        assert server.spec.model_ref is not None
         model = _find_model(models, server, "spec.modelRef", server.spec.model_ref.name, where)
         draft = None
         if server.spec.speculative is not None:

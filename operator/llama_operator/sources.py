@@ -22,7 +22,7 @@ import re
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
@@ -84,6 +84,8 @@ class ResolvedModel:
     gguf: GgufInfo | None
     """Header metadata; None for volume sources (the operator never mounts user volumes)."""
     cache_key: str
+    mmproj: ModelFile | None = None
+    """The multimodal projector (spec.mmproj): name in the cache directory, URL, size, sha256."""
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
@@ -238,7 +240,11 @@ async def resolve(
         names = shard_names(source.volume.path)
         files = [ModelFile(name=name.rsplit("/", 1)[-1]) for name in names]
         files[0] = files[0].model_copy(update={"sha256": spec.sha256})
-        return ResolvedModel(files, None, spec.sha256, None, cache_key(spec, spec.sha256))
+        mmproj = None
+        if spec.mmproj is not None:
+            _check_mmproj_name(spec, files)
+            mmproj = ModelFile(name=spec.mmproj.file_name, sha256=spec.mmproj.sha256)
+        return ResolvedModel(files, None, spec.sha256, None, cache_key(spec, spec.sha256), mmproj)
 
     own_client = client is None
     if client is None:
@@ -306,10 +312,67 @@ async def _resolve_remote(
     ]
     sizes = [r.size for r in remotes]
     total = sum(s for s in sizes if s is not None) if all(s is not None for s in sizes) else None
+    mmproj = None
+    if spec.mmproj is not None:
+        _check_mmproj_name(spec, files)
+        mmproj = await _resolve_mmproj(spec, settings, client, request_headers, token_given=token_given)
     return ResolvedModel(
         files=files,
         size=total,
         sha256=sha256,
         gguf=first_header.info(tensors=tensors),
         cache_key=cache_key(spec, sha256),
+        mmproj=mmproj,
     )
+
+
+MMPROJ_ARCHITECTURE = "clip"
+"""general.architecture of every multimodal projector llama.cpp's mtmd loads (vision and audio encoders)."""
+
+
+def mmproj_url(spec: LlamaModelSpec, hf_endpoint: str) -> str | None:
+    """Where a downloaded model's projector is fetched from (None for volume sources)."""
+    assert spec.mmproj is not None
+    source = spec.source
+    if source.hugging_face is not None:
+        hf = source.hugging_face
+        return hf_resolve_url(hf_endpoint, hf.repo, hf.revision, spec.mmproj.file)
+    if source.http is not None:
+        return urljoin(source.http.url, spec.mmproj.file)
+    return None
+
+
+def _check_mmproj_name(spec: LlamaModelSpec, files: list[ModelFile]) -> None:
+    assert spec.mmproj is not None
+    if spec.mmproj.file_name in {file.name for file in files}:
+        raise SourceError(f"spec.mmproj.file: {spec.mmproj.file_name} is a file of the model itself; name the "
+                          "projector file")
+
+
+async def _resolve_mmproj(
+    spec: LlamaModelSpec, settings: Settings, client: httpx.AsyncClient, headers: Mapping[str, str], *,
+    token_given: bool,
+) -> ModelFile:
+    """Size and sha256 of the projector, and a look at its header: a GGUF of architecture clip."""
+    assert spec.mmproj is not None
+    url = mmproj_url(spec, settings.huggingface_endpoint)
+    assert url is not None
+    name = spec.mmproj.file_name
+    if spec.source.hugging_face is not None:
+        hf = spec.source.hugging_face
+        remote = await _head_hf(client, url, f"{hf.repo}@{hf.revision}/{spec.mmproj.file}", headers,
+                                token_given=token_given)
+    else:
+        remote = await _head_http(client, url, name, headers)
+    if spec.mmproj.sha256 and remote.sha256 and spec.mmproj.sha256 != remote.sha256:
+        raise ChecksumMismatch(f"{remote.name}: spec.mmproj.sha256 is {spec.mmproj.sha256} but the source "
+                               f"publishes {remote.sha256}")
+    sha256 = spec.mmproj.sha256 or remote.sha256
+    if sha256 is None:
+        raise SourceError(f"{remote.name}: the source publishes no sha256 for the projector; set spec.mmproj.sha256 "
+                          "(a projector is verified like the weights, and is never trusted on first use)")
+    header = await _read_gguf(client, remote, headers, token_given=token_given)
+    if header.architecture != MMPROJ_ARCHITECTURE:
+        raise NotAGguf(f"{remote.name}: general.architecture is {header.architecture!r}, not a multimodal "
+                       f"projector ({MMPROJ_ARCHITECTURE!r}); spec.mmproj names the mmproj GGUF of the model")
+    return ModelFile(name=name, url=remote.url, size=remote.size, sha256=sha256)

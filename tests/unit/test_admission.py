@@ -145,7 +145,7 @@ async def test_each_bad_server_is_refused_with_its_message(webhook, title, field
         ({"modelRef": {"name": "m"}, "contextSize": "4k"}, "spec.contextSize: Input should be a valid integer"),
         ({"modelRef": {"name": "m"}, "flashAttention": "true"}, "spec.flashAttention: Input should be 'auto'"),
         ({"modelRef": {"name": "m", "namespace": "other"}}, "spec.modelRef.namespace: must be omitted or 'default'"),
-        ({}, "spec.modelRef: Field required"),
+        ({}, "spec: exactly one of modelRef, models must be set (got none)"),
     ],
 )
 async def test_schema_errors_are_refused(webhook, spec, message):

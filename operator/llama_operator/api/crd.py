@@ -163,6 +163,8 @@ def llamaserver_crd() -> dict[str, Any]:
             {"name": "Model", "type": "string", "jsonPath": ".spec.modelRef.name"},
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
             {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
+            {"name": "Loaded", "type": "string", "jsonPath": ".status.modelsLoaded",
+             "description": "With spec.models: models loaded/total."},
             {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
             {"name": "Memory", "type": "string", "jsonPath": ".status.memory.host", "priority": 1,
              "description": "Estimated host memory per replica (docs/memory-fit.md)."},

@@ -7,6 +7,7 @@ checks and the builders all derive from them.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -192,6 +193,29 @@ class CacheSpec(ApiModel):
     )
 
 
+class MmprojSpec(ApiModel):
+    """A multimodal projector (mmproj) GGUF next to the weights: llama-server gets `--mmproj` and accepts images
+    (or audio) in chat messages. Fetched and verified like the weights, into the same cache directory."""
+
+    file: str = Field(
+        min_length=6, max_length=1024,
+        description="huggingFace: path of the projector in the same repository and revision; volume: path in the "
+        "same PVC; http: a URL relative to the model's URL (a bare file name is the same directory) or a whole "
+        "http(s) URL.",
+        json_schema_extra=cel_schema(GGUF_FILE_RULES))
+    sha256: str | None = Field(
+        None, pattern=SHA256_HEX,
+        description="Expected sha256, lowercase hex. Optional where the source publishes it (Hugging Face LFS); "
+        "a downloaded projector whose sha256 nobody publishes or pins is refused.")
+
+    _file = field_validator("file")(classmethod(lambda cls, v: check_value(GGUF_FILE_RULES, v)))
+
+    @property
+    def file_name(self) -> str:
+        """Base name of the projector file (in the cache directory or the volume)."""
+        return self.file.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+
+
 class LlamaModelSpec(ApiModel):
     """A GGUF model: where it comes from, its checksum, how it is cached."""
 
@@ -203,6 +227,8 @@ class LlamaModelSpec(ApiModel):
         "LFS files and that is used when absent.",
     )
     cache: CacheSpec = Field(default_factory=CacheSpec, description="How downloaded files are cached.")
+    mmproj: MmprojSpec | None = Field(
+        None, description="A multimodal projector file for vision models (llama-server --mmproj).")
 
 
 class ModelFile(ApiModel):
@@ -297,6 +323,7 @@ class LlamaModelStatus(ApiModel):
     sha256: str | None = Field(None, description="sha256 of the (first) file.")
     cache_key: str | None = Field(None, description="Directory of this model inside the cache volume.")
     gguf: GgufInfo | None = Field(None, description="GGUF header metadata.")
+    mmproj: ModelFile | None = Field(None, description="The resolved multimodal projector file (spec.mmproj).")
     last_resolved_time: str | None = Field(
         None, description="When the source was last inspected (RFC 3339); it is inspected again when the spec "
         "changes or LLAMA_OPERATOR_MODEL_RESYNC_SECONDS later.")
@@ -491,12 +518,128 @@ SERVER_RULES = (
 )
 
 
+MODELS_MAX_ITEMS = 32
+"""Most models one router-mode LlamaServer serves (CEL rules compare every pair: keep it small)."""
+SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+"""A model name in router mode: a preset section name that llama-server keeps as written (no `:` tag, no `]`)."""
+_SERVED_NAME_CEL = "(has({m}.alias) ? {m}.alias : {m}.modelRef.name)"
+
+
+def _served(model: ServedModel) -> str:
+    return model.served_name
+
+
+def _per_model(rule: Rule) -> Rule:
+    """A LlamaServer cross-field rule on one entry of spec.models, its message naming the model."""
+    return Rule(rule.id, rule.cel, rule.holds, "model {model}: " + rule.message, field=rule.field,
+                values={**rule.values, "model": (_SERVED_NAME_CEL.format(m="self"), _served)})
+
+
+# Entries of spec.models carry the same typed settings as a single-model server: the same rules hold for each.
+SERVED_MODEL_RULES = tuple(_per_model(rule) for rule in SERVER_RULES if rule.id in (
+    "kv-quant-needs-flash-attention", "batch-below-parallel", "ubatch-above-batch", "pooling-mode-ubatch"))
+
+
+class ServedModel(ApiModel):
+    """One LlamaModel of a multi-model LlamaServer (llama-server router mode), with its own settings."""
+
+    model_config = {**ApiModel.model_config, "json_schema_extra": cel_schema(SERVED_MODEL_RULES)}
+
+    model_ref: ModelRef = Field(description="The LlamaModel (same namespace).")
+    alias: str | None = Field(
+        None, min_length=1, max_length=128, pattern=SERVED_NAME_PATTERN,
+        description="Name of the model in /v1/models and in requests' `model` (default: the LlamaModel name); "
+        "letters, digits, '.', '_' and '-'.")
+    load_on_startup: bool = Field(
+        False, description="Load the model when the server starts instead of on its first request.")
+    idle_unload_seconds: int | None = Field(
+        None, ge=1, le=2147483647,
+        description="--sleep-idle-seconds of this model: after this many seconds without requests its weights "
+        "and KV cache are freed (status Sleeping) and the next request loads them again. A sleeping model "
+        "still counts toward maxLoaded. Default: never.")
+    context_size: int | None = Field(
+        None, ge=0, le=16777216, description="--ctx-size: total context in tokens shared by all slots (0 = model's).")
+    parallel: int | None = Field(None, ge=1, le=256, description="--parallel: concurrent request slots.")
+    flash_attention: Literal["auto", "on", "off"] | None = Field(None, description="--flash-attn: auto, on or off.")
+    cache_type_k: KvCacheType | None = Field(None, description="--cache-type-k: KV cache type for K.")
+    cache_type_v: KvCacheType | None = Field(
+        None, description="--cache-type-v: KV cache type for V (quantized types need flash attention).")
+    batch_size: int | None = Field(None, ge=1, le=1048576, description="--batch-size: logical batch size.")
+    ubatch_size: int | None = Field(None, ge=1, le=1048576, description="--ubatch-size: physical batch size.")
+    gpu_layers: GpuLayers | None = Field(
+        None, description="--n-gpu-layers: a number, auto or all (default all when gpu is set).")
+    mode: Literal["chat", "embedding", "rerank"] = Field(
+        "chat", description="chat (completions), embedding (--embedding) or rerank (--reranking).")
+    chat_template: str | None = Field(
+        None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="--chat-template: a built-in template name, e.g. chatml or llama3.")
+    load_mode: LoadMode | None = Field(
+        None, description="--load-mode: auto, none, mmap, mlock, mmap+mlock or dio.")
+
+    @property
+    def served_name(self) -> str:
+        """What /v1/models lists and requests name."""
+        return self.alias or self.model_ref.name
+
+
+PER_MODEL_FIELDS = ("contextSize", "parallel", "flashAttention", "cacheTypeK", "cacheTypeV", "batchSize",
+                    "ubatchSize", "gpuLayers", "chatTemplate", "loadMode", "alias", "speculative")
+"""Typed settings that belong to each model in router mode: with spec.models they are set per entry."""
+
+_MODEL_GIVEN = " && ".join(f"!has(self.{k})" for k in ("modelRef", "models")) + " ? 'none' : 'modelRef, models'"
+_DUPLICATE = ("self.models.filter(m, self.models.filter(o, {o} == {m}).size() > 1).map(m, {m})[0]"
+              .format(o=_SERVED_NAME_CEL.format(m="o"), m=_SERVED_NAME_CEL.format(m="m")))
+
+
+def _duplicate_name(spec: LlamaServerSpec) -> str | None:
+    names = [m.served_name for m in spec.models or []]
+    return next((name for name in names if names.count(name) > 1), None)
+
+
+def _unset_with_models(field: str) -> Callable[[LlamaServerSpec], bool]:
+    attribute = snake(field)
+    return lambda s: s.models is None or getattr(s, attribute) is None
+
+
+ROUTER_RULES = (
+    Rule("one-model-source", "has(self.modelRef) != has(self.models)",
+         lambda s: (s.model_ref is None) != (s.models is None),
+         "exactly one of modelRef, models must be set (got {given})",
+         values={"given": (_MODEL_GIVEN, lambda s: "none" if s.model_ref is None else "modelRef, models")}),
+    *(Rule("per-model-setting", f"!has(self.models) || !has(self.{name})", _unset_with_models(name),
+           f"with spec.models, {name} is set per model: use spec.models[].{name}", field=name)
+      for name in PER_MODEL_FIELDS),
+    Rule("per-model-setting", "!has(self.models) || !has(self.mode) || self.mode == 'chat'",
+         lambda s: s.models is None or s.mode == "chat",
+         "with spec.models, mode is set per model: use spec.models[].mode", field="mode"),
+    Rule("max-loaded-without-models", "!has(self.maxLoaded) || has(self.models)",
+         lambda s: s.max_loaded is None or s.models is not None,
+         "maxLoaded applies to spec.models (router mode) only", field="maxLoaded"),
+    Rule("duplicate-model-name",
+         "!has(self.models) || self.models.all(m, self.models.filter(o, {o} == {m}).size() == 1)".format(
+             o=_SERVED_NAME_CEL.format(m="o"), m=_SERVED_NAME_CEL.format(m="m")),
+         lambda s: _duplicate_name(s) is None,
+         "model name {name} is served twice: give each entry of spec.models its own alias", field="models",
+         values={"name": (_DUPLICATE, _duplicate_name)}),
+)
+"""Rules of multi-model (router mode) servers; in the CRD next to SERVER_RULES."""
+
+
 class LlamaServerSpec(ApiModel):
-    """A llama-server fleet serving one LlamaModel."""
+    """A llama-server fleet serving one LlamaModel (spec.modelRef) or several (spec.models, router mode)."""
 
-    model_config = {**ApiModel.model_config, "json_schema_extra": cel_schema(SERVER_RULES)}
+    model_config = {**ApiModel.model_config, "json_schema_extra": cel_schema(SERVER_RULES + ROUTER_RULES)}
 
-    model_ref: ModelRef = Field(description="The LlamaModel to serve (same namespace).")
+    model_ref: ModelRef | None = Field(
+        None, description="The LlamaModel to serve (same namespace). Exactly one of modelRef and models.")
+    models: list[ServedModel] | None = Field(
+        None, min_length=1, max_length=MODELS_MAX_ITEMS,
+        description="Several LlamaModels behind one endpoint (llama-server router mode): each loaded on demand "
+        "with its own settings, at most maxLoaded at a time. Exactly one of modelRef and models.")
+    max_loaded: int | None = Field(
+        None, ge=0, le=MODELS_MAX_ITEMS,
+        description="--models-max: models loaded at once with spec.models; the least recently used idle one is "
+        "stopped to load another (0 = no limit; default: llama-server's, 4).")
     replicas: int = Field(1, ge=0, le=1000, description="Number of llama-server pods.")
     gpu: GpuSpec | None = Field(None, description="GPUs per replica; absent means CPU inference.")
 
@@ -585,6 +728,11 @@ class LlamaServerSpec(ApiModel):
     def _args_are_strings(cls, value: list[str] | None) -> list[str] | None:
         return value if value is None else check_value(ARGS_RULES, value)
 
+    @model_validator(mode="after")
+    def _one_model_source(self) -> LlamaServerSpec:
+        # Everything downstream needs modelRef or models; the other router rules are reported with the flags.
+        return check_value(ROUTER_RULES[:1], self)
+
 
 ServerPhase = Literal["Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed"]
 
@@ -624,6 +772,21 @@ class AutoscalingStatus(ApiModel):
     updated_time: str | None = Field(None, description="When the gateway wrote this view (RFC 3339).")
 
 
+ModelState = Literal["Loaded", "Loading", "Sleeping", "Unloaded", "Failed"]
+
+
+class ServedModelStatus(ApiModel):
+    """One model of a router-mode server, as its pods' llama-server report it (GET /models)."""
+
+    name: str = Field(description="The served name (alias, else the LlamaModel name).")
+    model: str = Field(description="The LlamaModel.")
+    state: ModelState = Field(
+        description="Loaded (ready on at least one pod), Loading, Sleeping (idle: weights freed, loads again on "
+        "the next request), Failed (its instance exited while loading; the message says where) or Unloaded.")
+    loaded_replicas: int = Field(0, description="Pods on which it is loaded now.")
+    message: str | None = Field(None, description="Why it failed, when it did.")
+
+
 class LlamaServerStatus(ApiModel):
     """What the fleet is doing."""
 
@@ -643,6 +806,12 @@ class LlamaServerStatus(ApiModel):
     autoscaling: AutoscalingStatus | None = Field(
         None, description="The gateway autoscaler's view (load, desired replicas, last scale, why); with spec.scaling."
     )
+    models: list[ServedModelStatus] | None = Field(
+        None, description="With spec.models: each model's state, read from the pods' /models every few seconds "
+        "while pods are ready (docs/multi-model.md).")
+    models_loaded: str | None = Field(None, description="With spec.models: loaded/total models, for kubectl get.")
+    models_changed_time: str | None = Field(
+        None, description="When the pods' answer last changed status.models (RFC 3339).")
     conditions: list[Condition] | None = Field(
         None, description="ModelResolved, ArgsValid, Fits, Available, Progressing."
     )

@@ -39,6 +39,15 @@ def model_path(model: LlamaModel) -> str:
     return f"{CACHE_MOUNT}/{require_cache_key(model)}/{first}"
 
 
+def mmproj_path(model: LlamaModel) -> str | None:
+    """Path of the multimodal projector (spec.mmproj) inside the llama-server container: next to the weights."""
+    if model.spec.mmproj is None:
+        return None
+    if model.spec.source.volume is not None:
+        return f"{SOURCE_MOUNT}/{model.spec.mmproj.file}"
+    return f"{CACHE_MOUNT}/{require_cache_key(model)}/{model.spec.mmproj.file_name}"
+
+
 def require_cache_key(model: LlamaModel) -> str:
     if not model.status.cache_key:
         raise ValueError(f"LlamaModel {model.metadata.name} has no status.cacheKey yet (not resolved)")

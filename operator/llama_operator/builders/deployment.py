@@ -11,11 +11,13 @@ from ..contract import (
     API_KEY_ENV,
     FETCH_CONTAINER,
     FETCH_DRAFT_CONTAINER,
+    FETCH_MMPROJ_CONTAINER,
     HEADER_ENV_PREFIX,
     SERVER_CONTAINER,
     TMP_MOUNT,
     TMP_VOLUME,
     TOKEN_ENV,
+    TRUSTED_ENV,
 )
 from ..errors import InvalidSpec
 from ..fit import estimate_server, request_quantity
@@ -25,6 +27,7 @@ from .cache import (
     CACHE_MOUNT,
     CACHE_VOLUME,
     cache_volume,
+    mmproj_path,
     model_path,
     model_volumes,
     require_cache_key,
@@ -50,8 +53,18 @@ SCRAPE_ANNOTATIONS = {
 
 
 def model_name(server: LlamaServer) -> str:
-    """What /v1/models serves and clients put in `model`."""
+    """What /v1/models serves and clients put in `model` (router mode: every served name, comma-separated)."""
+    if server.spec.models is not None:
+        return ", ".join(served_names(server))
+    assert server.spec.model_ref is not None  # LlamaServerSpec: exactly one of modelRef and models
     return server.spec.alias or server.spec.model_ref.name
+
+
+def served_names(server: LlamaServer) -> list[str]:
+    """Every model name a request may use with this server."""
+    if server.spec.models is not None:
+        return [model.served_name for model in server.spec.models]
+    return [model_name(server)]
 
 
 def container_security_context() -> dict[str, Any]:
@@ -124,6 +137,7 @@ def server_args(server: LlamaServer, model: LlamaModel, draft: LlamaModel | None
         model_name=model_name(server),
         threads=derived_threads(server),
         draft_model_path=draft_model_path(draft) if draft is not None else None,
+        mmproj_path=mmproj_path(model),
     )
 
 
@@ -148,9 +162,13 @@ def default_memory_request(
 def _resources(
     server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
 ) -> dict[str, Any]:
+    return container_resources(server, memory=default_memory_request(server, model, settings, draft))
+
+
+def container_resources(server: LlamaServer, *, memory: str | None) -> dict[str, Any]:
+    """The llama-server container's resources: the spec's, the default memory request, the GPU limit."""
     spec = server.spec
     resources: dict[str, Any] = spec.resources.to_wire() if spec.resources else {}
-    memory = default_memory_request(server, model, settings, draft)
     if memory is not None:
         resources["requests"] = {**resources.get("requests", {}), "memory": memory}
     if spec.gpu is not None:
@@ -202,7 +220,9 @@ def _fetch_env(model: LlamaModel) -> tuple[list[dict[str, Any]], list[dict[str, 
     return env, env_from
 
 
-def fetch_init_container(model: LlamaModel, settings: Settings, *, name: str = FETCH_CONTAINER) -> dict[str, Any]:
+def fetch_init_container(model: LlamaModel, settings: Settings, *, name: str = FETCH_CONTAINER,
+                         volume: str = CACHE_VOLUME) -> dict[str, Any]:
+    """The fetcher of one model into the cache volume named `volume` (mounted at CACHE_MOUNT)."""
     env, env_from = _fetch_env(model)
     container: dict[str, Any] = {
         "name": name,
@@ -215,12 +235,42 @@ def fetch_init_container(model: LlamaModel, settings: Settings, *, name: str = F
         "securityContext": container_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [
-            {"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT},
+            {"name": volume, "mountPath": CACHE_MOUNT},
             {"name": TMP_VOLUME, "mountPath": TMP_MOUNT},
         ],
     }
     if env_from:
         container["envFrom"] = env_from
+    return container
+
+
+def _mmproj_fetch_args(model: LlamaModel, settings: Settings) -> list[str]:
+    """The fetcher of the projector: the model's source with the projector's file, into the model's directory."""
+    mmproj = model.spec.mmproj
+    assert mmproj is not None
+    source = model.spec.source
+    args = ["fetch", "--cache-dir", CACHE_MOUNT, "--cache-key", require_cache_key(model)]
+    if source.hugging_face is not None:
+        hf = source.hugging_face
+        args += ["--hf-repo", hf.repo, "--hf-file", mmproj.file, "--hf-revision", hf.revision]
+        args += ["--hf-endpoint", settings.huggingface_endpoint]
+    else:
+        if model.status.mmproj is None or not model.status.mmproj.url:
+            raise ValueError(f"LlamaModel {model.metadata.name} has no status.mmproj.url yet (not resolved)")
+        args += ["--url", model.status.mmproj.url]
+    sha256 = (model.status.mmproj.sha256 if model.status.mmproj else None) or mmproj.sha256
+    if sha256:
+        args += ["--sha256", sha256]
+    return args
+
+
+def mmproj_fetch_container(model: LlamaModel, settings: Settings, *, name: str = FETCH_MMPROJ_CONTAINER,
+                           volume: str = CACHE_VOLUME) -> dict[str, Any]:
+    """The fetcher of a downloaded model's multimodal projector: same source credentials, its own sha256 (a
+    projector is never trusted on first use, so the model's trust record is not passed)."""
+    container = fetch_init_container(model, settings, name=name, volume=volume)
+    container["args"] = _mmproj_fetch_args(model, settings)
+    container["env"] = [env for env in container["env"] if env["name"] != TRUSTED_ENV]
     return container
 
 
@@ -236,6 +286,20 @@ def _http_probe(*, period: int, failures: int, timeout: int) -> dict[str, Any]:
 def server_container(
     server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
 ) -> dict[str, Any]:
+    container = llama_server_container(
+        server, settings, args=server_args(server, model, draft),
+        resources=_resources(server, model, settings, draft),
+        volume_mounts=[server_model_mount(model), {"name": TMP_VOLUME, "mountPath": TMP_MOUNT}])
+    if _draft_cache(model, draft):
+        container["volumeMounts"].insert(1, {"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT, "readOnly": True})
+    return container
+
+
+def llama_server_container(
+    server: LlamaServer, settings: Settings, *, args: list[str], resources: dict[str, Any],
+    volume_mounts: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The llama-server container of any LlamaServer (one model or router mode): image, env, probes, security."""
     spec = server.spec
     env = [e.to_wire() for e in spec.env or []]
     if spec.api_key_secret_ref is not None:
@@ -249,19 +313,17 @@ def server_container(
         "image": spec.image or settings.image_for(spec.gpu.vendor if spec.gpu else None),
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["/app/llama-server"],
-        "args": server_args(server, model, draft),
+        "args": args,
         "env": [{"name": "HOME", "value": "/tmp"}, *env],
         "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
         "startupProbe": _http_probe(period=STARTUP_PROBE_PERIOD_SECONDS, failures=startup_failures, timeout=2),
         "readinessProbe": _http_probe(period=5, failures=3, timeout=3),
         "livenessProbe": _http_probe(period=20, failures=3, timeout=10),
-        "resources": _resources(server, model, settings, draft),
+        "resources": resources,
         "securityContext": container_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": [server_model_mount(model), {"name": TMP_VOLUME, "mountPath": TMP_MOUNT}],
+        "volumeMounts": volume_mounts,
     }
-    if _draft_cache(model, draft):
-        container["volumeMounts"].insert(1, {"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT, "readOnly": True})
     return container
 
 
@@ -271,6 +333,8 @@ def _init_containers(
     containers = []
     if model.spec.source.volume is None:
         containers.append(fetch_init_container(model, settings))
+        if model.spec.mmproj is not None:
+            containers.append(mmproj_fetch_container(model, settings))
     if draft is not None:
         containers.append(fetch_init_container(draft, settings, name=FETCH_DRAFT_CONTAINER))
     if server.spec.image:
@@ -299,14 +363,24 @@ def pod_template(
         # A new model revision with the same file name must still roll the pods.
         annotations[MODEL_SHA_ANNOTATION] = sha256
     main = server_container(server, model, settings, draft)
+    return assemble_pod(server, annotations=annotations, main=main,
+                        init_containers=_init_containers(server, model, settings, main, draft),
+                        volumes=[*model_volumes(model, settings), *_draft_volumes(model, settings, draft)])
+
+
+def assemble_pod(
+    server: LlamaServer, *, annotations: dict[str, str], main: dict[str, Any],
+    init_containers: list[dict[str, Any]], volumes: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A llama-server pod template: restricted security, scheduling from the spec, labels (one model or router)."""
+    spec = server.spec
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
-        "initContainers": _init_containers(server, model, settings, main, draft),
+        "initContainers": init_containers,
         "containers": [main],
-        "volumes": [*model_volumes(model, settings), *_draft_volumes(model, settings, draft),
-                    {"name": TMP_VOLUME, "emptyDir": {}}],
+        "volumes": [*volumes, {"name": TMP_VOLUME, "emptyDir": {}}],
         "terminationGracePeriodSeconds": 30,
     }
     optional = {
@@ -327,6 +401,11 @@ def build_deployment(
     server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
 ) -> dict[str, Any]:
     """The Deployment; `draft` is the resolved speculative draft LlamaModel when spec.speculative is set."""
+    return deployment_object(server, pod_template(server, model, settings, draft))
+
+
+def deployment_object(server: LlamaServer, template: dict[str, Any]) -> dict[str, Any]:
+    """The Deployment around a pod template (one model or router mode)."""
     # Two GPU pods rarely fit side by side during a rolling update: replace instead of surge.
     strategy: dict[str, Any] = (
         {"type": "Recreate"}
@@ -342,6 +421,6 @@ def build_deployment(
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": selector_labels(server.metadata.name)},
             "strategy": strategy,
-            "template": pod_template(server, model, settings, draft),
+            "template": template,
         },
     }

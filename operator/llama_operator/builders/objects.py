@@ -22,13 +22,15 @@ def label_selector(labels: dict[str, str]) -> str:
 
 
 def server_labels(server: LlamaServer) -> dict[str, str]:
-    return {
+    labels = {
         **selector_labels(server.metadata.name),
         "app.kubernetes.io/instance": server.metadata.name,
         "app.kubernetes.io/component": "inference",
         "app.kubernetes.io/managed-by": MANAGED_BY,
-        MODEL_LABEL: server.spec.model_ref.name,
     }
+    if server.spec.model_ref is not None:  # a router-mode server serves several: no one model label
+        labels[MODEL_LABEL] = server.spec.model_ref.name
+    return labels
 
 
 def model_labels(model: LlamaModel) -> dict[str, str]:

@@ -35,7 +35,7 @@ def _outside(reason: str) -> Refusal:
 
 _MODEL_SOURCE = _managed("the model comes from spec.modelRef (a LlamaModel)")
 _PRESET = _managed("preset flags download their own model; use spec.modelRef")
-_ROUTER = _managed("router mode serves many models; one LlamaServer serves one spec.modelRef")
+_ROUTER = _managed("router mode is spec.models (one section per LlamaModel) and spec.maxLoaded")
 _LISTEN = _managed("the pod always listens on 0.0.0.0:8080; use spec.service to expose it")
 _TLS = _managed("TLS terminates outside the pod (Service, Ingress or mesh)")
 _API_KEY = _managed("use spec.apiKeySecretRef")
@@ -54,6 +54,7 @@ REFUSED: dict[str, Refusal] = {
     "--hf-token": _managed("the token belongs to the LlamaModel (spec.source.huggingFace.tokenSecretRef)"),
     "--spec-draft-hf": _typed("speculative.draftModelRef"),
     "--mmproj-url": _outside("it downloads from the internet at start; put files on a volume"),
+    "--mmproj": _managed("the multimodal projector comes from the LlamaModel's spec.mmproj"),
     # presets that pick and download a model
     **{
         name: _PRESET

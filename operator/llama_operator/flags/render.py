@@ -125,10 +125,11 @@ TYPED_RENDERERS: Sequence[Callable[[LlamaServerSpec], Rendered]] = (
 )
 
 
-def managed_args(*, model_path: str, model_name: str) -> Rendered:
+def managed_args(*, model_path: str, model_name: str, mmproj_path: str | None = None) -> Rendered:
     """Flags the operator owns: users cannot set these through `args`."""
     return [
         "--model", model_path,
+        *(["--mmproj", mmproj_path] if mmproj_path else []),
         "--host", "0.0.0.0",
         "--port", str(SERVER_PORT),
         "--alias", model_name,
@@ -147,15 +148,16 @@ def render_args(
     model_name: str,
     threads: int | None,
     draft_model_path: str | None = None,
+    mmproj_path: str | None = None,
 ) -> Rendered:
     """The complete llama-server argument list for a validated spec.
 
     `threads` is the caller's resolved value (spec.threads, or derived from the CPU limit): llama-server's
     own default is the host's physical cores, which ignores the container's CPU limit.
     `draft_model_path` is where the speculative draft LlamaModel's file is in the pod (required when
-    spec.speculative is set).
+    spec.speculative is set); `mmproj_path` where the LlamaModel's multimodal projector is (spec.mmproj).
     """
-    args = managed_args(model_path=model_path, model_name=model_name)
+    args = managed_args(model_path=model_path, model_name=model_name, mmproj_path=mmproj_path)
     args += draft_model_arg(spec, draft_model_path)
     for render in TYPED_RENDERERS:
         args += render(spec)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..api.cel import violations
-from ..api.v1alpha1 import SCALING_RULES, SERVER_RULES, SPECULATIVE_RULES, LlamaServerSpec
+from ..api.v1alpha1 import ROUTER_RULES, SCALING_RULES, SERVER_RULES, SPECULATIVE_RULES, LlamaServerSpec
 from .catalog import Catalog, Option, load_catalog
 from .policy import INT32, RANGES, REMOVED, refusal
 
@@ -377,6 +377,16 @@ def _cross_field(spec: LlamaServerSpec, arg_flags: list[ParsedFlag]) -> list[Fie
         errors += [FieldError(*found) for found in violations(SPECULATIVE_RULES, spec.speculative, "spec.speculative")]
     if spec.scaling is not None:
         errors += [FieldError(*found) for found in violations(SCALING_RULES, spec.scaling, "spec.scaling")]
+    errors += [FieldError(*found) for found in violations(ROUTER_RULES, spec, "spec")]
+    if spec.models is not None:
+        from .preset import validate_models  # preset.py builds on this module's parser
+
+        errors += validate_models(spec)
+        for flag in arg_flags:
+            if flag.option.canonical in ROUTER_PER_MODEL_FLAGS:
+                errors.append(FieldError(flag.path, f"{flag.spelling} is set per model with spec.models: use "
+                                         f"spec.models[].{ROUTER_PER_MODEL_FLAGS[flag.option.canonical]}",
+                                         "typed-field"))
     if spec.mode != "chat":
         for flag in arg_flags:
             if flag.option.canonical == "--spec-type":
@@ -388,6 +398,11 @@ def _cross_field(spec: LlamaServerSpec, arg_flags: list[ParsedFlag]) -> list[Fie
             errors.append(FieldError(spec_type.path, "--spec-type is set by spec.speculative (draft-simple); "
                                      "remove it", "typed-field"))
     return errors
+
+
+ROUTER_PER_MODEL_FLAGS = {"--sleep-idle-seconds": "idleUnloadSeconds"}
+"""Flags allowed in a single-model server's args that have a per-model field in router mode (the router's own
+arguments apply to every model instance and would override each model's setting)."""
 
 
 def validate_server_spec(spec: LlamaServerSpec, *, catalog: Catalog | None = None) -> list[FieldError]:

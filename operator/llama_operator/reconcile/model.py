@@ -43,7 +43,12 @@ def offline_status(model: LlamaModel, settings: Settings) -> LlamaModelStatus:
         sha256=model.spec.sha256,
     )
     sha256 = model.spec.sha256
-    return LlamaModelStatus(phase="Ready", files=[file], sha256=sha256, cache_key=sources.cache_key(model.spec, sha256))
+    mmproj = None
+    if model.spec.mmproj is not None:
+        mmproj = ModelFile(name=model.spec.mmproj.file_name, sha256=model.spec.mmproj.sha256,
+                           url=sources.mmproj_url(model.spec, settings.huggingface_endpoint))
+    return LlamaModelStatus(phase="Ready", files=[file], sha256=sha256, mmproj=mmproj,
+                            cache_key=sources.cache_key(model.spec, sha256))
 
 
 async def _secrets(model: LlamaModel, ctx: Context) -> tuple[str | None, dict[str, str]]:
@@ -80,6 +85,7 @@ async def resolve_source(model: LlamaModel, ctx: Context) -> LlamaModelStatus:
         sha256=resolved.sha256,
         gguf=resolved.gguf,
         cache_key=resolved.cache_key,
+        mmproj=resolved.mmproj,
     )
 
 

@@ -41,7 +41,8 @@ def spec_problems(spec: LlamaServerSpec, namespace: str) -> list[str]:
     The reconcile loop, `render` and the admission webhook all ask this one function.
     """
     problems = []
-    refs = [("spec.modelRef", spec.model_ref)]
+    refs = [("spec.modelRef", spec.model_ref)] if spec.model_ref is not None else []
+    refs += [(f"spec.models[{index}].modelRef", entry.model_ref) for index, entry in enumerate(spec.models or [])]
     if spec.speculative is not None:
         refs.append(("spec.speculative.draftModelRef", spec.speculative.draft_model_ref))
     for path, ref in refs:
@@ -111,6 +112,11 @@ async def _reconcile(body: Mapping[str, Any], ctx: Context) -> Outcome:
         invalid = condition("ArgsValid", False, "InvalidSpec", message, generation=generation)
         return Outcome("Failed", message, [invalid], await _observe(ctx, namespace, name, desired_replicas(body)))
     args_ok = condition("ArgsValid", True, "Valid", generation=generation)
+    if server.spec.models is not None:
+        from .router import reconcile_router  # router.py builds on this module's Outcome and model checks
+
+        return await reconcile_router(server, ctx, args_ok)
+    assert server.spec.model_ref is not None
 
     models: list[LlamaModel] = []
     refs = [server.spec.model_ref.name]
@@ -207,8 +213,14 @@ GATEWAY_STATUS_FIELDS = ("autoscaling",)
 merge patch, so the gateway's latest view stays whatever (older) copy this reconcile read."""
 
 
+MODEL_STATUS_FIELDS = ("models", "modelsLoaded", "modelsChangedTime")
+"""Status of a router-mode server's models, written by the model status poller (reconcile/router_status.py)
+from the pods' /models: left out of the reconcile's patch like the gateway's."""
+
+
 def _without_gateway(wire: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in wire.items() if key not in GATEWAY_STATUS_FIELDS}
+    return {key: value for key, value in wire.items()
+            if key not in GATEWAY_STATUS_FIELDS and key not in MODEL_STATUS_FIELDS}
 
 
 async def _write(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> LlamaServerStatus:

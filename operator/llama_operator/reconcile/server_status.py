@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..contract import FETCH_CONTAINER, FETCH_CONTAINERS, SERVER_CONTAINER
+from ..contract import SERVER_CONTAINER, fetch_subject, is_fetch_container
 
 _CRASH_REASONS = {"CrashLoopBackOff", "Error", "OOMKilled", "CreateContainerConfigError", "InvalidImageName"}
 _PULL_REASONS = {"ErrImagePull", "ImagePullBackOff"}
@@ -60,6 +60,15 @@ def _container_failure(status: dict[str, Any]) -> str | None:
     return None
 
 
+def _cache_key(pod: dict[str, Any], container: str) -> str | None:
+    """The --cache-key of an init container in the pod's spec (names the model a router pod downloads)."""
+    for spec in (pod.get("spec") or {}).get("initContainers") or []:
+        args = spec.get("args") or []
+        if spec.get("name") == container and "--cache-key" in args[:-1]:
+            return str(args[args.index("--cache-key") + 1])
+    return None
+
+
 def summarize_pod(pod: dict[str, Any]) -> PodSummary:
     status = pod.get("status") or {}
     name = pod.get("metadata", {}).get("name", "?")
@@ -69,9 +78,9 @@ def summarize_pod(pod: dict[str, Any]) -> PodSummary:
             return PodSummary("Failed", f"pod {name}: {failure}")
         state = init.get("state") or {}
         if "running" in state:
-            if init.get("name") in FETCH_CONTAINERS:
-                what = "model" if init.get("name") == FETCH_CONTAINER else "draft model"
-                return PodSummary("Downloading", f"pod {name}: downloading the {what}")
+            if is_fetch_container(init.get("name", "")):
+                subject = fetch_subject(init["name"], _cache_key(pod, init["name"]))
+                return PodSummary("Downloading", f"pod {name}: downloading {subject}")
             return PodSummary("Loading", f"pod {name}: running {init.get('name')}")
         if "terminated" not in state:  # waiting to start
             return PodSummary("Downloading", f"pod {name}: waiting for {init.get('name')}")
