@@ -518,8 +518,9 @@ SERVER_RULES = (
 )
 
 
-MODELS_MAX_ITEMS = 32
-"""Most models one router-mode LlamaServer serves (CEL rules compare every pair: keep it small)."""
+MODELS_MAX_ITEMS = 16
+"""Most models one router-mode LlamaServer serves: the API server multiplies every per-model CEL rule's cost
+by it (and the duplicate-name rule compares every pair), so it stays small."""
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 """A model name in router mode: a preset section name that llama-server keeps as written (no `:` tag, no `]`)."""
 _SERVED_NAME_CEL = "(has({m}.alias) ? {m}.alias : {m}.modelRef.name)"
