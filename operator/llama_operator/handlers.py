@@ -32,6 +32,7 @@ from .metrics import serve as serve_metrics
 from .reconcile.boundary import Verdict, failure_verdict, guarded
 from .reconcile.context import Context
 from .reconcile.model import reconcile_model
+from .reconcile.router_status import ModelStatusPoller
 from .reconcile.serial import Coalescer
 from .reconcile.server import reconcile_server
 
@@ -193,6 +194,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     runtime.resync_tasks = [
         asyncio.create_task(runtime.resync_forever(LLAMA_SERVERS, config.resync_seconds), name="resync servers"),
         asyncio.create_task(runtime.resync_forever(LLAMA_MODELS, config.model_resync_seconds), name="resync models"),
+        # Router-mode servers' loaded models change without any Kubernetes event: ask their pods (status.models).
+        asyncio.create_task(ModelStatusPoller(runtime.ctx).run_forever(config.model_status_seconds),
+                            name="router model status"),
     ]
     log.info("llama-operator started: namespaces=%s", ",".join(config.namespaces) or "all")
 

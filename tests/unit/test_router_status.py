@@ -1,0 +1,218 @@
+"""status.models of router-mode servers: the poller asks the pods' /models (a local HTTP server stands in for
+the pods at 127.0.0.1) and the reconcile of a router-mode server (FakeKube)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from llama_operator.config import Settings
+from llama_operator.kube import CONFIG_MAPS, DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, SERVICES
+from llama_operator.reconcile.context import Context
+from llama_operator.reconcile.router_status import ModelStatusPoller, loaded_summary, model_states, ready_pod_ips
+from llama_operator.reconcile.server import reconcile_server
+from tests.conftest import model_body
+from tests.fakekube import Events, FakeKube
+
+SERVED = [("alpha", "alpha"), ("bee", "beta"), ("gamma", "gamma")]
+
+
+def entry(name: str, value: str, **extra: Any) -> dict[str, Any]:
+    return {"id": name, "object": "model", "status": {"value": value, **extra}}
+
+
+def test_states_over_pods() -> None:
+    pod_a = [entry("alpha", "loaded"), entry("bee", "loading"), entry("gamma", "unloaded", failed=True, exit_code=1)]
+    pod_b = [entry("alpha", "loaded"), entry("bee", "sleeping"), entry("gamma", "unloaded")]
+    states = model_states([("p-a", pod_a), ("p-b", pod_b)], SERVED)
+    assert [(s.name, s.model, s.state, s.loaded_replicas) for s in states] == [
+        ("alpha", "alpha", "Loaded", 2), ("bee", "beta", "Loading", 0), ("gamma", "gamma", "Failed", 0)]
+    assert states[2].message == "failed to load on p-a (exit code 1); the next request tries again"
+    assert loaded_summary(states) == "1/3"
+    # A model on no pod (not in any answer, or no pod answered) is Unloaded.
+    assert [s.state for s in model_states([], SERVED)] == ["Unloaded"] * 3
+    assert [s.state for s in model_states([("p", [entry("bee", "sleeping")])], SERVED)] == \
+        ["Unloaded", "Sleeping", "Unloaded"]
+
+
+def test_only_ready_pods_are_asked() -> None:
+    def pod(name: str, ready: str, ip: str | None = "10.0.0.1", deleting: bool = False) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": name}
+        if deleting:
+            meta["deletionTimestamp"] = "2025-01-01T00:00:00Z"
+        return {"metadata": meta, "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": ready}]}}
+
+    pods = [pod("a", "True"), pod("b", "False"), pod("c", "True", None), pod("d", "True", deleting=True),
+            pod("e", "True", "fd00::5")]
+    assert ready_pod_ips(pods) == [("a", "10.0.0.1"), ("e", "fd00::5")]
+
+
+# ---------------------------------------------------------------------------------------------- the poller
+
+
+class FakePods:
+    """/models of the pods (all behind 127.0.0.1): what they answer, settable per test."""
+
+    def __init__(self) -> None:
+        self.data: list[dict[str, Any]] = []
+        self.status = 200
+        self.delay = 0.0
+        self.requests = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        await asyncio.sleep(self.delay)
+        return web.json_response({"data": self.data, "object": "list"}, status=self.status)
+
+
+@pytest.fixture
+async def pods() -> AsyncIterator[tuple[FakePods, int]]:
+    fake = FakePods()
+    app = web.Application()
+    app.router.add_get("/models", fake.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield fake, port
+    await runner.cleanup()
+
+
+ROUTER_SPEC = {"models": [{"modelRef": {"name": "alpha"}}, {"modelRef": {"name": "beta"}, "alias": "bee"},
+                          {"modelRef": {"name": "gamma"}}], "maxLoaded": 2}
+
+
+def _router_body(spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer",
+            "metadata": {"name": "fleet", "namespace": "default", "generation": 1, "uid": "uid-fleet"},
+            "spec": spec or ROUTER_SPEC}
+
+
+def _pod(name: str, *, ready: bool = True) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "llama-server",
+                                                  "llamacpp.dev/server": "fleet"}},
+            "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": str(ready)}]}}
+
+
+def _setup(port: int, *, timeout: float = 1.0) -> tuple[FakeKube, ModelStatusPoller]:
+    kube = FakeKube()
+    kube.put(LLAMA_SERVERS, _router_body())
+    ctx = Context(kube=kube, settings=Settings(), record_event=Events())
+    return kube, ModelStatusPoller(ctx, port=port, timeout=timeout)
+
+
+def _status(kube: FakeKube) -> dict[str, Any]:
+    return dict(kube.objects[("llamaservers", "default", "fleet")].get("status") or {})
+
+
+async def test_the_poller_writes_what_the_pods_say_and_only_when_it_changes(pods: tuple[FakePods, int]) -> None:
+    fake, port = pods
+    kube, poller = _setup(port)
+    kube.put(PODS, _pod("fleet-0"))
+    kube.put(PODS, _pod("fleet-1", ready=False))  # not asked
+    fake.data = [entry("alpha", "loaded"), entry("bee", "loading"), entry("gamma", "unloaded")]
+    try:
+        await poller.poll_once()
+        status = _status(kube)
+        assert status["models"] == [
+            {"name": "alpha", "model": "alpha", "state": "Loaded", "loadedReplicas": 1},
+            {"name": "bee", "model": "beta", "state": "Loading", "loadedReplicas": 0},
+            {"name": "gamma", "model": "gamma", "state": "Unloaded", "loadedReplicas": 0}]
+        assert status["modelsLoaded"] == "1/3" and status["modelsChangedTime"]
+        assert fake.requests == 1
+        writes = kube.count("patch_status")
+        await poller.poll_once()
+        assert kube.count("patch_status") == writes  # same answer: no write
+        fake.data = [entry("alpha", "unloaded"), entry("bee", "loaded"), entry("gamma", "loaded")]
+        await poller.poll_once()
+        assert [m["state"] for m in _status(kube)["models"]] == ["Unloaded", "Loaded", "Loaded"]
+        assert _status(kube)["modelsLoaded"] == "2/3"
+    finally:
+        await poller.close()
+
+
+async def test_pods_that_do_not_answer_keep_the_last_status(pods: tuple[FakePods, int]) -> None:
+    fake, port = pods
+    kube, poller = _setup(port, timeout=0.3)
+    kube.put(PODS, _pod("fleet-0"))
+    fake.data = [entry("alpha", "loaded")]
+    try:
+        await poller.poll_once()
+        before = _status(kube)["models"]
+        fake.status = 503
+        await poller.poll_once()
+        assert _status(kube)["models"] == before
+        fake.status, fake.delay = 200, 2.0  # slower than the timeout: skipped, and the loop is not held up
+        started = time.monotonic()
+        other = asyncio.create_task(asyncio.sleep(0.05))
+        await poller.poll_once()
+        assert other.done() and time.monotonic() - started < 1.5
+        assert _status(kube)["models"] == before
+    finally:
+        await poller.close()
+
+
+async def test_without_ready_pods_every_model_is_unloaded(pods: tuple[FakePods, int]) -> None:
+    _, port = pods
+    kube, poller = _setup(port)
+    await poller.poll_once()
+    assert [m["state"] for m in _status(kube)["models"]] == ["Unloaded"] * 3
+    assert _status(kube)["modelsLoaded"] == "0/3"
+
+
+async def test_a_server_that_left_router_mode_loses_its_model_status(pods: tuple[FakePods, int]) -> None:
+    _, port = pods
+    kube, poller = _setup(port)
+    await poller.poll_once()
+    kube.edit("llamaservers", "fleet", lambda s: s.update(spec={"modelRef": {"name": "alpha"}}))
+    await poller.poll_once()
+    assert "models" not in _status(kube) and "modelsLoaded" not in _status(kube)
+
+
+# ---------------------------------------------------------------------------------------------- the reconcile
+
+READY = {"phase": "Ready", "files": [{"name": "m.gguf"}]}
+
+
+async def test_reconcile_applies_preset_deployment_service_and_leaves_model_status_to_the_poller() -> None:
+    kube = FakeKube()
+    for name in ("alpha", "beta", "gamma"):
+        kube.put(LLAMA_MODELS, model_body(name, status={**READY, "cacheKey": f"{name}-0123456789ab"}))
+    kube.put(LLAMA_SERVERS, _router_body())
+    ctx = Context(kube=kube, settings=Settings(), record_event=Events())
+    # What the poller wrote earlier must survive the reconcile's status patch.
+    kube.edit("llamaservers", "fleet", lambda s: s.update(status={
+        "models": [{"name": "alpha", "model": "alpha", "state": "Loaded", "loadedReplicas": 1}],
+        "modelsLoaded": "1/3"}), spec=False)
+    status = await reconcile_server(kube.objects[("llamaservers", "default", "fleet")], ctx)
+    assert (CONFIG_MAPS.plural, "default", "fleet-models") in kube.objects
+    assert (DEPLOYMENTS.plural, "default", "fleet") in kube.objects
+    assert (SERVICES.plural, "default", "fleet") in kube.objects
+    assert status.model_name == "alpha, bee, gamma"
+    assert status.args is not None and status.args[:2] == ["--models-preset", "/run/llama-server/preset/models.ini"]
+    stored = _status(kube)
+    assert stored["modelsLoaded"] == "1/3" and stored["models"][0]["state"] == "Loaded"
+    conditions = {c["type"]: c["status"] for c in stored["conditions"]}
+    assert conditions["ModelResolved"] == "True" and conditions["ArgsValid"] == "True"
+    # A second reconcile with nothing changed writes nothing.
+    kube.calls.clear()
+    await reconcile_server(kube.objects[("llamaservers", "default", "fleet")], ctx)
+    assert kube.count("apply") == 0 and kube.count("patch_status") == 0
+
+
+async def test_a_missing_model_keeps_a_router_server_pending_and_says_which() -> None:
+    kube = FakeKube()
+    kube.put(LLAMA_MODELS, model_body("alpha", status={**READY, "cacheKey": "alpha-0123456789ab"}))
+    kube.put(LLAMA_MODELS, model_body("beta", status={"phase": "Resolving", "message": "HEAD timed out"}))
+    kube.put(LLAMA_SERVERS, _router_body())
+    ctx = Context(kube=kube, settings=Settings(), record_event=Events())
+    status = await reconcile_server(kube.objects[("llamaservers", "default", "fleet")], ctx)
+    assert status.phase == "Pending" and status.message == "LlamaModel default/beta is Resolving: HEAD timed out"
+    assert (DEPLOYMENTS.plural, "default", "fleet") not in kube.objects
