@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..api.v1alpha1 import AutoscalingStatus, LlamaServer, RoutingSpec, ScalingSpec
-from ..builders.deployment import model_name
+from ..builders.deployment import model_name, served_names
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ class Route:
     created: int
     """metadata.creationTimestamp, epoch seconds (OpenAI's `created`)."""
     parallel: int
+    models: tuple[str, ...] = ()
+    """Router mode (spec.models): every served model name; requests naming one go to this server."""
     last_scale_time: str | None = None
     """status.autoscaling.lastScaleTime: the autoscaler's memory across gateway restarts."""
 
@@ -56,7 +58,7 @@ class Route:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(n for n in (self.model_name, self.alias, self.key) if n))
+        return tuple(dict.fromkeys(n for n in (self.model_name, self.alias, *self.models, self.key) if n))
 
     @property
     def target_in_flight(self) -> int:
@@ -93,8 +95,11 @@ def route_from(body: Mapping[str, Any]) -> Route | None:
     return Route(
         namespace=server.metadata.namespace,
         name=server.metadata.name,
-        model_name=status.get("modelName") or model_name(server),
+        # A router-mode server (spec.models) answers to each of its models' names; the request's `model` is
+        # passed on unchanged and llama-server's router picks (and, if needed, loads) that model.
+        model_name=served_names(server)[0] if spec.models else status.get("modelName") or model_name(server),
         alias=spec.alias,
+        models=tuple(served_names(server)) if spec.models else (),
         replicas=spec.replicas,
         ready_replicas=int(status.get("readyReplicas") or 0),
         scaling=spec.scaling,
