@@ -462,7 +462,8 @@ class Kube:
         try:
             return await self._request(
                 "PATCH", kind.path(namespace, name, "scale"), body={"spec": {"replicas": replicas}},
-                content_type="application/merge-patch+json", permission=_rule("patch", kind, namespace, "scale"))
+                query=[("fieldManager", self._field_manager)], content_type="application/merge-patch+json",
+                permission=_rule("patch", kind, namespace, "scale"))
         except NotFound:
             return None
 

@@ -48,6 +48,7 @@ P1 = ScalingPolicy(min_replicas=1, max_replicas=3, target_in_flight=4, idle_seco
     (P, Signals(replicas=1, load=0.0, active=0, idle_for=299, recent_peak=1), 1, "AtTarget"),
     (P, Signals(replicas=2, load=0.0, active=0, idle_for=100, recent_peak=0), 1, "LoadBelowTarget"),
     (P, Signals(replicas=1, load=0.0, active=0, idle_for=300, recent_peak=1), 0, "Idle"),
+    (P, Signals(replicas=1, load=0.4, active=0, idle_for=300, recent_peak=1), 0, "Idle"),  # stale window load
     (P, Signals(replicas=3, load=0.0, active=0, idle_for=301, recent_peak=3), 0, "Idle"),  # idle beats the delay
     (P, Signals(replicas=1, load=0.0, active=1, idle_for=0, recent_peak=1), 1, "AtTarget"),  # active: never idle
     # bounds: back to the nearest one at once
@@ -108,7 +109,7 @@ class RecordingApi:
 
     async def scale(self, kind: Any, namespace: str, name: str, replicas: int) -> dict[str, Any]:
         self.scales.append(replicas)
-        return {"spec": {"replicas": replicas}}
+        return {"metadata": {"resourceVersion": f"w{len(self.scales)}"}, "spec": {"replicas": replicas}}
 
     async def patch_status(self, kind: Any, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.views.append(status["autoscaling"])
@@ -124,8 +125,11 @@ def _setup(replicas: int, **scaling: Any) -> tuple[Autoscaler, RoutingTable, Tra
     return autoscaler, routes, traffic, api, clock
 
 
-def _watch_echo(routes: RoutingTable, replicas: int, **scaling: Any) -> None:
-    routes.upsert(server_body(replicas=replicas, scaling=scaling))
+def _watch_echo(routes: RoutingTable, replicas: int, rv: str | None = None, **scaling: Any) -> None:
+    """What the LlamaServer watch delivers: the echo of our write `w<n>` when rv says so, else someone else's."""
+    body = server_body(replicas=replicas, scaling=scaling)
+    body["metadata"]["resourceVersion"] = rv or f"other-{replicas}"
+    routes.upsert(body)
 
 
 async def _step(autoscaler: Autoscaler, routes: RoutingTable) -> Decision:
@@ -146,7 +150,7 @@ async def test_scale_from_zero_then_idle_back_to_zero() -> None:
     # the watch has not echoed the write yet: it is not mistaken for someone else's scale
     clock.t += 1
     assert (await _step(autoscaler, routes)).replicas == 1 and api.scales == [1]
-    _watch_echo(routes, 1, **scaling)
+    _watch_echo(routes, 1, rv="w1", **scaling)
     traffic.release("default/chat")
     traffic.start("default/chat")
     clock.t += 2
@@ -172,7 +176,7 @@ async def test_load_scales_up_and_down_after_the_delay() -> None:
         clock.t += 1
         await _step(autoscaler, routes)
         if api.scales:
-            _watch_echo(routes, api.scales[-1], **scaling)
+            _watch_echo(routes, api.scales[-1], rv=f"w{len(api.scales)}", **scaling)
     assert api.scales[-1] == 3  # 6 in flight / 2 per replica
     for _ in range(6):
         traffic.finish("default/chat")
@@ -189,7 +193,7 @@ async def test_kubectl_scale_inside_the_bounds_is_kept_for_the_delay() -> None:
     assert (await _step(autoscaler, routes)).reason == "AtTarget"  # a fresh gateway counts as activity
     clock.t += 120
     assert (await _step(autoscaler, routes)).reason == "Idle"
-    _watch_echo(routes, 0, **scaling)
+    _watch_echo(routes, 0, rv="w1", **scaling)
     await _step(autoscaler, routes)
     _watch_echo(routes, 3, **scaling)  # kubectl scale lserver chat --replicas 3: pre-warming, no request yet
     decision = await _step(autoscaler, routes)
@@ -201,7 +205,7 @@ async def test_kubectl_scale_inside_the_bounds_is_kept_for_the_delay() -> None:
     clock.t += 2
     decision = await _step(autoscaler, routes)
     assert (decision.replicas, decision.reason) == (1, "LoadBelowTarget")  # in use lately: not to zero yet
-    _watch_echo(routes, 1, **scaling)
+    _watch_echo(routes, 1, rv="w2", **scaling)
     clock.t += 60
     decision = await _step(autoscaler, routes)
     assert (decision.replicas, decision.reason) == (0, "Idle")  # idleSeconds counted from the manual scale
@@ -215,7 +219,7 @@ async def test_kubectl_scale_outside_the_bounds_is_put_back_once() -> None:
     _watch_echo(routes, 9, **scaling)
     decision = await _step(autoscaler, routes)
     assert (decision.replicas, decision.reason) == (2, "AboveMaximum")
-    _watch_echo(routes, 2, **scaling)
+    _watch_echo(routes, 2, rv="w1", **scaling)
     for _ in range(5):
         clock.t += 1
         await _step(autoscaler, routes)
@@ -257,3 +261,24 @@ async def test_servers_without_scaling_are_left_alone() -> None:
     autoscaler = Autoscaler(api, routes, Traffic(clock=clock), clock=clock)  # type: ignore[arg-type]
     await autoscaler.step()
     assert api.scales == [] and api.views == []
+
+
+async def test_someone_elses_scale_right_after_our_echo_is_seen_and_stale_events_are_not() -> None:
+    scaling = {"minReplicas": 1, "maxReplicas": 3, "targetInFlight": 1, "scaleDownDelaySeconds": 0}
+    autoscaler, routes, traffic, api, clock = _setup(1, **scaling)
+    await _step(autoscaler, routes)
+    traffic.start("default/chat")
+    traffic.start("default/chat")
+    clock.t += 30
+    assert (await _step(autoscaler, routes)).replicas == 2 and api.scales == [2]
+    # An event from before our write arrives late (the operator's status write, spec.replicas still 1): not a
+    # manual scale, and nothing is written again.
+    _watch_echo(routes, 1, rv="before-w1", **scaling)
+    clock.t += 1
+    assert (await _step(autoscaler, routes)).replicas == 2 and api.scales == [2]
+    # Between two steps: the echo of our write, then kubectl scale --replicas 9.
+    _watch_echo(routes, 2, rv="w1", **scaling)
+    _watch_echo(routes, 9, rv="kubectl", **scaling)
+    clock.t += 1
+    decision = await _step(autoscaler, routes)
+    assert (decision.replicas, decision.reason) == (3, "AboveMaximum") and api.scales == [2, 3]

@@ -456,3 +456,36 @@ async def test_requests_are_counted_by_model_and_code(gw: Harness, upstreams: li
     assert _counter("llama_gateway_requests_total", model="default/chat", code="200") == before + 1
     assert _counter("llama_gateway_requests_total", model="unknown", code="404") == unknown + 1
     assert _counter("llama_gateway_time_to_first_byte_seconds_count", model="default/chat") >= 1
+
+
+async def test_a_pooled_connection_the_replica_closed_is_retried_on_a_new_one(gw: Harness) -> None:
+    """llama-server (cpp-httplib) closes connections without `Connection: close`; a single replica must not 502."""
+    answered = 0
+
+    async def one_request_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(
+            b"content-length")))
+        await reader.readexactly(length)
+        body = b'{"ok": true}'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nKeep-Alive: timeout=5, max=100\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        await writer.drain()
+        answered += 1
+        await asyncio.sleep(0.05)  # the next request is already on this connection: it is never read
+        writer.close()  # and nothing said about it
+
+    server = await asyncio.start_server(one_request_per_connection, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gw.server("chat")
+    gw.slices("chat", [port])
+    retries = _counter("llama_gateway_upstream_retries_total", model="default/chat")
+    try:
+        for _ in range(4):
+            async with await gw.post("qwen") as response:
+                assert response.status == 200, await response.text()
+    finally:
+        server.close()
+    assert answered == 4
+    assert _counter("llama_gateway_upstream_retries_total", model="default/chat") == retries  # not another replica

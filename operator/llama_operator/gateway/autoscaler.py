@@ -88,12 +88,13 @@ class Decision:
 
 
 def wanted_replicas(policy: ScalingPolicy, signals: Signals) -> int:
-    by_load = math.ceil(signals.load / policy.target_in_flight - 1e-9) if signals.load > 0 else 0
+    idle = signals.active == 0 and signals.idle_for >= policy.idle_seconds
+    # Idle: the window may still hold the last request's load, but nothing was asked for idleSeconds.
+    by_load = math.ceil(signals.load / policy.target_in_flight - 1e-9) if signals.load > 0 and not idle else 0
     if signals.active > 0:
         by_load = max(by_load, 1)
         if signals.replicas == 0:  # waking up: enough replicas for what waits (they start in parallel)
             by_load = max(by_load, math.ceil(signals.active / policy.target_in_flight))
-    idle = signals.active == 0 and signals.idle_for >= policy.idle_seconds
     floor = policy.min_replicas
     if policy.min_replicas == 0 and not idle and signals.replicas > 0:
         floor = 1  # in use lately: not to zero before idleSeconds
@@ -252,10 +253,13 @@ def now_rfc3339() -> str:
 @dataclass
 class _State:
     seen: int
-    """spec.replicas as last seen or written by this autoscaler."""
+    """spec.replicas as the watch last showed it (or as this autoscaler wrote it)."""
     history: deque[tuple[float, int]]
+    cursor: int = 0
+    """The last routing-table replica event looked at."""
     awaiting: int | None = None
-    """A value we wrote that the watch has not shown yet."""
+    """A value we wrote whose echo the watch has not delivered yet."""
+    awaiting_rv: str | None = None
     awaiting_since: float = 0.0
     last_scale_time: str | None = None
     reported: tuple[object, ...] | None = None
@@ -310,21 +314,17 @@ class Autoscaler:
         key = route.key
         self.traffic.set_horizon(key, policy.window_seconds)
         state = self._states.get(key)
+        events, cursor, dropped = self.routes.replica_events(key, state.cursor if state else 0)
         if state is None:
             # A (re)started gateway: the current count is where it starts, nothing is scaled down before the
             # delay, and nothing goes to zero before idleSeconds.
             state = self._states[key] = _State(seen=route.replicas, history=deque([(now, route.replicas)]),
-                                               last_scale_time=route.last_scale_time)
-        current = route.replicas
-        manual = False
-        if state.awaiting is not None:
-            if current == state.awaiting or now - state.awaiting_since > self.AWAIT_ECHO_SECONDS:
-                state.awaiting = None
-            else:
-                current = state.awaiting  # our own write, not echoed by the watch yet
-        if state.awaiting is None and current != state.seen:
-            manual = True
-            state.seen = current
+                                               cursor=cursor, last_scale_time=route.last_scale_time)
+            events = []
+        state.cursor = cursor
+        manual = self._changed_by_others(state, events, dropped, route.replicas, now)
+        current = state.awaiting if state.awaiting is not None else state.seen
+        if manual:
             state.history = deque([(now, current)])
             state.last_scale_time = self._wall()
             self.traffic.touch(key)
@@ -346,7 +346,25 @@ class Autoscaler:
         await self._report(route, state, signals, decision, now)
         return decision
 
+    def _changed_by_others(self, state: _State, events: list[tuple[str | None, int]], dropped: bool,
+                           latest: int, now: float) -> bool:
+        """Walk the watch's spec.replicas values in order: skip those up to the echo of our own write; a later
+        value that differs from what we know is someone else's scale (kubectl scale, an apply)."""
+        manual = False
+        for rv, replicas in events:
+            if state.awaiting is not None:
+                if rv == state.awaiting_rv or (state.awaiting_rv is None and replicas == state.awaiting):
+                    state.awaiting, state.seen = None, replicas
+                continue  # an older event delivered after our write
+            if replicas != state.seen:
+                manual, state.seen = True, replicas
+        if state.awaiting is not None and (dropped or now - state.awaiting_since > self.AWAIT_ECHO_SECONDS):
+            state.awaiting = None  # the echo is lost (a relist): trust the latest value
+            manual, state.seen = latest != state.seen, latest
+        return manual
+
     async def _scale(self, route: Route, current: int, decision: Decision, state: _State, now: float) -> None:
+        version: str | None = None
         if self.kube is not None:
             try:
                 result = await self.kube.scale(LLAMA_SERVERS, route.namespace, route.name, decision.replicas)
@@ -356,9 +374,10 @@ class Autoscaler:
                 return
             if result is None:
                 return
-        state.awaiting, state.awaiting_since, state.seen = decision.replicas, now, decision.replicas
+            version = (result.get("metadata") or {}).get("resourceVersion")
+        state.awaiting, state.awaiting_rv, state.awaiting_since = decision.replicas, version, now
+        state.seen = decision.replicas
         state.last_scale_time = self._wall()
-        self.routes.set_replicas(route.key, decision.replicas)
         metrics.SCALES.labels(route.key, "up" if decision.replicas > current else "down").inc()
         if current == 0:
             metrics.SCALE_FROM_ZERO.labels(route.key).inc()

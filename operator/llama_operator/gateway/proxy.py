@@ -99,7 +99,8 @@ class Proxy:
     async def _open(self, _: web.Application) -> None:
         # No total timeout (a generation may take minutes); the connect timeout finds dead replicas fast.
         # auto_decompress=False: bytes go through as the replica sent them, with its Content-Encoding.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        # llama-server (cpp-httplib) drops idle keep-alive connections after 5 s: let them go before that.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout))
@@ -266,10 +267,14 @@ class Proxy:
         assert self._session is not None
         key = route.key
         headers = self._forward_headers(request)
+        if payload.get("stream") is True:
+            # llama-server closes the connection after a streamed answer without saying so: never pool it.
+            headers["Connection"] = "close"
         tried: set[str] = set()
         last_error = ""
+        again: str | None = None
         while True:
-            candidates = self._candidates(route, tried)
+            candidates = [again] if again else self._candidates(route, tried)
             if not candidates:
                 if not tried:
                     return openai_error(503, f"The model '{route.model_name}' ({key}) has no ready replica; retry "
@@ -277,8 +282,9 @@ class Proxy:
                                         headers={"Retry-After": str(self.retry_after)})
                 return openai_error(502, f"Every ready replica of {key} failed before answering ({last_error}).",
                                     type="server_error", code="upstream_error")
-            url = self.pick(route, candidates, payload)
-            if tried:
+            url = again or self.pick(route, candidates, payload)
+            reused_once, again = again is not None, None
+            if tried and not reused_once:
                 metrics.UPSTREAM_RETRIES.labels(key).inc()
             tried.add(url)
             self.in_flight[url] = self.in_flight.get(url, 0) + 1
@@ -289,6 +295,13 @@ class Proxy:
                                                            headers=headers)
                     retry_status = upstream.status in RETRY_STATUSES and len(candidates) > 1
                     first = b"" if retry_status else await upstream.content.readany()
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                    last_error = f"{url}: {type(exc).__name__}: {exc}".rstrip(": ")
+                    if not isinstance(exc, aiohttp.ClientConnectorError) and not reused_once:
+                        again = url  # a pooled connection the replica had closed: once more, on a new one
+                    else:
+                        self._eject(url, last_error)
+                    continue
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     last_error = f"{url}: {type(exc).__name__}: {exc}".rstrip(": ")
                     self._eject(url, last_error)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -46,6 +46,7 @@ class Route:
     """Router mode (spec.models): every served model name; requests naming one go to this server."""
     last_scale_time: str | None = None
     """status.autoscaling.lastScaleTime: the autoscaler's memory across gateway restarts."""
+    resource_version: str | None = None
 
     @property
     def key(self) -> str:
@@ -108,6 +109,7 @@ def route_from(body: Mapping[str, Any]) -> Route | None:
         created=_epoch(meta.get("creationTimestamp")),
         parallel=spec.parallel or DEFAULT_PARALLEL,
         last_scale_time=autoscaling.last_scale_time if autoscaling else None,
+        resource_version=meta.get("resourceVersion"),
     )
 
 
@@ -122,9 +124,13 @@ class Resolution:
 class RoutingTable:
     """LlamaServers by key, and the name index over them."""
 
+    REPLICA_LOG = 64
+
     def __init__(self) -> None:
         self._routes: dict[str, Route] = {}
         self._by_name: dict[str, list[Route]] = {}
+        self._replicas_seen: dict[str, list[tuple[int, str | None, int]]] = {}
+        self._sequence = 0
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -143,6 +149,7 @@ class RoutingTable:
             self._routes.pop(key, None)
         else:
             self._routes[key] = route
+            self._observed(route)
         self._reindex()
         return route
 
@@ -158,13 +165,23 @@ class RoutingTable:
             route = route_from(body)
             if route is not None:
                 self._routes[route.key] = route
+                self._observed(route)
         self._reindex()
 
-    def set_replicas(self, key: str, replicas: int) -> None:
-        """What the autoscaler just wrote, before the watch echoes it."""
-        route = self._routes.get(key)
-        if route is not None:
-            self._routes[key] = replace(route, replicas=replicas)
+    def _observed(self, route: Route) -> None:
+        """Log spec.replicas as the watch delivered it (in resourceVersion order) for the autoscaler."""
+        self._sequence += 1
+        log = self._replicas_seen.setdefault(route.key, [])
+        log.append((self._sequence, route.resource_version, route.replicas))
+        del log[:-self.REPLICA_LOG]
+
+    def replica_events(self, key: str, after: int) -> tuple[list[tuple[str | None, int]], int, bool]:
+        """(resourceVersion, spec.replicas) seen since sequence `after`, the last sequence, and whether some were
+        dropped in between (the log keeps the last REPLICA_LOG per server)."""
+        log = self._replicas_seen.get(key, [])
+        newer = [(rv, replicas) for seq, rv, replicas in log if seq > after]
+        dropped = bool(log) and log[0][0] > after + 1 and after > 0
+        return newer, (log[-1][0] if log else after), dropped
 
     def _reindex(self) -> None:
         index: dict[str, list[Route]] = {}
