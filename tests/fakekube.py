@@ -41,6 +41,8 @@ class FakeKube(Kube):
         self.fail_on: dict[tuple[str, str | None], Callable[[], BaseException]] = {}
         """(verb, object name or None for any) -> factory of the exception that request raises."""
         self._versions = itertools.count(100)
+        self.logs: dict[tuple[str, str, str], str] = {}
+        """(namespace, pod, container) -> what `pods/log` answers (the kubelet's part)."""
 
     # -- arranging and asserting ----------------------------------------------------------------------
 
@@ -73,8 +75,15 @@ class FakeKube(Kube):
     # -- the API server -------------------------------------------------------------------------------
 
     async def _request(self, method: str, path: str, *, permission: str | None = None, body: Any = None,
-                       query: list[tuple[str, str]] | None = None, content_type: str | None = None) -> Any:
+                       query: list[tuple[str, str]] | None = None, content_type: str | None = None,
+                       text: bool = False) -> Any:
         plural, namespace, name, sub = _parse(path)
+        if sub == "log":
+            self.calls.append(("log", plural, namespace, name))
+            container = dict(query or [])["container"]
+            if (namespace, name, container) not in self.logs:
+                raise NotFound(f"GET {path}: no log", status=404)
+            return self.logs[(namespace, name, container)]
         verb = {"GET": "get" if name else "list", "DELETE": "delete"}.get(method) or (
             "patch_status" if sub == "status" else "apply")
         self.calls.append((verb, plural, namespace, name))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 # ---------------------------------------------------------------------------------------------- containers
 
@@ -143,3 +144,39 @@ def parse_trusted_sums(text: str | None, cache_key: str) -> dict[str, str]:
     if not text or _first_line(text) != f"{TRUSTED_HEADER}{cache_key}":
         return {}
     return parse_sums(text)
+
+
+# ---------------------------------------------------------------------------------------------- progress lines
+
+PROGRESS_INTERVAL_SECONDS = 5.0
+"""How often the fetcher logs a progress line by default, and so how often the operator reads it."""
+
+_PROGRESS_LINE = re.compile(
+    r"Progress (?P<file>\S+): +(?P<percent>[\d.]+)% .*?\((?P<done>\d+) of (?P<total>\d+) bytes\), "
+    r"(?P<rate>[\d.]+) MB/s")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report of a running fetch: the file, bytes so far and in all, bytes per second."""
+
+    file: str
+    done: int
+    total: int
+    rate: float
+
+
+def progress_line(file: str, done: int, total: int, rate: float, *, human_done: str, human_total: str,
+                  eta: str, connections: int) -> str:
+    """The fetcher's progress line: readable, and with exact bytes for the operator (`parse_progress`)."""
+    return (f"Progress {file}: {100 * done / total:5.1f}% {human_done} / {human_total} ({done} of {total} bytes), "
+            f"{rate / 1e6:.1f} MB/s, ETA {eta}, {connections} connection(s)")
+
+
+def parse_progress(log_tail: str) -> Progress | None:
+    """The newest progress line in the tail of a fetch container's log; None when there is none."""
+    for line in reversed(log_tail.splitlines()):
+        match = _PROGRESS_LINE.search(line)
+        if match:
+            return Progress(match["file"], int(match["done"]), int(match["total"]), float(match["rate"]) * 1e6)
+    return None

@@ -31,6 +31,7 @@ from .metrics import PHASES, RECONCILE_SECONDS, RECONCILES
 from .metrics import serve as serve_metrics
 from .reconcile.boundary import Verdict, failure_verdict, guarded
 from .reconcile.context import Context
+from .reconcile.download import poll_again
 from .reconcile.model import reconcile_model
 from .reconcile.router_status import ModelStatusPoller
 from .reconcile.serial import Coalescer
@@ -90,7 +91,8 @@ class Runtime:
                     PHASES.forget(kind_name, namespace, name)
                     self._settle(key, Verdict(ok=True), namespace, name)
                     return Verdict(ok=True)  # deleted: garbage collection removes what it owned
-                verdict = await guarded(kind, body, self.ctx, reconcile, attempt=attempt, policy=self.policy)
+                verdict = await guarded(kind, body, self.ctx, reconcile, attempt=attempt, policy=self.policy,
+                                        again_after=poll_again if kind is LLAMA_SERVERS else None)
             RECONCILE_SECONDS.labels(kind_name).observe(time.monotonic() - started)
             RECONCILES.labels(kind_name, "ok" if verdict.ok else "error").inc()
             self._settle(key, verdict, namespace, name)
@@ -105,10 +107,10 @@ class Runtime:
             pending.cancel()
         if verdict.ok:
             self._attempts.pop(key, None)
-            return
-        self._attempts[key] = self._attempts.get(key, 0) + 1
+        else:
+            self._attempts[key] = self._attempts.get(key, 0) + 1
         if verdict.retry_in is None:
-            return  # a bad spec: the next generation (or event) reconciles it again
+            return  # settled, or a bad spec: the next generation (or event) reconciles it again
         again = self.reconcile_server if key[0] == LLAMA_SERVERS.plural else self.reconcile_model
 
         def fire() -> None:

@@ -95,6 +95,8 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission("", "services", frozenset({"get", "list", "create", "patch", "delete"})),
     Permission("", "persistentvolumeclaims", frozenset({"get", "list", "create", "patch", "delete"})),
     Permission("", "pods", frozenset({"list"})),
+    # The tail of a running fetcher's log: its progress lines become status.download while it downloads.
+    Permission("", "pods/log", frozenset({"get"})),
     Permission("", "secrets", frozenset({"get"})),
     # A LlamaModel's trust ConfigMap (the sha256 recorded on first use, read by its pods' fetchers).
     Permission("", "configmaps", frozenset({"get", "create", "patch"})),
@@ -249,8 +251,10 @@ class Kube:
         body: Any = None,
         query: list[tuple[str, str]] | None = None,
         content_type: str | None = None,
+        text: bool = False,
     ) -> Any:
-        headers = {"Accept": "application/json"}
+        # pods/log answers text/plain but accepts only `*/*` or API media types in Accept (as kubectl sends).
+        headers = {"Accept": "*/*" if text else "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
         _, url, headers, body, _ = self._api.param_serialize(
@@ -268,6 +272,8 @@ class Kube:
         data = response.read()
         if not 200 <= response.status <= 299:
             raise ApiException(status=response.status, reason=response.reason, body=data.decode("utf-8", "replace"))
+        if text:
+            return data.decode("utf-8", "replace")
         return json.loads(data) if data else None
 
     async def _request(self, method: str, path: str, *, permission: str | None = None, **kwargs: Any) -> Any:
@@ -466,6 +472,14 @@ class Kube:
                 permission=_rule("patch", kind, namespace, "scale"))
         except NotFound:
             return None
+
+    async def container_log(self, namespace: str, pod: str, container: str, *, tail_lines: int) -> str:
+        """The last `tail_lines` lines a container logged (through the API server, from its kubelet)."""
+        _check_permission(PODS, "get", "log")
+        return await self._request(
+            "GET", PODS.path(namespace, pod, "log"), text=True,
+            query=[("container", container), ("tailLines", str(tail_lines))],
+            permission=_rule("get", PODS, namespace, "log"))
 
     async def read_secret_key(self, namespace: str, name: str, key: str) -> str:
         """One key of a Secret, decoded. Raises NotFound naming the Secret or the key (never the value)."""

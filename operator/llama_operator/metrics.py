@@ -29,6 +29,15 @@ SERVER_MEMORY = Gauge(
     "(device: host or gpu, the largest GPU share).", ["namespace", "name", "device"],
 )
 
+DOWNLOAD_BYTES = Gauge(
+    "llama_operator_download_bytes", "A LlamaServer's running model download (state: done or total), "
+    "from its fetcher's progress lines; absent when nothing downloads.", ["namespace", "name", "file", "state"],
+)
+DOWNLOAD_RATE = Gauge(
+    "llama_operator_download_bytes_per_second", "Transfer rate of a LlamaServer's running model download.",
+    ["namespace", "name", "file"],
+)
+
 KINDS = ("LlamaModel", "LlamaServer")
 PHASES_BY_KIND = {
     "LlamaModel": ("Pending", "Resolving", "Ready", "Failed"),
@@ -59,6 +68,7 @@ class PhaseTracker:
                 _remove(SERVER_REPLICAS, namespace, name, state)
             for device in ("host", "gpu"):
                 _remove(SERVER_MEMORY, namespace, name, device)
+            export_download(namespace, name, file=None, done=None, total=None, rate=None)
 
     def retain(self, kind: str, namespace: str | None, existing: Iterable[tuple[str, str]]) -> None:
         """Forget the objects of `kind` (in `namespace`, or everywhere) that no longer exist."""
@@ -81,6 +91,26 @@ def _remove(gauge: Gauge, *labels: str) -> None:
         gauge.remove(*labels)
     except KeyError:
         pass
+
+
+_DOWNLOADING: dict[tuple[str, str], str] = {}
+"""(namespace, server) -> the file whose download is exported, so a finished one can be removed."""
+
+
+def export_download(namespace: str, name: str, *, file: str | None, done: int | None, total: int | None,
+                    rate: int | None) -> None:
+    """Export a server's running download, or (file None) remove its last one."""
+    previous = _DOWNLOADING.pop((namespace, name), None)
+    if previous is not None and previous != file:
+        _remove(DOWNLOAD_RATE, namespace, name, previous)
+        for state in ("done", "total"):
+            _remove(DOWNLOAD_BYTES, namespace, name, previous, state)
+    if file is None:
+        return
+    _DOWNLOADING[(namespace, name)] = file
+    DOWNLOAD_BYTES.labels(namespace, name, file, "done").set(done or 0)
+    DOWNLOAD_BYTES.labels(namespace, name, file, "total").set(total or 0)
+    DOWNLOAD_RATE.labels(namespace, name, file).set(rate or 0)
 
 
 def observe_server(namespace: str, name: str, *, desired: int, ready: int, host_bytes: int | None,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_operator import fetch
+from llama_operator import contract, fetch
 from llama_operator.fetch import Fetcher, FetchOptions, headers_from_env
 from tests.fakehub import FakeHub
 
@@ -254,6 +254,12 @@ def test_progress_lines(hub: FakeHub, tmp_path: Path, caplog: pytest.LogCaptureF
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Progress")]
     assert len(lines) >= 3
     assert all("%" in line and "MB/s" in line and "ETA" in line and "/ 2.0 MiB" in line for line in lines)
+    # What the operator reads back from the container's log (contract.parse_progress): exact bytes.
+    parsed = [contract.parse_progress(line) for line in lines]
+    assert all(p is not None and p.file == "model.gguf" and p.total == 2 * MiB and 0 <= p.done <= p.total
+               for p in parsed)
+    assert [p.done for p in parsed if p] == sorted(p.done for p in parsed if p)
+    assert contract.parse_progress("\n".join(["noise", *lines, "Downloaded model.gguf"])) == parsed[-1]
 
 
 def test_parallel_resume_after_stop_fetches_only_missing_bytes(hub: FakeHub, tmp_path: Path) -> None:

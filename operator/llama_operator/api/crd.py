@@ -163,6 +163,8 @@ def llamaserver_crd() -> dict[str, Any]:
             {"name": "Model", "type": "string", "jsonPath": ".spec.modelRef.name"},
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
             {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
+            {"name": "Download", "type": "string", "jsonPath": ".status.download.summary",
+             "description": "While Downloading: percent, size and rate of the model download."},
             {"name": "Loaded", "type": "string", "jsonPath": ".status.modelsLoaded",
              "description": "With spec.models: models loaded/total."},
             {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},

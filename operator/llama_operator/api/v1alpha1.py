@@ -788,6 +788,18 @@ class ServedModelStatus(ApiModel):
     message: str | None = Field(None, description="Why it failed, when it did.")
 
 
+class DownloadStatus(ApiModel):
+    """A running model download, from the fetcher's newest progress line (the least advanced pod's)."""
+
+    pod: str | None = Field(None, description="The pod whose fetcher this is.")
+    file: str | None = Field(None, description="The file being downloaded.")
+    bytes_done: int | None = Field(None, description="Bytes on disk so far.")
+    bytes_total: int | None = Field(None, description="Size of the file in bytes.")
+    percent: int | None = Field(None, description="bytesDone / bytesTotal, in percent.")
+    bytes_per_second: int | None = Field(None, description="Transfer rate over the last progress interval.")
+    summary: str | None = Field(None, description="Percent, size and rate, for kubectl get.")
+
+
 class LlamaServerStatus(ApiModel):
     """What the fleet is doing."""
 
@@ -803,6 +815,9 @@ class LlamaServerStatus(ApiModel):
     args: list[str] | None = Field(None, description="The llama-server arguments in use.")
     memory: MemoryEstimate | None = Field(
         None, description="Estimated memory per replica (docs/memory-fit.md); see the Fits condition."
+    )
+    download: DownloadStatus | None = Field(
+        None, description="While Downloading: the model download's progress, read every few seconds."
     )
     autoscaling: AutoscalingStatus | None = Field(
         None, description="The gateway autoscaler's view (load, desired replicas, last scale, why); with spec.scaling."

@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "report the sha256 of every verified file in the termination message on success")
     parser.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS,
                         help=f"parallel connections for large files (default {DEFAULT_CONNECTIONS})")
-    parser.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
+    parser.add_argument("--progress-interval", type=float, default=contract.PROGRESS_INTERVAL_SECONDS,
+                        help="seconds between progress lines")
     parser.add_argument("--retries", type=int, default=10,
                         help="consecutive failed attempts without progress before giving up (default 10)")
     parser.add_argument("--termination-log",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..api.v1alpha1 import SPLIT_GGUF_RE
+from ..contract import PROGRESS_INTERVAL_SECONDS
 from ..errors import InvalidArguments
 from .http import hf_resolve_url, redact_url
 
@@ -52,7 +53,7 @@ class FetchOptions:
     connections: int = DEFAULT_CONNECTIONS
     hf_token: str | None = field(default=None, repr=False)
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
-    progress_interval: float = 5.0
+    progress_interval: float = PROGRESS_INTERVAL_SECONDS
     retries: int = 10
     """Consecutive failed attempts of one request (without progress in between) before giving up."""
     backoff_base: float = 1.0

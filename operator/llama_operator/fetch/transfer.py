@@ -19,7 +19,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from ..contract import GGUF_MAGIC
+from ..contract import GGUF_MAGIC, progress_line
 from ..errors import DiskFull, InterruptedFetch, NotAGguf, SourceError, SourceUnreachable
 from .cache import ModelDir
 from .http import Http
@@ -138,9 +138,9 @@ class Transfer:
     def _progress(name: str, done: int, total: int | None, rate: float, connections: int) -> None:
         if total:
             eta = (total - done) / rate if rate > 0 else math.inf
-            log.info("Progress %s: %5.1f%% %s / %s, %.1f MB/s, ETA %s, %d connection(s)", name, 100 * done / total,
-                     human(done), human(total), rate / 1e6, duration(eta) if eta != math.inf else "unknown",
-                     connections)
+            log.info("%s", progress_line(name, done, total, rate, human_done=human(done), human_total=human(total),
+                                         eta=duration(eta) if eta != math.inf else "unknown",
+                                         connections=connections))
         else:
             log.info("Progress %s: %s, %.1f MB/s", name, human(done), rate / 1e6)
 

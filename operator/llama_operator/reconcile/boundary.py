@@ -36,6 +36,8 @@ class Verdict:
 
     ok: bool
     retry_in: float | None = None
+    """Failed: when to try again (None: at the next generation). Succeeded: when to look again (None: at the
+    next event)."""
     reason: str = ""
     message: str = ""
 
@@ -57,10 +59,12 @@ async def guarded(
     *,
     attempt: int = 1,
     policy: RetryPolicy | None = None,
+    again_after: Callable[[Any], float | None] | None = None,
 ) -> Verdict:
-    """Run one reconcile; never raises (cancellation aside)."""
+    """Run one reconcile; never raises (cancellation aside). `again_after(result)`: seconds after which a
+    successful reconcile runs again although nothing changed (a download to follow), or None."""
     try:
-        await reconcile(body, ctx)
+        result = await reconcile(body, ctx)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001 - this is the boundary: every failure becomes a status
@@ -74,7 +78,7 @@ async def guarded(
         if not getattr(exc, "reported", False):  # RetryLater: the reconcile already said what it waits for
             await _report(kind, body, ctx, verdict, retry=getattr(exc, "retry", "backoff"))
         return verdict
-    return Verdict(ok=True)
+    return Verdict(ok=True, retry_in=again_after(result) if again_after is not None else None)
 
 
 def _retry_note(verdict: Verdict) -> str:

@@ -14,7 +14,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..api.errors import describe
-from ..api.v1alpha1 import Condition, LlamaModel, LlamaServer, LlamaServerSpec, LlamaServerStatus, MemoryEstimate
+from ..api.v1alpha1 import (
+    Condition,
+    DownloadStatus,
+    LlamaModel,
+    LlamaServer,
+    LlamaServerSpec,
+    LlamaServerStatus,
+    MemoryEstimate,
+)
 from ..builders import build_deployment, build_service
 from ..builders.deployment import model_name, model_problems, server_args
 from ..builders.objects import label_selector, selector_labels
@@ -24,10 +32,11 @@ from ..contract import FETCH_CONTAINER, FETCH_DRAFT_CONTAINER
 from ..fit import estimate_server
 from ..flags.validate import validate_server_spec
 from ..kube import DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, SERVICES, Invalid
-from ..metrics import PHASES, observe_server
+from ..metrics import PHASES, export_download, observe_server
 from .boundary import reconciled
 from .conditions import condition, merge_conditions, now_rfc3339
 from .context import Context
+from .download import observe_download
 from .fits import fits_condition, fits_event, gpu_nodes, memory_status
 from .server_status import FleetStatus, fleet_status
 from .trust import record_first_use
@@ -81,6 +90,7 @@ class Outcome:
     model_name: str | None = None
     args: list[str] | None = None
     memory: MemoryEstimate | None = None
+    download: DownloadStatus | None = None
 
 
 def parse_server(body: Mapping[str, Any]) -> tuple[LlamaServer | None, list[str]]:
@@ -160,8 +170,11 @@ async def _reconcile(body: Mapping[str, Any], ctx: Context) -> Outcome:
     pods = await ctx.kube.list(PODS, namespace, label_selector=_selector(name))
     await record_first_use(ctx, {FETCH_CONTAINER: model, FETCH_DRAFT_CONTAINER: draft}, pods)
     fleet = fleet_status(server.spec.replicas, deployment, pods)
-    return Outcome(fleet.phase, fleet.message, [model_ok, args_ok, fits], fleet, endpoint=endpoint_url(server),
-                   model_name=model_name(server), args=server_args(server, model, draft), memory=memory)
+    download = await observe_download(ctx, namespace, pods) if fleet.phase == "Downloading" else None
+    message = f"{fleet.message} ({download.summary})" if download is not None else fleet.message
+    return Outcome(fleet.phase, message, [model_ok, args_ok, fits], fleet, endpoint=endpoint_url(server),
+                   model_name=model_name(server), args=server_args(server, model, draft), memory=memory,
+                   download=download)
 
 
 def _parse_model(
@@ -195,6 +208,10 @@ def _observe_metrics(namespace: str, name: str, status: LlamaServerStatus, desir
     observe_server(namespace, name, desired=desired, ready=status.ready_replicas or 0,
                    host_bytes=int(parse_quantity(memory.host)) if memory else None,
                    gpu_bytes=int(parse_quantity(memory.gpu)) if memory and memory.gpu else None)
+    download = status.download
+    export_download(namespace, name, file=download.file if download else None,
+                    done=download.bytes_done if download else None, total=download.bytes_total if download else None,
+                    rate=download.bytes_per_second if download else None)
 
 
 def _fleet_conditions(fleet: FleetStatus, desired: int, generation: int | None) -> list[Condition]:
@@ -236,6 +253,7 @@ async def _write(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> Lla
                                 args=outcome.args, memory=outcome.memory).to_wire(),
             "phase": outcome.phase,
             "message": outcome.message,
+            "download": outcome.download.to_wire() if outcome.download is not None else None,
             "observedGeneration": generation,
             "replicas": fleet.replicas,
             "readyReplicas": fleet.ready_replicas,
