@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -109,8 +110,11 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(apiserver: C
         proc.send_signal(signal.SIGKILL)  # no cleanup, no graceful shutdown: mid-reconcile for the others
         proc.wait()
     done_at_kill = len(_deployments(apiserver))
+    restarted = time.monotonic()
     with _operator_process(kubeconfig, log):
         apiserver.wait_for(lambda: _converged(apiserver, names, "4096"), timeout=90, message="converged")
+    print(f"killed with {done_at_kill}/{len(names)} Deployments: converged {time.monotonic() - restarted:.1f}s "
+          "after the restart")
     assert done_at_kill < len(names), "the kill did not happen mid-way: make the batch larger"
     _assert_no_duplicates(apiserver, names)
     # One ReplicaSet per Deployment: the restarted operator re-applied the same template, it rolled nothing.
@@ -128,9 +132,12 @@ def test_many_objects_changed_while_the_operator_was_down(apiserver: ClusterApi,
     for name in names[:5]:
         apiserver.delete("v1", "services", apiserver.namespace, name)
     apiserver.delete(CRD, "llamaservers", apiserver.namespace, names[-1])
+    restarted = time.monotonic()
     with run_operator("llama_operator.handlers") as runner:
         apiserver.wait_for(lambda: _converged(apiserver, names[:-1], "8192"), timeout=120,
                            message="49 servers changed while down")
+        took = time.monotonic() - restarted
+    print(f"50 changed while down: converged {took:.1f}s after the start")  # (KopfRunner captures stdout inside)
     apiserver.wait_for(lambda: names[-1] not in _deployments(apiserver), timeout=30,
                        message="the deleted server's Deployment garbage-collected")
     _assert_no_duplicates(apiserver, names[:-1])
@@ -143,9 +150,12 @@ def test_etcd_briefly_unavailable(apiserver: ClusterApi, run_operator: Any, cont
         first = _servers(apiserver, 1, contextSize=4096)
         apiserver.wait_for(lambda: _converged(apiserver, first, "4096"), timeout=30, message="before the outage")
         control_plane.restart("etcd", down_for=5)
+        back = time.monotonic()
         _create(apiserver, "llamaservers", server_body("after", contextSize=4096))
         apiserver.wait_for(lambda: _converged(apiserver, [*first, "after"], "4096"), timeout=90,
                            message="a server created after etcd came back")
+        took = time.monotonic() - back
+    print(f"etcd down 5 s: a server created after it came back converged in {took:.1f}s")
     assert "Traceback" not in runner.output
 
 
@@ -212,9 +222,12 @@ def test_status_writes_refused_with_409_are_retried(apiserver: ClusterApi, run_o
     try:
         _create(apiserver, "llamamodels", model_body(spec=VOLUME_MODEL))
         with run_operator("llama_operator.handlers", timeout=90) as runner:
+            created = time.monotonic()
             names = _servers(apiserver, 1, contextSize=4096)
             apiserver.wait_for(lambda: _converged(apiserver, names, "4096"), timeout=60,
                                message="status written after the conflicts")
+            took = time.monotonic() - created
+        print(f"3 status writes refused with 409: status written {took:.1f}s after create")
         assert webhook.refused == 3
         assert "injected conflict" in runner.output, "the refused writes were seen, and retried"
         assert "Traceback" not in runner.output

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -178,11 +179,14 @@ def test_watches_resume_after_an_apiserver_restart(apiserver: ClusterApi, run_op
         _create(apiserver, "llamaservers", server_body(contextSize=4096))
         apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
         control_plane.restart("kube-apiserver", down_for=2)
+        back = time.monotonic()
         # Written after the restart: only a resumed (or re-listed, after 410 Gone) watch can see it.
         apiserver.patch(CRD, "llamaservers", apiserver.namespace, "chat", {"spec": {"contextSize": 8192}})
         apiserver.wait_for(lambda: "8192" in (_deployment(apiserver) or {}).get("spec", {}).get("template", {})
                            .get("spec", {}).get("containers", [{}])[0].get("args", []), timeout=60,
                            message="the change after the restart reconciled")
+        took = time.monotonic() - back
+    print(f"kube-apiserver down 2 s: a change after it came back reconciled in {took:.1f}s")
     # The new API server's watch cache starts after the versions kopf had seen: 410 Gone, and kopf re-lists.
     assert "Restarting the watch-stream" in runner.output
 
