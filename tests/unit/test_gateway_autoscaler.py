@@ -247,10 +247,14 @@ async def test_the_status_view_is_written_on_change_and_throttled_otherwise() ->
     traffic.start("default/chat")
     clock.t += 1
     await _step(autoscaler, routes)
-    assert len(api.views) == 1  # only the load changed: at most every STATUS_INTERVAL
+    assert len(api.views) == 2 and api.views[-1]["inFlight"] == 1  # from idle to busy: at once
+    traffic.start("default/chat")
+    clock.t += 1
+    await _step(autoscaler, routes)
+    assert len(api.views) == 2  # only the load changed: at most every STATUS_INTERVAL
     clock.t += autoscaler.STATUS_INTERVAL
     await _step(autoscaler, routes)
-    assert len(api.views) == 2 and api.views[-1]["inFlight"] == 1
+    assert len(api.views) == 3 and api.views[-1]["inFlight"] == 2
 
 
 async def test_servers_without_scaling_are_left_alone() -> None:

@@ -387,8 +387,9 @@ class Autoscaler:
 
     async def _report(self, route: Route, state: _State, signals: Signals, decision: Decision, now: float) -> None:
         metrics.DESIRED_REPLICAS.labels(route.key).set(decision.replicas)
-        decided = (decision.replicas, decision.reason, state.last_scale_time)
         measured = (round(signals.load, 1), self.traffic.in_flight(route.key), self.traffic.held(route.key))
+        # Requests starting to wait (or all waiting ones served) is news at once; other load changes can wait.
+        decided = (decision.replicas, decision.reason, state.last_scale_time, measured[1] > 0, measured[2] > 0)
         if state.reported is not None and state.reported[0] == decided and (
                 state.reported[1] == measured or now - state.reported_at < self.STATUS_INTERVAL):
             return

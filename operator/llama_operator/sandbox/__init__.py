@@ -39,4 +39,7 @@ def register(sub: Any) -> None:
                         help="directory with etcd, kube-apiserver, ... (default: $LLAMA_OPERATOR_CONTROL_PLANE_DIR, "
                              "PATH, or the `make control-plane` build)")
     parser.add_argument("--verbose", action="store_true", help="log every pod and container event")
+    # The gateway hook (docs/gateway.md): the chart's gateway.enabled, installed with the operator.
+    parser.add_argument("--gateway", action="store_true",
+                        help="also install the OpenAI gateway (chart value gateway.enabled; helm mode)")
     parser.set_defaults(func=_command)

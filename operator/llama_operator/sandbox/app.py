@@ -99,6 +99,7 @@ class Sandbox:
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
         self.network: PodNetwork | None = None
+        self.gateway = False  # the gateway hook (docs/gateway.md): `--gateway` installs it with the chart
 
     # ------------------------------------------------------------------------------------------ reporting
 
@@ -145,6 +146,8 @@ class Sandbox:
         helm = find_helm(self.helm)
         chart = find_chart(self.chart)
         values = values_from_env(os.environ)
+        if self.gateway:  # the gateway hook (docs/gateway.md)
+            values["gateway"] = {"enabled": True}
         output = await install(helm, chart, admin_kubeconfig, values, self.state_dir / "values.yaml")
         first = next((line for line in output.splitlines() if line.startswith("NAME:")), "")
         say(f"Operator: helm install {RELEASE} {chart} --namespace {NAMESPACE} ({first.strip() or 'installed'})")
@@ -284,6 +287,7 @@ async def _main(args: argparse.Namespace) -> int:
     sandbox = Sandbox(state_dir=args.state_path, api_port=args.api_port, service_port_base=args.service_port_base,
                       images=images, operator=args.operator, chart=args.chart, helm=args.helm,
                       control_plane_dir=args.control_plane_dir)
+    sandbox.gateway = args.gateway  # the gateway hook (docs/gateway.md)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
