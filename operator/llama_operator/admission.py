@@ -5,7 +5,7 @@ ArgsValid condition: pydantic parsing of the spec (the CRD schema's rules and mo
 flag validation of flags/validate.py. kopf routes admission requests by handler id, so the Helm chart's
 ValidatingWebhookConfiguration points at `/validate-llamaserver` and `/validate-llamamodel`.
 
-Importing this module registers the handlers; the operator's startup handler calls `configure_webhook`.
+The operator's startup handler calls `register` (into its own registry) and `configure_webhook`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ def _refuse(kind: str, problems: list[str]) -> None:
         raise kopf.AdmissionError(f"invalid {kind}: " + "; ".join(problems), code=422)
 
 
-@kopf.on.validate(GROUP, VERSION, "llamaservers", id=SERVER_WEBHOOK_ID, operations=["CREATE", "UPDATE"])
 def validate_llamaserver(
     spec: kopf.Spec, namespace: str | None, operation: str | None, old: kopf.Body | None, **_: Any
 ) -> None:
@@ -63,10 +62,22 @@ def validate_llamaserver(
         _refuse("LlamaServer", server_spec_problems(dict(spec), namespace=namespace))
 
 
-@kopf.on.validate(GROUP, VERSION, "llamamodels", id=MODEL_WEBHOOK_ID, operations=["CREATE", "UPDATE"])
 def validate_llamamodel(spec: kopf.Spec, operation: str | None, old: kopf.Body | None, **_: Any) -> None:
     if not _unchanged(operation, old, spec):
         _refuse("LlamaModel", model_spec_problems(dict(spec)))
+
+
+def register(registry: kopf.OperatorRegistry) -> None:
+    """Register both validating handlers into `registry`: the running operator's, from its startup handler.
+
+    Explicit rather than at import: a module is imported once per process, a registry is made per operator run
+    (tests run many), and kopf refuses validating handlers without a webhook server, so only an operator with
+    the webhook enabled may have them."""
+    operations = ["CREATE", "UPDATE"]
+    kopf.on.validate(GROUP, VERSION, "llamaservers", id=SERVER_WEBHOOK_ID, operations=operations,
+                     registry=registry)(validate_llamaserver)
+    kopf.on.validate(GROUP, VERSION, "llamamodels", id=MODEL_WEBHOOK_ID, operations=operations,
+                     registry=registry)(validate_llamamodel)
 
 
 def configure_webhook(settings: kopf.OperatorSettings, config: Settings) -> None:

@@ -184,10 +184,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.client_timeout = 330
     settings.queueing.error_delays = (1, 2, 5, 10, 30, 60)
     if config.webhook_port:
-        # Importing registers the validating handlers; kopf refuses to run them without a server, so
-        # they exist only when the webhook is enabled.
+        # kopf refuses validating handlers without a webhook server: they exist only when it is enabled.
         from . import admission
 
+        admission.register(kopf.get_default_registry())
         admission.configure_webhook(settings, config)
     runtime = Runtime(Context(kube=Kube(load_api_client()), settings=config, record_event=_post_event))
     memo["runtime"] = runtime

@@ -44,8 +44,6 @@ from tests.helm import helm_template
 REPO = pathlib.Path(__file__).resolve().parents[2]
 OPERATOR_NAMESPACE = "llama-system"
 RELEASE = "llama"
-# Modules whose import registers kopf handlers (besides the `-m` targets themselves).
-_HANDLER_MODULES = ("llama_operator.admission",)
 RBAC_KINDS = {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount"}
 
 
@@ -159,10 +157,8 @@ class OperatorRun:
                 cli.append(str(target))
             else:
                 # kopf imports `-m` modules; a module imported by an earlier run would be served from
-                # sys.modules and register nothing into this run's fresh registry. The same holds for the
-                # modules the operator imports at startup to register more handlers (the webhooks).
-                for module in (str(target), *_HANDLER_MODULES):
-                    sys.modules.pop(module, None)
+                # sys.modules and register nothing into this run's fresh registry.
+                sys.modules.pop(str(target), None)
                 cli += ["-m", str(target)]
         cli += list(args)
         # A fresh registry per run: handlers of a previous test (or a previous run) never leak in. A bare

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
 import socket
 import ssl
 import subprocess
@@ -61,18 +60,9 @@ def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def registry() -> kopf.OperatorRegistry:
-    """A registry holding exactly this module's webhook handlers.
-
-    The handlers register into kopf's default registry at import time, and other tests (KopfRunner) replace
-    that default; re-importing the module into a fresh registry makes these tests independent of order.
-    """
-    previous = kopf.get_default_registry()
+    """A registry holding exactly this package's webhook handlers, as the operator's startup registers them."""
     fresh = kopf.OperatorRegistry()
-    kopf.set_default_registry(fresh)
-    try:
-        importlib.reload(admission)
-    finally:
-        kopf.set_default_registry(previous)
+    admission.register(fresh)
     return fresh
 
 
