@@ -1,0 +1,66 @@
+"""The gateway through the sandbox: installed by the chart (`--gateway`), two models behind its one endpoint with
+the official openai client (chat, streaming, /v1/models), and a server at minReplicas 0 woken by its first request
+and put back to zero after idleSeconds. Load scaling, prefix affinity and a killed replica are shown on the real
+control plane in tests/integration/test_gateway.py."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.e2e.conftest import wait_for
+from tests.e2e.test_sandbox import _create, _wait_phase
+from tests.fakehub import FakeHub
+
+pytestmark = [pytest.mark.e2e, pytest.mark.runtime]
+GATEWAY = "llama-system/llama-operator-gateway"
+
+
+def test_two_models_and_scale_from_zero_through_the_gateway(sandbox_factory: Any, tiny_gguf: Path) -> None:
+    hub = FakeHub()
+    for repo in ("test/alpha-GGUF", "test/beta-GGUF"):
+        hub.add(repo, "tiny-q8_0.gguf", tiny_gguf)
+    with hub.running():
+        sandbox = sandbox_factory(env={"LLAMA_OPERATOR_HF_ENDPOINT": hub.url}, args=("--gateway",))
+        for name in ("alpha", "beta"):
+            _create(sandbox, "llamamodels", name, {"source": {"huggingFace": {
+                "repo": f"test/{name}-GGUF", "file": "tiny-q8_0.gguf"}}})
+        _create(sandbox, "llamaservers", "alpha", {"modelRef": {"name": "alpha"}, "contextSize": 256})
+        _create(sandbox, "llamaservers", "beta", {"modelRef": {"name": "beta"}, "contextSize": 256, "replicas": 0,
+                                                  "scaling": {"minReplicas": 0, "maxReplicas": 1, "idleSeconds": 5,
+                                                              "scaleDownDelaySeconds": 0}})
+        _wait_phase(sandbox, "llamaservers", "alpha", "Ready")
+        client = openai.OpenAI(base_url=sandbox.url(GATEWAY) + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        listed = wait_for(lambda: {model.id for model in client.models.list().data} or None, timeout=30,
+                          message="the gateway's model list")
+        assert {"alpha", "beta"} <= listed, listed  # beta is listed while it has no replica
+        reply = client.chat.completions.create(model="alpha", max_tokens=8,
+                                               messages=[{"role": "user", "content": "Say hello"}])
+        assert reply.model and reply.choices[0].finish_reason in ("length", "stop")
+        chunks = list(client.chat.completions.create(model="alpha", max_tokens=8, stream=True,
+                                                     messages=[{"role": "user", "content": "Count"}]))
+        assert len(chunks) > 1
+
+        # beta has no replica: the gateway holds the request, scales the server up and answers once it is Ready.
+        started = time.monotonic()
+        reply = client.chat.completions.create(model="beta", max_tokens=8,
+                                               messages=[{"role": "user", "content": "Wake up"}])
+        cold_start = time.monotonic() - started
+        print(f"beta from zero replicas to its first answer through the gateway: {cold_start:.1f}s")
+        assert reply.choices[0].finish_reason in ("length", "stop")
+        beta = sandbox.custom.get_namespaced_custom_object("llamacpp.dev", "v1alpha1", "default", "llamaservers",
+                                                           "beta")
+        assert beta["spec"]["replicas"] == 1
+
+        # ... and after idleSeconds without a request it goes back to zero.
+        wait_for(lambda: sandbox.custom.get_namespaced_custom_object(
+            "llamacpp.dev", "v1alpha1", "default", "llamaservers", "beta")["spec"]["replicas"] == 0,
+            timeout=90, message="beta back to zero replicas")
+        with pytest.raises(openai.NotFoundError) as unknown:
+            client.chat.completions.create(model="gamma", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+        assert "gamma" in str(unknown.value)
