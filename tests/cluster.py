@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import httpx
 
 from llama_operator.controlplane import ControlPlane
+from llama_operator.sandbox.client import resource_path
 from llama_operator.waiting import wait_for
 
 T = TypeVar("T")
@@ -30,17 +31,6 @@ class ApiError(Exception):
         super().__init__(f"{status}: {message}")
         self.status = status
         self.body = body
-
-
-def path_of(api_version: str, plural: str, namespace: str | None = None, name: str | None = None,
-            subresource: str | None = None) -> str:
-    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
-    path = base + (f"/namespaces/{namespace}" if namespace else "") + f"/{plural}"
-    if name:
-        path += f"/{name}"
-    if subresource:
-        path += f"/{subresource}"
-    return path
 
 
 class ClusterApi:
@@ -72,7 +62,7 @@ class ClusterApi:
     def read(self, api_version: str, plural: str, namespace: str | None, name: str,
              subresource: str | None = None) -> dict[str, Any] | None:
         try:
-            return self.request("GET", path_of(api_version, plural, namespace, name, subresource))
+            return self.request("GET", resource_path(api_version, plural, namespace, name, subresource))
         except ApiError as exc:
             if exc.status == 404:
                 return None
@@ -81,11 +71,11 @@ class ClusterApi:
     def list(self, api_version: str, plural: str, namespace: str | None = None,
              label_selector: str | None = None) -> list[dict[str, Any]]:
         params = {"labelSelector": label_selector} if label_selector else None
-        return self.request("GET", path_of(api_version, plural, namespace), params=params)["items"]
+        return self.request("GET", resource_path(api_version, plural, namespace), params=params)["items"]
 
     def create(self, api_version: str, plural: str, namespace: str | None, body: dict[str, Any]
                ) -> dict[str, Any]:
-        return self.request("POST", path_of(api_version, plural, namespace), body=body)
+        return self.request("POST", resource_path(api_version, plural, namespace), body=body)
 
     def patch(self, api_version: str, plural: str, namespace: str | None, name: str, patch: Any, *,
               subresource: str | None = None, content_type: str = MERGE_PATCH,
@@ -93,12 +83,12 @@ class ClusterApi:
         params = {"fieldManager": field_manager} if field_manager else {}
         if force:
             params["force"] = "true"
-        return self.request("PATCH", path_of(api_version, plural, namespace, name, subresource), body=patch,
+        return self.request("PATCH", resource_path(api_version, plural, namespace, name, subresource), body=patch,
                             content_type=content_type, params=params or None)
 
     def delete(self, api_version: str, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
-            return self.request("DELETE", path_of(api_version, plural, namespace, name))
+            return self.request("DELETE", resource_path(api_version, plural, namespace, name))
         except ApiError as exc:
             if exc.status == 404:
                 return None

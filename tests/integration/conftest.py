@@ -138,6 +138,14 @@ def _use_kubeconfig(path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def operator_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What every operator a test runs shares: no metrics port to collide on, no periodic resync in a test's
+    lifetime (what the tests show must follow from events). Tests set their source endpoints themselves."""
+    monkeypatch.setenv("LLAMA_OPERATOR_METRICS_PORT", "0")
+    monkeypatch.setenv("LLAMA_OPERATOR_RESYNC_SECONDS", "3600")
+
+
 @pytest.fixture
 def kubeconfig(operator_identity: OperatorIdentities, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
     path = operator_identity()

@@ -209,6 +209,9 @@ def webhook_namespace(control_plane: ControlPlane, admin: ClusterApi, operator_i
         env.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         env.setenv("LLAMA_OPERATOR_NAMESPACES", namespace)
         env.setenv("LLAMA_OPERATOR_WEBHOOK_PORT", str(port))
+        # Module-scoped: the function-scoped operator_defaults do not apply here. Without this the operator binds
+        # :8000 for metrics and fails to start wherever that port is taken (another test run on the machine).
+        env.setenv("LLAMA_OPERATOR_METRICS_PORT", "0")
         env.setenv("LLAMA_OPERATOR_WEBHOOK_CERT_DIR", str(ca.directory))
         env.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
         env.setattr(kubernetes.config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))

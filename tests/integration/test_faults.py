@@ -32,12 +32,6 @@ pytestmark = pytest.mark.integration
 VOLUME_MODEL = {"source": {"volume": {"persistentVolumeClaim": "models", "path": "m/model.gguf"}}}
 
 
-@pytest.fixture(autouse=True)
-def operator_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LLAMA_OPERATOR_METRICS_PORT", "0")
-    monkeypatch.setenv("LLAMA_OPERATOR_RESYNC_SECONDS", "3600")
-
-
 def _create(api: ClusterApi, plural: str, body: dict[str, Any]) -> dict[str, Any]:
     body = json.loads(json.dumps(body))
     for key in ("uid", "generation"):

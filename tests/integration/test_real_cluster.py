@@ -34,8 +34,6 @@ def operator_env(monkeypatch: pytest.MonkeyPatch, tiny_gguf: pathlib.Path) -> It
     hub = FakeHub()
     hub.add(REPO_ID, FILE, tiny_gguf)
     with hub.running():
-        monkeypatch.setenv("LLAMA_OPERATOR_METRICS_PORT", "0")
-        monkeypatch.setenv("LLAMA_OPERATOR_RESYNC_SECONDS", "3600")
         monkeypatch.setenv("LLAMA_OPERATOR_HF_ENDPOINT", hub.url)
         yield hub
 

@@ -34,8 +34,6 @@ def hub(tiny_gguf: pathlib.Path) -> Iterator[FakeHub]:
 
 @pytest.fixture(autouse=True)
 def operator_env(monkeypatch: pytest.MonkeyPatch, hub: FakeHub) -> None:
-    monkeypatch.setenv("LLAMA_OPERATOR_METRICS_PORT", "0")
-    monkeypatch.setenv("LLAMA_OPERATOR_RESYNC_SECONDS", "3600")
     monkeypatch.setenv("LLAMA_OPERATOR_HF_ENDPOINT", hub.url)
 
 
