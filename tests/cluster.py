@@ -7,6 +7,7 @@ test reads as "arrange through the API, run the operator, assert on what the API
 
 from __future__ import annotations
 
+import copy
 import json
 import pathlib
 import ssl
@@ -16,11 +17,13 @@ from typing import Any, TypeVar
 
 import httpx
 
+from llama_operator.api.v1alpha1 import GROUP, VERSION
 from llama_operator.controlplane import ControlPlane
 from llama_operator.sandbox.client import resource_path
 from llama_operator.waiting import wait_for
 
 T = TypeVar("T")
+LLAMA_API_VERSION = f"{GROUP}/{VERSION}"
 MERGE_PATCH = "application/merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"
 
@@ -76,6 +79,15 @@ class ClusterApi:
     def create(self, api_version: str, plural: str, namespace: str | None, body: dict[str, Any]
                ) -> dict[str, Any]:
         return self.request("POST", resource_path(api_version, plural, namespace), body=body)
+
+    def create_llama(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Create a LlamaModel/LlamaServer from a test body (tests/conftest.py factories) in this namespace;
+        the fields only the API server may set (uid, generation) are left out."""
+        body = copy.deepcopy(body)
+        for key in ("uid", "generation"):
+            body["metadata"].pop(key, None)
+        body["metadata"]["namespace"] = self.namespace
+        return self.create(LLAMA_API_VERSION, plural, self.namespace, body)
 
     def patch(self, api_version: str, plural: str, namespace: str | None, name: str, patch: Any, *,
               subresource: str | None = None, content_type: str = MERGE_PATCH,

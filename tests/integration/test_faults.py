@@ -32,18 +32,12 @@ pytestmark = pytest.mark.integration
 VOLUME_MODEL = {"source": {"volume": {"persistentVolumeClaim": "models", "path": "m/model.gguf"}}}
 
 
-def _create(api: ClusterApi, plural: str, body: dict[str, Any]) -> dict[str, Any]:
-    body = json.loads(json.dumps(body))
-    for key in ("uid", "generation"):
-        body["metadata"].pop(key, None)
-    body["metadata"]["namespace"] = api.namespace
-    return api.create(CRD, plural, api.namespace, body)
 
 
 def _servers(api: ClusterApi, count: int, **spec: Any) -> list[str]:
     names = [f"s{i:02d}" for i in range(count)]
     for name in names:
-        _create(api, "llamaservers", server_body(name, **spec))
+        api.create_llama("llamaservers", server_body(name, **spec))
     return names
 
 
@@ -96,7 +90,7 @@ def _operator_process(kubeconfig: pathlib.Path, log: pathlib.Path) -> Iterator[s
 
 def test_operator_killed_mid_reconcile_converges_without_duplicates(apiserver: ClusterApi, kubeconfig: pathlib.Path,
                                                                    tmp_path: pathlib.Path) -> None:
-    _create(apiserver, "llamamodels", model_body(spec=VOLUME_MODEL))
+    apiserver.create_llama("llamamodels", model_body(spec=VOLUME_MODEL))
     names = _servers(apiserver, 20, contextSize=4096)
     log = tmp_path / "operator.log"
     with _operator_process(kubeconfig, log) as proc:
@@ -117,7 +111,7 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(apiserver: C
 
 
 def test_many_objects_changed_while_the_operator_was_down(apiserver: ClusterApi, run_operator: Any) -> None:
-    _create(apiserver, "llamamodels", model_body(spec=VOLUME_MODEL))
+    apiserver.create_llama("llamamodels", model_body(spec=VOLUME_MODEL))
     names = _servers(apiserver, 50, contextSize=4096)
     with run_operator("llama_operator.handlers"):
         apiserver.wait_for(lambda: _converged(apiserver, names, "4096"), timeout=120, message="50 servers")
@@ -139,13 +133,13 @@ def test_many_objects_changed_while_the_operator_was_down(apiserver: ClusterApi,
 
 
 def test_etcd_briefly_unavailable(apiserver: ClusterApi, run_operator: Any, control_plane: Any) -> None:
-    _create(apiserver, "llamamodels", model_body(spec=VOLUME_MODEL))
+    apiserver.create_llama("llamamodels", model_body(spec=VOLUME_MODEL))
     with run_operator("llama_operator.handlers", timeout=90) as runner:
         first = _servers(apiserver, 1, contextSize=4096)
         apiserver.wait_for(lambda: _converged(apiserver, first, "4096"), timeout=30, message="before the outage")
         control_plane.restart("etcd", down_for=5)
         back = time.monotonic()
-        _create(apiserver, "llamaservers", server_body("after", contextSize=4096))
+        apiserver.create_llama("llamaservers", server_body("after", contextSize=4096))
         apiserver.wait_for(lambda: _converged(apiserver, [*first, "after"], "4096"), timeout=90,
                            message="a server created after etcd came back")
         took = time.monotonic() - back
@@ -214,7 +208,7 @@ def test_status_writes_refused_with_409_are_retried(apiserver: ClusterApi, run_o
             "rules": [{"apiGroups": ["llamacpp.dev"], "apiVersions": ["v1alpha1"], "operations": ["UPDATE"],
                        "resources": ["llamaservers/status"]}]}]})
     try:
-        _create(apiserver, "llamamodels", model_body(spec=VOLUME_MODEL))
+        apiserver.create_llama("llamamodels", model_body(spec=VOLUME_MODEL))
         with run_operator("llama_operator.handlers", timeout=90) as runner:
             created = time.monotonic()
             names = _servers(apiserver, 1, contextSize=4096)

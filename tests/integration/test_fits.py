@@ -4,7 +4,6 @@ the status.memory estimate, the Memory printer column, the Warning Event and the
 
 from __future__ import annotations
 
-import copy
 import pathlib
 from collections.abc import Iterator
 from typing import Any
@@ -33,12 +32,6 @@ def operator_env(monkeypatch: pytest.MonkeyPatch, hub: FakeHub) -> None:
     monkeypatch.setenv("LLAMA_OPERATOR_HF_ENDPOINT", hub.url)
 
 
-def _create(apiserver: Any, plural: str, body: dict[str, Any]) -> dict[str, Any]:
-    body = copy.deepcopy(body)
-    body["metadata"].pop("uid", None)
-    body["metadata"].pop("generation", None)
-    body["metadata"]["namespace"] = apiserver.namespace
-    return apiserver.create(CRD, plural, apiserver.namespace, body)
 
 
 def _fits(apiserver: Any, name: str, reason: str) -> dict[str, Any]:
@@ -61,8 +54,8 @@ def _events(apiserver: Any, name: str) -> list[tuple[str, str, str]]:
 
 def test_memory_limit_below_the_estimate(apiserver: Any, run_operator: Any, kubectl_admin: Any) -> None:
     with run_operator("llama_operator.handlers"):
-        _create(apiserver, "llamamodels", model_body())
-        _create(apiserver, "llamaservers", server_body(
+        apiserver.create_llama("llamamodels", model_body())
+        apiserver.create_llama("llamaservers", server_body(
             contextSize=4096, resources={"limits": {"cpu": "1", "memory": "8Mi"}}))
         status = _fits(apiserver, "chat", "MemoryLimitTooLow")
         cond = _condition(status)
@@ -90,8 +83,8 @@ def test_memory_limit_below_the_estimate(apiserver: Any, run_operator: Any, kube
 
 def test_default_request_and_trained_context(apiserver: Any, run_operator: Any) -> None:
     with run_operator("llama_operator.handlers"):
-        _create(apiserver, "llamamodels", model_body())
-        _create(apiserver, "llamaservers", server_body(contextSize=8192))  # the tiny model is trained on 4096
+        apiserver.create_llama("llamamodels", model_body())
+        apiserver.create_llama("llamaservers", server_body(contextSize=8192))  # the tiny model is trained on 4096
         status = _fits(apiserver, "chat", "ContextExceedsTraining")
         cond = _condition(status)
         assert cond["status"] == "True"
@@ -112,8 +105,8 @@ def test_gpu_memory_from_node_labels(apiserver: Any, run_operator: Any) -> None:
         "name": node, "labels": {"nvidia.com/gpu.memory": "4", "pool": apiserver.namespace}}})
     try:
         with run_operator("llama_operator.handlers"):
-            _create(apiserver, "llamamodels", model_body())
-            _create(apiserver, "llamaservers", server_body(
+            apiserver.create_llama("llamamodels", model_body())
+            apiserver.create_llama("llamaservers", server_body(
                 contextSize=4096, gpu={"vendor": "nvidia", "count": 1}, nodeSelector={"pool": apiserver.namespace}))
             status = _fits(apiserver, "chat", "GpuMemoryTooSmall")
             cond = _condition(status)

@@ -7,7 +7,6 @@ the kubelet). Clients are the official `openai` package and plain HTTP.
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import json
 import os
 import pathlib
@@ -173,22 +172,16 @@ def start_gateway(gateway_kubeconfig: pathlib.Path, apiserver: ClusterApi, tmp_p
         gateway.close()
 
 
-def _create(apiserver: ClusterApi, plural: str, body: dict[str, Any]) -> dict[str, Any]:
-    body = copy.deepcopy(body)
-    body["metadata"].pop("uid", None)
-    body["metadata"].pop("generation", None)
-    body["metadata"]["namespace"] = apiserver.namespace
-    return apiserver.create(CRD, plural, apiserver.namespace, body)
 
 
 def _model(apiserver: ClusterApi, name: str) -> None:
-    _create(apiserver, "llamamodels", model_body(name, spec={"source": {"huggingFace": {"repo": REPO_ID,
+    apiserver.create_llama("llamamodels", model_body(name, spec={"source": {"huggingFace": {"repo": REPO_ID,
                                                                                           "file": FILE}}}))
 
 
 def _server(apiserver: ClusterApi, name: str, model: str, **spec: Any) -> None:
     fields = {"contextSize": 2048, "parallel": 2, "resources": {"requests": {"cpu": "1"}}, **spec}
-    _create(apiserver, "llamaservers", server_body(name, modelRef={"name": model}, **fields))
+    apiserver.create_llama("llamaservers", server_body(name, modelRef={"name": model}, **fields))
 
 
 def _server_object(apiserver: ClusterApi, name: str) -> dict[str, Any]:

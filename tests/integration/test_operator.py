@@ -7,7 +7,6 @@ registers a Node, binds the pods to it and writes their status, exactly as a kub
 
 from __future__ import annotations
 
-import copy
 import pathlib
 import urllib.parse
 from collections.abc import Iterator
@@ -92,18 +91,12 @@ def _bound_pod(apiserver: Any, server: str, node: str) -> str:
     return name
 
 
-def _create(apiserver: Any, plural: str, body: dict[str, Any]) -> dict[str, Any]:
-    body = copy.deepcopy(body)
-    body["metadata"].pop("uid", None)
-    body["metadata"].pop("generation", None)
-    body["metadata"]["namespace"] = apiserver.namespace
-    return apiserver.create(CRD, plural, apiserver.namespace, body)
 
 
 def test_create_update_drift_and_delete(apiserver: Any, run_operator: Any) -> None:
     with run_operator("llama_operator.handlers"):
-        _create(apiserver, "llamamodels", model_body())
-        server = _create(apiserver, "llamaservers", server_body(replicas=2, contextSize=4096))
+        apiserver.create_llama("llamamodels", model_body())
+        server = apiserver.create_llama("llamaservers", server_body(replicas=2, contextSize=4096))
 
         dep = apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
         svc = apiserver.wait_for(lambda: apiserver.read("v1", "services", apiserver.namespace, "chat"),
@@ -149,12 +142,12 @@ def test_create_update_drift_and_delete(apiserver: Any, run_operator: Any) -> No
 
 def test_missing_model_then_created(apiserver: Any, run_operator: Any) -> None:
     with run_operator("llama_operator.handlers"):
-        _create(apiserver, "llamaservers", server_body())
+        apiserver.create_llama("llamaservers", server_body())
         status = _wait_phase(apiserver, "chat", "Pending", contains=f"LlamaModel {apiserver.namespace}/qwen not found")
         assert {c["type"]: c["reason"] for c in status["conditions"]}["ModelResolved"] == "ModelNotFound"
         assert _deployment(apiserver) is None
 
-        _create(apiserver, "llamamodels", model_body())
+        apiserver.create_llama("llamamodels", model_body())
         apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment after the model appeared")
         _wait_phase(apiserver, "chat", "Pending", contains="pod chat-")
 
@@ -162,7 +155,7 @@ def test_missing_model_then_created(apiserver: Any, run_operator: Any) -> None:
 def test_model_is_resolved_from_its_source(apiserver: Any, run_operator: Any, hub: FakeHub,
                                            tiny_gguf: pathlib.Path) -> None:
     with run_operator("llama_operator.handlers"):
-        _create(apiserver, "llamamodels", model_body())
+        apiserver.create_llama("llamamodels", model_body())
         status = apiserver.wait_for(lambda: _status(apiserver, "llamamodels", "qwen").get("phase") == "Ready"
                                     and _status(apiserver, "llamamodels", "qwen"), message="model Ready")
     served = hub.repos[(REPO_ID, "main")][FILE]
@@ -182,7 +175,7 @@ def test_model_is_resolved_from_its_source(apiserver: Any, run_operator: Any, hu
 def test_model_source_errors_are_precise(apiserver: Any, run_operator: Any, source: dict[str, Any], reason: str,
                                          text: str) -> None:
     with run_operator("llama_operator.handlers") as runner:
-        _create(apiserver, "llamamodels", model_body(spec={"source": source}))
+        apiserver.create_llama("llamamodels", model_body(spec={"source": source}))
         status = apiserver.wait_for(lambda: _status(apiserver, "llamamodels", "qwen").get("phase") == "Failed"
                                     and _status(apiserver, "llamamodels", "qwen"), message="model Failed")
     assert {c["type"]: c["reason"] for c in status["conditions"]}["Ready"] == reason
@@ -199,7 +192,7 @@ def test_gated_model_with_token_secret(apiserver: Any, run_operator: Any) -> Non
     source = {"huggingFace": {"repo": "org/gated-GGUF", "file": "m.gguf",
                               "tokenSecretRef": {"name": "hf", "key": "token"}}}
     with run_operator("llama_operator.handlers") as runner:
-        _create(apiserver, "llamamodels", model_body(spec={"source": source}))
+        apiserver.create_llama("llamamodels", model_body(spec={"source": source}))
         apiserver.wait_for(lambda: _status(apiserver, "llamamodels", "qwen").get("phase") == "Ready",
                            message="gated model Ready with the token")
     assert "hf_secret" not in runner.output
@@ -209,7 +202,7 @@ def test_unreachable_source_stays_resolving_with_backoff(apiserver: Any, run_ope
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLAMA_OPERATOR_HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
     with run_operator("llama_operator.handlers") as runner:
-        _create(apiserver, "llamamodels", model_body())
+        apiserver.create_llama("llamamodels", model_body())
         status = apiserver.wait_for(lambda: _status(apiserver, "llamamodels", "qwen").get("phase") == "Resolving"
                                     and "unreachable" in (_status(apiserver, "llamamodels", "qwen").get("message")
                                                           or "") and _status(apiserver, "llamamodels", "qwen"),
@@ -221,8 +214,8 @@ def test_unreachable_source_stays_resolving_with_backoff(apiserver: Any, run_ope
 
 def test_pod_states_drive_phase_and_message(apiserver: Any, run_operator: Any) -> None:
     with run_operator("llama_operator.handlers"):
-        _create(apiserver, "llamamodels", model_body())
-        _create(apiserver, "llamaservers", server_body())
+        apiserver.create_llama("llamamodels", model_body())
+        apiserver.create_llama("llamaservers", server_body())
         apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
 
         _node(apiserver, "node-a")
@@ -270,7 +263,7 @@ def test_pod_states_drive_phase_and_message(apiserver: Any, run_operator: Any) -
 def test_schema_errors_are_refused_by_the_api_server(apiserver: Any, spec: dict[str, Any], field: str,
                                                      text: str) -> None:
     with pytest.raises(ApiError) as refused:
-        _create(apiserver, "llamaservers", server_body(**spec))
+        apiserver.create_llama("llamaservers", server_body(**spec))
     assert refused.value.status == 422
     assert field in str(refused.value) and text in str(refused.value)
 
@@ -283,8 +276,8 @@ def test_bad_server_spec_gets_a_status_not_a_crash(apiserver: Any, run_operator:
                                                    field: str, text: str) -> None:
     # What only the flag catalog can say, with no admission webhook registered: the operator's status path.
     with run_operator("llama_operator.handlers") as runner:
-        _create(apiserver, "llamamodels", model_body())
-        _create(apiserver, "llamaservers", server_body(**spec))
+        apiserver.create_llama("llamamodels", model_body())
+        apiserver.create_llama("llamaservers", server_body(**spec))
         status = _wait_phase(apiserver, "chat", "Failed", contains=field)
         assert text in status["message"]
         assert {c["type"]: c["status"] for c in status["conditions"]}["ArgsValid"] == "False"
@@ -298,14 +291,14 @@ def test_bad_server_spec_gets_a_status_not_a_crash(apiserver: Any, run_operator:
 ])
 def test_bad_model_source_is_refused_by_the_api_server(apiserver: Any, source: dict[str, Any]) -> None:
     with pytest.raises(ApiError) as refused:
-        _create(apiserver, "llamamodels", model_body(spec={"source": source}))
+        apiserver.create_llama("llamamodels", model_body(spec={"source": source}))
     assert refused.value.status == 422 and "spec.source" in str(refused.value)
 
 
 def test_restart_converges_without_duplicates(apiserver: Any, run_operator: Any) -> None:
     with run_operator("llama_operator.handlers"):
-        _create(apiserver, "llamamodels", model_body())
-        _create(apiserver, "llamaservers", server_body())
+        apiserver.create_llama("llamamodels", model_body())
+        apiserver.create_llama("llamaservers", server_body())
         apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
     # while the operator is down: a spec change and a lost Service
     apiserver.patch(CRD, "llamaservers", apiserver.namespace, "chat", {"spec": {"parallel": 3}})
@@ -324,8 +317,8 @@ def test_moved_revision_rolls_servers_only_when_the_sha256_changes(apiserver: An
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLAMA_OPERATOR_MODEL_RESYNC_SECONDS", "1")
     with run_operator("llama_operator.handlers"):
-        _create(apiserver, "llamamodels", model_body())
-        _create(apiserver, "llamaservers", server_body())
+        apiserver.create_llama("llamamodels", model_body())
+        apiserver.create_llama("llamaservers", server_body())
         first = apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
         sha_before = first["spec"]["template"]["metadata"]["annotations"]["llamacpp.dev/model-sha256"]
 
@@ -349,8 +342,8 @@ def test_moved_revision_rolls_servers_only_when_the_sha256_changes(apiserver: An
 
 def test_bad_args_on_a_running_server_keep_the_running_pods(apiserver: Any, run_operator: Any) -> None:
     with run_operator("llama_operator.handlers") as runner:
-        _create(apiserver, "llamamodels", model_body())
-        _create(apiserver, "llamaservers", server_body(args=["--top-k", "20"]))
+        apiserver.create_llama("llamamodels", model_body())
+        apiserver.create_llama("llamaservers", server_body(args=["--top-k", "20"]))
         good = apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
         apiserver.patch(CRD, "llamaservers", apiserver.namespace, "chat",
                         {"spec": {"args": ["--mlock"], "contextSize": 8192}})
@@ -368,8 +361,8 @@ def test_bad_args_on_a_running_server_keep_the_running_pods(apiserver: Any, run_
 def test_owned_kinds_are_watched_with_a_server_side_label_selector(apiserver: Any, run_operator: Any,
                                                                    control_plane: Any) -> None:
     with run_operator("llama_operator.handlers"):
-        _create(apiserver, "llamamodels", model_body())
-        _create(apiserver, "llamaservers", server_body())
+        apiserver.create_llama("llamamodels", model_body())
+        apiserver.create_llama("llamaservers", server_body())
         apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
     # The API server's audit log: what the operator's ServiceAccount really asked for.
     watches = [urllib.parse.urlsplit(event["requestURI"]) for event in control_plane.audit_events()

@@ -38,12 +38,6 @@ def operator_env(monkeypatch: pytest.MonkeyPatch, tiny_gguf: pathlib.Path) -> It
         yield hub
 
 
-def _create(api: ClusterApi, plural: str, body: dict[str, Any]) -> dict[str, Any]:
-    body = json.loads(json.dumps(body))
-    body["metadata"].pop("uid", None)
-    body["metadata"].pop("generation", None)
-    body["metadata"]["namespace"] = api.namespace
-    return api.create(CRD, plural, api.namespace, body)
 
 
 def _status(api: ClusterApi, plural: str, name: str) -> dict[str, Any]:
@@ -61,8 +55,8 @@ def _owner(obj: dict[str, Any]) -> tuple[str, str]:
 
 def test_deployment_replicaset_pod_by_the_real_controllers(apiserver: ClusterApi, run_operator: Any) -> None:
     with run_operator("llama_operator.handlers"):
-        _create(apiserver, "llamamodels", model_body())
-        _create(apiserver, "llamaservers", server_body(replicas=2))
+        apiserver.create_llama("llamamodels", model_body())
+        apiserver.create_llama("llamaservers", server_body(replicas=2))
         apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
         replica_sets = apiserver.wait_for(lambda: apiserver.list("apps/v1", "replicasets", apiserver.namespace),
                                           message="a ReplicaSet from the Deployment controller")
@@ -87,8 +81,8 @@ def test_deployment_replicaset_pod_by_the_real_controllers(apiserver: ClusterApi
 def test_kubectl_get_llama_prints_the_columns_and_explain_works(apiserver: ClusterApi, run_operator: Any,
                                                                kubectl_admin: Callable[..., Any]) -> None:
     with run_operator("llama_operator.handlers"):
-        _create(apiserver, "llamamodels", model_body())
-        _create(apiserver, "llamaservers", server_body())
+        apiserver.create_llama("llamamodels", model_body())
+        apiserver.create_llama("llamaservers", server_body())
         apiserver.wait_for(lambda: _status(apiserver, "llamaservers", "chat").get("endpoint")
                            and _status(apiserver, "llamamodels", "qwen").get("phase") == "Ready", message="statuses")
     table = kubectl_admin("get", "llama", check=True).stdout
@@ -111,8 +105,8 @@ def test_kubectl_get_llama_prints_the_columns_and_explain_works(apiserver: Clust
 def test_kubectl_scale_goes_through_the_scale_subresource(apiserver: ClusterApi, run_operator: Any,
                                                          kubectl_admin: Callable[..., Any]) -> None:
     with run_operator("llama_operator.handlers"):
-        _create(apiserver, "llamamodels", model_body())
-        _create(apiserver, "llamaservers", server_body())
+        apiserver.create_llama("llamamodels", model_body())
+        apiserver.create_llama("llamaservers", server_body())
         apiserver.wait_for(lambda: _status(apiserver, "llamaservers", "chat").get("selector"), message="selector")
         kubectl_admin("scale", "lserver", "chat", "--replicas", "3", check=True)
         apiserver.wait_for(lambda: (_deployment(apiserver) or {}).get("spec", {}).get("replicas") == 3,
@@ -125,8 +119,8 @@ def test_kubectl_scale_goes_through_the_scale_subresource(apiserver: ClusterApi,
 def test_server_side_apply_conflicts_name_the_operator(apiserver: ClusterApi, run_operator: Any,
                                                       kubectl_admin: Callable[..., Any]) -> None:
     with run_operator("llama_operator.handlers"):
-        _create(apiserver, "llamamodels", model_body())
-        _create(apiserver, "llamaservers", server_body(replicas=1))
+        apiserver.create_llama("llamamodels", model_body())
+        apiserver.create_llama("llamaservers", server_body(replicas=1))
         apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
         managers = {entry["manager"] for entry in _deployment(apiserver)["metadata"]["managedFields"]}
         assert "llama-operator" in managers
@@ -152,7 +146,7 @@ def test_immutable_cache_pvc_change_is_a_clear_status(apiserver: ClusterApi, run
     cache = {"type": "PersistentVolumeClaim", "size": "1Gi", "storageClassName": "none"}
     with run_operator("llama_operator.handlers") as runner:
         spec = {**model_body()["spec"], "cache": cache}
-        _create(apiserver, "llamamodels", model_body(spec=spec))
+        apiserver.create_llama("llamamodels", model_body(spec=spec))
         pvc = apiserver.wait_for(lambda: next(iter(apiserver.list("v1", "persistentvolumeclaims",
                                                                   apiserver.namespace)), None), message="cache PVC")
         assert pvc["spec"]["resources"]["requests"]["storage"] == "1Gi"
@@ -173,8 +167,8 @@ def test_immutable_cache_pvc_change_is_a_clear_status(apiserver: ClusterApi, run
 def test_watches_resume_after_an_apiserver_restart(apiserver: ClusterApi, run_operator: Any,
                                                    control_plane: Any) -> None:
     with run_operator("llama_operator.handlers") as runner:
-        _create(apiserver, "llamamodels", model_body())
-        _create(apiserver, "llamaservers", server_body(contextSize=4096))
+        apiserver.create_llama("llamamodels", model_body())
+        apiserver.create_llama("llamaservers", server_body(contextSize=4096))
         apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
         control_plane.restart("kube-apiserver", down_for=2)
         back = time.monotonic()
@@ -191,8 +185,8 @@ def test_watches_resume_after_an_apiserver_restart(apiserver: ClusterApi, run_op
 
 def test_namespaced_mode_runs_on_the_charts_role_alone(apiserver: ClusterApi, run_operator: Any) -> None:
     with run_operator("llama_operator.handlers", namespace=apiserver.namespace) as runner:
-        _create(apiserver, "llamamodels", model_body())
-        _create(apiserver, "llamaservers", server_body())
+        apiserver.create_llama("llamamodels", model_body())
+        apiserver.create_llama("llamaservers", server_body())
         apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment in namespaced mode")
         apiserver.wait_for(lambda: _status(apiserver, "llamaservers", "chat").get("endpoint"), message="status")
     assert [line for line in runner.output.splitlines() if "Forbidden" in line] == []

@@ -3,7 +3,6 @@ use is recorded through the real API (ConfigMap permissions included) without to
 
 from __future__ import annotations
 
-import copy
 import pathlib
 from collections.abc import Iterator
 from typing import Any
@@ -37,12 +36,6 @@ def operator_env(monkeypatch: pytest.MonkeyPatch, hub: FakeHub) -> None:
     monkeypatch.setenv("LLAMA_OPERATOR_HF_ENDPOINT", hub.url)
 
 
-def _create(apiserver: Any, plural: str, body: dict[str, Any]) -> dict[str, Any]:
-    body = copy.deepcopy(body)
-    for key in ("uid", "generation"):
-        body["metadata"].pop(key, None)
-    body["metadata"]["namespace"] = apiserver.namespace
-    return apiserver.create(CRD, plural, apiserver.namespace, body)
 
 
 def _status(apiserver: Any, plural: str, name: str) -> dict[str, Any]:
@@ -53,8 +46,9 @@ def test_trust_on_first_use_is_recorded_without_rolling_the_pods(apiserver: Any,
                                                                  hub: FakeHub) -> None:
     served = hub.plain["tiny.gguf"]
     with run_operator("llama_operator.handlers"):
-        _create(apiserver, "llamamodels", model_body(spec={"source": {"http": {"url": f"{hub.url}/plain/tiny.gguf"}}}))
-        _create(apiserver, "llamaservers", server_body())
+        apiserver.create_llama("llamamodels",
+                               model_body(spec={"source": {"http": {"url": f"{hub.url}/plain/tiny.gguf"}}}))
+        apiserver.create_llama("llamaservers", server_body())
         model = apiserver.wait_for(lambda: _status(apiserver, "llamamodels", "qwen").get("phase") == "Ready"
                                    and _status(apiserver, "llamamodels", "qwen"), message="model Ready")
         assert "sha256" not in model  # nothing published: trust on first use applies
@@ -88,10 +82,11 @@ def test_trust_on_first_use_is_recorded_without_rolling_the_pods(apiserver: Any,
 
 def test_a_draft_with_a_volume_source_is_a_failed_status(apiserver: Any, run_operator: Any, hub: FakeHub) -> None:
     with run_operator("llama_operator.handlers") as runner:
-        _create(apiserver, "llamamodels", model_body(spec={"source": {"http": {"url": f"{hub.url}/plain/tiny.gguf"}}}))
-        _create(apiserver, "llamamodels", model_body("draft", spec={"source": {"volume": {
+        apiserver.create_llama("llamamodels",
+                               model_body(spec={"source": {"http": {"url": f"{hub.url}/plain/tiny.gguf"}}}))
+        apiserver.create_llama("llamamodels", model_body("draft", spec={"source": {"volume": {
             "persistentVolumeClaim": "models", "path": "d/draft.gguf"}}}))
-        _create(apiserver, "llamaservers", server_body(speculative={"draftModelRef": {"name": "draft"}}))
+        apiserver.create_llama("llamaservers", server_body(speculative={"draftModelRef": {"name": "draft"}}))
         status = apiserver.wait_for(lambda: _status(apiserver, "llamaservers", "chat").get("phase") == "Failed"
                                     and _status(apiserver, "llamaservers", "chat"), message="server Failed")
         assert "spec.speculative.draftModelRef" in status["message"] and "volume source" in status["message"]
