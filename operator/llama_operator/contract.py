@@ -166,10 +166,18 @@ class Progress:
     rate: float
 
 
-def progress_line(file: str, done: int, total: int, rate: float, *, human_done: str, human_total: str,
-                  eta: str, connections: int) -> str:
+def human(n: float) -> str:
+    """A byte count for people: `512 B`, `1.5 KiB` ... `2.0 TiB` (the fetcher's log, the operator's status)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def progress_line(file: str, done: int, total: int, rate: float, *, eta: str, connections: int) -> str:
     """The fetcher's progress line: readable, and with exact bytes for the operator (`parse_progress`)."""
-    return (f"Progress {file}: {100 * done / total:5.1f}% {human_done} / {human_total} ({done} of {total} bytes), "
+    return (f"Progress {file}: {100 * done / total:5.1f}% {human(done)} / {human(total)} ({done} of {total} bytes), "
             f"{rate / 1e6:.1f} MB/s, ETA {eta}, {connections} connection(s)")
 
 

@@ -20,8 +20,8 @@ SERVER_LABELS = {"app.kubernetes.io/name": "llama-server", "llamacpp.dev/server"
 
 
 def _line(done: int, total: int, rate: float) -> str:
-    return "2026-12-02 10:00:00,000 INFO " + contract.progress_line(
-        "m.gguf", done, total, rate, human_done="x", human_total="y", eta="1s", connections=1)
+    return "2026-12-02 10:00:00,000 INFO " + contract.progress_line("m.gguf", done, total, rate, eta="1s",
+                                                                     connections=1)
 
 
 def _pod(name: str, fetch_state: dict, server_ready: bool = False) -> dict:

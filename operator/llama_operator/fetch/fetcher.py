@@ -10,13 +10,13 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from ..contract import GGUF_MAGIC
+from ..contract import GGUF_MAGIC, human
 from ..errors import ChecksumMismatch, DiskFull, InterruptedFetch, NotAGguf
 from .cache import ModelDir, disk_free, fsync_dir
 from .http import Http, Response, parse_linked_headers, redact_url
 from .plan import FetchOptions, Piece, RemoteFile, remote_files, segment_plan
 from .retry import retrying
-from .transfer import Transfer, duration, human
+from .transfer import Transfer, duration
 
 log = logging.getLogger(__name__)
 

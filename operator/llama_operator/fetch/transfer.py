@@ -19,7 +19,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from ..contract import GGUF_MAGIC, progress_line
+from ..contract import GGUF_MAGIC, human, progress_line
 from ..errors import DiskFull, InterruptedFetch, NotAGguf, SourceError, SourceUnreachable
 from .cache import ModelDir
 from .http import Http
@@ -32,14 +32,6 @@ BUFFER_SIZE = 256 * 1024  # readinto fills it completely: small enough for promp
 
 class _Stopped(Exception):  # noqa: N818 - control flow inside a worker, never escapes this module
     """SIGTERM, or another worker failed: this worker stops where it is."""
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def duration(seconds: float) -> str:
@@ -138,8 +130,7 @@ class Transfer:
     def _progress(name: str, done: int, total: int | None, rate: float, connections: int) -> None:
         if total:
             eta = (total - done) / rate if rate > 0 else math.inf
-            log.info("%s", progress_line(name, done, total, rate, human_done=human(done), human_total=human(total),
-                                         eta=duration(eta) if eta != math.inf else "unknown",
+            log.info("%s", progress_line(name, done, total, rate, eta=duration(eta) if eta != math.inf else "unknown",
                                          connections=connections))
         else:
             log.info("Progress %s: %s, %.1f MB/s", name, human(done), rate / 1e6)

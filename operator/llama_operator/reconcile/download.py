@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..api.v1alpha1 import DownloadStatus, LlamaServerStatus
-from ..contract import PROGRESS_INTERVAL_SECONDS, Progress, is_fetch_container, parse_progress
+from ..contract import PROGRESS_INTERVAL_SECONDS, Progress, human, is_fetch_container, parse_progress
 from ..errors import KubeError
 from .context import Context
 
@@ -38,18 +38,10 @@ def running_fetchers(pods: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]
     return found
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def download_status(pod: str, progress: Progress) -> DownloadStatus:
     """The status of one fetch, for people (`summary`, also a printer column) and for tools (the numbers)."""
     percent = int(100 * progress.done / progress.total) if progress.total else 0
-    summary = f"{percent}% of {_human(progress.total)}, {progress.rate / 1e6:.1f} MB/s"
+    summary = f"{percent}% of {human(progress.total)}, {progress.rate / 1e6:.1f} MB/s"
     return DownloadStatus(pod=pod, file=progress.file, bytes_done=progress.done, bytes_total=progress.total,
                           percent=percent, bytes_per_second=int(progress.rate), summary=summary)
 
