@@ -6,7 +6,7 @@ Every setting is documented in docs/configuration.md; the Helm chart sets them a
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -132,27 +132,23 @@ def _optional_port(env: Mapping[str, str], name: str, *, default: int | None) ->
     return int(raw)
 
 
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+def _number(env: Mapping[str, str], name: str, default: float, valid: Callable[[float], bool], expected: str
+            ) -> float:
     raw = env.get(name)
     if raw is None:
         return default
     try:
         value = float(raw)
     except ValueError:
-        value = -1
-    if value <= 0:
-        raise SettingsError(f"{name}={raw!r}: must be a positive number of seconds")
+        value = -1  # not a number: refused with the same message as an out-of-range one
+    if not valid(value):
+        raise SettingsError(f"{name}={raw!r}: must be {expected}")
     return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    return _number(env, name, default, lambda v: v > 0, "a positive number of seconds")
 
 
 def _percent(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 1000:
-        raise SettingsError(f"{name}={raw!r}: must be a percentage from 0 to 1000")
-    return value
+    return _number(env, name, default, lambda v: 0 <= v <= 1000, "a percentage from 0 to 1000")

@@ -230,6 +230,9 @@ class ControlPlane:
         self._kubelet_client = ca.issue("apiserver-kubelet-client", common_name="kube-apiserver-kubelet-client",
                                         organizations=["system:masters"], client=True)
         self._sa: KeyPair = write_service_account_key(self.pki)
+        # The admin's TLS context, made once per PKI: readiness polls use it several times a second.
+        self._admin_tls = ssl.create_default_context(cafile=str(self.ca_cert))
+        self._admin_tls.load_cert_chain(str(self._admin.cert), str(self._admin.key))
 
     def _write_admin_kubeconfig(self) -> None:
         _write_kubeconfig(self.admin_kubeconfig, server=self.server, ca_pem=self.ca_cert.read_bytes(),
@@ -306,12 +309,10 @@ class ControlPlane:
                 "--audit-log-mode", "blocking", "--audit-log-format", "json"]
 
     def _admin_request(self, method: str, path: str, body: Any = None) -> bytes:
-        context = ssl.create_default_context(cafile=str(self.ca_cert))
-        context.load_cert_chain(str(self._admin.cert), str(self._admin.key))
         request = urllib.request.Request(f"{self.server}{path}", method=method,
                                          data=None if body is None else json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10, context=context) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(request, timeout=10, context=self._admin_tls) as response:  # noqa: S310
             return bytes(response.read())
 
     def _wait_ready(self, process: _Process, timeout: float) -> None:
