@@ -251,12 +251,11 @@ async def splice(client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
             writer.close()
 
 
-class Forwarder:
-    """Listens on host:port and splices every connection to target_host:target_port."""
+class _Listener:
+    """A TCP server on host:port whose connections `_serve` handles."""
 
-    def __init__(self, host: str, port: int, target_host: str, target_port: int) -> None:
+    def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self.target = (target_host, target_port)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -267,6 +266,17 @@ class Forwarder:
             self._server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class Forwarder(_Listener):
+    """Listens on host:port and splices every connection to target_host:target_port."""
+
+    def __init__(self, host: str, port: int, target_host: str, target_port: int) -> None:
+        super().__init__(host, port)
+        self.target = (target_host, target_port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             upstream = await asyncio.open_connection(*self.target)
         except OSError:
@@ -275,24 +285,16 @@ class Forwarder:
         await splice((reader, writer), upstream)
 
 
-class EgressProxy:
+class EgressProxy(_Listener):
     """A minimal HTTP proxy: `CONNECT host:port` tunnels, and absolute-URI requests (plain http) forwarded
     with `Connection: close`. The pods' only way off the pod network."""
 
     def __init__(self, host: str, port: int = PROXY_PORT) -> None:
-        self.host, self.port = host, port
-        self._server: asyncio.Server | None = None
+        super().__init__(host, port)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
