@@ -244,7 +244,7 @@ def test_two_models_behind_one_endpoint(apiserver: ClusterApi, run_operator: Any
 
         # Streaming with the official client: chunks arrive one by one, then the stream ends.
         stream = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}],
-                                                max_tokens=16, stream=True)
+                                                max_tokens=16, stream=True, extra_body={"ignore_eos": True})
         chunks = [chunk for chunk in stream]
         assert len(chunks) >= 8 and all(c.object == "chat.completion.chunk" for c in chunks)
         assert chunks[-1].choices[0].finish_reason == "length"
