@@ -41,7 +41,7 @@ RUN_AS_USER = 65532
 """A fixed non-root UID: the llama.cpp images default to root, which restricted pod security forbids."""
 
 GPU_RESOURCES = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu", "intel": "gpu.intel.com/i915"}
-STARTUP_PROBE_PERIOD_SECONDS = 2
+STARTUP_PROBE_PERIOD_SECONDS = 1
 """Probe loading often: /health is cheap, and a 10 s period would add up to 10 s to every start."""
 
 MODEL_SHA_ANNOTATION = "llamacpp.dev/model-sha256"
