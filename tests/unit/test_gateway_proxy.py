@@ -489,3 +489,37 @@ async def test_a_pooled_connection_the_replica_closed_is_retried_on_a_new_one(gw
         server.close()
     assert answered == 4
     assert _counter("llama_gateway_upstream_retries_total", model="default/chat") == retries  # not another replica
+
+
+async def test_a_replica_that_hung_up_and_then_answers_503_is_skipped_for_another(gw: Harness,
+                                                                                upstreams: list[Upstream]) -> None:
+    """A replica killed mid-request and restarted at once (a kubelet restarts a container at once the first time):
+    the request's connection is closed without an answer, and the retry on a fresh connection meets the new
+    llama-server still loading (503). The request had no byte yet, so it goes to the other ready replica."""
+    connections = 0
+
+    async def killed_then_loading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(
+            b"content-length")))
+        await reader.readexactly(length)
+        if connections > 1:
+            body = b'{"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}'
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+        writer.close()  # the first time: no answer at all
+
+    server = await asyncio.start_server(killed_then_loading, "127.0.0.1", 0)
+    gw.server("chat")
+    gw.slices("chat", [server.sockets[0].getsockname()[1], upstreams[0]])
+    try:
+        for _ in range(4):
+            async with await gw.post("qwen") as response:
+                assert response.status == 200, await response.text()
+    finally:
+        server.close()
+    assert connections == 2, "the hung-up replica got the retry on a fresh connection, then was skipped"
+    assert len(upstreams[0].requests) == 4

@@ -293,7 +293,9 @@ class Proxy:
                 try:
                     upstream = await self._session.request(request.method, url + request.path_qs, data=body,
                                                            headers=headers)
-                    retry_status = upstream.status in RETRY_STATUSES and len(candidates) > 1
+                    # Another ready replica to go to (on a retry of a hung-up connection `candidates` is only
+                    # this one, so ask the table again): a 502/503/504 goes there instead of to the client.
+                    retry_status = upstream.status in RETRY_STATUSES and bool(self._candidates(route, tried))
                     first = b"" if retry_status else await upstream.content.readany()
                 except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                     last_error = f"{url}: {type(exc).__name__}: {exc}".rstrip(": ")
