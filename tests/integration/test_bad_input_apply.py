@@ -74,6 +74,8 @@ API_ROWS = [
         ("spec.gpu.count: Invalid value: 0: spec.gpu.count in body should be greater than or equal to 1",)),
     Row("context with a unit", "LlamaServer", {"modelRef": {"name": "qwen"}, "contextSize": "4k"}, "schema",
         ('spec.contextSize: Invalid value: "string": spec.contextSize in body must be of type integer',)),
+    Row("chat template that is not built in", "LlamaServer", {"modelRef": {"name": "qwen"}, "chatTemplate": "lama3"},
+        "schema", ('spec.chatTemplate: Unsupported value: "lama3": supported values: "bailing", ',)),
     Row("gpuLayers word", "LlamaServer", {"modelRef": {"name": "qwen"}, "gpuLayers": "most"}, "CEL",
         ("spec.gpuLayers: must be a number, 'auto' or 'all'",)),
     Row("empty argument", "LlamaServer", {"modelRef": {"name": "qwen"}, "args": ["--jinja", ""]}, "CEL",

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.runtime
 SPEC = {
     "models": [
         {"modelRef": {"name": "alpha"}, "contextSize": 512, "loadOnStartup": True},
-        {"modelRef": {"name": "beta"}, "alias": "bee", "contextSize": 1024, "parallel": 2},
+        {"modelRef": {"name": "beta"}, "alias": "bee", "contextSize": 1024, "parallel": 2, "chatTemplate": "llama3"},
         {"modelRef": {"name": "gamma"}, "contextSize": 256, "idleUnloadSeconds": 2, "flashAttention": "on",
          "cacheTypeK": "q8_0", "cacheTypeV": "q8_0"},
     ],
@@ -120,6 +120,12 @@ def _chat(url: str, model: str) -> dict[str, Any]:
     return dict(response.json())
 
 
+def _prompt(url: str, model: str) -> str:
+    response = httpx.post(f"{url}/apply-template", timeout=30,
+                          json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    return str(response.json()["prompt"])
+
+
 def test_every_section_is_a_model_with_its_own_settings(router: tuple[str, str]) -> None:
     url, _ = router
     assert _wait_states(url, {"alpha": "loaded"}) == {"alpha": "loaded", "bee": "unloaded", "gamma": "unloaded"}
@@ -133,6 +139,7 @@ def test_every_section_is_a_model_with_its_own_settings(router: tuple[str, str])
     assert flag("bee", "--parallel") == "2" and "--parallel" not in args["alpha"]
     assert (flag("gamma", "--cache-type-v"), flag("gamma", "--flash-attn")) == ("q8_0", "on")
     assert flag("gamma", "--sleep-idle-seconds") == "2"
+    assert flag("bee", "--chat-template") == "llama3" and "--no-jinja" in args["bee"]
     # What the router itself was given reaches every instance.
     assert all(flag(m, "--top-k") == "5" and flag(m, "--threads") == "1" for m in args)
     # The alias is the section name: the router names the instance after it.
@@ -142,8 +149,12 @@ def test_every_section_is_a_model_with_its_own_settings(router: tuple[str, str])
 def test_the_third_model_loads_and_the_least_recently_used_one_stops(router: tuple[str, str]) -> None:
     url, _ = router
     _wait_states(url, {"alpha": "loaded"})
+    # bee's built-in template shapes its prompts; alpha (a GGUF without a template) gets llama-server's chatml.
+    # In the order of the chats, so that alpha stays the least recently used.
     assert _chat(url, "alpha")["model"] == "alpha"
+    assert _prompt(url, "alpha").startswith("<|im_start|>user")
     assert _chat(url, "bee")["model"] == "bee"
+    assert _prompt(url, "bee").startswith("<|start_header_id|>user")
     assert _wait_states(url, {"alpha": "loaded", "bee": "loaded"}) == \
         {"alpha": "loaded", "bee": "loaded", "gamma": "unloaded"}
     assert _chat(url, "gamma")["model"] == "gamma"

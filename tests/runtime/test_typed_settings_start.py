@@ -6,9 +6,11 @@ Every spec is validated first: what validate_server_spec accepts must start.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -62,12 +64,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("model") / "tiny.gguf")
 
 
-@pytest.mark.parametrize("fields", list(CASES.values()), ids=list(CASES))
-def test_rendered_args_start_llama_server(fields: dict, tiny_model: Path, tmp_path: Path):
+@contextlib.contextmanager
+def _serving(fields: dict, model: Path, tmp_path: Path) -> Iterator[str]:
+    """Start llama-server with the args rendered from `fields`; yield its URL once /health answers 200."""
     spec = LlamaServerSpec.model_validate({"modelRef": {"name": "tiny"}, **fields})
     assert validate_server_spec(spec) == []
-    args = render_args(spec, model_path=str(tiny_model), model_name=spec.alias or "tiny", threads=spec.threads,
-                       draft_model_path=str(tiny_model))
+    args = render_args(spec, model_path=str(model), model_name=spec.alias or "tiny", threads=spec.threads,
+                       draft_model_path=str(model))
     port = _free_port()
     # The pod listens on 0.0.0.0:8080; locally: loopback and a free port, everything else as rendered.
     args[args.index("--host") + 1] = "127.0.0.1"
@@ -87,6 +90,7 @@ def test_rendered_args_start_llama_server(fields: dict, tiny_model: Path, tmp_pa
                 break
             time.sleep(0.1)
         assert status == 200, f"llama-server {args} did not become healthy:\n{log.read_text()[-3000:]}"
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         try:
@@ -94,3 +98,20 @@ def test_rendered_args_start_llama_server(fields: dict, tiny_model: Path, tmp_pa
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("fields", list(CASES.values()), ids=list(CASES))
+def test_rendered_args_start_llama_server(fields: dict, tiny_model: Path, tmp_path: Path):
+    with _serving(fields, tiny_model, tmp_path):
+        pass
+
+
+@pytest.mark.parametrize(("name", "marker"), [("llama3", "<|start_header_id|>user<|end_header_id|>"),
+                                              ("gemma", "<start_of_turn>user\n"), ("chatml", "<|im_start|>user\n")])
+def test_a_builtin_chat_template_formats_the_prompt(name: str, marker: str, tiny_model: Path, tmp_path: Path):
+    # The tiny GGUF has no template of its own; a named one must shape the prompt (with Jinja on, llama-server
+    # took the name as the template's text and the whole prompt was the word itself).
+    with _serving({"chatTemplate": name}, tiny_model, tmp_path) as url:
+        prompt = httpx.post(f"{url}/apply-template", json={"messages": [{"role": "user", "content": "Hi"}]},
+                            timeout=10).json()["prompt"]
+    assert marker in prompt and "Hi" in prompt, prompt

@@ -38,6 +38,9 @@ BAD_CASES: list[tuple[str, dict[str, Any], list[str], list[str]]] = [
      ["spec.args[2]: --temperature is given twice (also at spec.args[0]); give each flag once"], ["repeated"]),
     ("positive and negative form", {"args": ["--jinja", "--no-jinja"]},
      ["spec.args[1]: --no-jinja is given twice (also at spec.args[0]); give each flag once"], ["repeated"]),
+    ("--jinja with a built-in chatTemplate", {"chatTemplate": "llama3", "args": ["--jinja"]},
+     ["spec.args[0]: --jinja: spec.chatTemplate names a built-in template, which llama-server applies only without "
+      "Jinja; remove --jinja, or unset chatTemplate to use the GGUF's Jinja template"], ["chat-template-jinja"]),
     ("removed --mlock", {"args": ["--mlock"]},
      ["spec.args[0]: --mlock was removed from llama.cpp: use spec.loadMode: mlock (--load-mode mlock)"],
      ["removed"]),

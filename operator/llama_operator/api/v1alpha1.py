@@ -10,8 +10,9 @@ import re
 from collections.abc import Callable
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from ..flags.catalog import builtin_chat_templates
 from .base import ApiModel, GpuLayers, Quantity
 from .cel import Rule, cel_schema, check_value, snake
 from .k8s import Affinity, EnvVar, ResourceRequirements, Toleration
@@ -412,6 +413,27 @@ class RoutingSpec(ApiModel):
         "in-flight) requests; past that the next replica on the ring gets the request.")
 
 
+def _builtin_chat_template(name: str) -> str:
+    if name not in builtin_chat_templates():
+        import difflib
+
+        close = difflib.get_close_matches(name, builtin_chat_templates(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"{name!r} is not one of llama.cpp's built-in chat templates{hint}: "
+                         f"{', '.join(builtin_chat_templates())}")
+    return name
+
+
+ChatTemplateName = Annotated[
+    str, AfterValidator(_builtin_chat_template), Field(json_schema_extra={"enum": list(builtin_chat_templates())})]
+"""A chat template llama.cpp formats itself. Rendered with --no-jinja: with Jinja on (llama-server's default)
+--chat-template takes the template's text, so a name would be the whole prompt."""
+CHAT_TEMPLATE_DESCRIPTION = (
+    "--chat-template (with --no-jinja): one of llama.cpp's built-in templates, e.g. chatml, llama3, gemma, for a "
+    "GGUF without a template of its own or to override it; tool calls need the GGUF's Jinja template. Unset: the "
+    "GGUF's own template (llama-server falls back to chatml when it has none).")
+
+
 KvCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 LoadMode = Literal["auto", "none", "mmap", "mlock", "mmap+mlock", "dio"]
 ARGS_MAX_ITEMS = 256
@@ -571,9 +593,7 @@ class ServedModel(ApiModel):
         None, description="--n-gpu-layers: a number, auto or all (default all when gpu is set).")
     mode: Literal["chat", "embedding", "rerank"] = Field(
         "chat", description="chat (completions), embedding (--embedding) or rerank (--reranking).")
-    chat_template: str | None = Field(
-        None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-        description="--chat-template: a built-in template name, e.g. chatml or llama3.")
+    chat_template: ChatTemplateName | None = Field(None, description=CHAT_TEMPLATE_DESCRIPTION)
     load_mode: LoadMode | None = Field(
         None, description="--load-mode: auto, none, mmap, mlock, mmap+mlock or dio.")
 
@@ -677,9 +697,7 @@ class LlamaServerSpec(ApiModel):
     mode: Literal["chat", "embedding", "rerank"] = Field(
         "chat", description="chat (completions), embedding (--embedding) or rerank (--reranking)."
     )
-    chat_template: str | None = Field(
-        None, min_length=1, description="--chat-template: a built-in template name, e.g. chatml or llama3."
-    )
+    chat_template: ChatTemplateName | None = Field(None, description=CHAT_TEMPLATE_DESCRIPTION)
     load_mode: LoadMode | None = Field(
         None,
         description="--load-mode: how weights are loaded: auto, none (read, no mmap), mmap, mlock (keep in RAM), "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -141,3 +142,17 @@ def load_catalog(build: str = LLAMA_CPP_BUILD) -> Catalog:
     """The checked-in catalog of a llama.cpp build (default: the pinned one)."""
     text = resources.files(__package__).joinpath(f"catalog-{build}.json").read_text()
     return parse_catalog(json.loads(text))
+
+
+_BUILTIN_TEMPLATES = re.compile(r"list of built-in templates: (?P<names>[A-Za-z0-9._, -]+)")
+
+
+@cache
+def builtin_chat_templates(build: str = LLAMA_CPP_BUILD) -> tuple[str, ...]:
+    """The chat template names llama.cpp formats itself (its --chat-template help lists them). Only its
+    non-Jinja formatter knows them: with Jinja on (the default), a name is taken as the template's text."""
+    option = next(o for o in load_catalog(build).options if "--chat-template" in o.names)
+    found = _BUILTIN_TEMPLATES.search(option.help)
+    if found is None:
+        raise ValueError(f"the --chat-template help of llama.cpp {build} lists no built-in templates")
+    return tuple(name.strip() for name in found["names"].split(",") if name.strip())

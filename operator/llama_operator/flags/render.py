@@ -73,7 +73,9 @@ def mode(spec: LlamaServerSpec) -> Rendered:
 
 
 def chat_template(spec: LlamaServerSpec) -> Rendered:
-    return [] if spec.chat_template is None else ["--chat-template", spec.chat_template]
+    # A built-in template is llama.cpp's own formatter, which Jinja (on by default) bypasses: with Jinja on,
+    # --chat-template takes template text, and `llama3` would be rendered as the literal prompt "llama3".
+    return [] if spec.chat_template is None else ["--no-jinja", "--chat-template", spec.chat_template]
 
 
 def load_mode(spec: LlamaServerSpec) -> Rendered:

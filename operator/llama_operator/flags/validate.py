@@ -387,6 +387,20 @@ def _cross_field(spec: LlamaServerSpec, arg_flags: list[ParsedFlag]) -> list[Fie
                 errors.append(FieldError(flag.path, f"{flag.spelling} is set per model with spec.models: use "
                                          f"spec.models[].{ROUTER_PER_MODEL_FLAGS[flag.option.canonical]}",
                                          "typed-field"))
+    templated = [m for m in spec.models or [] if m.chat_template is not None]
+    if spec.chat_template is not None or templated:
+        named = "spec.chatTemplate" if spec.chat_template is not None else f"spec.models[].chatTemplate " \
+            f"({templated[0].model_ref.name})"
+        for flag in arg_flags:
+            if flag.option.canonical != "--jinja":
+                continue
+            if flag.negative:
+                message = f"{flag.spelling} is set with {named} already; remove it"
+            else:
+                message = (f"{flag.spelling}: {named} names a built-in template, which llama-server applies only "
+                           f"without Jinja; remove {flag.spelling}, or unset chatTemplate to use the GGUF's Jinja "
+                           "template")
+            errors.append(FieldError(flag.path, message, "chat-template-jinja"))
     if spec.mode != "chat":
         for flag in arg_flags:
             if flag.option.canonical == "--spec-type":
