@@ -1,5 +1,6 @@
 """`make sandbox`, the README's second command: a one-node cluster with the chart installed and a real model
-(Gemma 3 270M from its PyPI package, a base model) served and asked to continue a sentence; Ctrl-C leaves no process behind."""
+(Gemma 3 270M from its PyPI package, a base model) served and asked to continue a sentence; Ctrl-C leaves no
+process behind."""
 
 from __future__ import annotations
 
