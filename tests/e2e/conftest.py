@@ -152,14 +152,13 @@ def sandbox_env() -> dict[str, str]:
     return sandbox_requirements()
 
 
-@pytest.fixture
-def sandbox_factory(tmp_path: Path, sandbox_env: dict[str, str]) -> Iterator[Callable[..., SandboxProcess]]:
+def _sandboxes(root: Path, sandbox_env: dict[str, str]) -> Iterator[Callable[..., SandboxProcess]]:
     started: list[SandboxProcess] = []
 
     def start(env: dict[str, str] | None = None, state_dir: Path | None = None,
               args: tuple[str, ...] = ()) -> SandboxProcess:
         full_env = {**os.environ, **sandbox_env, **(env or {})}
-        sandbox = SandboxProcess(state_dir or tmp_path / "state", full_env, args)
+        sandbox = SandboxProcess(state_dir or root / "state", full_env, args)
         started.append(sandbox)
         return sandbox.wait_ready()
 
@@ -169,6 +168,18 @@ def sandbox_factory(tmp_path: Path, sandbox_env: dict[str, str]) -> Iterator[Cal
             sandbox.stop()
         if sandbox.proc.poll() is None:
             os.killpg(sandbox.proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def sandbox_factory(tmp_path: Path, sandbox_env: dict[str, str]) -> Iterator[Callable[..., SandboxProcess]]:
+    yield from _sandboxes(tmp_path, sandbox_env)
+
+
+@pytest.fixture(scope="module")
+def module_sandbox_factory(tmp_path_factory: pytest.TempPathFactory, sandbox_env: dict[str, str]
+                           ) -> Iterator[Callable[..., SandboxProcess]]:
+    """`sandbox_factory` for a sandbox that the tests of one module share (a start costs ~17 s)."""
+    yield from _sandboxes(tmp_path_factory.mktemp("sandbox"), sandbox_env)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """The gateway through the sandbox: installed by the chart (`--gateway`), two models behind its one endpoint with
 the official openai client (chat, streaming, /v1/models), and a server at minReplicas 0 woken by its first request
-and put back to zero after idleSeconds. Load scaling, prefix affinity and a killed replica are shown on the real
-control plane in tests/integration/test_gateway.py."""
+and put back to zero after idleSeconds. Load scaling 1 -> 3 -> 1, prefix affinity and a killed replica under load
+run through the sandbox too, in tests/e2e/test_gateway_load.py (and against a test kubelet in
+tests/integration/test_gateway.py)."""
 
 from __future__ import annotations
 
