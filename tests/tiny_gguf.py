@@ -38,9 +38,11 @@ def _vocab(size: int | None = None) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def write_tiny_llama(path: str | Path, *, seed: int = 0, vocab_size: int | None = None) -> Path:
+def write_tiny_llama(path: str | Path, *, seed: int = 0, vocab_size: int | None = None,
+                     chat_template: str | None = None) -> Path:
     """Write the tiny llama GGUF to `path` (parent directories created) and return the path; `vocab_size`
-    pads the vocabulary with filler words (default: the ~380 tokens above)."""
+    pads the vocabulary with filler words (default: the ~380 tokens above); `chat_template` is stored as
+    tokenizer.chat_template (default: none, like a converted base model)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokens, scores, types = _vocab(vocab_size)
@@ -71,6 +73,8 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, vocab_size: int | None 
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
     def tensor(name: str, *shape: int, scale: float = 0.02) -> None:
         # numpy shape is (rows, cols) = GGUF's (ne1, ne0): a [n_out, n_in] matrix.

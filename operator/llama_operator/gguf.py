@@ -410,6 +410,7 @@ class GgufHeader:
             embedding_length=self._arch_int("embedding_length"),
             head_count=self._arch_int("attention.head_count"),
             head_count_kv=self._arch_int("attention.head_count_kv"),
+            has_chat_template=bool(self.metadata.get("tokenizer.chat_template")),
             memory=memory_shape(self.metadata, tensors),
         )
 

@@ -106,7 +106,11 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(apiserver: C
     assert done_at_kill < len(names), "the kill did not happen mid-way: make the batch larger"
     _assert_no_duplicates(apiserver, names)
     # One ReplicaSet per Deployment: the restarted operator re-applied the same template, it rolled nothing.
-    assert len(apiserver.list("apps/v1", "replicasets", apiserver.namespace)) == len(names)
+    # (The deployment controller may still be creating the last ones: wait for one each, then count.)
+    replica_sets = apiserver.wait_for(
+        lambda: (found := apiserver.list("apps/v1", "replicasets", apiserver.namespace)) and len(found) >= len(names)
+        and found, timeout=30, message="a ReplicaSet for every Deployment")
+    assert len(replica_sets) == len(names)
     assert "Traceback" not in log.read_text()
 
 

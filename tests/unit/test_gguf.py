@@ -54,6 +54,7 @@ async def test_reads_metadata_and_counts_parameters(tmp_path: Path) -> None:
         "name": "Synthetic Test Model",
         "size_label": "1K",
         "file_type": "Q4_K_M",
+        "has_chat_template": False,
         "parameter_count": 16 * 8 + 3 * 5 * 7,
         "context_length": 4096,
         "block_count": 2,

@@ -283,6 +283,9 @@ class GgufInfo(ApiModel):
     embedding_length: int | None = Field(None, description="Embedding width.")
     head_count: int | None = Field(None, description="Attention heads.")
     head_count_kv: int | None = Field(None, description="Key/value heads.")
+    has_chat_template: bool | None = Field(
+        None, description="tokenizer.chat_template is set: llama-server formats chat requests with it (without "
+        "one, and without a LlamaServer chatTemplate, it falls back to chatml).")
     memory: ModelMemoryShape | None = Field(
         None, description="Sizes the memory estimate of a LlamaServer uses (weights, KV cache widths, layers)."
     )

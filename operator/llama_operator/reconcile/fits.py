@@ -20,7 +20,7 @@ from ..builders.quantity import parse_quantity
 from ..fit import Estimate, estimate, estimate_server, format_bytes, request_quantity, settings_from_spec
 from ..fit.estimate import MiB
 from ..kube import NODES, KubeError
-from .conditions import condition
+from .conditions import condition, problem_event
 from .context import Context
 
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
@@ -200,10 +200,5 @@ async def gpu_nodes(ctx: Context, server: LlamaServer) -> dict[str, Any]:
 def fits_event(ctx: Context, body: Mapping[str, Any], before: Sequence[Condition] | None,
                after: Sequence[Condition] | None) -> None:
     """A Warning Event when Fits turns to a problem (or to another one), so `kubectl describe` shows it."""
-    old = next((c for c in before or [] if c.type == "Fits"), None)
-    new = next((c for c in after or [] if c.type == "Fits"), None)
-    if new is None or new.reason in ("Fits", "NoEstimate"):
-        return
-    if old is not None and (old.status, old.reason) == (new.status, new.reason):
-        return
-    ctx.record_event(body, type="Warning", reason=new.reason, message=new.message)
+    problem_event(ctx, body, before, after, "Fits", quiet=("Fits", "NoEstimate"))
+

@@ -14,6 +14,7 @@ from ..builders.service import build_service, endpoint_url
 from ..contract import router_fetch_container
 from ..errors import InvalidSpec
 from ..kube import CONFIG_MAPS, DEPLOYMENTS, LLAMA_MODELS, PODS, SERVICES, Invalid
+from .chat_template import ChatModel, chat_template_condition
 from .conditions import condition
 from .context import Context
 from .server import Outcome, _observe, _parse_model, _selector
@@ -39,6 +40,9 @@ async def reconcile_router(server: LlamaServer, ctx: Context, args_ok: Condition
     # Which models are loaded together changes at run time: no one estimate holds (docs/multi-model.md).
     fits = condition("Fits", None, "NoEstimate", "router mode: the memory needed depends on which models are "
                      "loaded together (at most maxLoaded); not estimated", generation=generation)
+    chat = chat_template_condition([ChatModel(entry.model_ref.name, entry.chat_template,
+                                              models[entry.model_ref.name].status.gguf, entry.mode)
+                                    for entry in server.spec.models or []], generation=generation)
     try:
         preset = build_preset_configmap(server, models, ctx.settings)
         desired = build_router_deployment(server, models, ctx.settings)
@@ -53,12 +57,12 @@ async def reconcile_router(server: LlamaServer, ctx: Context, args_ok: Condition
         deployment = await ctx.kube.apply(desired, live=await ctx.kube.get(DEPLOYMENTS, namespace, name))
     except Invalid as exc:
         return Outcome("Failed", f"the API server rejected the preset or the Deployment: {exc}",
-                       [model_ok, args_ok, fits], await _observe(ctx, namespace, name, replicas))
+                       [model_ok, args_ok, fits, chat], await _observe(ctx, namespace, name, replicas))
     service = build_service(server)
     await ctx.kube.apply(service, live=await ctx.kube.get(SERVICES, namespace, service["metadata"]["name"]))
     pods = await ctx.kube.list(PODS, namespace, label_selector=_selector(name))
     fetchers = {router_fetch_container(index): models[ref] for index, ref in enumerate(distinct_models(server))}
     await record_first_use(ctx, fetchers, pods)
     fleet = fleet_status(replicas, deployment, pods)
-    return Outcome(fleet.phase, fleet.message, [model_ok, args_ok, fits], fleet, endpoint=endpoint_url(server),
+    return Outcome(fleet.phase, fleet.message, [model_ok, args_ok, fits, chat], fleet, endpoint=endpoint_url(server),
                    model_name=model_name(server), args=router_args(server))

@@ -34,7 +34,10 @@ from ..flags.validate import validate_server_spec
 from ..kube import DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, SERVICES, Invalid
 from ..metrics import PHASES, export_download, observe_server
 from .boundary import reconciled
-from .conditions import condition, merge_conditions, now_rfc3339
+from .chat_template import CONDITION as CHAT_TEMPLATE
+from .chat_template import QUIET as CHAT_TEMPLATE_QUIET
+from .chat_template import ChatModel, chat_template_condition
+from .conditions import condition, merge_conditions, now_rfc3339, problem_event
 from .context import Context
 from .download import observe_download
 from .fits import fits_condition, fits_event, gpu_nodes, memory_status
@@ -153,6 +156,8 @@ async def _reconcile(body: Mapping[str, Any], ctx: Context) -> Outcome:
     model_ok = condition("ModelResolved", True, "ModelReady", generation=generation)
     fit = estimate_server(server.spec, model.status.gguf, draft.status.gguf if draft is not None else None)
     fits = fits_condition(server, fit, model.status.gguf, **await gpu_nodes(ctx, server), generation=generation)
+    chat = chat_template_condition([ChatModel(model.metadata.name, server.spec.chat_template, model.status.gguf,
+                                              server.spec.mode)], generation=generation)
     memory = memory_status(fit) if fit is not None else None
 
     # Read before applying: the Deployment's status is needed anyway, and an unchanged desired object whose live
@@ -163,7 +168,7 @@ async def _reconcile(body: Mapping[str, Any], ctx: Context) -> Outcome:
     except Invalid as exc:
         # The API server refused what we built from this spec (e.g. a malformed node label): retrying the
         # same write cannot help, the spec must change.
-        return Outcome("Failed", f"the API server rejected the Deployment: {exc}", [model_ok, args_ok, fits],
+        return Outcome("Failed", f"the API server rejected the Deployment: {exc}", [model_ok, args_ok, fits, chat],
                        await _observe(ctx, namespace, name, server.spec.replicas), memory=memory)
     service = build_service(server)
     await ctx.kube.apply(service, live=await ctx.kube.get(SERVICES, namespace, service["metadata"]["name"]))
@@ -172,7 +177,7 @@ async def _reconcile(body: Mapping[str, Any], ctx: Context) -> Outcome:
     fleet = fleet_status(server.spec.replicas, deployment, pods)
     download = await observe_download(ctx, namespace, pods) if fleet.phase == "Downloading" else None
     message = f"{fleet.message} ({download.summary})" if download is not None else fleet.message
-    return Outcome(fleet.phase, message, [model_ok, args_ok, fits], fleet, endpoint=endpoint_url(server),
+    return Outcome(fleet.phase, message, [model_ok, args_ok, fits, chat], fleet, endpoint=endpoint_url(server),
                    model_name=model_name(server), args=server_args(server, model, draft), memory=memory,
                    download=download)
 
@@ -275,6 +280,7 @@ async def _write(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> Lla
         event_type = "Warning" if phase in ("Failed", "Degraded") else "Normal"
         ctx.record_event(body, type=event_type, reason=phase, message=message or f"LlamaServer is {phase}")
     fits_event(ctx, body, previous.conditions, status.conditions)
+    problem_event(ctx, body, previous.conditions, status.conditions, CHAT_TEMPLATE, quiet=CHAT_TEMPLATE_QUIET)
     await ctx.kube.patch_status(LLAMA_SERVERS, meta["namespace"], meta["name"], _without_gateway(status.to_wire()),
                                 previous=_without_gateway(previous.to_wire()))
     log.info("LlamaServer %s/%s is %s%s", meta["namespace"], meta["name"], phase, f": {message}" if message else "")
