@@ -30,6 +30,7 @@ import pytest
 from kubernetes.client import ApiException
 
 from llama_operator.contract import SERVER_CONTAINER
+from tests.conversation import conversation_messages
 from tests.e2e.conftest import SandboxProcess, wait_for
 from tests.e2e.test_sandbox import _create, _wait_phase
 from tests.fakehub import FakeHub
@@ -204,12 +205,7 @@ def test_prefix_affinity_keeps_a_conversation_on_one_replica(sandbox: SandboxPro
 
     def ask(conversation: int, turn: int) -> tuple[str, int, int]:
         """One turn: (the pod that served it, prompt tokens, prompt tokens llama-server had cached)."""
-        messages = [{"role": "system", "content": "You are terse."},
-                    {"role": "user", "content": f"Conversation {conversation}: tell me about topic "
-                                                f"{conversation * 7919} in detail please"}]
-        for previous in range(turn):
-            messages += [{"role": "assistant", "content": f"answer {previous}"},
-                         {"role": "user", "content": f"and then {previous}?"}]
+        messages = conversation_messages(conversation, turn)
         before = {ip: _tasks(ip) for ip in ips}
         reply = client.chat.completions.create(model="chat", messages=messages, max_tokens=2, temperature=0,
                                                extra_body={"ignore_eos": True})

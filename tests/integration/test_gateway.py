@@ -24,6 +24,7 @@ import pytest
 
 from tests.cluster import ClusterApi, apply_objects
 from tests.conftest import model_body, server_body
+from tests.conversation import conversation_messages
 from tests.fakehub import FakeHub
 from tests.helm import helm_template
 from tests.integration.process_kubelet import ProcessKubelet
@@ -399,12 +400,7 @@ def test_prefix_affinity_keeps_a_conversation_on_one_replica(apiserver: ClusterA
 
         def ask(conversation: int, turn: int) -> tuple[str, int, int]:
             """One turn: (the replica that served it, prompt tokens, prompt tokens llama-server had cached)."""
-            messages = [{"role": "system", "content": "You are terse."},
-                        {"role": "user", "content": f"Conversation {conversation}: tell me about topic "
-                                                    f"{conversation * 7919} in detail please"}]
-            for previous in range(turn):
-                messages += [{"role": "assistant", "content": f"answer {previous}"},
-                             {"role": "user", "content": f"and then {previous}?"}]
+            messages = conversation_messages(conversation, turn)
             before = {ip: _slots_tasks(ip) for ip in ips}
             reply = client.chat.completions.create(model="chat", messages=messages, max_tokens=2, temperature=0)
             after = {ip: _slots_tasks(ip) for ip in ips}
