@@ -57,6 +57,10 @@ POD_CASES = {
     "image pull": (pod(init=[{"name": "fetch-model", "state": DONE}],
                        main={"state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}),
                    "Failed", "pod p: cannot pull the image of llama-server: not found"),
+    # Between the last init container and llama-server's start: Loading, not back to Pending.
+    "starting": (pod(init=[{"name": "fetch-model", "state": DONE}],
+                     main={"state": {"waiting": {"reason": "PodInitializing"}}, "ready": False}),
+                 "Loading", "pod p: starting llama-server (PodInitializing)"),
     "loading": (pod(init=[{"name": "fetch-model", "state": DONE}], main={"state": RUNNING, "ready": False}),
                 "Loading", "pod p: llama-server is loading the model"),
     "ready": (pod(init=[{"name": "fetch-model", "state": DONE}], main={"state": RUNNING, "ready": True}),

@@ -1,7 +1,7 @@
 """Computes a LlamaServer's phase, message and conditions from its Deployment and pods (pure).
 
 Phases: Pending (no model yet / nothing scheduled), Downloading (the fetch-model init container runs),
-Loading (llama-server started, /health not yet 200), Ready, Degraded (some replicas ready, others not),
+Loading (llama-server starting or started, /health not yet 200), Ready, Degraded (some replicas ready, others not),
 Failed (bad spec, a failed download, or a crash-looping server; the message says which and why).
 """
 
@@ -92,8 +92,15 @@ def summarize_pod(pod: dict[str, Any]) -> PodSummary:
             return PodSummary("Failed", f"pod {name}: {failure}")
         if container.get("ready"):
             return PodSummary("Ready")
-        if "running" in (container.get("state") or {}):
+        state = container.get("state") or {}
+        if "running" in state:
             return PodSummary("Loading", f"pod {name}: llama-server is loading the model")
+        if "waiting" in state and status.get("initContainerStatuses"):
+            # Every init container is done (the loop above returned otherwise): the kubelet is starting
+            # llama-server. Saying Pending here would step the phase (and its Events) back between Downloading
+            # and Loading.
+            reason = state["waiting"].get("reason") or "waiting"
+            return PodSummary("Loading", f"pod {name}: starting llama-server ({reason})")
     for cond in status.get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
             return PodSummary("Pending", f"pod {name} cannot be scheduled: {cond.get('message', '')}".strip())
