@@ -165,3 +165,21 @@ async def test_container_logs_over_tls_with_a_client_certificate(tmp_path: Path)
                     await response.text()
     finally:
         await server.close()
+
+
+def test_a_crash_looping_operator_is_reported_once_per_restart() -> None:
+    from llama_operator.sandbox.app import restarted_containers
+
+    def operator_pod(restarts: int) -> dict[str, Any]:
+        last = {"terminated": {"exitCode": 1, "message": "Traceback (most recent call last):\nImportError: boom\n"}}
+        return {"metadata": {"name": "llama-operator-6d9f"}, "status": {"containerStatuses": [
+            {"name": "operator", "restartCount": restarts, **({"lastState": last} if restarts else {})}]}}
+
+    seen: dict[str, int] = {}
+    assert restarted_containers([operator_pod(0)], seen) == []
+    assert restarted_containers([operator_pod(1)], seen) == [
+        "Pod llama-system/llama-operator-6d9f: operator restarted (1x, exit code 1): ImportError: boom "
+        "(kubectl -n llama-system logs --previous llama-operator-6d9f)"]
+    assert restarted_containers([operator_pod(1)], seen) == []  # not again for the same restart
+    assert restarted_containers([operator_pod(2)], seen)[0].startswith("Pod llama-system/llama-operator-6d9f: "
+                                                                        "operator restarted (2x")

@@ -77,6 +77,25 @@ def find_control_plane(directory: str | None) -> ControlPlaneBinaries:
         raise
 
 
+
+def restarted_containers(pods: list[dict[str, Any]], seen: dict[str, int]) -> list[str]:
+    """One line per container that restarted since `seen` (updated): pod, container, exit code and the last line
+    of its termination message."""
+    lines = []
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            key, count = f"{name}/{container['name']}", int(container.get("restartCount") or 0)
+            if count <= seen.get(key, 0):
+                continue
+            seen[key] = count
+            last = (container.get("lastState") or {}).get("terminated") or {}
+            message = (last.get("message") or "").strip().splitlines()
+            detail = f": {message[-1]}" if message else ""
+            lines.append(f"Pod {NAMESPACE}/{name}: {container['name']} restarted ({count}x, exit code "
+                         f"{last.get('exitCode', '?')}){detail} (kubectl -n {NAMESPACE} logs --previous {name})")
+    return lines
+
 class SandboxError(RuntimeError):
     """The sandbox could not start; the message says why and what to do."""
 
@@ -152,14 +171,19 @@ class Sandbox:
         first = next((line for line in output.splitlines() if line.startswith("NAME:")), "")
         say(f"Operator: helm install {RELEASE} {chart} --namespace {NAMESPACE} ({first.strip() or 'installed'})")
 
-    async def _wait_operator(self, admin: Api) -> None:
-        """Until the operator answers: Deployment available and (helm mode) its webhook refusing a bad object."""
+    async def _wait_operator(self, admin: Api, stop: asyncio.Event) -> None:
+        """Until the operator answers: Deployment available and (helm mode) its webhook refusing a bad object.
+        Ctrl-C meanwhile ends the wait (and the start)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + READY_TIMEOUT
         path = resource_path("llamacpp.dev/v1alpha1", "llamaservers", "default")
         bad = {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer", "metadata": {"name": PROBE_SERVER},
                "spec": {"modelRef": {"name": PROBE_SERVER}, "args": ["--sandbox-webhook-probe"]}}
+        restarts: dict[str, int] = {}
+        next_look = loop.time()
         while loop.time() < deadline:
+            if stop.is_set():
+                raise SandboxError("stopped before the operator answered")
             try:
                 await admin.create(path, bad, params={"dryRun": "All"})
             except ApiError as exc:
@@ -167,6 +191,12 @@ class Sandbox:
                     return
             except aiohttp.ClientError:
                 pass
+            if loop.time() >= next_look:  # a crash-looping operator says so, rather than a silent wait
+                next_look = loop.time() + 2
+                with contextlib.suppress(ApiError, aiohttp.ClientError):
+                    pods, _ = await admin.list(resource_path("v1", "pods", NAMESPACE))
+                    for line in restarted_containers(pods, restarts):
+                        say(f"{line}; still waiting (Ctrl-C stops)")
             await asyncio.sleep(0.5)
         raise SandboxError(f"the operator's webhook did not answer within {READY_TIMEOUT:.0f} s: see "
                            f"`kubectl -n {NAMESPACE} describe pods` and the pod logs under {self.state_dir}/pods")
@@ -236,7 +266,7 @@ class Sandbox:
                                                            name="operator"))
                 else:
                     await self._install_operator(cluster.admin_kubeconfig)
-                    await self._wait_operator(admin)
+                    await self._wait_operator(admin, stop)
                 self._tasks.append(asyncio.create_task(servers.run(), name="llamaservers"))
                 shutil.copyfile(cluster.admin_kubeconfig, kubeconfig)
                 kubeconfig.chmod(0o600)
