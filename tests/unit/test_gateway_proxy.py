@@ -235,6 +235,24 @@ async def test_models_lists_every_server_including_scaled_to_zero(gw: Harness, u
         assert (await response.json())["id"] == "big"
 
 
+async def test_models_lists_each_model_of_a_router_server(gw: Harness, upstreams: list[Upstream]) -> None:
+    body = server_body("fleet", models=[{"modelRef": {"name": "alpha"}}, {"modelRef": {"name": "beta"},
+                                                                          "alias": "bee"}], maxLoaded=1)
+    del body["spec"]["modelRef"]
+    gw.routes.upsert(body)
+    gw.slices("fleet", upstreams[:1])
+    assert gw.client is not None
+    async with gw.client.get(f"{gw.url}/v1/models") as response:
+        models = {m["id"]: m for m in (await response.json())["data"]}
+    assert set(models) == {"alpha", "bee"}
+    assert {(m["llamaserver"], tuple(m["aliases"]), m["state"]) for m in models.values()} == {
+        ("fleet", ("alpha",), "ready"), ("fleet", ("bee",), "ready")}
+    async with gw.client.get(f"{gw.url}/v1/models/bee") as response:
+        assert (await response.json())["id"] == "bee"
+    async with gw.client.get(f"{gw.url}/v1/models/default/fleet") as response:
+        assert (await response.json())["id"] == "alpha"
+
+
 @pytest.mark.parametrize(("payload", "status", "code", "text"), [
     ({"model": "gpt-4o", "messages": []}, 404, "model_not_found",
      "The model 'gpt-4o' does not exist on this gateway. Known models: qwen, bge."),

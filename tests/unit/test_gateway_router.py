@@ -34,3 +34,12 @@ def test_a_model_name_two_servers_serve_is_ambiguous() -> None:
     table.upsert(_router("fleet", "team-b"))
     resolution = table.resolve("bee")
     assert resolution.route is None and {r.key for r in resolution.candidates} == {"team-a/fleet", "team-b/fleet"}
+
+
+def test_a_router_server_is_known_by_each_of_its_models() -> None:
+    table = RoutingTable()
+    table.upsert(_router())
+    table.upsert(server_body("solo"))
+    route = table.get("default/fleet")
+    assert route is not None and table.public_names(route) == ("alpha", "bee")
+    assert table.known_names() == ["alpha", "bee", "qwen"]

@@ -111,23 +111,28 @@ class Proxy:
 
     # -- models --------------------------------------------------------------------------------------------
 
-    def _model_object(self, route: Route) -> dict[str, Any]:
+    def _model_object(self, route: Route, name: str) -> dict[str, Any]:
+        """One listed model: `name` is one of `routes.public_names(route)` (a router-mode server is listed once per
+        model it serves; `state` and the replicas are the server's, whichever of its models is loaded)."""
         ready = len(self.endpoints.ready(*route.service))
         state = "ready" if ready else ("scaled_to_zero" if route.replicas == 0 else "starting")
-        return {"id": self.routes.public_name(route), "object": "model", "created": route.created,
-                "owned_by": route.namespace, "namespace": route.namespace, "llamaserver": route.name,
-                "aliases": list(route.names), "state": state, "replicas": route.replicas, "ready_replicas": ready,
-                "autoscaling": route.scaling is not None}
+        aliases = [name] if route.models else list(route.names)
+        return {"id": name, "object": "model", "created": route.created, "owned_by": route.namespace,
+                "namespace": route.namespace, "llamaserver": route.name, "aliases": aliases, "state": state,
+                "replicas": route.replicas, "ready_replicas": ready, "autoscaling": route.scaling is not None}
 
     async def list_models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [self._model_object(r) for r in self.routes.routes()]})
+        return web.json_response({"object": "list", "data": [
+            self._model_object(route, name) for route in self.routes.routes()
+            for name in self.routes.public_names(route)]})
 
     async def get_model(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
         resolution = self.routes.resolve(model)
         if resolution.route is None:
             return self._unknown(model, resolution.candidates)
-        return web.json_response(self._model_object(resolution.route))
+        names = self.routes.public_names(resolution.route)
+        return web.json_response(self._model_object(resolution.route, model if model in names else names[0]))
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

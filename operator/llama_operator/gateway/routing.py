@@ -203,5 +203,9 @@ class RoutingTable:
                 return name
         return route.key
 
+    def public_names(self, route: Route) -> tuple[str, ...]:
+        """What a client lists and asks for: every model of a router-mode server, else its one public name."""
+        return route.models or (self.public_name(route),)
+
     def known_names(self) -> list[str]:
-        return [self.public_name(route) for route in self.routes()]
+        return [name for route in self.routes() for name in self.public_names(route)]
