@@ -27,12 +27,14 @@ sha256=$(sha256sum "$gguf" | cut -d' ' -f1)
 port=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 "$PY" -m http.server "$port" --bind 127.0.0.1 --directory "$models" >/dev/null 2>&1 &
 http_pid=$!
+started=$(mktemp)
 "$PY" -m llama_operator.cli sandbox --state-dir "$state" &
 sandbox_pid=$!
-trap 'kill "$http_pid" 2>/dev/null; kill -TERM "$sandbox_pid" 2>/dev/null; wait "$sandbox_pid" 2>/dev/null' EXIT
+trap 'kill "$http_pid" 2>/dev/null; kill -TERM "$sandbox_pid" 2>/dev/null; wait "$sandbox_pid" 2>/dev/null; rm -f "$started"' EXIT
 trap 'exit 130' INT TERM
 export KUBECONFIG="$state/kubeconfig"
-until [ -s "$KUBECONFIG" ]; do
+# This sandbox's kubeconfig, not one left by an earlier sandbox on the same state directory.
+until [ "$KUBECONFIG" -nt "$started" ]; do
   kill -0 "$sandbox_pid" 2>/dev/null || { echo "the sandbox exited before it was ready" >&2; exit 1; }
   sleep 1
 done

@@ -5,6 +5,7 @@ proxy, and the kubelet's log server (TLS with a client certificate, tail, previo
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -183,3 +184,14 @@ def test_a_crash_looping_operator_is_reported_once_per_restart() -> None:
     assert restarted_containers([operator_pod(1)], seen) == []  # not again for the same restart
     assert restarted_containers([operator_pod(2)], seen)[0].startswith("Pod llama-system/llama-operator-6d9f: "
                                                                         "operator restarted (2x")
+
+
+def test_a_second_sandbox_on_the_same_state_directory_is_refused(tmp_path: Path) -> None:
+    from llama_operator.sandbox.app import SandboxError, lock_state_dir
+
+    held = lock_state_dir(tmp_path)
+    with pytest.raises(SandboxError, match=rf"another sandbox \(pid {os.getpid()}\) is running with state "
+                                           rf"directory {tmp_path}: stop it first"):
+        lock_state_dir(tmp_path)
+    held.close()  # the first one stopped: the directory is free again
+    lock_state_dir(tmp_path).close()

@@ -60,7 +60,9 @@ POD_CASES = {
     # Between the last init container and llama-server's start: Loading, not back to Pending.
     "starting": (pod(init=[{"name": "fetch-model", "state": DONE}],
                      main={"state": {"waiting": {"reason": "PodInitializing"}}, "ready": False}),
-                 "Loading", "pod p: starting llama-server (PodInitializing)"),
+                 "Loading", "pod p: starting llama-server"),
+    "starting, no status of llama-server yet": (pod(init=[{"name": "fetch-model", "state": DONE}]),
+                                                "Loading", "pod p: starting llama-server"),
     "loading": (pod(init=[{"name": "fetch-model", "state": DONE}], main={"state": RUNNING, "ready": False}),
                 "Loading", "pod p: llama-server is loading the model"),
     "ready": (pod(init=[{"name": "fetch-model", "state": DONE}], main={"state": RUNNING, "ready": True}),

@@ -92,15 +92,13 @@ def summarize_pod(pod: dict[str, Any]) -> PodSummary:
             return PodSummary("Failed", f"pod {name}: {failure}")
         if container.get("ready"):
             return PodSummary("Ready")
-        state = container.get("state") or {}
-        if "running" in state:
+        if "running" in (container.get("state") or {}):
             return PodSummary("Loading", f"pod {name}: llama-server is loading the model")
-        if "waiting" in state and status.get("initContainerStatuses"):
-            # Every init container is done (the loop above returned otherwise): the kubelet is starting
-            # llama-server. Saying Pending here would step the phase (and its Events) back between Downloading
-            # and Loading.
-            reason = state["waiting"].get("reason") or "waiting"
-            return PodSummary("Loading", f"pod {name}: starting llama-server ({reason})")
+    if status.get("initContainerStatuses"):
+        # Every init container is done (the loop above returned otherwise) and llama-server is not running yet,
+        # or has no status yet: the kubelet is starting it. Saying Pending here would step the phase (and its
+        # Events) back between Downloading and Loading.
+        return PodSummary("Loading", f"pod {name}: starting llama-server")
     for cond in status.get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
             return PodSummary("Pending", f"pod {name} cannot be scheduled: {cond.get('message', '')}".strip())

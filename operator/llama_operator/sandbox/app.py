@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import glob
 import json
 import logging
@@ -32,7 +33,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 
@@ -98,6 +99,29 @@ def restarted_containers(pods: list[dict[str, Any]], seen: dict[str, int]) -> li
 
 class SandboxError(RuntimeError):
     """The sandbox could not start; the message says why and what to do."""
+
+
+LOCK_FILE = "sandbox.lock"
+
+
+def lock_state_dir(state_dir: Path) -> IO[str]:
+    """Hold the state directory for this process (an flock, released when the process ends, however it ends):
+    a second sandbox on the same directory would wipe the first one's pods and collide on its bridge."""
+    handle = (state_dir / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise SandboxError(f"another sandbox{f' (pid {holder})' if holder else ''} is running with state "
+                           f"directory {state_dir}: stop it first (Ctrl-C in its terminal), or give this one "
+                           "another --state-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 class Sandbox:
@@ -210,6 +234,7 @@ class Sandbox:
             raise SandboxError("the state directory must not be under /run (pods get a private /run)")
         binaries = find_control_plane(self.control_plane_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_state_dir(self.state_dir)  # before anything of a running sandbox's is wiped
         for stale in ("pods", "cluster", "kubeconfig", "services.json"):
             target = self.state_dir / stale
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
@@ -302,6 +327,7 @@ class Sandbox:
                 await asyncio.to_thread(cluster.stop)
             await asyncio.to_thread(network.teardown)
             kubeconfig.unlink(missing_ok=True)
+            lock.close()
         say("Sandbox stopped")
         return 0
 
@@ -336,6 +362,9 @@ async def _main(args: argparse.Namespace) -> int:
     try:
         return await runner
     except (SandboxError, NetworkError, BinariesMissing, HelmError) as exc:
+        print(f"llama-operator sandbox: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a port taken, a full disk: the reason, not a traceback
         print(f"llama-operator sandbox: {exc}", file=sys.stderr)
         return 1
 
