@@ -284,8 +284,9 @@ def test_a_killed_replica_loses_no_request_that_had_not_started_streaming(
     broken = [o for o in outcomes if not o[0]]
     assert not lost, f"{len(lost)} of {len(outcomes)} requests failed before any byte"
     assert len(outcomes) - killed_at > 12 and sum(ok for ok, _ in outcomes) > 20, outcomes
+    # Whether a request meets the dead replica before the kubelet has restarted it (the tiny model loads in
+    # 0.1 s) is timing: reported, not asserted (tests/unit/test_gateway_proxy.py drives each retry path).
     retried = _gateway_metric(sandbox, "llama_gateway_upstream_retries_total", model) - retries
-    assert retried > 0, "some request met the dead replica and went to the other one"
     print(f"\nsturdy: {len(outcomes)} streamed requests, pid {pid} of {victim.metadata.name} SIGKILLed after "
           f"{killed_at}; {len(broken)} broken mid-stream, {retried:g} sent to the other replica, 0 lost before "
           "streaming")

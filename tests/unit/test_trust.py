@@ -220,6 +220,7 @@ async def test_a_refused_record_does_not_hold_up_the_server_status() -> None:
                                                         permission="create configmaps in namespace default"))
     ctx = Context(kube=kube, settings=Settings(), record_event=events)
     await reconcile_server(kube.objects[("llamaservers", "default", "chat")], ctx)
-    assert kube.objects[("llamaservers", "default", "chat")]["status"]["phase"] == "Pending"
+    # The fetch is done (the pod's only container status): the server goes on to Loading all the same.
+    assert kube.objects[("llamaservers", "default", "chat")]["status"]["phase"] == "Loading"
     warning = next(e for e in events if e[0] == "qwen" and e[1] == "Warning")
     assert warning[2] == "Forbidden" and "create configmaps in namespace default" in warning[3]
