@@ -476,6 +476,16 @@ async def test_requests_are_counted_by_model_and_code(gw: Harness, upstreams: li
     assert _counter("llama_gateway_time_to_first_byte_seconds_count", model="default/chat") >= 1
 
 
+async def _answered_then_close(gw: Harness, server: asyncio.AbstractServer, requests: int = 4) -> None:
+    """`requests` chat requests through the gateway, each answered 200; then the test upstream `server` closes."""
+    try:
+        for _ in range(requests):
+            async with await gw.post("qwen") as response:
+                assert response.status == 200, await response.text()
+    finally:
+        server.close()
+
+
 async def test_a_pooled_connection_the_replica_closed_is_retried_on_a_new_one(gw: Harness) -> None:
     """llama-server (cpp-httplib) closes connections without `Connection: close`; a single replica must not 502."""
     answered = 0
@@ -499,12 +509,7 @@ async def test_a_pooled_connection_the_replica_closed_is_retried_on_a_new_one(gw
     gw.server("chat")
     gw.slices("chat", [port])
     retries = _counter("llama_gateway_upstream_retries_total", model="default/chat")
-    try:
-        for _ in range(4):
-            async with await gw.post("qwen") as response:
-                assert response.status == 200, await response.text()
-    finally:
-        server.close()
+    await _answered_then_close(gw, server)
     assert answered == 4
     assert _counter("llama_gateway_upstream_retries_total", model="default/chat") == retries  # not another replica
 
@@ -533,11 +538,6 @@ async def test_a_replica_that_hung_up_and_then_answers_503_is_skipped_for_anothe
     server = await asyncio.start_server(killed_then_loading, "127.0.0.1", 0)
     gw.server("chat")
     gw.slices("chat", [server.sockets[0].getsockname()[1], upstreams[0]])
-    try:
-        for _ in range(4):
-            async with await gw.post("qwen") as response:
-                assert response.status == 200, await response.text()
-    finally:
-        server.close()
+    await _answered_then_close(gw, server)
     assert connections == 2, "the hung-up replica got the retry on a fresh connection, then was skipped"
     assert len(upstreams[0].requests) == 4
