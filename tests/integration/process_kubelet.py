@@ -18,10 +18,9 @@ What it does, like a kubelet for one Node:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as dt
+import functools
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -33,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama_operator.controlplane.cluster import die_with_parent
+from llama_operator.sandbox.network import run_ip, used_networks
 from tests.cluster import ClusterApi
 
 log = logging.getLogger(__name__)
@@ -46,32 +47,6 @@ def _now() -> str:
 
 def _micro_now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
-    return proc
-
-
-def _used_networks() -> list[ipaddress.IPv4Network]:
-    used = []
-    for args in (("-j", "-4", "route", "show", "table", "all"), ("-j", "-4", "addr")):
-        for entry in json.loads(_ip(*args).stdout or "[]"):
-            texts = [entry.get("dst")] + [f"{a['local']}/{a['prefixlen']}" for a in entry.get("addr_info") or []
-                                          if "local" in a]
-            for text in texts:
-                if text and text != "default":
-                    with contextlib.suppress(ValueError):
-                        net = ipaddress.ip_network(text, strict=False)
-                        if isinstance(net, ipaddress.IPv4Network):
-                            used.append(net)
-    return used
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -130,17 +105,17 @@ class ProcessKubelet:
     def _setup_network(self) -> None:
         if os.geteuid() != 0:
             raise RuntimeError("the process kubelet needs root (network namespaces)")
-        used = _used_networks()
+        used = used_networks()
         for index, subnet in enumerate(SUPERNET.subnets(new_prefix=24)):
             if index < 10 or any(subnet.overlaps(n) for n in used):
                 continue
-            if _ip("link", "add", f"gwkb{index}", "type", "bridge", check=False).returncode == 0:
+            if run_ip("link", "add", f"gwkb{index}", "type", "bridge", check=False).returncode == 0:
                 self.index = index
                 break
         else:
             raise RuntimeError("no free /24 in 10.244.0.0/16")
-        _ip("addr", "add", f"{self.node_ip}/24", "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
+        run_ip("addr", "add", f"{self.node_ip}/24", "dev", self.bridge)
+        run_ip("link", "set", self.bridge, "up")
 
     def _pod_network(self, uid: str) -> tuple[str, str, str]:
         with self._lock:
@@ -149,13 +124,13 @@ class ProcessKubelet:
         ip = str(self.subnet.network_address + host)
         netns = f"gwkb{self.index}-{uid[:8]}"
         veth = f"gwk{self.index}x{host}"
-        _ip("netns", "add", netns)
-        _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
-        _ip("link", "set", veth, "master", self.bridge)
-        _ip("link", "set", veth, "up")
-        _ip("-n", netns, "addr", "add", f"{ip}/24", "dev", "eth0")
-        _ip("-n", netns, "link", "set", "eth0", "up")
-        _ip("-n", netns, "link", "set", "lo", "up")
+        run_ip("netns", "add", netns)
+        run_ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        run_ip("link", "set", veth, "master", self.bridge)
+        run_ip("link", "set", veth, "up")
+        run_ip("-n", netns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        run_ip("-n", netns, "link", "set", "eth0", "up")
+        run_ip("-n", netns, "link", "set", "lo", "up")
         return netns, veth, ip
 
     # -- node ------------------------------------------------------------------------------------------
@@ -211,7 +186,8 @@ class ProcessKubelet:
     def _start(self, run: PodRun) -> None:
         out = open(run.log_path, "ab")  # noqa: SIM115  (kept open by the child)
         run.process = subprocess.Popen(["ip", "netns", "exec", run.netns, self.llama_server, *run.args],
-                                       stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                       stdout=out, stderr=subprocess.STDOUT,
+                                       preexec_fn=functools.partial(die_with_parent, signal.SIGKILL))
         out.close()
         run.started_at = _now()
         run.ready, run.misses, run.died_at = False, 0, None
@@ -267,8 +243,8 @@ class ProcessKubelet:
             except subprocess.TimeoutExpired:
                 run.process.kill()
                 run.process.wait()
-        _ip("netns", "del", run.netns, check=False)
-        _ip("link", "del", run.veth, check=False)
+        run_ip("netns", "del", run.netns, check=False)
+        run_ip("link", "del", run.veth, check=False)
         self.pods.pop(run.name, None)
         with contextlib.suppress(Exception):
             self.api.request("DELETE", f"/api/v1/namespaces/{self.namespace}/pods/{run.name}",
@@ -345,7 +321,7 @@ class ProcessKubelet:
             thread.join(10)
         for run in list(self.pods.values()):
             self._remove(run, grace=1.0)
-        _ip("link", "del", self.bridge, check=False)
+        run_ip("link", "del", self.bridge, check=False)
         with contextlib.suppress(Exception):
             self.api.delete("v1", "nodes", None, self.node)
         with contextlib.suppress(Exception):

@@ -50,10 +50,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the process that started it dies, even by SIGKILL (Linux)."""
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """In the child before exec: `sig` when the process that started it dies, even by SIGKILL (Linux; elsewhere
+    nothing). The control plane's children get SIGTERM; the sandbox's containers and the test kubelet's SIGKILL."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -70,7 +71,7 @@ class _Process:
         with open(self.log_path, "ab") as out:
             # A session of its own: stopping signals the whole process group, never the test runner.
             self.popen = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True, preexec_fn=_die_with_parent)
+                                          start_new_session=True, preexec_fn=die_with_parent)
 
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None

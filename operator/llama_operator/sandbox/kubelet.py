@@ -35,7 +35,6 @@ import logging
 import os
 import re
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -44,9 +43,10 @@ from typing import Any
 
 import aiohttp
 
+from ..controlplane.cluster import die_with_parent
 from .client import Api, ApiError, resource_path
 from .images import ImageError, ImageTable, LocalImage, PathMap
-from .network import LIBC, PodAddress, PodNetwork, enter_pod, under_run
+from .network import PodAddress, PodNetwork, enter_pod, under_run
 
 log = logging.getLogger("llama_operator.sandbox")
 
@@ -68,19 +68,12 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it when the sandbox dies, however it dies."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 async def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_path: Path,
                 pod: tuple[str, dict[str, str]] | None = None) -> asyncio.subprocess.Process:
     """Start a process in a session of its own, output appended to `log_path`; with `pod` = (netns, /run
     mounts), inside that pod's network namespace and a private mount namespace."""
     def prepare() -> None:
-        _die_with_parent()
+        die_with_parent(signal.SIGKILL)  # however the sandbox dies
         if pod is not None:
             enter_pod(*pod)
 

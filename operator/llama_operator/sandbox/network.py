@@ -55,18 +55,18 @@ class NetworkError(RuntimeError):
     """The pod network could not be set up (not root, no `ip`, no free subnet ...)."""
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
     if check and proc.returncode != 0:
         raise NetworkError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
     return proc
 
 
-def _used_networks() -> list[ipaddress.IPv4Network]:
+def used_networks() -> list[ipaddress.IPv4Network]:
     used = []
     for args in (("-j", "-4", "route", "show", "table", "all"), ("-j", "-4", "addr")):
         with contextlib.suppress(ValueError, NetworkError):
-            for entry in json.loads(_ip(*args).stdout or "[]"):
+            for entry in json.loads(run_ip(*args).stdout or "[]"):
                 for text in [entry.get("dst")] + [f"{a['local']}/{a['prefixlen']}" for a in
                                                   entry.get("addr_info") or [] if "local" in a]:
                     if text and text != "default":
@@ -115,19 +115,19 @@ class PodNetwork:
         if shutil.which("ip") is None:
             raise NetworkError("the sandbox needs the `ip` command (iproute2: apt-get install iproute2)")
         self._cleanup_recorded()
-        used = _used_networks()
+        used = used_networks()
         for index, subnet in enumerate(SUPERNET.subnets(new_prefix=24)):
             if index == 0 or any(subnet.overlaps(n) for n in used):
                 continue
             self.index, self.subnet = index, subnet
-            if _ip("link", "add", self.bridge, "type", "bridge", check=False).returncode != 0:
+            if run_ip("link", "add", self.bridge, "type", "bridge", check=False).returncode != 0:
                 continue  # another sandbox took it a moment ago
             break
         else:
             raise NetworkError(f"no free /24 in {SUPERNET} for the pod network")
         self.record.write_text(json.dumps({"bridge": self.bridge, "netns_prefix": f"{self.bridge}-"}))
-        _ip("addr", "add", f"{self.node_ip}/24", "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
+        run_ip("addr", "add", f"{self.node_ip}/24", "dev", self.bridge)
+        run_ip("link", "set", self.bridge, "up")
         hosts = [str(h) for h in self.subnet.hosts()]
         self._free = hosts[1:]  # .1 is the node
         log.info("Pod network %s on bridge %s (node %s)", self.subnet, self.bridge, self.node_ip)
@@ -140,21 +140,21 @@ class PodNetwork:
             return
         prefix = record.get("netns_prefix") or ""
         if prefix:
-            for name in _ip("netns", "list", check=False).stdout.split():
+            for name in run_ip("netns", "list", check=False).stdout.split():
                 if name.startswith(prefix):
-                    _ip("netns", "delete", name, check=False)
+                    run_ip("netns", "delete", name, check=False)
         if record.get("bridge"):
-            _ip("link", "delete", record["bridge"], check=False)
+            run_ip("link", "delete", record["bridge"], check=False)
         self.record.unlink(missing_ok=True)
 
     def teardown(self) -> None:
         self._pods.clear()
         if self.index >= 0:
             # Every namespace of this bridge, also one whose pod was stopped while it was being set up.
-            for name in _ip("netns", "list", check=False).stdout.split():
+            for name in run_ip("netns", "list", check=False).stdout.split():
                 if name.startswith(f"{self.bridge}-"):
-                    _ip("netns", "delete", name, check=False)
-            _ip("link", "delete", self.bridge, check=False)
+                    run_ip("netns", "delete", name, check=False)
+            run_ip("link", "delete", self.bridge, check=False)
         self.record.unlink(missing_ok=True)
 
     async def add_pod(self, uid: str) -> PodAddress:
@@ -171,22 +171,22 @@ class PodNetwork:
             return pod
 
     def _create(self, pod: PodAddress) -> None:
-        _ip("netns", "delete", pod.netns, check=False)
-        _ip("link", "delete", pod.host_veth, check=False)
-        _ip("netns", "add", pod.netns)
-        _ip("link", "add", pod.host_veth, "type", "veth", "peer", "name", "eth0", "netns", pod.netns)
-        _ip("link", "set", pod.host_veth, "master", self.bridge, "up")
-        _ip("-n", pod.netns, "addr", "add", f"{pod.ip}/24", "dev", "eth0")
-        _ip("-n", pod.netns, "link", "set", "eth0", "up")
-        _ip("-n", pod.netns, "link", "set", "lo", "up")
-        _ip("-n", pod.netns, "route", "add", "default", "via", self.node_ip)
+        run_ip("netns", "delete", pod.netns, check=False)
+        run_ip("link", "delete", pod.host_veth, check=False)
+        run_ip("netns", "add", pod.netns)
+        run_ip("link", "add", pod.host_veth, "type", "veth", "peer", "name", "eth0", "netns", pod.netns)
+        run_ip("link", "set", pod.host_veth, "master", self.bridge, "up")
+        run_ip("-n", pod.netns, "addr", "add", f"{pod.ip}/24", "dev", "eth0")
+        run_ip("-n", pod.netns, "link", "set", "eth0", "up")
+        run_ip("-n", pod.netns, "link", "set", "lo", "up")
+        run_ip("-n", pod.netns, "route", "add", "default", "via", self.node_ip)
 
     async def remove_pod(self, uid: str) -> None:
         async with self._lock:
             pod = self._pods.pop(uid, None)
             if pod is None:
                 return
-            await asyncio.to_thread(_ip, "netns", "delete", pod.netns, check=False)
+            await asyncio.to_thread(run_ip, "netns", "delete", pod.netns, check=False)
             self._free.append(pod.ip)
 
 
