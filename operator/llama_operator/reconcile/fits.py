@@ -201,4 +201,3 @@ def fits_event(ctx: Context, body: Mapping[str, Any], before: Sequence[Condition
                after: Sequence[Condition] | None) -> None:
     """A Warning Event when Fits turns to a problem (or to another one), so `kubectl describe` shows it."""
     problem_event(ctx, body, before, after, "Fits", quiet=("Fits", "NoEstimate"))
-
