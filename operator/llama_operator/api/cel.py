@@ -1,6 +1,6 @@
 """Validation rules said once, for both places that enforce them: the API server (CEL) and the operator (Python).
 
-A `Rule` sits next to the model it constrains (see v1alpha1.py). The CRD generator writes it into the schema as
+A `Rule` sits next to the model it constrains (see api/v1alpha1/). The CRD generator writes it into the schema as
 `x-kubernetes-validations`, so `kubectl apply` is refused by the API server itself; the operator, `render` and
 the admission webhook evaluate the same rule's Python predicate, for objects that got past an older CRD (or no
 CRD at all). The message is one template for both: `{name}` placeholders are fields of the node the rule is on

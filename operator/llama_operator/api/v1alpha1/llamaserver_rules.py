@@ -1,0 +1,170 @@
+"""The CEL tables of LlamaServer: cross-field rules of its spec, its speculative, scaling and router settings.
+
+Each table is attached to its model in llamaserver_types.py (`cel_schema`), so the API server enforces it at
+`kubectl apply`, and the operator evaluates the same rules' Python predicates (api/cel.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..cel import Rule, snake
+
+if TYPE_CHECKING:
+    from .llamaserver_types import LlamaServerSpec, ServedModel
+
+ARGS_MAX_ITEMS = 256
+ARG_MAX_LENGTH = 16384
+"""Bounds of spec.args (the API server estimates a rule's cost from them: CEL rules look into args)."""
+ARGS_RULES = (
+    Rule("empty-arg", "self.all(a, size(a) > 0)", lambda args: all(args),
+         "empty strings are not valid llama-server arguments"),
+)
+QUANTIZED_KV = ("q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+"""KV cache types that are quantized (a quantized V cache needs flash attention)."""
+
+SPECULATIVE_RULES = (
+    Rule("draft-min-above-max", "!has(self.draftMin) || !has(self.draftMax) || self.draftMin <= self.draftMax",
+         lambda s: s.draft_min is None or s.draft_max is None or s.draft_min <= s.draft_max,
+         "draftMin ({draftMin}) must be <= draftMax ({draftMax})", field="draftMin"),
+)
+
+
+SCALING_RULES = (
+    Rule("min-above-max", "self.minReplicas <= self.maxReplicas",
+         lambda s: s.min_replicas <= s.max_replicas,
+         "minReplicas ({minReplicas}) must be <= maxReplicas ({maxReplicas})", field="minReplicas"),
+)
+
+
+def _gpus(spec: LlamaServerSpec) -> int:
+    return spec.gpu.count if spec.gpu else 0
+
+
+def _pooling_value(args: list[str] | None) -> str | None:
+    """The item after the first `--pooling` in args ('' when it is last), None without `--pooling`."""
+    if not args or "--pooling" not in args:
+        return None
+    index = args.index("--pooling") + 1
+    return args[index] if index < len(args) else ""
+
+
+# Cross-field rules of the typed llama-server settings. The API server checks them at `kubectl apply`; the
+# operator checks them with the flags (flags/validate.py) for objects that got past an older CRD.
+SERVER_RULES = (
+    Rule("kv-quant-needs-flash-attention",
+         f"!has(self.cacheTypeV) || !(self.cacheTypeV in {list(QUANTIZED_KV)}) "
+         "|| (has(self.flashAttention) && self.flashAttention == 'on')",
+         lambda s: s.cache_type_v not in QUANTIZED_KV or s.flash_attention == "on",
+         "a quantized V cache ({cacheTypeV}) needs flash attention: set flashAttention: on", field="cacheTypeV"),
+    Rule("batch-below-parallel", "!has(self.batchSize) || !has(self.parallel) || self.batchSize >= self.parallel",
+         lambda s: s.batch_size is None or s.parallel is None or s.batch_size >= s.parallel,
+         "batchSize ({batchSize}) must be >= parallel ({parallel}): every slot needs room in a batch",
+         field="batchSize"),
+    Rule("ubatch-above-batch",
+         "!has(self.batchSize) || !has(self.ubatchSize) || self.ubatchSize <= self.batchSize",
+         lambda s: s.batch_size is None or s.ubatch_size is None or s.ubatch_size <= s.batch_size,
+         "ubatchSize ({ubatchSize}) must be <= batchSize ({batchSize})", field="ubatchSize"),
+    Rule("pooling-mode-ubatch",
+         "!has(self.mode) || self.mode == 'chat' || !has(self.batchSize) || !has(self.ubatchSize) "
+         "|| self.batchSize == self.ubatchSize",
+         lambda s: s.mode == "chat" or s.batch_size is None or s.ubatch_size is None
+         or s.batch_size == s.ubatch_size,
+         "mode {mode} encodes each input in one physical batch: ubatchSize must equal batchSize "
+         "(or leave ubatchSize unset and it follows batchSize)", field="ubatchSize"),
+    Rule("mode-speculative", "!has(self.speculative) || !has(self.mode) || self.mode == 'chat'",
+         lambda s: s.speculative is None or s.mode == "chat",
+         "speculative decoding generates text; mode {mode} does not", field="speculative"),
+    # --pooling is the one flag a mode decides (rerank sets --pooling rank); no other option takes it as a value.
+    Rule("chat-pooling", "!has(self.args) || (has(self.mode) && self.mode != 'chat') || !('--pooling' in self.args)",
+         lambda s: s.mode != "chat" or _pooling_value(s.args) is None,
+         "--pooling only applies to mode embedding or rerank", field="args"),
+    Rule("rerank-pooling",
+         "!has(self.args) || !has(self.mode) || self.mode != 'rerank' || !('--pooling' in self.args) "
+         "|| (self.args.indexOf('--pooling') + 1 < size(self.args) "
+         "&& self.args[self.args.indexOf('--pooling') + 1] == 'rank')",
+         lambda s: s.mode != "rerank" or _pooling_value(s.args) in (None, "rank"),
+         "mode rerank needs --pooling rank (it is set for you; remove --pooling)", field="args"),
+    Rule("tensor-split-gpus",
+         "!has(self.tensorSplit) || size(self.tensorSplit) == 0 "
+         "|| size(self.tensorSplit) == (has(self.gpu) ? self.gpu.count : 0)",
+         lambda s: not s.tensor_split or len(s.tensor_split) == _gpus(s),
+         "tensorSplit has {shares} shares but gpu.count is {gpus}: give one share per GPU", field="tensorSplit",
+         values={"shares": ("size(self.tensorSplit)", lambda s: len(s.tensor_split)),
+                 "gpus": ("has(self.gpu) ? self.gpu.count : 0", _gpus)}),
+    Rule("tensor-split-gpus",
+         "!has(self.tensorSplit) || size(self.tensorSplit) == 0 "
+         "|| size(self.tensorSplit) != (has(self.gpu) ? self.gpu.count : 0) "
+         "|| (self.tensorSplit.all(x, x >= 0.0) && self.tensorSplit.exists(x, x > 0.0))",
+         lambda s: not s.tensor_split or len(s.tensor_split) != _gpus(s)
+         or (all(x >= 0 for x in s.tensor_split) and sum(s.tensor_split) > 0),
+         "tensorSplit shares must be >= 0 with a positive sum", field="tensorSplit"),
+)
+
+
+MODELS_MAX_ITEMS = 16
+"""Most models one router-mode LlamaServer serves: the API server multiplies every per-model CEL rule's cost
+by it (and the duplicate-name rule compares every pair), so it stays small."""
+
+
+_SERVED_NAME_CEL = "(has({m}.alias) ? {m}.alias : {m}.modelRef.name)"
+
+
+def _served(model: ServedModel) -> str:
+    return model.served_name
+
+
+def _per_model(rule: Rule) -> Rule:
+    """A LlamaServer cross-field rule on one entry of spec.models, its message naming the model."""
+    return Rule(rule.id, rule.cel, rule.holds, "model {model}: " + rule.message, field=rule.field,
+                values={**rule.values, "model": (_SERVED_NAME_CEL.format(m="self"), _served)})
+
+
+# Entries of spec.models carry the same typed settings as a single-model server: the same rules hold for each.
+SERVED_MODEL_RULES = tuple(_per_model(rule) for rule in SERVER_RULES if rule.id in (
+    "kv-quant-needs-flash-attention", "batch-below-parallel", "ubatch-above-batch", "pooling-mode-ubatch"))
+
+
+PER_MODEL_FIELDS = ("contextSize", "parallel", "flashAttention", "cacheTypeK", "cacheTypeV", "batchSize",
+                    "ubatchSize", "gpuLayers", "chatTemplate", "loadMode", "alias", "speculative")
+"""Typed settings that belong to each model in router mode: with spec.models they are set per entry."""
+
+_MODEL_GIVEN = " && ".join(f"!has(self.{k})" for k in ("modelRef", "models")) + " ? 'none' : 'modelRef, models'"
+_DUPLICATE = ("self.models.filter(m, self.models.filter(o, {o} == {m}).size() > 1).map(m, {m})[0]"
+              .format(o=_SERVED_NAME_CEL.format(m="o"), m=_SERVED_NAME_CEL.format(m="m")))
+
+
+def _duplicate_name(spec: LlamaServerSpec) -> str | None:
+    names = [m.served_name for m in spec.models or []]
+    return next((name for name in names if names.count(name) > 1), None)
+
+
+def _unset_with_models(field: str) -> Callable[[LlamaServerSpec], bool]:
+    attribute = snake(field)
+    return lambda s: s.models is None or getattr(s, attribute) is None
+
+
+ROUTER_RULES = (
+    Rule("one-model-source", "has(self.modelRef) != has(self.models)",
+         lambda s: (s.model_ref is None) != (s.models is None),
+         "exactly one of modelRef, models must be set (got {given})",
+         values={"given": (_MODEL_GIVEN, lambda s: "none" if s.model_ref is None else "modelRef, models")}),
+    *(Rule("per-model-setting", f"!has(self.models) || !has(self.{name})", _unset_with_models(name),
+           f"with spec.models, {name} is set per model: use spec.models[].{name}", field=name)
+      for name in PER_MODEL_FIELDS),
+    Rule("per-model-setting", "!has(self.models) || !has(self.mode) || self.mode == 'chat'",
+         lambda s: s.models is None or s.mode == "chat",
+         "with spec.models, mode is set per model: use spec.models[].mode", field="mode"),
+    Rule("max-loaded-without-models", "!has(self.maxLoaded) || has(self.models)",
+         lambda s: s.max_loaded is None or s.models is not None,
+         "maxLoaded applies to spec.models (router mode) only", field="maxLoaded"),
+    Rule("duplicate-model-name",
+         "!has(self.models) || self.models.all(m, self.models.filter(o, {o} == {m}).size() == 1)".format(
+             o=_SERVED_NAME_CEL.format(m="o"), m=_SERVED_NAME_CEL.format(m="m")),
+         lambda s: _duplicate_name(s) is None,
+         "model name {name} is served twice: give each entry of spec.models its own alias", field="models",
+         values={"name": (_DUPLICATE, _duplicate_name)}),
+)
+"""Rules of multi-model (router mode) servers; in the CRD next to SERVER_RULES."""
+

@@ -1,0 +1,58 @@
+"""Types both kinds share: the API group and version, name patterns, Secret references, conditions, metadata."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field
+
+from ..base import ApiModel
+
+GROUP = "llamacpp.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+SHA256_HEX = r"^[a-f0-9]{64}$"
+SPLIT_GGUF_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
+SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+"""A model name in router mode: a preset section name that llama-server keeps as written (no `:` tag, no `]`)."""
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the resource's namespace."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253, description="Secret name.")
+    key: str = Field(min_length=1, description="Key inside the Secret.")
+
+
+class SecretRef(ApiModel):
+    """A whole Secret in the resource's namespace."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253, description="Secret name.")
+
+
+class Condition(ApiModel):
+    """A status condition in the Kubernetes convention."""
+
+    type: str = Field(description="Condition type, e.g. Ready, ArgsValid, Available.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="One CamelCase word for machines.")
+    message: str = Field("", description="What a person needs to know.")
+    last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="The metadata.generation this was computed for.")
+
+
+class ObjectMeta(ApiModel):
+    """The parts of metadata the operator reads."""
+
+    model_config = {**ApiModel.model_config, "extra": "ignore"}
+
+    name: str
+    namespace: str = "default"
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
