@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llama_operator import contract, handlers
+from llama_operator import contract
 from llama_operator.config import Settings
 from llama_operator.gguf import FileByteSource, read_header
 from llama_operator.kube import LLAMA_MODELS, LLAMA_SERVERS, PODS
 from llama_operator.reconcile.context import Context
 from llama_operator.reconcile.download import download_status, running_fetchers
+from llama_operator.reconcile.runtime import Runtime
 from tests.conftest import model_body, server_body
 from tests.fakekube import Events, FakeKube
 from tests.tiny_gguf import write_tiny_llama
@@ -57,7 +58,7 @@ async def test_downloading_server_reports_progress_and_is_polled_until_it_is_don
     kube.put(LLAMA_MODELS, model_body(status={"phase": "Ready", "cacheKey": "tiny-0123456789ab",
                                               "files": [{"name": "m.gguf"}], "gguf": gguf.to_wire()}))
     kube.put(LLAMA_SERVERS, server_body("chat", contextSize=512))
-    runtime = handlers.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()))  # type: ignore[arg-type]
+    runtime = Runtime(Context(kube=kube, settings=Settings(), record_event=Events()))  # type: ignore[arg-type]
     try:
         kube.put(PODS, _pod("chat-1", {"running": {}}))
         kube.logs[("default", "chat-1", contract.FETCH_CONTAINER)] = _line(30 * 2**20, 120 * 2**20, 12.5e6)

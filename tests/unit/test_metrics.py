@@ -12,13 +12,14 @@ from typing import Any
 import httpx
 import pytest
 
-from llama_operator import handlers, metrics
+from llama_operator import metrics
 from llama_operator.api.v1alpha1 import LlamaServer
 from llama_operator.builders import build_deployment
 from llama_operator.config import Settings
 from llama_operator.gguf import FileByteSource, read_header
 from llama_operator.kube import LLAMA_MODELS, LLAMA_SERVERS
 from llama_operator.reconcile.context import Context
+from llama_operator.reconcile.runtime import Runtime
 from tests.conftest import model_body, resolved_model, server_body
 from tests.fakekube import Events, FakeKube
 from tests.metric_names import OPERATOR
@@ -65,7 +66,7 @@ async def test_phases_replicas_and_memory_are_scraped(port: int, tmp_path: Path)
     kube.put(LLAMA_MODELS, model)
     for name in ("metrics-a", "metrics-b"):
         kube.put(LLAMA_SERVERS, server_body(name, replicas=2, contextSize=2048))
-    runtime = handlers.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()))  # type: ignore[arg-type]
+    runtime = Runtime(Context(kube=kube, settings=Settings(), record_event=Events()))  # type: ignore[arg-type]
     # The tracker is the process's: operators that earlier tests ran in this process left their objects in it.
     for kind in metrics.KINDS:
         metrics.PHASES.retain(kind, None, [])
@@ -104,7 +105,7 @@ async def test_resync_prunes_objects_deleted_without_an_event(port: int) -> None
     kube = FakeKube()
     kube.put(LLAMA_MODELS, model_body("kept", spec={"source": {"volume": {"persistentVolumeClaim": "models",
                                                                           "path": "m.gguf"}}}))
-    runtime = handlers.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()))  # type: ignore[arg-type]
+    runtime = Runtime(Context(kube=kube, settings=Settings(), record_event=Events()))  # type: ignore[arg-type]
     task = asyncio.create_task(runtime.resync_forever(LLAMA_MODELS, 0.01))
     try:
         async with asyncio.timeout(2):

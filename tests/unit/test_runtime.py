@@ -1,4 +1,5 @@
-"""handlers.Runtime: the resync and the retry policy survive and schedule whatever one object does."""
+"""reconcile.runtime.Runtime: the resync and the retry policy survive and schedule whatever one object does;
+the resync runs objects concurrently (bounded), each reconcile under a deadline."""
 
 from __future__ import annotations
 
@@ -8,17 +9,17 @@ from typing import Any
 
 import pytest
 
-from llama_operator import handlers
 from llama_operator.config import Settings
 from llama_operator.errors import InvalidSpec, RetryPolicy
-from llama_operator.kube import LLAMA_SERVERS, Forbidden, Invalid, Unavailable
+from llama_operator.kube import LLAMA_MODELS, LLAMA_SERVERS, Forbidden, Invalid, Unavailable
+from llama_operator.reconcile import runtime as runtime_module
 from llama_operator.reconcile.context import Context
-from tests.conftest import server_body
+from tests.conftest import model_body, server_body
 from tests.fakekube import Events, FakeKube
 
 
-def _runtime(kube: FakeKube) -> handlers.Runtime:
-    return handlers.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()))  # type: ignore[arg-type]
+def _runtime(kube: FakeKube) -> runtime_module.Runtime:
+    return runtime_module.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()))  # type: ignore[arg-type]
 
 
 async def _until(predicate: Any) -> None:
@@ -38,7 +39,7 @@ async def test_resync_survives_any_exception_of_a_single_object(monkeypatch: pyt
         if body["metadata"]["name"] == "a":
             raise ValueError("a bug in a builder")
 
-    monkeypatch.setattr(handlers, "reconcile_server", reconcile)
+    monkeypatch.setattr(runtime_module, "reconcile_server", reconcile)
     runtime = _runtime(kube)
     task = asyncio.create_task(runtime.resync_forever(LLAMA_SERVERS, 0.01))
     try:
@@ -59,7 +60,7 @@ async def test_resync_survives_a_failing_list(monkeypatch: pytest.MonkeyPatch) -
     async def reconcile(body: Mapping[str, Any], ctx: Context) -> None:
         ran.append(body["metadata"]["name"])
 
-    monkeypatch.setattr(handlers, "reconcile_server", reconcile)
+    monkeypatch.setattr(runtime_module, "reconcile_server", reconcile)
     runtime = _runtime(kube)
     task = asyncio.create_task(runtime.resync_forever(LLAMA_SERVERS, 0.01))
     try:
@@ -86,8 +87,8 @@ async def test_transient_failures_are_retried_with_backoff_until_they_succeed(mo
         if failures:
             raise failures.pop()
 
-    monkeypatch.setattr(handlers, "reconcile_server", reconcile)
-    runtime = handlers.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()),  # type: ignore[arg-type]
+    monkeypatch.setattr(runtime_module, "reconcile_server", reconcile)
+    runtime = runtime_module.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()),  # type: ignore[arg-type]
                                policy=FAST)
     try:
         verdict = await runtime.reconcile_server("default", "a")
@@ -116,8 +117,8 @@ async def test_retry_by_error_class(monkeypatch: pytest.MonkeyPatch, error: Any,
         ran.append("run")
         raise error()
 
-    monkeypatch.setattr(handlers, "reconcile_server", reconcile)
-    runtime = handlers.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()),  # type: ignore[arg-type]
+    monkeypatch.setattr(runtime_module, "reconcile_server", reconcile)
+    runtime = runtime_module.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()),  # type: ignore[arg-type]
                                policy=FAST)
     try:
         await runtime.reconcile_server("default", "a")
@@ -143,4 +144,77 @@ async def test_an_unreadable_object_is_retried_without_a_status(monkeypatch: pyt
         kube.fail_on.clear()
         await _until(lambda: "status" in kube.objects[("llamaservers", "default", "a")])
     finally:
+        runtime.close()
+
+
+async def test_one_model_that_never_answers_delays_no_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A source that never answers (a drip-feeding host) must not stall the periodic re-resolution of the others.
+    kube = FakeKube()
+    for name in ("a-slow", "b", "c"):  # the slow one is listed first
+        kube.put(LLAMA_MODELS, model_body(name))
+    ran: list[str] = []
+    never = asyncio.Event()
+
+    async def reconcile(body: Mapping[str, Any], ctx: Context) -> None:
+        if body["metadata"]["name"] == "a-slow":
+            await never.wait()
+        ran.append(body["metadata"]["name"])
+
+    monkeypatch.setattr(runtime_module, "reconcile_model", reconcile)
+    runtime = _runtime(kube)
+    task = asyncio.create_task(runtime.resync_forever(LLAMA_MODELS, 0.01))
+    try:
+        await _until(lambda: ran.count("b") >= 1 and ran.count("c") >= 1)
+        assert "a-slow" not in ran and not task.done()
+    finally:
+        task.cancel()
+        runtime.close()
+
+
+async def test_a_reconcile_past_its_deadline_is_cut_reported_and_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    kube = FakeKube()
+    kube.put(LLAMA_MODELS, model_body("slow"))
+    started: list[float] = []
+
+    async def reconcile(body: Mapping[str, Any], ctx: Context) -> None:
+        started.append(asyncio.get_running_loop().time())
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(runtime_module, "reconcile_model", reconcile)
+    runtime = runtime_module.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()),  # type: ignore[arg-type]
+                                     policy=FAST, deadline=0.05)
+    try:
+        verdict = await runtime.reconcile_model("default", "slow")
+        assert not verdict.ok and verdict.reason == "DeadlineExceeded" and verdict.retry_in is not None
+        assert "took longer than 0.05s" in verdict.message
+        status = kube.objects[("llamamodels", "default", "slow")]["status"]
+        assert "took longer than" in status["message"] and "\n" not in status["message"]
+        await _until(lambda: len(started) >= 2)  # retried with backoff, like any transient failure
+    finally:
+        runtime.close()
+
+
+async def test_resync_runs_at_most_its_bound_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    kube = FakeKube()
+    for index in range(12):
+        kube.put(LLAMA_SERVERS, server_body(f"s{index}"))
+    running: list[int] = [0, 0]  # now, most at once
+    done: list[str] = []
+
+    async def reconcile(body: Mapping[str, Any], ctx: Context) -> None:
+        running[0] += 1
+        running[1] = max(running[1], running[0])
+        await asyncio.sleep(0.02)
+        running[0] -= 1
+        done.append(body["metadata"]["name"])
+
+    monkeypatch.setattr(runtime_module, "reconcile_server", reconcile)
+    runtime = runtime_module.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()),  # type: ignore[arg-type]
+                                     resync_concurrency=4)
+    task = asyncio.create_task(runtime.resync_forever(LLAMA_SERVERS, 0.01))
+    try:
+        await _until(lambda: len(done) >= 12)
+        assert running[1] == 4
+    finally:
+        task.cancel()
         runtime.close()
