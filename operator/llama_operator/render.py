@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from .api.errors import describe
 from .api.v1alpha1 import API_VERSION, LlamaModel, LlamaServer
 from .builders import build_cache_pvc, build_deployment, build_service
-from .builders.deployment import model_problems
+from .builders.args import model_problems
 from .builders.router import build_preset_configmap, build_router_deployment
 from .config import Settings
 from .errors import InvalidSpec

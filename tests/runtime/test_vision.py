@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from llama_operator.api.v1alpha1 import LlamaModel, LlamaServer
-from llama_operator.builders.deployment import server_args
+from llama_operator.builders.args import server_args
 from llama_operator.builders.router import PRESET_PATH, ROUTER_ROOT, build_preset, router_args
 from llama_operator.config import Settings
 from llama_operator.contract import SOURCE_MOUNT

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from llama_operator.builders import build_cache_pvc, build_deployment, build_service
-from llama_operator.builders.deployment import derived_threads
+from llama_operator.builders.resources import derived_threads
 from llama_operator.config import Settings
 from tests.conftest import resolved_model, server
 

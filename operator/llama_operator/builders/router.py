@@ -31,16 +31,11 @@ from ..flags import render
 from ..flags.dryrun import dry_run_init_container
 from ..flags.preset import Section, render_ini, section
 from .cache import cache_volume, require_cache_key
-from .deployment import (
-    assemble_pod,
-    container_resources,
-    deployment_object,
-    derived_threads,
-    fetch_init_container,
-    llama_server_container,
-    mmproj_fetch_container,
-)
+from .deployment import deployment_object
+from .fetcher import fetch_init_container, mmproj_fetch_container
 from .objects import object_meta, server_labels
+from .pod import assemble_pod, llama_server_container
+from .resources import container_resources, derived_threads
 
 ROUTER_ROOT = "/run/llama-server"
 PRESET_VOLUME = "models-preset"

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..api.v1alpha1 import AutoscalingStatus, LlamaServer, RoutingSpec, ScalingSpec
-from ..builders.deployment import model_name, served_names
+from ..builders.naming import model_name, served_names
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ pods (router_status.py).
 from __future__ import annotations
 
 from ..api.v1alpha1 import Condition, LlamaModel, LlamaServer
-from ..builders.deployment import model_name
+from ..builders.naming import model_name
 from ..builders.router import build_preset_configmap, build_router_deployment, distinct_models, router_args
 from ..builders.service import build_service, endpoint_url
 from ..contract import router_fetch_container

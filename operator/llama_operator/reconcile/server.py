@@ -24,7 +24,8 @@ from ..api.v1alpha1 import (
     MemoryEstimate,
 )
 from ..builders import build_deployment, build_service
-from ..builders.deployment import model_name, model_problems, server_args
+from ..builders.args import model_problems, server_args
+from ..builders.naming import model_name
 from ..builders.objects import label_selector, selector_labels
 from ..builders.quantity import parse_quantity
 from ..builders.service import endpoint_url

@@ -1,0 +1,151 @@
+"""The pod template of a LlamaServer: the llama-server container, its init containers, volumes, scheduling."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..api.v1alpha1 import LlamaModel, LlamaServer
+from ..config import Settings
+from ..contract import API_KEY_ENV, FETCH_DRAFT_CONTAINER, SERVER_CONTAINER, TMP_MOUNT, TMP_VOLUME
+from ..flags.dryrun import dry_run_init_container
+from ..flags.render import SERVER_PORT
+from .args import needs_draft_cache, server_args
+from .cache import CACHE_MOUNT, CACHE_VOLUME, cache_volume, model_volumes, server_model_mount
+from .fetcher import fetch_init_container, mmproj_fetch_container
+from .objects import server_labels
+from .resources import pod_tolerations, server_resources
+from .security import container_security_context, pod_security_context
+
+STARTUP_PROBE_PERIOD_SECONDS = 1
+"""Probe loading often: /health is cheap, and a 10 s period would add up to 10 s to every start."""
+
+MODEL_SHA_ANNOTATION = "llamacpp.dev/model-sha256"
+SCRAPE_ANNOTATIONS = {
+    "prometheus.io/scrape": "true",
+    "prometheus.io/port": str(SERVER_PORT),
+    "prometheus.io/path": "/metrics",
+}
+
+
+def _http_probe(*, period: int, failures: int, timeout: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": "/health", "port": "http"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout,
+    }
+
+
+def server_container(
+    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
+) -> dict[str, Any]:
+    container = llama_server_container(
+        server, settings, args=server_args(server, model, draft),
+        resources=server_resources(server, model, settings, draft),
+        volume_mounts=[server_model_mount(model), {"name": TMP_VOLUME, "mountPath": TMP_MOUNT}])
+    if needs_draft_cache(model, draft):
+        container["volumeMounts"].insert(1, {"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT, "readOnly": True})
+    return container
+
+
+def llama_server_container(
+    server: LlamaServer, settings: Settings, *, args: list[str], resources: dict[str, Any],
+    volume_mounts: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The llama-server container of any LlamaServer (one model or router mode): image, env, probes, security."""
+    spec = server.spec
+    env = [e.to_wire() for e in spec.env or []]
+    if spec.api_key_secret_ref is not None:
+        ref = spec.api_key_secret_ref
+        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    # /health answers 503 while the model loads: the startup probe gives loading its whole budget,
+    # after which readiness reacts within seconds and liveness restarts a wedged server.
+    startup_failures = max(1, math.ceil(spec.startup_timeout_seconds / STARTUP_PROBE_PERIOD_SECONDS))
+    container: dict[str, Any] = {
+        "name": SERVER_CONTAINER,
+        "image": spec.image or settings.image_for(spec.gpu.vendor if spec.gpu else None),
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["/app/llama-server"],
+        "args": args,
+        "env": [{"name": "HOME", "value": "/tmp"}, *env],
+        "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
+        "startupProbe": _http_probe(period=STARTUP_PROBE_PERIOD_SECONDS, failures=startup_failures, timeout=2),
+        "readinessProbe": _http_probe(period=5, failures=3, timeout=3),
+        "livenessProbe": _http_probe(period=20, failures=3, timeout=10),
+        "resources": resources,
+        "securityContext": container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": volume_mounts,
+    }
+    return container
+
+
+def _init_containers(
+    server: LlamaServer, model: LlamaModel, settings: Settings, main: dict[str, Any], draft: LlamaModel | None
+) -> list[dict[str, Any]]:
+    containers = []
+    if model.spec.source.volume is None:
+        containers.append(fetch_init_container(model, settings))
+        if model.spec.mmproj is not None:
+            containers.append(mmproj_fetch_container(model, settings))
+    if draft is not None:
+        containers.append(fetch_init_container(draft, settings, name=FETCH_DRAFT_CONTAINER))
+    if server.spec.image:
+        # A custom image may carry another llama.cpp than the flag catalog: let it parse the arguments first.
+        containers.append(dry_run_init_container(
+            image=main["image"], args=main["args"], security_context=main["securityContext"],
+            volume_mounts=main["volumeMounts"],
+        ))
+    return containers
+
+
+def _draft_volumes(model: LlamaModel, settings: Settings, draft: LlamaModel | None) -> list[dict[str, Any]]:
+    # With a downloaded served model the draft shares its cache; with a volume-source one it needs its own.
+    return [cache_volume(draft, settings)] if draft is not None and needs_draft_cache(model, draft) else []
+
+
+def pod_template(
+    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
+) -> dict[str, Any]:
+    spec = server.spec
+    # Prometheus' annotation-based discovery scrapes llama-server's own metrics (it always runs with --metrics);
+    # the user's podAnnotations win, e.g. prometheus.io/scrape: "false".
+    annotations = {**SCRAPE_ANNOTATIONS, **(spec.pod_annotations or {})}
+    sha256 = model.status.sha256 or model.spec.sha256
+    if sha256:
+        # A new model revision with the same file name must still roll the pods.
+        annotations[MODEL_SHA_ANNOTATION] = sha256
+    main = server_container(server, model, settings, draft)
+    return assemble_pod(server, annotations=annotations, main=main,
+                        init_containers=_init_containers(server, model, settings, main, draft),
+                        volumes=[*model_volumes(model, settings), *_draft_volumes(model, settings, draft)])
+
+
+def assemble_pod(
+    server: LlamaServer, *, annotations: dict[str, str], main: dict[str, Any],
+    init_containers: list[dict[str, Any]], volumes: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A llama-server pod template: restricted security, scheduling from the spec, labels (one model or router)."""
+    spec = server.spec
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "initContainers": init_containers,
+        "containers": [main],
+        "volumes": [*volumes, {"name": TMP_VOLUME, "emptyDir": {}}],
+        "terminationGracePeriodSeconds": 30,
+    }
+    optional = {
+        "nodeSelector": spec.node_selector,
+        "affinity": spec.affinity.to_wire() if spec.affinity else None,
+        "tolerations": pod_tolerations(server) or None,
+        "priorityClassName": spec.priority_class_name,
+        "runtimeClassName": spec.runtime_class_name,
+    }
+    pod_spec.update({key: value for key, value in optional.items() if value})
+    metadata: dict[str, Any] = {"labels": {**(spec.pod_labels or {}), **server_labels(server)}}
+    if annotations:
+        metadata["annotations"] = annotations
+    return {"metadata": metadata, "spec": pod_spec}
