@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -216,3 +217,79 @@ async def test_a_missing_model_keeps_a_router_server_pending_and_says_which() ->
     status = await reconcile_server(kube.objects[("llamaservers", "default", "fleet")], ctx)
     assert status.phase == "Pending" and status.message == "LlamaModel default/beta is Resolving: HEAD timed out"
     assert (DEPLOYMENTS.plural, "default", "fleet") not in kube.objects
+
+
+# ---------------------------------------------------------------------------------------------- hostile pods
+
+
+async def _serve_huge_models(request: web.Request) -> web.StreamResponse:
+    """A pod running a tenant's image that answers /models with 114 MiB (no Content-Length: streamed)."""
+    response = web.StreamResponse()
+    response.content_type = "application/json"
+    await response.prepare(request)
+    chunk = b"x" * 2**20
+    try:
+        await response.write(b'{"data": [], "pad": "')
+        for _ in range(114):
+            await response.write(chunk)
+        await response.write(b'"}')
+    except (ConnectionResetError, RuntimeError):
+        pass  # the operator hung up after its cap: that is the point
+    return response
+
+
+@pytest.fixture
+async def huge_pod() -> AsyncIterator[int]:
+    app = web.Application()
+    app.router.add_get("/models", _serve_huge_models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    await runner.cleanup()
+
+
+async def test_an_oversize_models_answer_is_refused_with_bounded_memory_and_said_in_status(huge_pod: int) -> None:
+    kube, poller = _setup(huge_pod, timeout=20.0)
+    kube.put(PODS, _pod("fleet-0"))
+    tracemalloc.start()
+    try:
+        await poller.poll_once()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await poller.close()
+    assert peak < 16 * 2**20, f"reading one pod's /models took {peak / 2**20:.0f} MiB"
+    models = _status(kube)["models"]
+    assert [m["state"] for m in models] == ["Unloaded"] * 3  # nothing was read: nothing is claimed loaded
+    for model in models:
+        message = model["message"]
+        assert "fleet-0" in message and "larger than 1 MiB" in message and "\n" not in message, message
+
+
+async def test_a_models_answer_that_is_not_a_model_list_is_said_in_status(pods: tuple[FakePods, int]) -> None:
+    fake, port = pods
+    kube, poller = _setup(port)
+    kube.put(PODS, _pod("fleet-0"))
+    fake.data = "not a list"  # type: ignore[assignment]
+    try:
+        await poller.poll_once()
+    finally:
+        await poller.close()
+    assert all("fleet-0" in m["message"] and "not a model list" in m["message"] for m in _status(kube)["models"])
+
+
+async def test_odd_model_entries_neither_break_the_round_nor_reach_status(pods: tuple[FakePods, int]) -> None:
+    fake, port = pods
+    kube, poller = _setup(port)
+    kube.put(PODS, _pod("fleet-0"))
+    fake.data = [{"id": "alpha", "status": "loaded"}, {"id": ["bee"], "status": {"value": "loaded"}},
+                 {"id": "gamma", "status": {"value": "unloaded", "failed": True, "exit_code": "x" * 100_000}}, 7]
+    try:
+        await poller.poll_once()
+    finally:
+        await poller.close()
+    models = _status(kube)["models"]
+    assert [m["state"] for m in models] == ["Unloaded", "Unloaded", "Failed"]
+    assert models[2]["message"] == "failed to load on fleet-0 (exit code None); the next request tries again"

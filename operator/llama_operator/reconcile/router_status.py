@@ -12,7 +12,12 @@ recently used one is stopped for another): no Kubernetes object changes, so no w
   changed. These fields are the poller's alone: the reconcile leaves them out of its status patch
   (server.MODEL_STATUS_FIELDS), as it leaves the gateway's autoscaling view;
 - a pod that does not answer is left out of that round; when no ready pod answers, the last status stays
-  (a slow pod is not reported as "everything unloaded"). With no ready pod at all every model is Unloaded.
+  (a slow pod is not reported as "everything unloaded"). With no ready pod at all every model is Unloaded;
+- the pods run the tenant's `spec.image`, so an answer is untrusted: it is read up to `MAX_ANSWER_BYTES`
+  (1 MiB) within the `TIMEOUT`, parsed in a worker thread when it is large (at most `PARSES` at a time, so the
+  parsed objects of many pods never pile up), and anything else — too large, not JSON, not a list of model
+  entries — is refused: each served model's `message` names the pod and why, in one line, and the states come
+  from the pods that answered properly (or stay as they were when none did).
 
 The operator needs to reach the pods on port 8080 (a NetworkPolicy that isolates the llama-server pods must let
 the operator's pods in); no RBAC beyond what the reconcile has (list pods, patch llamaservers/status).
@@ -21,6 +26,7 @@ the operator's pods in); no RBAC beyond what the reconcile has (list pods, patch
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -41,6 +47,18 @@ TIMEOUT = 3.0
 """Seconds one pod's /models may take (it answers from memory; a pod that takes longer is skipped)."""
 CONCURRENCY = 16
 """Pods asked at the same time, over every server."""
+MAX_ANSWER_BYTES = 2**20
+"""Largest /models answer read from a pod: a router with a hundred models answers some 100 KiB."""
+PARSE_ON_LOOP_BYTES = 64 * 2**10
+"""Answers up to this size are parsed on the event loop (well under a millisecond); larger ones in a thread."""
+PARSES = 2
+"""Large answers parsed at the same time: their parsed objects are several times their size."""
+MAX_REFUSED_NAMED = 3
+"""Pods named in a refusal message; more are counted."""
+
+
+class Refused(str):
+    """Why a pod's /models answer was not used (one line, for status)."""
 
 _STATES = {"loaded": "Loaded", "loading": "Loading", "downloading": "Loading", "downloaded": "Loading",
            "sleeping": "Sleeping", "unloaded": "Unloaded"}
@@ -49,17 +67,21 @@ _RANK = ("Loaded", "Loading", "Sleeping", "Failed", "Unloaded")
 
 
 def _state(entry: Mapping[str, Any]) -> tuple[str, int | None]:
-    status = entry.get("status") or {}
-    value = str(status.get("value") or "unloaded")
+    status = entry.get("status")
+    status = status if isinstance(status, dict) else {}
+    value = status.get("value")
+    value = value if isinstance(value, str) else "unloaded"
     if value == "unloaded" and status.get("failed"):
-        return "Failed", status.get("exit_code")
+        exit_code = status.get("exit_code")
+        return "Failed", exit_code if isinstance(exit_code, int) and abs(exit_code) < 2**31 else None
     return _STATES.get(value, "Unloaded"), None
 
 
 def model_states(answers: Sequence[tuple[str, Sequence[Mapping[str, Any]]]],
                  served: Iterable[tuple[str, str]]) -> list[ServedModelStatus]:
     """Per served model (name, LlamaModel): its state over the pods' /models answers ((pod, data) pairs)."""
-    by_pod = [(pod, {str(entry.get("id")): entry for entry in data}) for pod, data in answers]
+    by_pod = [(pod, {entry["id"]: entry for entry in data if isinstance(entry.get("id"), str)})
+              for pod, data in answers]
     out = []
     for name, model in served:
         states = []
@@ -77,6 +99,30 @@ def model_states(answers: Sequence[tuple[str, Sequence[Mapping[str, Any]]]],
         out.append(ServedModelStatus(name=name, model=model, state=state,  # type: ignore[arg-type]
                                      loaded_replicas=states.count("Loaded"), message=message))
     return out
+
+
+def with_refusals(states: Sequence[ServedModelStatus], refused: Sequence[tuple[str, str]]) -> list[ServedModelStatus]:
+    """`states` with a note on each model naming the pods whose answer was refused ((pod, why) pairs)."""
+    if not refused:
+        return list(states)
+    named = "; ".join(f"pod {pod}: {why}" for pod, why in refused[:MAX_REFUSED_NAMED])
+    more = f" (and {len(refused) - MAX_REFUSED_NAMED} more)" if len(refused) > MAX_REFUSED_NAMED else ""
+    note = f"/models answer not used: {named}{more}"
+    return [state.model_copy(update={"message": f"{state.message}; {note}" if state.message else note})
+            for state in states]
+
+
+def last_states(status: Mapping[str, Any], served: Iterable[tuple[str, str]]) -> list[ServedModelStatus]:
+    """The states status.models holds for the served models (Unloaded where it holds none), messages dropped."""
+    known: dict[str, ServedModelStatus] = {}
+    for wire in status.get("models") or []:
+        try:
+            state = ServedModelStatus.model_validate(wire)
+        except ValidationError:
+            continue
+        known[state.name] = state.model_copy(update={"message": None})
+    return [known.get(name) or ServedModelStatus(name=name, model=model, state="Unloaded")
+            for name, model in served]
 
 
 def loaded_summary(states: Sequence[ServedModelStatus]) -> str:
@@ -109,6 +155,7 @@ class ModelStatusPoller:
         self.timeout = timeout
         self.port = port
         self._limit = asyncio.Semaphore(concurrency)
+        self._parses = asyncio.Semaphore(PARSES)
         self._session: aiohttp.ClientSession | None = None
 
     async def run_forever(self, interval: float) -> None:
@@ -133,7 +180,14 @@ class ModelStatusPoller:
         namespaces: tuple[str | None, ...] = self.ctx.settings.namespaces or (None,)
         for namespace in namespaces:
             bodies = await self.ctx.kube.list(LLAMA_SERVERS, namespace)
-            await asyncio.gather(*(self.poll_server(body) for body in bodies))
+            outcomes = await asyncio.gather(*(self.poll_server(body) for body in bodies), return_exceptions=True)
+            for body, outcome in zip(bodies, outcomes, strict=True):
+                if isinstance(outcome, Exception):  # one server's trouble is not the others'
+                    meta = body.get("metadata") or {}
+                    log.warning("Reading the models of LlamaServer %s/%s failed, will retry: %s",
+                                meta.get("namespace"), meta.get("name"), outcome)
+                elif isinstance(outcome, BaseException):
+                    raise outcome
 
     async def poll_server(self, body: Mapping[str, Any]) -> None:
         """Read one server's pods and patch its status.models when the answer changed."""
@@ -152,12 +206,15 @@ class ModelStatusPoller:
         served = [(entry.served_name, entry.model_ref.name) for entry in server.spec.models]
         pods = await self.ctx.kube.list(PODS, namespace, label_selector=label_selector(selector_labels(name)))
         targets = ready_pod_ips(pods)
-        answers = [(pod, data) for (pod, _), data in
-                   zip(targets, await asyncio.gather(*(self._models(ip) for _, ip in targets)), strict=True)
-                   if data is not None]
-        if targets and not answers:
+        results = list(zip([pod for pod, _ in targets],
+                           await asyncio.gather(*(self._models(ip) for _, ip in targets)), strict=True))
+        answers = [(pod, data) for pod, data in results if isinstance(data, list)]
+        refused = [(pod, str(data)) for pod, data in results if isinstance(data, Refused)]
+        if targets and not answers and not refused:
             return  # no ready pod answered this round: keep the last status rather than guess
-        states = model_states(answers, served)
+        # Only refusals: what the pods hold is unknown, so the states stay as they were, with the reason.
+        states = with_refusals(model_states(answers, served) if answers or not targets else
+                               last_states(status, served), refused)
         wire = [s.to_wire() for s in states]
         if wire == status.get("models") and status.get("modelsLoaded") == loaded_summary(states):
             return
@@ -169,8 +226,9 @@ class ModelStatusPoller:
     async def _patch(self, namespace: str, name: str, fields: dict[str, Any]) -> None:
         await self.ctx.kube.patch_status(LLAMA_SERVERS, namespace, name, fields)
 
-    async def _models(self, ip: str) -> list[dict[str, Any]] | None:
-        """The pod's /models list, or None when it does not answer in time (logged at debug level)."""
+    async def _models(self, ip: str) -> list[dict[str, Any]] | Refused | None:
+        """The pod's /models list; None when it does not answer in time (logged at debug level); `Refused` when
+        its answer is too large or not a model list (the pod runs the tenant's image)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         async with self._limit:
@@ -180,8 +238,37 @@ class ModelStatusPoller:
                     if response.status != 200:
                         log.debug("GET %s: HTTP %d", url, response.status)
                         return None
-                    data = (await response.json(content_type=None)).get("data")
-                    return list(data) if isinstance(data, list) else None
+                    body = await _read_capped(response, MAX_ANSWER_BYTES)
             except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 log.debug("GET %s: %s", url, exc or type(exc).__name__)
                 return None
+        if body is None:
+            log.debug("GET %s: answer larger than %d bytes, not read", url, MAX_ANSWER_BYTES)
+            return Refused(f"larger than {MAX_ANSWER_BYTES // 2**20} MiB")
+        if len(body) <= PARSE_ON_LOOP_BYTES:
+            return _model_list(body)
+        async with self._parses:
+            return await asyncio.to_thread(_model_list, body)
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body, or None as soon as it proves longer than `limit` (declared or received): never more is read."""
+    if response.content_length is not None and response.content_length > limit:
+        return None
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def _model_list(body: bytes) -> list[dict[str, Any]] | Refused:
+    """The `data` list of a /models answer, keeping only its JSON objects; Refused when it is not one."""
+    try:
+        data = json.loads(body).get("data")
+    except (ValueError, RecursionError, AttributeError):  # not JSON, nested too deep, not an object
+        return Refused("not a model list (not a JSON object)")
+    if not isinstance(data, list):
+        return Refused("not a model list (no data array)")
+    return [entry for entry in data if isinstance(entry, dict)]
