@@ -199,7 +199,9 @@ def test_load_scales_up_and_back_down(sandbox: SandboxProcess, client: openai.Op
 
 def test_prefix_affinity_keeps_a_conversation_on_one_replica(sandbox: SandboxProcess, client: openai.OpenAI,
                                                              llama_server: Callable[..., None]) -> None:
-    llama_server("chat", contextSize=2048, parallel=2, replicas=2, routing={"strategy": "PrefixAffinity"})
+    # --slots: the replicas are told apart by /slots, off by default (docs/security.md#network)
+    llama_server("chat", contextSize=2048, parallel=2, replicas=2, routing={"strategy": "PrefixAffinity"},
+                 args=["--slots"])
     ips = {pod.status.pod_ip: pod.metadata.name for pod in _ready_pods(sandbox, "chat")}
     assert len(ips) == 2
 

@@ -392,7 +392,8 @@ def test_prefix_affinity_keeps_a_conversation_on_one_replica(apiserver: ClusterA
                                                              start_gateway: Callable[..., GatewayProcess]) -> None:
     with run_operator("llama_operator.handlers"):
         _model(apiserver, "chat")
-        _server(apiserver, "chat", "chat", replicas=2, routing={"strategy": "PrefixAffinity"})
+        # --slots: the test tells the replicas apart by /slots, off by default (docs/security.md#network)
+        _server(apiserver, "chat", "chat", replicas=2, routing={"strategy": "PrefixAffinity"}, args=["--slots"])
         gateway = start_gateway()
         _wait_models(apiserver, gateway, {"chat": 2})
         client = gateway.client(timeout=60)

@@ -156,7 +156,8 @@ def test_router_arguments(settings: Settings) -> None:
     spec = {"maxLoaded": 2, "args": ["--top-k", "20"], "resources": {"limits": {"cpu": "3"}}}
     main = _pod(build_router_deployment(router(THREE, **spec), MODELS, settings))["containers"][0]
     assert main["args"] == ["--models-preset", "/run/llama-server/preset/models.ini", "--host", "0.0.0.0",
-                            "--port", "8080", "--metrics", "--models-max", "2", "--threads", "3", "--top-k", "20"]
+                            "--port", "8080", "--metrics", "--models-max", "2", "--threads", "3", "--no-slots",
+                            "--top-k", "20"]
     assert main["args"] == router_args(router(THREE, **spec))
     assert "--model" not in main["args"]
 

@@ -137,7 +137,7 @@ def router_args(server: LlamaServer) -> list[str]:
     if spec.max_loaded is not None:
         args += ["--models-max", str(spec.max_loaded)]
     args += render.split_mode(spec) + render.tensor_split(spec) + render.threads_arg(derived_threads(server))
-    return args + list(spec.args or [])
+    return args + render.slots_arg(spec) + list(spec.args or [])
 
 
 def build_router_deployment(

@@ -1,7 +1,8 @@
 """Renders a LlamaServer's typed settings into llama-server arguments: one small pure function per flag.
 
 Each function takes the spec and returns the flag and its value (or nothing). The managed flags (model,
-host, port, alias, metrics) come first, then the typed settings, then the user's validated `args`.
+host, port, alias, metrics) come first, then the typed settings, `--no-slots` (unless the spec asks for /slots),
+then the user's validated `args`.
 Render only specs that `validate.validate_server_spec` passed: it guarantees no flag is emitted twice.
 """
 
@@ -143,6 +144,20 @@ def threads_arg(threads: int | None) -> Rendered:
     return [] if threads is None else ["--threads", str(threads)]
 
 
+SLOTS_FLAGS = ("--slots", "--no-slots")
+SLOTS_ENV = "LLAMA_ARG_ENDPOINT_SLOTS"
+"""The environment variable llama-server reads as --slots/--no-slots (the catalog's `env` of `--slots`)."""
+
+
+def slots_arg(spec: LlamaServerSpec) -> Rendered:
+    """`--no-slots` unless the server says otherwise (`--slots` or `--no-slots` in args, or LLAMA_ARG_ENDPOINT_SLOTS
+    in env): llama-server's /slots shows every slot's task and sampling settings to anyone who reaches the pod,
+    and it is on by default (docs/security.md#network)."""
+    if any(arg in SLOTS_FLAGS for arg in spec.args or []) or any(var.name == SLOTS_ENV for var in spec.env or []):
+        return []
+    return ["--no-slots"]
+
+
 def render_args(
     spec: LlamaServerSpec,
     *,
@@ -164,5 +179,6 @@ def render_args(
     for render in TYPED_RENDERERS:
         args += render(spec)
     args += threads_arg(threads)
+    args += slots_arg(spec)
     args += list(spec.args or [])
     return args
