@@ -5,6 +5,7 @@ Every setting is documented in docs/configuration.md; the Helm chart sets them a
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,11 @@ class Settings:
     memory_request_from_estimate: bool = True
     """A llama-server container without a memory request or limit gets the memory estimate as its request."""
     memory_request_headroom_percent: float = 10.0
+    source_egress_guard: bool = True
+    """The operator refuses loopback, link-local and `source_blocked_cidrs` addresses as model sources (egress.py);
+    off only where sources are served from loopback on purpose (tests, the sandbox)."""
+    source_blocked_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """Further ranges refused as model sources while the guard is on: the cluster's pod and Service ranges."""
     """Added to the estimate for that default request."""
 
     def image_for(self, vendor: str | None) -> str:
@@ -100,6 +106,9 @@ class Settings:
                 f"LLAMA_OPERATOR_MEMORY_REQUEST_FROM_ESTIMATE={from_estimate!r}: must be true or false"
             )
         headroom = _percent(env, "LLAMA_OPERATOR_MEMORY_REQUEST_HEADROOM_PERCENT", 10.0)
+        egress_guard = env.get("LLAMA_OPERATOR_SOURCE_EGRESS_GUARD", "true").strip().lower()
+        if egress_guard not in ("true", "false"):
+            raise SettingsError(f"LLAMA_OPERATOR_SOURCE_EGRESS_GUARD={egress_guard!r}: must be true or false")
         return cls(
             metrics_port=_optional_port(env, "LLAMA_OPERATOR_METRICS_PORT", default=8000),
             webhook_port=_optional_port(env, "LLAMA_OPERATOR_WEBHOOK_PORT", default=None),
@@ -117,6 +126,8 @@ class Settings:
             model_status_seconds=model_status,
             memory_request_from_estimate=from_estimate == "true",
             memory_request_headroom_percent=headroom,
+            source_egress_guard=egress_guard == "true",
+            source_blocked_cidrs=_networks(env, "LLAMA_OPERATOR_SOURCE_BLOCKED_CIDRS"),
         )
 
 
@@ -144,6 +155,17 @@ def _number(env: Mapping[str, str], name: str, default: float, valid: Callable[[
     if not valid(value):
         raise SettingsError(f"{name}={raw!r}: must be {expected}")
     return value
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Comma-separated CIDRs (10.0.0.0/8,fd00::/8)."""
+    networks = []
+    for item in filter(None, (part.strip() for part in env.get(name, "").split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise SettingsError(f"{name}: {item!r} is not a CIDR range (e.g. 10.96.0.0/12)") from None
+    return tuple(networks)
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:

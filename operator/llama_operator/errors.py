@@ -186,6 +186,39 @@ class DiskFull(SourceError):
     exit_code = contract.EXIT_DISK_FULL
 
 
+class InvalidSource(SourceError):
+    """A URL, revision or path the source cannot be fetched from as written (a `..` component)."""
+
+    reason = "InvalidSource"
+    exit_code = contract.EXIT_USAGE
+
+
+class SourceTooLarge(SourceError):
+    """A download with no declared size passed its cap (cache.size, else the fetcher's default)."""
+
+    reason = "TooLarge"
+    exit_code = contract.EXIT_DISK_FULL
+
+
+class SourceAddressRefused(SourceError):
+    """A source (or a redirect) leads to an address the operator does not fetch from (docs/security.md#egress)."""
+
+    reason = "AddressNotAllowed"
+
+
+class SecretNotAllowed(SourceError):
+    """A Secret named as source credentials has not opted in (docs/model-sources.md#credentials)."""
+
+    reason = "SecretNotAllowed"
+
+
+class InvalidSecret(SourceError):
+    """A Secret value cannot be sent as an HTTP header (a line break or control character); never shows it."""
+
+    reason = "InvalidSecret"
+    exit_code = contract.EXIT_USAGE
+
+
 class SourceUnreachable(Transient, SourceError):
     """Connection error, timeout, HTTP 5xx / 429 / 408: retried with backoff."""
 

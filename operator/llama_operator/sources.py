@@ -11,7 +11,8 @@ Owns the knowledge of where model bytes live and what the remote ends say about 
 The pure HTTP helpers (`hf_resolve_url`, `parse_linked_headers`, `error_for_status`, `redact_url`) live in
 `fetch.http` and `shard_names` in `fetch.plan`, shared with the fetcher, which runs the same protocol
 synchronously in the init container; they are re-exported here.
-Nothing here reads Secrets or logs their values: tokens and headers arrive as arguments.
+Nothing here reads Secrets or logs their values: tokens and headers arrive as arguments, are checked
+(`fetch.secrets`) and go only to the origin they were given for; the client connects only where `egress` allows.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import re
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import httpx
 
 from .api.v1alpha1 import SPLIT_GGUF_RE, GgufInfo, LlamaModelSpec, ModelFile
 from .config import Settings
+from .egress import source_client
 from .errors import (
     ChecksumMismatch,
     NotAGguf,
@@ -39,14 +41,18 @@ from .errors import (
 )
 from .fetch.http import (
     LinkedInfo,
+    check_path,
+    check_url,
     error_for_status,
     hf_resolve_url,
     parse_linked_headers,
     redact_url,
     retry_after_seconds,
+    same_origin,
     strip_etag,
 )
 from .fetch.plan import shard_names
+from .fetch.secrets import auth_headers, checked_credentials
 from .gguf import (
     GgufError,
     GgufHeader,
@@ -91,7 +97,10 @@ class ResolvedModel:
 # ---------------------------------------------------------------------------------------------- pure helpers
 
 
-def transport_error(what: str, exc: httpx.TransportError) -> SourceUnreachable:
+def transport_error(what: str, exc: httpx.TransportError) -> SourceError:
+    """Transient, except a request httpx/h11 refused to send (its message would print the header value)."""
+    if isinstance(exc, httpx.LocalProtocolError):
+        return SourceError(f"{what}: a request header (the tokenSecretRef or headersSecretRef value) cannot be sent")
     return SourceUnreachable(f"{what}: {type(exc).__name__}: {exc or 'connection failed'}")
 
 
@@ -143,13 +152,6 @@ class _Remote:
     sha256: str | None
 
 
-def _auth_headers(hf_token: str | None, headers: Mapping[str, str]) -> dict[str, str]:
-    out = dict(headers)
-    if hf_token:
-        out["Authorization"] = f"Bearer {hf_token}"
-    return out
-
-
 async def _head_hf(client: httpx.AsyncClient, url: str, name: str, headers: Mapping[str, str],
                    *, token_given: bool) -> _Remote:
     """HEAD the resolve URL without following the CDN redirect: the LFS sha256 and size are on that hop.
@@ -158,18 +160,18 @@ async def _head_hf(client: httpx.AsyncClient, url: str, name: str, headers: Mapp
     the linked headers yet; those hops are followed (on the same origin only, with the same credentials).
     """
     current = url
-    origin = urlsplit(url).netloc
     for _ in range(_MAX_REDIRECTS):
         try:
             response = await client.head(current, headers=dict(headers), follow_redirects=False)
         except httpx.TransportError as exc:
             raise transport_error(f"{name}: HEAD {redact_url(current)}", exc) from exc
         if response.status_code >= 400:
-            raise error_for_status(response.status_code, f"{name}", response.headers, token_given=token_given)
+            raise error_for_status(response.status_code, f"{name}", response.headers, token_given=token_given,
+                                   hub=True)
         linked = parse_linked_headers(str(response.url), response.status_code, response.headers)
         if response.status_code == 200 or linked.sha256 or linked.size is not None or not linked.location:
             return _Remote(name, url, linked.size, linked.sha256)
-        if urlsplit(linked.location).netloc != origin:
+        if not same_origin(linked.location, url):  # scheme included: https -> http is another origin
             # A CDN redirect without linked headers (a non-LFS file on some mirrors): size unknown here.
             return _Remote(name, url, None, None)
         current = linked.location
@@ -202,7 +204,7 @@ async def _head_http(client: httpx.AsyncClient, url: str, name: str, headers: Ma
 
 
 async def _read_gguf(
-    client: httpx.AsyncClient, remote: _Remote, headers: Mapping[str, str], *, token_given: bool
+    client: httpx.AsyncClient, remote: _Remote, headers: Mapping[str, str], *, token_given: bool, hub: str
 ) -> GgufHeader:
     source = HttpByteSource(client, remote.url, headers)
     try:
@@ -212,7 +214,8 @@ async def _read_gguf(
     except GgufError as exc:
         raise NotAGguf(f"{remote.name}: unreadable GGUF header: {exc}") from exc
     except HttpStatusError as exc:
-        raise error_for_status(exc.status_code, remote.name, exc.headers, token_given=token_given) from exc
+        raise error_for_status(exc.status_code, remote.name, exc.headers, token_given=token_given,
+                               hub=same_origin(exc.url, hub)) from exc
     except httpx.TransportError as exc:
         raise transport_error(f"{remote.name}: reading the GGUF header", exc) from exc
 
@@ -246,9 +249,10 @@ async def resolve(
             mmproj = ModelFile(name=spec.mmproj.file_name, sha256=spec.mmproj.sha256)
         return ResolvedModel(files, None, spec.sha256, None, cache_key(spec, spec.sha256), mmproj)
 
+    hf_token, headers = checked_credentials(hf_token, headers)
     own_client = client is None
     if client is None:
-        client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0))
+        client = source_client(settings, httpx.Timeout(30.0, connect=10.0))
     try:
         return await _resolve_remote(spec, settings, hf_token, headers, client)
     finally:
@@ -267,7 +271,9 @@ async def _resolve_remote(
     semaphore = asyncio.Semaphore(_SHARD_CONCURRENCY)
     if source.hugging_face is not None:
         hf = source.hugging_face
-        request_headers = _auth_headers(hf_token, headers)
+        check_path(hf.revision, "spec.source.huggingFace.revision")
+        check_path(hf.file, "spec.source.huggingFace.file")
+        request_headers = auth_headers(hf_token, headers)
         token_given = bool(hf_token)
         jobs = [
             _head_hf(
@@ -281,6 +287,7 @@ async def _resolve_remote(
         ]
     else:
         assert source.http is not None
+        check_url(source.http.url, "spec.source.http.url")
         request_headers = dict(headers)
         token_given = bool(headers)
         base_url, sep, query = source.http.url.partition("?")
@@ -300,7 +307,8 @@ async def _resolve_remote(
 
     # Shard 1 carries the metadata; the other shards' headers only add their tensors to the parameter count.
     headers_read = await asyncio.gather(
-        *(_bounded(semaphore, _read_gguf(client, r, request_headers, token_given=token_given)) for r in remotes)
+        *(_bounded(semaphore, _read_gguf(client, r, request_headers, token_given=token_given,
+                                         hub=settings.huggingface_endpoint)) for r in remotes)
     )
     first_header = headers_read[0]
     tensors = first_header.tensors
@@ -330,6 +338,15 @@ MMPROJ_ARCHITECTURE = "clip"
 """general.architecture of every multimodal projector llama.cpp's mtmd loads (vision and audio encoders)."""
 
 
+def source_url(spec: LlamaModelSpec, hf_endpoint: str) -> str | None:
+    """The URL of the model's (first) file, before redirects; None for volume sources."""
+    source = spec.source
+    if source.hugging_face is not None:
+        hf = source.hugging_face
+        return hf_resolve_url(hf_endpoint, hf.repo, hf.revision, hf.file)
+    return source.http.url if source.http is not None else None
+
+
 def mmproj_url(spec: LlamaModelSpec, hf_endpoint: str) -> str | None:
     """Where a downloaded model's projector is fetched from (None for volume sources)."""
     assert spec.mmproj is not None
@@ -357,6 +374,9 @@ async def _resolve_mmproj(
     assert spec.mmproj is not None
     url = mmproj_url(spec, settings.huggingface_endpoint)
     assert url is not None
+    check_url(url, "spec.mmproj.file")
+    if not same_origin(url, source_url(spec, settings.huggingface_endpoint) or url):
+        headers, token_given = {}, False  # credentials go only to the origin they were given for
     name = spec.mmproj.file_name
     if spec.source.hugging_face is not None:
         hf = spec.source.hugging_face
@@ -371,7 +391,7 @@ async def _resolve_mmproj(
     if sha256 is None:
         raise SourceError(f"{remote.name}: the source publishes no sha256 for the projector; set spec.mmproj.sha256 "
                           "(a projector is verified like the weights, and is never trusted on first use)")
-    header = await _read_gguf(client, remote, headers, token_given=token_given)
+    header = await _read_gguf(client, remote, headers, token_given=token_given, hub=settings.huggingface_endpoint)
     if header.architecture != MMPROJ_ARCHITECTURE:
         raise NotAGguf(f"{remote.name}: general.architecture is {header.architecture!r}, not a multimodal "
                        f"projector ({MMPROJ_ARCHITECTURE!r}); spec.mmproj names the mmproj GGUF of the model")

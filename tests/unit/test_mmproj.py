@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from llama_operator.api.v1alpha1 import LlamaModel, LlamaModelSpec, LlamaServer
 from llama_operator.builders import build_deployment
-from llama_operator.config import Settings
+from llama_operator.config import Settings as OperatorSettings
 from llama_operator.reconcile.model import offline_status
 from llama_operator.sources import ChecksumMismatch, NotAGguf, SourceError, resolve
 from tests import crdschema
@@ -20,6 +21,8 @@ from tests.conftest import model_body
 from tests.fakehub import FakeHub
 from tests.tiny_gguf import write_tiny_llama
 from tests.tiny_mmproj import write_tiny_mmproj
+
+Settings = partial(OperatorSettings, source_egress_guard=False)  # the fake hub and servers listen on 127.0.0.1
 
 REPO = "acme/vision-GGUF"
 

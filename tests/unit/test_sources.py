@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llama_operator.api.v1alpha1 import DNS_LABEL, LlamaModelSpec
-from llama_operator.config import Settings
+from llama_operator.config import Settings as OperatorSettings
 from llama_operator.sources import (
     ChecksumMismatch,
     NotAGguf,
@@ -27,6 +28,7 @@ from llama_operator.sources import (
 from tests.fakehub import FakeHub, write_gguf
 
 REPO = "acme/tiny-GGUF"
+Settings = partial(OperatorSettings, source_egress_guard=False)  # the fake hub and servers listen on 127.0.0.1
 
 
 @pytest.fixture

@@ -16,19 +16,33 @@ from .. import contract
 from ..errors import OperatorError
 from .cache import disk_free
 from .fetcher import Fetcher
-from .plan import DEFAULT_CONNECTIONS, FetchOptions
+from .plan import DEFAULT_CONNECTIONS, DEFAULT_MAX_UNKNOWN_SIZE, FetchOptions
+from .secrets import check_header_name, clean, scrub, scrub_logging
 
 log = logging.getLogger(__name__)
 
 
 def headers_from_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """`LLAMA_FETCH_HEADER_<Name>` variables as HTTP headers; `_` in the name becomes `-` (X_Api_Key)."""
+    """`LLAMA_FETCH_HEADER_<Name>` variables as HTTP headers; `_` in the name becomes `-` (X_Api_Key).
+
+    Values are cleaned like the operator cleans them (`secrets.clean`): one trailing newline goes, a value
+    with another line break or control character raises `InvalidSecret` naming the variable, not the value.
+    """
     prefix = contract.HEADER_ENV_PREFIX
-    return {
-        key[len(prefix):].replace("_", "-"): value
-        for key, value in environ.items()
-        if key.startswith(prefix) and len(key) > len(prefix)
-    }
+    headers = {}
+    for key, value in environ.items():
+        if key.startswith(prefix) and len(key) > len(prefix):
+            name = key[len(prefix):].replace("_", "-")
+            where = f"{key} (key {key[len(prefix):]!r} of the headersSecretRef Secret)"
+            check_header_name(name, where=where)
+            headers[name] = clean(value, where=where)
+    return headers
+
+
+def token_from_env(environ: Mapping[str, str]) -> str | None:
+    """The Hugging Face token, cleaned (see `headers_from_env`)."""
+    value = environ.get(contract.TOKEN_ENV)
+    return clean(value, where=f"{contract.TOKEN_ENV} (the tokenSecretRef key)") or None if value else None
 
 
 def write_termination_log(path: str, text: str) -> None:
@@ -67,6 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help=f"parallel connections for large files (default {DEFAULT_CONNECTIONS})")
     parser.add_argument("--progress-interval", type=float, default=contract.PROGRESS_INTERVAL_SECONDS,
                         help="seconds between progress lines")
+    parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_UNKNOWN_SIZE, metavar="BYTES",
+                        help="stop a download whose server declares no size once it passes BYTES (default "
+                        f"{DEFAULT_MAX_UNKNOWN_SIZE >> 30} GiB; the operator passes the LlamaModel's cache.size)")
     parser.add_argument("--retries", type=int, default=10,
                         help="consecutive failed attempts without progress before giving up (default 10)")
     parser.add_argument("--termination-log",
@@ -87,6 +104,15 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
         args.sha256 = args.sha256.lower()
     trusted = (contract.parse_trusted_sums(os.environ.get(contract.TRUSTED_ENV), args.cache_key)
                if args.trust_on_first_use else {})
+    secrets = [value for key, value in os.environ.items()
+               if key == contract.TOKEN_ENV or key.startswith(contract.HEADER_ENV_PREFIX)]
+    scrub_logging(secrets)  # raw values: a line break left in one is still found in a message
+    try:
+        hf_token, headers = token_from_env(os.environ), headers_from_env(os.environ)
+    except OperatorError as exc:
+        log.error("%s: %s", exc.reason, exc)
+        write_termination_log(args.termination_log, scrub(f"{exc.reason}: {exc}", secrets))
+        return exc.exit_code
     options = FetchOptions(
         cache_dir=args.cache_dir,
         cache_key=args.cache_key,
@@ -98,10 +124,11 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
         sha256=args.sha256,
         trusted=trusted,
         connections=max(1, args.connections),
-        hf_token=os.environ.get(contract.TOKEN_ENV) or None,
-        headers=headers_from_env(os.environ),
+        hf_token=hf_token,
+        headers=headers,
         progress_interval=args.progress_interval,
         retries=args.retries,
+        max_unknown_size=max(1, args.max_size),
     )
     return run(options, termination_log=args.termination_log, report=args.trust_on_first_use)
 
@@ -110,9 +137,11 @@ def run(options: FetchOptions, *, termination_log: str, free_space: Callable[[Pa
         report: bool = False) -> int:
     """Fetch, turning the outcome into an exit code and a termination message. SIGTERM stops cleanly.
 
-    Failure: `Reason: message`. Success with `report`: `contract.verified_message` (every file's sha256, for
-    the operator to record on first use); without it nothing is written.
+    Failure: `Reason: message`, scrubbed of the token and header values. Success with `report`:
+    `contract.verified_message` (every file's sha256, for the operator to record on first use); without it
+    nothing is written.
     """
+    secrets = [options.hf_token or "", *options.headers.values()]
     stop = threading.Event()
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -124,12 +153,13 @@ def run(options: FetchOptions, *, termination_log: str, free_space: Callable[[Pa
             write_termination_log(termination_log, contract.verified_message(options.cache_key, fetcher.sums))
         return contract.EXIT_OK
     except OperatorError as exc:
-        log.error("%s: %s", exc.reason, exc)
-        write_termination_log(termination_log, f"{exc.reason}: {exc}")
+        log.error("%s", scrub(f"{exc.reason}: {exc}", secrets))
+        write_termination_log(termination_log, scrub(f"{exc.reason}: {exc}", secrets))
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - the init container must always leave a reason behind
-        log.exception("unexpected error")
-        write_termination_log(termination_log, f"Error: {type(exc).__name__}: {exc}")
+        log.error("unexpected error: %s", scrub(f"{type(exc).__name__}: {exc}", secrets))
+        log.debug("unexpected error", exc_info=True)
+        write_termination_log(termination_log, scrub(f"Error: {type(exc).__name__}: {exc}", secrets))
         return contract.EXIT_ERROR
     finally:
         fetcher.close()

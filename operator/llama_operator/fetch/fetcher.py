@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ..contract import GGUF_MAGIC, human
-from ..errors import ChecksumMismatch, DiskFull, InterruptedFetch, NotAGguf
+from ..errors import ChecksumMismatch, DiskFull, InterruptedFetch, NotAGguf, SourceTooLarge
 from .cache import ModelDir, disk_free, fsync_dir
 from .http import Http, Response, parse_linked_headers, redact_url
 from .plan import FetchOptions, Piece, RemoteFile, remote_files, segment_plan
@@ -46,7 +46,7 @@ class Fetcher:
         self.free_space = free_space
         self.stop = stop or threading.Event()
         self.clock = clock
-        self.http = Http(options.read_timeout, proxies)
+        self.http = Http(options.read_timeout, proxies, hub=options.hf_endpoint if options.hf_repo else None)
         self.transfer = Transfer(self.http, self.dir, options, stop=self.stop, clock=clock)
         self.sums: dict[str, str] = {}
         """{file: sha256} of every verified file, after `run`."""
@@ -179,7 +179,7 @@ class Fetcher:
         try:
             try:
                 digest, size = self.transfer.run(remote, fd, pieces, connections, resumed)
-            except NotAGguf:
+            except (NotAGguf, SourceTooLarge):
                 self.dir.discard(remote)
                 raise
             head = os.pread(fd, 4, 0)

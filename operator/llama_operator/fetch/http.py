@@ -6,7 +6,9 @@ Owns:
   for — a presigned CDN/S3 URL rejects extra credentials, and httpx would forward everything but
   Authorization (`hop_headers`);
 - what a remote answer means: Hugging Face resolve URLs, `X-Linked-Etag` / `X-Linked-Size`, `Retry-After`,
-  and the error of the shared taxonomy (errors.py) for an HTTP status (`error_for_status`);
+  and the error of the shared taxonomy (errors.py) for an HTTP status (`error_for_status`; the hub's
+  `X-Error-*` headers are believed only from the hub's origin);
+- which URLs and paths are fetched at all: no `.` or `..` path component (`check_url`, `check_path`);
 - URLs as they may be logged (`redact_url`: no query, fragment or userinfo);
 - the fetcher's transport, `Http`: HTTP/1.1 on `http.client` (see its docstring for why not httpx).
 
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 from ..errors import (
+    InvalidSource,
     SourceError,
     SourceForbidden,
     SourceNotFound,
@@ -72,8 +75,30 @@ def redirect_target(url: str, location: str) -> str:
 # ---------------------------------------------------------------------------------------------- what answers mean
 
 
+_DOT_SEGMENT = re.compile(r"^(\.|%2e){1,2}$", re.IGNORECASE)
+_ERROR_TEXT = 300
+"""At most this much of a hub's X-Error-Message reaches a status."""
+
+
+def check_path(value: str, what: str) -> None:
+    """Refuse a revision or file path with an empty, `.` or `..` component (also percent-encoded): the server
+    or a proxy would normalise it into another path, and a file named `..` would be written outside the cache."""
+    if any(not part or _DOT_SEGMENT.match(part) for part in value.split("/")):
+        raise InvalidSource(f"{what} {value[:200]!r}: '.', '..' and empty path components are not allowed")
+
+
+def check_url(url: str, what: str) -> None:
+    """Refuse an http(s) URL whose path holds a `.` or `..` component, or that names no file."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise InvalidSource(f"{what}: {redact_url(url)!r} is not an http(s) URL")
+    check_path(parts.path.removeprefix("/"), f"{what}: the path of")
+
+
 def hf_resolve_url(endpoint: str, repo: str, revision: str, file: str) -> str:
-    """The hub's resolve URL; revision and path are percent-encoded (a branch may contain '/')."""
+    """The hub's resolve URL; revision and path are percent-encoded (a branch may contain '/').
+
+    Callers that fetch check the revision and path first (`check_path`)."""
     return f"{endpoint.rstrip('/')}/{repo}/resolve/{quote(revision, safe='')}/{quote(file, safe='/')}"
 
 
@@ -129,10 +154,19 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
         return None
 
 
-def error_for_status(status_code: int, what: str, headers: Mapping[str, str], *, token_given: bool) -> SourceError:
-    """The error for an HTTP error status; `what` names the thing requested (no secrets in it)."""
-    hub_code = headers.get("x-error-code", "")
-    hub_message = headers.get("x-error-message", "")
+def _header_text(value: str) -> str:
+    return "".join(c if " " <= c <= "~" else "?" for c in value[:_ERROR_TEXT])
+
+
+def error_for_status(status_code: int, what: str, headers: Mapping[str, str], *, token_given: bool,
+                     hub: bool = False) -> SourceError:
+    """The error for an HTTP error status; `what` names the thing requested (no secrets in it).
+
+    `hub`: the answer came from the Hugging Face endpoint's origin, so its `X-Error-Code` / `X-Error-Message`
+    are shown (shortened, printable ASCII only); any other host's are ignored.
+    """
+    hub_code = _header_text(headers.get("x-error-code", "")) if hub else ""
+    hub_message = _header_text(headers.get("x-error-message", "")) if hub else ""
     detail = f" ({hub_code}: {hub_message})" if hub_code and hub_message else f" ({hub_code})" if hub_code else ""
     if status_code == 404:
         return SourceNotFound(f"{what}: not found (HTTP 404){detail}")
@@ -180,8 +214,10 @@ class Http:
     statuses the error `error_for_status` names.
     """
 
-    def __init__(self, timeout: float, proxies: Mapping[str, str] | None = None) -> None:
+    def __init__(self, timeout: float, proxies: Mapping[str, str] | None = None, *, hub: str | None = None) -> None:
         self.timeout = timeout
+        self.hub = hub
+        """The Hugging Face endpoint, when fetching from it: the only origin whose X-Error-* headers count."""
         self.proxies = dict(urllib.request.getproxies() if proxies is None else proxies)
         self._local = threading.local()
         self._ssl: ssl.SSLContext | None = None
@@ -254,6 +290,12 @@ class Http:
             try:
                 conn.request(method, target, headers=dict(headers))
                 raw = conn.getresponse()
+            except ValueError:
+                # http.client refuses a header value with a line break or a non-Latin-1 character, and prints
+                # the value in its message: never passed on (the secret cleaning should have caught it).
+                self.drop(key)
+                raise SourceError(f"{redact_url(url)}: a request header (HF_TOKEN or a headersSecretRef value) "
+                                  "cannot be sent: it holds a line break or a non-ASCII character") from None
             except (OSError, http.client.HTTPException) as exc:
                 self.drop(key)
                 if reused:  # the server closed an idle keep-alive connection: a fresh one, no backoff
@@ -297,7 +339,8 @@ class Http:
                     continue
                 if response.status >= 400:
                     raise error_for_status(response.status, f"{name} ({redact_url(response.url)})", response.headers,
-                                           token_given=bool(secret))
+                                           token_given=bool(secret),
+                                           hub=self.hub is not None and same_origin(self.hub, response.url))
                 yield response
                 return
             finally:

@@ -14,10 +14,14 @@ from pathlib import Path
 from ..api.v1alpha1 import SPLIT_GGUF_RE
 from ..contract import PROGRESS_INTERVAL_SECONDS
 from ..errors import InvalidArguments
-from .http import hf_resolve_url, redact_url
+from .http import check_path, check_url, hf_resolve_url, redact_url
+from .secrets import auth_headers
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 DEFAULT_CONNECTIONS = 8
+DEFAULT_MAX_UNKNOWN_SIZE = 64 * GiB
+"""The cap on a file whose server declares no size, when the LlamaModel sets no cache.size (docs/model-sources.md)."""
 
 
 def shard_names(file_name: str) -> list[str]:
@@ -56,6 +60,8 @@ class FetchOptions:
     progress_interval: float = PROGRESS_INTERVAL_SECONDS
     retries: int = 10
     """Consecutive failed attempts of one request (without progress in between) before giving up."""
+    max_unknown_size: int = DEFAULT_MAX_UNKNOWN_SIZE
+    """Bytes a file without a declared size may reach before the download stops (`SourceTooLarge`)."""
     backoff_base: float = 1.0
     backoff_cap: float = 30.0
     parallel_threshold: int = 64 * MiB
@@ -89,9 +95,9 @@ class RemoteFile:
 def remote_files(options: FetchOptions) -> list[RemoteFile]:
     """Every file of the model, from the (first) file name: split GGUFs expand to all shards."""
     if options.hf_repo and options.hf_file:
-        auth = dict(options.headers)
-        if options.hf_token:
-            auth["Authorization"] = f"Bearer {options.hf_token}"
+        check_path(options.hf_revision, "--hf-revision")
+        check_path(options.hf_file, "--hf-file")
+        auth = auth_headers(options.hf_token, options.headers)
         files = [
             RemoteFile(
                 name=path.rsplit("/", 1)[-1],
@@ -102,6 +108,7 @@ def remote_files(options: FetchOptions) -> list[RemoteFile]:
             for path in shard_names(options.hf_file)
         ]
     elif options.url:
+        check_url(options.url, "--url")
         base, sep, query = options.url.partition("?")
         files = [
             RemoteFile(

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 
 from ..contract import GGUF_MAGIC, human, progress_line
-from ..errors import DiskFull, InterruptedFetch, NotAGguf, SourceError, SourceUnreachable
+from ..errors import DiskFull, InterruptedFetch, NotAGguf, SourceError, SourceTooLarge, SourceUnreachable
 from .cache import ModelDir
 from .http import Http
 from .plan import FetchOptions, MiB, Piece, RemoteFile
@@ -157,7 +157,7 @@ class Transfer:
                         raise SourceUnreachable(f"server answered range {first!r}, asked for {start}")
                 elif response.status != 200:
                     raise SourceError(f"{remote.name}: unexpected HTTP {response.status}")
-                self._stream(response.raw, fd, piece, skip, stopped)
+                self._stream(response.raw, fd, piece, skip, stopped, remote.name)
             if stopped():
                 raise _Stopped
             if piece.end is not None and not piece.complete:  # unknown size: a clean end is the end of the file
@@ -174,9 +174,10 @@ class Transfer:
             return
 
     def _stream(self, response: http.client.HTTPResponse, fd: int, piece: Piece, skip: int,
-                stopped: Callable[[], bool]) -> None:
+                stopped: Callable[[], bool], name: str) -> None:
         offset = piece.start + piece.done
         limit = None if piece.end is None else piece.end - offset
+        cap = self.options.max_unknown_size  # only a piece of unknown end can grow: a declared size bounds the rest
         buf = getattr(self._buffers, "buf", None)
         if buf is None:
             buf = self._buffers.buf = memoryview(bytearray(BUFFER_SIZE))
@@ -192,6 +193,10 @@ class Transfer:
                         skip -= n
                         continue
                     chunk, skip = chunk[skip:], 0
+                if piece.end is None and offset + len(chunk) > cap:
+                    raise SourceTooLarge(
+                        f"{name}: the server declares no size and sent more than {human(cap)}, the cap for such "
+                        "downloads (set the LlamaModel's cache.size to the space the model may take)")
                 if offset == 0 and bytes(chunk[:4]) != GGUF_MAGIC[: len(chunk[:4])]:
                     raise NotAGguf(f"not a GGUF file: the server sent {bytes(chunk[:16])!r}...")
                 written = 0

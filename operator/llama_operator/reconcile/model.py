@@ -1,8 +1,14 @@
 """Reconciles one LlamaModel: resolve its source into status (files, size, sha256, cache key) and apply the
-cache PVC when the cache type asks for one."""
+cache PVC when the cache type asks for one.
+
+Source credentials are read here, only from Secrets that opt in (`fetch.secrets.SOURCE_CREDENTIALS_LABEL` or
+`SOURCE_CREDENTIALS_TYPE`), cleaned, and every message of the resolution is scrubbed of their values before it
+reaches status, an Event or the log."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -16,8 +22,9 @@ from ..builders import build_cache_pvc
 from ..builders.cache import cache_type
 from ..builders.trust import build_trust_configmap
 from ..config import Settings
-from ..errors import RetryLater
-from ..kube import CONFIG_MAPS, LLAMA_MODELS, PERSISTENT_VOLUME_CLAIMS, Invalid, NotFound
+from ..errors import InvalidSecret, OperatorError, RetryLater, SecretNotAllowed
+from ..fetch.secrets import SOURCE_CREDENTIALS_LABEL, SOURCE_CREDENTIALS_TYPE, check_header_name, clean, scrub
+from ..kube import CONFIG_MAPS, LLAMA_MODELS, PERSISTENT_VOLUME_CLAIMS, SECRETS, Invalid, NotFound
 from ..metrics import PHASES
 from .boundary import reconciled
 from .conditions import condition, merge_conditions, now_rfc3339, parse_rfc3339, rfc3339
@@ -25,21 +32,15 @@ from .context import Context
 
 log = logging.getLogger(__name__)
 
-def _source_url(model: LlamaModel, hf_endpoint: str) -> str | None:
-    source = model.spec.source
-    if source.hugging_face is not None:
-        hf = source.hugging_face
-        return sources.hf_resolve_url(hf_endpoint, hf.repo, hf.revision, hf.file)
-    if source.http is not None:
-        return source.http.url
-    return None
+WAITS_ON_SECRET = (SecretNotAllowed.reason, InvalidSecret.reason)
+"""Ready reasons fixed by editing a Secret, not the spec: resolved again with backoff (Secrets are not watched)."""
 
 
 def offline_status(model: LlamaModel, settings: Settings) -> LlamaModelStatus:
     """What the spec alone says, without network: the fetcher resolves the rest at download time."""
     file = ModelFile(
         name=model.spec.source.file_name,
-        url=_source_url(model, settings.huggingface_endpoint),
+        url=sources.source_url(model.spec, settings.huggingface_endpoint),
         sha256=model.spec.sha256,
     )
     sha256 = model.spec.sha256
@@ -51,33 +52,69 @@ def offline_status(model: LlamaModel, settings: Settings) -> LlamaModelStatus:
                             cache_key=sources.cache_key(model.spec, sha256))
 
 
-async def _secrets(model: LlamaModel, ctx: Context) -> tuple[str | None, dict[str, str]]:
-    """The source's credentials, read from Secrets at the moment they are needed and never stored."""
+async def _source_secret(ctx: Context, namespace: str, name: str, known: list[str]) -> dict[str, str]:
+    """Every key of a Secret that opted in as source credentials, decoded; the raw values go into `known`."""
+    secret = await ctx.kube.get(SECRETS, namespace, name)
+    if secret is None:
+        raise NotFound(f"Secret {namespace}/{name} not found", status=404)
+    labels = (secret.get("metadata") or {}).get("labels") or {}
+    if labels.get(SOURCE_CREDENTIALS_LABEL) != "true" and secret.get("type") != SOURCE_CREDENTIALS_TYPE:
+        raise SecretNotAllowed(
+            f"Secret {namespace}/{name} is not marked as model source credentials: label it "
+            f"(kubectl label secret -n {namespace} {name} {SOURCE_CREDENTIALS_LABEL}=true) or give it the type "
+            f"{SOURCE_CREDENTIALS_TYPE}; retrying")
+    values = {}
+    for key, encoded in (secret.get("data") or {}).items():
+        try:
+            values[key] = base64.b64decode(encoded).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise InvalidSecret(f"Secret {namespace}/{name} key {key!r}: the value is not UTF-8 text") from None
+        known.append(values[key])
+    return values
+
+
+async def _secrets(model: LlamaModel, ctx: Context, known: list[str]) -> tuple[str | None, dict[str, str]]:
+    """The source's credentials, read from Secrets at the moment they are needed and never stored; every value
+    read is appended to `known` (for scrubbing) before it is checked."""
     namespace, source = model.metadata.namespace, model.spec.source
     token: str | None = None
     headers: dict[str, str] = {}
     if source.hugging_face is not None and source.hugging_face.token_secret_ref is not None:
         ref = source.hugging_face.token_secret_ref
-        token = (await ctx.kube.read_secret_key(namespace, ref.name, ref.key)).strip()
+        data = await _source_secret(ctx, namespace, ref.name, known)
+        if ref.key not in data:
+            raise NotFound(f"Secret {namespace}/{ref.name} has no key {ref.key!r}", status=404)
+        token = clean(data[ref.key], where=f"Secret {namespace}/{ref.name} key {ref.key!r}") or None
     if source.http is not None and source.http.headers_secret_ref is not None:
-        headers = await ctx.kube.read_secret(namespace, source.http.headers_secret_ref.name)
+        name = source.http.headers_secret_ref.name
+        for key, value in (await _source_secret(ctx, namespace, name, known)).items():
+            check_header_name(key, where=f"Secret {namespace}/{name}")
+            headers[key] = clean(value, where=f"Secret {namespace}/{name} key {key!r}")
     return token, headers
 
 
 async def resolve_source(model: LlamaModel, ctx: Context) -> LlamaModelStatus:
-    """Inspect the source over the network: files, sizes, sha256, GGUF header. Never downloads weights."""
+    """Inspect the source over the network: files, sizes, sha256, GGUF header. Never downloads weights.
+
+    Every message is scrubbed of the Secret values read for it (a remote host or the HTTP stack may echo them).
+    """
+    known: list[str] = []
     try:
-        token, headers = await _secrets(model, ctx)
+        token, headers = await _secrets(model, ctx, known)
+        resolved = await sources.resolve(model.spec, settings=ctx.settings, hf_token=token, headers=headers)
     except NotFound as exc:
         # Secrets are not watched: a Secret created later is picked up by the retry.
         return LlamaModelStatus(phase="Resolving", message=f"{exc}; retrying until it exists")
-    try:
-        resolved = await sources.resolve(model.spec, settings=ctx.settings, hf_token=token, headers=headers)
     except sources.SourceUnreachable as exc:
-        return LlamaModelStatus(phase="Resolving", message=f"source unreachable, retrying: {exc}")
+        return LlamaModelStatus(phase="Resolving", message=scrub(f"source unreachable, retrying: {exc}", known))
     except sources.SourceError as exc:
-        return LlamaModelStatus(phase="Failed", message=str(exc), conditions=[
-            condition("Ready", False, exc.reason, str(exc), generation=model.metadata.generation)])
+        message = scrub(str(exc), known)
+        return LlamaModelStatus(phase="Failed", message=message, conditions=[
+            condition("Ready", False, exc.reason, message, generation=model.metadata.generation)])
+    except OperatorError:
+        raise  # API trouble keeps its class (and retry policy); its messages never hold a Secret value
+    except Exception as exc:  # noqa: BLE001 - a bug's message may hold a value: only its scrubbed text goes on
+        raise RuntimeError(scrub(f"{type(exc).__name__}: {exc}", known)) from None
     return LlamaModelStatus(
         phase="Ready",
         files=resolved.files,
@@ -126,8 +163,16 @@ async def reconcile_model(body: Mapping[str, Any], ctx: Context) -> LlamaModelSt
             condition("Ready", False, "Resolving", status.message or "", generation=generation)]}), generation)
         raise RetryLater(status.message)
     if status.phase == "Failed":
-        return await _write(ctx, body, previous, status, generation)
+        written = await _write(ctx, body, previous, status, generation)
+        if _waits_on_secret(status):
+            raise RetryLater(status.message)
+        return written
     return await _converge(ctx, body, model, previous, status, generation)
+
+
+def _waits_on_secret(status: LlamaModelStatus) -> bool:
+    return status.phase == "Failed" and any(c.type == "Ready" and c.reason in WAITS_ON_SECRET
+                                            for c in status.conditions or [])
 
 
 def resolution_due(model: LlamaModel, previous: LlamaModelStatus, *, now: float, interval: float) -> bool:
@@ -139,6 +184,8 @@ def resolution_due(model: LlamaModel, previous: LlamaModelStatus, *, now: float,
     find it due even if the last resolution ran a moment after the previous resync.
     """
     if model.metadata.generation != previous.observed_generation or previous.phase in (None, "Resolving"):
+        return True
+    if _waits_on_secret(previous):
         return True
     resolved = parse_rfc3339(previous.last_resolved_time)
     return resolved is None or now - resolved >= 0.9 * interval
