@@ -13,12 +13,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from llama_operator.api.base import GPU_LAYERS_RULES
+from llama_operator.api.base import GPU_LAYERS_RULES, QUANTITY_RULES
 from llama_operator.api.cel import CEL_KEY, Rule, violations
 from llama_operator.api.crd import CRD_FILES, all_crds, to_yaml
+from llama_operator.api.k8s import TOLERATION_RULES
 from llama_operator.api.v1alpha1 import (
     ARGS_RULES,
     GGUF_FILE_RULES,
+    HOST_PATH_RULES,
     SERVER_RULES,
     SOURCE_RULES,
     SPECULATIVE_RULES,
@@ -75,6 +77,24 @@ def test_crd_is_structural_and_documented(crd: dict[str, Any]) -> None:
                 assert node.get("description"), f"no description for kubectl explain: {path}"
 
 
+@pytest.mark.parametrize("crd", all_crds(), ids=lambda c: c["metadata"]["name"])
+def test_every_spec_string_list_and_map_is_bounded(crd: dict[str, Any]) -> None:
+    """maxLength on every string (or an enum), maxItems on every list, maxProperties and a key rule on every map,
+    a length rule on every int-or-string: what a tenant writes is bounded before it reaches the operator."""
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    for path, node in _walk(spec, ".spec"):
+        kind = node.get("type")
+        if kind == "string":
+            assert "maxLength" in node or "enum" in node, f"unbounded string {path}"
+        elif kind == "array":
+            assert "maxItems" in node, f"unbounded list {path}"
+        elif kind == "object" and "additionalProperties" in node:
+            assert "maxProperties" in node, f"unbounded map {path}"
+            assert any("size(k)" in rule["rule"] for rule in node.get(CEL_KEY, [])), f"unbounded map keys {path}"
+        elif node.get("x-kubernetes-int-or-string"):
+            assert node.get(CEL_KEY), f"unbounded int-or-string {path}"
+
+
 def test_names_columns_and_subresources() -> None:
     model, server = all_crds()
     assert model["spec"]["names"]["shortNames"] == ["lmodel"]
@@ -106,7 +126,20 @@ BAD_SERVERS = {
     "gpuLayers word": ({"gpuLayers": "most"}, "spec.gpuLayers: must be a number, 'auto' or 'all'"),
     "negative gpuLayers": ({"gpuLayers": -1}, "spec.gpuLayers: must be >= 0, 'auto' or 'all'"),
     "empty arg": ({"args": ["--jinja", ""]}, "spec.args: empty strings are not valid llama-server arguments"),
-    "too many args": ({"args": ["--jinja"] * 257}, "is too long"),
+    "too many args": ({"args": ["--jinja"] * 129}, "is too long"),
+    "oversized arg": ({"args": ["--grammar", "x" * 2049]}, "is too long"),
+    "alias with a slash": ({"alias": "team-b/prod"}, "does not match"),
+    "router alias with a slash": ({"models": [{"modelRef": {"name": "a"}, "alias": "b/c"}]},
+                                  "does not match"),
+    "oversized image": ({"image": "r.io/" + "x" * 600}, "is too long"),
+    "oversized env value": ({"env": [{"name": "X", "value": "v" * 9000}]}, "is too long"),
+    "too many tolerations": ({"tolerations": [{"key": f"k{i}", "operator": "Exists"} for i in range(33)]},
+                             "is too long"),
+    "Exists toleration without key": ({"tolerations": [{"operator": "Exists"}]},
+                                      "spec.tolerations[0].key: operator Exists needs a key"),
+    "oversized annotation key": ({"podAnnotations": {"k" * 400: "v"}}, "keys must be 1 to 317 characters long"),
+    "too many pod labels": ({"podLabels": {f"l{i}": "v" for i in range(65)}}, "has too many properties"),
+    "oversized quantity": ({"resources": {"limits": {"memory": "1" * 70}}}, "a quantity is at most 64 characters"),
 }
 
 
@@ -127,6 +160,15 @@ BAD_MODELS = {
                    "spec.source.huggingFace.file: must name a .gguf file"),
     "bad sha": ({"source": {"http": {"url": "https://h/m.gguf"}}, "sha256": "XYZ"}, "does not match"),
     "not a url": ({"source": {"http": {"url": "ftp://h/m.gguf"}}}, "does not match"),
+    "host path /": ({"source": {"http": {"url": "https://h/m.gguf"}}, "cache": {"type": "HostPath", "path": "/"}},
+                    "spec.cache.path: must be a relative directory below the operator's HostPath root"),
+    "absolute host path": ({"source": {"http": {"url": "https://h/m.gguf"}},
+                            "cache": {"type": "HostPath", "path": "/var/lib/kubelet"}},
+                           "spec.cache.path: must be a relative directory below the operator's HostPath root"),
+    "host path ..": ({"source": {"http": {"url": "https://h/m.gguf"}},
+                      "cache": {"type": "HostPath", "path": "team-a/../../etc"}},
+                     "spec.cache.path: must be a relative directory below the operator's HostPath root"),
+    "oversized url": ({"source": {"http": {"url": "https://h/" + "m" * 2100 + ".gguf"}}}, "is too long"),
 }
 
 
@@ -205,10 +247,13 @@ SCALARS: list[tuple[tuple[Rule, ...], list[Any]]] = [
     (GGUF_FILE_RULES, ["m.gguf", "dir/m-00001-of-00002.gguf", "/m.gguf", "../m.gguf", "a/../m.gguf", "a/..",
                        "..", "m.bin", "a..b.gguf", "dir/..m.gguf"]),
     (ARGS_RULES, [["--jinja"], [], ["--top-k", ""], [""]]),
+    (HOST_PATH_RULES, ["llm", "team-a/llm", "team-a/llm/", "/", "/etc", "..", "../x", "a/../b", "a/..", ".", "./a",
+                       "a/./b", "a//b", "a b", "a\nb", "a..b", ".hidden", "x/.."]),
+    (QUANTITY_RULES, [1, "8Gi", "1" * 64, "1" * 65]),
 ]
 
 
-@pytest.mark.parametrize(("rules", "values"), SCALARS, ids=["gpuLayers", "ggufFile", "args"])
+@pytest.mark.parametrize(("rules", "values"), SCALARS, ids=["gpuLayers", "ggufFile", "args", "hostPath", "quantity"])
 def test_field_cel_rules_say_what_their_python_says(rules: tuple[Rule, ...], values: list[Any]) -> None:
     for rule in rules:
         for value in values:
@@ -223,7 +268,8 @@ def test_every_rule_is_in_the_crds() -> None:
     in_crds = [entry["rule"] for crd in all_crds()
                for _, node in _walk(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
                for entry in node.get(CEL_KEY) or []]
-    for rules in (SERVER_RULES, SPECULATIVE_RULES, SOURCE_RULES, GGUF_FILE_RULES, GPU_LAYERS_RULES, ARGS_RULES):
+    for rules in (SERVER_RULES, SPECULATIVE_RULES, SOURCE_RULES, GGUF_FILE_RULES, GPU_LAYERS_RULES, ARGS_RULES,
+                  HOST_PATH_RULES, QUANTITY_RULES, TOLERATION_RULES):
         for rule in rules:
             assert rule.cel in in_crds, rule.id
 

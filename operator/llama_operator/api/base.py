@@ -35,7 +35,16 @@ _QUANTITY_RE = re.compile(
 )
 
 
+QUANTITY_MAX_LENGTH = 64
+QUANTITY_RULES = (
+    Rule("quantity-length", f"type(self) == int || size(self) <= {QUANTITY_MAX_LENGTH}",
+         lambda v: isinstance(v, int) or len(v) <= QUANTITY_MAX_LENGTH,
+         f"a quantity is at most {QUANTITY_MAX_LENGTH} characters"),
+)
+
+
 def _check_quantity(value: int | str) -> int | str:
+    check_value(QUANTITY_RULES, value)
     if isinstance(value, str) and not _QUANTITY_RE.match(value):
         raise ValueError(f"{value!r} is not a Kubernetes quantity (examples: 500m, 2, 8Gi)")
     return value
@@ -44,7 +53,8 @@ def _check_quantity(value: int | str) -> int | str:
 Quantity = Annotated[
     int | str,
     AfterValidator(_check_quantity),
-    WithJsonSchema({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
+                    **cel_schema(QUANTITY_RULES)}),
 ]
 """A Kubernetes resource quantity (`500m`, `2`, `8Gi`)."""
 

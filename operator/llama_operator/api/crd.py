@@ -18,6 +18,12 @@ from .v1alpha1 import GROUP, VERSION, LlamaModelSpec, LlamaModelStatus, LlamaSer
 _DROP_KEYS = {"title", "additionalProperties"}
 
 
+def _key_rule(names: dict[str, Any]) -> dict[str, Any]:
+    shortest, longest = names.get("minLength", 0), names["maxLength"]
+    return {"rule": f"self.all(k, size(k) >= {shortest} && size(k) <= {longest})",
+            "message": f"keys must be {shortest} to {longest} characters long"}
+
+
 def _inline(node: Any, defs: dict[str, Any]) -> Any:
     """Resolve $refs and normalise one JSON-schema node into a structural OpenAPI v3 node."""
     if isinstance(node, list):
@@ -57,6 +63,10 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
             out[key] = value
     if isinstance(additional, dict):  # a map type keeps its value schema
         out["additionalProperties"] = _inline(additional, defs)
+    names = out.pop("propertyNames", None)
+    if names:
+        # A structural schema cannot bound map keys: the bound becomes a CEL rule on the map.
+        out.setdefault(CEL_KEY, []).append(_key_rule(names))
     if "properties" in out or "additionalProperties" in out:
         out.setdefault("type", "object")
     return out

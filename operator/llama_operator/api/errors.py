@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
+from .bounds import truncate_message
+
+GOT_MAX_LENGTH = 120
+"""Characters of a refused value quoted back: enough to recognise it, never a whole 2 KiB argument."""
+
 
 def field_path(loc: tuple[int | str, ...], prefix: str = "") -> str:
     path = prefix
@@ -24,6 +29,6 @@ def describe(exc: ValidationError, prefix: str = "") -> list[str]:
         if error["type"] == "extra_forbidden":
             text = "unknown field"
         elif error["type"] not in ("missing",) and "input" in error and not isinstance(error["input"], dict | list):
-            text += f" (got {error['input']!r})"
+            text += f" (got {truncate_message(repr(error['input']), GOT_MAX_LENGTH)})"
         messages.append(f"{where}: {text}")
     return messages

@@ -8,28 +8,50 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import ApiModel, Quantity
+from .bounds import (
+    ENV_VALUE_MAX_LENGTH,
+    LIST_MAX_ITEMS,
+    NAME_MAX_LENGTH,
+    SHORT_TEXT_MAX_LENGTH,
+    Key,
+    Labels,
+    Resources,
+    Value,
+    Values,
+)
+from .cel import Rule, cel_schema, check_value
 
 
 class ResourceRequirements(ApiModel):
     """Compute resources of the llama-server container (core/v1 ResourceRequirements)."""
 
-    limits: dict[str, Quantity] | None = Field(
+    limits: Resources | None = Field(
         None, description="Maximum resources, e.g. {cpu: '8', memory: 16Gi}. GPUs come from spec.gpu."
     )
-    requests: dict[str, Quantity] | None = Field(
+    requests: Resources | None = Field(
         None, description="Minimum resources the scheduler reserves, e.g. {cpu: '4', memory: 8Gi}."
     )
+
+
+TOLERATION_RULES = (
+    Rule("exists-needs-key", "!has(self.operator) || self.operator != 'Exists' || (has(self.key) && self.key != '')",
+         lambda t: t.operator != "Exists" or bool(t.key),
+         "operator Exists needs a key: without one it tolerates every taint (control-plane nodes and other "
+         "teams' dedicated nodes included)", field="key"),
+)
 
 
 class Toleration(ApiModel):
     """A core/v1 Toleration: lets the pods schedule onto nodes with matching taints."""
 
-    key: str | None = Field(None, description="Taint key the toleration applies to; empty matches all keys.")
+    model_config = {**ApiModel.model_config, "json_schema_extra": cel_schema(TOLERATION_RULES)}
+
+    key: Key | None = Field(None, description="Taint key the toleration applies to; empty matches all keys.")
     operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (default Equal).")
-    value: str | None = Field(None, description="Taint value to match when operator is Equal.")
+    value: Value | None = Field(None, description="Taint value to match when operator is Equal.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect to match; empty matches all effects."
     )
@@ -37,47 +59,53 @@ class Toleration(ApiModel):
         None, description="For NoExecute: how long the pod stays bound after the taint appears."
     )
 
+    @model_validator(mode="after")
+    def _rules(self) -> Toleration:
+        return check_value(TOLERATION_RULES, self)
+
 
 class LabelSelectorRequirement(ApiModel):
     """One label-selector expression (key, operator, values)."""
 
-    key: str = Field(description="Label key.")
+    key: Key = Field(description="Label key.")
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(description="How key and values relate.")
-    values: list[str] | None = Field(None, description="Values for In/NotIn.")
+    values: Values | None = Field(None, description="Values for In/NotIn.")
 
 
 class LabelSelector(ApiModel):
     """A core label selector."""
 
-    match_labels: dict[str, str] | None = Field(None, description="Labels that must all match.")
+    match_labels: Labels | None = Field(None, description="Labels that must all match.")
     match_expressions: list[LabelSelectorRequirement] | None = Field(
-        None, description="Expressions that must all match."
+        None, max_length=LIST_MAX_ITEMS, description="Expressions that must all match."
     )
 
 
 class NodeSelectorRequirement(ApiModel):
     """One node-selector expression."""
 
-    key: str = Field(description="Node label (or field) key.")
+    key: Key = Field(description="Node label (or field) key.")
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"] = Field(
         description="How key and values relate."
     )
-    values: list[str] | None = Field(None, description="Values for In/NotIn/Gt/Lt.")
+    values: Values | None = Field(None, description="Values for In/NotIn/Gt/Lt.")
 
 
 class NodeSelectorTerm(ApiModel):
     """A node-selector term: all of its expressions must match."""
 
     match_expressions: list[NodeSelectorRequirement] | None = Field(
-        None, description="Requirements on node labels."
+        None, max_length=LIST_MAX_ITEMS, description="Requirements on node labels."
     )
-    match_fields: list[NodeSelectorRequirement] | None = Field(None, description="Requirements on node fields.")
+    match_fields: list[NodeSelectorRequirement] | None = Field(
+        None, max_length=LIST_MAX_ITEMS, description="Requirements on node fields.")
 
 
 class NodeSelector(ApiModel):
     """Terms ORed together."""
 
-    node_selector_terms: list[NodeSelectorTerm] = Field(description="Any one term must match.")
+    node_selector_terms: list[NodeSelectorTerm] = Field(
+        max_length=LIST_MAX_ITEMS, description="Any one term must match.")
 
 
 class PreferredSchedulingTerm(ApiModel):
@@ -94,7 +122,7 @@ class NodeAffinity(ApiModel):
         None, description="Hard node requirements."
     )
     preferred_during_scheduling_ignored_during_execution: list[PreferredSchedulingTerm] | None = Field(
-        None, description="Soft node preferences."
+        None, max_length=LIST_MAX_ITEMS, description="Soft node preferences."
     )
 
 
@@ -102,9 +130,9 @@ class PodAffinityTerm(ApiModel):
     """Co-location rule relative to pods matching a selector."""
 
     label_selector: LabelSelector | None = Field(None, description="Pods this term refers to.")
-    namespaces: list[str] | None = Field(None, description="Namespaces of those pods (default: this one).")
+    namespaces: Values | None = Field(None, description="Namespaces of those pods (default: this one).")
     namespace_selector: LabelSelector | None = Field(None, description="Namespaces by label.")
-    topology_key: str = Field(description="Node label defining the topology domain, e.g. kubernetes.io/hostname.")
+    topology_key: Key = Field(description="Node label defining the topology domain, e.g. kubernetes.io/hostname.")
 
 
 class WeightedPodAffinityTerm(ApiModel):
@@ -118,10 +146,10 @@ class PodAffinity(ApiModel):
     """Pod affinity or anti-affinity rules."""
 
     required_during_scheduling_ignored_during_execution: list[PodAffinityTerm] | None = Field(
-        None, description="Hard rules."
+        None, max_length=LIST_MAX_ITEMS, description="Hard rules."
     )
     preferred_during_scheduling_ignored_during_execution: list[WeightedPodAffinityTerm] | None = Field(
-        None, description="Soft rules."
+        None, max_length=LIST_MAX_ITEMS, description="Soft rules."
     )
 
 
@@ -136,23 +164,23 @@ class Affinity(ApiModel):
 class KeySelector(ApiModel):
     """A key of a Secret or ConfigMap."""
 
-    name: str = Field(description="Name of the Secret or ConfigMap in the same namespace.")
-    key: str = Field(description="Key inside it.")
+    name: str = Field(max_length=NAME_MAX_LENGTH, description="Name of the Secret or ConfigMap in the same namespace.")
+    key: str = Field(max_length=NAME_MAX_LENGTH, description="Key inside it.")
     optional: bool | None = Field(None, description="Whether it may be absent.")
 
 
 class ObjectFieldSelector(ApiModel):
     """A field of the pod, e.g. metadata.name."""
 
-    field_path: str = Field(description="Path of the field, e.g. status.podIP.")
-    api_version: str | None = Field(None, description="Schema version of the field path.")
+    field_path: str = Field(max_length=SHORT_TEXT_MAX_LENGTH, description="Path of the field, e.g. status.podIP.")
+    api_version: str | None = Field(None, max_length=64, description="Schema version of the field path.")
 
 
 class ResourceFieldSelector(ApiModel):
     """A resource of a container, e.g. limits.cpu."""
 
-    resource: str = Field(description="limits.cpu, requests.memory, ...")
-    container_name: str | None = Field(None, description="Container name (default: this one).")
+    resource: str = Field(max_length=64, description="limits.cpu, requests.memory, ...")
+    container_name: Value | None = Field(None, description="Container name (default: this one).")
     divisor: Quantity | None = Field(None, description="Output unit.")
 
 
@@ -168,8 +196,8 @@ class EnvVarSource(ApiModel):
 class EnvVar(ApiModel):
     """A core/v1 EnvVar for the llama-server container."""
 
-    name: str = Field(min_length=1, description="Variable name.")
-    value: str | None = Field(None, description="Literal value.")
+    name: str = Field(min_length=1, max_length=SHORT_TEXT_MAX_LENGTH, description="Variable name.")
+    value: str | None = Field(None, max_length=ENV_VALUE_MAX_LENGTH, description="Literal value.")
     value_from: EnvVarSource | None = Field(None, description="Value from a Secret, ConfigMap or field.")
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..base import ApiModel
+from ..bounds import Message
 from .shared_types import SHA256_HEX, Condition
 
 
@@ -97,7 +98,7 @@ class LlamaModelStatus(ApiModel):
     """What the operator knows about the model."""
 
     phase: ModelPhase | None = Field(None, description="Pending, Resolving, Ready or Failed.")
-    message: str | None = Field(None, description="What is wrong, when something is.")
+    message: Message | None = Field(None, description="What is wrong, when something is.")
     observed_generation: int | None = Field(None, description="The metadata.generation this status is for.")
     conditions: list[Condition] | None = Field(None, description="Resolved, Ready conditions.")
     files: list[ModelFile] | None = Field(None, description="Every file of the model.")

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from ..base import ApiModel, Quantity
+from ..bounds import PATH_MAX_LENGTH, SHORT_TEXT_MAX_LENGTH, URL_MAX_LENGTH, Name
 from ..cel import Rule, cel_schema, check_value, snake
 from .llamamodel_status import LlamaModelStatus
-from .shared_types import API_VERSION, DNS_SUBDOMAIN, SHA256_HEX, ObjectMeta, SecretKeyRef, SecretRef
+from .shared_types import (
+    API_VERSION,
+    DNS_SUBDOMAIN,
+    SHA256_HEX,
+    ObjectMeta,
+    SecretKeyRef,
+    SecretRef,
+)
 
 GGUF_FILE_RULES = (
     Rule("relative-path",
@@ -27,7 +36,7 @@ class HuggingFaceSource(ApiModel):
     """A GGUF file in a Hugging Face model repository."""
 
     repo: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=SHORT_TEXT_MAX_LENGTH,
         description="Repository id, e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF.",
     )
     file: str = Field(
@@ -37,7 +46,8 @@ class HuggingFaceSource(ApiModel):
         "(name-00001-of-0000N.gguf) and every shard is fetched.",
         json_schema_extra=cel_schema(GGUF_FILE_RULES),
     )
-    revision: str = Field("main", min_length=1, description="Branch, tag or commit (default main).")
+    revision: str = Field("main", min_length=1, max_length=SHORT_TEXT_MAX_LENGTH,
+                          description="Branch, tag or commit (default main).")
     token_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key holding a Hugging Face token, for gated or private repositories."
     )
@@ -48,7 +58,8 @@ class HuggingFaceSource(ApiModel):
 class HttpSource(ApiModel):
     """A GGUF file at a plain HTTP(S) URL."""
 
-    url: str = Field(pattern=r"^https?://[^\s]+$", description="http:// or https:// URL of the .gguf file.")
+    url: str = Field(pattern=r"^https?://[^\s]+$", max_length=URL_MAX_LENGTH,
+                     description="http:// or https:// URL of the .gguf file.")
     headers_secret_ref: SecretRef | None = Field(
         None,
         description="Secret whose keys are HTTP header names and values their values (e.g. Authorization), "
@@ -124,6 +135,21 @@ class ModelSource(ApiModel):
 
 CacheType = Literal["EmptyDir", "PersistentVolumeClaim", "HostPath"]
 
+HOST_PATH_CHARACTERS = r"^[A-Za-z0-9._/-]+$"
+HOST_PATH_RULES = (
+    Rule("host-path-relative",
+         "!self.startsWith('/') && self != '..' && !self.startsWith('../') && !self.contains('/../') "
+         "&& !self.endsWith('/..') && self != '.' && !self.startsWith('./') && !self.contains('/./') "
+         "&& !self.endsWith('/.') && !self.contains('//')",
+         lambda v: not v.startswith("/") and not {".", "..", ""} & set(v.rstrip("/").split("/")),
+         "must be a relative directory below the operator's HostPath root, without '.', '..' or '//' "
+         "(e.g. team-a/llm)"),
+    Rule("host-path-characters", f"self.matches('{HOST_PATH_CHARACTERS}')",
+         lambda v: re.match(HOST_PATH_CHARACTERS, v) is not None,
+         "may hold letters, digits, '.', '_', '-' and '/' only"),
+)
+"""cache.path: the node directory is always <root>/<path>, never outside the root the chart configures."""
+
 
 class CacheSpec(ApiModel):
     """Where downloaded files are kept between pod starts."""
@@ -137,15 +163,21 @@ class CacheSpec(ApiModel):
     size: Quantity | None = Field(
         None, description="Volume size (EmptyDir size limit or PVC request). Default: model size plus headroom."
     )
-    storage_class_name: str | None = Field(None, description="StorageClass of the PVC (default: the cluster's).")
+    storage_class_name: Name | None = Field(None, description="StorageClass of the PVC (default: the cluster's).")
     access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod", "ReadOnlyMany"]] | None = (
-        Field(None, description="PVC access modes (default ReadWriteOnce).")
+        Field(None, max_length=4, description="PVC access modes (default ReadWriteOnce).")
     )
     path: str | None = Field(
         None,
-        pattern=r"^/",
-        description="HostPath only: node directory of the cache (default: the operator's hostPath root).",
+        min_length=1,
+        max_length=PATH_MAX_LENGTH,
+        description="HostPath only: a directory below the operator's HostPath root (LLAMA_OPERATOR_HOSTPATH_ROOT), "
+        "relative, without '..', e.g. team-a/llm; default: the root itself. Caches that name the same directory "
+        "share their downloads.",
+        json_schema_extra=cel_schema(HOST_PATH_RULES),
     )
+
+    _path = field_validator("path")(classmethod(lambda cls, v: v if v is None else check_value(HOST_PATH_RULES, v)))
 
 
 class MmprojSpec(ApiModel):
@@ -159,7 +191,7 @@ class MmprojSpec(ApiModel):
         "http(s) URL.",
         json_schema_extra=cel_schema(GGUF_FILE_RULES))
     sha256: str | None = Field(
-        None, pattern=SHA256_HEX,
+        None, pattern=SHA256_HEX, max_length=64,
         description="Expected sha256, lowercase hex. Optional where the source publishes it (Hugging Face LFS); "
         "a downloaded projector whose sha256 nobody publishes or pins is refused.")
 
@@ -178,6 +210,7 @@ class LlamaModelSpec(ApiModel):
     sha256: str | None = Field(
         None,
         pattern=SHA256_HEX,
+        max_length=64,
         description="Expected sha256 of the (first) file, lowercase hex. Optional: Hugging Face publishes it for "
         "LFS files and that is used when absent.",
     )

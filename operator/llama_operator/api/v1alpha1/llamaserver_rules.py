@@ -14,9 +14,10 @@ from ..cel import Rule, snake
 if TYPE_CHECKING:
     from .llamaserver_types import LlamaServerSpec, ServedModel
 
-ARGS_MAX_ITEMS = 256
-ARG_MAX_LENGTH = 16384
-"""Bounds of spec.args (the API server estimates a rule's cost from them: CEL rules look into args)."""
+ARGS_MAX_ITEMS = 128
+ARG_MAX_LENGTH = 2048
+"""Bounds of spec.args (the API server estimates a rule's cost from them: CEL rules look into args). 128 x 2 KiB:
+the spec's args and their copy in status.args stay far below the API server's object size limit."""
 ARGS_RULES = (
     Rule("empty-arg", "self.all(a, size(a) > 0)", lambda args: all(args),
          "empty strings are not valid llama-server arguments"),

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..base import ApiModel
+from ..bounds import Message
 from .shared_types import Condition
 
 ServerPhase = Literal["Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed"]
@@ -43,7 +44,7 @@ class AutoscalingStatus(ApiModel):
     desired_replicas: int | None = Field(None, description="Replicas the autoscaler wants.")
     last_scale_time: str | None = Field(None, description="When spec.replicas last changed (RFC 3339).")
     reason: str | None = Field(None, description="Why, in one CamelCase word (ScaleFromZero, LoadAboveTarget, ...).")
-    message: str | None = Field(None, description="Why, for people.")
+    message: Message | None = Field(None, description="Why, for people.")
     updated_time: str | None = Field(None, description="When the gateway wrote this view (RFC 3339).")
 
 
@@ -59,7 +60,7 @@ class ServedModelStatus(ApiModel):
         description="Loaded (ready on at least one pod), Loading, Sleeping (idle: weights freed, loads again on "
         "the next request), Failed (its instance exited while loading; the message says where) or Unloaded.")
     loaded_replicas: int = Field(0, description="Pods on which it is loaded now.")
-    message: str | None = Field(None, description="Why it failed, when it did.")
+    message: Message | None = Field(None, description="Why it failed, when it did.")
 
 
 class DownloadStatus(ApiModel):
@@ -78,7 +79,7 @@ class LlamaServerStatus(ApiModel):
     """What the fleet is doing."""
 
     phase: ServerPhase | None = Field(None, description="Pending, Downloading, Loading, Ready, Degraded or Failed.")
-    message: str | None = Field(None, description="What is wrong or in progress, for people.")
+    message: Message | None = Field(None, description="What is wrong or in progress, for people.")
     observed_generation: int | None = Field(None, description="The metadata.generation this status is for.")
     replicas: int | None = Field(None, description="Pods that exist.")
     ready_replicas: int | None = Field(None, description="Pods that answer /health.")

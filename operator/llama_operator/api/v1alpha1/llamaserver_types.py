@@ -9,6 +9,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from ...llamacpp.catalog import builtin_chat_templates
 from ..base import ApiModel, GpuLayers
+from ..bounds import ENV_MAX_ITEMS, IMAGE_MAX_LENGTH, LABEL_VALUE_MAX_LENGTH, LIST_MAX_ITEMS, Annotations, Labels, Name
 from ..cel import cel_schema, check_value
 from ..k8s import Affinity, EnvVar, ResourceRequirements, Toleration
 from .llamaserver_rules import (
@@ -23,7 +24,14 @@ from .llamaserver_rules import (
     SPECULATIVE_RULES,
 )
 from .llamaserver_status import LlamaServerStatus
-from .shared_types import API_VERSION, DNS_SUBDOMAIN, SERVED_NAME_PATTERN, ObjectMeta, SecretKeyRef
+from .shared_types import (
+    API_VERSION,
+    DNS_LABEL,
+    DNS_SUBDOMAIN,
+    ObjectMeta,
+    SecretKeyRef,
+    ServedName,
+)
 
 
 class ModelRef(ApiModel):
@@ -32,6 +40,8 @@ class ModelRef(ApiModel):
     name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253, description="LlamaModel name.")
     namespace: str | None = Field(
         None,
+        pattern=DNS_LABEL,
+        max_length=LABEL_VALUE_MAX_LENGTH,
         description="Must be omitted or equal the LlamaServer's namespace: cross-namespace references are "
         "not supported (a model's cache and Secrets live in its own namespace).",
     )
@@ -52,7 +62,7 @@ class ServiceSpec(ApiModel):
 
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Service type.")
     port: int = Field(8080, ge=1, le=65535, description="Service port (the pods always listen on 8080).")
-    annotations: dict[str, str] | None = Field(None, description="Annotations for the Service.")
+    annotations: Annotations | None = Field(None, description="Annotations for the Service.")
 
 
 class ScalingSpec(ApiModel):
@@ -147,8 +157,8 @@ class ServedModel(ApiModel):
     model_config = {**ApiModel.model_config, "json_schema_extra": cel_schema(SERVED_MODEL_RULES)}
 
     model_ref: ModelRef = Field(description="The LlamaModel (same namespace).")
-    alias: str | None = Field(
-        None, min_length=1, max_length=128, pattern=SERVED_NAME_PATTERN,
+    alias: ServedName | None = Field(
+        None,
         description="Name of the model in /v1/models and in requests' `model` (default: the LlamaModel name); "
         "letters, digits, '.', '_' and '-'.")
     load_on_startup: bool = Field(
@@ -223,11 +233,10 @@ class LlamaServerSpec(ApiModel):
     threads: int | None = Field(
         None, ge=1, le=1024, description="--threads (default: derived from the CPU limit or request on CPU)."
     )
-    alias: str | None = Field(
+    alias: ServedName | None = Field(
         None,
-        min_length=1,
-        max_length=253,
-        description="Model name served by /v1/models and accepted in requests (default: the LlamaModel name).",
+        description="Model name served by /v1/models and accepted in requests (default: the LlamaModel name); "
+        "letters, digits, '.', '_' and '-'.",
     )
     mode: Literal["chat", "embedding", "rerank"] = Field(
         "chat", description="chat (completions), embedding (--embedding) or rerank (--reranking)."
@@ -249,7 +258,10 @@ class LlamaServerSpec(ApiModel):
         json_schema_extra=cel_schema(ARGS_RULES),
     )
 
-    image: str | None = Field(None, min_length=1, description="llama-server image (default: by gpu.vendor).")
+    image: str | None = Field(
+        None, min_length=1, max_length=IMAGE_MAX_LENGTH,
+        description="llama-server image (default: by gpu.vendor). The operator's policy may refuse custom images "
+        "or allow only some registries (docs/security.md).")
     api_key_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key holding the API key clients must send (Authorization: Bearer ...)."
     )
@@ -258,17 +270,22 @@ class LlamaServerSpec(ApiModel):
     )
 
     resources: ResourceRequirements | None = Field(None, description="CPU and memory of the llama-server container.")
-    node_selector: dict[str, str] | None = Field(None, description="Node labels the pods must match.")
+    node_selector: Labels | None = Field(None, description="Node labels the pods must match.")
     tolerations: list[Toleration] | None = Field(
-        None, description="Tolerations (the GPU vendor's toleration is added automatically)."
+        None, max_length=LIST_MAX_ITEMS, description="Tolerations (the GPU vendor's toleration is added automatically)."
     )
     affinity: Affinity | None = Field(None, description="Affinity rules for the pods.")
-    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
-    runtime_class_name: str | None = Field(None, description="RuntimeClass of the pods, e.g. nvidia.")
-    pod_annotations: dict[str, str] | None = Field(None, description="Extra annotations on the pods.")
-    pod_labels: dict[str, str] | None = Field(None, description="Extra labels on the pods.")
+    priority_class_name: Name | None = Field(
+        None, description="PriorityClass of the pods (the operator's policy may allow only some).")
+    runtime_class_name: Name | None = Field(
+        None, description="RuntimeClass of the pods, e.g. nvidia (the operator's policy may allow only some).")
+    pod_annotations: Annotations | None = Field(
+        None, description="Extra annotations on the pods; security-relevant ones (AppArmor, seccomp, the "
+        "container runtime's, llamacpp.dev/) are refused (docs/security.md).")
+    pod_labels: Labels | None = Field(None, description="Extra labels on the pods.")
     env: list[EnvVar] | None = Field(
-        None, description="Extra environment variables (LLAMA_ARG_* ones are validated like flags)."
+        None, max_length=ENV_MAX_ITEMS,
+        description="Extra environment variables (LLAMA_ARG_* ones are validated like flags)."
     )
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="The Service in front of the pods.")
     scaling: ScalingSpec | None = Field(
