@@ -5,15 +5,38 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test sandbox venv lint crds llama-server control-plane unit integration bench clean
+.PHONY: test unit chart runtime integration e2e sandbox venv lint crds llama-server control-plane bench clean
 
+# The tools a tier needs, built or fetched once (cached outside the repo) and exported: the tests themselves never
+# build or download anything (tests/tiers.py; without them a test skips naming the tool, or fails in CI).
+WITH_HELM = HELM="$${HELM:-$$(PYTHON=$(PY) scripts/get-helm.sh | tail -n 1)}" && export HELM && echo "helm: $$HELM"
+WITH_LLAMA_SERVER = LLAMA_SERVER_BIN="$${LLAMA_SERVER_BIN:-$$(PYTHON=$(PY) scripts/build-llama-server.sh | tail -n 1)}" \
+	&& export LLAMA_SERVER_BIN && echo "llama-server: $$LLAMA_SERVER_BIN"
+WITH_CONTROL_PLANE = LLAMA_OPERATOR_CONTROL_PLANE_DIR="$$(scripts/build-control-plane.sh | tail -n 1)" && \
+	export LLAMA_OPERATOR_CONTROL_PLANE_DIR && echo "control plane: $$LLAMA_OPERATOR_CONTROL_PLANE_DIR"
+
+# Every test, every tier (docs/testing.md).
 test: venv
-	@LLAMA_SERVER_BIN="$$(PYTHON=$(PY) scripts/build-llama-server.sh | tail -n 1)" && \
-	  LLAMA_OPERATOR_CONTROL_PLANE_DIR="$$(scripts/build-control-plane.sh | tail -n 1)" && \
-	  export LLAMA_SERVER_BIN LLAMA_OPERATOR_CONTROL_PLANE_DIR && echo "llama-server: $$LLAMA_SERVER_BIN" && \
-	  echo "control plane: $$LLAMA_OPERATOR_CONTROL_PLANE_DIR" && \
+	@$(WITH_LLAMA_SERVER) && $(WITH_CONTROL_PLANE) && $(WITH_HELM) && \
 	  $(VENV)/bin/ruff check operator tests benchmarks && \
 	  $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# One tier each, selected by its marker (applied by the tier's conftest). `make unit` needs nothing: no helm, no
+# llama-server, no control plane, no network.
+unit: venv
+	$(PY) -m pytest -q -m unit $(PYTEST_ARGS)
+
+chart: venv
+	@$(WITH_HELM) && $(PY) -m pytest -q -m helm $(PYTEST_ARGS)
+
+runtime: venv
+	@$(WITH_LLAMA_SERVER) && $(PY) -m pytest -q -m "runtime and not integration and not e2e" $(PYTEST_ARGS)
+
+integration: venv
+	@$(WITH_CONTROL_PLANE) && $(WITH_HELM) && $(WITH_LLAMA_SERVER) && $(PY) -m pytest -q -m integration $(PYTEST_ARGS)
+
+e2e: venv
+	@$(WITH_LLAMA_SERVER) && $(WITH_CONTROL_PLANE) && $(WITH_HELM) && $(PY) -m pytest -q -m e2e $(PYTEST_ARGS)
 
 # This machine as a one-node cluster with the operator installed by Helm and Gemma 3 270M served (as root;
 # Ctrl-C stops it): scripts/sandbox-demo.sh, docs/sandbox.md.
@@ -45,13 +68,6 @@ crds: venv
 	$(PY) -m llama_operator.cli crds --out-dir crds
 	@$(MAKE) --no-print-directory chart-crds
 
-unit: venv
-	$(PY) -m pytest -q tests/unit
-
-integration: venv
-	@LLAMA_OPERATOR_CONTROL_PLANE_DIR="$$(scripts/build-control-plane.sh | tail -n 1)" && \
-	  export LLAMA_OPERATOR_CONTROL_PLANE_DIR && $(PY) -m pytest -q tests/integration
-
 bench: venv
 	@LLAMA_OPERATOR_CONTROL_PLANE_DIR="$$(scripts/build-control-plane.sh | tail -n 1)" && \
 	  export LLAMA_OPERATOR_CONTROL_PLANE_DIR && $(PY) benchmarks/reconcile.py
@@ -69,7 +85,7 @@ IMAGE_TAG ?= dev
 
 .PHONY: chart-crds chart-lint image kind-up kind-deploy kind-e2e kind-down
 
-# Copies crds/ into the chart (byte for byte; tests/unit/test_chart.py fails when they differ).
+# Copies crds/ into the chart (byte for byte; tests/unit/test_chart_values.py fails when they differ).
 # Run it after `make crds`.
 chart-crds:
 	rm -f charts/llama-operator/files/crds/*.yaml

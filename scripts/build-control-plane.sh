@@ -22,6 +22,8 @@ if complete "$DEST"; then
   echo "$DEST"
   exit 0
 fi
+# --cached: the directory only when built before (the tests ask this way: they never build).
+[ "${1:-}" != --cached ] || { echo "the control plane is not built yet: \`make control-plane\` builds it" >&2; exit 3; }
 command -v go >/dev/null 2>&1 || { echo "make control-plane needs Go (>= 1.25) on PATH" >&2; exit 2; }
 
 start=$(date +%s)

@@ -15,6 +15,8 @@ if [ -x "$BIN" ]; then
   echo "$BIN"
   exit 0
 fi
+# --cached: the path only when built before (the tests ask this way: they never build).
+[ "${1:-}" != --cached ] || { echo "llama-server is not built yet: \`make llama-server\` builds it (minutes)" >&2; exit 3; }
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

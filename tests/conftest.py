@@ -1,4 +1,5 @@
-"""Shared test helpers: small factories for API objects."""
+"""Shared test helpers (small factories for API objects), and the check that a test's tier has what it needs:
+the tools named by its markers (tests/tiers.py), skipped locally or failed in CI when missing."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from llama_operator.api.v1alpha1 import LlamaModel, LlamaServer
 from llama_operator.config import Settings
+from tests import tiers
 
 
 def model_body(name: str = "qwen", *, spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None,
@@ -58,9 +60,11 @@ def deep(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    tiers.check(item)
+
+
 @pytest.fixture(scope="session")
 def helm() -> str:
-    """Path of the real helm binary (tests/helm.py)."""
-    from tests.helm import find_helm
-
-    return find_helm()
+    """Path of the real helm binary (tests/tiers.py; the test's tier needs `helm`)."""
+    return tiers.require(tiers.HELM)

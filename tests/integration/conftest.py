@@ -1,10 +1,12 @@
-"""Integration-test harness: a real control plane (etcd, kube-apiserver, kube-controller-manager), the operator
+"""The integration tier (marker `integration`; needs the control plane and helm, tests/tiers.py) and its
+harness: a real control plane (etcd, kube-apiserver, kube-controller-manager), the operator
 running in-process with the chart's RBAC, one namespace per test.
 
 Fixtures:
 - `control_plane` (session) -> ControlPlane: built by `make control-plane` (found through
-  $LLAMA_OPERATOR_CONTROL_PLANE_DIR or PATH), started once, CRDs from crds/ created through the API server
-  (a schema the API server refuses fails the suite) before the controllers start, torn down at the end.
+  $LLAMA_OPERATOR_CONTROL_PLANE_DIR, PATH or the build's cache), started once, CRDs from crds/ created
+  through the API server (a schema the API server refuses fails the suite) before the controllers start, torn
+  down at the end.
 - `apiserver` -> ClusterApi (tests/cluster.py): the admin's client, bound to a fresh namespace
   (`apiserver.namespace`) that is deleted after the test.
 - `operator_identity(watch_namespaces=None)` -> kubeconfig path of a ServiceAccount bound to exactly the
@@ -21,7 +23,6 @@ Fixtures:
 from __future__ import annotations
 
 import asyncio
-import os
 import pathlib
 import re
 import sys
@@ -36,15 +37,20 @@ import pytest
 import yaml
 from kopf.testing import KopfRunner
 
-from llama_operator.controlplane import BinariesMissing, ControlPlane, find_binaries
-from llama_operator.controlplane.binaries import ENV_DIR
+from llama_operator.controlplane import ControlPlane, find_binaries
 from tests.cluster import ClusterApi, apply_objects, kubectl
 from tests.helm import helm_template
+from tests.tiers import CONTROL_PLANE, mark_tier, require
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 OPERATOR_NAMESPACE = "llama-system"
 RELEASE = "llama"
 RBAC_KINDS = {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    mark_tier(items, pathlib.Path(__file__).parent, "integration")
 
 
 def _repo_crds() -> list[dict[str, Any]]:
@@ -53,12 +59,7 @@ def _repo_crds() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    try:
-        binaries = find_binaries()
-    except BinariesMissing as exc:
-        if os.environ.get(ENV_DIR):
-            raise  # `make test` said where they are: missing binaries are a failure, not a skip
-        pytest.skip(str(exc))
+    binaries = find_binaries(require(CONTROL_PLANE))  # the root check skipped or failed the test if missing
     # The CRDs go in through the API server: a schema it refuses fails the whole suite.
     cluster = ControlPlane(tmp_path_factory.mktemp("control-plane"), binaries, controllers=True,
                            audit_service_accounts=True, crds=_repo_crds())
@@ -141,9 +142,11 @@ def _use_kubeconfig(path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None
 @pytest.fixture(autouse=True)
 def operator_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     """What every operator a test runs shares: no metrics port to collide on, no periodic resync in a test's
-    lifetime (what the tests show must follow from events). Tests set their source endpoints themselves."""
+    lifetime (what the tests show must follow from events), no egress guard (the fake hubs listen on 127.0.0.1,
+    docs/security.md#egress). Tests set their source endpoints themselves."""
     monkeypatch.setenv("LLAMA_OPERATOR_METRICS_PORT", "0")
     monkeypatch.setenv("LLAMA_OPERATOR_RESYNC_SECONDS", "3600")
+    monkeypatch.setenv("LLAMA_OPERATOR_SOURCE_EGRESS_GUARD", "false")
 
 
 @pytest.fixture

@@ -1,12 +1,20 @@
-"""Unit-test isolation for process-wide state the reconcile code feeds."""
+"""The unit tier (marker `unit`): needs nothing but the virtualenv (no helm, no binary, no network beyond
+loopback, no build). Also isolates the process-wide state the reconcile code feeds."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from llama_operator import metrics
+from tests.tiers import mark_tier
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    mark_tier(items, Path(__file__).parent, "unit")
 
 
 @pytest.fixture(autouse=True)

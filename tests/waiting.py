@@ -1,4 +1,4 @@
-"""Polling until a condition holds: the one `wait_for` of tests, benchmarks and the sandbox."""
+"""Polling until a condition holds: the one `wait_for` of the tests and the benchmarks that drive a sandbox."""
 
 from __future__ import annotations
 
