@@ -3,10 +3,10 @@ harness: a real control plane (etcd, kube-apiserver, kube-controller-manager), t
 running in-process with the chart's RBAC, one namespace per test.
 
 Fixtures:
-- `control_plane` (session) -> ControlPlane: built by `make control-plane` (found through
-  $LLAMA_OPERATOR_CONTROL_PLANE_DIR, PATH or the build's cache), started once, CRDs from crds/ created
-  through the API server (a schema the API server refuses fails the suite) before the controllers start, torn
-  down at the end.
+- `control_plane` (session) -> AuditedControlPlane (tests/controlplane.py: an audit log, restarts): built by
+  `make control-plane` (found through $LLAMA_OPERATOR_CONTROL_PLANE_DIR, PATH or the build's cache), started
+  once, CRDs from crds/ created through the API server (a schema the API server refuses fails the suite) before
+  the controllers start, torn down at the end.
 - `apiserver` -> ClusterApi (tests/cluster.py): the admin's client, bound to a fresh namespace
   (`apiserver.namespace`) that is deleted after the test.
 - `operator_identity(watch_namespaces=None)` -> kubeconfig path of a ServiceAccount bound to exactly the
@@ -39,6 +39,7 @@ from kopf.testing import KopfRunner
 
 from llama_operator.controlplane import ControlPlane, find_binaries
 from tests.cluster import ClusterApi, apply_objects, kubectl
+from tests.controlplane import AuditedControlPlane
 from tests.helm import helm_template
 from tests.tiers import CONTROL_PLANE, mark_tier, require
 
@@ -58,11 +59,11 @@ def _repo_crds() -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
-def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditedControlPlane]:
     binaries = find_binaries(require(CONTROL_PLANE))  # the root check skipped or failed the test if missing
     # The CRDs go in through the API server: a schema it refuses fails the whole suite.
-    cluster = ControlPlane(tmp_path_factory.mktemp("control-plane"), binaries, controllers=True,
-                           audit_service_accounts=True, crds=_repo_crds())
+    cluster = AuditedControlPlane(tmp_path_factory.mktemp("control-plane"), binaries, controllers=True,
+                                  crds=_repo_crds())
     with cluster:
         yield cluster
 

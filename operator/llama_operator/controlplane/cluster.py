@@ -105,10 +105,8 @@ class ControlPlane:
     service-account token controllers ...); `scheduler` runs kube-scheduler (only useful with a node).
     `crds` are created (and Established) before the controller manager starts, so its garbage collector
     watches them from the start instead of discovering them at its next 30 s resync.
-    `audit_service_accounts` writes an audit log (metadata level) of every request a ServiceAccount makes,
-    so a test can see what the operator asked for (`audit_events()`).
     `serving_ips` are extra IP SANs of the API server's certificate (an address on which a forwarder reaches
-    it, e.g. the sandbox node's, for pods in their own network namespaces); `issue_client_cert` signs more
+    it, e.g. the sandbox node's, for pods in their own network namespaces); `issue_cert` signs more
     identities (a kubelet's) with the same CA.
     """
 
@@ -116,7 +114,6 @@ class ControlPlane:
     binaries: ControlPlaneBinaries | None = None
     controllers: bool = True
     scheduler: bool = False
-    audit_service_accounts: bool = False
     crds: list[dict[str, Any]] = field(default_factory=list)
     extra_apiserver_args: list[str] = field(default_factory=list)
     serving_ips: list[str] = field(default_factory=list)
@@ -163,17 +160,6 @@ class ControlPlane:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def restart(self, name: str, *, down_for: float = 0.0, timeout: float = 90.0) -> None:
-        """Stop one component (`etcd`, `kube-apiserver` ...), wait `down_for` seconds, start it again."""
-        process = self._processes[name]
-        process.stop()
-        time.sleep(down_for)
-        process.start()
-        if name == "kube-apiserver":
-            self._wait_ready(process, timeout)
-        elif name == "etcd":
-            self._wait_etcd(process, timeout)
-
     # -- facts --------------------------------------------------------------------------------------------
 
     @property
@@ -186,16 +172,6 @@ class ControlPlane:
 
     def pids(self) -> dict[str, int]:
         return {name: p.popen.pid for name, p in self._processes.items() if p.popen is not None and p.running()}
-
-    @property
-    def audit_log(self) -> pathlib.Path:
-        return self.logs / "audit.jsonl"
-
-    def audit_events(self) -> list[dict[str, Any]]:
-        """Every audited request so far (ServiceAccounts only), oldest first."""
-        if not self.audit_log.exists():
-            return []
-        return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip()]
 
     def kubeconfig_for_token(self, path: pathlib.Path, token: str, *, user: str, namespace: str = "default"
                              ) -> pathlib.Path:
@@ -293,21 +269,9 @@ class ControlPlane:
             "--kubelet-client-key", str(self._kubelet_client.key),
             "--kubelet-preferred-address-types", "InternalIP",
             "--profiling=false", "--v=1",
-            *self._audit_args(),
             *self.extra_apiserver_args,
         ])
         self._wait_ready(process, timeout)
-
-    def _audit_args(self) -> list[str]:
-        if not self.audit_service_accounts:
-            return []
-        policy = self.state_dir / "audit-policy.yaml"
-        policy.write_text(yaml.safe_dump({
-            "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
-            "rules": [{"level": "Metadata", "userGroups": ["system:serviceaccounts"]}, {"level": "None"}]}))
-        # blocking: an event is on disk before the response, so a test reads what just happened.
-        return ["--audit-policy-file", str(policy), "--audit-log-path", str(self.audit_log),
-                "--audit-log-mode", "blocking", "--audit-log-format", "json"]
 
     def _admin_request(self, method: str, path: str, body: Any = None) -> bytes:
         request = urllib.request.Request(f"{self.server}{path}", method=method,
