@@ -43,6 +43,10 @@ class OperatorError(Exception):
         return isinstance(self, Transient)
 
 
+class CliError(Exception):
+    """A user-facing command-line error: `llama-operator` prints it as one line and exits with status 2."""
+
+
 # ---------------------------------------------------------------------------------------------- categories
 
 
@@ -272,7 +276,7 @@ class RetryPolicy:
         return backoff(attempt, base=self.base, cap=self.cap, retry_after=getattr(exc, "retry_after", None), rng=rng)
 
 
-def describe(exc: BaseException) -> str:
+def status_message(exc: BaseException) -> str:
     """What a person reads in status: the message, the missing permission, or the type of an unexpected error."""
     if isinstance(exc, PermissionDenied):
         what = f"the operator is not allowed to {exc.permission}" if exc.permission else "forbidden"

@@ -84,8 +84,8 @@ def test_policy_by_error_class(exc: BaseException, attempt: int, low: float | No
         assert delay is not None and low <= delay <= high  # type: ignore[operator]
 
 
-def test_describe_names_the_missing_permission_and_unexpected_types() -> None:
-    text = errors.describe(Forbidden("PATCH x: forbidden", permission="patch deployments.apps in namespace ml"))
+def test_status_message_names_the_missing_permission_and_unexpected_types() -> None:
+    text = errors.status_message(Forbidden("PATCH x: forbidden", permission="patch deployments.apps in namespace ml"))
     assert text.startswith("the operator is not allowed to patch deployments.apps in namespace ml")
-    assert errors.describe(KeyError("spec")) == "internal error: KeyError: 'spec'"
+    assert errors.status_message(KeyError("spec")) == "internal error: KeyError: 'spec'"
     assert errors.reason(KeyError("spec")) == "InternalError"

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..api.v1alpha1 import LlamaModelStatus, LlamaServerStatus
-from ..errors import RetryPolicy, describe, reason
+from ..errors import RetryPolicy, reason, status_message
 from ..kube import LLAMA_SERVERS, ResourceKind
 from .conditions import condition, merge_conditions, now_rfc3339
 from .context import Context
@@ -48,7 +48,7 @@ def reconciled(generation: int | None) -> Any:
 
 
 def failure_verdict(exc: BaseException, attempt: int, policy: RetryPolicy) -> Verdict:
-    return Verdict(False, policy.delay(exc, attempt), reason(exc), describe(exc))
+    return Verdict(False, policy.delay(exc, attempt), reason(exc), status_message(exc))
 
 
 async def guarded(

@@ -18,7 +18,7 @@ from typing import Any
 from ..api.v1alpha1 import FileChecksum, LlamaModel, TrustOnFirstUse
 from ..builders.trust import build_trust_configmap, needs_trust
 from ..contract import parse_verified
-from ..errors import KubeError, describe, reason
+from ..errors import KubeError, reason, status_message
 from ..kube import CONFIG_MAPS, LLAMA_MODELS
 from ..sources import source_identity
 from .conditions import now_rfc3339
@@ -68,7 +68,7 @@ async def record_first_use(
                 except KubeError as exc:
                     # A side job of the server reconcile: the server's own status must not wait for it. The pod
                     # keeps its report, so the next reconcile (event, retry, resync) records it.
-                    message = f"could not record the first verified download: {describe(exc)}"
+                    message = f"could not record the first verified download: {status_message(exc)}"
                     log.warning("LlamaModel %s/%s: %s", model.metadata.namespace, model.metadata.name, message)
                     ctx.record_event(model.to_wire(), type="Warning", reason=reason(exc), message=message)
                     return
