@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from llama_operator.api.v1alpha1 import LlamaModel
 from llama_operator.builders import build_cache_pvc, build_deployment, build_service
 from llama_operator.builders.resources import derived_threads
 from llama_operator.config import Settings
@@ -152,6 +153,10 @@ def test_setting_change_changes_template(settings: Settings) -> None:
     ({"type": "EmptyDir", "size": "5Gi"}, {"name": "model-cache", "emptyDir": {"sizeLimit": "5Gi"}}),
     ({"type": "HostPath"}, {"name": "model-cache",
                             "hostPath": {"path": "/var/lib/llama-operator/models", "type": "DirectoryOrCreate"}}),
+    ({"type": "HostPath", "path": "team-a/llm"},
+     {"name": "model-cache", "hostPath": {"path": "/var/lib/llama-operator/models/team-a/llm",
+                                          "type": "DirectoryOrCreate"}}),
+    ({"type": "EmptyDir"}, {"name": "model-cache", "emptyDir": {"sizeLimit": "72Gi"}}),  # size unknown: the cap
     ({"type": "PersistentVolumeClaim", "size": "20Gi"},
      {"name": "model-cache", "persistentVolumeClaim": {"claimName": "qwen-cache"}}),
 ])
@@ -159,6 +164,43 @@ def test_cache_volume(cache: dict[str, Any], expected: dict[str, Any], settings:
     spec = {"source": {"http": {"url": "https://h/m.gguf"}}, "cache": cache}
     pod = build_deployment(server(), resolved_model(spec=spec), settings)["spec"]["template"]["spec"]
     assert expected in pod["volumes"]
+
+
+def test_host_path_cache_server_mounts_only_its_models_directories(settings: Settings) -> None:
+    """The fetcher writes into the node directory; llama-server (maybe a tenant's image) sees only the served
+    and draft models' own subdirectories, read-only."""
+    spec = {"source": {"http": {"url": "https://h/m.gguf"}}, "cache": {"type": "HostPath", "path": "team-a"}}
+    model = resolved_model(spec=spec)
+    draft = resolved_model(name="draft", spec=spec, status={"cacheKey": "draft-key-0123"})
+    pod = build_deployment(server(speculative={"draftModelRef": {"name": "draft"}}), model, settings,
+                           draft)["spec"]["template"]["spec"]
+    main = pod["containers"][0]
+    key = model.status.cache_key
+    assert [m for m in main["volumeMounts"] if m["name"] == "model-cache"] == [
+        {"name": "model-cache", "mountPath": f"/models/{key}", "subPath": key, "readOnly": True},
+        {"name": "model-cache", "mountPath": "/models/draft-key-0123", "subPath": "draft-key-0123",
+         "readOnly": True}]
+    assert f"/models/{key}/qwen2.5-0.5b-instruct-q4_k_m.gguf" in main["args"]
+    for fetcher in pod["initContainers"]:
+        assert {"name": "model-cache", "mountPath": "/models"} in fetcher["volumeMounts"], fetcher["name"]
+
+
+def test_fetchers_have_an_ephemeral_storage_request_and_limit(settings: Settings) -> None:
+    """Every EmptyDir of the pod counts against the fetcher's limit: the caches' sizeLimits plus /tmp and logs;
+    the scheduler reserves only what is known."""
+    def fetcher(model: LlamaModel) -> dict[str, Any]:
+        pod = build_deployment(server(), model, settings)["spec"]["template"]["spec"]
+        assert {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}} in pod["volumes"]
+        return pod["initContainers"][0]["resources"]
+
+    known = fetcher(resolved_model(status={"size": 10 * 2**30}))  # 12Gi cache
+    assert known["requests"]["ephemeral-storage"] == known["limits"]["ephemeral-storage"] == "14Gi"
+    unknown = fetcher(resolved_model())
+    assert unknown["requests"]["ephemeral-storage"] == "2Gi"
+    assert unknown["limits"]["ephemeral-storage"] == "74Gi"
+    pvc = fetcher(resolved_model(spec={"source": {"http": {"url": "https://h/m.gguf"}},
+                                       "cache": {"type": "PersistentVolumeClaim"}}, status={"size": 2**40}))
+    assert pvc["requests"]["ephemeral-storage"] == pvc["limits"]["ephemeral-storage"] == "2Gi"
 
 
 def test_emptydir_size_defaults_to_model_size_plus_headroom(settings: Settings) -> None:

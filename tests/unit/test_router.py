@@ -130,7 +130,8 @@ def test_every_distinct_model_is_fetched_once_into_its_cache(settings: Settings)
     assert volumes["model-cache-1"] == {"persistentVolumeClaim": {"claimName": "b-cache"}}
     assert volumes["model-source-0"] == {"persistentVolumeClaim": {"claimName": "shelf", "readOnly": True}}
     assert volumes["models-preset"] == {"configMap": {"name": "fleet-models"}}
-    assert volumes["model-cache-0"] == {"emptyDir": {}}  # sized from status.size when known
+    # Sized from status.size when known; unknown here: room for the fetcher's cap on downloads of unknown size.
+    assert volumes["model-cache-0"] == {"emptyDir": {"sizeLimit": "72Gi"}}
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert mounts == {"model-cache-0": "/run/llama-server/model-cache-0",
                       "model-cache-1": "/run/llama-server/model-cache-1",
@@ -141,8 +142,8 @@ def test_every_distinct_model_is_fetched_once_into_its_cache(settings: Settings)
 
 def test_models_on_one_pvc_share_one_volume_and_emptydirs_do_not(settings: Settings) -> None:
     pvc = {"type": "PersistentVolumeClaim"}
-    shared = {"a": ready_model("a", "a-1", cache={"type": "HostPath", "path": "/srv/llm"}),
-              "b": ready_model("b", "b-2", cache={"type": "HostPath", "path": "/srv/llm"}),
+    shared = {"a": ready_model("a", "a-1", cache={"type": "HostPath", "path": "srv/llm"}),
+              "b": ready_model("b", "b-2", cache={"type": "HostPath", "path": "srv/llm"}),
               "c": ready_model("c", "c-3", cache=pvc), "d": ready_model("d", "d-4"), "e": ready_model("e", "e-5")}
     models = [{"modelRef": {"name": n}} for n in "abcde"]
     pod = _pod(build_router_deployment(router(models), shared, settings))
@@ -150,6 +151,17 @@ def test_models_on_one_pvc_share_one_volume_and_emptydirs_do_not(settings: Setti
         ["model-cache-0", "model-cache-0", "model-cache-1", "model-cache-2", "model-cache-3"]
     assert [v["name"] for v in pod["volumes"]] == \
         ["model-cache-0", "model-cache-1", "model-cache-2", "model-cache-3", "models-preset", "tmp"]
+    assert pod["volumes"][0]["hostPath"] == {"path": "/var/lib/llama-operator/models/srv/llm",
+                                             "type": "DirectoryOrCreate"}
+    # The node's cache directory is shared: llama-server sees each of its models' directories, nothing else.
+    host_mounts = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "model-cache-0"]
+    assert host_mounts == [
+        {"name": "model-cache-0", "mountPath": "/run/llama-server/model-cache-0/a-1", "subPath": "a-1",
+         "readOnly": True},
+        {"name": "model-cache-0", "mountPath": "/run/llama-server/model-cache-0/b-2", "subPath": "b-2",
+         "readOnly": True}]
+    preset = build_preset(router(models), shared, settings)
+    assert "model = /run/llama-server/model-cache-0/a-1/a.gguf" in preset
 
 
 def test_router_arguments(settings: Settings) -> None:

@@ -1,16 +1,29 @@
-"""The model cache: which volume holds the GGUF files, where it is mounted, and how big it is."""
+"""The model cache: which volume holds the GGUF files, where it is mounted, and how big it is.
+
+A HostPath cache is always a directory below the operator's root (`<hostPathRoot>/<cache.path>`): the fetcher
+mounts that directory (it writes `<cacheKey>/` and its lock there), llama-server only its models' own
+`<cacheKey>` subdirectories (subPath, read-only), so a pod running a tenant's image never sees another model's
+files on the node. Every EmptyDir has a sizeLimit: the cache's size, else the model's plus headroom, else the
+fetcher's cap on downloads of unknown size.
+"""
 
 from __future__ import annotations
 
+import posixpath
 from typing import Any
 
 from ..api.v1alpha1 import CacheType, LlamaModel
 from ..config import Settings
 from ..contract import CACHE_MOUNT, CACHE_VOLUME, SOURCE_MOUNT, SOURCE_VOLUME
-from .quantity import gibibytes_ceil
+from ..fetch.plan import DEFAULT_MAX_UNKNOWN_SIZE
+from .quantity import gibibytes_ceil, parse_quantity
 
 HEADROOM = 1.1
 """Cache sizes derived from the model size leave 10% (and at least 1 GiB) for .part files and markers."""
+TMP_SIZE_LIMIT = "1Gi"
+"""sizeLimit of the pod's /tmp EmptyDir (llama-server's HOME, the fetcher's scratch)."""
+SCRATCH_BYTES = 2 * 2**30
+"""Ephemeral storage a pod needs besides its EmptyDir caches: /tmp (TMP_SIZE_LIMIT) and container logs."""
 
 
 def cache_type(model: LlamaModel, settings: Settings) -> CacheType:
@@ -21,13 +34,29 @@ def cache_pvc_name(model: LlamaModel) -> str:
     return f"{model.metadata.name}-cache"
 
 
+def _with_headroom(size_bytes: int) -> str:
+    return gibibytes_ceil(int(size_bytes * HEADROOM) + 2**30)
+
+
 def cache_size(model: LlamaModel) -> str | int | None:
     """The cache size: the user's, else the resolved model size plus headroom, else unknown."""
     if model.spec.cache.size is not None:
         return model.spec.cache.size
     if model.status.size:
-        return gibibytes_ceil(int(model.status.size * HEADROOM) + 2**30)
+        return _with_headroom(model.status.size)
     return None
+
+
+def empty_dir_size(model: LlamaModel) -> str | int:
+    """An EmptyDir cache's sizeLimit: the cache size, else room for the largest download of unknown size."""
+    size = cache_size(model)
+    return size if size is not None else _with_headroom(DEFAULT_MAX_UNKNOWN_SIZE)
+
+
+def host_path(model: LlamaModel, settings: Settings) -> str:
+    """The node directory of a HostPath cache: cache.path below the operator's root (CEL keeps it relative)."""
+    relative = (model.spec.cache.path or "").strip("/")
+    return posixpath.join(settings.host_path_root, relative) if relative else settings.host_path_root
 
 
 def model_path(model: LlamaModel) -> str:
@@ -59,13 +88,8 @@ def cache_volume(model: LlamaModel, settings: Settings) -> dict[str, Any]:
     if kind == "PersistentVolumeClaim":
         return {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache_pvc_name(model)}}
     if kind == "HostPath":
-        path = model.spec.cache.path or settings.host_path_root
-        return {"name": CACHE_VOLUME, "hostPath": {"path": path, "type": "DirectoryOrCreate"}}
-    empty_dir: dict[str, Any] = {}
-    size = cache_size(model)
-    if size is not None:
-        empty_dir["sizeLimit"] = size
-    return {"name": CACHE_VOLUME, "emptyDir": empty_dir}
+        return {"name": CACHE_VOLUME, "hostPath": {"path": host_path(model, settings), "type": "DirectoryOrCreate"}}
+    return {"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": empty_dir_size(model)}}
 
 
 def model_volumes(model: LlamaModel, settings: Settings) -> list[dict[str, Any]]:
@@ -77,8 +101,37 @@ def model_volumes(model: LlamaModel, settings: Settings) -> list[dict[str, Any]]
     return [cache_volume(model, settings)]
 
 
-def server_model_mount(model: LlamaModel) -> dict[str, Any]:
+def cache_mounts(owner: LlamaModel, keys: list[str], settings: Settings, *, volume: str = CACHE_VOLUME,
+                 mount: str = CACHE_MOUNT) -> list[dict[str, Any]]:
+    """llama-server's read-only mounts of `owner`'s cache volume holding the cache keys `keys`: the whole
+    volume, or for a HostPath cache (shared by every model on the node) each key's directory alone."""
+    if cache_type(owner, settings) != "HostPath":
+        # llama-server only reads the model; mmap of a read-only mount is fine.
+        return [{"name": volume, "mountPath": mount, "readOnly": True}]
+    return [{"name": volume, "mountPath": f"{mount}/{key}", "subPath": key, "readOnly": True}
+            for key in dict.fromkeys(keys)]
+
+
+def server_model_mounts(model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
+                        ) -> list[dict[str, Any]]:
+    """llama-server's mounts of the served model (and the draft model, which shares its cache when the served
+    model is downloaded, or has a cache of its own when the served model is on a volume)."""
     if model.spec.source.volume is not None:
-        return {"name": SOURCE_VOLUME, "mountPath": SOURCE_MOUNT, "readOnly": True}
-    # llama-server only reads the model; mmap of a read-only mount is fine.
-    return {"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT, "readOnly": True}
+        mounts = [{"name": SOURCE_VOLUME, "mountPath": SOURCE_MOUNT, "readOnly": True}]
+        if draft is not None:
+            mounts += cache_mounts(draft, [require_cache_key(draft)], settings)
+        return mounts
+    keys = [require_cache_key(model)] + ([require_cache_key(draft)] if draft is not None else [])
+    return cache_mounts(model, keys, settings)
+
+
+def fetcher_ephemeral_storage(owners: list[LlamaModel], settings: Settings) -> dict[str, dict[str, str]]:
+    """The ephemeral-storage request and limit of a pod's fetchers, `owners` being the models with a cache volume
+    in the pod. The kubelet counts every EmptyDir of the pod against the largest init container's limit, so the
+    limit is the sum of the EmptyDir caches' sizeLimits plus scratch (a download that outgrows it evicts the pod,
+    it does not fill the node's disk); the request, what the scheduler reserves, counts only the sizes known."""
+    empty = [model for model in owners if cache_type(model, settings) == "EmptyDir"]
+    known = sum(int(parse_quantity(size)) for model in empty if (size := cache_size(model)) is not None)
+    limit = sum(int(parse_quantity(empty_dir_size(model))) for model in empty)
+    return {"requests": {"ephemeral-storage": gibibytes_ceil(known + SCRATCH_BYTES)},
+            "limits": {"ephemeral-storage": gibibytes_ceil(limit + SCRATCH_BYTES)}}

@@ -15,7 +15,9 @@ from ..contract import (
     TOKEN_ENV,
     TRUSTED_ENV,
 )
+from ..fetch.http import same_origin
 from .cache import CACHE_MOUNT, CACHE_VOLUME, require_cache_key
+from .quantity import parse_quantity
 from .security import container_security_context
 from .trust import needs_trust, trusted_env
 
@@ -35,7 +37,13 @@ def _fetch_args(model: LlamaModel, settings: Settings) -> list[str]:
         args += ["--sha256", sha256]
     if needs_trust(model):
         args.append("--trust-on-first-use")
-    return args
+    return args + _max_size(model)
+
+
+def _max_size(model: LlamaModel) -> list[str]:
+    """A file whose server declares no size may fill the cache up to cache.size (else the fetcher's default)."""
+    size = model.spec.cache.size if model.spec.cache is not None else None
+    return ["--max-size", str(int(parse_quantity(size)))] if size is not None else []
 
 
 def _fetch_env(model: LlamaModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -94,7 +102,7 @@ def _mmproj_fetch_args(model: LlamaModel, settings: Settings) -> list[str]:
     sha256 = (model.status.mmproj.sha256 if model.status.mmproj else None) or mmproj.sha256
     if sha256:
         args += ["--sha256", sha256]
-    return args
+    return args + _max_size(model)
 
 
 def mmproj_fetch_container(model: LlamaModel, settings: Settings, *, name: str = FETCH_MMPROJ_CONTAINER,
@@ -104,4 +112,7 @@ def mmproj_fetch_container(model: LlamaModel, settings: Settings, *, name: str =
     container = fetch_init_container(model, settings, name=name, volume=volume)
     container["args"] = _mmproj_fetch_args(model, settings)
     container["env"] = [env for env in container["env"] if env["name"] != TRUSTED_ENV]
+    http, resolved = model.spec.source.http, model.status.mmproj
+    if http is not None and resolved is not None and not same_origin(http.url, resolved.url or ""):
+        container.pop("envFrom", None)  # headers go only to the origin they were given for (docs/security.md)
     return container

@@ -7,11 +7,18 @@ from typing import Any
 
 from ..api.v1alpha1 import LlamaModel, LlamaServer
 from ..config import Settings
-from ..contract import API_KEY_ENV, FETCH_DRAFT_CONTAINER, SERVER_CONTAINER, TMP_MOUNT, TMP_VOLUME
+from ..contract import (
+    API_KEY_ENV,
+    FETCH_DRAFT_CONTAINER,
+    SERVER_CONTAINER,
+    TMP_MOUNT,
+    TMP_VOLUME,
+    is_fetch_container,
+)
 from ..flags.dryrun import dry_run_init_container
 from ..flags.render import SERVER_PORT
 from .args import needs_draft_cache, server_args
-from .cache import CACHE_MOUNT, CACHE_VOLUME, cache_volume, model_volumes, server_model_mount
+from .cache import TMP_SIZE_LIMIT, cache_volume, fetcher_ephemeral_storage, model_volumes, server_model_mounts
 from .fetcher import fetch_init_container, mmproj_fetch_container
 from .objects import server_labels
 from .resources import pod_tolerations, server_resources
@@ -40,13 +47,10 @@ def _http_probe(*, period: int, failures: int, timeout: int) -> dict[str, Any]:
 def server_container(
     server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
 ) -> dict[str, Any]:
-    container = llama_server_container(
+    return llama_server_container(
         server, settings, args=server_args(server, model, draft),
         resources=server_resources(server, model, settings, draft),
-        volume_mounts=[server_model_mount(model), {"name": TMP_VOLUME, "mountPath": TMP_MOUNT}])
-    if needs_draft_cache(model, draft):
-        container["volumeMounts"].insert(1, {"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT, "readOnly": True})
-    return container
+        volume_mounts=[*server_model_mounts(model, settings, draft), {"name": TMP_VOLUME, "mountPath": TMP_MOUNT}])
 
 
 def llama_server_container(
@@ -117,9 +121,24 @@ def pod_template(
         # A new model revision with the same file name must still roll the pods.
         annotations[MODEL_SHA_ANNOTATION] = sha256
     main = server_container(server, model, settings, draft)
+    init = _init_containers(server, model, settings, main, draft)
+    cached = [model] if model.spec.source.volume is None else [draft] if draft is not None else []
     return assemble_pod(server, annotations=annotations, main=main,
-                        init_containers=_init_containers(server, model, settings, main, draft),
+                        init_containers=with_ephemeral_storage(init, cached, settings),
                         volumes=[*model_volumes(model, settings), *_draft_volumes(model, settings, draft)])
+
+
+def with_ephemeral_storage(init_containers: list[dict[str, Any]], owners: list[LlamaModel], settings: Settings
+                           ) -> list[dict[str, Any]]:
+    """The init containers, each fetcher with the ephemeral-storage request and limit of the pod's caches
+    (`owners`: the models with a cache volume in the pod)."""
+    storage = fetcher_ephemeral_storage(owners, settings)
+    for container in init_containers:
+        if is_fetch_container(container["name"]):
+            resources = container.setdefault("resources", {})
+            for bucket in ("requests", "limits"):
+                resources[bucket] = {**resources.get(bucket, {}), **storage[bucket]}
+    return init_containers
 
 
 def assemble_pod(
@@ -134,7 +153,7 @@ def assemble_pod(
         "securityContext": pod_security_context(),
         "initContainers": init_containers,
         "containers": [main],
-        "volumes": [*volumes, {"name": TMP_VOLUME, "emptyDir": {}}],
+        "volumes": [*volumes, {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}}],
         "terminationGracePeriodSeconds": 30,
     }
     optional = {

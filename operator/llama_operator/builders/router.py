@@ -8,7 +8,8 @@ user's `args`); each model's typed settings are its section (flags/preset.py).
 
 Files. Every distinct LlamaModel is fetched by its own init containers (`fetch-model-<i>`, and
 `fetch-mmproj-<i>` for a projector) into its cache volume, exactly as for one model; identical cache volumes
-(one PVC, one host path) are mounted once, each EmptyDir cache is its own volume. The preset names files by
+(one PVC, one host path) are one volume, each EmptyDir cache is its own volume; a host path is mounted once per
+model directory (subPath), never whole. The preset names files by
 absolute path, so everything it refers to is mounted below `/run/llama-server`: paths inside a file are not
 rewritten by anything, and /run is where every runtime this project runs pods in binds volumes at their real
 container paths (a kubelet anywhere; the sandbox's process kubelet only there, docs/sandbox.md).
@@ -30,11 +31,11 @@ from ..contract import TMP_MOUNT, TMP_VOLUME, router_fetch_container
 from ..flags import render
 from ..flags.dryrun import dry_run_init_container
 from ..flags.preset import Section, render_ini, section
-from .cache import cache_volume, require_cache_key
+from .cache import cache_mounts, cache_volume, require_cache_key
 from .deployment import deployment_object
 from .fetcher import fetch_init_container, mmproj_fetch_container
 from .objects import object_meta, server_labels
-from .pod import assemble_pod, llama_server_container
+from .pod import assemble_pod, llama_server_container, with_ephemeral_storage
 from .resources import container_resources, derived_threads
 
 ROUTER_ROOT = "/run/llama-server"
@@ -64,8 +65,9 @@ class _Storage:
     """LlamaModel name -> its preset lines (`model`, `mmproj`)."""
     _by_source: dict[str, str] = field(default_factory=dict)
 
-    def volume(self, kind: str, source: dict[str, Any], *, share: bool) -> tuple[str, str]:
-        """(volume name, mount path in llama-server) for a volume source, mounting identical ones once."""
+    def volume(self, kind: str, source: dict[str, Any], *, share: bool, mount: bool = True) -> tuple[str, str]:
+        """(volume name, mount path in llama-server) for a volume source, mounting identical ones once
+        (`mount=False`: the caller mounts parts of it)."""
         key = json.dumps(source, sort_keys=True)
         if share and key in self._by_source:
             name = self._by_source[key]
@@ -73,8 +75,12 @@ class _Storage:
             name = f"{kind}-{sum(1 for v in self.volumes if v['name'].startswith(kind + '-'))}"
             self._by_source[key] = name
             self.volumes.append({"name": name, **source})
-            self.mounts.append({"name": name, "mountPath": f"{ROUTER_ROOT}/{name}", "readOnly": True})
+            if mount:
+                self.mounts.append({"name": name, "mountPath": f"{ROUTER_ROOT}/{name}", "readOnly": True})
         return name, f"{ROUTER_ROOT}/{name}"
+
+    def mount_once(self, mounts: list[dict[str, Any]]) -> None:
+        self.mounts += [mount for mount in mounts if mount not in self.mounts]
 
 
 def _storage(server: LlamaServer, models: Mapping[str, LlamaModel], settings: Settings) -> _Storage:
@@ -91,7 +97,10 @@ def _storage(server: LlamaServer, models: Mapping[str, LlamaModel], settings: Se
         else:
             cache = {k: v for k, v in cache_volume(model, settings).items() if k != "name"}
             # An EmptyDir is sized for its one model; a PVC or host path is the same cache for every model on it.
-            volume, root = storage.volume("model-cache", cache, share="emptyDir" not in cache)
+            # A host path is mounted per model directory (subPath): the node's cache holds other models too.
+            volume, root = storage.volume("model-cache", cache, share="emptyDir" not in cache,
+                                          mount="hostPath" not in cache)
+            storage.mount_once(cache_mounts(model, [require_cache_key(model)], settings, volume=volume, mount=root))
             storage.fetchers.append(
                 fetch_init_container(model, settings, name=router_fetch_container(index), volume=volume))
             directory = f"{root}/{require_cache_key(model)}"
@@ -152,7 +161,8 @@ def build_router_deployment(
     # No default memory request: which models are loaded together changes at run time (docs/multi-model.md).
     main = llama_server_container(server, settings, args=router_args(server),
                                   resources=container_resources(server, memory=None), volume_mounts=mounts)
-    init = list(storage.fetchers)
+    cached = [models[name] for name in distinct_models(server) if models[name].spec.source.volume is None]
+    init = with_ephemeral_storage(list(storage.fetchers), cached, settings)
     if spec.image:
         init.append(dry_run_init_container(image=main["image"], args=main["args"],
                                            security_context=main["securityContext"], volume_mounts=mounts))
