@@ -18,7 +18,6 @@ What it does, like a kubelet for one Node:
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import functools
 import ipaddress
 import logging
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama_operator.clock import now_rfc3339
 from llama_operator.controlplane.cluster import die_with_parent
 from llama_operator.sandbox.network import run_ip, used_networks
 from tests.cluster import ClusterApi
@@ -39,14 +39,6 @@ from tests.cluster import ClusterApi
 log = logging.getLogger(__name__)
 
 SUPERNET = ipaddress.ip_network("10.244.0.0/16")
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _micro_now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass
@@ -136,7 +128,7 @@ class ProcessKubelet:
     # -- node ------------------------------------------------------------------------------------------
 
     def _node_status(self) -> dict[str, Any]:
-        now = _now()
+        now = now_rfc3339()
         conditions = [{"type": t, "status": s, "reason": r, "lastHeartbeatTime": now, "lastTransitionTime": now}
                       for t, s, r in (("Ready", "True", "KubeletReady"),
                                       ("MemoryPressure", "False", "KubeletHasSufficientMemory"),
@@ -163,12 +155,13 @@ class ProcessKubelet:
         self.api.patch("v1", "nodes", None, self.node, self._node_status(), subresource="status")
         lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                  "metadata": {"name": self.node, "namespace": "kube-node-lease"},
-                 "spec": {"holderIdentity": self.node, "leaseDurationSeconds": 40, "renewTime": _micro_now()}}
+                 "spec": {"holderIdentity": self.node, "leaseDurationSeconds": 40,
+                          "renewTime": now_rfc3339(micro=True)}}
         if self.api.read("coordination.k8s.io/v1", "leases", "kube-node-lease", self.node) is None:
             self.api.create("coordination.k8s.io/v1", "leases", "kube-node-lease", lease)
         else:
             self.api.patch("coordination.k8s.io/v1", "leases", "kube-node-lease", self.node,
-                           {"spec": {"renewTime": _micro_now()}})
+                           {"spec": {"renewTime": now_rfc3339(micro=True)}})
 
     def _heartbeats(self) -> None:
         while not self._stop.wait(5):
@@ -189,7 +182,7 @@ class ProcessKubelet:
                                        stdout=out, stderr=subprocess.STDOUT,
                                        preexec_fn=functools.partial(die_with_parent, signal.SIGKILL))
         out.close()
-        run.started_at = _now()
+        run.started_at = now_rfc3339()
         run.ready, run.misses, run.died_at = False, 0, None
         self.started.append((time.monotonic(), run.name))
         self._write_status(run)
@@ -199,7 +192,7 @@ class ProcessKubelet:
         state: dict[str, Any] = {"running": {"startedAt": run.started_at}} if alive else {
             "waiting": {"reason": "CrashLoopBackOff" if run.restarts else "ContainerCreating"}}
         ready = "True" if run.ready else "False"
-        now = _now()
+        now = now_rfc3339()
         status = {
             "phase": "Running", "hostIP": self.node_ip, "hostIPs": [{"ip": self.node_ip}], "podIP": run.ip,
             "podIPs": [{"ip": run.ip}], "startTime": run.started_at,

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from llama_operator.api.v1alpha1 import Condition
-from llama_operator.reconcile.conditions import condition, merge_conditions, now_rfc3339
+from llama_operator.clock import now_rfc3339
+from llama_operator.reconcile.conditions import condition, merge_conditions
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z"
 

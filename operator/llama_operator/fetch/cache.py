@@ -19,10 +19,10 @@ import logging
 import os
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..clock import now_rfc3339
 from ..errors import InterruptedFetch
 from .plan import Piece, RemoteFile
 
@@ -88,7 +88,7 @@ class ModelDir:
             "size": size,
             "sha256": digest,
             "source": remote.identity,
-            "verifiedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "verifiedAt": now_rfc3339(),
         })
 
     # -- partial downloads ----------------------------------------------------------------------------

@@ -19,9 +19,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..api.v1alpha1 import LlamaModelStatus, LlamaServerStatus
+from ..clock import now_rfc3339
 from ..errors import RetryPolicy, reason, status_message
 from ..kube import LLAMA_SERVERS, ResourceKind
-from .conditions import condition, merge_conditions, now_rfc3339
+from .conditions import condition, merge_conditions
 from .context import Context
 
 log = logging.getLogger(__name__)

@@ -3,34 +3,14 @@ per new problem."""
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..api.v1alpha1 import Condition
+from ..clock import now_rfc3339  # noqa: F401  (reconcile/server.py imports it from here still)
 
 if TYPE_CHECKING:
     from .context import Context
-
-
-def now_rfc3339() -> str:
-    return datetime.datetime.now(tz=datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def rfc3339(seconds: float) -> str:
-    """Epoch seconds as RFC 3339 UTC, to the second (what Kubernetes writes)."""
-    stamp = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC).replace(microsecond=0)
-    return stamp.isoformat().replace("+00:00", "Z")
-
-
-def parse_rfc3339(text: str | None) -> float | None:
-    """RFC 3339 back to epoch seconds; None for None or anything unparsable."""
-    if not text:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def condition(type_: str, ok: bool | None, reason: str, message: str = "", *, generation: int | None) -> Condition:

@@ -21,13 +21,14 @@ from ..api.v1alpha1 import LlamaModel, LlamaModelStatus, ModelFile
 from ..builders import build_cache_pvc
 from ..builders.cache import cache_type
 from ..builders.trust import build_trust_configmap
+from ..clock import now_rfc3339, parse_rfc3339, rfc3339
 from ..config import Settings
 from ..errors import InvalidSecret, OperatorError, RetryLater, SecretNotAllowed
 from ..fetch.secrets import SOURCE_CREDENTIALS_LABEL, SOURCE_CREDENTIALS_TYPE, check_header_name, clean, scrub
 from ..kube import CONFIG_MAPS, LLAMA_MODELS, PERSISTENT_VOLUME_CLAIMS, SECRETS, Invalid, NotFound
 from ..metrics import PHASES
 from .boundary import reconciled
-from .conditions import condition, merge_conditions, now_rfc3339, parse_rfc3339, rfc3339
+from .conditions import condition, merge_conditions
 from .context import Context
 
 log = logging.getLogger(__name__)

@@ -36,9 +36,9 @@ from pydantic import ValidationError
 
 from ..api.v1alpha1 import LlamaServer, ServedModelStatus
 from ..builders.objects import label_selector, selector_labels
+from ..clock import now_rfc3339
 from ..flags.render import SERVER_PORT
 from ..kube import LLAMA_SERVERS, PODS
-from .conditions import now_rfc3339
 from .context import Context
 
 log = logging.getLogger(__name__)

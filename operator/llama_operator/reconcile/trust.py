@@ -17,11 +17,11 @@ from typing import Any
 
 from ..api.v1alpha1 import FileChecksum, LlamaModel, TrustOnFirstUse
 from ..builders.trust import build_trust_configmap, needs_trust
+from ..clock import now_rfc3339
 from ..contract import parse_verified
 from ..errors import KubeError, reason, status_message
 from ..kube import CONFIG_MAPS, LLAMA_MODELS
 from ..sources import source_identity
-from .conditions import now_rfc3339
 from .context import Context
 
 log = logging.getLogger(__name__)

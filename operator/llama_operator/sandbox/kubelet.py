@@ -43,6 +43,7 @@ from typing import Any
 
 import aiohttp
 
+from ..clock import now_rfc3339
 from ..controlplane.cluster import die_with_parent
 from .client import Api, ApiError, resource_path
 from .images import ImageError, ImageTable, LocalImage, PathMap
@@ -62,10 +63,6 @@ TOKEN_REFRESH_FRACTION = 0.8
 # Environment a container inherits from the node: enough to find shared libraries. Nothing else leaks in (a
 # stray LLAMA_ARG_* or HF_TOKEN would change behaviour); proxies are the node's own (network.py).
 PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR", "LD_LIBRARY_PATH")
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log_path: Path,
@@ -214,7 +211,7 @@ class PodRuntime:
         self.failed = False
         self.succeeded = False
         self.stopping = False
-        self.start_time = now()
+        self.start_time = now_rfc3339()
         self.volumes: dict[str, Path] = {}
         self._transitions: dict[str, tuple[str, str]] = {}
         self._dirty = asyncio.Event()
@@ -600,7 +597,7 @@ class PodRuntime:
             status.exited.clear()
             status.proc = proc
             status.container_id = f"sandbox://{proc.pid}"
-            status.state = {"running": {"startedAt": now()}}
+            status.state = {"running": {"startedAt": now_rfc3339()}}
             status.started = init  # main containers are started once their startup probe passes
             log.info("Started container %s in pod %s/%s (pid %d)", status.name, self.namespace, self.name, proc.pid)
             self._event("Normal", "Created", f"Created container: {status.name}", status.name)
@@ -618,7 +615,8 @@ class PodRuntime:
                 return False
             terminated = {
                 "exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                "startedAt": status.state.get("running", {}).get("startedAt", now()), "finishedAt": now(),
+                "startedAt": status.state.get("running", {}).get("startedAt", now_rfc3339()),
+                "finishedAt": now_rfc3339(),
                 "containerID": status.container_id,
             }
             message = self._termination_message(container, termination_file, log_path, code)
@@ -811,7 +809,7 @@ class PodRuntime:
         text = "True" if value else "False"
         previous = self._transitions.get(kind)
         if previous is None or previous[0] != text:
-            previous = self._transitions[kind] = (text, now())
+            previous = self._transitions[kind] = (text, now_rfc3339())
         return {"type": kind, "status": text, "lastProbeTime": None, "lastTransitionTime": previous[1]}
 
     def to_status(self) -> dict[str, Any]:

@@ -11,7 +11,6 @@ is ignored (docs/sandbox.md). `exec`, `attach` and `portForward` are not served 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import ssl
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from ..clock import now_rfc3339
 from .kubelet import ContainerStatus, PodRuntime
 
 log = logging.getLogger("llama_operator.sandbox")
@@ -36,7 +36,7 @@ def _tail(data: bytes, lines: int) -> bytes:
 
 
 def _stamp(chunk: bytes) -> bytes:
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+    when = now_rfc3339(micro=True).encode()
     return b"".join(when + b" " + line for line in chunk.splitlines(keepends=True))
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 import os
 import platform
@@ -33,6 +32,7 @@ from typing import Any
 
 import aiohttp
 
+from ..clock import now_rfc3339
 from .client import Api, ApiError, Informer, resource_path
 from .kubelet import NODE_NAME, NodeContext, PodRuntime
 from .proxy import ServiceProxy
@@ -49,14 +49,6 @@ MIN_CPUS = 8
 STORAGE_CLASS = "sandbox-local"
 PROVISIONER = "sandbox.llamacpp.dev/local-path"
 SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
-
-
-def micro_now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _read(path: str, default: str = "") -> str:
@@ -100,7 +92,7 @@ class Kubelet:
         self._tasks: list[asyncio.Task[Any]] = []
         self._events: set[asyncio.Task[Any]] = set()
         self.node_uid = ""
-        self._started = now()
+        self._started = now_rfc3339()
 
     def wake(self) -> None:
         self._wake.set()
@@ -129,7 +121,7 @@ class Kubelet:
         }
 
     def node_status(self) -> dict[str, Any]:
-        heartbeat = now()
+        heartbeat = now_rfc3339()
 
         def cond(kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
             return {"type": kind, "status": status, "reason": reason, "message": message,
@@ -156,7 +148,7 @@ class Kubelet:
         }
 
     async def register(self) -> None:
-        self._started = now()
+        self._started = now_rfc3339()
         body = self.node_object()
         try:
             created = await self.api.create(resource_path("v1", "nodes"), body)
@@ -171,7 +163,8 @@ class Kubelet:
 
     async def _renew_lease(self) -> None:
         path = resource_path("coordination.k8s.io/v1", "leases", "kube-node-lease", NODE_NAME)
-        spec = {"holderIdentity": NODE_NAME, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": micro_now()}
+        spec = {"holderIdentity": NODE_NAME, "leaseDurationSeconds": LEASE_SECONDS,
+                "renewTime": now_rfc3339(micro=True)}
         if await self.api.patch(path, {"spec": spec}) is None:
             await self.api.create(resource_path("coordination.k8s.io/v1", "leases", "kube-node-lease"), {
                 "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -197,7 +190,7 @@ class Kubelet:
     def record_event(self, pod: dict[str, Any], kind: str, reason: str, message: str,
                      container: str | None = None) -> None:
         meta = pod["metadata"]
-        stamp = now()
+        stamp = now_rfc3339()
         involved = {"apiVersion": "v1", "kind": "Pod", "namespace": meta["namespace"], "name": meta["name"],
                     "uid": meta.get("uid", "")}
         if container is not None:
