@@ -6,10 +6,11 @@ Every setting is documented in docs/configuration.md; the Helm chart sets them a
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 LLAMA_CPP_BUILD = "b11312"
 LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
@@ -71,6 +72,10 @@ class Settings:
     """Further ranges refused as model sources while the guard is on: the cluster's pod and Service ranges."""
     """Added to the estimate for that default request."""
 
+    server_network_policy_from: tuple[Mapping[str, Any], ...] | None = None
+    """Who may reach llama-server pods besides the pods of their own namespace: NetworkPolicyPeer objects, put
+    into the NetworkPolicy the operator makes next to each server (builders/network_policy.py). None: no policy."""
+
     def image_for(self, vendor: str | None) -> str:
         return self.images[vendor or "cpu"]
 
@@ -126,6 +131,7 @@ class Settings:
             model_status_seconds=model_status,
             memory_request_from_estimate=from_estimate == "true",
             memory_request_headroom_percent=headroom,
+            server_network_policy_from=_peers(env, "LLAMA_OPERATOR_SERVER_NETWORK_POLICY_FROM"),
             source_egress_guard=egress_guard == "true",
             source_blocked_cidrs=_networks(env, "LLAMA_OPERATOR_SOURCE_BLOCKED_CIDRS"),
         )
@@ -174,3 +180,20 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
 
 def _percent(env: Mapping[str, str], name: str, default: float) -> float:
     return _number(env, name, default, lambda v: 0 <= v <= 1000, "a percentage from 0 to 1000")
+
+_PEER_KEYS = frozenset({"podSelector", "namespaceSelector", "ipBlock"})
+
+
+def _peers(env: Mapping[str, str], name: str) -> tuple[Mapping[str, Any], ...] | None:
+    """A JSON array of NetworkPolicyPeer objects; unset or empty: None (no policy)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        peers = json.loads(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: not JSON ({exc})") from None
+    if not isinstance(peers, list) or not all(isinstance(p, dict) and p and p.keys() <= _PEER_KEYS for p in peers):
+        raise SettingsError(f"{name}: must be a JSON array of NetworkPolicy peers (objects with podSelector, "
+                            "namespaceSelector or ipBlock)")
+    return tuple(peers)

@@ -35,6 +35,8 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission("", "secrets", frozenset({"get"})),
     # A LlamaModel's trust ConfigMap (the sha256 recorded on first use, read by its pods' fetchers).
     Permission("", "configmaps", frozenset({"get", "create", "patch"})),
+    # The NetworkPolicy next to each LlamaServer; delete: when the setting is turned off (reconcile/network.py).
+    Permission("networking.k8s.io", "networkpolicies", frozenset({"get", "create", "patch", "delete"})),
     Permission(GROUP, "llamamodels", frozenset({"get", "list"})),
     Permission(GROUP, "llamaservers", frozenset({"get", "list"})),
     Permission(GROUP, "llamamodels/status", frozenset({"patch"})),

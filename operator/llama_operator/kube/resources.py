@@ -33,6 +33,8 @@ PERSISTENT_VOLUME_CLAIMS = ResourceKind("", "v1", "persistentvolumeclaims")
 PODS = ResourceKind("", "v1", "pods")
 SECRETS = ResourceKind("", "v1", "secrets")
 CONFIG_MAPS = ResourceKind("", "v1", "configmaps")
+NETWORK_POLICIES = ResourceKind("networking.k8s.io", "v1", "networkpolicies")
+"""Written next to each LlamaServer when the operator is configured to (builders/network_policy.py)."""
 LLAMA_MODELS = ResourceKind(GROUP, VERSION, "llamamodels")
 LLAMA_SERVERS = ResourceKind(GROUP, VERSION, "llamaservers")
 ENDPOINT_SLICES = ResourceKind("discovery.k8s.io", "v1", "endpointslices")
@@ -45,5 +47,6 @@ KINDS_BY_API: Mapping[tuple[str, str], ResourceKind] = {
     ("v1", "Service"): SERVICES,
     ("v1", "PersistentVolumeClaim"): PERSISTENT_VOLUME_CLAIMS,
     ("v1", "ConfigMap"): CONFIG_MAPS,
+    ("networking.k8s.io/v1", "NetworkPolicy"): NETWORK_POLICIES,
 }
 

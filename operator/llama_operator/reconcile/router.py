@@ -17,6 +17,7 @@ from ..kube import CONFIG_MAPS, DEPLOYMENTS, LLAMA_MODELS, PODS, SERVICES, Inval
 from .chat_template import ChatModel, chat_template_condition
 from .conditions import condition
 from .context import Context
+from .network import converge_network_policy
 from .server import Outcome, _observe, _parse_model, _selector
 from .server_status import fleet_status
 from .trust import record_first_use
@@ -51,6 +52,7 @@ async def reconcile_router(server: LlamaServer, ctx: Context, args_ok: Condition
         return Outcome("Failed", message, [model_ok, condition("ArgsValid", False, "InvalidSpec", message,
                                                                 generation=generation)],
                        await _observe(ctx, namespace, name, replicas))
+    await converge_network_policy(ctx, server)  # before the pods: none of them starts unprotected
     try:
         # The preset first: the pods of the new template mount it.
         await ctx.kube.apply(preset, live=await ctx.kube.get(CONFIG_MAPS, namespace, preset["metadata"]["name"]))

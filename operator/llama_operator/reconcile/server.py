@@ -29,11 +29,13 @@ from ..builders.naming import model_name
 from ..builders.objects import label_selector, selector_labels
 from ..builders.quantity import parse_quantity
 from ..builders.service import endpoint_url
+from ..config import Settings
 from ..contract import FETCH_CONTAINER, FETCH_DRAFT_CONTAINER
 from ..fit import estimate_server
 from ..flags.validate import validate_server_spec
 from ..kube import DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, SERVICES, Invalid
 from ..metrics import PHASES, export_download, observe_server
+from ..policy import tenant_problems
 from .boundary import reconciled
 from .chat_template import CONDITION as CHAT_TEMPLATE
 from .chat_template import QUIET as CHAT_TEMPLATE_QUIET
@@ -42,13 +44,14 @@ from .conditions import condition, merge_conditions, now_rfc3339, problem_event
 from .context import Context
 from .download import observe_download
 from .fits import fits_condition, fits_event, gpu_nodes, memory_status
+from .network import converge_network_policy
 from .server_status import FleetStatus, fleet_status
 from .trust import record_first_use
 
 log = logging.getLogger(__name__)
 
 
-def spec_problems(spec: LlamaServerSpec, namespace: str) -> list[str]:
+def spec_problems(spec: LlamaServerSpec, namespace: str, settings: Settings) -> list[str]:
     """Problems the CRD schema cannot express (references, flags, cross-field rules); each names the field.
 
     The reconcile loop, `render` and the admission webhook all ask this one function.
@@ -65,6 +68,7 @@ def spec_problems(spec: LlamaServerSpec, namespace: str) -> list[str]:
                 f"use LlamaModels in its own namespace (got {ref.namespace!r})"
             )
     problems += [str(error) for error in validate_server_spec(spec)]
+    problems += tenant_problems(spec, settings)
     return problems
 
 
@@ -97,13 +101,13 @@ class Outcome:
     download: DownloadStatus | None = None
 
 
-def parse_server(body: Mapping[str, Any]) -> tuple[LlamaServer | None, list[str]]:
+def parse_server(body: Mapping[str, Any], settings: Settings) -> tuple[LlamaServer | None, list[str]]:
     """The typed LlamaServer and every problem with it (schema, references, flags); problems name the field."""
     try:
         server = LlamaServer.model_validate(body)
     except ValidationError as exc:
         return None, describe(exc)
-    return server, spec_problems(server.spec, server.metadata.namespace)
+    return server, spec_problems(server.spec, server.metadata.namespace, settings)
 
 
 def desired_replicas(body: Mapping[str, Any]) -> int:
@@ -119,7 +123,7 @@ async def reconcile_server(body: Mapping[str, Any], ctx: Context) -> LlamaServer
 async def _reconcile(body: Mapping[str, Any], ctx: Context) -> Outcome:
     meta = body["metadata"]
     namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
-    server, problems = parse_server(body)
+    server, problems = parse_server(body, ctx.settings)
     if server is None or problems:
         # Nothing is applied: the pods of the last good spec keep running.
         message = "; ".join(problems)
@@ -163,6 +167,7 @@ async def _reconcile(body: Mapping[str, Any], ctx: Context) -> Outcome:
 
     # Read before applying: the Deployment's status is needed anyway, and an unchanged desired object whose live
     # copy is still what we applied is not sent again (a pod event costs reads, not writes).
+    await converge_network_policy(ctx, server)  # before the pods: none of them starts unprotected
     live = await ctx.kube.get(DEPLOYMENTS, namespace, name)
     try:
         deployment = await ctx.kube.apply(build_deployment(server, model, ctx.settings, draft), live=live)
