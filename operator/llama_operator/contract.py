@@ -1,8 +1,9 @@
-"""The contract between the builders, the fetcher (`llama-operator fetch`) and the status code.
+"""The contract between the builders, the fetcher (`llama-operator fetch`), the status code and the gateway.
 
 The builders write these names into every pod; the fetcher reads its inputs from them and reports through
-them; `reconcile/server_status.py` reads the pods back with them. Keeping them in one module means a rename
-cannot leave one side behind. Pure constants and two tiny formats: no I/O, no imports from the package.
+them; `reconcile/server_status.py` reads the pods back with them; the watches and the gateway select by its
+labels. Keeping them in one module means a rename cannot leave one side behind. Pure constants and small
+formats: no I/O, no imports from the package.
 """
 
 from __future__ import annotations
@@ -10,6 +11,25 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+# ---------------------------------------------------------------------------------------------- names, labels, ports
+
+GROUP = "llamacpp.dev"
+"""The API group; also the prefix of the operator's own labels and annotations (`llamacpp.dev/...`)."""
+MANAGED_BY = "llama-operator"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+NAME_LABEL = "app.kubernetes.io/name"
+SERVER_NAME = "llama-server"
+"""`app.kubernetes.io/name` of every llama-server pod (and of its Deployment and Service)."""
+SERVER_LABEL = f"{GROUP}/server"
+MODEL_LABEL = f"{GROUP}/model"
+MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+"""The label selector of every object the operator manages (its watches of owned kinds)."""
+SERVER_PODS_SELECTOR = f"{NAME_LABEL}={SERVER_NAME},{MANAGED_SELECTOR}"
+"""The label selector of every LlamaServer's pods, Services and so EndpointSlices (what the gateway watches)."""
+PORT_NAME = "http"
+"""The name of llama-server's container port and of its Service's port: probes, the Service's targetPort and the
+gateway's choice among an EndpointSlice's ports go by it."""
 
 # ---------------------------------------------------------------------------------------------- containers
 

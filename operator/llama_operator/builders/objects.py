@@ -5,15 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from ..api.v1alpha1 import API_VERSION, LlamaModel, LlamaServer
-
-MANAGED_BY = "llama-operator"
-SERVER_LABEL = "llamacpp.dev/server"
-MODEL_LABEL = "llamacpp.dev/model"
+from ..contract import MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL, NAME_LABEL, SERVER_LABEL, SERVER_NAME
 
 
 def selector_labels(server_name: str) -> dict[str, str]:
     """The Deployment selector. Immutable on a real cluster, so it holds nothing that may change."""
-    return {"app.kubernetes.io/name": "llama-server", SERVER_LABEL: server_name}
+    return {NAME_LABEL: SERVER_NAME, SERVER_LABEL: server_name}
 
 
 def label_selector(labels: dict[str, str]) -> str:
@@ -26,7 +23,7 @@ def server_labels(server: LlamaServer) -> dict[str, str]:
         **selector_labels(server.metadata.name),
         "app.kubernetes.io/instance": server.metadata.name,
         "app.kubernetes.io/component": "inference",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
+        MANAGED_BY_LABEL: MANAGED_BY,
     }
     if server.spec.model_ref is not None:  # a router-mode server serves several: no one model label
         labels[MODEL_LABEL] = server.spec.model_ref.name
@@ -37,7 +34,7 @@ def model_labels(model: LlamaModel) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "llama-model-cache",
         "app.kubernetes.io/instance": model.metadata.name,
-        "app.kubernetes.io/managed-by": MANAGED_BY,
+        MANAGED_BY_LABEL: MANAGED_BY,
         MODEL_LABEL: model.metadata.name,
     }
 

@@ -10,6 +10,7 @@ from ..config import Settings
 from ..contract import (
     API_KEY_ENV,
     FETCH_DRAFT_CONTAINER,
+    PORT_NAME,
     SERVER_CONTAINER,
     TMP_MOUNT,
     TMP_VOLUME,
@@ -37,7 +38,7 @@ SCRAPE_ANNOTATIONS = {
 
 def _http_probe(*, period: int, failures: int, timeout: int) -> dict[str, Any]:
     return {
-        "httpGet": {"path": "/health", "port": "http"},
+        "httpGet": {"path": "/health", "port": PORT_NAME},
         "periodSeconds": period,
         "failureThreshold": failures,
         "timeoutSeconds": timeout,
@@ -73,7 +74,7 @@ def llama_server_container(
         "command": ["/app/llama-server"],
         "args": args,
         "env": [{"name": "HOME", "value": "/tmp"}, *env],
-        "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
+        "ports": [{"name": PORT_NAME, "containerPort": SERVER_PORT, "protocol": "TCP"}],
         "startupProbe": _http_probe(period=STARTUP_PROBE_PERIOD_SECONDS, failures=startup_failures, timeout=2),
         "readinessProbe": _http_probe(period=5, failures=3, timeout=3),
         "livenessProbe": _http_probe(period=20, failures=3, timeout=10),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..api.v1alpha1 import LlamaServer
+from ..contract import PORT_NAME
 from .objects import object_meta, selector_labels, server_labels
 
 
@@ -24,6 +25,6 @@ def build_service(server: LlamaServer) -> dict[str, Any]:
         "spec": {
             "type": service.type,
             "selector": selector_labels(server.metadata.name),
-            "ports": [{"name": "http", "port": service.port, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [{"name": PORT_NAME, "port": service.port, "targetPort": PORT_NAME, "protocol": "TCP"}],
         },
     }

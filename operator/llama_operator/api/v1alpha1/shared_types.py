@@ -7,10 +7,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from ...contract import GROUP
 from ..base import ApiModel
 from ..bounds import NAME_MAX_LENGTH, Message
 
-GROUP = "llamacpp.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
