@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "operator"))
 
-from llama_operator.fit import FitSettings, estimate  # noqa: E402
+from llama_operator.fit import FitSettings, estimate, model_info  # noqa: E402
 from llama_operator.fit.estimate import MiB  # noqa: E402
 from llama_operator.gguf import FileByteSource, read_header  # noqa: E402
 from tests.llama_bin import llama_server_bin  # noqa: E402
@@ -146,7 +146,7 @@ def main() -> int:
     print("-" * len(header))
     errors = []
     for name, path in models.items():
-        info = asyncio.run(read_header(FileByteSource(path))).info()
+        info = model_info(asyncio.run(read_header(FileByteSource(path))))
         assert info.memory is not None
         for ctx in CONTEXTS[name]:
             for cache_type in CACHE_TYPES:

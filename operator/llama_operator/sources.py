@@ -53,15 +53,8 @@ from .fetch.http import (
 )
 from .fetch.plan import shard_names
 from .fetch.secrets import auth_headers, checked_credentials
-from .gguf import (
-    GgufError,
-    GgufHeader,
-    HttpByteSource,
-    HttpStatusError,
-    NotAGgufError,
-    read_header,
-    send_following,
-)
+from .fit import model_info
+from .gguf import GgufHeader, HttpByteSource, read_header, send_following, transport_error
 
 __all__ = [  # the source errors and HTTP helpers are re-exported: callers name one module for source trouble
     "ChecksumMismatch", "LinkedInfo", "NotAGguf", "ResolvedModel", "SourceError", "SourceForbidden", "SourceNotFound",
@@ -72,6 +65,9 @@ __all__ = [  # the source errors and HTTP helpers are re-exported: callers name 
 
 _MAX_REDIRECTS = 10
 _SHARD_CONCURRENCY = 8
+RESOLVE_DEADLINE = 120.0
+"""Seconds one resolve may take, every HEAD and header read of every shard together: a host that drips its
+bytes ends as `SourceUnreachable` (retried with backoff) instead of holding the resync (docs/security.md)."""
 T = TypeVar("T")
 
 
@@ -92,16 +88,6 @@ class ResolvedModel:
     cache_key: str
     mmproj: ModelFile | None = None
     """The multimodal projector (spec.mmproj): name in the cache directory, URL, size, sha256."""
-
-
-# ---------------------------------------------------------------------------------------------- pure helpers
-
-
-def transport_error(what: str, exc: httpx.TransportError) -> SourceError:
-    """Transient, except a request httpx/h11 refused to send (its message would print the header value)."""
-    if isinstance(exc, httpx.LocalProtocolError):
-        return SourceError(f"{what}: a request header (the tokenSecretRef or headersSecretRef value) cannot be sent")
-    return SourceUnreachable(f"{what}: {type(exc).__name__}: {exc or 'connection failed'}")
 
 
 # ---------------------------------------------------------------------------------------------- cache key
@@ -189,8 +175,6 @@ async def _head_http(client: httpx.AsyncClient, url: str, name: str, headers: Ma
             await response.aclose()
     except httpx.TransportError as exc:
         raise transport_error(what, exc) from exc
-    except HttpStatusError as exc:
-        raise SourceError(f"{what}: too many redirects") from exc
     if response.status_code >= 400:
         raise error_for_status(response.status_code, what, response.headers, token_given=bool(headers))
     size: int | None = None
@@ -206,18 +190,8 @@ async def _head_http(client: httpx.AsyncClient, url: str, name: str, headers: Ma
 async def _read_gguf(
     client: httpx.AsyncClient, remote: _Remote, headers: Mapping[str, str], *, token_given: bool, hub: str
 ) -> GgufHeader:
-    source = HttpByteSource(client, remote.url, headers)
-    try:
-        return await read_header(source)
-    except NotAGgufError as exc:
-        raise NotAGguf(f"{remote.name}: {exc}") from exc
-    except GgufError as exc:
-        raise NotAGguf(f"{remote.name}: unreadable GGUF header: {exc}") from exc
-    except HttpStatusError as exc:
-        raise error_for_status(exc.status_code, remote.name, exc.headers, token_given=token_given,
-                               hub=same_origin(exc.url, hub)) from exc
-    except httpx.TransportError as exc:
-        raise transport_error(f"{remote.name}: reading the GGUF header", exc) from exc
+    return await read_header(HttpByteSource(client, remote.url, headers, name=remote.name, token_given=token_given,
+                                            hub=hub))
 
 
 async def _bounded(semaphore: asyncio.Semaphore, coro: Awaitable[T]) -> T:
@@ -232,10 +206,12 @@ async def resolve(
     hf_token: str | None,
     headers: dict[str, str],
     client: httpx.AsyncClient | None = None,
+    deadline: float = RESOLVE_DEADLINE,
 ) -> ResolvedModel:
     """Resolve the spec's source: every file with URL, size and sha256, the GGUF header, the cache key.
 
-    Raises a SourceError subclass; `SourceUnreachable` (transient) is the only one worth retrying.
+    Raises a SourceError subclass; `SourceUnreachable` (transient) is the only one worth retrying, and is also
+    what a resolve that takes longer than `deadline` seconds ends with.
     `hf_token` and `headers` are secret values read by the caller; they are sent, never logged or returned.
     """
     source = spec.source
@@ -254,7 +230,11 @@ async def resolve(
     if client is None:
         client = source_client(settings, httpx.Timeout(30.0, connect=10.0))
     try:
-        return await _resolve_remote(spec, settings, hf_token, headers, client)
+        async with asyncio.timeout(deadline):
+            return await _resolve_remote(spec, settings, hf_token, headers, client)
+    except TimeoutError:
+        raise SourceUnreachable(f"{spec.source.file_name}: the source was not resolved within {deadline:g} s "
+                                "(a host answers too slowly)") from None
     finally:
         if own_client:
             await client.aclose()
@@ -328,7 +308,7 @@ async def _resolve_remote(
         files=files,
         size=total,
         sha256=sha256,
-        gguf=first_header.info(tensors=tensors),
+        gguf=await asyncio.to_thread(model_info, first_header, tensors),
         cache_key=cache_key(spec, sha256),
         mmproj=mmproj,
     )

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from llama_operator.api.v1alpha1 import LlamaServerSpec
-from llama_operator.fit import estimate_server
+from llama_operator.fit import estimate_server, model_info
 from llama_operator.flags.render import render_args
 from llama_operator.gguf import FileByteSource, read_header
 
@@ -97,7 +97,7 @@ def test_llama_server_metrics_have_the_names_the_dashboard_uses(tiny: Path, tmp_
 ], ids=["f16-2048", "q8_0-4096", "parallel-2"])
 def test_estimate_holds_the_peak_within_15_percent(fields: dict[str, object], tiny: Path, tmp_path: Path) -> None:
     spec = LlamaServerSpec.model_validate({"modelRef": {"name": "tiny"}, **fields})
-    info = asyncio.run(read_header(FileByteSource(tiny))).info()
+    info = model_info(asyncio.run(read_header(FileByteSource(tiny))))
     fit = estimate_server(spec, info)
     assert fit is not None
     with _start(spec, tiny, tmp_path) as server:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from llama_operator import contract
 from llama_operator.config import Settings
+from llama_operator.fit import model_info
 from llama_operator.gguf import FileByteSource, read_header
 from llama_operator.kube import LLAMA_MODELS, LLAMA_SERVERS, PODS
 from llama_operator.reconcile.context import Context
@@ -53,7 +54,7 @@ def test_only_running_fetch_containers_of_live_pods_are_read() -> None:
 
 
 async def test_downloading_server_reports_progress_and_is_polled_until_it_is_done(tmp_path: Path) -> None:
-    gguf = (await read_header(FileByteSource(write_tiny_llama(tmp_path / "tiny.gguf")))).info()
+    gguf = model_info(await read_header(FileByteSource(write_tiny_llama(tmp_path / "tiny.gguf"))))
     kube = FakeKube()
     kube.put(LLAMA_MODELS, model_body(status={"phase": "Ready", "cacheKey": "tiny-0123456789ab",
                                               "files": [{"name": "m.gguf"}], "gguf": gguf.to_wire()}))

@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 
 from llama_operator.api.v1alpha1 import GgufInfo, LlamaServerSpec, ModelMemoryShape
-from llama_operator.fit import FitSettings, estimate, estimate_server, settings_from_spec, table
+from llama_operator.fit import FitSettings, estimate, estimate_server, model_info, settings_from_spec, table
 from llama_operator.fit.estimate import GiB, MiB, kv_bytes, pad
 from llama_operator.fit.shape import memory_shape
-from llama_operator.gguf import GGML_BLOCK_SIZES, FileByteSource, TensorSummary, read_header
+from llama_operator.gguf import FileByteSource, read_header
+from llama_operator.llamacpp.ggml import GGML_BLOCK_SIZES, TensorSummary
 from tests.tiny_gguf import write_tiny_llama
 
 # ------------------------------------------------------------------------------------------------ tensor sizes
@@ -36,7 +37,7 @@ def test_block_sizes_agree_with_the_gguf_package() -> None:
 async def test_tiny_model_shape_and_weight_bytes(tmp_path: Path) -> None:
     path = write_tiny_llama(tmp_path / "tiny.gguf")
     header = await read_header(FileByteSource(path))
-    shape = header.info().memory
+    shape = model_info(header).memory
     assert shape is not None
     n_vocab = header.metadata["tokenizer.ggml.tokens"]["count"]
     f32 = 4
@@ -71,7 +72,7 @@ async def test_gemma3_270m_shape() -> None:
     path = Path(gemma.assemble(gemma.default_output_path()))
     size = path.stat().st_size  # noqa: ASYNC240 (a stat, before any await)
     header = await read_header(FileByteSource(path))
-    shape = header.info().memory
+    shape = model_info(header).memory
     assert shape is not None
     # 18 layers, every 6th full attention; 1 KV head of 256 values; window 512; embeddings tied to the output.
     assert (shape.attention_layers, shape.sliding_window_layers, shape.sliding_window) == (3, 15, 512)

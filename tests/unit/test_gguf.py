@@ -12,14 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llama_operator.gguf import (
-    FileByteSource,
-    GgufFormatError,
-    HttpByteSource,
-    NotAGgufError,
-    inspect,
-    read_header,
-)
+from llama_operator.errors import NotAGguf
+from llama_operator.fit import model_info
+from llama_operator.gguf import FileByteSource, HttpByteSource, read_header
+from llama_operator.inspect_cli import inspect
 from tests.fakehub import FakeHub, write_gguf
 
 
@@ -47,7 +43,7 @@ def gemma() -> tuple[Path, int]:
 async def test_reads_metadata_and_counts_parameters(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "m.gguf", tensors={"a.weight": (16, 8), "b.weight": (3, 5, 7)})
     header = await read_header(FileByteSource(path))
-    info = header.info()
+    info = model_info(header)
     assert info.memory is not None  # its values: tests/unit/test_fit.py
     assert info.model_dump(exclude_none=True, exclude={"memory"}) == {
         "architecture": "llama",
@@ -86,16 +82,16 @@ async def test_big_vocabulary_costs_milliseconds(tmp_path: Path) -> None:
 async def test_bad_magic_and_truncation(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"<html>not found</html>")
-    with pytest.raises(NotAGgufError, match="not a GGUF file"):
+    with pytest.raises(NotAGguf, match="not a GGUF file"):
         await read_header(FileByteSource(bad))
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
-    with pytest.raises(NotAGgufError):
+    with pytest.raises(NotAGguf, match="shorter than the 4-byte GGUF magic"):
         await read_header(FileByteSource(empty))
     good = write_gguf(tmp_path / "good.gguf", vocab=1000)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(good.read_bytes()[:3000])
-    with pytest.raises(GgufFormatError, match="truncated"):
+    with pytest.raises(NotAGguf, match="truncated"):
         await read_header(FileByteSource(truncated))
 
 

@@ -16,6 +16,7 @@ from llama_operator import metrics
 from llama_operator.api.v1alpha1 import LlamaServer
 from llama_operator.builders import build_deployment
 from llama_operator.config import Settings
+from llama_operator.fit import model_info
 from llama_operator.gguf import FileByteSource, read_header
 from llama_operator.kube import LLAMA_MODELS, LLAMA_SERVERS
 from llama_operator.reconcile.context import Context
@@ -59,7 +60,7 @@ def _value(samples: dict[tuple[str, str], float], metric_name: str, **labels: st
 
 
 async def test_phases_replicas_and_memory_are_scraped(port: int, tmp_path: Path) -> None:
-    gguf = (await read_header(FileByteSource(write_tiny_llama(tmp_path / "tiny.gguf")))).info()
+    gguf = model_info(await read_header(FileByteSource(write_tiny_llama(tmp_path / "tiny.gguf"))))
     kube = FakeKube()
     model = model_body(status={"phase": "Ready", "cacheKey": "tiny-0123456789ab", "files": [{"name": "m.gguf"}],
                                "gguf": gguf.to_wire()})

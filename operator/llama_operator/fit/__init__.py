@@ -1,7 +1,8 @@
 """Memory fit: how much host memory and VRAM a llama-server needs, from the GGUF header and the settings.
 
 `shape.py` turns GGUF metadata into a `ModelMemoryShape` (stored in LlamaModel status), `estimate.py` does
-the arithmetic, this module connects them to a LlamaServer spec and formats the result. All pure.
+the arithmetic, this module connects them to a parsed header (`model_info`) and a LlamaServer spec and formats
+the result. All pure.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from ..api.v1alpha1 import GgufInfo, LlamaServerSpec
+from ..gguf import GgufHeader
+from ..llamacpp.ggml import TensorSummary
 from .estimate import DeviceEstimate, Estimate, FitSettings, MiB, estimate
+from .shape import memory_shape
 
 __all__ = [
     "DeviceEstimate",
@@ -20,10 +24,21 @@ __all__ = [
     "estimate",
     "estimate_server",
     "format_bytes",
+    "model_info",
     "request_quantity",
     "settings_from_spec",
     "table",
 ]
+
+
+def model_info(header: GgufHeader, tensors: TensorSummary | None = None) -> GgufInfo:
+    """What status says about a model: the header's scalar facts and the memory shape. `tensors` (every
+    shard's, for a split model) overrides the header's own. Pure CPU work: callers on the event loop run it
+    in a thread. Raises `NotAGguf` for counts and widths no model has (fit/shape.py)."""
+    tensors = tensors or header.tensors
+    info = header.info(tensors=tensors)
+    info.memory = memory_shape(header.metadata, tensors)
+    return info
 
 
 def _flag_value(args: Sequence[str], names: tuple[str, ...]) -> str | None:
