@@ -10,6 +10,7 @@ from ..config import Settings
 from ..contract import (
     API_KEY_ENV,
     FETCH_DRAFT_CONTAINER,
+    GROUP,
     PORT_NAME,
     SERVER_CONTAINER,
     TMP_MOUNT,
@@ -28,7 +29,7 @@ from .security import container_security_context, pod_security_context
 STARTUP_PROBE_PERIOD_SECONDS = 1
 """Probe loading often: /health is cheap, and a 10 s period would add up to 10 s to every start."""
 
-MODEL_SHA_ANNOTATION = "llamacpp.dev/model-sha256"
+MODEL_SHA_ANNOTATION = f"{GROUP}/model-sha256"
 SCRAPE_ANNOTATIONS = {
     "prometheus.io/scrape": "true",
     "prometheus.io/port": str(SERVER_PORT),

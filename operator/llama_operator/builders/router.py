@@ -27,7 +27,7 @@ from typing import Any
 
 from ..api.v1alpha1 import LlamaModel, LlamaServer
 from ..config import Settings
-from ..contract import TMP_MOUNT, TMP_VOLUME, router_fetch_container
+from ..contract import GROUP, TMP_MOUNT, TMP_VOLUME, router_fetch_container
 from ..flags import render
 from ..flags.dryrun import dry_run_init_container
 from ..flags.preset import Section, render_ini, section
@@ -43,7 +43,7 @@ PRESET_VOLUME = "models-preset"
 PRESET_MOUNT = f"{ROUTER_ROOT}/preset"
 PRESET_KEY = "models.ini"
 PRESET_PATH = f"{PRESET_MOUNT}/{PRESET_KEY}"
-PRESET_ANNOTATION = "llamacpp.dev/models-preset-sha256"
+PRESET_ANNOTATION = f"{GROUP}/models-preset-sha256"
 
 
 def preset_configmap_name(server: LlamaServer) -> str:
