@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generates the llama-server flag catalog from the real binary.
 
-Usage: gen-flag-catalog.py LLAMA_SERVER_BIN [--out operator/llama_operator/flags/catalog-b11312.json]
+Usage: gen-flag-catalog.py LLAMA_SERVER_BIN [--out operator/llama_operator/llamacpp/catalog-b11312.json]
 
 The structure (names, negative forms, value hints, env vars, documented choices, removed flags) comes
 from `llama-server --help`. `--help` does not say whether an `N` is an int or a float, so each
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 
-from llama_operator.config import LLAMA_CPP_BUILD, LLAMA_CPP_COMMIT  # noqa: E402
+from llama_operator.llamacpp import LLAMA_CPP_BUILD, LLAMA_CPP_COMMIT  # noqa: E402
 
 HEADER_WIDTH = 40  # llama.cpp pads option headers to 40 columns (common_arg::to_string)
 PATH_HINTS = {"FNAME", "PATH", "FILE", "DIR", "JINJA_TEMPLATE_FILE"}
@@ -210,7 +210,8 @@ def render(catalog: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("binary", help="path of the pinned llama-server")
-    default_out = Path(__file__).resolve().parents[1] / f"operator/llama_operator/flags/catalog-{LLAMA_CPP_BUILD}.json"
+    root = Path(__file__).resolve().parents[1]
+    default_out = root / f"operator/llama_operator/llamacpp/catalog-{LLAMA_CPP_BUILD}.json"
     parser.add_argument("--out", default=str(default_out), help="where to write the JSON ('-' for stdout)")
     args = parser.parse_args()
     output = render(build_catalog(args.binary))

@@ -6,9 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-
-class CliError(Exception):
-    """A user-facing command-line error: printed as one line, exit status 2."""
+from .errors import CliError
 
 
 def _cmd_crds(args: argparse.Namespace) -> int:

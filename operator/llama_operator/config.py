@@ -12,9 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-LLAMA_CPP_BUILD = "b11312"
-LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
-_IMAGE_REPO = "ghcr.io/ggml-org/llama.cpp"
+from .llamacpp import LLAMA_CPP_BUILD
+from .llamacpp import LLAMA_CPP_IMAGE_REPO as _IMAGE_REPO
 
 DEFAULT_IMAGES: Mapping[str, str] = {
     "cpu": f"{_IMAGE_REPO}:server-{LLAMA_CPP_BUILD}",

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from llama_operator.config import LLAMA_CPP_BUILD
-from llama_operator.flags.catalog import load_catalog
+from llama_operator.llamacpp import LLAMA_CPP_BUILD
+from llama_operator.llamacpp.catalog import load_catalog
 
 from ..llama_bin import llama_server_bin
 
 ROOT = Path(__file__).resolve().parents[2]
-CATALOG = ROOT / f"operator/llama_operator/flags/catalog-{LLAMA_CPP_BUILD}.json"
+CATALOG = ROOT / f"operator/llama_operator/llamacpp/catalog-{LLAMA_CPP_BUILD}.json"
 
 
 def _generator():

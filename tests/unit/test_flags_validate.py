@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from llama_operator.api.v1alpha1 import LlamaServerSpec
-from llama_operator.flags.catalog import load_catalog
+from llama_operator.flags.args import CHECKED
 from llama_operator.flags.policy import RANGES, REFUSED, REMOVED
-from llama_operator.flags.validate import CHECKED, validate_args, validate_server_spec
+from llama_operator.flags.validate import validate_args, validate_server_spec
+from llama_operator.llamacpp.catalog import load_catalog
 
 from .flag_cases import BAD_CASES, GOOD_CASES
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .catalog import load_catalog
+from ..llamacpp.catalog import load_catalog
 from .validate import validate_args
 
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from ..api.cel import violations
 from ..api.v1alpha1 import SERVED_MODEL_RULES, LlamaServerSpec, ServedModel
 from ..errors import InvalidSpec
+from ..llamacpp.catalog import Catalog, load_catalog
 from . import render
-from .catalog import Catalog, load_catalog
-from .validate import FieldError, check_value, parse_args
+from .args import FieldError, check_value, parse_args
 
 LOAD_ON_STARTUP = "load-on-startup"
 """A preset-only key of the router (common/arg.cpp `common_params_add_preset_options`): not a flag."""

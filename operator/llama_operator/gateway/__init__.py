@@ -40,7 +40,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from ..cli import CliError
+    from ..errors import CliError
     from .app import FIELD_MANAGER, required_permissions, serve
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

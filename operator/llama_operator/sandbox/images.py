@@ -30,9 +30,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import LLAMA_CPP_COMMIT
+from ..llamacpp import LLAMA_CPP_COMMIT
+from ..llamacpp import LLAMA_CPP_IMAGE_REPO as LLAMA_CPP_REPO
 
-LLAMA_CPP_REPO = "ghcr.io/ggml-org/llama.cpp"
 LLAMA_SERVER_PATH = "/app/llama-server"
 
 

@@ -16,7 +16,7 @@ from functools import cache
 from importlib import resources
 from typing import Literal
 
-from ..config import LLAMA_CPP_BUILD
+from . import LLAMA_CPP_BUILD
 
 ValueKind = Literal["flag", "bool", "int", "float", "string", "path", "enum", "checked"]
 
