@@ -12,8 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .llamacpp import LLAMA_CPP_BUILD
-from .llamacpp import LLAMA_CPP_IMAGE_REPO as _IMAGE_REPO
+LLAMA_CPP_BUILD = "b11312"
+LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+_IMAGE_REPO = "ghcr.io/ggml-org/llama.cpp"
 
 DEFAULT_IMAGES: Mapping[str, str] = {
     "cpu": f"{_IMAGE_REPO}:server-{LLAMA_CPP_BUILD}",
@@ -64,12 +65,12 @@ class Settings:
     memory_request_from_estimate: bool = True
     """A llama-server container without a memory request or limit gets the memory estimate as its request."""
     memory_request_headroom_percent: float = 10.0
+    """Added to the estimate for that default request."""
     source_egress_guard: bool = True
     """The operator refuses loopback, link-local and `source_blocked_cidrs` addresses as model sources (egress.py);
     off only where sources are served from loopback on purpose (tests, the sandbox)."""
     source_blocked_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     """Further ranges refused as model sources while the guard is on: the cluster's pod and Service ranges."""
-    """Added to the estimate for that default request."""
 
     server_network_policy_from: tuple[Mapping[str, Any], ...] | None = None
     """Who may reach llama-server pods besides the pods of their own namespace: NetworkPolicyPeer objects, put

@@ -28,8 +28,8 @@ REDACTED = "[redacted]"
 MIN_SCRUB_LENGTH = 4
 """Shorter values (`X-Debug: 1`) are not scrubbed: replacing every `1` would garble messages and hide nothing."""
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")  # used with fullmatch: `$` would let a final "\n" through
 
 
 def clean(value: str, *, where: str) -> str:
@@ -43,7 +43,7 @@ def clean(value: str, *, where: str) -> str:
     elif value.endswith("\n"):
         value = value[:-1]
     value = value.strip(" ")  # HTTP ignores them around a value; h11 refuses a trailing one
-    if not _PRINTABLE.match(value):
+    if not _PRINTABLE.fullmatch(value):
         raise InvalidSecret(
             f"{where}: the value holds a line break, a control or a non-ASCII character and cannot be sent as an "
             "HTTP header (one trailing newline is removed; write the value without others, e.g. "
@@ -53,7 +53,7 @@ def clean(value: str, *, where: str) -> str:
 
 def check_header_name(name: str, *, where: str) -> None:
     """Refuse a header name that is not an HTTP token (the key of a headersSecretRef Secret)."""
-    if not _TOKEN.match(name):
+    if not _TOKEN.fullmatch(name):
         raise InvalidSecret(f"{where}: {name[:64]!r} is not a valid HTTP header name")
 
 

@@ -39,7 +39,7 @@ import aiohttp
 
 from ..controlplane import BinariesMissing, ControlPlane, ControlPlaneBinaries, find_binaries
 from .client import Api, ApiError, Informer, client_ssl_context, resource_path
-from .helm import NAMESPACE, RELEASE, HelmError, find_chart, find_helm, install, values_from_env
+from .helm import EGRESS_GUARD_ENV, NAMESPACE, RELEASE, HelmError, find_chart, find_helm, install, values_from_env
 from .images import ImageTable, operator_executable
 from .kubelet import NODE_NAME, NodeContext, spawn, terminate
 from .logs import KubeletServer
@@ -173,6 +173,7 @@ class Sandbox:
     async def _run_local_operator(self, kubeconfig: Path) -> None:
         env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
         env.setdefault("LLAMA_OPERATOR_METRICS_PORT", "0")  # the default :8000 would clash on a workstation
+        env.setdefault(EGRESS_GUARD_ENV, "false")  # see helm.EGRESS_GUARD_ENV
         env.pop("KUBERNETES_SERVICE_HOST", None)  # never the in-cluster config of a surrounding cluster
         log_path = self.state_dir / "operator.log"
         while not self._stopping:
@@ -188,7 +189,7 @@ class Sandbox:
     async def _install_operator(self, admin_kubeconfig: Path) -> None:
         helm = find_helm(self.helm)
         chart = find_chart(self.chart)
-        values = values_from_env(os.environ)
+        values = values_from_env({EGRESS_GUARD_ENV: "false", **os.environ})  # see helm.EGRESS_GUARD_ENV
         if self.gateway:  # the gateway hook (docs/gateway.md)
             values["gateway"] = {"enabled": True}
         output = await install(helm, chart, admin_kubeconfig, values, self.state_dir / "values.yaml")

