@@ -84,9 +84,45 @@ def configure_webhook(settings: kopf.OperatorSettings, config: Settings) -> None
     """Serves the webhooks over HTTPS on config.webhook_port with the mounted certificate (when enabled)."""
     if config.webhook_port is None:
         return
-    settings.admission.server = kopf.WebhookServer(
+    settings.admission.server = ForgetfulWebhookServer(
         addr="0.0.0.0",  # noqa: S104  (the Service in front of the pod routes the API server here)
         port=config.webhook_port,
         certfile=os.path.join(config.webhook_cert_dir, "tls.crt"),
         pkeyfile=os.path.join(config.webhook_cert_dir, "tls.key"),
     )
+
+class ForgetfulWebhookServer(kopf.WebhookServer):
+    """kopf's webhook server, except that reviews of existing objects leave nothing behind in kopf's memory.
+
+    kopf keeps a per-object memory keyed by the reviewed object's uid for every UPDATE or DELETE review (CREATE is
+    not kept), and forgets it only when its watch sees that object deleted. A review whose uid belongs to no object
+    — anyone who can reach the webhook port can send one — therefore stays for good: a forged review per request
+    grows the operator without bound. Our validating handlers use neither the uid nor kopf's memo, so the uid is
+    taken out before kopf sees the review, and all such reviews share one memory. The NetworkPolicy in front of
+    the port (docs/security.md#network) is the main control; this bounds what gets through it.
+    """
+
+    async def __call__(self, fn: Any) -> Any:
+        async def forgetful(request: Any, **kwargs: Any) -> Any:
+            return await fn(without_object_uids(request), **kwargs)
+
+        served = super().__call__(forgetful)
+        try:
+            async for client_config in served:
+                yield client_config
+        finally:
+            await served.aclose()
+
+
+def without_object_uids(review: Any) -> Any:
+    """The AdmissionReview with `metadata.uid` removed from its object and oldObject, except for CREATE."""
+    payload = review.get("request") if isinstance(review, dict) else None
+    if not isinstance(payload, dict) or payload.get("operation") == "CREATE":
+        return review
+    stripped = dict(payload)
+    for key in ("object", "oldObject"):
+        body = payload.get(key)
+        if isinstance(body, dict) and isinstance(body.get("metadata"), dict):
+            stripped[key] = {**body, "metadata": {k: v for k, v in body["metadata"].items() if k != "uid"}}
+    return {**review, "request": stripped}
+
