@@ -11,37 +11,41 @@ The operator's startup handler calls `register` (into its own registry) and `con
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import kopf
 from pydantic import ValidationError
 
+from .api.bounds import truncate_message
 from .api.errors import describe
 from .api.v1alpha1 import GROUP, VERSION, LlamaModelSpec, LlamaServerSpec
 from .config import Settings
+from .policy import model_policy_problems
 from .reconcile.server import spec_problems
 
 SERVER_WEBHOOK_ID = "validate-llamaserver"
 MODEL_WEBHOOK_ID = "validate-llamamodel"
 
 
-def server_spec_problems(spec: dict[str, Any], *, namespace: str | None) -> list[str]:
+def server_spec_problems(spec: dict[str, Any], *, namespace: str | None, settings: Settings) -> list[str]:
     """Every reason a LlamaServer spec is refused (empty when it is admitted)."""
     try:
         parsed = LlamaServerSpec.model_validate(spec)
     except ValidationError as exc:
         return describe(exc, prefix="spec")
     # Without a namespace in the request (never the case for namespaced kinds) references are not compared.
-    return spec_problems(parsed, namespace or (parsed.model_ref.namespace if parsed.model_ref else None) or "")
+    return spec_problems(parsed, namespace or (parsed.model_ref.namespace if parsed.model_ref else None) or "",
+                         settings)
 
 
-def model_spec_problems(spec: dict[str, Any]) -> list[str]:
+def model_spec_problems(spec: dict[str, Any], *, settings: Settings) -> list[str]:
     """Every reason a LlamaModel spec is refused (empty when it is admitted)."""
     try:
-        LlamaModelSpec.model_validate(spec)
+        parsed = LlamaModelSpec.model_validate(spec)
     except ValidationError as exc:
         return describe(exc, prefix="spec")
-    return []
+    return model_policy_problems(parsed, settings)
 
 
 def _unchanged(operation: str | None, old: kopf.Body | None, spec: kopf.Spec) -> bool:
@@ -52,28 +56,32 @@ def _unchanged(operation: str | None, old: kopf.Body | None, spec: kopf.Spec) ->
 
 def _refuse(kind: str, problems: list[str]) -> None:
     if problems:
-        raise kopf.AdmissionError(f"invalid {kind}: " + "; ".join(problems), code=422)
+        raise kopf.AdmissionError(truncate_message(f"invalid {kind}: " + "; ".join(problems)), code=422)
 
 
-def validate_llamaserver(
-    spec: kopf.Spec, namespace: str | None, operation: str | None, old: kopf.Body | None, **_: Any
-) -> None:
-    if not _unchanged(operation, old, spec):
-        _refuse("LlamaServer", server_spec_problems(dict(spec), namespace=namespace))
+def validators(config: Settings) -> tuple[Callable[..., None], Callable[..., None]]:
+    """The LlamaServer and LlamaModel handlers, judging by the operator's settings (its tenant policy)."""
+
+    def validate_llamaserver(spec: kopf.Spec, namespace: str | None, operation: str | None,
+                             old: kopf.Body | None, **_: Any) -> None:
+        if not _unchanged(operation, old, spec):
+            _refuse("LlamaServer", server_spec_problems(dict(spec), namespace=namespace, settings=config))
+
+    def validate_llamamodel(spec: kopf.Spec, operation: str | None, old: kopf.Body | None, **_: Any) -> None:
+        if not _unchanged(operation, old, spec):
+            _refuse("LlamaModel", model_spec_problems(dict(spec), settings=config))
+
+    return validate_llamaserver, validate_llamamodel
 
 
-def validate_llamamodel(spec: kopf.Spec, operation: str | None, old: kopf.Body | None, **_: Any) -> None:
-    if not _unchanged(operation, old, spec):
-        _refuse("LlamaModel", model_spec_problems(dict(spec)))
-
-
-def register(registry: kopf.OperatorRegistry) -> None:
+def register(registry: kopf.OperatorRegistry, config: Settings) -> None:
     """Register both validating handlers into `registry`: the running operator's, from its startup handler.
 
     Explicit rather than at import: a module is imported once per process, a registry is made per operator run
     (tests run many), and kopf refuses validating handlers without a webhook server, so only an operator with
     the webhook enabled may have them."""
     operations = ["CREATE", "UPDATE"]
+    validate_llamaserver, validate_llamamodel = validators(config)
     kopf.on.validate(GROUP, VERSION, "llamaservers", id=SERVER_WEBHOOK_ID, operations=operations,
                      registry=registry)(validate_llamaserver)
     kopf.on.validate(GROUP, VERSION, "llamamodels", id=MODEL_WEBHOOK_ID, operations=operations,
@@ -90,6 +98,7 @@ def configure_webhook(settings: kopf.OperatorSettings, config: Settings) -> None
         certfile=os.path.join(config.webhook_cert_dir, "tls.crt"),
         pkeyfile=os.path.join(config.webhook_cert_dir, "tls.key"),
     )
+
 
 class ForgetfulWebhookServer(kopf.WebhookServer):
     """kopf's webhook server, except that reviews of existing objects leave nothing behind in kopf's memory.

@@ -12,9 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-LLAMA_CPP_BUILD = "b11312"
-LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
-_IMAGE_REPO = "ghcr.io/ggml-org/llama.cpp"
+from .llamacpp import LLAMA_CPP_BUILD
+from .llamacpp import LLAMA_CPP_IMAGE_REPO as _IMAGE_REPO
 
 DEFAULT_IMAGES: Mapping[str, str] = {
     "cpu": f"{_IMAGE_REPO}:server-{LLAMA_CPP_BUILD}",
@@ -30,6 +29,27 @@ _CACHE_TYPES = ("EmptyDir", "PersistentVolumeClaim", "HostPath")
 
 class SettingsError(ValueError):
     """An operator setting has a value the operator cannot use."""
+
+
+ANY = "*"
+"""In an allow-list setting: any value."""
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    """What a LlamaModel or LlamaServer may ask of the pods the operator runs for it (docs/security.md, "Node
+    filesystem and pod policy"); policy.py enforces it in the webhook and in every reconcile."""
+
+    host_path_cache: bool = False
+    """LlamaModels may use cache.type HostPath (a directory below host_path_root on each node)."""
+    custom_images: bool = True
+    """LlamaServers may set spec.image (else only the operator's images run)."""
+    image_prefixes: tuple[str, ...] = (ANY,)
+    """spec.image must start with one of these (each ends in '/', ':' or '@'); ANY: any image."""
+    runtime_class_names: tuple[str, ...] = (ANY,)
+    """Allowed spec.runtimeClassName values; ANY: any; empty: none."""
+    priority_class_names: tuple[str, ...] = (ANY,)
+    """Allowed spec.priorityClassName values; ANY: any; empty: none."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +92,8 @@ class Settings:
     source_blocked_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     """Further ranges refused as model sources while the guard is on: the cluster's pod and Service ranges."""
 
+    policy: TenantPolicy = field(default_factory=TenantPolicy)
+    """What tenants may ask of the operator's pods."""
     server_network_policy_from: tuple[Mapping[str, Any], ...] | None = None
     """Who may reach llama-server pods besides the pods of their own namespace: NetworkPolicyPeer objects, put
     into the NetworkPolicy the operator makes next to each server (builders/network_policy.py). None: no policy."""
@@ -114,7 +136,12 @@ class Settings:
         egress_guard = env.get("LLAMA_OPERATOR_SOURCE_EGRESS_GUARD", "true").strip().lower()
         if egress_guard not in ("true", "false"):
             raise SettingsError(f"LLAMA_OPERATOR_SOURCE_EGRESS_GUARD={egress_guard!r}: must be true or false")
+        policy = _tenant_policy(env)
+        if cache_type == "HostPath" and not policy.host_path_cache:
+            raise SettingsError("LLAMA_OPERATOR_DEFAULT_CACHE_TYPE=HostPath needs HostPath caches enabled "
+                                "(LLAMA_OPERATOR_HOSTPATH_CACHE=true)")
         return cls(
+            policy=policy,
             metrics_port=_optional_port(env, "LLAMA_OPERATOR_METRICS_PORT", default=8000),
             webhook_port=_optional_port(env, "LLAMA_OPERATOR_WEBHOOK_PORT", default=None),
             webhook_cert_dir=env.get("LLAMA_OPERATOR_WEBHOOK_CERT_DIR", "/var/run/llama-operator/webhook-certs"),
@@ -181,6 +208,7 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
 def _percent(env: Mapping[str, str], name: str, default: float) -> float:
     return _number(env, name, default, lambda v: 0 <= v <= 1000, "a percentage from 0 to 1000")
 
+
 _PEER_KEYS = frozenset({"podSelector", "namespaceSelector", "ipBlock"})
 
 
@@ -197,3 +225,32 @@ def _peers(env: Mapping[str, str], name: str) -> tuple[Mapping[str, Any], ...] |
         raise SettingsError(f"{name}: must be a JSON array of NetworkPolicy peers (objects with podSelector, "
                             "namespaceSelector or ipBlock)")
     return tuple(peers)
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, str(default).lower()).strip().lower()
+    if raw not in ("true", "false"):
+        raise SettingsError(f"{name}={raw!r}: must be true or false")
+    return raw == "true"
+
+
+def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated allow-list; unset: ANY; set but empty: nothing allowed."""
+    raw = env.get(name)
+    return (ANY,) if raw is None else tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _tenant_policy(env: Mapping[str, str]) -> TenantPolicy:
+    prefixes = _names(env, "LLAMA_OPERATOR_ALLOWED_IMAGE_PREFIXES")
+    # "ghcr.io/org/llama" would also admit "ghcr.io/org/llama-evil": a prefix must end where a name part does.
+    loose = [prefix for prefix in prefixes if prefix != ANY and not prefix.endswith(("/", ":", "@"))]
+    if loose:
+        raise SettingsError(f"LLAMA_OPERATOR_ALLOWED_IMAGE_PREFIXES: {', '.join(loose)}: each prefix must end "
+                            "with '/', ':' or '@' (e.g. registry.example.com/llama/)")
+    return TenantPolicy(
+        host_path_cache=_flag(env, "LLAMA_OPERATOR_HOSTPATH_CACHE", False),
+        custom_images=_flag(env, "LLAMA_OPERATOR_CUSTOM_IMAGES", True),
+        image_prefixes=prefixes,
+        runtime_class_names=_names(env, "LLAMA_OPERATOR_ALLOWED_RUNTIME_CLASSES"),
+        priority_class_names=_names(env, "LLAMA_OPERATOR_ALLOWED_PRIORITY_CLASSES"),
+    )

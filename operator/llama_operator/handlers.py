@@ -15,8 +15,8 @@ from typing import Any
 import kopf
 
 from .api.v1alpha1 import GROUP, VERSION
-from .builders.objects import MANAGED_BY, MODEL_LABEL, SERVER_LABEL
 from .config import Settings
+from .contract import MANAGED_BY, MANAGED_BY_LABEL, MANAGED_SELECTOR, MODEL_LABEL, SERVER_LABEL
 from .kube import LLAMA_MODELS, LLAMA_SERVERS, Kube, connection_settings, load_api_client
 from .metrics import serve as serve_metrics
 from .reconcile.context import Context
@@ -24,8 +24,8 @@ from .reconcile.router_status import ModelStatusPoller
 from .reconcile.runtime import Runtime, best_effort
 
 log = logging.getLogger(__name__)
-OWNED = {"app.kubernetes.io/managed-by": MANAGED_BY, SERVER_LABEL: kopf.PRESENT}
-OWNED_BY_MODEL = {"app.kubernetes.io/managed-by": MANAGED_BY, MODEL_LABEL: kopf.PRESENT}
+OWNED = {MANAGED_BY_LABEL: MANAGED_BY, SERVER_LABEL: kopf.PRESENT}
+OWNED_BY_MODEL = {MANAGED_BY_LABEL: MANAGED_BY, MODEL_LABEL: kopf.PRESENT}
 
 
 def _post_event(body: Mapping[str, Any], *, type: str, reason: str, message: str) -> None:
@@ -49,7 +49,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.scanning.disabled = bool(config.namespaces)
     # Only our own children are watched, filtered by the API server: a big cluster's pods never reach us.
     for owned in ("deployments", "services", "pods", "persistentvolumeclaims"):
-        settings.watching.label_selectors[owned] = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+        settings.watching.label_selectors[owned] = MANAGED_SELECTOR
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.queueing.error_delays = (1, 2, 5, 10, 30, 60)
@@ -57,7 +57,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         # kopf refuses validating handlers without a webhook server: they exist only when it is enabled.
         from . import admission
 
-        admission.register(kopf.get_default_registry())
+        admission.register(kopf.get_default_registry(), config)
         admission.configure_webhook(settings, config)
     runtime = Runtime(Context(kube=Kube(load_api_client()), settings=config, record_event=_post_event))
     memo["runtime"] = runtime

@@ -20,6 +20,7 @@ from .builders.args import model_problems
 from .builders.router import build_preset_configmap, build_router_deployment
 from .config import Settings
 from .errors import InvalidSpec
+from .policy import model_policy_problems
 from .reconcile.model import offline_status
 from .reconcile.server import spec_problems
 
@@ -75,6 +76,9 @@ def render(paths: Iterable[str], settings: Settings, *, default_namespace: str =
             continue  # other objects (Secrets, namespaces) in the same files are not ours to render
         if doc["kind"] == "LlamaModel":
             model = _parse(path, doc, LlamaModel)
+            refused = model_policy_problems(model.spec, settings)
+            if refused:
+                raise RenderError(f"{path}: LlamaModel {model.metadata.name}: {refused[0]}")
             if not model.status.cache_key:  # a status copied from a cluster is kept as is
                 model = model.model_copy(update={"status": offline_status(model, settings)})
             models[(model.metadata.namespace, model.metadata.name)] = model
@@ -87,7 +91,7 @@ def render(paths: Iterable[str], settings: Settings, *, default_namespace: str =
             objects.append(pvc)
     for path, server in servers:
         where = f"{path}: LlamaServer {server.metadata.name}"
-        problems = spec_problems(server.spec, server.metadata.namespace)
+        problems = spec_problems(server.spec, server.metadata.namespace, settings)
         if problems:
             raise RenderError(f"{where}: {problems[0]}")
         if server.spec.models is not None:

@@ -62,7 +62,7 @@ def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def registry() -> kopf.OperatorRegistry:
     """A registry holding exactly this package's webhook handlers, as the operator's startup registers them."""
     fresh = kopf.OperatorRegistry()
-    admission.register(fresh)
+    admission.register(fresh, Settings())
     return fresh
 
 

@@ -36,7 +36,7 @@ def test_scaling_cel_rule_says_what_its_python_says(scaling: dict[str, Any]) -> 
 
 
 def test_min_above_max_is_reported_by_the_operator_too() -> None:
-    server, problems = parse_server(server_body(scaling={"minReplicas": 3, "maxReplicas": 2}))
+    server, problems = parse_server(server_body(scaling={"minReplicas": 3, "maxReplicas": 2}), Settings())
     assert server is not None
     assert problems == ["spec.scaling.minReplicas: minReplicas (3) must be <= maxReplicas (2)"]
 

@@ -11,18 +11,20 @@ import pytest
 import yaml
 
 from llama_operator.cli import main
-from llama_operator.config import Settings
+from llama_operator.config import Settings, TenantPolicy
 from llama_operator.render import RenderError, render
 from tests import pss
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+# multi-gpu-amd.yaml shows a HostPath cache, which the chart value policy.hostPathCache turns on.
+EXAMPLE_SETTINGS = Settings(policy=TenantPolicy(host_path_cache=True))
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_every_rendered_object_is_valid_kubernetes(example: pathlib.Path) -> None:
-    objects = render([str(example)], Settings())
+    objects = render([str(example)], EXAMPLE_SETTINGS)
     assert objects, "every example renders something"
     for obj in objects:
         kubernetes_validate.validate(obj, "1.31.0", strict=True)
@@ -84,7 +86,7 @@ def test_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_operator_pods_pass_restricted_pod_security(example: pathlib.Path) -> None:
-    settings = Settings()
+    settings = EXAMPLE_SETTINGS
     pods = pss.pod_specs(render([str(example)], settings))
     assert pods
     for name, spec in pods:

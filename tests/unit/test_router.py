@@ -254,13 +254,13 @@ def test_a_bad_router_spec_gets_the_same_message_from_cel_the_webhook_and_the_re
 ) -> None:
     body = {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer", "metadata": {"name": "x"}, "spec": spec}
     assert crdschema.errors(body) == [message]
-    assert server_spec_problems(spec, namespace="default") == [message]
+    assert server_spec_problems(spec, namespace="default", settings=Settings()) == [message]
     try:
         parsed = LlamaServerSpec.model_validate(spec)
     except ValueError as exc:  # the one rule everything downstream needs is a parse error
         assert f"spec: {exc.errors()[0]['msg'].removeprefix('Value error, ')}" == message
     else:
-        assert spec_problems(parsed, "default") == [message]
+        assert spec_problems(parsed, "default", Settings()) == [message]
 
 
 WEBHOOK_ONLY = [
@@ -282,8 +282,8 @@ WEBHOOK_ONLY = [
 def test_what_cel_cannot_say_the_webhook_and_the_reconcile_say(spec: dict[str, Any], message: str) -> None:
     body = {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer", "metadata": {"name": "x"}, "spec": spec}
     assert crdschema.errors(body) == []
-    assert server_spec_problems(spec, namespace="default") == [message]
-    assert spec_problems(LlamaServerSpec.model_validate(spec), "default") == [message]
+    assert server_spec_problems(spec, namespace="default", settings=Settings()) == [message]
+    assert spec_problems(LlamaServerSpec.model_validate(spec), "default", Settings()) == [message]
 
 
 def test_a_good_router_spec_passes_everything() -> None:
@@ -291,7 +291,7 @@ def test_a_good_router_spec_passes_everything() -> None:
             "args": ["--top-k", "20"]}
     body = {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer", "metadata": {"name": "x"}, "spec": spec}
     assert crdschema.errors(body) == []
-    assert spec_problems(LlamaServerSpec.model_validate(spec), "default") == []
+    assert spec_problems(LlamaServerSpec.model_validate(spec), "default", Settings()) == []
 
 
 ROUTER_CORPUS = [spec for spec, _ in BAD if "models" in spec and "modelRef" not in spec] + [

@@ -27,6 +27,7 @@ from ..errors import InvalidSecret, OperatorError, RetryLater, SecretNotAllowed
 from ..fetch.secrets import SOURCE_CREDENTIALS_LABEL, SOURCE_CREDENTIALS_TYPE, check_header_name, clean, scrub
 from ..kube import CONFIG_MAPS, LLAMA_MODELS, PERSISTENT_VOLUME_CLAIMS, SECRETS, Invalid, NotFound
 from ..metrics import PHASES
+from ..policy import model_policy_problems
 from .boundary import reconciled
 from .conditions import condition, merge_conditions
 from .context import Context
@@ -142,6 +143,12 @@ async def reconcile_model(body: Mapping[str, Any], ctx: Context) -> LlamaModelSt
         status = LlamaModelStatus(phase="Failed", message=message, conditions=[
             condition("Ready", False, "InvalidSpec", message, generation=generation)])
         return await _write(ctx, body, previous, status, generation)
+    refused = model_policy_problems(model.spec, ctx.settings)
+    if refused:
+        # Nothing is resolved or applied for a spec the operator's policy refuses (e.g. admitted before it changed).
+        message = "; ".join(refused)
+        return await _write(ctx, body, previous, LlamaModelStatus(phase="Failed", message=message, conditions=[
+            condition("Ready", False, "PolicyRefused", message, generation=generation)]), generation)
 
     if not resolution_due(model, previous, now=ctx.clock(), interval=ctx.settings.model_resync_seconds):
         if previous.cache_key is None:

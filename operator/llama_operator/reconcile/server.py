@@ -29,11 +29,13 @@ from ..builders.naming import model_name
 from ..builders.objects import label_selector, selector_labels
 from ..builders.quantity import parse_quantity
 from ..builders.service import endpoint_url
+from ..config import Settings
 from ..contract import FETCH_CONTAINER, FETCH_DRAFT_CONTAINER
 from ..fit import estimate_server
 from ..flags.validate import validate_server_spec
 from ..kube import DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, SERVICES, Invalid
 from ..metrics import PHASES, export_download, observe_server
+from ..policy import tenant_problems
 from .boundary import reconciled
 from .chat_template import CONDITION as CHAT_TEMPLATE
 from .chat_template import QUIET as CHAT_TEMPLATE_QUIET
@@ -49,7 +51,7 @@ from .trust import record_first_use
 log = logging.getLogger(__name__)
 
 
-def spec_problems(spec: LlamaServerSpec, namespace: str) -> list[str]:
+def spec_problems(spec: LlamaServerSpec, namespace: str, settings: Settings) -> list[str]:
     """Problems the CRD schema cannot express (references, flags, cross-field rules); each names the field.
 
     The reconcile loop, `render` and the admission webhook all ask this one function.
@@ -66,6 +68,7 @@ def spec_problems(spec: LlamaServerSpec, namespace: str) -> list[str]:
                 f"use LlamaModels in its own namespace (got {ref.namespace!r})"
             )
     problems += [str(error) for error in validate_server_spec(spec)]
+    problems += tenant_problems(spec, settings)
     return problems
 
 
@@ -98,13 +101,13 @@ class Outcome:
     download: DownloadStatus | None = None
 
 
-def parse_server(body: Mapping[str, Any]) -> tuple[LlamaServer | None, list[str]]:
+def parse_server(body: Mapping[str, Any], settings: Settings) -> tuple[LlamaServer | None, list[str]]:
     """The typed LlamaServer and every problem with it (schema, references, flags); problems name the field."""
     try:
         server = LlamaServer.model_validate(body)
     except ValidationError as exc:
         return None, describe(exc)
-    return server, spec_problems(server.spec, server.metadata.namespace)
+    return server, spec_problems(server.spec, server.metadata.namespace, settings)
 
 
 def desired_replicas(body: Mapping[str, Any]) -> int:
@@ -120,7 +123,7 @@ async def reconcile_server(body: Mapping[str, Any], ctx: Context) -> LlamaServer
 async def _reconcile(body: Mapping[str, Any], ctx: Context) -> Outcome:
     meta = body["metadata"]
     namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
-    server, problems = parse_server(body)
+    server, problems = parse_server(body, ctx.settings)
     if server is None or problems:
         # Nothing is applied: the pods of the last good spec keep running.
         message = "; ".join(problems)
