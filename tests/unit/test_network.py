@@ -130,3 +130,37 @@ async def test_a_policy_of_the_same_name_made_by_someone_else_is_left_alone() ->
     await reconcile_server(kube.objects[("llamaservers", "default", "chat")],
                            Context(kube=kube, settings=Settings(), record_event=Events()))
     assert (NETWORK_POLICIES.plural, "default", "chat") in kube.objects
+
+
+# ---------------------------------------------------------------------------------------------- pod log reads
+
+
+async def test_a_fetcher_log_is_read_with_a_byte_limit() -> None:
+    """Log lines can be as long as a container wants: the tail is asked for with limitBytes, which the API server
+    honours (here a stand-in that does the same with a 16 MiB line)."""
+    from aiohttp import web
+    from kubernetes import client as k8s_client
+
+    from llama_operator.kube import Kube
+
+    asked: list[dict[str, str]] = []
+
+    async def log(request: web.Request) -> web.Response:
+        asked.append(dict(request.query))
+        body = b"x" * 16 * 2**20 + b"\n"
+        limit = request.query.get("limitBytes")
+        return web.Response(body=body[: int(limit)] if limit else body, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/api/v1/namespaces/ns/pods/p/log", log)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        kube = Kube(k8s_client.ApiClient(k8s_client.Configuration(host=f"http://127.0.0.1:{port}")))
+        tail = await kube.container_log("ns", "p", "fetch-model", tail_lines=20)
+    finally:
+        await runner.cleanup()
+    assert asked[0]["tailLines"] == "20" and len(tail) <= 64 * 1024

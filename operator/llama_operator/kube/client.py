@@ -277,12 +277,14 @@ class Kube:
         except NotFound:
             return None
 
-    async def container_log(self, namespace: str, pod: str, container: str, *, tail_lines: int) -> str:
-        """The last `tail_lines` lines a container logged (through the API server, from its kubelet)."""
+    async def container_log(self, namespace: str, pod: str, container: str, *, tail_lines: int,
+                            limit_bytes: int = 64 * 1024) -> str:
+        """The last `tail_lines` lines a container logged (through the API server, from its kubelet), at most
+        `limit_bytes` of them: a line may be as long as the container wants."""
         check_permission(PODS, "get", "log")
         return await self._request(
             "GET", PODS.path(namespace, pod, "log"), text=True,
-            query=[("container", container), ("tailLines", str(tail_lines))],
+            query=[("container", container), ("tailLines", str(tail_lines)), ("limitBytes", str(limit_bytes))],
             permission=rule("get", PODS, namespace, "log"))
 
     async def read_secret_key(self, namespace: str, name: str, key: str) -> str:
