@@ -7,6 +7,7 @@ registers a Node, binds the pods to it and writes their status, exactly as a kub
 
 from __future__ import annotations
 
+import base64
 import pathlib
 import urllib.parse
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from llama_operator.fetch.secrets import SOURCE_CREDENTIALS_LABEL
 from tests.cluster import ApiError
 from tests.conftest import model_body, server_body
 from tests.fakehub import FakeHub
@@ -183,12 +185,16 @@ def test_model_source_errors_are_precise(apiserver: Any, run_operator: Any, sour
     assert "Traceback" not in runner.output
 
 
-def test_gated_model_with_token_secret(apiserver: Any, run_operator: Any) -> None:
-    import base64
-
+def _source_secret(apiserver: Any, name: str, data: dict[str, str], *, opted_in: bool = True) -> None:
+    labels = {SOURCE_CREDENTIALS_LABEL: "true"} if opted_in else {}
     apiserver.create("v1", "secrets", apiserver.namespace, {
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf"},
-        "data": {"token": base64.b64encode(b"hf_secret").decode()}})
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "labels": labels},
+        "data": {key: base64.b64encode(value.encode()).decode() for key, value in data.items()}})
+
+
+def test_gated_model_with_token_secret(apiserver: Any, run_operator: Any, hub: FakeHub) -> None:
+    # `echo hf_secret > f; kubectl create secret generic hf --from-file=token=f` stores the newline too.
+    _source_secret(apiserver, "hf", {"token": "hf_secret\n"})
     source = {"huggingFace": {"repo": "org/gated-GGUF", "file": "m.gguf",
                               "tokenSecretRef": {"name": "hf", "key": "token"}}}
     with run_operator("llama_operator.handlers") as runner:
@@ -196,6 +202,30 @@ def test_gated_model_with_token_secret(apiserver: Any, run_operator: Any) -> Non
         apiserver.wait_for(lambda: _status(apiserver, "llamamodels", "qwen").get("phase") == "Ready",
                            message="gated model Ready with the token")
     assert "hf_secret" not in runner.output
+    assert {r.authorization for r in hub.requests if "gated" in r.path} == {"Bearer hf_secret"}
+
+
+def test_source_secrets_must_opt_in_and_never_show(apiserver: Any, run_operator: Any, hub: FakeHub) -> None:
+    """A Secret without the opt-in is not read; a value that cannot be a header is refused by Secret and key.
+    Neither value reaches status, an Event, the log or the model host."""
+    _source_secret(apiserver, "db", {"db-password": "hunter2-db"}, opted_in=False)
+    _source_secret(apiserver, "broken", {"X-Api-Key": "k3y-VALUE\r\nX-Injected: yes"})
+    url = f"{hub.url}/plain/m.gguf"
+    with run_operator("llama_operator.handlers") as runner:
+        for name in ("db", "broken"):
+            apiserver.create_llama("llamamodels", model_body(name, spec={"source": {"http": {
+                "url": url, "headersSecretRef": {"name": name}}}}))
+        reasons = apiserver.wait_for(lambda: (
+            all(_status(apiserver, "llamamodels", n).get("phase") == "Failed" for n in ("db", "broken"))
+            and {n: {c["type"]: c for c in _status(apiserver, "llamamodels", n)["conditions"]}["Ready"]
+                 for n in ("db", "broken")}), message="both models Failed")
+        events = apiserver.list("v1", "events", apiserver.namespace)
+    assert reasons["db"]["reason"] == "SecretNotAllowed"
+    assert f"{SOURCE_CREDENTIALS_LABEL}=true" in reasons["db"]["message"]
+    assert reasons["broken"]["reason"] == "InvalidSecret" and "key 'X-Api-Key'" in reasons["broken"]["message"]
+    shown = runner.output + str(events) + str([_status(apiserver, "llamamodels", n) for n in ("db", "broken")])
+    assert "hunter2" not in shown and "k3y-VALUE" not in shown
+    assert not [r for r in hub.requests if r.path.startswith("/plain/")]
 
 
 def test_unreachable_source_stays_resolving_with_backoff(apiserver: Any, run_operator: Any, hub: FakeHub,
