@@ -19,8 +19,8 @@ recently used one is stopped for another): no Kubernetes object changes, so no w
   entries — is refused: each served model's `message` names the pod and why, in one line, and the states come
   from the pods that answered properly (or stay as they were when none did).
 
-The operator needs to reach the pods on port 8080 (a NetworkPolicy that isolates the llama-server pods must let
-the operator's pods in); no RBAC beyond what the reconcile has (list pods, patch llamaservers/status).
+The operator needs to reach the pods on port 8080 (the NetworkPolicy it puts next to each server admits it,
+builders/network_policy.py); no RBAC beyond what the reconcile has (list pods, patch llamaservers/status).
 """
 
 from __future__ import annotations
