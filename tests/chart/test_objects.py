@@ -201,6 +201,11 @@ def test_environment_is_what_the_operator_reads(helm: str, scenario: str) -> Non
         "LLAMA_OPERATOR_MEMORY_REQUEST_HEADROOM_PERCENT": lambda raw: settings.memory_request_headroom_percent == float(
             raw),
         "LLAMA_OPERATOR_SOURCE_EGRESS_GUARD": lambda raw: settings.source_egress_guard == (raw == "true"),
+        "LLAMA_OPERATOR_HOSTPATH_CACHE": lambda raw: settings.policy.host_path_cache == (raw == "true"),
+        "LLAMA_OPERATOR_CUSTOM_IMAGES": lambda raw: settings.policy.custom_images == (raw == "true"),
+        "LLAMA_OPERATOR_ALLOWED_IMAGE_PREFIXES": lambda raw: ",".join(settings.policy.image_prefixes) == raw,
+        "LLAMA_OPERATOR_ALLOWED_RUNTIME_CLASSES": lambda raw: ",".join(settings.policy.runtime_class_names) == raw,
+        "LLAMA_OPERATOR_ALLOWED_PRIORITY_CLASSES": lambda raw: ",".join(settings.policy.priority_class_names) == raw,
         "LLAMA_OPERATOR_SOURCE_BLOCKED_CIDRS": lambda raw: [str(n) for n in settings.source_blocked_cidrs] == [
             c for c in raw.split(",") if c],
         **{
@@ -218,6 +223,9 @@ def test_environment_is_what_the_operator_reads(helm: str, scenario: str) -> Non
     assert (settings.metrics_port is not None) == values.get("metrics", {}).get("enabled", True)
     assert settings.log_format == values.get("logFormat", "text")
     assert settings.default_cache_type == values.get("defaultCacheType", "EmptyDir")
+    policy = values.get("policy", {})
+    assert settings.policy.host_path_cache == policy.get("hostPathCache", False)
+    assert settings.policy.image_prefixes == tuple(policy.get("allowedImagePrefixes", ["*"]))
     memory = values.get("memoryRequest", {})
     assert settings.memory_request_from_estimate == memory.get("fromEstimate", True)
     assert settings.memory_request_headroom_percent == memory.get("headroomPercent", 10)

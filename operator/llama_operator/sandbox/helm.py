@@ -34,6 +34,11 @@ _VALUES: Mapping[str, tuple[str, ...]] = {
     "LLAMA_OPERATOR_RESYNC_SECONDS": ("resyncSeconds",),
     "LLAMA_OPERATOR_DEFAULT_CACHE_TYPE": ("defaultCacheType",),
     "LLAMA_OPERATOR_HOSTPATH_ROOT": ("hostPathRoot",),
+    "LLAMA_OPERATOR_HOSTPATH_CACHE": ("policy", "hostPathCache"),
+    "LLAMA_OPERATOR_CUSTOM_IMAGES": ("policy", "customImages"),
+    "LLAMA_OPERATOR_ALLOWED_IMAGE_PREFIXES": ("policy", "allowedImagePrefixes"),
+    "LLAMA_OPERATOR_ALLOWED_RUNTIME_CLASSES": ("policy", "allowedRuntimeClassNames"),
+    "LLAMA_OPERATOR_ALLOWED_PRIORITY_CLASSES": ("policy", "allowedPriorityClassNames"),
     "LLAMA_OPERATOR_IMAGE_PULL_POLICY": ("workloadImagePullPolicy",),
     "LLAMA_OPERATOR_IMAGE_CPU": ("llamaServerImages", "cpu"),
     "LLAMA_OPERATOR_IMAGE_NVIDIA": ("llamaServerImages", "nvidia"),
@@ -87,8 +92,10 @@ def values_from_env(env: Mapping[str, str]) -> dict[str, Any]:
             target = target.setdefault(key, {})
         if path == ("resyncSeconds",) and value.isdigit():
             target[path[-1]] = int(value)
-        elif path == ("sourceEgress", "guard"):
+        elif path in (("sourceEgress", "guard"), ("policy", "hostPathCache"), ("policy", "customImages")):
             target[path[-1]] = value.strip().lower() == "true"  # the chart's schema wants a boolean
+        elif path[0] == "policy":
+            target[path[-1]] = [item.strip() for item in value.split(",") if item.strip()]
         else:
             target[path[-1]] = value
     if extra:
