@@ -39,6 +39,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "memoryRequest": {"fromEstimate": False, "headroomPercent": 25},
     },
     "monitoring-namespaced": {"monitoring": {"podMonitor": {"enabled": True}}, "watchNamespaces": ["team-a"]},
+    "network-policy": {
+        "gateway": {"enabled": True},
+        "networkPolicy": {"operator": {"webhookFrom": [{"ipBlock": {"cidr": "10.0.0.0/24"}}]},
+                          "llamaServers": {"enabled": True}},
+        "watchNamespaces": ["team-a"],
+    },
     "minimal": {
         "crds": {"install": False},
         "metrics": {"enabled": False},

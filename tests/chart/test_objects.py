@@ -3,6 +3,7 @@ the operator's pod: restricted Pod Security, its shape, pinned images, and the e
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -208,6 +209,8 @@ def test_environment_is_what_the_operator_reads(helm: str, scenario: str) -> Non
         "LLAMA_OPERATOR_ALLOWED_PRIORITY_CLASSES": lambda raw: ",".join(settings.policy.priority_class_names) == raw,
         "LLAMA_OPERATOR_SOURCE_BLOCKED_CIDRS": lambda raw: [str(n) for n in settings.source_blocked_cidrs] == [
             c for c in raw.split(",") if c],
+        "LLAMA_OPERATOR_SERVER_NETWORK_POLICY_FROM": lambda raw: settings.server_network_policy_from == tuple(
+            json.loads(raw)),
         **{
             f"LLAMA_OPERATOR_IMAGE_{vendor.upper()}": (lambda raw, v=vendor: settings.images[v] == raw)
             for vendor in config.DEFAULT_IMAGES
