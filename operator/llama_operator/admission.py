@@ -2,8 +2,9 @@
 
 `kubectl apply` of a bad object is refused with the same messages the reconcile loop would put into the
 ArgsValid condition: pydantic parsing of the spec (the CRD schema's rules and more) and, for LlamaServer, the
-flag validation of flags/validate.py. kopf routes admission requests by handler id, so the Helm chart's
-ValidatingWebhookConfiguration points at `/validate-llamaserver` and `/validate-llamamodel`.
+one spec validation of flags/spec.py (references, flags, tenant policy). kopf routes admission requests by
+handler id, so the Helm chart's ValidatingWebhookConfiguration points at `/validate-llamaserver` and
+`/validate-llamamodel`.
 
 The operator's startup handler calls `register` (into its own registry) and `configure_webhook`.
 """
@@ -21,8 +22,8 @@ from .api.bounds import truncate_message
 from .api.errors import describe
 from .api.v1alpha1 import GROUP, VERSION, LlamaModelSpec, LlamaServerSpec
 from .config import Settings
+from .flags.spec import spec_problems
 from .policy import model_policy_problems
-from .reconcile.server import spec_problems
 
 SERVER_WEBHOOK_ID = "validate-llamaserver"
 MODEL_WEBHOOK_ID = "validate-llamamodel"

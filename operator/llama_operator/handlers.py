@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+from pydantic import ValidationError
 
-from .api.v1alpha1 import GROUP, VERSION
+from .api.v1alpha1 import GROUP, VERSION, LlamaServerSpec
 from .config import Settings
 from .contract import MANAGED_BY, MANAGED_BY_LABEL, MANAGED_SELECTOR, MODEL_LABEL, SERVER_LABEL
 from .kube import LLAMA_MODELS, LLAMA_SERVERS, Kube, connection_settings, load_api_client
@@ -98,9 +99,11 @@ async def model_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) ->
 @kopf.index(GROUP, VERSION, "llamaservers")
 def servers_by_model(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
     """Which servers use which model (served, speculative draft, or one of spec.models)."""
-    refs = [spec.get("modelRef") or {}, (spec.get("speculative") or {}).get("draftModelRef") or {}]
-    refs += [entry.get("modelRef") or {} for entry in spec.get("models") or [] if isinstance(entry, dict)]
-    return {(namespace, str(ref["name"])): name for ref in refs if isinstance(ref, dict) and ref.get("name")}
+    try:
+        refs = LlamaServerSpec.model_validate(dict(spec)).model_refs()
+    except ValidationError:
+        return {}  # a spec that does not parse is Failed whatever its models do: only a new spec changes it
+    return {(namespace, ref.name): name for _, ref in refs}
 
 
 @kopf.on.event(GROUP, VERSION, "llamamodels")

@@ -15,14 +15,12 @@ from pydantic import ValidationError
 
 from .api.errors import describe
 from .api.v1alpha1 import API_VERSION, LlamaModel, LlamaServer
-from .builders import build_cache_pvc, build_deployment, build_service
-from .builders.args import model_problems
-from .builders.router import build_preset_configmap, build_router_deployment
+from .builders import build_cache_pvc
+from .builders.plan import PlanProblem, plan_server
 from .config import Settings
-from .errors import InvalidSpec
+from .flags.spec import spec_problems
 from .policy import model_policy_problems
 from .reconcile.model import offline_status
-from .reconcile.server import spec_problems
 
 
 class RenderError(ValueError):
@@ -94,24 +92,10 @@ def render(paths: Iterable[str], settings: Settings, *, default_namespace: str =
         problems = spec_problems(server.spec, server.metadata.namespace, settings)
         if problems:
             raise RenderError(f"{where}: {problems[0]}")
-        if server.spec.models is not None:
-            found = {entry.model_ref.name: _find_model(models, server, f"spec.models[{index}].modelRef",
-                                                       entry.model_ref.name, where)
-                     for index, entry in enumerate(server.spec.models)}
-            try:
-                objects += [build_preset_configmap(server, found, settings),
-                            build_router_deployment(server, found, settings), build_service(server)]
-            except InvalidSpec as exc:
-                raise RenderError(f"{where}: {exc}") from None
-            continue
-        assert server.spec.model_ref is not None
-        model = _find_model(models, server, "spec.modelRef", server.spec.model_ref.name, where)
-        draft = None
-        if server.spec.speculative is not None:
-            ref = server.spec.speculative.draft_model_ref.name
-            draft = _find_model(models, server, "spec.speculative.draftModelRef", ref, where)
-        unbuildable = model_problems(draft)
-        if unbuildable:
-            raise RenderError(f"{where}: {unbuildable[0]}")
-        objects += [build_deployment(server, model, settings, draft), build_service(server)]
+        refs = server.spec.model_refs()
+        found = {ref.name: _find_model(models, server, field, ref.name, where) for field, ref in refs}
+        plan = plan_server(server, found, settings)
+        if isinstance(plan, PlanProblem):
+            raise RenderError(f"{where}: {plan.message}")
+        objects += plan.objects
     return objects

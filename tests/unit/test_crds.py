@@ -281,6 +281,6 @@ def test_cross_namespace_model_ref_is_not_expressible_in_the_schema_and_caught_b
     assert crdschema.errors(body) == []
     from llama_operator.api.v1alpha1 import LlamaServer
     from llama_operator.config import Settings
-    from llama_operator.reconcile.server import spec_problems
+    from llama_operator.flags.spec import spec_problems
 
     assert "its own namespace" in spec_problems(LlamaServer.model_validate(body).spec, "default", Settings())[0]

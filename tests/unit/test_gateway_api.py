@@ -12,7 +12,7 @@ from llama_operator.api.v1alpha1 import SCALING_RULES, LlamaServer, LlamaServerS
 from llama_operator.config import Settings
 from llama_operator.kube import LLAMA_MODELS, LLAMA_SERVERS
 from llama_operator.reconcile.context import Context
-from llama_operator.reconcile.server import parse_server, reconcile_server
+from llama_operator.reconcile.server import observe, reconcile_server
 from tests import crdschema
 from tests.conftest import model_body, server_body
 from tests.fakekube import Events, FakeKube
@@ -36,9 +36,9 @@ def test_scaling_cel_rule_says_what_its_python_says(scaling: dict[str, Any]) -> 
 
 
 def test_min_above_max_is_reported_by_the_operator_too() -> None:
-    server, problems = parse_server(server_body(scaling={"minReplicas": 3, "maxReplicas": 2}), Settings())
-    assert server is not None
-    assert problems == ["spec.scaling.minReplicas: minReplicas (3) must be <= maxReplicas (2)"]
+    observed = observe(server_body(scaling={"minReplicas": 3, "maxReplicas": 2}), Settings())
+    assert observed.server is not None
+    assert observed.problems == ["spec.scaling.minReplicas: minReplicas (3) must be <= maxReplicas (2)"]
 
 
 @pytest.mark.parametrize(("fields", "complaint"), [

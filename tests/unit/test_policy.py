@@ -9,8 +9,8 @@ import pytest
 from llama_operator.admission import model_spec_problems, server_spec_problems
 from llama_operator.api.v1alpha1 import LlamaModelSpec, LlamaServerSpec
 from llama_operator.config import DEFAULT_IMAGES, Settings, SettingsError, TenantPolicy
+from llama_operator.flags.spec import spec_problems
 from llama_operator.policy import model_policy_problems, tenant_problems
-from llama_operator.reconcile.server import spec_problems
 from llama_operator.render import RenderError, render
 
 STRICT = Settings(policy=TenantPolicy(custom_images=True, image_prefixes=("registry.example.com/llama/",),

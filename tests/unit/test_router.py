@@ -29,7 +29,7 @@ from llama_operator.builders.router import (
 from llama_operator.config import Settings
 from llama_operator.errors import InvalidSpec
 from llama_operator.flags.preset import Section, entries, render_ini
-from llama_operator.reconcile.server import spec_problems
+from llama_operator.flags.spec import spec_problems
 from llama_operator.reconcile.server_status import summarize_pod
 from llama_operator.render import render
 from tests import crdschema, pss

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..api.v1alpha1 import LlamaModel, LlamaServer
-from ..config import Settings
+from ..api.v1alpha1 import LlamaServer
 from .objects import object_meta, selector_labels, server_labels
-from .pod import pod_template
-
-
-def build_deployment(
-    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
-) -> dict[str, Any]:
-    """The Deployment; `draft` is the resolved speculative draft LlamaModel when spec.speculative is set."""
-    return deployment_object(server, pod_template(server, model, settings, draft))
 
 
 def deployment_object(server: LlamaServer, template: dict[str, Any]) -> dict[str, Any]:

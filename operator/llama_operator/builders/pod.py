@@ -19,11 +19,11 @@ from ..contract import (
 )
 from ..flags.dryrun import dry_run_init_container
 from ..flags.render import SERVER_PORT
-from .args import needs_draft_cache, server_args
+from .args import needs_draft_cache
 from .cache import TMP_SIZE_LIMIT, cache_volume, fetcher_ephemeral_storage, model_volumes, server_model_mounts
 from .fetcher import fetch_init_container, mmproj_fetch_container
 from .objects import server_labels
-from .resources import pod_tolerations, server_resources
+from .resources import container_resources, pod_tolerations
 from .security import container_security_context, pod_security_context
 
 STARTUP_PROBE_PERIOD_SECONDS = 1
@@ -47,11 +47,11 @@ def _http_probe(*, period: int, failures: int, timeout: int) -> dict[str, Any]:
 
 
 def server_container(
-    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
+    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None, *, args: list[str],
+    memory: str | None,
 ) -> dict[str, Any]:
     return llama_server_container(
-        server, settings, args=server_args(server, model, draft),
-        resources=server_resources(server, model, settings, draft),
+        server, settings, args=args, resources=container_resources(server, memory=memory),
         volume_mounts=[*server_model_mounts(model, settings, draft), {"name": TMP_VOLUME, "mountPath": TMP_MOUNT}])
 
 
@@ -112,8 +112,11 @@ def _draft_volumes(model: LlamaModel, settings: Settings, draft: LlamaModel | No
 
 
 def pod_template(
-    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
+    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None, *, args: list[str],
+    memory: str | None,
 ) -> dict[str, Any]:
+    """The pod of a one-model server running llama-server with `args` (the plan's), `memory` its default memory
+    request (None: none)."""
     spec = server.spec
     # Prometheus' annotation-based discovery scrapes llama-server's own metrics (it always runs with --metrics);
     # the user's podAnnotations win, e.g. prometheus.io/scrape: "false".
@@ -122,7 +125,7 @@ def pod_template(
     if sha256:
         # A new model revision with the same file name must still roll the pods.
         annotations[MODEL_SHA_ANNOTATION] = sha256
-    main = server_container(server, model, settings, draft)
+    main = server_container(server, model, settings, draft, args=args, memory=memory)
     init = _init_containers(server, model, settings, main, draft)
     cached = [model] if model.spec.source.volume is None else [draft] if draft is not None else []
     return assemble_pod(server, annotations=annotations, main=main,

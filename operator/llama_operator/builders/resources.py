@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..api.v1alpha1 import LlamaModel, LlamaServer
+from ..api.v1alpha1 import LlamaServer
 from ..config import Settings
-from ..fit import estimate_server, request_quantity
+from ..fit import Estimate, request_quantity
 from .quantity import parse_quantity
 
 GPU_RESOURCES = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu", "intel": "gpu.intel.com/i915"}
@@ -30,28 +30,19 @@ def derived_threads(server: LlamaServer) -> int | None:
     return None
 
 
-def default_memory_request(
-    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
-) -> str | None:
+def default_memory_request(server: LlamaServer, settings: Settings, fit: Estimate | None) -> str | None:
     """The memory request of a llama-server container whose spec sets neither a memory request nor a limit:
-    the memory estimate plus headroom (docs/memory-fit.md), so the scheduler places it on a node that can
-    hold the model. None when disabled or when the model's status has no memory shape."""
+    the memory estimate `fit` plus headroom (docs/memory-fit.md), so the scheduler places it on a node that can
+    hold the model. None when disabled or when there is no estimate (the model's status has no memory shape)."""
     resources = server.spec.resources
     for bucket in (resources.requests, resources.limits) if resources is not None else ():
         if bucket and "memory" in bucket:
             return None
     if not settings.memory_request_from_estimate:
         return None
-    fit = estimate_server(server.spec, model.status.gguf, draft.status.gguf if draft is not None else None)
     if fit is None:
         return None
     return request_quantity(fit.host.total, headroom_percent=settings.memory_request_headroom_percent)
-
-
-def server_resources(
-    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
-) -> dict[str, Any]:
-    return container_resources(server, memory=default_memory_request(server, model, settings, draft))
 
 
 def container_resources(server: LlamaServer, *, memory: str | None) -> dict[str, Any]:

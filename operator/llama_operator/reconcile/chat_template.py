@@ -13,10 +13,10 @@ working server giving bad answers, so the condition warns and does not hold the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..api.v1alpha1 import Condition, GgufInfo
+from ..api.v1alpha1 import Condition, GgufInfo, LlamaModel, LlamaServer
 from .conditions import condition
 
 CONDITION = "ChatTemplate"
@@ -35,6 +35,16 @@ class ChatModel:
     chat_template: str | None
     gguf: GgufInfo | None
     mode: str = "chat"
+
+
+def chat_models(server: LlamaServer, models: Mapping[str, LlamaModel]) -> list[ChatModel]:
+    """What the server formats chat for: its model, or each entry of spec.models; `models` by name, resolved."""
+    spec = server.spec
+    if spec.models is not None:
+        return [ChatModel(entry.model_ref.name, entry.chat_template, models[entry.model_ref.name].status.gguf,
+                          entry.mode) for entry in spec.models]
+    assert spec.model_ref is not None  # LlamaServerSpec: exactly one of modelRef and models
+    return [ChatModel(spec.model_ref.name, spec.chat_template, models[spec.model_ref.name].status.gguf, spec.mode)]
 
 
 QUIET = ("FromModel", "BuiltIn", "NotRead", "NotUsed")

@@ -7,7 +7,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..api.v1alpha1 import Condition
-from ..clock import now_rfc3339  # noqa: F401  (reconcile/server.py imports it from here still)
 
 if TYPE_CHECKING:
     from .context import Context

@@ -133,6 +133,10 @@ def fits_condition(
     generation: int | None,
 ) -> Condition:
     """The Fits condition; `nodes` are the labelled GPU nodes (None: not read, `nodes_note` says why)."""
+    if server.spec.models is not None:
+        # Which models are loaded together changes at run time: no one estimate holds (docs/multi-model.md).
+        return condition("Fits", None, "NoEstimate", "router mode: the memory needed depends on which models are "
+                         "loaded together (at most maxLoaded); not estimated", generation=generation)
     if fit is None or gguf is None:
         return condition("Fits", None, "NoEstimate", "no memory estimate: the LlamaModel's status has no GGUF "
                          "memory shape (volume sources are not inspected)", generation=generation)

@@ -1,7 +1,9 @@
-"""Reconciles one LlamaServer: validate, find its model, apply Deployment + Service, write status.
+"""Reconciles one LlamaServer: observe -> resolve its models -> plan -> apply -> status.
 
-Create, update, resume, drift repair and the periodic resync all run this same function; server-side
-apply makes it idempotent, so running it twice changes nothing.
+Create, update, resume, drift repair and the periodic resync all run this same function; server-side apply makes
+it idempotent, so running it twice changes nothing. The body is parsed once, at the edge (`observe`); what the
+server should be is decided by one pure plan (builders/plan.py) for one model and router mode alike; this module
+only reads, applies and reports.
 """
 
 from __future__ import annotations
@@ -14,72 +16,71 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..api.errors import describe
-from ..api.v1alpha1 import (
-    Condition,
-    DownloadStatus,
-    LlamaModel,
-    LlamaServer,
-    LlamaServerSpec,
-    LlamaServerStatus,
-    MemoryEstimate,
-)
-from ..builders import build_deployment, build_service
-from ..builders.args import model_problems, server_args
-from ..builders.naming import model_name
+from ..api.v1alpha1 import Condition, DownloadStatus, LlamaModel, LlamaServer, LlamaServerStatus, MemoryEstimate
 from ..builders.objects import label_selector, selector_labels
+from ..builders.plan import PlanProblem, ServerPlan, plan_server
 from ..builders.quantity import parse_quantity
-from ..builders.service import endpoint_url
+from ..clock import now_rfc3339
 from ..config import Settings
-from ..contract import FETCH_CONTAINER, FETCH_DRAFT_CONTAINER
-from ..fit import estimate_server
-from ..flags.validate import validate_server_spec
-from ..kube import DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, SERVICES, Invalid
+from ..flags.spec import spec_problems
+from ..kube import DEPLOYMENTS, KINDS_BY_API, LLAMA_MODELS, LLAMA_SERVERS, PODS, Invalid
 from ..metrics import PHASES, export_download, observe_server
-from ..policy import tenant_problems
 from .boundary import reconciled
 from .chat_template import CONDITION as CHAT_TEMPLATE
 from .chat_template import QUIET as CHAT_TEMPLATE_QUIET
-from .chat_template import ChatModel, chat_template_condition
-from .conditions import condition, merge_conditions, now_rfc3339, problem_event
+from .chat_template import chat_models, chat_template_condition
+from .conditions import condition, merge_conditions, problem_event
 from .context import Context
 from .download import observe_download
 from .fits import fits_condition, fits_event, gpu_nodes, memory_status
-from .network import converge_network_policy
+from .network import remove_network_policy
 from .server_status import FleetStatus, fleet_status
 from .trust import record_first_use
 
 log = logging.getLogger(__name__)
 
 
-def spec_problems(spec: LlamaServerSpec, namespace: str, settings: Settings) -> list[str]:
-    """Problems the CRD schema cannot express (references, flags, cross-field rules); each names the field.
+@dataclass(frozen=True)
+class Observed:
+    """One LlamaServer as this reconcile read it, parsed once: its identity, the typed server (None when the body
+    does not parse), every problem of its spec (empty: valid), the replicas it asks for and its previous status."""
 
-    The reconcile loop, `render` and the admission webhook all ask this one function.
-    """
-    problems = []
-    refs = [("spec.modelRef", spec.model_ref)] if spec.model_ref is not None else []
-    refs += [(f"spec.models[{index}].modelRef", entry.model_ref) for index, entry in enumerate(spec.models or [])]
-    if spec.speculative is not None:
-        refs.append(("spec.speculative.draftModelRef", spec.speculative.draft_model_ref))
-    for path, ref in refs:
-        if ref.namespace is not None and ref.namespace != namespace:
-            problems.append(
-                f"{path}.namespace: must be omitted or {namespace!r}; a LlamaServer can only "
-                f"use LlamaModels in its own namespace (got {ref.namespace!r})"
-            )
-    problems += [str(error) for error in validate_server_spec(spec)]
-    problems += tenant_problems(spec, settings)
-    return problems
+    body: Mapping[str, Any]
+    namespace: str
+    name: str
+    generation: int | None
+    replicas: int
+    server: LlamaServer | None
+    problems: list[str]
+    previous: LlamaServerStatus
+
+
+def observe(body: Mapping[str, Any], settings: Settings) -> Observed:
+    meta = body["metadata"]
+    try:
+        server: LlamaServer | None = LlamaServer.model_validate(body)
+    except ValidationError as exc:
+        server, problems = None, describe(exc)
+    else:
+        problems = spec_problems(server.spec, server.metadata.namespace, settings)
+    replicas = (body.get("spec") or {}).get("replicas", 1)
+    try:
+        previous = LlamaServerStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        previous = LlamaServerStatus()
+    return Observed(body=body, namespace=meta["namespace"], name=meta["name"], generation=meta.get("generation"),
+                    replicas=replicas if isinstance(replicas, int) and replicas >= 0 else 0, server=server,
+                    problems=problems, previous=previous)
 
 
 def _selector(server_name: str) -> str:
     return label_selector(selector_labels(server_name))
 
 
-async def _observe(ctx: Context, namespace: str, name: str, desired: int) -> FleetStatus:
-    deployment = await ctx.kube.get(DEPLOYMENTS, namespace, name)
-    pods = await ctx.kube.list(PODS, namespace, label_selector=_selector(name)) if deployment else []
-    return fleet_status(desired, deployment, pods)
+async def _fleet(ctx: Context, observed: Observed) -> FleetStatus:
+    deployment = await ctx.kube.get(DEPLOYMENTS, observed.namespace, observed.name)
+    pods = await ctx.kube.list(PODS, observed.namespace, label_selector=_selector(observed.name)) if deployment else []
+    return fleet_status(observed.replicas, deployment, pods)
 
 
 @dataclass(frozen=True)
@@ -101,116 +102,103 @@ class Outcome:
     download: DownloadStatus | None = None
 
 
-def parse_server(body: Mapping[str, Any], settings: Settings) -> tuple[LlamaServer | None, list[str]]:
-    """The typed LlamaServer and every problem with it (schema, references, flags); problems name the field."""
-    try:
-        server = LlamaServer.model_validate(body)
-    except ValidationError as exc:
-        return None, describe(exc)
-    return server, spec_problems(server.spec, server.metadata.namespace, settings)
-
-
-def desired_replicas(body: Mapping[str, Any]) -> int:
-    replicas = body.get("spec", {}).get("replicas", 1)
-    return replicas if isinstance(replicas, int) and replicas >= 0 else 0
-
-
 async def reconcile_server(body: Mapping[str, Any], ctx: Context) -> LlamaServerStatus:
     """Bring the cluster in line with one LlamaServer and return the status written."""
-    return await _write(ctx, body, await _reconcile(body, ctx))
+    observed = observe(body, ctx.settings)
+    return await _write(ctx, observed, await _reconcile(observed, ctx))
 
 
-async def _reconcile(body: Mapping[str, Any], ctx: Context) -> Outcome:
-    meta = body["metadata"]
-    namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
-    server, problems = parse_server(body, ctx.settings)
-    if server is None or problems:
+async def _reconcile(observed: Observed, ctx: Context) -> Outcome:
+    generation = observed.generation
+    server = observed.server
+    if server is None or observed.problems:
         # Nothing is applied: the pods of the last good spec keep running.
-        message = "; ".join(problems)
+        message = "; ".join(observed.problems)
         invalid = condition("ArgsValid", False, "InvalidSpec", message, generation=generation)
-        return Outcome("Failed", message, [invalid], await _observe(ctx, namespace, name, desired_replicas(body)))
+        return Outcome("Failed", message, [invalid], await _fleet(ctx, observed))
     args_ok = condition("ArgsValid", True, "Valid", generation=generation)
-    if server.spec.models is not None:
-        from .router import reconcile_router  # router.py builds on this module's Outcome and model checks
-
-        return await reconcile_router(server, ctx, args_ok)
-    assert server.spec.model_ref is not None
-
-    models: list[LlamaModel] = []
-    refs = [server.spec.model_ref.name]
-    if server.spec.speculative is not None:
-        refs.append(server.spec.speculative.draft_model_ref.name)
-    for ref in refs:
-        model_body = await ctx.kube.get(LLAMA_MODELS, namespace, ref)
-        parsed, model_problem = _parse_model(model_body, namespace, ref)
-        if parsed is None:
-            reason, message = model_problem or ("ModelNotReady", f"LlamaModel {namespace}/{ref} is not ready")
-            return Outcome("Pending", message,
-                           [condition("ModelResolved", False, reason, message, generation=generation), args_ok],
-                           await _observe(ctx, namespace, name, server.spec.replicas))
-        models.append(parsed)
-    model, draft = models[0], (models[1] if len(models) > 1 else None)
-    unbuildable = model_problems(draft)
-    if unbuildable:
-        # A combination of models the pod cannot be built from: a bad spec, not a crash of the reconcile.
-        message = "; ".join(unbuildable)
-        return Outcome("Failed", message,
-                       [condition("ModelResolved", False, "DraftNotDownloadable", message, generation=generation),
-                        args_ok],
-                       await _observe(ctx, namespace, name, server.spec.replicas))
-    model_ok = condition("ModelResolved", True, "ModelReady", generation=generation)
-    fit = estimate_server(server.spec, model.status.gguf, draft.status.gguf if draft is not None else None)
-    fits = fits_condition(server, fit, model.status.gguf, **await gpu_nodes(ctx, server), generation=generation)
-    chat = chat_template_condition([ChatModel(model.metadata.name, server.spec.chat_template, model.status.gguf,
-                                              server.spec.mode)], generation=generation)
-    memory = memory_status(fit) if fit is not None else None
-
-    # Read before applying: the Deployment's status is needed anyway, and an unchanged desired object whose live
-    # copy is still what we applied is not sent again (a pod event costs reads, not writes).
-    await converge_network_policy(ctx, server)  # before the pods: none of them starts unprotected
-    live = await ctx.kube.get(DEPLOYMENTS, namespace, name)
-    try:
-        deployment = await ctx.kube.apply(build_deployment(server, model, ctx.settings, draft), live=live)
-    except Invalid as exc:
-        # The API server refused what we built from this spec (e.g. a malformed node label): retrying the
-        # same write cannot help, the spec must change.
-        return Outcome("Failed", f"the API server rejected the Deployment: {exc}", [model_ok, args_ok, fits, chat],
-                       await _observe(ctx, namespace, name, server.spec.replicas), memory=memory)
-    service = build_service(server)
-    await ctx.kube.apply(service, live=await ctx.kube.get(SERVICES, namespace, service["metadata"]["name"]))
-    pods = await ctx.kube.list(PODS, namespace, label_selector=_selector(name))
-    await record_first_use(ctx, {FETCH_CONTAINER: model, FETCH_DRAFT_CONTAINER: draft}, pods)
-    fleet = fleet_status(server.spec.replicas, deployment, pods)
-    download = await observe_download(ctx, namespace, pods) if fleet.phase == "Downloading" else None
+    models = await _resolve(ctx, server)
+    if isinstance(models, tuple):
+        reason, message = models
+        return Outcome("Pending", message, [condition("ModelResolved", False, reason, message, generation=generation),
+                                            args_ok], await _fleet(ctx, observed))
+    ready = f"{len(models)} LlamaModel(s) ready" if server.spec.models is not None else ""
+    model_ok = condition("ModelResolved", True, "ModelReady", ready, generation=generation)
+    plan = plan_server(server, models, ctx.settings)
+    if isinstance(plan, PlanProblem):
+        # A combination the pods cannot be built from: a bad spec, not a crash of the reconcile.
+        failed = condition(plan.condition, False, plan.reason, plan.message, generation=generation)
+        reported = [failed, args_ok] if plan.condition == "ModelResolved" else [model_ok, failed]
+        return Outcome("Failed", plan.message, reported, await _fleet(ctx, observed))
+    served = models[server.spec.model_ref.name] if server.spec.model_ref is not None else None
+    nodes = await gpu_nodes(ctx, server) if plan.estimate is not None else {}
+    fits = fits_condition(server, plan.estimate, served.status.gguf if served else None, **nodes,
+                          generation=generation)
+    chat = chat_template_condition(chat_models(server, models), generation=generation)
+    memory = memory_status(plan.estimate) if plan.estimate is not None else None
+    reported = [model_ok, args_ok, fits, chat]
+    deployment = await _apply(ctx, server, plan)
+    if isinstance(deployment, str):
+        return Outcome("Failed", deployment, reported, await _fleet(ctx, observed), memory=memory)
+    pods = await ctx.kube.list(PODS, observed.namespace, label_selector=_selector(observed.name))
+    await record_first_use(ctx, plan.trust, pods)
+    fleet = fleet_status(observed.replicas, deployment, pods)
+    download = await observe_download(ctx, observed.namespace, pods) if fleet.phase == "Downloading" else None
     message = f"{fleet.message} ({download.summary})" if download is not None else fleet.message
-    return Outcome(fleet.phase, message, [model_ok, args_ok, fits, chat], fleet, endpoint=endpoint_url(server),
-                   model_name=model_name(server), args=server_args(server, model, draft), memory=memory,
-                   download=download)
+    return Outcome(fleet.phase, message, reported, fleet, endpoint=plan.endpoint, model_name=plan.model_name,
+                   args=plan.args, memory=memory, download=download)
 
 
-def _parse_model(
+async def _resolve(ctx: Context, server: LlamaServer) -> dict[str, LlamaModel] | tuple[str, str]:
+    """Every LlamaModel the server references, by name, each ready to serve; else (reason, message) of the first
+    that is not."""
+    namespace = server.metadata.namespace
+    models: dict[str, LlamaModel] = {}
+    for _, ref in server.spec.model_refs():
+        if ref.name not in models:
+            model = _ready_model(await ctx.kube.get(LLAMA_MODELS, namespace, ref.name), namespace, ref.name)
+            if isinstance(model, tuple):
+                return model
+            models[ref.name] = model
+    return models
+
+
+async def _apply(ctx: Context, server: LlamaServer, plan: ServerPlan) -> dict[str, Any] | str:
+    """Apply the plan's objects in order (each read first: an unchanged one is not sent again, and a pod event
+    costs reads, not writes); returns the Deployment as stored, or why the API server refused an object."""
+    if plan.find("NetworkPolicy") is None:
+        await remove_network_policy(ctx, server)  # made while the setting was on
+    stored: dict[str, Any] = {}
+    for obj in plan.objects:
+        kind = KINDS_BY_API[(obj["apiVersion"], obj["kind"])]
+        live = await ctx.kube.get(kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
+        try:
+            applied = await ctx.kube.apply(obj, live=live)
+        except Invalid as exc:
+            # What we built from this spec was refused (e.g. a malformed node label): retrying the same write
+            # cannot help, the spec must change.
+            return f"the API server rejected the {obj['kind']}: {exc}"
+        if obj["kind"] == "Deployment":
+            stored = applied
+    return stored
+
+
+def _ready_model(
     model_body: Mapping[str, Any] | None, namespace: str, name: str
-) -> tuple[LlamaModel | None, tuple[str, str] | None]:
-    """The referenced LlamaModel, typed, when it is ready to serve; else (None, (reason, message))."""
+) -> LlamaModel | tuple[str, str]:
+    """The referenced LlamaModel, typed, when it is ready to serve; else (reason, message)."""
     if model_body is None:
-        return None, ("ModelNotFound", f"LlamaModel {namespace}/{name} not found; waiting for it to be created")
+        return "ModelNotFound", f"LlamaModel {namespace}/{name} not found; waiting for it to be created"
     try:
         model = LlamaModel.model_validate(model_body)
     except ValidationError as exc:
         # Stored before the CRD schema (or this operator version) rejected it: say what is wrong with it.
-        return None, ("ModelInvalid", f"LlamaModel {namespace}/{name} is invalid: {'; '.join(describe(exc))}")
+        return "ModelInvalid", f"LlamaModel {namespace}/{name} is invalid: {'; '.join(describe(exc))}"
     phase = model.status.phase or "Pending"
     if phase != "Ready" or not model.status.cache_key:
         detail = f": {model.status.message}" if model.status.message else ""
-        return None, ("ModelNotReady", f"LlamaModel {namespace}/{name} is {phase}{detail}")
-    return model, None
-
-
-def _previous_status(body: Mapping[str, Any]) -> LlamaServerStatus:
-    try:
-        return LlamaServerStatus.model_validate(body.get("status") or {})
-    except ValidationError:
-        return LlamaServerStatus()
+        return "ModelNotReady", f"LlamaModel {namespace}/{name} is {phase}{detail}"
+    return model
 
 
 def _observe_metrics(namespace: str, name: str, status: LlamaServerStatus, desired: int) -> None:
@@ -251,11 +239,9 @@ def _without_gateway(wire: dict[str, Any]) -> dict[str, Any]:
             if key not in GATEWAY_STATUS_FIELDS and key not in MODEL_STATUS_FIELDS}
 
 
-async def _write(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> LlamaServerStatus:
-    meta = body["metadata"]
-    generation = meta.get("generation")
-    previous = _previous_status(body)
-    desired = desired_replicas(body)
+async def _write(ctx: Context, observed: Observed, outcome: Outcome) -> LlamaServerStatus:
+    body, generation, previous, desired = observed.body, observed.generation, observed.previous, observed.replicas
+    namespace, name = observed.namespace, observed.name
     fleet = outcome.fleet
     status = LlamaServerStatus.model_validate(
         {
@@ -269,7 +255,7 @@ async def _write(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> Lla
             "replicas": fleet.replicas,
             "readyReplicas": fleet.ready_replicas,
             "ready": f"{fleet.ready_replicas}/{desired}",
-            "selector": _selector(meta["name"]),
+            "selector": _selector(name),
             "conditions": [],
         }
     )
@@ -278,7 +264,7 @@ async def _write(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> Lla
     # Conditions not reported this time (e.g. ModelResolved while the spec is invalid) keep their last value.
     kept = [c for c in previous.conditions or [] if c.type not in {c.type for c in merged}]
     status.conditions = merged + kept
-    _observe_metrics(meta["namespace"], meta["name"], status, desired)
+    _observe_metrics(namespace, name, status, desired)
     if status == previous:
         return status
     phase, message = outcome.phase, outcome.message
@@ -287,7 +273,7 @@ async def _write(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> Lla
         ctx.record_event(body, type=event_type, reason=phase, message=message or f"LlamaServer is {phase}")
     fits_event(ctx, body, previous.conditions, status.conditions)
     problem_event(ctx, body, previous.conditions, status.conditions, CHAT_TEMPLATE, quiet=CHAT_TEMPLATE_QUIET)
-    await ctx.kube.patch_status(LLAMA_SERVERS, meta["namespace"], meta["name"], _without_gateway(status.to_wire()),
+    await ctx.kube.patch_status(LLAMA_SERVERS, namespace, name, _without_gateway(status.to_wire()),
                                 previous=_without_gateway(previous.to_wire()))
-    log.info("LlamaServer %s/%s is %s%s", meta["namespace"], meta["name"], phase, f": {message}" if message else "")
+    log.info("LlamaServer %s/%s is %s%s", namespace, name, phase, f": {message}" if message else "")
     return status

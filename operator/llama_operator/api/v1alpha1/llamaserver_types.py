@@ -304,6 +304,16 @@ class LlamaServerSpec(ApiModel):
         # Everything downstream needs modelRef or models; the other router rules are reported with the flags.
         return check_value(ROUTER_RULES[:1], self)
 
+    def model_refs(self) -> list[tuple[str, ModelRef]]:
+        """Every LlamaModel this server uses, with the field that names it, in order: spec.modelRef, each
+        spec.models[i].modelRef, spec.speculative.draftModelRef. The one list of a server's references: the
+        validation, the reconcile, `render` and the handlers' model index all read it."""
+        refs = [("spec.modelRef", self.model_ref)] if self.model_ref is not None else []
+        refs += [(f"spec.models[{index}].modelRef", entry.model_ref) for index, entry in enumerate(self.models or [])]
+        if self.speculative is not None:
+            refs.append(("spec.speculative.draftModelRef", self.speculative.draft_model_ref))
+        return refs
+
 
 class LlamaServer(ApiModel):
     """A LlamaServer object as stored in the API."""

@@ -1,0 +1,128 @@
+"""The plan of one LlamaServer: everything the operator wants for it, decided once, from the typed server, its
+resolved LlamaModels and the settings. Pure.
+
+`plan_server` is the one place that decides which objects a server gets (one model or router mode, the
+NetworkPolicy or not), their arguments, the names it serves, its endpoint, its memory estimate and which of its
+fetchers record a trust-on-first-use checksum. The reconcile applies and reports the plan, `render` prints its
+objects; neither builds anything itself. The spec has passed `flags.spec.spec_problems` before it is planned;
+what the resolved models rule out comes back as a `PlanProblem` instead of a plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..api.v1alpha1 import LlamaModel, LlamaServer
+from ..config import Settings
+from ..contract import FETCH_CONTAINER, FETCH_DRAFT_CONTAINER, router_fetch_container
+from ..errors import InvalidSpec
+from ..fit import Estimate, estimate_server
+from ..flags.spec import model_problems
+from .args import server_args
+from .deployment import deployment_object
+from .naming import model_name, served_names
+from .network_policy import build_network_policy
+from .pod import pod_template
+from .resources import default_memory_request
+from .router import build_preset_configmap, build_router_deployment, distinct_models, router_args
+from .service import build_service, endpoint_url
+from .trust import needs_trust
+
+
+@dataclass(frozen=True)
+class ServerPlan:
+    """What one LlamaServer should be, as objects to apply and facts to report in its status."""
+
+    objects: tuple[dict[str, Any], ...]
+    """In apply order: the NetworkPolicy (when the operator makes one) before any pod can start, a router's preset
+    ConfigMap before the Deployment whose pods mount it, the Deployment, the Service."""
+    args: list[str]
+    """llama-server's arguments (status.args)."""
+    served_names: list[str]
+    """Every model name a request may use with this server."""
+    model_name: str
+    """status.modelName: what /v1/models lists (router mode: every served name, comma-separated)."""
+    endpoint: str
+    estimate: Estimate | None
+    """The memory estimate (None in router mode, or when the model's status has no memory shape)."""
+    trust: Mapping[str, LlamaModel]
+    """Fetch container name -> the model it downloads, for each model verified by trust on first use."""
+
+    def find(self, kind: str) -> dict[str, Any] | None:
+        return next((obj for obj in self.objects if obj["kind"] == kind), None)
+
+    @property
+    def deployment(self) -> dict[str, Any]:
+        found = self.find("Deployment")
+        assert found is not None  # every plan has one
+        return found
+
+
+@dataclass(frozen=True)
+class PlanProblem:
+    """Why no plan could be made from the resolved models; the condition it sets to False and why."""
+
+    condition: Literal["ModelResolved", "ArgsValid"]
+    reason: str
+    message: str
+
+
+def plan_server(server: LlamaServer, models: Mapping[str, LlamaModel], settings: Settings) -> ServerPlan | PlanProblem:
+    """The plan of a valid server; `models` maps the name of every LlamaModel it references (spec.model_refs())
+    to that model, resolved (status Ready with a cache key)."""
+    problems = model_problems(server.spec, models)
+    if problems:
+        return PlanProblem("ModelResolved", "DraftNotDownloadable", "; ".join(problems))
+    if server.spec.models is not None:
+        return _router_plan(server, models, settings)
+    assert server.spec.model_ref is not None  # LlamaServerSpec: exactly one of modelRef and models
+    speculative = server.spec.speculative
+    draft = models[speculative.draft_model_ref.name] if speculative is not None else None
+    return _one_model_plan(server, models[server.spec.model_ref.name], draft, settings)
+
+
+def build_deployment(
+    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
+) -> dict[str, Any]:
+    """The Deployment of a one-model server as its plan has it; `draft` is the speculative draft model, if any."""
+    return _one_model_plan(server, model, draft, settings).deployment
+
+
+def _one_model_plan(
+    server: LlamaServer, model: LlamaModel, draft: LlamaModel | None, settings: Settings
+) -> ServerPlan:
+    args = server_args(server, model, draft)
+    fit = estimate_server(server.spec, model.status.gguf, draft.status.gguf if draft is not None else None)
+    template = pod_template(server, model, settings, draft, args=args,
+                            memory=default_memory_request(server, settings, fit))
+    fetchers = {FETCH_CONTAINER: model, **({FETCH_DRAFT_CONTAINER: draft} if draft is not None else {})}
+    return _plan(server, settings, [deployment_object(server, template)], args=args, estimate=fit, fetchers=fetchers)
+
+
+def _router_plan(server: LlamaServer, models: Mapping[str, LlamaModel], settings: Settings) -> ServerPlan | PlanProblem:
+    try:
+        # The preset first: the pods of the new template mount it.
+        objects = [build_preset_configmap(server, models, settings), build_router_deployment(server, models, settings)]
+    except InvalidSpec as exc:
+        return PlanProblem("ArgsValid", "InvalidSpec", f"the preset cannot be written: {exc}")
+    fetchers = {router_fetch_container(index): models[name] for index, name in enumerate(distinct_models(server))}
+    # Which models are loaded together changes at run time: no one estimate holds (docs/multi-model.md).
+    return _plan(server, settings, objects, args=router_args(server), estimate=None, fetchers=fetchers)
+
+
+def _plan(
+    server: LlamaServer, settings: Settings, workload: list[dict[str, Any]], *, args: list[str],
+    estimate: Estimate | None, fetchers: Mapping[str, LlamaModel],
+) -> ServerPlan:
+    policy = build_network_policy(server, settings)
+    return ServerPlan(
+        objects=(*([policy] if policy is not None else []), *workload, build_service(server)),
+        args=args,
+        served_names=served_names(server),
+        model_name=model_name(server),
+        endpoint=endpoint_url(server),
+        estimate=estimate,
+        trust={container: model for container, model in fetchers.items() if needs_trust(model)},
+    )

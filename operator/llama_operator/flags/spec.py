@@ -1,0 +1,41 @@
+"""The one validation of a LlamaServer beyond its schema: every reason it cannot run as written.
+
+`spec_problems` is what the CRD schema cannot express: references to another namespace, the llama-server flags
+and cross-field rules (validate.py), and the operator's tenant policy (policy.py). The admission webhook, every
+reconcile and `render` ask it, and nothing else decides whether a spec is valid. `model_problems` is what the
+resolved LlamaModels rule out (a combination no pod can be built from); the plan (builders/plan.py) asks it
+before building. Each problem is one line that names the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..api.v1alpha1 import LlamaModel, LlamaServerSpec
+from ..config import Settings
+from ..policy import tenant_problems
+from .validate import validate_server_spec
+
+
+def spec_problems(spec: LlamaServerSpec, namespace: str, settings: Settings) -> list[str]:
+    """Every problem of a parsed spec (empty: it may be rolled out)."""
+    problems = [
+        f"{path}.namespace: must be omitted or {namespace!r}; a LlamaServer can only use LlamaModels in its own "
+        f"namespace (got {ref.namespace!r})"
+        for path, ref in spec.model_refs()
+        if ref.namespace is not None and ref.namespace != namespace
+    ]
+    problems += [str(error) for error in validate_server_spec(spec)]
+    problems += tenant_problems(spec, settings)
+    return problems
+
+
+def model_problems(spec: LlamaServerSpec, models: Mapping[str, LlamaModel]) -> list[str]:
+    """What the referenced LlamaModels (by name, resolved) rule out; a bad combination is a status, not a crash."""
+    draft = models.get(spec.speculative.draft_model_ref.name) if spec.speculative is not None else None
+    if draft is not None and draft.spec.source.volume is not None:
+        return [
+            f"spec.speculative.draftModelRef: LlamaModel {draft.metadata.name} has a volume source; a draft model "
+            "must be downloadable (huggingFace or http source): it is fetched into the served model's cache"
+        ]
+    return []
