@@ -55,6 +55,7 @@ from .fetch.plan import shard_names
 from .fetch.secrets import auth_headers, checked_credentials
 from .fit import model_info
 from .gguf import GgufHeader, HttpByteSource, read_header, send_following, transport_error
+from .gguf.limits import show
 
 __all__ = [  # the source errors and HTTP helpers are re-exported: callers name one module for source trouble
     "ChecksumMismatch", "LinkedInfo", "NotAGguf", "ResolvedModel", "SourceError", "SourceForbidden", "SourceNotFound",
@@ -373,6 +374,7 @@ async def _resolve_mmproj(
                           "(a projector is verified like the weights, and is never trusted on first use)")
     header = await _read_gguf(client, remote, headers, token_given=token_given, hub=settings.huggingface_endpoint)
     if header.architecture != MMPROJ_ARCHITECTURE:
-        raise NotAGguf(f"{remote.name}: general.architecture is {header.architecture!r}, not a multimodal "
+        arch = show(header.architecture) if header.architecture is not None else "missing"
+        raise NotAGguf(f"{remote.name}: general.architecture is {arch}, not a multimodal "
                        f"projector ({MMPROJ_ARCHITECTURE!r}); spec.mmproj names the mmproj GGUF of the model")
     return ModelFile(name=name, url=remote.url, size=remote.size, sha256=sha256)

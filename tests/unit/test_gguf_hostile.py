@@ -178,6 +178,9 @@ async def test_absurd_layer_and_head_counts_are_refused_quickly(tmp_path: Path) 
     per_layer = {**heads, "llama.attention.head_count": [8] * 100 + [2**33]}
     with pytest.raises(NotAGguf, match="8589934592"):
         memory_shape(per_layer, TensorSummary())
+    floats = {**heads, "llama.attention.head_count": 8, "llama.attention.head_count_kv": [float("nan")]}
+    with pytest.raises(NotAGguf, match="head_count_kv' is nan"):
+        memory_shape(floats, TensorSummary())
     # Every input within its bound, their product past 2^53: the recurrent state of 512 Mamba layers.
     mamba = {"general.architecture": "mamba", "mamba.block_count": 512, "mamba.ssm.conv_kernel": 2**20,
              "mamba.ssm.inner_size": 2**20, "mamba.ssm.state_size": 2**20, "mamba.ssm.group_count": 2**20}

@@ -87,11 +87,11 @@ def _per_layer(metadata: Mapping[str, Any], key: str, n_layer: int, default: int
     """A per-layer list from a scalar or an array key (arrays shorter than n_layer repeat their last value)."""
     value = metadata.get(key)
     if isinstance(value, list) and value:
-        numbers = [int(v) for v in value[:n_layer]]
+        numbers = value[:n_layer]
         for number in numbers:
-            if not 0 <= number <= MAX_DIMENSION:
+            if not isinstance(number, int) or not 0 <= number <= MAX_DIMENSION:  # a float array (NaN) too
                 raise _refuse(key, number, MAX_DIMENSION)
-        return numbers + [numbers[-1]] * (n_layer - len(numbers))
+        return [int(v) for v in numbers] + [int(numbers[-1])] * (n_layer - len(numbers))
     scalar = _bounded(metadata, key)
     return [default if scalar is None else scalar] * n_layer
 
