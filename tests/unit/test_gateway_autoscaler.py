@@ -7,16 +7,10 @@ from typing import Any
 
 import pytest
 
-from llama_operator.gateway.autoscaler import (
-    Autoscaler,
-    Decision,
-    LoadWindow,
-    ScalingPolicy,
-    Signals,
-    Traffic,
-    decide,
-)
+from llama_operator.gateway.autoscaler import Autoscaler
 from llama_operator.gateway.routing import RoutingTable
+from llama_operator.gateway.scaling import Decision, ScalingPolicy, Signals, decide
+from llama_operator.gateway.traffic import LoadWindow, Traffic
 from tests.conftest import server_body
 
 P = ScalingPolicy(min_replicas=0, max_replicas=4, target_in_flight=2, idle_seconds=300, scale_down_delay_seconds=60,

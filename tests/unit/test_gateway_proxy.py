@@ -16,11 +16,11 @@ import pytest
 from aiohttp import web
 
 from llama_operator.gateway import metrics
-from llama_operator.gateway.autoscaler import Traffic
 from llama_operator.gateway.endpoints import EndpointTable, ready_endpoints
 from llama_operator.gateway.hold import HoldQueue
 from llama_operator.gateway.proxy import Proxy
 from llama_operator.gateway.routing import RoutingTable
+from llama_operator.gateway.traffic import Traffic
 from tests.conftest import server_body
 
 
@@ -265,7 +265,8 @@ async def test_errors_in_openai_format(gw: Harness, payload: Any, status: int, c
     gw.server("embed", modelRef={"name": "bge"})
     assert gw.client is not None
     data = payload if isinstance(payload, str) else json.dumps(payload)
-    async with gw.client.post(f"{gw.url}/v1/chat/completions", data=data) as response:
+    async with gw.client.post(f"{gw.url}/v1/chat/completions", data=data,
+                              headers={"Content-Type": "application/json"}) as response:
         assert response.status == status
         error = (await response.json())["error"]
     assert error["code"] == code and text in error["message"]

@@ -1,10 +1,12 @@
 """`llama-operator gateway`: one OpenAI-compatible endpoint for every LlamaServer (docs/gateway.md).
 
-Modules, one job each: `routing` (LlamaServers -> routes by model name, alias, namespace/name), `endpoints`
-(EndpointSlices -> ready replicas), `balancer` (least in-flight, prefix affinity with bounded load: pure),
-`hold` (requests waiting for a replica), `autoscaler` (the load, the pure scaling decision, the one writer of
-spec.replicas), `proxy` (the aiohttp server and upstream client), `metrics`, `watch` (list+watch loops), `app`
-(the wiring and the gateway's RBAC).
+Modules, one job each. The request path, a star around `proxy` (the aiohttp handlers and upstream client):
+`body` (reading a body within bounds), `scan` (its routing fields, without building the JSON tree: pure),
+`routing` (LlamaServers -> routes by model name, alias, namespace/name), `endpoints` (EndpointSlices -> ready
+replicas), `balancer` (least in-flight, prefix affinity with bounded load: pure), `hold` (requests waiting for
+a replica), `traffic` (the load it counts), `answers` (OpenAI-format errors and model objects), `metrics`.
+Around it: `scaling` (the pure scaling decision), `autoscaler` (the one writer of spec.replicas), `listener`
+(connection cap and header deadline), `cors`, `watch` (list+watch loops), `app` (the wiring and the RBAC).
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ def _upstreams(values: list[str]) -> dict[str, list[str]]:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    """The GatewayConfig the command line asks for (raises ArgumentTypeError for a bad --upstream)."""
+    """The GatewayConfig the command line asks for (raises ArgumentTypeError for a bad --upstream or limits)."""
     from .app import GatewayConfig
 
     return GatewayConfig(
         listen=args.listen, admin=args.admin, namespaces=tuple(filter(None, args.namespaces.split(","))),
         hold_timeout=args.hold_timeout, hold_queue=args.hold_queue, max_request_bytes=args.max_request_bytes,
-        connect_timeout=args.connect_timeout, autoscale=not args.no_autoscale,
+        max_buffered_bytes=args.max_buffered_bytes, header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout, max_connections=args.max_connections,
+        cors_origins=tuple(args.cors_origin or ()), connect_timeout=args.connect_timeout,
+        autoscale=not args.no_autoscale,
         autoscale_interval=args.autoscale_interval, retry_after=args.retry_after,
         static=_upstreams(args.upstream or []))
 
@@ -47,7 +52,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
-    except argparse.ArgumentTypeError as exc:
+    except (argparse.ArgumentTypeError, ValueError) as exc:
         raise CliError(str(exc)) from None
     kube: Any = None
     if not config.static:
@@ -77,6 +82,19 @@ def register(sub: Any) -> None:
                          help="requests that may wait per model (default %(default)s); more get 503 at once")
     gateway.add_argument("--max-request-bytes", type=int, default=32 << 20,
                          help="largest request body accepted (default %(default)s); larger ones get 413")
+    gateway.add_argument("--max-buffered-bytes", type=int, default=256 << 20,
+                         help="request bodies held in memory at once, all clients together (default %(default)s); "
+                         "a request waits for room, at most --body-timeout, then 503")
+    gateway.add_argument("--header-timeout", type=float, default=30.0,
+                         help="seconds for a request's headers to arrive, from connecting or from the previous "
+                         "answer on the connection (default %(default)s); then the connection is closed")
+    gateway.add_argument("--body-timeout", type=float, default=60.0,
+                         help="seconds for a request's body to arrive (default %(default)s); then 408 and close")
+    gateway.add_argument("--max-connections", type=int, default=1024,
+                         help="open client connections of the OpenAI API (default %(default)s); more get 503")
+    gateway.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                         help="an origin (https://app.example.com, or *) browsers may call the API from "
+                         "(repeatable; default none: no CORS headers)")
     gateway.add_argument("--connect-timeout", type=float, default=5.0,
                          help="seconds to connect to a replica before trying another (default %(default)s)")
     gateway.add_argument("--retry-after", type=int, default=5, help="Retry-After of 503 answers (default %(default)s)")

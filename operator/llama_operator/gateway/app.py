@@ -21,12 +21,14 @@ from aiohttp import web
 
 from ..api.v1alpha1 import GROUP
 from ..kube import ENDPOINT_SLICES, LLAMA_SERVERS, Kube, Permission
-from . import metrics
-from .autoscaler import Autoscaler, Traffic
+from . import cors, metrics
+from .autoscaler import Autoscaler
 from .endpoints import EndpointTable
 from .hold import HoldQueue
+from .listener import CappedSite, runner_settings
 from .proxy import Proxy
 from .routing import RoutingTable
+from .traffic import Traffic
 from .watch import list_and_watch
 
 log = logging.getLogger(__name__)
@@ -72,12 +74,27 @@ class GatewayConfig:
     hold_timeout: float = 120.0
     hold_queue: int = 100
     max_request_bytes: int = 32 << 20
+    max_buffered_bytes: int = 256 << 20
+    """Request bodies held at once, all requests together (body.py)."""
+    header_timeout: float = 30.0
+    """Seconds for a request's headers to arrive, from connecting or from the previous answer (listener.py)."""
+    body_timeout: float = 60.0
+    """Seconds for a request's body to arrive (body.py)."""
+    max_connections: int = 1024
+    """Open client connections of the OpenAI API; more are answered 503 and closed."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins browsers may call from (cors.py); empty: no CORS header at all."""
     connect_timeout: float = 5.0
     autoscale: bool = True
     autoscale_interval: float = 1.0
     retry_after: int = 5
     static: Mapping[str, Sequence[str]] = field(default_factory=dict)
     """model name -> replica base URLs (no Kubernetes)."""
+
+    def __post_init__(self) -> None:
+        if self.max_request_bytes > self.max_buffered_bytes:
+            raise ValueError(f"--max-request-bytes ({self.max_request_bytes}) is larger than --max-buffered-bytes "
+                             f"({self.max_buffered_bytes}): no such request could ever be read")
 
 
 def static_bodies(static: Mapping[str, Sequence[str]]) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
@@ -109,8 +126,9 @@ class Gateway:
         self.autoscaler = Autoscaler(kube if config.autoscale else None, self.routes, self.traffic,
                                      interval=config.autoscale_interval)
         self.proxy = Proxy(self.routes, self.endpoints, self.traffic, self.hold, kick=self.autoscaler.kick,
-                           max_request_bytes=config.max_request_bytes, connect_timeout=config.connect_timeout,
-                           retry_after=config.retry_after)
+                           max_request_bytes=config.max_request_bytes,
+                           max_buffered_bytes=config.max_buffered_bytes, body_timeout=config.body_timeout,
+                           connect_timeout=config.connect_timeout, retry_after=config.retry_after)
         self._synced: list[asyncio.Event] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._runners: list[web.AppRunner] = []
@@ -164,17 +182,22 @@ class Gateway:
             self._start_watches()
         if self.config.autoscale and self.kube is not None:
             self._tasks.append(asyncio.create_task(self.autoscaler.run()))
-        for app, where, attr in ((self.proxy.app(), self.config.listen, "api_port"),
-                                 (self._admin_app(), self.config.admin, "admin_port")):
-            # handler_cancellation: a client that goes away cancels its handler, which closes the upstream.
-            runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-            await runner.setup()
-            host, port = _host_port(where, 0)
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-            self._runners.append(runner)
-            sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-            setattr(self, attr, sockets[0].getsockname()[1] if sockets else port)
+        api = self.proxy.app()
+        if self.config.cors_origins:
+            cors.enable(api, self.config.cors_origins)
+        runner = web.AppRunner(api, **runner_settings(self.config.header_timeout))
+        await runner.setup()
+        self._runners.append(runner)
+        host, port = _host_port(self.config.listen, 0)
+        site: web.TCPSite = CappedSite(runner, host, port, limit=self.config.max_connections)
+        await site.start()
+        self.api_port = site.port
+        runner = web.AppRunner(self._admin_app(), access_log=None)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, *_host_port(self.config.admin, 0))
+        await site.start()
+        self.admin_port = site.port
         log.info("Gateway listening: OpenAI API on %s (port %s), metrics on %s (port %s); watching %s",
                  self.config.listen, self.api_port, self.config.admin, self.admin_port,
                  ", ".join(self.config.namespaces) or ("all namespaces" if self.kube else "static upstreams"))

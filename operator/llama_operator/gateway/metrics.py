@@ -41,6 +41,11 @@ DESIRED_REPLICAS = Gauge("llama_gateway_desired_replicas", "Replicas the autosca
                          registry=REGISTRY)
 READY_ENDPOINTS = Gauge("llama_gateway_ready_endpoints", "Ready replicas the gateway can send requests to.",
                         ["model"], registry=REGISTRY)
+CONNECTIONS_REFUSED = Counter("llama_gateway_connections_refused_total",
+                              "Client connections answered 503 and closed because --max-connections were open.",
+                              registry=REGISTRY)
+BODY_BYTES = Gauge("llama_gateway_request_body_bytes", "Bytes of request bodies held now (reserved from "
+                   "--max-buffered-bytes).", registry=REGISTRY)
 
 
 def exposition() -> bytes:

@@ -3,10 +3,12 @@
 - `GET /v1/models` lists every LlamaServer the gateway can reach in OpenAI's list format, scaled-to-zero ones
   included (`owned_by` is the namespace; `state`, `replicas`, `ready_replicas`, `aliases` are extra fields that
   OpenAI clients ignore); `GET /v1/models/{model}` one of them.
-- `POST /v1/...` (chat/completions, completions, embeddings, rerank, responses, ...): the JSON body's `model`
-  picks the route (routing.py); the body is forwarded byte for byte, the response streamed back chunk by chunk
-  as it arrives (SSE included), never buffered. An unknown model is 404 in OpenAI's error format naming the
-  model and the known ones.
+- `POST /v1/...` (chat/completions, completions, embeddings, rerank, responses, ...): the body is read within
+  bounds (body.py: JSON only, size, a memory budget for all bodies, a deadline), its `model` read by a bounded
+  scan (scan.py; on the event loop up to INLINE_SCAN_BYTES, else in a worker thread, SCAN_THREADS at once) and
+  routed (routing.py); the body is forwarded byte for byte, the response streamed back chunk by chunk as it
+  arrives (SSE included), never buffered. An unknown model is 404 in OpenAI's error format naming the model and
+  the known ones; a body that cannot be routed is a one-line 400. Errors name LlamaServers, never pod addresses.
 - No ready replica: the request is held (hold.py) while the autoscaler scales the server up; on timeout 503 with
   Retry-After.
 - A replica that fails before the first response byte reached the client (refused connection, reset, 502/503/
@@ -23,7 +25,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,11 +34,14 @@ import aiohttp
 from aiohttp import web
 
 from . import metrics
-from .autoscaler import Traffic
+from .answers import model_object, openai_error, unknown_model
 from .balancer import HashRing, bounded_load, least_in_flight, prompt_prefix
+from .body import Body, BodyBudget, BodyReader, Refused
 from .endpoints import EndpointTable
 from .hold import HoldQueue, QueueFull
 from .routing import Route, RoutingTable
+from .scan import BadBody, Summary, affinity_payload, scan
+from .traffic import Traffic
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +49,13 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
 RETRY_STATUSES = frozenset({502, 503, 504})
 EJECT_SECONDS = 5.0
+INLINE_SCAN_BYTES = 64 << 10
+"""Bodies up to this size are scanned on the event loop (a few ms at worst); larger ones in a worker thread."""
+SCAN_THREADS = 2
+"""Large bodies scanned at once: the scan is CPU, and the GIL makes more threads no faster."""
 _MODEL_LABEL = web.RequestKey("model", str)
 _CLIENT_GONE = web.RequestKey("client_gone", bool)
 _UPSTREAM_BROKE = web.RequestKey("upstream_broke", bool)
-
-
-def openai_error(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: Mapping[str, str] | None = None) -> web.Response:
-    """An error in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return web.json_response(body, status=status, headers=dict(headers or {}))
 
 
 def _has_api_key(headers: Mapping[str, str]) -> bool:
@@ -67,13 +68,17 @@ class Proxy:
 
     def __init__(self, routes: RoutingTable, endpoints: EndpointTable, traffic: Traffic, hold: HoldQueue, *,
                  kick: Callable[[], None] = lambda: None, max_request_bytes: int = 32 << 20,
-                 connect_timeout: float = 5.0, retry_after: int = 5) -> None:
+                 max_buffered_bytes: int = 256 << 20, body_timeout: float = 60.0, connect_timeout: float = 5.0,
+                 retry_after: int = 5) -> None:
         self.routes = routes
         self.endpoints = endpoints
         self.traffic = traffic
         self.hold = hold
         self.kick = kick
         self.max_request_bytes = max_request_bytes
+        self.bodies = BodyReader(max_bytes=max_request_bytes, budget=BodyBudget(max_buffered_bytes),
+                                 timeout=body_timeout, retry_after=retry_after)
+        self._scan_slots = asyncio.Semaphore(SCAN_THREADS)
         self.connect_timeout = connect_timeout
         self.retry_after = retry_after
         self.in_flight: dict[str, int] = {}
@@ -111,19 +116,9 @@ class Proxy:
 
     # -- models --------------------------------------------------------------------------------------------
 
-    def _model_object(self, route: Route, name: str) -> dict[str, Any]:
-        """One listed model: `name` is one of `routes.public_names(route)` (a router-mode server is listed once per
-        model it serves; `state` and the replicas are the server's, whichever of its models is loaded)."""
-        ready = len(self.endpoints.ready(*route.service))
-        state = "ready" if ready else ("scaled_to_zero" if route.replicas == 0 else "starting")
-        aliases = [name] if route.models else list(route.names)
-        return {"id": name, "object": "model", "created": route.created, "owned_by": route.namespace,
-                "namespace": route.namespace, "llamaserver": route.name, "aliases": aliases, "state": state,
-                "replicas": route.replicas, "ready_replicas": ready, "autoscaling": route.scaling is not None}
-
     async def list_models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
-            self._model_object(route, name) for route in self.routes.routes()
+            model_object(route, name, len(self.endpoints.ready(*route.service))) for route in self.routes.routes()
             for name in self.routes.public_names(route)]})
 
     async def get_model(self, request: web.Request) -> web.Response:
@@ -132,7 +127,8 @@ class Proxy:
         if resolution.route is None:
             return self._unknown(model, resolution.candidates)
         names = self.routes.public_names(resolution.route)
-        return web.json_response(self._model_object(resolution.route, model if model in names else names[0]))
+        ready = len(self.endpoints.ready(*resolution.route.service))
+        return web.json_response(model_object(resolution.route, model if model in names else names[0], ready))
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -143,13 +139,7 @@ class Proxy:
                             "GET /v1/models)", code="not_found")
 
     def _unknown(self, model: str, candidates: Sequence[Route]) -> web.Response:
-        if candidates:
-            names = ", ".join(r.key for r in candidates)
-            return openai_error(400, f"The model '{model}' is served by several LlamaServers ({names}): "
-                                "name one as <namespace>/<name>.", param="model", code="model_ambiguous")
-        known = ", ".join(self.routes.known_names()) or "none"
-        return openai_error(404, f"The model '{model}' does not exist on this gateway. Known models: {known}.",
-                            param="model", code="model_not_found")
+        return unknown_model(model, candidates, self.routes.known_names())
 
     # -- requests ------------------------------------------------------------------------------------------
 
@@ -175,21 +165,33 @@ class Proxy:
 
     async def _handle(self, request: web.Request, started: float) -> tuple[web.StreamResponse, str]:
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return openai_error(413, f"The request body is larger than this gateway accepts "
-                                f"({self.max_request_bytes} bytes).", code="request_too_large"), "unknown"
+            body = await self.bodies.read(request)
+        except Refused as refused:
+            response = openai_error(refused.status, refused.message, code=refused.code, headers=refused.headers,
+                                    type="server_error" if refused.status >= 500 else "invalid_request_error")
+            response.force_close()  # aiohttp reads what is left of the body, at most its lingering_time, then closes
+            if refused.close and request.transport is not None:
+                await response.prepare(request)
+                await response.write_eof()
+                request.transport.close()  # a client too slow to send a body gets no lingering time either
+            return response, "unknown"
         try:
-            payload = json.loads(body)
-        except ValueError:
-            payload = None
-        if not isinstance(payload, dict):
-            return openai_error(400, "The request body must be a JSON object with a 'model' field.",
-                                code="invalid_json"), "unknown"
-        model = payload.get("model")
-        if not isinstance(model, str) or not model:
-            return openai_error(400, "You must provide a model parameter.", param="model",
-                                code="missing_model"), "unknown"
+            return await self._route(request, body, started)
+        finally:
+            body.release()
+
+    async def _scan(self, data: bytearray) -> Summary:
+        if len(data) <= INLINE_SCAN_BYTES:
+            return scan(data)
+        async with self._scan_slots:
+            return await asyncio.to_thread(scan, data)
+
+    async def _route(self, request: web.Request, body: Body, started: float) -> tuple[web.StreamResponse, str]:
+        try:
+            summary = await self._scan(body.data)
+        except BadBody as exc:
+            return openai_error(400, str(exc), code=exc.code, param=exc.param), "unknown"
+        model = summary.model
         resolution = self.routes.resolve(model)
         route = resolution.route
         if route is None:
@@ -199,13 +201,18 @@ class Proxy:
         if route.api_key_required and not _has_api_key(request.headers):
             return openai_error(401, f"LlamaServer {key} requires an API key: send Authorization: Bearer <key>.",
                                 code="invalid_api_key"), key
+        try:
+            affinity = (affinity_payload(body.data, summary, route.routing.prefix_characters)
+                        if route.routing.strategy == "PrefixAffinity" else {})
+        except BadBody as exc:
+            return openai_error(400, str(exc), code=exc.code, param=exc.param), key
         if not self.endpoints.ready(*route.service):
             refused = await self._hold(route)
             if refused is not None:
                 return refused, key
         self.traffic.start(key)
         try:
-            return await self._forward(request, route, payload, body, started), key
+            return await self._forward(request, route, summary, affinity, body, started), key
         finally:
             self.traffic.finish(key)
 
@@ -267,12 +274,13 @@ class Proxy:
         headers["X-Forwarded-Host"] = request.host
         return headers
 
-    async def _forward(self, request: web.Request, route: Route, payload: Mapping[str, Any], body: bytes,
-                       started: float) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, route: Route, summary: Summary, affinity: Mapping[str, Any],
+                       body: Body, started: float) -> web.StreamResponse:
         assert self._session is not None
         key = route.key
         headers = self._forward_headers(request)
-        if payload.get("stream") is True:
+        headers["Content-Length"] = str(len(body.data))
+        if summary.stream:
             # llama-server closes the connection after a streamed answer without saying so: never pool it.
             headers["Connection"] = "close"
         tried: set[str] = set()
@@ -285,9 +293,11 @@ class Proxy:
                     return openai_error(503, f"The model '{route.model_name}' ({key}) has no ready replica; retry "
                                         "later.", type="server_error", code="model_not_ready",
                                         headers={"Retry-After": str(self.retry_after)})
-                return openai_error(502, f"Every ready replica of {key} failed before answering ({last_error}).",
-                                    type="server_error", code="upstream_error")
-            url = again or self.pick(route, candidates, payload)
+                # Named by the server, never by pod address: the log has the addresses.
+                return openai_error(502, f"Every ready replica of LlamaServer {key} ({len(tried)} tried) failed "
+                                    f"before answering; the last one: {last_error}.", type="server_error",
+                                    code="upstream_error")
+            url = again or self.pick(route, candidates, affinity)
             reused_once, again = again is not None, None
             if tried and not reused_once:
                 metrics.UPSTREAM_RETRIES.labels(key).inc()
@@ -296,27 +306,28 @@ class Proxy:
             upstream: aiohttp.ClientResponse | None = None
             try:
                 try:
-                    upstream = await self._session.request(request.method, url + request.path_qs, data=body,
-                                                           headers=headers)
+                    upstream = await self._session.request(request.method, url + request.path_qs,
+                                                           data=body.payload(), headers=headers)
                     # Another ready replica to go to (on a retry of a hung-up connection `candidates` is only
                     # this one, so ask the table again): a 502/503/504 goes there instead of to the client.
                     retry_status = upstream.status in RETRY_STATUSES and bool(self._candidates(route, tried))
                     first = b"" if retry_status else await upstream.content.readany()
                 except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                    last_error = f"{url}: {type(exc).__name__}: {exc}".rstrip(": ")
+                    last_error = type(exc).__name__
                     if not isinstance(exc, aiohttp.ClientConnectorError) and not reused_once:
                         again = url  # a pooled connection the replica had closed: once more, on a new one
                     else:
-                        self._eject(url, last_error)
+                        self._eject(url, f"{last_error}: {exc}")
                     continue
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    last_error = f"{url}: {type(exc).__name__}: {exc}".rstrip(": ")
-                    self._eject(url, last_error)
+                    last_error = type(exc).__name__
+                    self._eject(url, f"{last_error}: {exc}")
                     continue
                 if retry_status:
-                    last_error = f"{url}: HTTP {upstream.status}"
+                    last_error = f"HTTP {upstream.status}"
                     self._eject(url, last_error)
                     continue
+                body.release()  # answered: no retry will need the body again
                 return await self._stream(request, upstream, first, key, started)
             finally:
                 self.in_flight[url] -= 1
