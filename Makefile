@@ -18,7 +18,7 @@ WITH_CONTROL_PLANE = LLAMA_OPERATOR_CONTROL_PLANE_DIR="$$(scripts/build-control-
 # Every test, every tier (docs/testing.md).
 test: venv
 	@$(WITH_LLAMA_SERVER) && $(WITH_CONTROL_PLANE) && $(WITH_HELM) && \
-	  $(VENV)/bin/ruff check operator tests benchmarks && \
+	  $(VENV)/bin/ruff check operator tests benchmarks && $(VENV)/bin/lint-imports && \
 	  $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 # One tier each, selected by its marker (applied by the tier's conftest). `make unit` needs nothing: no helm, no
@@ -60,8 +60,10 @@ llama-server: venv
 control-plane:
 	@scripts/build-control-plane.sh
 
+# ruff, then the import contracts of pyproject.toml: the layers of docs/architecture.md and no import cycle.
 lint: venv
 	$(VENV)/bin/ruff check operator tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # Regenerates crds/ from the pydantic API models (a test fails when they drift).
 crds: venv
