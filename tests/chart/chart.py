@@ -31,7 +31,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "servicemonitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
     "gateway": {"gateway": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}}},
     "gateway-namespaced": {"gateway": {"enabled": True, "autoscale": False, "service": {
-        "type": "LoadBalancer", "annotations": {"example.com/lb": "internal"}}},
+        "type": "LoadBalancer", "annotations": {"example.com/lb": "internal"}},
+        "maxConnections": 64, "cors": {"allowedOrigins": ["https://chat.example", "*"]}},
         "watchNamespaces": ["team-a", "team-b"]},
     "monitoring": {
         "monitoring": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}},

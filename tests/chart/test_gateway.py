@@ -76,6 +76,10 @@ def test_gateway_deployment_is_wired_to_the_cli(helm: str, scenario: str) -> Non
     assert config.namespaces == tuple(values.get("watchNamespaces", ()))
     assert config.autoscale == values["gateway"].get("autoscale", True)
     assert (config.hold_timeout, config.hold_queue, config.max_request_bytes, config.static) == (120, 100, 32 << 20, {})
+    gateway = values["gateway"]
+    assert (config.max_buffered_bytes, config.header_timeout, config.body_timeout, config.max_connections) == (
+        256 << 20, 30, 60, gateway.get("maxConnections", 1024))
+    assert config.cors_origins == tuple(gateway.get("cors", {}).get("allowedOrigins", ()))
     # The probes ask for paths the gateway's admin port serves.
     served = {route.resource.canonical for route in Gateway(GatewayConfig(), None)._admin_app().router.routes()
               if route.resource is not None}
