@@ -52,8 +52,8 @@ def preset_configmap_name(server: LlamaServer) -> str:
 
 def distinct_models(server: LlamaServer) -> list[str]:
     """The LlamaModels of spec.models, each once, in order of first use (two entries may share one)."""
-    assert server.spec.models is not None
-    return list(dict.fromkeys(entry.model_ref.name for entry in server.spec.models))
+    assert server.spec.models is not None  # router mode references nothing but its entries' models
+    return list(dict.fromkeys(ref.name for _, ref in server.spec.model_refs()))
 
 
 @dataclass
