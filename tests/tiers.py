@@ -27,9 +27,10 @@ from llama_operator.controlplane.binaries import ENV_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
-TIERS = ("unit", "helm", "runtime", "integration", "e2e", "kind")
+TIERS = ("unit", "helm", "runtime", "integration", "e2e", "kind", "root")
 """Markers, one per tier directory: tests/unit, tests/chart (helm), tests/runtime, tests/integration, tests/e2e;
-`kind` marks the one e2e test that brings its own cluster (Docker, opt-in) instead of the sandbox."""
+`kind` marks the one e2e test that brings its own cluster (Docker, opt-in) instead of the sandbox, `root` a test
+of another tier that makes network namespaces (and `runtime` one that starts the real llama-server)."""
 
 HELM, LLAMA_SERVER, CONTROL_PLANE, ROOT = "helm", "llama-server", "control plane", "root"
 NEEDS: dict[str, tuple[str, ...]] = {
@@ -41,6 +42,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "integration": (CONTROL_PLANE, HELM),
     "e2e": (ROOT, CONTROL_PLANE, HELM, LLAMA_SERVER),
     "kind": (HELM,),
+    "root": (ROOT,),
 }
 REPLACES = {"kind": "e2e"}
 """A test with the key's marker needs what it says instead of what the value's marker needs."""

@@ -6,13 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.e2e.conftest import wait_for
 from tests.e2e.test_sandbox import _create, _status, _wait_phase
 from tests.fakehub import FakeHub
 
-pytestmark = [pytest.mark.e2e, pytest.mark.runtime]
 MiB = 1024 * 1024
 
 

@@ -17,7 +17,6 @@ from tests.e2e.conftest import wait_for
 from tests.e2e.test_sandbox import _create, _wait_phase
 from tests.fakehub import FakeHub
 
-pytestmark = [pytest.mark.e2e, pytest.mark.runtime]
 GATEWAY = "llama-system/llama-operator-gateway"
 
 

@@ -35,7 +35,6 @@ from tests.e2e.conftest import SandboxProcess, wait_for
 from tests.e2e.test_sandbox import _create, _wait_phase
 from tests.fakehub import FakeHub
 
-pytestmark = [pytest.mark.e2e, pytest.mark.runtime]
 GATEWAY = "llama-system/llama-operator-gateway"
 GATEWAY_METRICS = "llama-system/llama-operator-gateway-metrics"
 GROUP, VERSION, NS = "llamacpp.dev", "v1alpha1", "default"

@@ -14,14 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import openai
-import pytest
 import yaml
 
 from tests.e2e.conftest import SandboxProcess, custom_object, wait_for
 from tests.fakehub import FakeHub
 from tests.tiny_gguf import write_tiny_llama
 
-pytestmark = [pytest.mark.e2e, pytest.mark.runtime]
 GROUP, VERSION, NS = "llamacpp.dev", "v1alpha1", "default"
 REPO = "test/tiny-GGUF"
 NAMES = ("alpha", "beta", "gamma")

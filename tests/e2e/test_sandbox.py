@@ -27,7 +27,6 @@ from kubernetes.client.exceptions import ApiException
 from tests.e2e.conftest import SandboxProcess, custom_object, tree_processes, wait_for
 from tests.fakehub import FakeHub
 
-pytestmark = [pytest.mark.e2e, pytest.mark.runtime]
 GROUP, VERSION, NS = "llamacpp.dev", "v1alpha1", "default"
 OPERATOR_NS, OPERATOR = "llama-system", "llama-operator"
 

@@ -18,7 +18,6 @@ import pytest
 from tests.e2e.conftest import sandbox_requirements, tree_processes, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.e2e, pytest.mark.runtime]
 
 
 def test_make_sandbox_serves_a_real_model(tmp_path: Path) -> None:

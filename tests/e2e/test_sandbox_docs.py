@@ -16,14 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from llama_operator.controlplane.binaries import ENV_DIR
 from tests.e2e.conftest import tree_processes
 from tests.fakehub import FakeHub
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.e2e, pytest.mark.runtime]
 
 
 def walkthrough_script() -> str:

@@ -16,7 +16,6 @@ from tests.tiny_gguf import write_tiny_llama
 
 CRD = "llamacpp.dev/v1alpha1"
 REPO_ID, FILE = "Qwen/Qwen2.5-0.5B-Instruct-GGUF", "qwen2.5-0.5b-instruct-q4_k_m.gguf"
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(autouse=True)

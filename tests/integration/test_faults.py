@@ -20,18 +20,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import pytest
-
 from llama_operator.controlplane.certs import CertificateAuthority
 from tests.cluster import ClusterApi
 from tests.conftest import model_body, server_body
 
 CRD = "llamacpp.dev/v1alpha1"
-pytestmark = pytest.mark.integration
 # A volume source resolves without any network: these tests are about the API server, not the model source.
 VOLUME_MODEL = {"source": {"volume": {"persistentVolumeClaim": "models", "path": "m/model.gguf"}}}
-
-
 
 
 def _servers(api: ClusterApi, count: int, **spec: Any) -> list[str]:

@@ -16,7 +16,6 @@ from tests.tiny_gguf import write_tiny_llama
 
 CRD = "llamacpp.dev/v1alpha1"
 REPO_ID, FILE = "Qwen/Qwen2.5-0.5B-Instruct-GGUF", "qwen2.5-0.5b-instruct-q4_k_m.gguf"
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
@@ -30,8 +29,6 @@ def hub(tmp_path: pathlib.Path) -> Iterator[FakeHub]:
 @pytest.fixture(autouse=True)
 def operator_env(monkeypatch: pytest.MonkeyPatch, hub: FakeHub) -> None:
     monkeypatch.setenv("LLAMA_OPERATOR_HF_ENDPOINT", hub.url)
-
-
 
 
 def _fits(apiserver: Any, name: str, reason: str) -> dict[str, Any]:

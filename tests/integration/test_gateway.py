@@ -35,10 +35,8 @@ CRD = "llamacpp.dev/v1alpha1"
 REPO_ID = "org/tiny-GGUF"
 FILE = "tiny.gguf"
 OPERATOR_NAMESPACE = "llama-system"
-pytestmark = [pytest.mark.integration, pytest.mark.runtime]
-
-if os.geteuid() != 0:
-    pytest.skip("the process kubelet puts llama-server in network namespaces: needs root", allow_module_level=True)
+# The process kubelet runs llama-server in network namespaces: root (tests/tiers.py).
+pytestmark = [pytest.mark.runtime, pytest.mark.root]
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

@@ -22,7 +22,6 @@ from tests.fakehub import FakeHub
 from tests.tiny_gguf import write_tiny_llama
 
 CRD = "llamacpp.dev/v1alpha1"
-pytestmark = pytest.mark.integration
 
 
 REPO_ID = "Qwen/Qwen2.5-0.5B-Instruct-GGUF"
@@ -91,8 +90,6 @@ def _bound_pod(apiserver: Any, server: str, node: str) -> str:
                       body={"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
                             "target": {"apiVersion": "v1", "kind": "Node", "name": node}})
     return name
-
-
 
 
 def test_create_update_drift_and_delete(apiserver: Any, run_operator: Any) -> None:

@@ -21,7 +21,6 @@ from tests.tiny_gguf import write_tiny_llama
 CRD = "llamacpp.dev/v1alpha1"
 REPO_ID = "Qwen/Qwen2.5-0.5B-Instruct-GGUF"
 FILE = "qwen2.5-0.5b-instruct-q4_k_m.gguf"
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +35,6 @@ def operator_env(monkeypatch: pytest.MonkeyPatch, tiny_gguf: pathlib.Path) -> It
     with hub.running():
         monkeypatch.setenv("LLAMA_OPERATOR_HF_ENDPOINT", hub.url)
         yield hub
-
-
 
 
 def _status(api: ClusterApi, plural: str, name: str) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from tests.fakehub import FakeHub
 from tests.tiny_gguf import write_tiny_llama
 
 CRD = "llamacpp.dev/v1alpha1"
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +33,6 @@ def hub(tiny_gguf: pathlib.Path) -> Iterator[FakeHub]:
 @pytest.fixture(autouse=True)
 def operator_env(monkeypatch: pytest.MonkeyPatch, hub: FakeHub) -> None:
     monkeypatch.setenv("LLAMA_OPERATOR_HF_ENDPOINT", hub.url)
-
-
 
 
 def _status(apiserver: Any, plural: str, name: str) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from tests.fakehub import FakeHub
 from tests.tiny_gguf import write_tiny_llama
 
 CRD = "llamacpp.dev/v1alpha1"
-pytestmark = pytest.mark.integration
 REPO = "org/tiny-GGUF"
 NAMES = ("alpha", "beta", "gamma")
 

@@ -20,15 +20,11 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
 from llama_operator.flags.policy import INT32, RANGES, REFUSED
 from llama_operator.flags.validate import validate_args
 from llama_operator.llamacpp.catalog import Option, load_catalog
 
 from ..llama_bin import llama_server_bin
-
-pytestmark = pytest.mark.runtime
 
 CASES = 1000
 SEED = 11312

@@ -24,8 +24,6 @@ from ..llama_bin import llama_server_bin
 from ..metric_names import LLAMA_SERVER
 from ..tiny_gguf import write_tiny_llama
 
-pytestmark = pytest.mark.runtime
-
 
 def _free_port() -> int:
     with socket.socket() as sock:

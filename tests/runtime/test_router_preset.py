@@ -28,8 +28,6 @@ from ..conftest import model_body
 from ..llama_bin import llama_server_bin
 from ..tiny_gguf import write_tiny_llama
 
-pytestmark = pytest.mark.runtime
-
 SPEC = {
     "models": [
         {"modelRef": {"name": "alpha"}, "contextSize": 512, "loadOnStartup": True},

@@ -12,8 +12,6 @@ from llama_operator.api.v1alpha1 import LlamaServerSpec
 from .test_metrics_scrape import _start
 from .test_metrics_scrape import tiny as tiny  # noqa: F401 - the fixture
 
-pytestmark = pytest.mark.runtime
-
 
 @pytest.mark.parametrize(("args", "served"), [([], False), (["--slots"], True)])
 def test_slots_only_when_asked(tiny: Path, tmp_path: Path, args: list[str], served: bool) -> None:  # noqa: F811

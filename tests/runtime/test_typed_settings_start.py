@@ -23,8 +23,6 @@ from llama_operator.flags.validate import validate_server_spec
 from ..llama_bin import llama_server_bin
 from ..tiny_gguf import write_tiny_llama
 
-pytestmark = pytest.mark.runtime
-
 DRAFT = {"draftModelRef": {"name": "draft"}}
 CASES: dict[str, dict] = {
     "defaults": {},

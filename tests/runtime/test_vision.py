@@ -30,7 +30,6 @@ from ..llama_bin import llama_server_bin
 from ..tiny_gguf import write_tiny_llama
 from ..tiny_mmproj import IMAGE_SIZE, PATCH_SIZE, tiny_png, write_tiny_mmproj
 
-pytestmark = pytest.mark.runtime
 PROMPT = "what is in the picture?"
 # Random weights may sample the end-of-generation token at once; ignoring it makes every answer run to max_tokens,
 # so finish_reason says the prompt (image included) was evaluated and generation ran, not which token came first.
