@@ -1,37 +1,10 @@
-"""The checked-in flag catalog matches the pinned llama-server binary."""
+"""The checked-in flag catalog: its shape and lookups. (That it matches the pinned binary is
+tests/runtime/test_flags_catalog_drift.py.)"""
 
 from __future__ import annotations
 
-import importlib.util
-import json
-from pathlib import Path
-
-import pytest
-
 from llama_operator.llamacpp import LLAMA_CPP_BUILD
 from llama_operator.llamacpp.catalog import load_catalog
-
-from ..llama_bin import llama_server_bin
-
-ROOT = Path(__file__).resolve().parents[2]
-CATALOG = ROOT / f"operator/llama_operator/llamacpp/catalog-{LLAMA_CPP_BUILD}.json"
-
-
-def _generator():
-    spec = importlib.util.spec_from_file_location("gen_flag_catalog", ROOT / "scripts/gen-flag-catalog.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.runtime
-def test_catalog_has_not_drifted_from_the_binary():
-    gen = _generator()
-    fresh = gen.render(gen.build_catalog(llama_server_bin()))
-    assert json.loads(fresh) == json.loads(CATALOG.read_text()), (
-        "the flag catalog drifted from the binary: run scripts/gen-flag-catalog.py $LLAMA_SERVER_BIN"
-    )
-    assert fresh == CATALOG.read_text()
 
 
 def test_catalog_shape():
