@@ -221,6 +221,46 @@ def model_path() -> Path:
     return Path(gemma.assemble(gemma.default_output_path()))
 
 
+def model_rows(args: argparse.Namespace, levels: list[int], work: Path, procs: Processes, server_cpus: set[int],
+               proxy_cpus: set[int]) -> list[dict[str, object]]:
+    """Part 1: the real model, straight to llama-server and through the gateway."""
+    from tests.llama_bin import llama_server_bin
+
+    slots = max(levels)
+    llama_port, gw_port, gw_admin = free_port(), free_port(), free_port()
+    procs.start([llama_server_bin(), "-m", str(model_path()), "--host", "127.0.0.1", "--port", str(llama_port),
+                 "--parallel", str(slots), "--ctx-size", str(slots * 256), "--alias", "gemma",
+                 "--threads", str(len(server_cpus))], work / "llama-server.log", server_cpus)
+    procs.start(gateway_args(gw_port, gw_admin, f"gemma=http://127.0.0.1:{llama_port}"), work / "gateway.log",
+                proxy_cpus)
+    wait_http(f"http://127.0.0.1:{llama_port}/health")
+    wait_http(f"http://127.0.0.1:{gw_admin}/readyz")
+    direct, through = f"http://127.0.0.1:{llama_port}", f"http://127.0.0.1:{gw_port}"
+    asyncio.run(run_level(direct, "warm", 2, 4, 8))
+    asyncio.run(run_level(through, "warm", 2, 4, 8))
+
+    rows = []
+    for concurrency in levels:
+        requests = args.requests or max(4, 2 * concurrency)
+        by_target = {"direct": Series(), "gateway": Series()}
+        for round_ in range(args.rounds):
+            order = ("direct", "gateway") if round_ % 2 == 0 else ("gateway", "direct")
+            for target in order:
+                series = asyncio.run(run_level(direct if target == "direct" else through,
+                                               f"{target}{round_}", concurrency, requests, args.max_tokens))
+                by_target[target].samples += series.samples
+                by_target[target].wall += series.wall
+        row = {"concurrency": concurrency, "requests": requests * args.rounds}
+        for target, series in by_target.items():
+            row[target] = {"tokens_per_second": series.tokens_per_second(),
+                           "ttft_p50_ms": series.p("ttft", 50) * 1000, "ttft_p99_ms": series.p("ttft", 99) * 1000,
+                           "latency_p50_ms": series.p("latency", 50) * 1000,
+                           "latency_p99_ms": series.p("latency", 99) * 1000}
+        rows.append(row)
+        print(f"  concurrency {concurrency}: done", file=sys.stderr)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,16", help="comma-separated stream counts (default %(default)s)")
@@ -231,10 +271,10 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=48, help="tokens per streamed answer")
     parser.add_argument("--trivial-requests", type=int, default=1500, help="requests per trivial-upstream row")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--trivial-only", action="store_true",
+                        help="part 2 only (the proxy's added latency; needs nginx, not llama-server or the model)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-
-    from tests.llama_bin import llama_server_bin
 
     work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     procs = Processes()
@@ -245,39 +285,7 @@ def main() -> int:
     results: dict[str, object] = {"cores": len(cores), "server_cpus": sorted(server_cpus),
                                   "proxy_cpus": sorted(proxy_cpus), "max_tokens": args.max_tokens}
     try:
-        slots = max(levels)
-        llama_port, gw_port, gw_admin = free_port(), free_port(), free_port()
-        procs.start([llama_server_bin(), "-m", str(model_path()), "--host", "127.0.0.1", "--port", str(llama_port),
-                     "--parallel", str(slots), "--ctx-size", str(slots * 256), "--alias", "gemma",
-                     "--threads", str(len(server_cpus))], work / "llama-server.log", server_cpus)
-        procs.start(gateway_args(gw_port, gw_admin, f"gemma=http://127.0.0.1:{llama_port}"), work / "gateway.log",
-                    proxy_cpus)
-        wait_http(f"http://127.0.0.1:{llama_port}/health")
-        wait_http(f"http://127.0.0.1:{gw_admin}/readyz")
-        direct, through = f"http://127.0.0.1:{llama_port}", f"http://127.0.0.1:{gw_port}"
-        asyncio.run(run_level(direct, "warm", 2, 4, 8))
-        asyncio.run(run_level(through, "warm", 2, 4, 8))
-
-        model_rows = []
-        for concurrency in levels:
-            requests = args.requests or max(4, 2 * concurrency)
-            by_target = {"direct": Series(), "gateway": Series()}
-            for round_ in range(args.rounds):
-                order = ("direct", "gateway") if round_ % 2 == 0 else ("gateway", "direct")
-                for target in order:
-                    series = asyncio.run(run_level(direct if target == "direct" else through,
-                                                   f"{target}{round_}", concurrency, requests, args.max_tokens))
-                    by_target[target].samples += series.samples
-                    by_target[target].wall += series.wall
-            row = {"concurrency": concurrency, "requests": requests * args.rounds}
-            for target, series in by_target.items():
-                row[target] = {"tokens_per_second": series.tokens_per_second(),
-                               "ttft_p50_ms": series.p("ttft", 50) * 1000, "ttft_p99_ms": series.p("ttft", 99) * 1000,
-                               "latency_p50_ms": series.p("latency", 50) * 1000,
-                               "latency_p99_ms": series.p("latency", 99) * 1000}
-            model_rows.append(row)
-            print(f"  concurrency {concurrency}: done", file=sys.stderr)
-        results["model"] = model_rows
+        results["model"] = [] if args.trivial_only else model_rows(args, levels, work, procs, server_cpus, proxy_cpus)
 
         # Part 2: the proxy alone, in front of a trivial upstream.
         trivial_rows = []

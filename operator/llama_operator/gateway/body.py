@@ -129,12 +129,14 @@ class BodyReader:
         length = request.content_length
         if length is not None and length > self.max_bytes:
             raise self._too_large()
-        body = Body(bytearray(length) if length is not None else bytearray(), budget=self.budget)
+        body = Body(bytearray(), budget=self.budget)
         size = length if length is not None else self.max_bytes
         try:
             async with asyncio.timeout(self.timeout):
                 await self.budget.reserve(size)
                 body.reserved = size
+                if length is not None:
+                    body.data = bytearray(length)  # only now: the zeroed buffer is resident at once
                 received = await self._receive(request, body.data, length)
         except TimeoutError:
             waited_for_budget = not body.reserved
