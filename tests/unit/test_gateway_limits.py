@@ -177,16 +177,19 @@ async def sink() -> AsyncIterator[tuple[str, list[int]]]:
     await runner.cleanup()
 
 
-def _start_gateway(port: int, admin: int, upstream: str) -> subprocess.Popen[bytes]:
+def _start_gateway(port: int, admin: int, upstream: str, args: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "llama_operator.cli", "gateway", "--listen", f"127.0.0.1:{port}",
-                             "--admin", f"127.0.0.1:{admin}", "--upstream", f"qwen={upstream}"],
+                             "--admin", f"127.0.0.1:{admin}", "--upstream", f"qwen={upstream}", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def test_eight_bodies_of_30_mib_stay_within_the_body_budget(sink: tuple[str, list[int]]) -> None:
-    """The gateway as a process of its own (its peak RSS is what is measured); the default settings."""
+@pytest.mark.parametrize("budget", [None, 64 << 20], ids=["default-budget", "64MiB-budget"])
+async def test_eight_bodies_of_30_mib_stay_within_the_body_budget(sink: tuple[str, list[int]],
+                                                                   budget: int | None) -> None:
+    """The gateway as a process of its own (its peak RSS is what is measured)."""
     port, admin = _free_port(), _free_port()
-    child = await asyncio.to_thread(_start_gateway, port, admin, sink[0])
+    args = ["--max-buffered-bytes", str(budget)] if budget else []
+    child = await asyncio.to_thread(_start_gateway, port, admin, sink[0], args)
     head = b'{"model": "qwen", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "'
     body = head + b"A" * (30 << 20) + b'"}}]}]}'
     try:
@@ -210,7 +213,7 @@ async def test_eight_bodies_of_30_mib_stay_within_the_body_budget(sink: tuple[st
     finally:
         child.terminate()
         child.wait(10)
-    budget_mib = GatewayConfig().max_buffered_bytes / (1 << 20)
+    budget_mib = (budget or GatewayConfig().max_buffered_bytes) / (1 << 20)
     # Before: every body read whole, copied and parsed on the event loop: 563-669 MiB here.
     assert growth_mib < budget_mib + 32, f"the gateway grew by {growth_mib:.0f} MiB"
     assert sink[1] == [len(body)] * 8
