@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from ..api.v1alpha1 import GROUP
+from ..api.v1alpha1 import API_VERSION, GROUP
+from ..contract import PORT_NAME, SERVER_PODS_SELECTOR
 from ..kube import ENDPOINT_SLICES, LLAMA_SERVERS, Kube, Permission
 from . import cors, metrics
 from .autoscaler import Autoscaler
@@ -46,7 +47,6 @@ PERMISSIONS: tuple[Permission, ...] = (
 """Everything the gateway asks of the API server; the chart's gateway RBAC is checked against it."""
 
 FIELD_MANAGER = "llama-gateway"
-SLICE_SELECTOR = "app.kubernetes.io/name=llama-server,app.kubernetes.io/managed-by=llama-operator"
 """The EndpointSlice controller copies the Service's labels onto its slices: only LlamaServer Services' slices."""
 
 
@@ -101,7 +101,7 @@ def static_bodies(static: Mapping[str, Sequence[str]]) -> tuple[list[dict[str, o
     """LlamaServer-like and EndpointSlice-like objects for fixed upstreams (namespace `static`)."""
     servers, slices = [], []
     for name, urls in static.items():
-        servers.append({"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer",
+        servers.append({"apiVersion": API_VERSION, "kind": "LlamaServer",
                         "metadata": {"namespace": "static", "name": name},
                         "spec": {"modelRef": {"name": name}, "replicas": len(urls)}})
         for index, url in enumerate(urls):
@@ -110,7 +110,7 @@ def static_bodies(static: Mapping[str, Sequence[str]]) -> tuple[list[dict[str, o
                 raise ValueError(f"--upstream {name}={url}: give http://host:port")
             slices.append({"metadata": {"namespace": "static", "name": f"{name}-{index}",
                                         "labels": {"kubernetes.io/service-name": name}},
-                           "ports": [{"name": "http", "port": parts.port}],
+                           "ports": [{"name": PORT_NAME, "port": parts.port}],
                            "endpoints": [{"addresses": [parts.hostname], "conditions": {"ready": True}}]})
     return servers, slices
 
@@ -171,7 +171,7 @@ class Gateway:
                 synced=servers)))
             self._tasks.append(asyncio.create_task(list_and_watch(
                 self.kube, ENDPOINT_SLICES, namespace, replace=self.endpoints.replace, upsert=self.endpoints.upsert,
-                remove=self.endpoints.remove, synced=slices, label_selector=SLICE_SELECTOR)))
+                remove=self.endpoints.remove, synced=slices, label_selector=SERVER_PODS_SELECTOR)))
 
     async def start(self) -> None:
         if self.config.static:

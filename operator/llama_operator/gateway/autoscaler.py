@@ -20,8 +20,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
+from ..clock import now_rfc3339
 from ..errors import KubeError
 from ..kube import LLAMA_SERVERS, Kube
 from . import metrics
@@ -30,10 +30,6 @@ from .scaling import Decision, ScalingPolicy, Signals, decide
 from .traffic import Traffic
 
 log = logging.getLogger(__name__)
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass

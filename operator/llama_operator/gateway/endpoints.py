@@ -12,8 +12,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..contract import PORT_NAME
+
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-PORT_NAME = "http"
 
 
 @dataclass(frozen=True, order=True)
