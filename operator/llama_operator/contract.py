@@ -186,13 +186,19 @@ class Progress:
     rate: float
 
 
-def human(n: float) -> str:
-    """A byte count for people: `512 B`, `1.5 KiB` ... `2.0 TiB` (the fetcher's log, the operator's status)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+_BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def human(n: float, *, places: int = 1, smallest: str = "B", largest: str = "TiB") -> str:
+    """A byte count for people: `512 B`, `1.5 KiB` ... `2.0 TiB` (the fetcher's log, the operator's status), in the
+    largest unit between `smallest` and `largest` that keeps it at least 1, to `places` decimal places."""
+    index, last = _BYTE_UNITS.index(smallest), _BYTE_UNITS.index(largest)
+    n /= 1024**index
+    while abs(n) >= 1024 and index < last:
         n /= 1024
-    return f"{n:.1f} TiB"
+        index += 1
+    unit = _BYTE_UNITS[index]
+    return f"{int(n)} B" if unit == "B" else f"{n:.{places}f} {unit}"
 
 
 def progress_line(file: str, done: int, total: int, rate: float, *, eta: str, connections: int) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from ..api.v1alpha1 import GgufInfo, LlamaServerSpec
+from ..contract import human
 from ..gguf import GgufHeader
 from ..llamacpp.ggml import TensorSummary
 from .estimate import DeviceEstimate, Estimate, FitSettings, MiB, estimate
@@ -111,10 +112,8 @@ def estimate_server(spec: LlamaServerSpec, gguf: GgufInfo | None, draft: GgufInf
 
 
 def format_bytes(size: int) -> str:
-    """Bytes for people: 512.0 MiB, 1.25 GiB."""
-    if size >= 1024 * MiB:
-        return f"{size / (1024 * MiB):.2f} GiB"
-    return f"{size / MiB:.1f} MiB"
+    """Memory for people: 512.0 MiB, 1.25 GiB (GiB to two places: messages compare an estimate with a limit)."""
+    return human(size, places=2 if size >= 1024 * MiB else 1, smallest="MiB", largest="GiB")
 
 
 def request_quantity(size: int, *, headroom_percent: float = 0) -> str:
