@@ -85,6 +85,8 @@ def _is(buf: bytes | bytearray, span: Span, literal: bytes) -> bool:
 
 
 def _ws(buf: bytes | bytearray, i: int) -> int:
+    if i >= len(buf) or buf[i] > 32:  # JSON's whitespace is all <= 32: the usual case needs no regex
+        return i
     return _WS.match(buf, i).end()  # type: ignore[union-attr]  # matches the empty string at worst
 
 
