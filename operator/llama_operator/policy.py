@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .api.v1alpha1 import LlamaModelSpec, LlamaServerSpec
 from .config import ANY, Settings
+from .contract import GROUP
 
 SECURITY_ANNOTATION_PREFIXES = (
     "container.apparmor.security.beta.kubernetes.io/",
@@ -24,7 +25,7 @@ SECURITY_ANNOTATION_PREFIXES = (
     "cpu-load-balancing.crio.io",
     "cpu-quota.crio.io",
     "irq-load-balancing.crio.io",
-    "llamacpp.dev/",
+    f"{GROUP}/",
 )
 """Pod annotation keys a LlamaServer may not set: AppArmor and seccomp profiles (the legacy annotations some
 runtimes still honour), container-runtime knobs (CRI-O and containerd read annotations that change devices,

@@ -32,7 +32,7 @@ def server_labels(server: LlamaServer) -> dict[str, str]:
 
 def model_labels(model: LlamaModel) -> dict[str, str]:
     return {
-        "app.kubernetes.io/name": "llama-model-cache",
+        NAME_LABEL: "llama-model-cache",
         "app.kubernetes.io/instance": model.metadata.name,
         MANAGED_BY_LABEL: MANAGED_BY,
         MODEL_LABEL: model.metadata.name,

@@ -18,11 +18,12 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 
+from ..contract import GROUP
 from ..errors import InvalidSecret
 
-SOURCE_CREDENTIALS_LABEL = "llamacpp.dev/source-credentials"
+SOURCE_CREDENTIALS_LABEL = f"{GROUP}/source-credentials"
 """A Secret is read as source credentials (tokenSecretRef, headersSecretRef) only with this label set to "true"..."""
-SOURCE_CREDENTIALS_TYPE = "llamacpp.dev/source-credentials"
+SOURCE_CREDENTIALS_TYPE = f"{GROUP}/source-credentials"
 """... or with this type (set at creation, immutable)."""
 REDACTED = "[redacted]"
 MIN_SCRUB_LENGTH = 4

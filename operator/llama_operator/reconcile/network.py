@@ -4,7 +4,7 @@ they do: builders/plan.py)."""
 from __future__ import annotations
 
 from ..api.v1alpha1 import LlamaServer
-from ..builders.objects import MANAGED_BY
+from ..contract import MANAGED_BY, MANAGED_BY_LABEL
 from ..kube import NETWORK_POLICIES
 from .context import Context
 
@@ -17,7 +17,7 @@ async def remove_network_policy(ctx: Context, server: LlamaServer) -> None:
         return
     meta = live.get("metadata") or {}
     owners = meta.get("ownerReferences") or []
-    ours = (meta.get("labels") or {}).get("app.kubernetes.io/managed-by") == MANAGED_BY and any(
+    ours = (meta.get("labels") or {}).get(MANAGED_BY_LABEL) == MANAGED_BY and any(
         owner.get("uid") == server.metadata.uid for owner in owners)
     if ours:  # a policy of the same name that someone else made is theirs to keep
         await ctx.kube.delete(NETWORK_POLICIES, namespace, name)

@@ -37,6 +37,7 @@ from typing import IO, Any
 
 import aiohttp
 
+from ..api.v1alpha1 import API_VERSION
 from ..controlplane import BinariesMissing, ControlPlane, ControlPlaneBinaries, find_binaries
 from .client import Api, ApiError, Informer, client_ssl_context, resource_path
 from .helm import EGRESS_GUARD_ENV, NAMESPACE, RELEASE, HelmError, find_chart, find_helm, install, values_from_env
@@ -201,8 +202,8 @@ class Sandbox:
         Ctrl-C meanwhile ends the wait (and the start)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + READY_TIMEOUT
-        path = resource_path("llamacpp.dev/v1alpha1", "llamaservers", "default")
-        bad = {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer", "metadata": {"name": PROBE_SERVER},
+        path = resource_path(API_VERSION, "llamaservers", "default")
+        bad = {"apiVersion": API_VERSION, "kind": "LlamaServer", "metadata": {"name": PROBE_SERVER},
                "spec": {"modelRef": {"name": PROBE_SERVER}, "args": ["--sandbox-webhook-probe"]}}
         restarts: dict[str, int] = {}
         next_look = loop.time()
@@ -283,7 +284,7 @@ class Sandbox:
                 await provisioner.install()
                 proxies = ServiceProxies(admin, port_base=self.service_port_base, quiet_namespaces=(NAMESPACE,),
                                          on_service=self._on_service)
-                servers = Informer(admin, "llamacpp.dev/v1alpha1", "llamaservers", lambda: self._on_servers(servers))
+                servers = Informer(admin, API_VERSION, "llamaservers", lambda: self._on_servers(servers))
                 self._tasks = [asyncio.create_task(kubelet.run(), name="kubelet"),
                                asyncio.create_task(provisioner.run(), name="provisioner"),
                                asyncio.create_task(proxies.run(), name="service proxies")]
