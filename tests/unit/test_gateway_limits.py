@@ -113,6 +113,24 @@ async def test_only_json_bodies_are_read(gw: Harness, upstreams: list[Upstream],
     assert status == 200
 
 
+async def test_a_chunked_body_is_cut_at_the_size_limit(gw: Harness, upstreams: list[Upstream]) -> None:
+    gw.server("chat")
+    gw.slices("chat", upstreams[:1])
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"model": "qwen", "x": "'
+        for _ in range(100):  # no Content-Length: the gateway counts as it reads (its limit is 4096 bytes)
+            yield b"a" * 1000
+        yield b'"}'
+
+    assert gw.client is not None
+    async with gw.client.post(f"{gw.url}/v1/chat/completions", data=chunks(),
+                              headers={"Content-Type": "application/json"}) as response:
+        assert response.status == 413
+        assert (await response.json())["error"]["code"] == "request_too_large"
+    assert not upstreams[0].requests
+
+
 async def test_a_502_names_the_server_not_pod_addresses(gw: Harness) -> None:
     gw.server("chat")
     ports = [_free_port(), _free_port()]
