@@ -164,6 +164,19 @@ def _vocab_forever() -> Virtual:
     return Virtual().data(start).records(lambda i: gguf_string("a"), 9, None)
 
 
+def _at_the_budget() -> Virtual:
+    """As much as the default budget admits: 60 kept strings of 64 KiB, 6.5M vocabulary strings (58 MB walked)
+    and 65,536 tensor infos: the worst a header can cost once it is bounded."""
+    strings = 6_500_000
+    out = Virtual().data(prefix(63, tensor_count=65_536) + kv_str("general.architecture", "llama")
+                         + kv_u32("llama.block_count", 512))
+    for i in range(60):
+        out.data(kv_str(f"general.s{i:02d}", b"s" * (64 * 1024 - 100)))
+    out.data(gguf_string("tokenizer.ggml.tokens") + struct.pack("<IIQ", ARRAY, STRING, strings))
+    out.records(lambda i: gguf_string("a"), 9, strings)
+    return out.records(lambda i: tensor_info(f"blk.{i % 512:03d}.w{i // 512:03d}", (4096,), 0, 0), 44, 65_536)
+
+
 def _dripping() -> Virtual:
     return Virtual().data(prefix(2) + kv_str("general.architecture", "llama") + kv_u32("llama.block_count", 2))
 
@@ -178,11 +191,14 @@ CASES: tuple[Case, ...] = (
     Case("huge-heads", "head_count and embedding_length 2^40, context 2^64-1", _huge_heads),
     Case("long-name", "general.name of 60,000 characters", _long_name),
     Case("endless-vocab", "200 OK, Range ignored, a vocabulary that never ends", _vocab_forever, ignore_range=True),
+    Case("at-the-budget", "the most the default budget admits (kept strings, 6.5M tokens, 65,536 tensors)",
+         _at_the_budget),
     Case("drip-1-byte-per-s", "a valid small header sent one byte per second", _dripping, drip=1.0),
 )
 CASE_BY_NAME = {case.name: case for case in CASES}
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -194,7 +210,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _case(self) -> tuple[Case, Virtual] | None:
         name = self.path.split("?", 1)[0].strip("/").removesuffix(".gguf")
-        found = self.server.files.get(name)
+        found = self.server.files.get(_SHARD.sub("", name))  # every shard of a split name is the case itself
         if found is None:
             self.send_response(404)
             self.send_header("Content-Length", "0")

@@ -111,6 +111,17 @@ async def test_a_dripping_host_ends_at_the_header_deadline(base: str) -> None:
     assert time.perf_counter() - started < 3.5
 
 
+async def test_a_dripping_host_is_cut_at_the_minimum_rate(base: str) -> None:
+    """Long before the deadline: a dripping host holds one of the few parser threads only for seconds."""
+    url = f"{base}/drip-1-byte-per-s.gguf"
+    started = time.perf_counter()
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(SourceUnreachable, match="slower than 1024 KiB/s") as caught:
+            await read_header(HttpByteSource(client, url), budget=Budget(read_grace=0.5, min_rate=1024 * 1024))
+    assert time.perf_counter() - started < 2.5
+    _one_line(caught.value)
+
+
 async def test_every_resolve_has_a_deadline(base: str) -> None:
     started = time.perf_counter()
     with pytest.raises(SourceUnreachable, match="not resolved within 1.5 s") as caught:
@@ -213,7 +224,7 @@ async def test_long_strings_are_skipped_not_kept(tmp_path: Path) -> None:
 
 async def test_many_long_keys_are_bounded(tmp_path: Path) -> None:
     keys = [gguf_string(f"{i:05d}" + "k" * 60_000) + struct.pack("<IB", U8, 1) for i in range(100)]
-    with pytest.raises(NotAGguf, match="metadata keys larger than 4096 KiB"):
+    with pytest.raises(NotAGguf, match="metadata keys larger than 1024 KiB"):
         await read_header(FileByteSource(_write(tmp_path / "k.gguf", *keys)))
 
 

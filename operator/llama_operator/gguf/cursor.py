@@ -13,7 +13,7 @@ import struct
 import threading
 from typing import Any
 
-from ..errors import NotAGguf
+from ..errors import NotAGguf, SourceUnreachable
 from .byte_sources import ByteSource
 from .limits import Budget
 
@@ -32,7 +32,9 @@ class Bridge:
         self._closed = False
         self._inflight: concurrent.futures.Future[bytes] | None = None
 
-    def read(self, offset: int, size: int) -> bytes:
+    def read(self, offset: int, size: int, timeout: float | None = None) -> bytes:
+        """`size` bytes at `offset`; a read on the loop that takes longer than `timeout` is cancelled and
+        raises `TimeoutError`."""
         blocking = getattr(self.source, "read_blocking", None)
         with self._lock:
             if self._closed:
@@ -41,11 +43,15 @@ class Bridge:
                 self._inflight = asyncio.run_coroutine_threadsafe(self.source.read(offset, size), self.loop)
         if blocking is not None:
             return bytes(blocking(offset, size))
-        assert self._inflight is not None
+        inflight = self._inflight
+        assert inflight is not None
         try:
-            return self._inflight.result()
+            return inflight.result(timeout)
         except concurrent.futures.CancelledError:
             raise Cancelled from None
+        except concurrent.futures.TimeoutError:
+            inflight.cancel()
+            raise TimeoutError from None
 
     @property
     def closed(self) -> bool:
@@ -98,7 +104,11 @@ class Cursor:
         self._check_end(self.offset + size)
         want = min(max(size - available, self.chunk), self.budget.header_bytes - end)
         self.chunk = min(self.chunk * 2, self.budget.max_chunk)
-        data = self.bridge.read(end, want)
+        try:
+            data = self.bridge.read(end, want, self.budget.read_grace + want / self.budget.min_rate)
+        except TimeoutError:
+            raise SourceUnreachable(f"{self.name}: the host sends the GGUF header slower than "
+                                    f"{self.budget.min_rate // 1024} KiB/s") from None
         self.fetched += len(data)
         if self.fetched > self.budget.fetched_bytes:
             raise self.error(f"the GGUF header needs more than {self.budget.fetched_bytes // (1024 * 1024)} MiB "

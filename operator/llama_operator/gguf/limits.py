@@ -22,15 +22,20 @@ class Budget:
     """Bounds of one header read; `DEFAULT_BUDGET` is what the operator and `llama-operator inspect` use."""
 
     seconds: float = 60.0
-    """Deadline for the whole header, however the host paces its bytes (each read also has the client's
-    30 s timeout)."""
+    """Deadline for the whole header, however the host paces its bytes."""
+    min_rate: int = 64 * 1024
+    """Bytes per second each read must average after `read_grace`: a host that drips its bytes is cut after
+    seconds, not at the deadline, so it holds a parser thread (one of `parser.PARSER_THREADS`) only briefly."""
+    read_grace: float = 5.0
+    """Seconds every read may take before `min_rate` applies (connection set-up, a redirect, a slow first byte)."""
     fetched_bytes: int = 64 * MiB
     """Bytes actually read from the source. Fixed-size arrays (token scores and types) are seeked over and do
     not count; the vocabulary's strings are walked and do."""
     header_bytes: int = 256 * MiB
     """Offset of the end of the tensor infos: no read or seek goes past it."""
-    max_chunk: int = 8 * MiB
-    """Largest single read: the read buffer holds at most about two of these."""
+    max_chunk: int = 2 * MiB
+    """Largest single read. A parse holds at most about three of these at once (the buffer, the bytes just
+    read, their concatenation), so with the kept metadata about 8 MiB; a 64 MiB header costs about 40 reads."""
     kv_count: int = 16_384
     """Metadata keys (real files: under 100)."""
     tensor_count: int = 65_536
@@ -40,7 +45,7 @@ class Budget:
     kept_string: int = 64 * 1024
     """Longest string value kept; a longer one (a licence, a huge chat template) is seeked over and recorded
     as {"type": "string", "length": n}."""
-    kept_bytes: int = 4 * MiB
+    kept_bytes: int = 1 * MiB
     """Keys, kept strings and materialised arrays together (strings past it are seeked over like long ones)."""
     array_elements: int = 16 * MiB
     """Elements of one array (the largest vocabularies have about 262k tokens)."""

@@ -51,9 +51,11 @@ _KEPT_OVERHEAD = 64
 _KEPT_ELEMENT = 40
 """What one element of a materialised array costs in Python (an int object and its slot)."""
 
-# Parsing threads of their own: a header waiting on a slow host holds one, and must not starve the default
-# executor that DNS lookups and file reads of the event loop use.
-_PARSERS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="gguf-parser")
+PARSER_THREADS = 8
+"""Headers parsed at once, process-wide: with about 8 MiB each at most (limits.Budget.max_chunk), the operator's
+memory for headers stays under 64 MiB however many models resolve together; the others queue (their deadline
+runs while they wait). A thread of its own, so a parse never starves the default executor (DNS lookups)."""
+_PARSERS = ThreadPoolExecutor(max_workers=PARSER_THREADS, thread_name_prefix="gguf-parser")
 
 
 async def read_header(source: ByteSource, *, budget: Budget = DEFAULT_BUDGET) -> GgufHeader:
