@@ -47,6 +47,14 @@ def test_routing_fields_and_prefix_match_a_full_parse(body: bytes) -> None:
     (b'{"model": "m", "x": "ab\\', "unterminated string at byte 20"),
     (b'{"model": "m", "a": tru}', "unexpected 't' at byte 20"),
     (b'{"model": "m", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", f"nested more than {MAX_DEPTH} levels"),
+])
+def test_what_cannot_be_routed_is_one_line(body: bytes, message: str) -> None:
+    with pytest.raises(BadBody) as caught:
+        scan(body)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("body", "message"), [
     (b'{"model": "m", "messages": {}}', "'messages' must be an array of message objects."),
     (b'{"model": "m", "messages": [1]}', "messages[0] must be an object."),
     (b'{"model": "m", "messages": [{"role": 7}]}', "messages[0].role must be a string"),
@@ -56,10 +64,11 @@ def test_routing_fields_and_prefix_match_a_full_parse(body: bytes) -> None:
     (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}]}',
      "messages[0].content[0].text must be a string."),
 ])
-def test_what_cannot_be_routed_is_one_line(body: bytes, message: str) -> None:
+def test_odd_messages_are_one_line_where_prefix_affinity_reads_them(body: bytes, message: str) -> None:
+    summary = scan(body)  # routing alone does not read them: the replica judges its own body
     with pytest.raises(BadBody) as caught:
-        scan(body)
-    assert message in str(caught.value) and "\n" not in str(caught.value)
+        affinity_payload(body, summary, 2048)
+    assert message in str(caught.value) and caught.value.code == "invalid_messages"
 
 
 def test_the_depth_limit_is_exact() -> None:

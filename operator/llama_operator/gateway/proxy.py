@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -44,6 +44,7 @@ from .scan import BadBody, Summary, affinity_payload, scan
 from .traffic import Traffic
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
@@ -180,15 +181,16 @@ class Proxy:
         finally:
             body.release()
 
-    async def _scan(self, data: bytearray) -> Summary:
+    async def _off_loop(self, walk: Callable[..., T], data: bytearray, *args: Any) -> T:
+        """`walk(data, *args)`: on the event loop for a small body, else in a worker thread (SCAN_THREADS at once)."""
         if len(data) <= INLINE_SCAN_BYTES:
-            return scan(data)
+            return walk(data, *args)
         async with self._scan_slots:
-            return await asyncio.to_thread(scan, data)
+            return await asyncio.to_thread(walk, data, *args)
 
     async def _route(self, request: web.Request, body: Body, started: float) -> tuple[web.StreamResponse, str]:
         try:
-            summary = await self._scan(body.data)
+            summary = await self._off_loop(scan, body.data)
         except BadBody as exc:
             return openai_error(400, str(exc), code=exc.code, param=exc.param), "unknown"
         model = summary.model
@@ -202,7 +204,7 @@ class Proxy:
             return openai_error(401, f"LlamaServer {key} requires an API key: send Authorization: Bearer <key>.",
                                 code="invalid_api_key"), key
         try:
-            affinity = (affinity_payload(body.data, summary, route.routing.prefix_characters)
+            affinity = (await self._off_loop(affinity_payload, body.data, summary, route.routing.prefix_characters)
                         if route.routing.strategy == "PrefixAffinity" else {})
         except BadBody as exc:
             return openai_error(400, str(exc), code=exc.code, param=exc.param), key

@@ -10,9 +10,10 @@ step per string, array and object, at most MAX_TOKENS of them. Its memory is the
 
 Checked (else BadBody, one line, answered 400): the body is one JSON object (strings closed, brackets balanced
 and matched, nothing after it), at most MAX_DEPTH levels deep, at most MAX_FIELDS top-level fields; `model` a
-string of at most MAX_MODEL_BYTES, given once; `messages`, when present, an array of objects with a string `role`
-and a `content` that is a string, null or an array of objects whose `text`, where present, is a string, up to
-the first user message (what prefix affinity reads; at most MAX_MESSAGES messages and MAX_PARTS parts each).
+string of at most MAX_MODEL_BYTES, given once. For PrefixAffinity (`affinity_payload`, a second step once the
+route is known): `messages`, when present, an array of objects with a string `role` and a `content` that is a
+string, null or an array of objects whose `text`, where present, is a string, up to the first user message
+(what is hashed; at most MAX_MESSAGES messages and MAX_PARTS parts each).
 Numbers and literals are checked at the top level only: the replica parses the whole body and refuses the rest.
 """
 
@@ -69,8 +70,8 @@ class Summary:
 
     model: str
     stream: bool
-    messages: tuple[tuple[str, Span | None], ...] | None
-    """(role, span of content) up to and including the first user message; None without `messages`."""
+    messages: Span | None
+    """`messages` (chat)."""
     prompt: Span | None
     """`prompt`, else `input` (completions, embeddings)."""
 
@@ -308,7 +309,7 @@ def scan(buf: bytes | bytearray) -> Summary:
         elif name == "stream":
             stream = _is(buf, span, b"true")
         elif name == "messages":
-            messages = _messages(walk, span)
+            messages = span
         elif name == "prompt":
             prompt = span
         elif name == "input":
@@ -336,11 +337,14 @@ def text(buf: bytes | bytearray, span: Span, chars: int) -> str:
 
 
 def affinity_payload(buf: bytes | bytearray, summary: Summary, chars: int) -> dict[str, Any]:
-    """A small stand-in for the body, with every text cut to `chars`: what balancer.prompt_prefix reads."""
+    """A small stand-in for the body, with every text cut to `chars`: what balancer.prompt_prefix reads.
+
+    BadBody when the messages it reads have the wrong shape."""
     walk = _Walk(buf)
-    if summary.messages:
+    read = _messages(walk, summary.messages) if summary.messages is not None else None
+    if read:
         messages = []
-        for role, content in summary.messages:
+        for role, content in read:
             if content is None:
                 value: Any = None
             elif buf[content[0]] == _QUOTE:
