@@ -68,7 +68,3 @@ class CappedSite(web.TCPSite):
             protocol, self._host, self._port, backlog=self._backlog)
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
-
-    def open_connections(self) -> int:
-        server = self._runner.server
-        return len(server.connections) if server is not None else 0
