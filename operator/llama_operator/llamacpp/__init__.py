@@ -1,7 +1,9 @@
-"""The pinned llama.cpp build: its version, its images and (catalog.py) every flag of its llama-server.
+"""The pinned llama.cpp build: its version, its images, (catalog.py) every flag of its llama-server and (ggml.py)
+its tensor types, block sizes and limits.
 
 The bottom of the house: it imports nothing of the project, so the API types (the chat template enum), the
-settings (default images), the flag validator and the sandbox may all build on it.
+settings (default images), the flag validator, the sandbox, the GGUF reader and the memory estimate may all
+build on it.
 """
 
 LLAMA_CPP_BUILD = "b11312"
