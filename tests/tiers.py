@@ -144,10 +144,11 @@ def missing(tool: str) -> Missing | None:
 
 
 def require(tool: str) -> str:
-    """The tool's path (the root check has run: a missing tool is a bug of the test's markers)."""
+    """The tool's path. In a test the root check has run before (a test that gets here without the tool lacks the
+    marker that needs it); a benchmark gets the RuntimeError, which names the tool."""
     found = FINDERS[tool]()
     if isinstance(found, Missing):
-        raise RuntimeError(f"{tool} is missing ({found.reason}): mark the test with the tier that needs it")
+        raise RuntimeError(f"needs {tool}: {found.reason}")
     return found
 
 
