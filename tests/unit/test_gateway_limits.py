@@ -18,6 +18,7 @@ from aiohttp import web
 
 from llama_operator.gateway.app import Gateway, GatewayConfig
 from llama_operator.gateway.body import BodyBudget
+from llama_operator.gateway.proxy import INLINE_SCAN_BYTES, SCAN_THREADS
 from tests.unit.test_gateway_proxy import Harness, Upstream, _free_port
 
 
@@ -164,6 +165,23 @@ def test_the_body_budget_is_granted_in_arrival_order() -> None:
         assert budget.used == 0
 
     asyncio.run(scenario())
+
+
+async def test_a_scan_whose_client_left_keeps_its_slot_until_its_thread_ends(gw: Harness) -> None:
+    big = bytearray(INLINE_SCAN_BYTES + 1)
+
+    def slow(data: bytearray) -> str:
+        time.sleep(0.5)
+        return "slow"
+
+    started = time.monotonic()
+    left = [asyncio.create_task(gw.proxy._off_loop(slow, big)) for _ in range(SCAN_THREADS)]
+    await asyncio.sleep(0.1)
+    for task in left:
+        task.cancel()  # the clients went away; their threads go on
+    assert await gw.proxy._off_loop(lambda data: "next", big) == "next"
+    assert time.monotonic() - started >= 0.45, "a new scan started beside threads still running"
+    await asyncio.gather(*left, return_exceptions=True)
 
 
 def _status_kib(pid: int, field: str) -> int:

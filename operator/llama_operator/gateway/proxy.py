@@ -186,7 +186,14 @@ class Proxy:
         if len(data) <= INLINE_SCAN_BYTES:
             return walk(data, *args)
         async with self._scan_slots:
-            return await asyncio.to_thread(walk, data, *args)
+            work = asyncio.ensure_future(asyncio.to_thread(walk, data, *args))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # The client left, but a thread cannot be stopped: keep its slot, and the body's share of the
+                # budget, until it ends (else clients that leave at once would pile up scans and buffers).
+                await asyncio.wait([work])
+                raise
 
     async def _route(self, request: web.Request, body: Body, started: float) -> tuple[web.StreamResponse, str]:
         try:
