@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
     __import__("llama_operator.flags.cli", fromlist=["register"]).register(sub)  # validate-args
     __import__("llama_operator.fetch", fromlist=["register"]).register(sub)  # fetch (init container)
-    __import__("llama_operator.gguf", fromlist=["register"]).register(sub)  # inspect
+    __import__("llama_operator.inspect_cli", fromlist=["register"]).register(sub)  # inspect
     __import__("llama_operator.sandbox", fromlist=["register"]).register(sub)  # sandbox
     __import__("llama_operator.gateway", fromlist=["register"]).register(sub)  # gateway
     return parser
