@@ -16,12 +16,14 @@ import aiohttp
 import pytest
 
 from llama_operator.controlplane.certs import CertificateAuthority
+from llama_operator.sandbox.command import expand
 from llama_operator.sandbox.helm import values_from_env
 from llama_operator.sandbox.images import ImageError, ImageTable, PathMap
-from llama_operator.sandbox.kubelet import ContainerStatus, expand, write_atomic
 from llama_operator.sandbox.logs import KubeletServer
 from llama_operator.sandbox.network import EgressProxy, under_run
-from llama_operator.sandbox.node import ServiceProxies
+from llama_operator.sandbox.pod import ContainerStatus
+from llama_operator.sandbox.proxy import ServiceProxies
+from llama_operator.sandbox.volumes import write_atomic
 
 
 def test_chart_values_from_operator_settings() -> None:

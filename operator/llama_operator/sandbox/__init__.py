@@ -1,8 +1,10 @@
 """`llama-operator sandbox`: the whole product on one machine: a real one-node cluster (optional extra `sandbox`).
 
 The command line is registered here without importing the sandbox itself, so `llama-operator` works where
-the extra (aiohttp, cryptography) is not installed. app.py runs it; node.py, kubelet.py, logs.py, network.py,
-proxy.py and images.py are the node; helm.py installs the operator; docs/sandbox.md is the user's walkthrough.
+the extra (aiohttp, cryptography) is not installed. app.py runs it; node.py (the Node), kubelet.py (a pod's
+lifecycle, over pod.py, volumes.py, command.py, probes.py, containers.py and processes.py), logs.py, network.py,
+proxy.py, storage.py and images.py are the node; helm.py installs the operator; docs/sandbox.md is the user's
+walkthrough.
 """
 
 from __future__ import annotations

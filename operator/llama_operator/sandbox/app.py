@@ -42,10 +42,13 @@ from ..controlplane import BinariesMissing, ControlPlane, ControlPlaneBinaries, 
 from .client import Api, ApiError, Informer, client_ssl_context, resource_path
 from .helm import EGRESS_GUARD_ENV, NAMESPACE, RELEASE, HelmError, find_chart, find_helm, install, values_from_env
 from .images import ImageTable, operator_executable
-from .kubelet import NODE_NAME, NodeContext, spawn, terminate
 from .logs import KubeletServer
 from .network import API_PORT, EgressProxy, Forwarder, NetworkError, PodNetwork
-from .node import KUBELET_PORT, Kubelet, LocalPathProvisioner, ServiceProxies
+from .node import KUBELET_PORT, Kubelet
+from .pod import NODE_NAME, NodeContext
+from .processes import spawn, terminate
+from .proxy import ServiceProxies
+from .storage import LocalPathProvisioner
 
 log = logging.getLogger("llama_operator.sandbox")
 

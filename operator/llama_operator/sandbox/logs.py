@@ -3,7 +3,7 @@
 The API server proxies `pods/log` to `https://<Node InternalIP>:<daemonEndpoints.kubeletEndpoint.Port>`,
 presenting its kubelet-client certificate; this server asks for a client certificate signed by the control
 plane's CA and refuses any other caller. Query parameters as the kubelet reads them: `follow`, `tailLines`,
-`limitBytes`, `previous`, `sinceSeconds`, `timestamps`. Logs are the container's output files (kubelet.py);
+`limitBytes`, `previous`, `sinceSeconds`, `timestamps`. Logs are the container's output files (containers.py);
 they carry no per-line time, so `timestamps` prefixes each line with the time it is served and `sinceSeconds`
 is ignored (docs/sandbox.md). `exec`, `attach` and `portForward` are not served (there is no runtime).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from aiohttp import web
 
 from ..clock import now_rfc3339
-from .kubelet import ContainerStatus, PodRuntime
+from .pod import ContainerStatus, Pod
 
 log = logging.getLogger("llama_operator.sandbox")
 
@@ -42,7 +42,7 @@ def _stamp(chunk: bytes) -> bytes:
 
 class KubeletServer:
     def __init__(self, host: str, port: int, *, cert: Path, key: Path, client_ca: Path,
-                 lookup: Callable[[str, str], PodRuntime | None]) -> None:
+                 lookup: Callable[[str, str], Pod | None]) -> None:
         self.host, self.port = host, port
         self.lookup = lookup
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(client_ca))

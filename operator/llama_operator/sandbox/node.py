@@ -1,22 +1,16 @@
-"""The sandbox node: what a real cluster's node runs, for one machine, against the real control plane.
+"""The sandbox node's kubelet: the Node object, its heartbeat, events, and the pods bound to it.
 
-- `Kubelet`: registers the Node `sandbox` (labels, capacity with GPU extended resources, addresses,
-  daemonEndpoints, nodeInfo, conditions), renews its Lease in `kube-node-lease` every 10 s, runs the pods the
-  real scheduler binds to it (kubelet.py, one `PodRuntime` each), and finishes their deletion: on a
-  deletionTimestamp, SIGTERM, the grace period, SIGKILL, then DELETE with grace 0 and the pod's uid as
-  precondition. It talks to the API server as `system:node:sandbox` (Node authorizer: it may read only the
-  Secrets, ConfigMaps, PVCs and tokens of its own pods) and posts events like a kubelet.
-- `LocalPathProvisioner`: the StorageClass `sandbox-local` (the default class) and a small external
-  provisioner for it: a PersistentVolumeClaim of that class gets a hostPath PersistentVolume on
-  `<state>/pvc/<namespace>/<claim>`, which the real PV controller binds. A released volume's PV object is
-  deleted; its directory is kept, so a claim of the same name (next run, or re-created) finds its files.
-- `ServiceProxies`: kube-proxy for the host: one 127.0.0.1 listener per Service port, round-robin over the
-  ready endpoints the real EndpointSlice controller wrote.
+`Kubelet` registers the Node `sandbox` (labels, capacity with GPU extended resources, addresses,
+daemonEndpoints, nodeInfo, conditions), renews its Lease in `kube-node-lease` every 10 s, runs the pods the
+real scheduler binds to it (kubelet.py, one `PodRuntime` each), and finishes their deletion: on a
+deletionTimestamp, SIGTERM, the grace period, SIGKILL, then DELETE with grace 0 and the pod's uid as
+precondition. It talks to the API server as `system:node:sandbox` (Node authorizer: it may read only the
+Secrets, ConfigMaps, PVCs and tokens of its own pods) and posts events like a kubelet.
 
-Deployments, ReplicaSets, Endpoints/EndpointSlices, PV binding, garbage collection and scheduling are done by
-the real kube-controller-manager and kube-scheduler.
+The node's other parts: its storage provisioner (storage.py), kube-proxy (proxy.py), the log server (logs.py)
+and the pod network (network.py). Deployments, ReplicaSets, Endpoints/EndpointSlices, PV binding, garbage
+collection and scheduling are done by the real kube-controller-manager and kube-scheduler.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -33,9 +27,9 @@ from typing import Any
 import aiohttp
 
 from ..clock import now_rfc3339
-from .client import Api, ApiError, Informer, resource_path
-from .kubelet import NODE_NAME, NodeContext, PodRuntime
-from .proxy import ServiceProxy
+from .client import ApiError, Informer, resource_path
+from .kubelet import PodRuntime
+from .pod import NODE_NAME, NodeContext
 
 log = logging.getLogger("llama_operator.sandbox")
 
@@ -46,9 +40,6 @@ STATUS_REPORT = 60.0
 GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu", "gpu.intel.com/i915")
 GPU_COUNT = 8
 MIN_CPUS = 8
-STORAGE_CLASS = "sandbox-local"
-PROVISIONER = "sandbox.llamacpp.dev/local-path"
-SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
 
 
 def _read(path: str, default: str = "") -> str:
@@ -273,145 +264,3 @@ class Kubelet:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-class LocalPathProvisioner:
-    """Dynamic hostPath volumes under the state directory for the `sandbox-local` StorageClass."""
-
-    def __init__(self, api: Api, state_dir: Path) -> None:
-        self.api = api
-        self.root = state_dir / "pvc"
-        self._wake = asyncio.Event()
-        self.claims = Informer(api, "v1", "persistentvolumeclaims", self._wake.set)
-        self.volumes = Informer(api, "v1", "persistentvolumes", self._wake.set)
-
-    async def install(self) -> None:
-        try:
-            await self.api.create(resource_path("storage.k8s.io/v1", "storageclasses"), {
-                "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-                "metadata": {"name": STORAGE_CLASS,
-                             "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
-                "provisioner": PROVISIONER, "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate"})
-        except ApiError as exc:
-            if exc.status != 409:
-                raise
-
-    async def run(self) -> None:
-        tasks = [asyncio.create_task(i.run()) for i in (self.claims, self.volumes)]
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                try:
-                    await self._reconcile()
-                except (ApiError, aiohttp.ClientError) as exc:
-                    log.warning("local-path provisioner: %s", exc)
-                    await asyncio.sleep(1)
-                    self._wake.set()
-        finally:
-            for task in tasks:
-                task.cancel()
-
-    async def _reconcile(self) -> None:
-        provisioned = {((v.get("spec") or {}).get("claimRef") or {}).get("uid") for v in self.volumes.values()}
-        for claim in self.claims.values():
-            meta, spec = claim["metadata"], claim.get("spec") or {}
-            annotations = meta.get("annotations") or {}
-            wanted = PROVISIONER in (annotations.get("volume.kubernetes.io/storage-provisioner"),
-                                     annotations.get("volume.beta.kubernetes.io/storage-provisioner"))
-            if not wanted or spec.get("volumeName") or meta["uid"] in provisioned or meta.get("deletionTimestamp"):
-                continue
-            directory = self.root / meta["namespace"] / meta["name"]
-            directory.mkdir(parents=True, exist_ok=True)
-            storage = ((spec.get("resources") or {}).get("requests") or {}).get("storage", "1Gi")
-            name = f"pvc-{meta['uid']}"
-            with contextlib.suppress(ApiError):
-                await self.api.create(resource_path("v1", "persistentvolumes"), {
-                    "apiVersion": "v1", "kind": "PersistentVolume",
-                    "metadata": {"name": name, "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER}},
-                    "spec": {"capacity": {"storage": storage},
-                             "accessModes": spec.get("accessModes") or ["ReadWriteOnce"],
-                             "persistentVolumeReclaimPolicy": "Delete", "storageClassName": STORAGE_CLASS,
-                             "volumeMode": spec.get("volumeMode") or "Filesystem",
-                             "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                                          "namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]},
-                             "hostPath": {"path": str(directory), "type": "DirectoryOrCreate"}}})
-                log.info("Provisioned PersistentVolume %s for claim %s/%s at %s", name, meta["namespace"],
-                         meta["name"], directory)
-        for volume in self.volumes.values():
-            meta = volume["metadata"]
-            ours = (meta.get("annotations") or {}).get("pv.kubernetes.io/provisioned-by") == PROVISIONER
-            if ours and (volume.get("status") or {}).get("phase") == "Released" and not meta.get("deletionTimestamp"):
-                await self.api.delete(resource_path("v1", "persistentvolumes", None, meta["name"]))
-                log.info("Deleted released PersistentVolume %s (its directory stays as a cache)", meta["name"])
-
-
-class ServiceProxies:
-    """A local port per Service port, forwarding to the Service's ready endpoints (from EndpointSlices)."""
-
-    def __init__(self, api: Api, *, port_base: int, quiet_namespaces: tuple[str, ...],
-                 on_service: Callable[[str, int, int | None], None]) -> None:
-        self.api = api
-        self.port_base = port_base
-        self.quiet_namespaces = (*SYSTEM_NAMESPACES, *quiet_namespaces)
-        self.on_service = on_service
-        self._wake = asyncio.Event()
-        self.services = Informer(api, "v1", "services", self._wake.set)
-        self.slices = Informer(api, "discovery.k8s.io/v1", "endpointslices", self._wake.set)
-        self.proxies: dict[tuple[str, str, int], ServiceProxy] = {}
-
-    async def run(self) -> None:
-        tasks = [asyncio.create_task(i.run()) for i in (self.services, self.slices)]
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                await self._sync()
-        finally:
-            for task in tasks:
-                task.cancel()
-
-    async def close(self) -> None:
-        for proxy in self.proxies.values():
-            await proxy.close()
-
-    def targets(self, service: dict[str, Any], port: dict[str, Any]) -> list[tuple[str, int]]:
-        meta = service["metadata"]
-        name = port.get("name") or ""
-        found = []
-        for slice_ in self.slices.values():
-            smeta = slice_["metadata"]
-            if smeta.get("namespace") != meta["namespace"] or \
-                    (smeta.get("labels") or {}).get("kubernetes.io/service-name") != meta["name"]:
-                continue
-            numbers = [p.get("port") for p in slice_.get("ports") or [] if (p.get("name") or "") == name]
-            if not numbers or numbers[0] is None:
-                continue
-            for endpoint in slice_.get("endpoints") or []:
-                if (endpoint.get("conditions") or {}).get("ready") is False:
-                    continue
-                found += [(address, int(numbers[0])) for address in endpoint.get("addresses") or []]
-        return sorted(found)
-
-    async def _sync(self) -> None:
-        seen: set[tuple[str, str, int]] = set()
-        for service in self.services.values():
-            meta, spec = service["metadata"], service.get("spec") or {}
-            if (meta["namespace"], meta["name"]) == ("default", "kubernetes") or spec.get("type") == "ExternalName" \
-                    or spec.get("clusterIP") == "None":
-                continue
-            for port in spec.get("ports") or []:
-                if port.get("protocol", "TCP") != "TCP":
-                    continue
-                key = (meta["namespace"], meta["name"], int(port["port"]))
-                seen.add(key)
-                proxy = self.proxies.get(key)
-                if proxy is None:
-                    proxy = ServiceProxy(f"{meta['namespace']}/{meta['name']}:{port['port']}")
-                    await proxy.listen(0 if meta["namespace"] in self.quiet_namespaces else self.port_base)
-                    self.proxies[key] = proxy
-                    self.on_service(f"{meta['namespace']}/{meta['name']}", int(port["port"]), proxy.port)
-                proxy.targets = self.targets(service, port)
-        for key in [k for k in self.proxies if k not in seen]:
-            await self.proxies.pop(key).close()
-            self.on_service(f"{key[0]}/{key[1]}", key[2], None)

@@ -1,4 +1,8 @@
-"""The sandbox's kube-proxy: one local TCP listener per Service port, round-robin over the ready endpoints."""
+"""The sandbox's kube-proxy: one local TCP listener per Service port, round-robin over the ready endpoints.
+
+`ServiceProxies` watches Services and the EndpointSlices the real EndpointSlice controller writes, and keeps
+one `ServiceProxy` (a 127.0.0.1 listener) per TCP Service port, forwarding to the ready endpoints.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,17 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections.abc import Callable
+from typing import Any
 
+from .client import Api, Informer
 from .network import splice
 
 log = logging.getLogger("llama_operator.sandbox")
 
 HOST = "127.0.0.1"
 PORT_SEARCH = 200
+SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
 
 
 class ServiceProxy:
@@ -67,3 +75,74 @@ class ServiceProxy:
         finally:
             client_writer.close()
             self._connections.discard(task)
+
+
+class ServiceProxies:
+    """A local port per Service port, forwarding to the Service's ready endpoints (from EndpointSlices)."""
+
+    def __init__(self, api: Api, *, port_base: int, quiet_namespaces: tuple[str, ...],
+                 on_service: Callable[[str, int, int | None], None]) -> None:
+        self.api = api
+        self.port_base = port_base
+        self.quiet_namespaces = (*SYSTEM_NAMESPACES, *quiet_namespaces)
+        self.on_service = on_service
+        self._wake = asyncio.Event()
+        self.services = Informer(api, "v1", "services", self._wake.set)
+        self.slices = Informer(api, "discovery.k8s.io/v1", "endpointslices", self._wake.set)
+        self.proxies: dict[tuple[str, str, int], ServiceProxy] = {}
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(i.run()) for i in (self.services, self.slices)]
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                await self._sync()
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def close(self) -> None:
+        for proxy in self.proxies.values():
+            await proxy.close()
+
+    def targets(self, service: dict[str, Any], port: dict[str, Any]) -> list[tuple[str, int]]:
+        meta = service["metadata"]
+        name = port.get("name") or ""
+        found = []
+        for slice_ in self.slices.values():
+            smeta = slice_["metadata"]
+            if smeta.get("namespace") != meta["namespace"] or \
+                    (smeta.get("labels") or {}).get("kubernetes.io/service-name") != meta["name"]:
+                continue
+            numbers = [p.get("port") for p in slice_.get("ports") or [] if (p.get("name") or "") == name]
+            if not numbers or numbers[0] is None:
+                continue
+            for endpoint in slice_.get("endpoints") or []:
+                if (endpoint.get("conditions") or {}).get("ready") is False:
+                    continue
+                found += [(address, int(numbers[0])) for address in endpoint.get("addresses") or []]
+        return sorted(found)
+
+    async def _sync(self) -> None:
+        seen: set[tuple[str, str, int]] = set()
+        for service in self.services.values():
+            meta, spec = service["metadata"], service.get("spec") or {}
+            if (meta["namespace"], meta["name"]) == ("default", "kubernetes") or spec.get("type") == "ExternalName" \
+                    or spec.get("clusterIP") == "None":
+                continue
+            for port in spec.get("ports") or []:
+                if port.get("protocol", "TCP") != "TCP":
+                    continue
+                key = (meta["namespace"], meta["name"], int(port["port"]))
+                seen.add(key)
+                proxy = self.proxies.get(key)
+                if proxy is None:
+                    proxy = ServiceProxy(f"{meta['namespace']}/{meta['name']}:{port['port']}")
+                    await proxy.listen(0 if meta["namespace"] in self.quiet_namespaces else self.port_base)
+                    self.proxies[key] = proxy
+                    self.on_service(f"{meta['namespace']}/{meta['name']}", int(port["port"]), proxy.port)
+                proxy.targets = self.targets(service, port)
+        for key in [k for k in self.proxies if k not in seen]:
+            await self.proxies.pop(key).close()
+            self.on_service(f"{key[0]}/{key[1]}", key[2], None)
