@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from llama_operator import contract, fetch
 from llama_operator.api.v1alpha1 import LlamaModel, LlamaModelSpec
@@ -24,6 +25,7 @@ from llama_operator.errors import InvalidSource, SourceAddressRefused, SourceFor
 from llama_operator.fetch import FetchOptions
 from llama_operator.fetch.http import hop_headers
 from llama_operator.fetch.plan import remote_files
+from llama_operator.sandbox.helm import values_from_env
 from llama_operator.sources import resolve
 from tests.conftest import model_body
 from tests.fakehub import write_gguf
@@ -191,10 +193,14 @@ async def test_the_address_connected_to_is_the_one_checked(gguf: bytes, monkeypa
         assert outside.seen == []
 
 
-def test_blocked_ranges_are_validated() -> None:
+def test_the_guard_is_on_by_default_and_ranges_are_checked() -> None:
     with pytest.raises(SettingsError, match="not a CIDR range"):
         Settings.from_env({"LLAMA_OPERATOR_SOURCE_BLOCKED_CIDRS": "10.0.0.0/8,cluster"})
-    assert Settings.from_env({}).source_egress_guard is True
+    assert Settings.from_env({}).source_egress_guard is True and Settings().source_egress_guard is True
+    values = yaml.safe_load((Path(__file__).parents[2] / "charts/llama-operator/values.yaml").read_text())
+    assert values["sourceEgress"] == {"guard": True, "blockedCIDRs": []}
+    # The sandbox serves from loopback: it hands the chart guard=false (as a boolean, for the schema).
+    assert values_from_env({"LLAMA_OPERATOR_SOURCE_EGRESS_GUARD": "false"}) == {"sourceEgress": {"guard": False}}
 
 
 # ---------------------------------------------------------------------------------------------- size cap

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from llama_operator import contract
@@ -22,6 +23,7 @@ from llama_operator.fetch.secrets import REDACTED, SOURCE_CREDENTIALS_LABEL, SOU
 from llama_operator.kube import LLAMA_MODELS, SECRETS
 from llama_operator.reconcile.context import Context
 from llama_operator.reconcile.model import reconcile_model, resolve_source
+from llama_operator.sources import transport_error
 from tests.conftest import model_body
 from tests.fakehub import write_gguf
 from tests.fakekube import Events, FakeKube
@@ -125,6 +127,11 @@ async def test_a_host_echoing_the_token_does_not_get_it_into_status(host: Record
     status = await resolve_source(model, _context(kube, settings))
     assert status.phase == "Failed" and REDACTED in (status.message or "")
     assert TOKEN not in _everything(status)
+
+
+def test_a_header_the_http_stack_refuses_is_reported_without_its_value() -> None:
+    error = transport_error("m.gguf", httpx.LocalProtocolError(f"Illegal header value b'Bearer {TOKEN} '"))
+    assert not error.transient and TOKEN not in str(error) and "cannot be sent" in str(error)
 
 
 def test_scrub_finds_escaped_forms() -> None:
