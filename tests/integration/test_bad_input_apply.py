@@ -92,6 +92,52 @@ API_ROWS = [
         ()),
 ]
 
+# docs/security.md, "Node filesystem and pod policy" and "Strings, messages and status": what a hostile tenant
+# writes. The webhook rows are judged by the policy POLICY_VALUES sets through the chart.
+HOST_PATH_MESSAGE = ("must be a relative directory below the operator's HostPath root, without '.', '..' or '//' "
+                     "(e.g. team-a/llm)")
+POLICY_VALUES = {"hostPathCache": False, "customImages": True, "allowedImagePrefixes": ["registry.example.com/llama/"],
+                 "allowedRuntimeClassNames": ["nvidia"], "allowedPriorityClassNames": []}
+HOSTILE_ROWS = [
+    Row("host path /", "LlamaModel", {"source": HF_SOURCE, "cache": {"type": "HostPath", "path": "/"}}, "CEL",
+        (f"spec.cache.path: {HOST_PATH_MESSAGE}",)),
+    Row("absolute host path", "LlamaModel",
+        {"source": HF_SOURCE, "cache": {"type": "HostPath", "path": "/var/lib/kubelet"}}, "CEL",
+        (f"spec.cache.path: {HOST_PATH_MESSAGE}",)),
+    Row("host path climbing out", "LlamaModel",
+        {"source": HF_SOURCE, "cache": {"type": "HostPath", "path": "team-a/../../../etc"}}, "CEL",
+        (f"spec.cache.path: {HOST_PATH_MESSAGE}",)),
+    Row("alias with a slash", "LlamaServer", {"modelRef": {"name": "qwen"}, "alias": "team-b/prod"}, "schema",
+        ('spec.alias: Invalid value: "team-b/prod": spec.alias in body should match',)),
+    Row("oversized image", "LlamaServer", {"modelRef": {"name": "qwen"}, "image": "r.example.com/" + "x" * 600},
+        "schema", ("spec.image: Too long: may not be ",)),
+    Row("too many args", "LlamaServer", {"modelRef": {"name": "qwen"}, "args": ["--verbose"] * 129}, "schema",
+        ("spec.args: Too many: 129: must have at most 128 items",)),
+    Row("Exists toleration without key", "LlamaServer",
+        {"modelRef": {"name": "qwen"}, "tolerations": [{"operator": "Exists"}]}, "CEL",
+        ("spec.tolerations[0].key: operator Exists needs a key: without one it tolerates every taint (control-plane "
+         "nodes and other teams' dedicated nodes included)",)),
+    Row("image outside the allowed prefixes", "LlamaServer",
+        {"modelRef": {"name": "qwen"}, "image": "docker.io/evil/llama:latest"}, "webhook",
+        ("spec.image: 'docker.io/evil/llama:latest' is not under an image prefix the operator's policy allows "
+         "(policy.allowedImagePrefixes: registry.example.com/llama/)",)),
+    Row("forbidden runtime class", "LlamaServer", {"modelRef": {"name": "qwen"}, "runtimeClassName": "kata-debug"},
+        "webhook", ("spec.runtimeClassName: 'kata-debug' is not allowed by the operator's policy "
+                    "(policy.allowedRuntimeClassNames: nvidia)",)),
+    Row("forbidden priority class", "LlamaServer",
+        {"modelRef": {"name": "qwen"}, "priorityClassName": "system-cluster-critical"}, "webhook",
+        ("spec.priorityClassName: 'system-cluster-critical' is not allowed by the operator's policy "
+         "(policy.allowedPriorityClassNames: none)",)),
+    Row("AppArmor annotation", "LlamaServer",
+        {"modelRef": {"name": "qwen"},
+         "podAnnotations": {"container.apparmor.security.beta.kubernetes.io/llama-server": "unconfined"}}, "webhook",
+        ("spec.podAnnotations: 'container.apparmor.security.beta.kubernetes.io/llama-server' is security-relevant",)),
+    Row("HostPath cache while turned off", "LlamaModel",
+        {"source": HF_SOURCE, "cache": {"type": "HostPath", "path": "team-a"}}, "webhook",
+        ("spec.cache.type: HostPath caches are turned off by the operator's policy (chart value "
+         "policy.hostPathCache); use EmptyDir or PersistentVolumeClaim",)),
+]
+
 # docs/flags.md, generated from tests/unit/flag_cases.py.
 FLAG_ROWS = [
     Row(title, "LlamaServer", {"modelRef": {"name": "qwen"}, **fields},
@@ -99,7 +145,7 @@ FLAG_ROWS = [
     for title, fields, messages, rules in BAD_CASES
 ]
 
-ROWS = API_ROWS + FLAG_ROWS
+ROWS = API_ROWS + FLAG_ROWS + HOSTILE_ROWS
 
 
 def _name(row: Row) -> str:
@@ -169,6 +215,10 @@ def test_without_a_webhook(control_plane: ControlPlane, plain_namespace: str, ro
 # ---------------------------------------------------------------------------------------------- webhook
 
 
+_POLICY_ENV = ("LLAMA_OPERATOR_HOSTPATH_CACHE", "LLAMA_OPERATOR_CUSTOM_IMAGES", "LLAMA_OPERATOR_ALLOWED_IMAGE_PREFIXES",
+               "LLAMA_OPERATOR_ALLOWED_RUNTIME_CLASSES", "LLAMA_OPERATOR_ALLOWED_PRIORITY_CLASSES")
+
+
 def _listening(port: int, ca: str) -> bool:
     context = ssl.create_default_context(cafile=ca)
     try:
@@ -197,8 +247,12 @@ def webhook_namespace(control_plane: ControlPlane, admin: ClusterApi, operator_i
     namespace = _namespace(admin, "bad-input-webhook")
     # The chart in namespaced mode: its webhooks only see the watched namespace, so other tests are untouched.
     objects = helm_template(helm, "llama-bad-input", OPERATOR_NAMESPACE,
-                            {"watchNamespaces": [namespace], "webhook": {"enabled": True}})
+                            {"watchNamespaces": [namespace], "webhook": {"enabled": True}, "policy": POLICY_VALUES})
     (chart_config,) = [obj for obj in objects if obj["kind"] == "ValidatingWebhookConfiguration"]
+    policy_env = {env["name"]: env["value"] for obj in objects if obj["kind"] == "Deployment"
+                  for container in obj["spec"]["template"]["spec"]["containers"]
+                  for env in container.get("env", []) if env["name"] in _POLICY_ENV}
+    assert set(policy_env) == set(_POLICY_ENV), policy_env
     assert {w["clientConfig"]["service"]["path"] for w in chart_config["webhooks"]} == {
         "/validate-llamaserver", "/validate-llamamodel"}
     ca = CertificateAuthority(tmp_path_factory.mktemp("webhook-pki"), common_name="bad-input-webhook-ca")
@@ -215,6 +269,8 @@ def webhook_namespace(control_plane: ControlPlane, admin: ClusterApi, operator_i
         # :8000 for metrics and fails to start wherever that port is taken (another test run on the machine).
         env.setenv("LLAMA_OPERATOR_METRICS_PORT", "0")
         env.setenv("LLAMA_OPERATOR_WEBHOOK_CERT_DIR", str(ca.directory))
+        for name, value in policy_env.items():  # the policy as the chart hands it to the operator
+            env.setenv(name, value)
         env.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
         env.setattr(kubernetes.config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
         with OperatorRun(("llama_operator.handlers",), namespace=namespace, args=(), settings=None, timeout=60):

@@ -38,7 +38,8 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
         node = target
     if node.get("x-kubernetes-int-or-string"):
         return {
-            k: v for k, v in node.items() if k in ("description", "x-kubernetes-int-or-string", "default", CEL_KEY)
+            k: v for k, v in node.items()
+            if k in ("description", "x-kubernetes-int-or-string", "default", "maxLength", CEL_KEY)
         }
     any_of = node.pop("anyOf", None)
     if any_of is not None:
