@@ -192,7 +192,8 @@ class Gateway:
         site: web.TCPSite = CappedSite(runner, host, port, limit=self.config.max_connections)
         await site.start()
         self.api_port = site.port
-        runner = web.AppRunner(self._admin_app(), access_log=None)
+        # The admin port gets the header deadline too (its clients are Prometheus and the kubelet's probes).
+        runner = web.AppRunner(self._admin_app(), access_log=None, keepalive_timeout=self.config.header_timeout)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, *_host_port(self.config.admin, 0))
