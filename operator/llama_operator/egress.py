@@ -3,7 +3,8 @@
 A LlamaModel names any URL, and every redirect may lead elsewhere; the operator fetches the first bytes of it from
 its own pod, which reaches its loopback, the node's link-local metadata service and every cluster address. With
 the guard on (`Settings.source_egress_guard`, the default), the HTTP client of `sources` refuses:
-- loopback, link-local, unspecified and multicast addresses, always;
+- loopback, link-local, unspecified and multicast addresses and the cloud metadata services outside link-local
+  (`METADATA_ADDRESSES`), always;
 - the ranges of `Settings.source_blocked_cidrs` (the cluster's pod and Service ranges, typically).
 
 The check runs where the connection is made: the host name is resolved once, every address it resolves to is
@@ -31,6 +32,8 @@ from .errors import SourceAddressRefused
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _KEEPALIVE = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
+METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200"))
+"""Cloud metadata services outside the link-local range (AWS over IPv6, Alibaba Cloud): never a model source."""
 
 
 def refusal(address: Address, blocked: Sequence[Network] = ()) -> str | None:
@@ -45,6 +48,8 @@ def refusal(address: Address, blocked: Sequence[Network] = ()) -> str | None:
         return "unspecified"
     if address.is_multicast:
         return "multicast"
+    if address in METADATA_ADDRESSES:
+        return "a cloud metadata service"
     for network in blocked:
         if address.version == network.version and address in network:
             return f"in {network}, a blocked range"

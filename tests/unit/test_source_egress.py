@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import socket
 import threading
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from llama_operator import contract, fetch
 from llama_operator.api.v1alpha1 import LlamaModel, LlamaModelSpec
 from llama_operator.builders.fetcher import mmproj_fetch_container
 from llama_operator.config import Settings, SettingsError
+from llama_operator.egress import refusal
 from llama_operator.errors import InvalidSource, SourceAddressRefused, SourceForbidden
 from llama_operator.fetch import FetchOptions
 from llama_operator.fetch.http import hop_headers
@@ -191,6 +193,16 @@ async def test_the_address_connected_to_is_the_one_checked(gguf: bytes, monkeypa
             await resolve(_http(f"http://rebind.test:{outside.port}/m.gguf"), settings=GUARDED, hf_token=None,
                           headers={})
         assert outside.seen == []
+
+
+def test_metadata_and_special_addresses_are_refused() -> None:
+    for address in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200", "0.0.0.0", "::", "fe80::1", "224.0.0.1",
+                    "::ffff:169.254.169.254"):
+        assert refusal(ipaddress.ip_address(address)) is not None, address
+    for address in ("18.154.227.7", "10.1.2.3", "2600:9000::1"):  # public, and private outside blocked ranges
+        assert refusal(ipaddress.ip_address(address)) is None, address
+    blocked = [ipaddress.ip_network("10.0.0.0/8")]
+    assert refusal(ipaddress.ip_address("10.1.2.3"), blocked) == "in 10.0.0.0/8, a blocked range"
 
 
 def test_the_guard_is_on_by_default_and_ranges_are_checked() -> None:
