@@ -12,6 +12,7 @@ from llama_operator.config import DEFAULT_IMAGES, Settings, SettingsError, Tenan
 from llama_operator.flags.spec import spec_problems
 from llama_operator.policy import model_policy_problems, tenant_problems
 from llama_operator.render import RenderError, render
+from llama_operator.sandbox.helm import values_from_env
 
 STRICT = Settings(policy=TenantPolicy(custom_images=True, image_prefixes=("registry.example.com/llama/",),
                                       runtime_class_names=("nvidia",), priority_class_names=()))
@@ -104,3 +105,11 @@ def test_settings_from_the_environment() -> None:
         Settings.from_env({"LLAMA_OPERATOR_DEFAULT_CACHE_TYPE": "HostPath"})
     with pytest.raises(SettingsError, match="must be true or false"):
         Settings.from_env({"LLAMA_OPERATOR_HOSTPATH_CACHE": "yes"})
+
+
+def test_the_sandbox_hands_the_policy_to_the_chart() -> None:
+    assert values_from_env({"LLAMA_OPERATOR_HOSTPATH_CACHE": "true", "LLAMA_OPERATOR_CUSTOM_IMAGES": "false",
+                            "LLAMA_OPERATOR_ALLOWED_IMAGE_PREFIXES": "a.io/x/,b.io/",
+                            "LLAMA_OPERATOR_ALLOWED_PRIORITY_CLASSES": ""}) == {
+        "policy": {"hostPathCache": True, "customImages": False, "allowedImagePrefixes": ["a.io/x/", "b.io/"],
+                   "allowedPriorityClassNames": []}}
