@@ -203,6 +203,17 @@ def test_fetchers_have_an_ephemeral_storage_request_and_limit(settings: Settings
     assert pvc["requests"]["ephemeral-storage"] == pvc["limits"]["ephemeral-storage"] == "2Gi"
 
 
+def test_a_draft_in_the_served_models_emptydir_counts_in_its_size(settings: Settings) -> None:
+    model = resolved_model(status={"size": 10 * 2**30})  # 12Gi cache
+    draft = resolved_model(name="draft", status={"size": 2**30, "cacheKey": "draft-key-0123"})  # 3Gi
+    pod = build_deployment(server(speculative={"draftModelRef": {"name": "draft"}}), model, settings,
+                           draft)["spec"]["template"]["spec"]
+    assert {"name": "model-cache", "emptyDir": {"sizeLimit": "15Gi"}} in pod["volumes"]
+    for fetcher in pod["initContainers"]:
+        assert fetcher["resources"]["limits"]["ephemeral-storage"] == "17Gi", fetcher["name"]
+        assert fetcher["resources"]["requests"]["ephemeral-storage"] == "17Gi", fetcher["name"]
+
+
 def test_emptydir_size_defaults_to_model_size_plus_headroom(settings: Settings) -> None:
     model = resolved_model(status={"size": 10 * 2**30})
     pod = build_deployment(server(), model, settings)["spec"]["template"]["spec"]

@@ -47,8 +47,11 @@ def cache_size(model: LlamaModel) -> str | int | None:
     return None
 
 
-def empty_dir_size(model: LlamaModel) -> str | int:
-    """An EmptyDir cache's sizeLimit: the cache size, else room for the largest download of unknown size."""
+def empty_dir_size(model: LlamaModel, *sharing: LlamaModel) -> str | int:
+    """An EmptyDir cache's sizeLimit: the cache size, else room for the largest download of unknown size; plus
+    the same for every model fetched into it too (`sharing`: a speculative draft)."""
+    if sharing:
+        return gibibytes_ceil(sum(int(parse_quantity(empty_dir_size(each))) for each in (model, *sharing)))
     size = cache_size(model)
     return size if size is not None else _with_headroom(DEFAULT_MAX_UNKNOWN_SIZE)
 
@@ -83,22 +86,24 @@ def require_cache_key(model: LlamaModel) -> str:
     return model.status.cache_key
 
 
-def cache_volume(model: LlamaModel, settings: Settings) -> dict[str, Any]:
+def cache_volume(model: LlamaModel, settings: Settings, *, sharing: tuple[LlamaModel, ...] = ()) -> dict[str, Any]:
+    """`model`'s cache volume; `sharing`: other models fetched into it (they count in an EmptyDir's sizeLimit)."""
     kind = cache_type(model, settings)
     if kind == "PersistentVolumeClaim":
         return {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache_pvc_name(model)}}
     if kind == "HostPath":
         return {"name": CACHE_VOLUME, "hostPath": {"path": host_path(model, settings), "type": "DirectoryOrCreate"}}
-    return {"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": empty_dir_size(model)}}
+    return {"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": empty_dir_size(model, *sharing)}}
 
 
-def model_volumes(model: LlamaModel, settings: Settings) -> list[dict[str, Any]]:
-    """The volumes the pod needs for the model: the user's PVC (read-only) or the cache."""
+def model_volumes(model: LlamaModel, settings: Settings, *, sharing: tuple[LlamaModel, ...] = ()
+                  ) -> list[dict[str, Any]]:
+    """The volumes the pod needs for the model: the user's PVC (read-only) or the cache (shared with `sharing`)."""
     source = model.spec.source
     if source.volume is not None:
         claim = {"claimName": source.volume.persistent_volume_claim, "readOnly": True}
         return [{"name": SOURCE_VOLUME, "persistentVolumeClaim": claim}]
-    return [cache_volume(model, settings)]
+    return [cache_volume(model, settings, sharing=sharing)]
 
 
 def cache_mounts(owner: LlamaModel, keys: list[str], settings: Settings, *, volume: str = CACHE_VOLUME,
@@ -125,13 +130,15 @@ def server_model_mounts(model: LlamaModel, settings: Settings, draft: LlamaModel
     return cache_mounts(model, keys, settings)
 
 
-def fetcher_ephemeral_storage(owners: list[LlamaModel], settings: Settings) -> dict[str, dict[str, str]]:
-    """The ephemeral-storage request and limit of a pod's fetchers, `owners` being the models with a cache volume
-    in the pod. The kubelet counts every EmptyDir of the pod against the largest init container's limit, so the
-    limit is the sum of the EmptyDir caches' sizeLimits plus scratch (a download that outgrows it evicts the pod,
-    it does not fill the node's disk); the request, what the scheduler reserves, counts only the sizes known."""
-    empty = [model for model in owners if cache_type(model, settings) == "EmptyDir"]
-    known = sum(int(parse_quantity(size)) for model in empty if (size := cache_size(model)) is not None)
-    limit = sum(int(parse_quantity(empty_dir_size(model))) for model in empty)
+def fetcher_ephemeral_storage(caches: list[tuple[LlamaModel, ...]], settings: Settings) -> dict[str, dict[str, str]]:
+    """The ephemeral-storage request and limit of a pod's fetchers, `caches` being the pod's cache volumes, each
+    as the models fetched into it (its owner first). The kubelet counts every EmptyDir of the pod against the
+    largest init container's limit, so the limit is the sum of the EmptyDir caches' sizeLimits plus scratch (a
+    download that outgrows it evicts the pod, it does not fill the node's disk); the request, what the scheduler
+    reserves, counts only the sizes known."""
+    empty = [models for models in caches if cache_type(models[0], settings) == "EmptyDir"]
+    known = sum(int(parse_quantity(size)) for models in empty for model in models
+                if (size := cache_size(model)) is not None)
+    limit = sum(int(parse_quantity(empty_dir_size(*models))) for models in empty)
     return {"requests": {"ephemeral-storage": gibibytes_ceil(known + SCRATCH_BYTES)},
             "limits": {"ephemeral-storage": gibibytes_ceil(limit + SCRATCH_BYTES)}}

@@ -127,17 +127,20 @@ def pod_template(
         annotations[MODEL_SHA_ANNOTATION] = sha256
     main = server_container(server, model, settings, draft, args=args, memory=memory)
     init = _init_containers(server, model, settings, main, draft)
-    cached = [model] if model.spec.source.volume is None else [draft] if draft is not None else []
+    # A downloaded model's cache holds the draft too; a volume-source model's draft has a cache of its own.
+    sharing = (draft,) if draft is not None and model.spec.source.volume is None else ()
+    caches = [(model, *sharing)] if model.spec.source.volume is None else [(draft,)] if draft is not None else []
     return assemble_pod(server, annotations=annotations, main=main,
-                        init_containers=with_ephemeral_storage(init, cached, settings),
-                        volumes=[*model_volumes(model, settings), *_draft_volumes(model, settings, draft)])
+                        init_containers=with_ephemeral_storage(init, caches, settings),
+                        volumes=[*model_volumes(model, settings, sharing=sharing),
+                                 *_draft_volumes(model, settings, draft)])
 
 
-def with_ephemeral_storage(init_containers: list[dict[str, Any]], owners: list[LlamaModel], settings: Settings
-                           ) -> list[dict[str, Any]]:
+def with_ephemeral_storage(init_containers: list[dict[str, Any]], caches: list[tuple[LlamaModel, ...]],
+                           settings: Settings) -> list[dict[str, Any]]:
     """The init containers, each fetcher with the ephemeral-storage request and limit of the pod's caches
-    (`owners`: the models with a cache volume in the pod)."""
-    storage = fetcher_ephemeral_storage(owners, settings)
+    (`caches`: each cache volume of the pod as the models fetched into it, its owner first)."""
+    storage = fetcher_ephemeral_storage(caches, settings)
     for container in init_containers:
         if is_fetch_container(container["name"]):
             resources = container.setdefault("resources", {})

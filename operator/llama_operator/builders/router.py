@@ -161,7 +161,8 @@ def build_router_deployment(
     # No default memory request: which models are loaded together changes at run time (docs/multi-model.md).
     main = llama_server_container(server, settings, args=router_args(server),
                                   resources=container_resources(server, memory=None), volume_mounts=mounts)
-    cached = [models[name] for name in distinct_models(server) if models[name].spec.source.volume is None]
+    # Each downloaded model has an EmptyDir of its own (shared PVCs and host paths are not ephemeral storage).
+    cached = [(models[name],) for name in distinct_models(server) if models[name].spec.source.volume is None]
     init = with_ephemeral_storage(list(storage.fetchers), cached, settings)
     if spec.image:
         init.append(dry_run_init_container(image=main["image"], args=main["args"],
