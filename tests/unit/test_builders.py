@@ -214,6 +214,14 @@ def test_a_draft_in_the_served_models_emptydir_counts_in_its_size(settings: Sett
         assert fetcher["resources"]["requests"]["ephemeral-storage"] == "17Gi", fetcher["name"]
 
 
+def test_the_projector_counts_in_the_cache_size(settings: Settings) -> None:
+    spec = {"source": {"http": {"url": "https://h/m.gguf"}}, "mmproj": {"file": "mmproj.gguf", "sha256": "b" * 64}}
+    model = resolved_model(spec=spec, status={"size": 10 * 2**30, "mmproj": {
+        "name": "mmproj.gguf", "url": "https://h/mmproj.gguf", "size": 3 * 2**30, "sha256": "b" * 64}})
+    pod = build_deployment(server(), model, settings)["spec"]["template"]["spec"]
+    assert {"name": "model-cache", "emptyDir": {"sizeLimit": "16Gi"}} in pod["volumes"]
+
+
 def test_emptydir_size_defaults_to_model_size_plus_headroom(settings: Settings) -> None:
     model = resolved_model(status={"size": 10 * 2**30})
     pod = build_deployment(server(), model, settings)["spec"]["template"]["spec"]

@@ -39,11 +39,12 @@ def _with_headroom(size_bytes: int) -> str:
 
 
 def cache_size(model: LlamaModel) -> str | int | None:
-    """The cache size: the user's, else the resolved model size plus headroom, else unknown."""
+    """The cache size: the user's, else the resolved model size (with its projector) plus headroom, else unknown."""
     if model.spec.cache.size is not None:
         return model.spec.cache.size
     if model.status.size:
-        return _with_headroom(model.status.size)
+        projector = model.status.mmproj.size if model.status.mmproj is not None else None
+        return _with_headroom(model.status.size + (projector or 0))
     return None
 
 
