@@ -161,7 +161,9 @@ class CacheSpec(ApiModel):
         "HostPath (node-local directory shared by every pod on that node). Default: the operator's setting.",
     )
     size: Quantity | None = Field(
-        None, description="Volume size (EmptyDir size limit or PVC request). Default: model size plus headroom."
+        None, description="Volume size (EmptyDir size limit or PVC request), also the most a download of unknown "
+        "size may write. Default: the model's size with its projector plus 10% and 1 GiB; an EmptyDir of a model "
+        "whose size is unknown gets room for the fetcher's 64 GiB cap.",
     )
     storage_class_name: Name | None = Field(None, description="StorageClass of the PVC (default: the cluster's).")
     access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod", "ReadOnlyMany"]] | None = (
