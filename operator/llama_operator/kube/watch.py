@@ -7,6 +7,7 @@ dropped connection or an ERROR event (status 410: the version is too old, list a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +29,8 @@ async def watch_events(api: k8s_client.ApiClient, path: str, query: list[tuple[s
     holder: dict[str, Any] = {}
 
     def put(item: Any) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+        with contextlib.suppress(RuntimeError):  # the loop closed after the reader left: nobody wants the item
+            loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def run() -> None:
         try:
@@ -54,7 +56,10 @@ async def watch_events(api: k8s_client.ApiClient, path: str, query: list[tuple[s
     finally:
         response = holder.get("response")
         if response is not None:
-            response.shutdown()  # unblocks the reading thread
+            # Unblocks the reading thread; when it has already released the connection there is nothing to unblock
+            # (urllib3 raises RuntimeError then, which would hide the error this generator is ending with).
+            with contextlib.suppress(RuntimeError):
+                response.shutdown()
 
 
 def _read_watch(api: k8s_client.ApiClient, path: str, query: list[tuple[str, str]], timeout_seconds: int,
