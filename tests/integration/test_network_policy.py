@@ -13,7 +13,6 @@ from tests.conftest import model_body, server_body
 
 CRD = "llamacpp.dev/v1alpha1"
 NP = "networking.k8s.io/v1"
-pytestmark = pytest.mark.integration
 
 OPERATOR = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "llama-system"}},
             "podSelector": {"matchLabels": {"app.kubernetes.io/name": "llama-operator"}}}
