@@ -7,13 +7,12 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "llama-operator"
+from tests.helm import CHART, REPO  # noqa: F401  (the chart tests find both here, next to the scenarios)
+
 NAMESPACE = "llama-system"
 RELEASE = "llama"
 KUBE_VERSIONS = ("1.29.0", "1.33.0")
