@@ -383,7 +383,7 @@ async def test_client_disconnect_cancels_the_upstream_request(gw: Harness, upstr
     response.close()  # the client goes away mid-stream
     await asyncio.wait_for(upstreams[0].cancelled.wait(), 5)
     await asyncio.sleep(0.1)
-    assert gw.traffic.in_flight("default/chat") == 0 and gw.proxy.in_flight == {}
+    assert gw.traffic.in_flight("default/chat") == 0 and gw.proxy.upstreams.in_flight == {}
 
 
 # ------------------------------------------------------------------------------------------ balancing

@@ -1,12 +1,13 @@
 """`llama-operator gateway`: one OpenAI-compatible endpoint for every LlamaServer (docs/gateway.md).
 
-Modules, one job each. The request path, a star around `proxy` (the aiohttp handlers and upstream client):
-`body` (reading a body within bounds), `scan` (its routing fields, without building the JSON tree: pure),
-`routing` (LlamaServers -> routes by model name, alias, namespace/name), `endpoints` (EndpointSlices -> ready
-replicas), `balancer` (least in-flight, prefix affinity with bounded load: pure), `hold` (requests waiting for
-a replica), `traffic` (the load it counts), `answers` (OpenAI-format errors and model objects), `metrics`.
-Around it: `scaling` (the pure scaling decision), `autoscaler` (the one writer of spec.replicas), `listener`
-(connection cap and header deadline), `cors`, `watch` (list+watch loops), `app` (the wiring and the RBAC).
+Modules, one job each. The request path, a star around `proxy` (the aiohttp handlers): `upstream` (the client
+to the replicas: pick, send, retry before the first byte, stream back), `body` (reading a body within bounds),
+`scan` (its routing fields, without building the JSON tree: pure), `routing` (LlamaServers -> routes by model
+name, alias, namespace/name), `endpoints` (EndpointSlices -> ready replicas), `balancer` (least in-flight,
+prefix affinity with bounded load: pure), `hold` (requests waiting for a replica), `traffic` (the load it
+counts), `answers` (OpenAI-format errors and model objects), `metrics`. Around it: `scaling` (the pure scaling
+decision), `autoscaler` (the one writer of spec.replicas), `listener` (connection cap and header deadline),
+`cors`, `watch` (list+watch loops), `app` (the wiring and the RBAC).
 """
 
 from __future__ import annotations

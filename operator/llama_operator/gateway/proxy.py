@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP front (aiohttp server) and the upstream client to the replicas.
+"""The OpenAI-compatible HTTP front (aiohttp server); upstream.py is the client to the replicas.
 
 - `GET /v1/models` lists every LlamaServer the gateway can reach in OpenAI's list format, scaled-to-zero ones
   included (`owned_by` is the namespace; `state`, `replicas`, `ready_replicas`, `aliases` are extra fields that
@@ -10,10 +10,7 @@
   arrives (SSE included), never buffered. An unknown model is 404 in OpenAI's error format naming the model and
   the known ones; a body that cannot be routed is a one-line 400. Errors name LlamaServers, never pod addresses.
 - No ready replica: the request is held (hold.py) while the autoscaler scales the server up; on timeout 503 with
-  Retry-After.
-- A replica that fails before the first response byte reached the client (refused connection, reset, 502/503/
-  504) is skipped for a few seconds and the request goes to another ready replica; once a byte was sent the
-  failure is the client's to see (the connection is cut, never a silently spliced answer).
+  Retry-After. Then upstream.py sends it to a ready replica and streams the answer back.
 - The client going away cancels the handler (aiohttp handler_cancellation), which closes the upstream
   connection: llama-server notices and stops generating.
 - API keys: the gateway holds none and reads no Secret. The client's Authorization (or X-Api-Key) header goes to
@@ -30,33 +27,26 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-import aiohttp
 from aiohttp import web
 
 from . import metrics
 from .answers import model_object, openai_error, unknown_model
-from .balancer import HashRing, bounded_load, least_in_flight, prompt_prefix
 from .body import Body, BodyBudget, BodyReader, Refused
 from .endpoints import EndpointTable
 from .hold import HoldQueue, QueueFull
 from .routing import Route, RoutingTable
-from .scan import BadBody, Summary, affinity_payload, scan
+from .scan import BadBody, affinity_payload, scan
 from .traffic import Traffic
+from .upstream import CLIENT_GONE, UPSTREAM_BROKE, Upstreams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-                        "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
-RETRY_STATUSES = frozenset({502, 503, 504})
-EJECT_SECONDS = 5.0
 INLINE_SCAN_BYTES = 64 << 10
 """Bodies up to this size are scanned on the event loop (a few ms at worst); larger ones in a worker thread."""
 SCAN_THREADS = 2
 """Large bodies scanned at once: the scan is CPU, and the GIL makes more threads no faster."""
 _MODEL_LABEL = web.RequestKey("model", str)
-_CLIENT_GONE = web.RequestKey("client_gone", bool)
-_UPSTREAM_BROKE = web.RequestKey("upstream_broke", bool)
 
 
 def _has_api_key(headers: Mapping[str, str]) -> bool:
@@ -80,14 +70,8 @@ class Proxy:
         self.bodies = BodyReader(max_bytes=max_request_bytes, budget=BodyBudget(max_buffered_bytes),
                                  timeout=body_timeout, retry_after=retry_after)
         self._scan_slots = asyncio.Semaphore(SCAN_THREADS)
-        self.connect_timeout = connect_timeout
         self.retry_after = retry_after
-        self.in_flight: dict[str, int] = {}
-        """Requests in flight per replica URL (what least-in-flight and the load bound compare)."""
-        self._ejected: dict[str, float] = {}
-        self._rings: dict[tuple[str, ...], HashRing] = {}
-        self._turn = 0
-        self._session: aiohttp.ClientSession | None = None
+        self.upstreams = Upstreams(endpoints, connect_timeout=connect_timeout, retry_after=retry_after)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -103,17 +87,10 @@ class Proxy:
         return app
 
     async def _open(self, _: web.Application) -> None:
-        # No total timeout (a generation may take minutes); the connect timeout finds dead replicas fast.
-        # auto_decompress=False: bytes go through as the replica sent them, with its Content-Encoding.
-        # llama-server (cpp-httplib) drops idle keep-alive connections after 5 s: let them go before that.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
-        self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout))
+        await self.upstreams.open()
 
     async def _close(self, _: web.Application) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.upstreams.close()
 
     # -- models --------------------------------------------------------------------------------------------
 
@@ -150,9 +127,9 @@ class Proxy:
         try:
             response, _ = await self._handle(request, started)
             code = str(response.status)
-            if request.get(_CLIENT_GONE):
+            if request.get(CLIENT_GONE):
                 code = "499"  # the client went away; nginx's code for it
-            elif request.get(_UPSTREAM_BROKE):
+            elif request.get(UPSTREAM_BROKE):
                 code = "502"
             return response
         except asyncio.CancelledError:
@@ -221,7 +198,7 @@ class Proxy:
                 return refused, key
         self.traffic.start(key)
         try:
-            return await self._forward(request, route, summary, affinity, body, started), key
+            return await self.upstreams.forward(request, route, summary, affinity, body, started), key
         finally:
             self.traffic.finish(key)
 
@@ -252,133 +229,3 @@ class Proxy:
         finally:
             self.traffic.release(key)
             metrics.HOLD_SECONDS.labels(key, outcome).observe(time.monotonic() - held)
-
-    def _candidates(self, route: Route, tried: set[str]) -> list[str]:
-        urls = [e.url for e in self.endpoints.ready(*route.service) if e.url not in tried]
-        now = time.monotonic()
-        healthy = [u for u in urls if self._ejected.get(u, 0) <= now]
-        return healthy or urls
-
-    def pick(self, route: Route, candidates: Sequence[str], payload: Mapping[str, Any]) -> str:
-        routing = route.routing
-        if routing.strategy == "PrefixAffinity" and len(candidates) > 1:
-            prefix = prompt_prefix(payload, routing.prefix_characters)
-            if prefix is not None:
-                ring = self._rings.get(tuple(candidates))
-                if ring is None:
-                    if len(self._rings) > 256:
-                        self._rings.clear()
-                    ring = self._rings[tuple(candidates)] = HashRing(candidates)
-                return bounded_load(ring, prefix, self.in_flight, routing.load_bound)
-        self._turn += 1
-        return least_in_flight(candidates, self.in_flight, self._turn)
-
-    def _forward_headers(self, request: web.Request) -> dict[str, str]:
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in HOP_BY_HOP and k.lower() not in ("host", "content-length")}
-        peer = request.remote or ""
-        previous = request.headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
-        headers["X-Forwarded-Proto"] = request.scheme
-        headers["X-Forwarded-Host"] = request.host
-        return headers
-
-    async def _forward(self, request: web.Request, route: Route, summary: Summary, affinity: Mapping[str, Any],
-                       body: Body, started: float) -> web.StreamResponse:
-        assert self._session is not None
-        key = route.key
-        headers = self._forward_headers(request)
-        headers["Content-Length"] = str(len(body.data))
-        if summary.stream:
-            # llama-server closes the connection after a streamed answer without saying so: never pool it.
-            headers["Connection"] = "close"
-        tried: set[str] = set()
-        last_error = ""
-        again: str | None = None
-        while True:
-            candidates = [again] if again else self._candidates(route, tried)
-            if not candidates:
-                if not tried:
-                    return openai_error(503, f"The model '{route.model_name}' ({key}) has no ready replica; retry "
-                                        "later.", type="server_error", code="model_not_ready",
-                                        headers={"Retry-After": str(self.retry_after)})
-                # Named by the server, never by pod address: the log has the addresses.
-                return openai_error(502, f"Every ready replica of LlamaServer {key} ({len(tried)} tried) failed "
-                                    f"before answering; the last one: {last_error}.", type="server_error",
-                                    code="upstream_error")
-            url = again or self.pick(route, candidates, affinity)
-            reused_once, again = again is not None, None
-            if tried and not reused_once:
-                metrics.UPSTREAM_RETRIES.labels(key).inc()
-            tried.add(url)
-            self.in_flight[url] = self.in_flight.get(url, 0) + 1
-            upstream: aiohttp.ClientResponse | None = None
-            try:
-                try:
-                    upstream = await self._session.request(request.method, url + request.path_qs,
-                                                           data=body.payload(), headers=headers)
-                    # Another ready replica to go to (on a retry of a hung-up connection `candidates` is only
-                    # this one, so ask the table again): a 502/503/504 goes there instead of to the client.
-                    retry_status = upstream.status in RETRY_STATUSES and bool(self._candidates(route, tried))
-                    first = b"" if retry_status else await upstream.content.readany()
-                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                    last_error = type(exc).__name__
-                    if not isinstance(exc, aiohttp.ClientConnectorError) and not reused_once:
-                        again = url  # a pooled connection the replica had closed: once more, on a new one
-                    else:
-                        self._eject(url, f"{last_error}: {exc}")
-                    continue
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    last_error = type(exc).__name__
-                    self._eject(url, f"{last_error}: {exc}")
-                    continue
-                if retry_status:
-                    last_error = f"HTTP {upstream.status}"
-                    self._eject(url, last_error)
-                    continue
-                body.release()  # answered: no retry will need the body again
-                return await self._stream(request, upstream, first, key, started)
-            finally:
-                self.in_flight[url] -= 1
-                if not self.in_flight[url]:
-                    del self.in_flight[url]
-                if upstream is not None:
-                    upstream.close()
-
-    def _eject(self, url: str, why: str) -> None:
-        log.warning("replica %s failed before answering, skipped for %gs: %s", url, EJECT_SECONDS, why)
-        self._ejected[url] = time.monotonic() + EJECT_SECONDS
-
-    async def _stream(self, request: web.Request, upstream: aiohttp.ClientResponse, first: bytes, key: str,
-                      started: float) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for name, value in upstream.headers.items():
-            if name.lower() not in HOP_BY_HOP and name.lower() not in ("date", "server"):
-                response.headers.add(name, value)
-        try:
-            await response.prepare(request)
-            if first:
-                await response.write(first)
-        except ConnectionError:
-            request[_CLIENT_GONE] = True
-            return response
-        metrics.TIME_TO_FIRST_BYTE.labels(key).observe(time.monotonic() - started)
-        while True:
-            try:
-                chunk = await upstream.content.readany()
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                # Bytes were sent: no retry. Cut the connection, so the client sees a broken stream, not an end.
-                log.warning("the stream of %s from its replica broke after the first byte: %s", key, exc)
-                request[_UPSTREAM_BROKE] = True
-                if request.transport is not None:
-                    request.transport.abort()
-                return response
-            if not chunk:
-                break
-            try:
-                await response.write(chunk)
-            except ConnectionError:
-                request[_CLIENT_GONE] = True  # the client went away: closing the upstream stops the generation
-                return response
-        await response.write_eof()
-        return response
