@@ -128,3 +128,11 @@ def test_gateway_names_fit_kubernetes_limits(helm: str) -> None:
     assert any(name.endswith("-gateway") for name in names) and any(name.endswith("-gateway-metrics") for name in names)
     for name in names:
         assert re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name), f"bad Service name {name!r}"
+
+
+def test_gateway_body_limits_that_cannot_work_fail_the_install(helm: str) -> None:
+    proc = subprocess.run([helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, "--set", "gateway.enabled=true",
+                           "--set", "gateway.maxRequestBytes=1073741824", "--set", "gateway.maxBufferedBytes=1048576"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "gateway.maxRequestBytes (1073741824) is larger than gateway.maxBufferedBytes (1048576)" in proc.stderr
