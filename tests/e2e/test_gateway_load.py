@@ -147,7 +147,8 @@ def _llama_server_pid(pod: Any) -> int:
 
 def test_load_scales_up_and_back_down(sandbox: SandboxProcess, client: openai.OpenAI,
                                       llama_server: Callable[..., None]) -> None:
-    llama_server("busy", contextSize=2048, parallel=4, replicas=1,
+    # --slots: each replica's share is counted by its /slots, off by default (docs/security.md#network)
+    llama_server("busy", contextSize=2048, parallel=4, replicas=1, args=["--slots"],
                  scaling={"minReplicas": 1, "maxReplicas": 3, "targetInFlight": 1, "windowSeconds": 3,
                           "scaleDownDelaySeconds": 4})
     stop = threading.Event()
