@@ -22,6 +22,8 @@ DEFAULT_IMAGES: Mapping[str, str] = {
     "intel": f"{_IMAGE_REPO}:server-intel-{LLAMA_CPP_BUILD}",
 }
 DEFAULT_OPERATOR_IMAGE = "ghcr.io/llama-operator/llama-operator:0.1.0"
+DEFAULT_HOSTPATH_ROOT = "/var/lib/llama-operator/models"
+"""Where HostPath caches live on a node (the chart's hostPathRoot has the same default)."""
 
 CacheType = Literal["EmptyDir", "PersistentVolumeClaim", "HostPath"]
 _CACHE_TYPES = ("EmptyDir", "PersistentVolumeClaim", "HostPath")
@@ -64,7 +66,7 @@ class Settings:
     """Image of the init container that downloads models (this operator's image)."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     default_cache_type: CacheType = "EmptyDir"
-    host_path_root: str = "/var/lib/llama-operator/models"
+    host_path_root: str = DEFAULT_HOSTPATH_ROOT
     """Node directory under which HostPath caches live."""
     huggingface_endpoint: str = "https://huggingface.co"
     """Hugging Face hub (or mirror) base URL."""
@@ -150,7 +152,7 @@ class Settings:
             fetcher_image=env.get("LLAMA_OPERATOR_FETCHER_IMAGE", DEFAULT_OPERATOR_IMAGE),
             image_pull_policy=pull_policy,  # type: ignore[arg-type]
             default_cache_type=cache_type,  # type: ignore[arg-type]
-            host_path_root=env.get("LLAMA_OPERATOR_HOSTPATH_ROOT", "/var/lib/llama-operator/models"),
+            host_path_root=env.get("LLAMA_OPERATOR_HOSTPATH_ROOT", DEFAULT_HOSTPATH_ROOT),
             huggingface_endpoint=env.get("LLAMA_OPERATOR_HF_ENDPOINT", "https://huggingface.co").rstrip("/"),
             log_format=log_format,  # type: ignore[arg-type]
             resync_seconds=resync,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from ..api.v1alpha1 import LlamaModel
@@ -15,6 +16,7 @@ from ..contract import (
     TOKEN_ENV,
     TRUSTED_ENV,
 )
+from ..fetch.command import FetchCommand
 from ..fetch.http import same_origin
 from .cache import CACHE_MOUNT, CACHE_VOLUME, require_cache_key
 from .quantity import parse_quantity
@@ -22,28 +24,27 @@ from .security import container_security_context
 from .trust import needs_trust, trusted_env
 
 
-def _fetch_args(model: LlamaModel, settings: Settings) -> list[str]:
-    """The `llama-operator fetch` contract (see docs/model-sources.md)."""
+def _source_command(model: LlamaModel, settings: Settings, file: str | None = None) -> FetchCommand:
+    """The fetch command line of `model`'s source into its cache directory (see docs/model-sources.md); `file`
+    replaces the Hugging Face file (the projector's)."""
     source = model.spec.source
-    args = ["fetch", "--cache-dir", CACHE_MOUNT, "--cache-key", require_cache_key(model)]
+    size = model.spec.cache.size if model.spec.cache is not None else None
+    # A file whose server declares no size may fill the cache up to cache.size (else the fetcher's default).
+    command = FetchCommand(cache_dir=CACHE_MOUNT, cache_key=require_cache_key(model),
+                           max_size=int(parse_quantity(size)) if size is not None else None)
     if source.hugging_face is not None:
         hf = source.hugging_face
-        args += ["--hf-repo", hf.repo, "--hf-file", hf.file, "--hf-revision", hf.revision]
-        args += ["--hf-endpoint", settings.huggingface_endpoint]
-    elif source.http is not None:
-        args += ["--url", source.http.url]
-    sha256 = model.status.sha256 or model.spec.sha256
-    if sha256:
-        args += ["--sha256", sha256]
-    if needs_trust(model):
-        args.append("--trust-on-first-use")
-    return args + _max_size(model)
+        return replace(command, hf_repo=hf.repo, hf_file=file or hf.file, hf_revision=hf.revision,
+                       hf_endpoint=settings.huggingface_endpoint)
+    if source.http is not None:
+        return replace(command, url=source.http.url)
+    return command
 
 
-def _max_size(model: LlamaModel) -> list[str]:
-    """A file whose server declares no size may fill the cache up to cache.size (else the fetcher's default)."""
-    size = model.spec.cache.size if model.spec.cache is not None else None
-    return ["--max-size", str(int(parse_quantity(size)))] if size is not None else []
+def _fetch_args(model: LlamaModel, settings: Settings) -> list[str]:
+    command = _source_command(model, settings)
+    return replace(command, sha256=model.status.sha256 or model.spec.sha256,
+                   trust_on_first_use=needs_trust(model)).to_args()
 
 
 def _fetch_env(model: LlamaModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -89,20 +90,13 @@ def _mmproj_fetch_args(model: LlamaModel, settings: Settings) -> list[str]:
     """The fetcher of the projector: the model's source with the projector's file, into the model's directory."""
     mmproj = model.spec.mmproj
     assert mmproj is not None
-    source = model.spec.source
-    args = ["fetch", "--cache-dir", CACHE_MOUNT, "--cache-key", require_cache_key(model)]
-    if source.hugging_face is not None:
-        hf = source.hugging_face
-        args += ["--hf-repo", hf.repo, "--hf-file", mmproj.file, "--hf-revision", hf.revision]
-        args += ["--hf-endpoint", settings.huggingface_endpoint]
-    else:
+    command = _source_command(model, settings, file=mmproj.file)
+    if model.spec.source.hugging_face is None:
         if model.status.mmproj is None or not model.status.mmproj.url:
             raise ValueError(f"LlamaModel {model.metadata.name} has no status.mmproj.url yet (not resolved)")
-        args += ["--url", model.status.mmproj.url]
+        command = replace(command, url=model.status.mmproj.url)
     sha256 = (model.status.mmproj.sha256 if model.status.mmproj else None) or mmproj.sha256
-    if sha256:
-        args += ["--sha256", sha256]
-    return args + _max_size(model)
+    return replace(command, sha256=sha256).to_args()
 
 
 def mmproj_fetch_container(model: LlamaModel, settings: Settings, *, name: str = FETCH_MMPROJ_CONTAINER,

@@ -15,8 +15,9 @@ from pathlib import Path
 from .. import contract
 from ..errors import OperatorError
 from .cache import disk_free
+from .command import add_arguments
 from .fetcher import Fetcher
-from .plan import DEFAULT_CONNECTIONS, DEFAULT_MAX_UNKNOWN_SIZE, FetchOptions
+from .plan import FetchOptions
 from .secrets import check_header_name, clean, scrub, scrub_logging
 
 log = logging.getLogger(__name__)
@@ -64,32 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "segments and sha256 verification. Secrets come from the environment: HF_TOKEN, and "
         "LLAMA_FETCH_HEADER_<Header-Name> for extra HTTP headers.",
     )
-    parser.add_argument("--cache-dir", required=True, type=Path, help="root of the cache volume")
-    parser.add_argument("--cache-key", required=True, help="directory of this model inside the cache")
-    parser.add_argument("--hf-repo", help="Hugging Face repository, e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF")
-    parser.add_argument("--hf-file", help="file in the repository (first shard of a split model)")
-    parser.add_argument("--hf-revision", default="main", help="branch, tag or commit (default main)")
-    parser.add_argument("--hf-endpoint", default=os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
-                        help="hub base URL (default $HF_ENDPOINT or https://huggingface.co)")
-    parser.add_argument("--url", help="plain http(s) URL of the file (first shard of a split model)")
-    parser.add_argument("--sha256", help="expected sha256 of the (first) file, lowercase hex")
-    parser.add_argument("--trust-on-first-use", action="store_true",
-                        help=f"the source publishes no sha256: verify every file against ${contract.TRUSTED_ENV} "
-                        "(recorded from the first verified download, for this cache key) when it is set, and "
-                        "report the sha256 of every verified file in the termination message on success")
-    parser.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS,
-                        help=f"parallel connections for large files (default {DEFAULT_CONNECTIONS})")
-    parser.add_argument("--progress-interval", type=float, default=contract.PROGRESS_INTERVAL_SECONDS,
-                        help="seconds between progress lines")
-    parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_UNKNOWN_SIZE, metavar="BYTES",
-                        help="stop a download whose server declares no size once it passes BYTES (default "
-                        f"{DEFAULT_MAX_UNKNOWN_SIZE >> 30} GiB; the operator passes the LlamaModel's cache.size)")
-    parser.add_argument("--retries", type=int, default=10,
-                        help="consecutive failed attempts without progress before giving up (default 10)")
-    parser.add_argument("--termination-log",
-                        default=os.environ.get(contract.TERMINATION_LOG_ENV, contract.TERMINATION_LOG),
-                        help=f"where the outcome is written (default ${contract.TERMINATION_LOG_ENV} or "
-                        f"{contract.TERMINATION_LOG})")
+    add_arguments(parser)
     parser.set_defaults(func=_cmd_fetch)
 
 
@@ -114,7 +90,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
         write_termination_log(args.termination_log, scrub(f"{exc.reason}: {exc}", secrets))
         return exc.exit_code
     options = FetchOptions(
-        cache_dir=args.cache_dir,
+        cache_dir=Path(args.cache_dir),
         cache_key=args.cache_key,
         hf_repo=args.hf_repo,
         hf_file=args.hf_file,

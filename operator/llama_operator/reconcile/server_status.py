@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..contract import SERVER_CONTAINER, fetch_subject, is_fetch_container
+from ..fetch import command as fetch_command
 
 _CRASH_REASONS = {"CrashLoopBackOff", "Error", "OOMKilled", "CreateContainerConfigError", "InvalidImageName"}
 _PULL_REASONS = {"ErrImagePull", "ImagePullBackOff"}
@@ -63,9 +64,9 @@ def _container_failure(status: dict[str, Any]) -> str | None:
 def _cache_key(pod: dict[str, Any], container: str) -> str | None:
     """The --cache-key of an init container in the pod's spec (names the model a router pod downloads)."""
     for spec in (pod.get("spec") or {}).get("initContainers") or []:
-        args = spec.get("args") or []
-        if spec.get("name") == container and "--cache-key" in args[:-1]:
-            return str(args[args.index("--cache-key") + 1])
+        if spec.get("name") == container:
+            command = fetch_command.parse([str(arg) for arg in spec.get("args") or []])
+            return command.cache_key if command is not None else None
     return None
 
 
