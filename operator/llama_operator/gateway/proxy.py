@@ -3,7 +3,8 @@
 - `GET /v1/models` lists every LlamaServer the gateway can reach in OpenAI's list format, scaled-to-zero ones
   included (`owned_by` is the namespace; `state`, `replicas`, `ready_replicas`, `aliases` are extra fields that
   OpenAI clients ignore); `GET /v1/models/{model}` one of them.
-- `POST /v1/...` (chat/completions, completions, embeddings, rerank, responses, ...): the body is read within
+- `POST /v1/...` (chat/completions, completions, embeddings, rerank, messages, responses, their input_tokens
+  and count_tokens, ...) and llama.cpp's own inference paths outside /v1 (NATIVE_PATHS): the body is read within
   bounds (body.py: JSON only, size, a memory budget for all bodies, a deadline), its `model` read by a bounded
   scan (scan.py; on the event loop up to INLINE_SCAN_BYTES, else in a worker thread, SCAN_THREADS at once) and
   routed (routing.py); the body is forwarded byte for byte, the response streamed back chunk by chunk as it
@@ -48,6 +49,13 @@ SCAN_THREADS = 2
 """Large bodies scanned at once: the scan is CPU, and the GIL makes more threads no faster."""
 _MODEL_LABEL = web.RequestKey("model", str)
 
+NATIVE_PATHS = ("/completion", "/completions", "/chat/completions", "/chat/completions/input_tokens", "/infill",
+                "/embedding", "/embeddings", "/rerank", "/reranking", "/responses", "/responses/input_tokens",
+                "/tokenize", "/detokenize", "/apply-template")
+"""llama-server's inference paths outside /v1, routed by `model` like /v1 (llama.vim's /infill, native /completion
+clients). An allow-list, never a wildcard: llama-server's other paths (/props, /slots, /lora-adapters,
+/models/load) change or show one replica's state and are not the tenant's to call through a shared gateway."""
+
 
 def _has_api_key(headers: Mapping[str, str]) -> bool:
     authorization = headers.get("Authorization", "")
@@ -80,6 +88,8 @@ class Proxy:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_post("/v1/{tail:.+}", self.handle)
+        for path in NATIVE_PATHS:
+            app.router.add_post(path, self.handle)
         app.router.add_get("/health", self.health)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         app.on_startup.append(self._open)
@@ -114,7 +124,7 @@ class Proxy:
     async def not_found(self, request: web.Request) -> web.Response:
         return openai_error(404, f"{request.method} {request.path} is not served by this gateway (OpenAI API "
                             "under /v1: POST /v1/chat/completions, /v1/completions, /v1/embeddings ..., "
-                            "GET /v1/models)", code="not_found")
+                            "GET /v1/models; llama.cpp's POST /completion, /infill, /tokenize ...)", code="not_found")
 
     def _unknown(self, model: str, candidates: Sequence[Route]) -> web.Response:
         return unknown_model(model, candidates, self.routes.known_names())
