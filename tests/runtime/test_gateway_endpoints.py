@@ -196,7 +196,8 @@ def test_infill_reaches_the_replica(stack: Stack) -> None:
     assert reply.status_code == 501 and "Infill is not supported" in reply.text, reply.text
 
 
-@pytest.mark.parametrize("path", ["/props", "/slots", "/lora-adapters", "/models/load", "/metrics"])
+@pytest.mark.parametrize("path", ["/props", "/slots", "/slots/0", "/lora-adapters", "/models", "/models/load",
+                                  "/metrics", "/tools", "/cors-proxy"])
 def test_a_replicas_own_state_is_not_reachable(stack: Stack, path: str) -> None:
     reply = stack.post(path, {"model": "chat"})
     assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found", reply.text
