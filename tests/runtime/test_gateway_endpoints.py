@@ -23,6 +23,7 @@ from llama_operator.api.v1alpha1 import LlamaServerSpec
 from llama_operator.gateway.app import Gateway, GatewayConfig
 
 from ..tiny_gguf import N_EMBD, write_tiny_llama
+from ..tiny_reranker import write_tiny_reranker
 from .test_metrics_scrape import _start
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
@@ -78,9 +79,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("endpoints")
     chat_model = write_tiny_llama(root / "chat.gguf", chat_template=TEMPLATE)
     plain = write_tiny_llama(root / "plain.gguf")
+    reranker = write_tiny_reranker(root / "reranker.gguf")
     # The tiny model's header names no pooling type (an embedding model's does): mean, as a user would set it.
     modes = {"chat": ("chat", chat_model, []), "embed": ("embedding", plain, ["--pooling", "mean"]),
-             "rank": ("rerank", plain, [])}
+             "rank": ("rerank", reranker, [])}
     with ExitStack() as stack:
         direct = {}
         for name, (mode, model, args) in modes.items():
@@ -132,18 +134,19 @@ def test_native_embedding(stack: Stack, path: str) -> None:
 
 @pytest.mark.parametrize("path", ["/v1/rerank", "/v1/reranking", "/rerank", "/reranking"])
 def test_rerank_scores_in_order(stack: Stack, path: str) -> None:
-    """One score per document, best first. The tiny llama has no classifier head (llama.cpp's rank pooling of a
-    llama model without `cls.*` tensors), so its scores mean nothing and a batch of documents may score
-    differently from one alone: the gateway's answer is compared with the replica's one document at a time."""
-    through = stack.post(path, {"model": "rank", "query": "hello", "documents": DOCUMENTS})
-    assert through.status_code == 200, through.text
-    results = through.json()["results"]
+    """One score per document, best first, each the score that document gets alone from the replica (the tiny
+    reranker's classifier head scores a pair the same whatever it is batched with)."""
+    through, straight = stack.both(path, {"model": "rank", "query": "hello", "documents": DOCUMENTS})
+    results = through["results"]
+    assert results == straight["results"]
     assert sorted(r["index"] for r in results) == list(range(len(DOCUMENTS)))
     scores = [r["relevance_score"] for r in results]
     assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(DOCUMENTS)
-    for document in DOCUMENTS[:2]:
-        one, straight = stack.both(path, {"model": "rank", "query": "hello", "documents": [document]})
-        assert one["results"] == straight["results"] and len(one["results"]) == 1
+    assert all(0 < score < 1 for score in scores)
+    for result in results:
+        alone = stack.post(path, {"model": "rank", "query": "hello", "documents": [DOCUMENTS[result["index"]]]},
+                           direct=True).json()["results"]
+        assert alone[0]["relevance_score"] == pytest.approx(result["relevance_score"], abs=1e-5)
 
 
 def test_anthropic_messages(stack: Stack) -> None:
