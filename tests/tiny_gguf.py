@@ -39,10 +39,11 @@ def _vocab(size: int | None = None) -> tuple[list[str], list[float], list[int]]:
 
 
 def write_tiny_llama(path: str | Path, *, seed: int = 0, vocab_size: int | None = None,
-                     chat_template: str | None = None) -> Path:
+                     chat_template: str | None = None, context_length: int = CONTEXT_LENGTH) -> Path:
     """Write the tiny llama GGUF to `path` (parent directories created) and return the path; `vocab_size`
     pads the vocabulary with filler words (default: the ~380 tokens above); `chat_template` is stored as
-    tokenizer.chat_template (default: none, like a converted base model)."""
+    tokenizer.chat_template (default: none, like a converted base model); `context_length` is the trained
+    context the header states."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokens, scores, types = _vocab(vocab_size)
@@ -51,7 +52,7 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, vocab_size: int | None 
 
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-llama-test")
-    writer.add_context_length(CONTEXT_LENGTH)
+    writer.add_context_length(context_length)
     writer.add_embedding_length(N_EMBD)
     writer.add_block_count(N_LAYER)
     writer.add_feed_forward_length(N_FF)

@@ -125,6 +125,13 @@ BAD_CASES: list[tuple[str, dict[str, Any], list[str], list[str]]] = [
      ["tensor-split-gpus"]),
     ("tensor split of zeros", {"gpu": {"vendor": "nvidia", "count": 2}, "tensorSplit": [0, 0]},
      ["spec.tensorSplit: tensorSplit shares must be >= 0 with a positive sum"], ["tensor-split-gpus"]),
+    ("context auto without a memory limit", {"contextSize": "auto"},
+     ["spec.contextSize: contextSize auto sizes the context to the memory: set resources.limits.memory (with gpu: "
+      "gpu.memory, the memory of one GPU), or give contextSize a number"], ["context-auto-needs-budget"]),
+    ("context auto on a GPU without its memory",
+     {"contextSize": "auto", "gpu": {"vendor": "nvidia"}, "resources": {"limits": {"memory": "8Gi"}}},
+     ["spec.contextSize: contextSize auto sizes the context to the memory: set resources.limits.memory (with gpu: "
+      "gpu.memory, the memory of one GPU), or give contextSize a number"], ["context-auto-needs-budget"]),
 ]
 
 GOOD_CASES: list[dict[str, Any]] = [

@@ -132,7 +132,8 @@ async def test_each_bad_server_is_refused_with_its_message(webhook, title, field
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"modelRef": {"name": "m"}, "contextSize": "4k"}, "spec.contextSize: Input should be a valid integer"),
+        ({"modelRef": {"name": "m"}, "contextSize": "4k"},
+         "spec.contextSize: must be a number of tokens or 'auto' (got '4k')"),
         ({"modelRef": {"name": "m"}, "flashAttention": "true"}, "spec.flashAttention: Input should be 'auto'"),
         ({"modelRef": {"name": "m", "namespace": "other"}}, "spec.modelRef.namespace: must be omitted or 'default'"),
         ({}, "spec: exactly one of modelRef, models must be set (got none)"),

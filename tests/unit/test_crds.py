@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from llama_operator.api.base import GPU_LAYERS_RULES
+from llama_operator.api.base import CONTEXT_SIZE_RULES, GPU_LAYERS_RULES
 from llama_operator.api.cel import CEL_KEY, Rule, violations
 from llama_operator.api.crd import CRD_FILES, all_crds, to_yaml
 from llama_operator.api.k8s import TOLERATION_RULES
@@ -120,7 +120,9 @@ BAD_SERVERS = {
     "negative replicas": ({"replicas": -1}, "-1 is less than the minimum of 0"),
     "gpu count 0": ({"gpu": {"vendor": "nvidia", "count": 0}}, "0 is less than the minimum of 1"),
     "gpu vendor unknown": ({"gpu": {"vendor": "nvidai"}}, "'nvidai' is not one of ['nvidia', 'amd', 'intel']"),
-    "contextSize not a number": ({"contextSize": "4k"}, "'4k' is not of type 'integer'"),
+    "contextSize not a number": ({"contextSize": "4k"}, "spec.contextSize: must be a number of tokens or 'auto'"),
+    "contextSize autox": ({"contextSize": "autox"}, "spec.contextSize: must be a number of tokens or 'auto'"),
+    "contextSize auto without a limit": ({"contextSize": "auto"}, "contextSize auto sizes the context to the memory"),
     "bad flash attention": ({"flashAttention": "yes"}, "'yes' is not one of ['auto', 'on', 'off']"),
     "toleration typo": ({"tolerations": [{"key": "k", "operater": "Exists"}]}, "('operater' was unexpected)"),
     "gpuLayers word": ({"gpuLayers": "most"}, "spec.gpuLayers: must be a number, 'auto' or 'all'"),
@@ -205,6 +207,12 @@ SERVER_CORPUS = [fields for _, fields, _, _ in BAD_CASES] + GOOD_CASES + [
     {"cacheTypeV": "q4_0", "flashAttention": "on"},
     {"speculative": {"draftModelRef": {"name": "d"}, "draftMin": 2}},
     {"speculative": {"draftModelRef": {"name": "d"}, "draftMin": 4, "draftMax": 4}},
+    {"contextSize": "auto"},
+    {"contextSize": "auto", "resources": {"limits": {"memory": "2Gi"}}},
+    {"contextSize": "auto", "resources": {"requests": {"memory": "2Gi"}}},
+    {"contextSize": "auto", "gpu": {"vendor": "nvidia"}, "resources": {"limits": {"memory": "2Gi"}}},
+    {"contextSize": "auto", "gpu": {"vendor": "nvidia", "memory": "24Gi"}},
+    {"contextSize": 4096},
 ]
 
 
@@ -244,6 +252,7 @@ def test_model_cel_rules_say_what_their_python_says(source: dict[str, Any]) -> N
 
 SCALARS: list[tuple[tuple[Rule, ...], list[Any]]] = [
     (GPU_LAYERS_RULES, [0, 7, 999, -1, "auto", "all", "All", "", "12"]),
+    (CONTEXT_SIZE_RULES, [0, 4096, 16777216, 16777217, -1, "auto", "autox", "Auto", "", "4096"]),
     (GGUF_FILE_RULES, ["m.gguf", "dir/m-00001-of-00002.gguf", "/m.gguf", "../m.gguf", "a/../m.gguf", "a/..",
                        "..", "m.bin", "a..b.gguf", "dir/..m.gguf"]),
     (ARGS_RULES, [["--jinja"], [], ["--top-k", ""], [""]]),
@@ -252,7 +261,8 @@ SCALARS: list[tuple[tuple[Rule, ...], list[Any]]] = [
 ]
 
 
-@pytest.mark.parametrize(("rules", "values"), SCALARS, ids=["gpuLayers", "ggufFile", "args", "hostPath"])
+@pytest.mark.parametrize(("rules", "values"), SCALARS, ids=["gpuLayers", "contextSize", "ggufFile", "args",
+                                                             "hostPath"])
 def test_field_cel_rules_say_what_their_python_says(rules: tuple[Rule, ...], values: list[Any]) -> None:
     for rule in rules:
         for value in values:
@@ -268,7 +278,7 @@ def test_every_rule_is_in_the_crds() -> None:
                for _, node in _walk(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
                for entry in node.get(CEL_KEY) or []]
     for rules in (SERVER_RULES, SPECULATIVE_RULES, SOURCE_RULES, GGUF_FILE_RULES, GPU_LAYERS_RULES, ARGS_RULES,
-                  HOST_PATH_RULES, TOLERATION_RULES):
+                  HOST_PATH_RULES, TOLERATION_RULES, CONTEXT_SIZE_RULES):
         for rule in rules:
             assert rule.cel in in_crds, rule.id
 

@@ -9,9 +9,9 @@ import pytest
 from llama_operator.api.v1alpha1 import GgufInfo, LlamaModel, LlamaServer, ModelMemoryShape
 from llama_operator.builders import build_deployment
 from llama_operator.config import Settings, SettingsError
-from llama_operator.fit import estimate_server, request_quantity
+from llama_operator.fit import estimate_server, largest_context, request_quantity
 from llama_operator.fit.estimate import GiB, MiB
-from llama_operator.reconcile.fits import fits_condition, fits_event, largest_context, memory_status
+from llama_operator.reconcile.fits import fits_condition, fits_event, memory_status
 
 DENSE = ModelMemoryShape(
     weight_bytes=4 * GiB, layer_weight_bytes=3 * GiB + GiB // 2, embedding_weight_bytes=GiB // 4,
@@ -55,7 +55,7 @@ def test_a_memory_limit_below_the_estimate_says_both_numbers_and_what_fits() -> 
     assert "resources.limits.memory 7.00 GiB" in cond.message
     assert f"raise the limit to at least {request_quantity(fit.host.total)}" in cond.message
     # what would fit within 7 GiB instead: a smaller context (checked against the estimate) or a q8_0 cache
-    context = largest_context(server, GGUF, 7 * GiB)
+    context = largest_context(server.spec, GGUF, 7 * GiB)
     assert f"contextSize {context} or less" in cond.message
     assert 0 < context < 32768 and context % 256 == 0
     smaller = estimate_server(_server(contextSize=context).spec, GGUF)

@@ -61,7 +61,8 @@ def _server(**spec: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("docs", "message"), [
-    ([MODEL, _server(contextSize="4k")], "LlamaServer s: spec.contextSize: Input should be a valid integer"),
+    ([MODEL, _server(contextSize="4k")],
+     "LlamaServer s: spec.contextSize: must be a number of tokens or 'auto' (got '4k')"),
     ([MODEL, _server(replicas=-2)], "spec.replicas: Input should be greater than or equal to 0"),
     ([_server()], "spec.modelRef.name: LlamaModel 'm' is not in the given files"),
     ([{**MODEL, "spec": {"source": {}}}, _server()], "LlamaModel m: spec.source: exactly one of"),

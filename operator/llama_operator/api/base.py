@@ -72,3 +72,22 @@ GpuLayers = Annotated[
                     **cel_schema(GPU_LAYERS_RULES)}),
 ]
 """Layers offloaded to the GPU: a number, `auto` or `all`."""
+
+CONTEXT_SIZE_MAX = 16777216
+"""The largest contextSize the API accepts (2^24 tokens)."""
+
+CONTEXT_SIZE_RULES = (
+    Rule("context-size", f"type(self) != int || (self >= 0 && self <= {CONTEXT_SIZE_MAX})",
+         lambda v: not isinstance(v, int) or 0 <= v <= CONTEXT_SIZE_MAX, f"must be 0-{CONTEXT_SIZE_MAX} or 'auto'"),
+    Rule("context-size", "type(self) == int || self == 'auto'",
+         lambda v: isinstance(v, int) or v == "auto", "must be a number of tokens or 'auto'"),
+)
+
+ContextSize = Annotated[
+    int | str,
+    AfterValidator(lambda value: check_value(CONTEXT_SIZE_RULES, value)),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
+                    "maxLength": 16, **cel_schema(CONTEXT_SIZE_RULES)}),
+]
+"""--ctx-size: tokens (0: the model's trained context) or `auto`: the largest that fits the memory
+(docs/memory-fit.md#contextsize-auto)."""

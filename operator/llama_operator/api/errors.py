@@ -21,7 +21,7 @@ def field_path(loc: tuple[int | str, ...], prefix: str = "") -> str:
 
 
 def describe(exc: ValidationError, prefix: str = "") -> list[str]:
-    """One message per problem, e.g. `spec.contextSize: Input should be a valid integer (got '4k')`."""
+    """One message per problem, e.g. `spec.parallel: Input should be a valid integer (got '4k')`."""
     messages = []
     for error in exc.errors(include_url=False):
         where = field_path(tuple(error["loc"]), prefix) or prefix or "object"

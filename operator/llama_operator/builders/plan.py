@@ -11,7 +11,7 @@ what the resolved models rule out comes back as a `PlanProblem` instead of a pla
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from ..api.v1alpha1 import LlamaModel, LlamaServer
@@ -21,6 +21,7 @@ from ..errors import InvalidSpec
 from ..fit import Estimate, estimate_server
 from ..flags.spec import model_problems
 from .args import server_args
+from .context import resolve_context
 from .deployment import deployment_object
 from .naming import model_name, served_names
 from .network_policy import build_network_policy
@@ -49,6 +50,10 @@ class ServerPlan:
     """The memory estimate (None in router mode, or when the model's status has no memory shape)."""
     trust: Mapping[str, LlamaModel]
     """Fetch container name -> the model it downloads, for each model verified by trust on first use."""
+    server: LlamaServer | None = None
+    """The server as planned, when it differs from the one given: contextSize auto replaced by its number."""
+    context_auto: bool = False
+    """contextSize was auto: `server.spec.context_size` is the largest that fits (builders/context.py)."""
 
     def find(self, kind: str) -> dict[str, Any] | None:
         return next((obj for obj in self.objects if obj["kind"] == kind), None)
@@ -87,18 +92,27 @@ def build_deployment(
     server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
 ) -> dict[str, Any]:
     """The Deployment of a one-model server as its plan has it; `draft` is the speculative draft model, if any."""
-    return _one_model_plan(server, model, draft, settings).deployment
+    plan = _one_model_plan(server, model, draft, settings)
+    if isinstance(plan, PlanProblem):
+        raise InvalidSpec(plan.message)
+    return plan.deployment
 
 
 def _one_model_plan(
     server: LlamaServer, model: LlamaModel, draft: LlamaModel | None, settings: Settings
-) -> ServerPlan:
+) -> ServerPlan | PlanProblem:
+    resolved = resolve_context(server, model, draft)
+    if isinstance(resolved, str):
+        return PlanProblem("ArgsValid", "ContextDoesNotFit", resolved)
+    auto = server.spec.context_size == "auto"
+    server = resolved
     args = server_args(server, model, draft)
     fit = estimate_server(server.spec, model.status.gguf, draft.status.gguf if draft is not None else None)
     template = pod_template(server, model, settings, draft, args=args,
                             memory=default_memory_request(server, settings, fit))
     fetchers = {FETCH_CONTAINER: model, **({FETCH_DRAFT_CONTAINER: draft} if draft is not None else {})}
-    return _plan(server, settings, [deployment_object(server, template)], args=args, estimate=fit, fetchers=fetchers)
+    plan = _plan(server, settings, [deployment_object(server, template)], args=args, estimate=fit, fetchers=fetchers)
+    return replace(plan, server=server, context_auto=auto)
 
 
 def _router_plan(server: LlamaServer, models: Mapping[str, LlamaModel], settings: Settings) -> ServerPlan | PlanProblem:

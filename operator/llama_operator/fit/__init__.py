@@ -2,7 +2,8 @@
 
 `shape.py` turns GGUF metadata into a `ModelMemoryShape` (stored in LlamaModel status), `estimate.py` does
 the arithmetic, this module connects them to a parsed header (`model_info`) and a LlamaServer spec and formats
-the result. All pure.
+the result, and searches the largest context that fits a budget (`contextSize: auto`, the Fits advice).
+All pure.
 """
 
 from __future__ import annotations
@@ -11,20 +12,23 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 
+from ..api.base import CONTEXT_SIZE_MAX
 from ..api.v1alpha1 import GgufInfo, LlamaServerSpec
 from ..contract import human
 from ..gguf import GgufHeader
 from ..llamacpp.ggml import TensorSummary
-from .estimate import DeviceEstimate, Estimate, FitSettings, MiB, estimate
+from .estimate import CELL_PAD, DEFAULT_SLOTS, DeviceEstimate, Estimate, FitSettings, MiB, estimate
 from .shape import memory_shape
 
 __all__ = [
     "DeviceEstimate",
     "Estimate",
     "FitSettings",
+    "auto_context",
     "estimate",
     "estimate_server",
     "format_bytes",
+    "largest_context",
     "model_info",
     "request_quantity",
     "settings_from_spec",
@@ -70,7 +74,7 @@ def settings_from_spec(spec: LlamaServerSpec) -> FitSettings:
     if ubatch is None and spec.mode != "chat":
         ubatch = spec.batch_size  # what flags/render.py passes for embedding and rerank
     return FitSettings(
-        context_size=spec.context_size,
+        context_size=spec.context_size if isinstance(spec.context_size, int) else None,  # auto: resolved first
         parallel=spec.parallel,
         kv_unified=_last_switch(args, ("-kvu", "--kv-unified"), ("-no-kvu", "--no-kv-unified")),
         cache_type_k=spec.cache_type_k or "f16",
@@ -109,6 +113,58 @@ def estimate_server(spec: LlamaServerSpec, gguf: GgufInfo | None, draft: GgufInf
             mine.checkpoints += theirs.checkpoints
         result.notes.append("includes the speculative draft model's weights, KV cache and compute buffers")
     return result
+
+
+# The largest context within a budget is searched over the same estimate, in the steps llama.cpp pads to (256
+# cells, per slot when each slot has its own KV stream). The estimate carries its own overhead terms: nothing
+# more is held back (docs/memory-fit.md#contextsize-auto).
+Device = str
+"""`host` (the container's memory) or `gpu` (the largest share of VRAM over the GPUs)."""
+
+
+def _step_and_slots(spec: LlamaServerSpec) -> tuple[int, int]:
+    """(the context granularity, how many slots share the trained-length cap)."""
+    settings = settings_from_spec(spec)
+    slots = settings.parallel or DEFAULT_SLOTS
+    unified = settings.kv_unified if settings.kv_unified is not None else settings.parallel is None
+    return (CELL_PAD, 1) if unified else (CELL_PAD * slots, slots)
+
+
+def largest_context(spec: LlamaServerSpec, gguf: GgufInfo, budget: int, *, device: Device = "host",
+                    top: int | None = None, draft: GgufInfo | None = None) -> int:
+    """The largest contextSize up to `top` (default: the spec's, else the trained context) whose estimate on
+    `device` stays within `budget` bytes; 0 when not even the smallest step fits."""
+    step, _ = _step_and_slots(spec)
+    if top is None:
+        top = (spec.context_size if isinstance(spec.context_size, int) else 0) or gguf.context_length or step
+
+    def need(context: int) -> int:
+        fit = estimate_server(spec.model_copy(update={"context_size": context}), gguf, draft)
+        assert fit is not None  # callers pass a GGUF with a memory shape
+        return fit.host.total if device == "host" else fit.gpu_max
+
+    low, high = 0, max(1, top // step)
+    while low < high:  # the largest multiple of `step` that fits: the estimate grows with the context
+        mid = (low + high + 1) // 2
+        if need(mid * step) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return low * step
+
+
+def auto_context(spec: LlamaServerSpec, gguf: GgufInfo, *, host_budget: int | None, gpu_budget: int | None,
+                 draft: GgufInfo | None = None) -> int:
+    """`contextSize: auto`: the largest context within every budget given (host: the memory limit, gpu: one
+    GPU's memory), at most the model's trained context per slot; 0 when nothing fits."""
+    _, slots = _step_and_slots(spec)
+    trained = gguf.context_length
+    top = min(trained * slots, CONTEXT_SIZE_MAX) if trained else CONTEXT_SIZE_MAX
+    budgets = [(device, budget) for device, budget in (("host", host_budget), ("gpu", gpu_budget))
+               if budget is not None]
+    assert budgets, "contextSize auto without a budget is refused by the spec's rules"
+    return min(largest_context(spec, gguf, budget, device=device, top=top, draft=draft)
+               for device, budget in budgets)
 
 
 def format_bytes(size: int) -> str:

@@ -19,6 +19,8 @@ Rendered = list[str]
 
 
 def context_size(spec: LlamaServerSpec) -> Rendered:
+    if spec.context_size == "auto":  # the plan replaces it with the number that fits (builders/context.py)
+        raise ValueError("contextSize auto must be resolved before rendering")
     return [] if spec.context_size is None else ["--ctx-size", str(spec.context_size)]
 
 

@@ -12,12 +12,11 @@ Fits compares the estimate (`llama_operator.fit`) with what the replica is given
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from ..api.v1alpha1 import Condition, GgufInfo, LlamaServer, MemoryEstimate
-from ..builders.quantity import parse_quantity
-from ..fit import Estimate, estimate, estimate_server, format_bytes, request_quantity, settings_from_spec
+from ..builders.context import memory_limit
+from ..fit import Estimate, estimate_server, format_bytes, largest_context, request_quantity
 from ..fit.estimate import MiB
 from ..kube import NODES, KubeError
 from .conditions import condition, problem_event
@@ -59,38 +58,6 @@ def _growth(fit: Estimate) -> int:
     return fit.prompt_cache_max + fit.checkpoints_max
 
 
-def _memory_limit(server: LlamaServer) -> int | None:
-    resources = server.spec.resources
-    limits = resources.limits if resources is not None else None
-    if not limits or "memory" not in limits:
-        return None
-    return int(parse_quantity(limits["memory"]))
-
-
-def largest_context(server: LlamaServer, gguf: GgufInfo, budget: int, *, device: str = "host") -> int:
-    """The largest contextSize (a multiple of 256 per slot) whose estimate on `device` stays within `budget`;
-    0 when not even 256 tokens per slot fit."""
-    assert gguf.memory is not None
-    settings = settings_from_spec(server.spec)
-    slots = settings.parallel or 4
-    step = 256 * (slots if settings.parallel else 1)
-    top = settings.context_size or gguf.context_length or step
-
-    def need(context: int) -> int:
-        fit = estimate(gguf.memory, replace(settings, context_size=context),  # type: ignore[arg-type]
-                       trained_context=gguf.context_length)
-        return fit.host.total if device == "host" else fit.gpu_max
-
-    low, high = 0, max(1, top // step)
-    while low < high:  # the largest multiple of `step` that fits
-        mid = (low + high + 1) // 2
-        if need(mid * step) <= budget:
-            low = mid
-        else:
-            high = mid - 1
-    return low * step
-
-
 def _q8_total(server: LlamaServer, gguf: GgufInfo, device: str) -> int | None:
     spec = server.spec
     if spec.cache_type_k not in (None, "f16", "f32", "bf16") and spec.cache_type_v not in (None, "f16", "f32", "bf16"):
@@ -104,7 +71,7 @@ def _q8_total(server: LlamaServer, gguf: GgufInfo, device: str) -> int | None:
 
 def _advice(server: LlamaServer, gguf: GgufInfo, budget: int, device: str) -> str:
     options = []
-    context = largest_context(server, gguf, budget, device=device)
+    context = largest_context(server.spec, gguf, budget, device=device)
     if context:
         options.append(f"contextSize {context} or less")
     q8 = _q8_total(server, gguf, device)
@@ -130,9 +97,11 @@ def fits_condition(
     *,
     nodes: Sequence[Mapping[str, Any]] | None = None,
     nodes_note: str = "",
+    context_auto: bool = False,
     generation: int | None,
 ) -> Condition:
-    """The Fits condition; `nodes` are the labelled GPU nodes (None: not read, `nodes_note` says why)."""
+    """The Fits condition; `nodes` are the labelled GPU nodes (None: not read, `nodes_note` says why);
+    `context_auto`: the server's contextSize was auto and is now the number the plan chose."""
     if server.spec.models is not None:
         # Which models are loaded together changes at run time: no one estimate holds (docs/multi-model.md).
         return condition("Fits", None, "NoEstimate", "router mode: the memory needed depends on which models are "
@@ -141,13 +110,16 @@ def fits_condition(
         return condition("Fits", None, "NoEstimate", "no memory estimate: the LlamaModel's status has no GGUF "
                          "memory shape (volume sources are not inspected)", generation=generation)
     host = fit.host.total
-    limit = _memory_limit(server)
+    limit = memory_limit(server.spec)
     if limit is not None and limit < host:
         message = (f"estimated host memory {format_bytes(host)} ({_breakdown(fit)}) is more than "
                    f"resources.limits.memory {format_bytes(limit)}: raise the limit to at least "
                    f"{request_quantity(host)}{_advice(server, gguf, limit, 'host')}")
         return condition("Fits", False, "MemoryLimitTooLow", message, generation=generation)
     notes = []
+    if context_auto:
+        trained = f" (trained context {gguf.context_length})" if gguf.context_length else ""
+        notes.append(f"contextSize auto: {server.spec.context_size} tokens, the largest that fits{trained}")
     if server.spec.gpu is not None:
         notes.append(f"{format_bytes(fit.gpu_max)} per GPU")
         if server.spec.gpu.vendor != "nvidia":

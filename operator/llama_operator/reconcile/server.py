@@ -132,8 +132,8 @@ async def _reconcile(observed: Observed, ctx: Context) -> Outcome:
         return Outcome("Failed", plan.message, reported, await _fleet(ctx, observed))
     served = models[server.spec.model_ref.name] if server.spec.model_ref is not None else None
     nodes = await gpu_nodes(ctx, server) if plan.estimate is not None else {}
-    fits = fits_condition(server, plan.estimate, served.status.gguf if served else None, **nodes,
-                          generation=generation)
+    fits = fits_condition(plan.server or server, plan.estimate, served.status.gguf if served else None, **nodes,
+                          context_auto=plan.context_auto, generation=generation)
     chat = chat_template_condition(chat_models(server, models), generation=generation)
     memory = memory_status(plan.estimate) if plan.estimate is not None else None
     reported = [model_ok, args_ok, fits, chat]

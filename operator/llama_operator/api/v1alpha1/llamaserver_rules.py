@@ -43,6 +43,16 @@ def _gpus(spec: LlamaServerSpec) -> int:
     return spec.gpu.count if spec.gpu else 0
 
 
+def _context_budget_given(spec: LlamaServerSpec) -> bool:
+    """contextSize auto has a memory to size to: gpu.memory on a GPU server, else resources.limits.memory."""
+    if spec.context_size != "auto":
+        return True
+    if spec.gpu is not None:
+        return spec.gpu.memory is not None
+    limits = spec.resources.limits if spec.resources is not None else None
+    return bool(limits) and "memory" in limits
+
+
 def _pooling_value(args: list[str] | None) -> str | None:
     """The item after the first `--pooling` in args ('' when it is last), None without `--pooling`."""
     if not args or "--pooling" not in args:
@@ -87,6 +97,13 @@ SERVER_RULES = (
          "&& self.args[self.args.indexOf('--pooling') + 1] == 'rank')",
          lambda s: s.mode != "rerank" or _pooling_value(s.args) in (None, "rank"),
          "mode rerank needs --pooling rank (it is set for you; remove --pooling)", field="args"),
+    Rule("context-auto-needs-budget",
+         "!has(self.contextSize) || type(self.contextSize) == int || self.contextSize != 'auto' "
+         "|| (has(self.gpu) ? has(self.gpu.memory) "
+         ": (has(self.resources) && has(self.resources.limits) && 'memory' in self.resources.limits))",
+         _context_budget_given,
+         "contextSize auto sizes the context to the memory: set resources.limits.memory (with gpu: gpu.memory, "
+         "the memory of one GPU), or give contextSize a number", field="contextSize"),
     Rule("tensor-split-gpus",
          "!has(self.tensorSplit) || size(self.tensorSplit) == 0 "
          "|| size(self.tensorSplit) == (has(self.gpu) ? self.gpu.count : 0)",

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from ...llamacpp.catalog import builtin_chat_templates
-from ..base import ApiModel, GpuLayers
+from ..base import ApiModel, ContextSize, GpuLayers, Quantity
 from ..bounds import ENV_MAX_ITEMS, IMAGE_MAX_LENGTH, LABEL_VALUE_MAX_LENGTH, LIST_MAX_ITEMS, Annotations, Labels, Name
 from ..cel import cel_schema, check_value
 from ..k8s import Affinity, EnvVar, ResourceRequirements, Toleration
@@ -55,6 +55,9 @@ class GpuSpec(ApiModel):
 
     vendor: GpuVendor = Field(description="nvidia (nvidia.com/gpu), amd (amd.com/gpu) or intel (gpu.intel.com/i915).")
     count: int = Field(1, ge=1, le=16, description="GPUs per replica (1-16).")
+    memory: Quantity | None = Field(
+        None, description="Memory of one GPU (e.g. 24Gi): the budget of contextSize auto, since the operator "
+        "does not see which node the pods land on.")
 
 
 class ServiceSpec(ApiModel):
@@ -210,8 +213,10 @@ class LlamaServerSpec(ApiModel):
     gpu: GpuSpec | None = Field(None, description="GPUs per replica; absent means CPU inference.")
 
     # Typed llama-server settings. Each renders to exactly one flag; the same flag in `args` is an error.
-    context_size: int | None = Field(
-        None, ge=0, le=16777216, description="--ctx-size: total context in tokens shared by all slots (0 = model's)."
+    context_size: ContextSize | None = Field(
+        None, description="--ctx-size: total context in tokens shared by all slots (0 = model's), or auto: the "
+        "largest that fits resources.limits.memory (CPU) or gpu.memory (GPU), at most the model's trained context "
+        "(docs/memory-fit.md)."
     )
     parallel: int | None = Field(None, ge=1, le=256, description="--parallel: concurrent request slots.")
     flash_attention: Literal["auto", "on", "off"] | None = Field(None, description="--flash-attn: auto, on or off.")
