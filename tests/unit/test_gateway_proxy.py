@@ -280,6 +280,23 @@ async def test_unknown_paths_are_openai_404s(gw: Harness) -> None:
         assert (await response.json())["error"]["code"] == "not_found"
 
 
+async def test_llama_cpp_paths_route_by_model_and_replica_state_does_not(gw: Harness, upstreams: list[Upstream]
+                                                                         ) -> None:
+    """NATIVE_PATHS go to the model's replica like /v1; /props, /slots ... are the gateway's 404 (issue 20)."""
+    gw.server("chat")
+    gw.slices("chat", upstreams[:1])
+    assert gw.client is not None
+    for path in ("/completion", "/infill", "/embedding", "/rerank", "/tokenize", "/v1/messages/count_tokens"):
+        async with gw.client.post(f"{gw.url}{path}", json={"model": "qwen", "content": "x"}) as response:
+            assert response.status == 200, path
+    assert [r["path"] for r in upstreams[0].requests] == ["/completion", "/infill", "/embedding", "/rerank",
+                                                         "/tokenize", "/v1/messages/count_tokens"]
+    for path in ("/props", "/slots/0", "/lora-adapters", "/models/load", "/tools", "/cors-proxy"):
+        async with gw.client.post(f"{gw.url}{path}", json={"model": "qwen"}) as response:
+            assert response.status == 404 and (await response.json())["error"]["code"] == "not_found", path
+    assert len(upstreams[0].requests) == 6
+
+
 # ------------------------------------------------------------------------------------------ forwarding
 
 
