@@ -7,18 +7,22 @@ import asyncio
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
 from llama_operator.config import Settings
+from llama_operator.fit import model_info
+from llama_operator.gguf import FileByteSource, read_header
 from llama_operator.kube import CONFIG_MAPS, DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, SERVICES
 from llama_operator.reconcile.context import Context
 from llama_operator.reconcile.router_status import ModelStatusPoller, loaded_summary, model_states, ready_pod_ips
 from llama_operator.reconcile.server import reconcile_server
 from tests.conftest import model_body
 from tests.fakekube import Events, FakeKube
+from tests.tiny_gguf import write_tiny_llama
 
 SERVED = [("alpha", "alpha"), ("bee", "beta"), ("gamma", "gamma")]
 
@@ -175,6 +179,32 @@ async def test_a_server_that_left_router_mode_loses_its_model_status(pods: tuple
     kube.edit("llamaservers", "fleet", lambda s: s.update(spec={"modelRef": {"name": "alpha"}}))
     await poller.poll_once()
     assert "models" not in _status(kube) and "modelsLoaded" not in _status(kube)
+
+
+async def test_the_poller_shows_each_models_estimate_and_the_budget_used(pods: tuple[FakePods, int],
+                                                                        tmp_path: Path) -> None:
+    """Memory-budgeted router mode (docs/multi-model.md): estimates from the LlamaModels' headers, the budget
+    from resources.limits.memory; a model whose LlamaModel has no header (gamma) has no estimate."""
+    fake, port = pods
+    kube, poller = _setup(port)
+    kube.edit("llamaservers", "fleet", lambda s: s["spec"].update(resources={"limits": {"memory": "256Mi"}}))
+    for name in ("alpha", "beta"):
+        gguf = model_info(await read_header(FileByteSource(write_tiny_llama(tmp_path / f"{name}.gguf")))).to_wire()
+        kube.put(LLAMA_MODELS, model_body(name, status={"phase": "Ready", "gguf": gguf}))
+    kube.put(PODS, _pod("fleet-0"))
+    fake.data = [entry("alpha", "loaded"), entry("bee", "loading"), entry("gamma", "loaded")]
+    try:
+        await poller.poll_once()
+        status = _status(kube)
+        estimates = [m.get("estimate") for m in status["models"]]
+        assert estimates[0] and estimates[0].endswith("Mi") and estimates[2] is None
+        each = int(estimates[0][:-2])
+        assert status["modelsMemory"] == f"{2 * each}Mi/256Mi"  # alpha and bee (loading holds memory too)
+        fake.data = [entry("alpha", "loaded"), entry("bee", "unloaded")]
+        await poller.poll_once()
+        assert _status(kube)["modelsMemory"] == f"{each}Mi/256Mi"  # only the budget used changed: written
+    finally:
+        await poller.close()
 
 
 # ---------------------------------------------------------------------------------------------- the reconcile

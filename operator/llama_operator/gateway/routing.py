@@ -19,6 +19,8 @@ from pydantic import ValidationError
 
 from ..api.v1alpha1 import AutoscalingStatus, LlamaServer, RoutingSpec, ScalingSpec
 from ..builders.naming import model_name, served_names
+from ..builders.quantity import parse_quantity
+from ..builders.router_memory import memory_budget
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,10 @@ class Route:
     parallel: int
     models: tuple[str, ...] = ()
     """Router mode (spec.models): every served model name; requests naming one go to this server."""
+    memory_budget: int | None = None
+    """Router mode with resources.limits.memory: the bytes the loaded models' estimates may add up to."""
+    estimates: tuple[tuple[str, int], ...] = ()
+    """Router mode: (served name, bytes) of each model whose estimate status.models shows."""
     last_scale_time: str | None = None
     """status.autoscaling.lastScaleTime: the autoscaler's memory across gateway restarts."""
     resource_version: str | None = None
@@ -108,9 +114,27 @@ def route_from(body: Mapping[str, Any]) -> Route | None:
         api_key_required=spec.api_key_secret_ref is not None,
         created=_epoch(meta.get("creationTimestamp")),
         parallel=spec.parallel or DEFAULT_PARALLEL,
+        memory_budget=memory_budget(server),
+        estimates=_estimates(status),
         last_scale_time=autoscaling.last_scale_time if autoscaling else None,
         resource_version=meta.get("resourceVersion"),
     )
+
+
+def _estimates(status: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
+    """(name, bytes) of status.models' estimates; an entry that does not read as one has none."""
+    out = []
+    models = status.get("models")
+    for entry in models if isinstance(models, list) else []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            continue
+        try:
+            size = parse_quantity(entry["estimate"])
+        except (KeyError, TypeError, ValueError, ArithmeticError):
+            continue
+        if 0 < size < 2**62:  # compared before int(): a quantity like 1e999999999 never becomes an integer
+            out.append((entry["name"], int(size)))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from .answers import openai_error
 from .balancer import HashRing, bounded_load, least_in_flight, prompt_prefix
 from .body import Body
 from .endpoints import EndpointTable
+from .room import MemoryKeeper, RoomError
 from .routing import Route
 from .scan import Summary
 
@@ -55,6 +56,8 @@ class Upstreams:
         self._rings: dict[tuple[str, ...], HashRing] = {}
         self._turn = 0
         self._session: aiohttp.ClientSession | None = None
+        self.memory = MemoryKeeper()
+        """Router mode with a memory budget: room made on a replica before a request for a model goes to it."""
 
     async def open(self) -> None:
         # No total timeout (a generation may take minutes); the connect timeout finds dead replicas fast.
@@ -130,7 +133,17 @@ class Upstreams:
             tried.add(url)
             self.in_flight[url] = self.in_flight.get(url, 0) + 1
             upstream: aiohttp.ClientResponse | None = None
+            budgeted = route.memory_budget is not None and summary.model in route.models
             try:
+                if budgeted:
+                    try:
+                        await self.memory.admit(self._session, url, summary.model, route.memory_budget or 0,
+                                                dict(route.estimates))
+                    except RoomError as exc:
+                        if exc.status == 400:
+                            return openai_error(400, f"LlamaServer {key}: {exc}.", code="model_does_not_fit")
+                        return openai_error(503, f"LlamaServer {key}: {exc}.", type="server_error",
+                                            code="model_not_ready", headers={"Retry-After": str(self.retry_after)})
                 try:
                     upstream = await self._session.request(request.method, url + request.path_qs,
                                                            data=body.payload(), headers=headers)
@@ -156,6 +169,8 @@ class Upstreams:
                 body.release()  # answered: no retry will need the body again
                 return await self._stream(request, upstream, first, key, started)
             finally:
+                if budgeted:
+                    self.memory.done(url, summary.model)
                 self.in_flight[url] -= 1
                 if not self.in_flight[url]:
                     del self.in_flight[url]

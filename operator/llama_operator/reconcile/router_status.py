@@ -34,11 +34,12 @@ from typing import Any
 import aiohttp
 from pydantic import ValidationError
 
-from ..api.v1alpha1 import LlamaServer, ServedModelStatus
+from ..api.v1alpha1 import LlamaModel, LlamaServer, ServedModelStatus
 from ..builders.objects import label_selector, selector_labels
+from ..builders.router_memory import budget_used, quantity, served_estimates
 from ..clock import now_rfc3339
 from ..flags.render import SERVER_PORT
-from ..kube import LLAMA_SERVERS, PODS
+from ..kube import LLAMA_MODELS, LLAMA_SERVERS, PODS
 from .context import Context
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,18 @@ def ready_pod_ips(pods: Iterable[Mapping[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
+def _models_by_key(bodies: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], LlamaModel]:
+    """The LlamaModels that parse, by (namespace, name); one that does not has no estimate."""
+    out = {}
+    for body in bodies:
+        try:
+            model = LlamaModel.model_validate(body)
+        except ValidationError:
+            continue
+        out[(model.metadata.namespace or "", model.metadata.name)] = model
+    return out
+
+
 def _url(ip: str, port: int) -> str:
     host = f"[{ip}]" if ":" in ip else ip
     return f"http://{host}:{port}/models"
@@ -180,7 +193,9 @@ class ModelStatusPoller:
         namespaces: tuple[str | None, ...] = self.ctx.settings.namespaces or (None,)
         for namespace in namespaces:
             bodies = await self.ctx.kube.list(LLAMA_SERVERS, namespace)
-            outcomes = await asyncio.gather(*(self.poll_server(body) for body in bodies), return_exceptions=True)
+            models = _models_by_key(await self.ctx.kube.list(LLAMA_MODELS, namespace)) if bodies else {}
+            outcomes = await asyncio.gather(*(self.poll_server(body, models) for body in bodies),
+                                            return_exceptions=True)
             for body, outcome in zip(bodies, outcomes, strict=True):
                 if isinstance(outcome, Exception):  # one server's trouble is not the others'
                     meta = body.get("metadata") or {}
@@ -189,8 +204,10 @@ class ModelStatusPoller:
                 elif isinstance(outcome, BaseException):
                     raise outcome
 
-    async def poll_server(self, body: Mapping[str, Any]) -> None:
-        """Read one server's pods and patch its status.models when the answer changed."""
+    async def poll_server(self, body: Mapping[str, Any],
+                          models: Mapping[tuple[str, str], LlamaModel] | None = None) -> None:
+        """Read one server's pods and patch its status.models when the answer changed; `models` are the
+        LlamaModels by (namespace, name), for each model's memory estimate."""
         meta = body.get("metadata") or {}
         namespace, name = str(meta.get("namespace")), str(meta.get("name"))
         status = body.get("status") or {}
@@ -200,7 +217,7 @@ class ModelStatusPoller:
             return  # the reconcile reports why; nothing to read
         if server.spec.models is None:
             if status.get("models") is not None:  # was router mode: clear what no longer applies
-                await self._patch(namespace, name, {"models": None, "modelsLoaded": None,
+                await self._patch(namespace, name, {"models": None, "modelsLoaded": None, "modelsMemory": None,
                                                     "modelsChangedTime": None})
             return
         served = [(entry.served_name, entry.model_ref.name) for entry in server.spec.models]
@@ -215,11 +232,17 @@ class ModelStatusPoller:
         # Only refusals: what the pods hold is unknown, so the states stay as they were, with the reason.
         states = with_refusals(model_states(answers, served) if answers or not targets else
                                last_states(status, served), refused)
+        mine = {model_name: m for (ns, model_name), m in (models or {}).items() if ns == namespace}
+        estimates = served_estimates(server, mine)
+        states = [s.model_copy(update={"estimate": quantity(estimates[s.name]) if s.name in estimates else None})
+                  for s in states]
+        memory = budget_used(server, answers, estimates) if answers else status.get("modelsMemory")
         wire = [s.to_wire() for s in states]
-        if wire == status.get("models") and status.get("modelsLoaded") == loaded_summary(states):
+        if (wire == status.get("models") and status.get("modelsLoaded") == loaded_summary(states)
+                and status.get("modelsMemory") == memory):
             return
         await self._patch(namespace, name, {"models": wire, "modelsLoaded": loaded_summary(states),
-                                            "modelsChangedTime": now_rfc3339()})
+                                            "modelsMemory": memory, "modelsChangedTime": now_rfc3339()})
         log.info("LlamaServer %s/%s models: %s", namespace, name,
                  ", ".join(f"{s.name} {s.state}" for s in states))
 

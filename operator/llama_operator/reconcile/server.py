@@ -229,7 +229,7 @@ GATEWAY_STATUS_FIELDS = ("autoscaling",)
 merge patch, so the gateway's latest view stays whatever (older) copy this reconcile read."""
 
 
-MODEL_STATUS_FIELDS = ("models", "modelsLoaded", "modelsChangedTime")
+MODEL_STATUS_FIELDS = ("models", "modelsLoaded", "modelsMemory", "modelsChangedTime")
 """Status of a router-mode server's models, written by the model status poller (reconcile/router_status.py)
 from the pods' /models: left out of the reconcile's patch like the gateway's."""
 

@@ -60,6 +60,9 @@ class ServedModelStatus(ApiModel):
         description="Loaded (ready on at least one pod), Loading, Sleeping (idle: weights freed, loads again on "
         "the next request), Failed (its instance exited while loading; the message says where) or Unloaded.")
     loaded_replicas: int = Field(0, description="Pods on which it is loaded now.")
+    estimate: str | None = Field(
+        None, description="Host memory its instance needs, estimated from its GGUF header and settings (e.g. "
+        "512Mi); what the gateway adds up against the memory budget (docs/multi-model.md).")
     message: Message | None = Field(None, description="Why it failed, when it did.")
 
 
@@ -101,6 +104,9 @@ class LlamaServerStatus(ApiModel):
         None, description="With spec.models: each model's state, read from the pods' /models every few seconds "
         "while pods are ready (docs/multi-model.md).")
     models_loaded: str | None = Field(None, description="With spec.models: loaded/total models, for kubectl get.")
+    models_memory: str | None = Field(
+        None, description="With spec.models and resources.limits.memory: the estimates of the models loaded on "
+        "the fullest pod over the memory budget (e.g. 700Mi/1024Mi).")
     models_changed_time: str | None = Field(
         None, description="When the pods' answer last changed status.models (RFC 3339).")
     conditions: list[Condition] | None = Field(

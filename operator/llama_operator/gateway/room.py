@@ -1,0 +1,163 @@
+"""Memory-budgeted router mode, the I/O around budget.py: make room on one replica before a request goes to it.
+
+For a request naming a model of a router-mode server with a memory budget, `MemoryKeeper.admit` runs before
+the request is sent to the chosen replica:
+- the request counts as in flight for (replica, model) from the start, so no concurrent decision unloads the
+  model under it;
+- `GET /models` on the replica says what is loaded (or loading); a model already there goes at once;
+- otherwise, one decision at a time per replica (a lock): `budget.make_room` picks the least recently used idle
+  models to unload, `POST /models/unload` each, wait until the replica reports them gone, then `POST
+  /models/load` the new one and wait until it is no longer loading, so the next decision sees its memory;
+- a model larger than the budget is refused with the numbers; when busy models hold the memory, the decision
+  is retried until WAIT_SECONDS pass, then the request is refused as busy (503, retry later).
+Every read from the replica is bounded (MAX_MODELS_BYTES, REQUEST_SECONDS). `done` ends the request's in-flight
+mark and records its last use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from .budget import Resident, Room, make_room
+
+log = logging.getLogger(__name__)
+
+MAX_MODELS_BYTES = 1 << 20
+"""Largest GET /models answer read from a replica (its image is the tenant's: untrusted)."""
+REQUEST_SECONDS = 5.0
+"""Timeout of one call to a replica's /models endpoints."""
+WAIT_SECONDS = 60.0
+"""How long a request waits for unloads, a load, or busy models to finish."""
+POLL_SECONDS = 0.1
+MAX_TRACKED = 4096
+"""(replica, model) pairs remembered; past this the idle ones used longest ago are forgotten (replicas come
+and go with their pod addresses)."""
+RESIDENT_STATES = frozenset({"loaded", "loading"})
+
+
+class RoomError(Exception):
+    """The request cannot go to this replica now: one line for the client; `status` 400 (never fits) or 503."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Use:
+    in_flight: int = 0
+    last_used: float = 0.0
+
+
+class MemoryKeeper:
+    """Per replica: the gateway's record of each model's use, and one budget decision at a time."""
+
+    def __init__(self, *, wait_seconds: float = WAIT_SECONDS) -> None:
+        self.wait_seconds = wait_seconds
+        self._use: dict[tuple[str, str], _Use] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _mark(self, url: str, model: str) -> _Use:
+        return self._use.setdefault((url, model), _Use())
+
+    def done(self, url: str, model: str) -> None:
+        use = self._mark(url, model)
+        use.in_flight = max(0, use.in_flight - 1)
+        use.last_used = time.monotonic()
+
+    async def admit(self, session: aiohttp.ClientSession, url: str, model: str, budget: int,
+                    estimates: Mapping[str, int]) -> None:
+        """Make room for `model` on the replica at `url`; raises RoomError. On success (or RoomError) the caller
+        must call `done(url, model)` once the request ends."""
+        if len(self._use) >= MAX_TRACKED:
+            self._forget()
+        use = self._mark(url, model)
+        use.in_flight += 1
+        use.last_used = time.monotonic()
+        if model not in estimates:
+            return  # no estimate: llama-server's count limit (--models-max) is the only bound
+        if model in await self._resident(session, url):
+            return
+        lock = self._locks.setdefault(url, asyncio.Lock())
+        deadline = time.monotonic() + self.wait_seconds
+        async with lock:
+            while True:
+                resident = await self._resident(session, url)
+                if model in resident:
+                    return
+                room = self.decide(url, resident, budget, model, estimates)
+                if room.refused is not None:
+                    raise RoomError(400, room.refused)
+                if room.fits:
+                    break
+                if time.monotonic() > deadline:
+                    raise RoomError(503, f"model {model} does not fit beside the busy models "
+                                         f"{', '.join(room.busy)} in the memory budget; retry later")
+                await asyncio.sleep(POLL_SECONDS)
+            for name in room.unload:
+                log.info("replica %s: unloading %s to make room for %s", url, name, model)
+                await self._post(session, url, "unload", name)
+            await self._until(session, url, lambda states: not set(room.unload) & states.keys(), deadline)
+            await self._post(session, url, "load", model)
+            # Loaded, or no longer loading (it failed: the request goes on and gets llama-server's own answer).
+            await self._until(session, url, lambda states: states.get(model) != "loading", deadline)
+
+    def _forget(self) -> None:
+        idle = sorted((use.last_used, key) for key, use in self._use.items() if not use.in_flight)
+        for _, key in idle[:len(idle) // 2 + 1]:
+            del self._use[key]
+        urls = {url for url, _ in self._use}
+        for url in [u for u, lock in self._locks.items() if u not in urls and not lock.locked()]:
+            del self._locks[url]
+
+    def decide(self, url: str, resident: Mapping[str, str], budget: int, model: str,
+               estimates: Mapping[str, int]) -> Room:
+        residents = []
+        for name in resident:
+            use = self._use.get((url, name), _Use())
+            # A model without an estimate (left over from an older spec) is unloaded first when idle.
+            residents.append(Resident(name, estimates.get(name, budget), use.last_used, use.in_flight))
+        return make_room(residents, budget, model, estimates[model])
+
+    async def _until(self, session: aiohttp.ClientSession, url: str, test: Any, deadline: float) -> None:
+        while not test(await self._resident(session, url)):
+            if time.monotonic() > deadline:
+                raise RoomError(503, "the replica did not load or unload models in time; retry later")
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def _post(self, session: aiohttp.ClientSession, url: str, action: str, model: str) -> None:
+        try:
+            async with session.post(f"{url}/models/{action}", json={"model": model},
+                                    timeout=aiohttp.ClientTimeout(total=REQUEST_SECONDS)) as answer:
+                await answer.content.read(4096)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise RoomError(503, f"the replica did not answer /models/{action}: {type(exc).__name__}") from exc
+
+    async def _resident(self, session: aiohttp.ClientSession, url: str) -> dict[str, str]:
+        """The replica's models that hold memory (loaded or loading), with their states."""
+        try:
+            async with session.get(f"{url}/models", timeout=aiohttp.ClientTimeout(total=REQUEST_SECONDS)) as answer:
+                data = await answer.content.read(MAX_MODELS_BYTES + 1)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise RoomError(503, f"the replica did not answer /models: {type(exc).__name__}") from exc
+        if len(data) > MAX_MODELS_BYTES:
+            raise RoomError(503, "the replica's /models answer is larger than 1 MiB")
+        return resident_states(data)
+
+
+def resident_states(data: bytes) -> dict[str, str]:
+    """Name -> state of the models of a /models answer that hold memory; RoomError when it is not a model list."""
+    try:
+        models = json.loads(data)["data"]
+        states = {str(m["id"]): str(m["status"]["value"]) for m in models}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RoomError(503, "the replica's /models answer is not a model list") from exc
+    return {name: state for name, state in states.items() if state in RESIDENT_STATES}
