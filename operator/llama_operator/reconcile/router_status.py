@@ -8,8 +8,10 @@ recently used one is stopped for another): no Kubernetes object changes, so no w
   (one list each), and sends GET http://<podIP>:8080/models to every ready pod — concurrently, at most
   `CONCURRENCY` at a time, each with a `TIMEOUT` (3 s) — over aiohttp, on the event loop, never blocking it.
   /models is public in llama-server (no API key needed), and answers at once (the router keeps the state);
-- it patches `status.models`, `status.modelsLoaded` and `status.modelsChangedTime` only when the answer
-  changed. These fields are the poller's alone: the reconcile leaves them out of its status patch
+- with a router-mode server in the namespace it lists the LlamaModels too (one list), for each served model's
+  memory estimate and the budget used (builders/router_memory.py; the gateway keeps the budget);
+- it patches `status.models`, `status.modelsLoaded`, `status.modelsMemory` and `status.modelsChangedTime` only
+  when the answer changed. These fields are the poller's alone: the reconcile leaves them out of its status patch
   (server.MODEL_STATUS_FIELDS), as it leaves the gateway's autoscaling view;
 - a pod that does not answer is left out of that round; when no ready pod answers, the last status stays
   (a slow pod is not reported as "everything unloaded"). With no ready pod at all every model is Unloaded;
@@ -193,7 +195,8 @@ class ModelStatusPoller:
         namespaces: tuple[str | None, ...] = self.ctx.settings.namespaces or (None,)
         for namespace in namespaces:
             bodies = await self.ctx.kube.list(LLAMA_SERVERS, namespace)
-            models = _models_by_key(await self.ctx.kube.list(LLAMA_MODELS, namespace)) if bodies else {}
+            routers = any(isinstance(body.get("spec"), dict) and body["spec"].get("models") for body in bodies)
+            models = _models_by_key(await self.ctx.kube.list(LLAMA_MODELS, namespace)) if routers else {}
             outcomes = await asyncio.gather(*(self.poll_server(body, models) for body in bodies),
                                             return_exceptions=True)
             for body, outcome in zip(bodies, outcomes, strict=True):
