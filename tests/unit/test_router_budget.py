@@ -4,6 +4,7 @@ model's estimate and the budget used (builders/router_memory.py), and the gatewa
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,12 @@ from llama_operator.api.v1alpha1 import LlamaModel, LlamaServer, LlamaServerSpec
 from llama_operator.builders.router_memory import budget_used, memory_budget, served_estimates
 from llama_operator.fit import estimate_server, model_info
 from llama_operator.gateway.budget import Resident, Room, make_room
+from llama_operator.gateway.endpoints import EndpointTable
+from llama_operator.gateway.hold import HoldQueue
+from llama_operator.gateway.proxy import Proxy
 from llama_operator.gateway.room import MemoryKeeper, RoomError, resident_states
-from llama_operator.gateway.routing import route_from
+from llama_operator.gateway.routing import RoutingTable, route_from
+from llama_operator.gateway.traffic import Traffic
 from llama_operator.gguf import FileByteSource, read_header
 from tests.conftest import model_body
 from tests.tiny_gguf import write_tiny_llama
@@ -125,7 +130,8 @@ def test_the_route_reads_the_budget_and_the_estimates_and_drops_what_does_not_pa
 
 
 class FakeRouter:
-    """llama-server's router endpoints: /models with states, /models/load and /models/unload (instant)."""
+    """llama-server's router endpoints: /models with states, /models/load and /models/unload (instant), and a
+    chat completion that echoes the model."""
 
     def __init__(self, loaded: set[str]) -> None:
         self.loaded = set(loaded)
@@ -135,6 +141,9 @@ class FakeRouter:
         data = [{"id": n, "status": {"value": "loaded" if n in self.loaded else "unloaded"}}
                 for n in ("big", "a", "b")]
         return web.json_response({"data": data})
+
+    async def chat(self, request: web.Request) -> web.Response:
+        return web.json_response({"model": (await request.json())["model"]})
 
     async def action(self, request: web.Request) -> web.Response:
         name = (await request.json())["model"]
@@ -148,6 +157,7 @@ async def _fake_router(fake: FakeRouter) -> tuple[web.AppRunner, str]:
     app = web.Application()
     app.router.add_get("/models", fake.models)
     app.router.add_post("/models/{action}", fake.action)
+    app.router.add_post("/v1/chat/completions", fake.chat)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -189,3 +199,40 @@ async def test_a_replica_answer_that_is_not_a_model_list_is_a_503() -> None:
     assert refused.value.status == 503
     assert resident_states(b'{"data": [{"id": "a", "status": {"value": "loading"}}, '
                            b'{"id": "b", "status": {"value": "sleeping"}}]}') == {"a": "loading"}
+
+
+async def test_a_replica_that_does_not_answer_models_is_skipped_for_another() -> None:
+    """Through the gateway's proxy: the budget's GET /models to a dead replica is a failure before answering,
+    like a refused connection, so the request goes to the other replica (which makes room and answers)."""
+    fake = FakeRouter({"a", "b"})
+    runner, url = await _fake_router(fake)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]  # closed when the block ends: connections are refused
+    routes, endpoints = RoutingTable(), EndpointTable()
+    routes.upsert({"metadata": {"name": "fleet", "namespace": "default"}, "spec": {
+        "models": [{"modelRef": {"name": n}} for n in ESTIMATES], "resources": {"limits": {"memory": "70Mi"}}},
+        "status": {"models": [{"name": n, "model": n, "state": "Unloaded", "estimate": f"{size // MiB}Mi"}
+                              for n, size in ESTIMATES.items()]}})
+    for index, port in enumerate((dead, int(url.rsplit(":", 1)[1]))):
+        endpoints.upsert({"metadata": {"namespace": "default", "name": f"fleet-{index}",
+                                       "labels": {"kubernetes.io/service-name": "fleet"}},
+                          "ports": [{"name": "http", "port": port}],
+                          "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}]})
+    proxy = Proxy(routes, endpoints, Traffic(), HoldQueue(timeout=1.0, limit=2), kick=lambda: None,
+                  connect_timeout=1.0)
+    gateway = web.AppRunner(proxy.app())
+    await gateway.setup()
+    site = web.TCPSite(gateway, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as client:
+            for _ in range(2):  # one of the two picks the dead replica first
+                async with client.post(f"{base}/v1/chat/completions", json={
+                        "model": "big", "messages": [{"role": "user", "content": "hi"}]}) as answer:
+                    assert answer.status == 200, await answer.text()
+        assert fake.calls == ["unload a", "unload b", "load big"] and fake.loaded == {"big"}
+    finally:
+        await gateway.cleanup()
+        await runner.cleanup()

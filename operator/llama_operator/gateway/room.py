@@ -44,11 +44,13 @@ RESIDENT_STATES = frozenset({"loaded", "loading"})
 
 
 class RoomError(Exception):
-    """The request cannot go to this replica now: one line for the client; `status` 400 (never fits) or 503."""
+    """The request cannot go to this replica now: one line for the client; `status` 400 (never fits) or 503;
+    `replica_failed`: the replica did not answer properly (the caller may go to another one)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, replica_failed: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.replica_failed = replica_failed
 
 
 @dataclass
@@ -139,7 +141,8 @@ class MemoryKeeper:
                                     timeout=aiohttp.ClientTimeout(total=REQUEST_SECONDS)) as answer:
                 await answer.content.read(4096)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise RoomError(503, f"the replica did not answer /models/{action}: {type(exc).__name__}") from exc
+            raise RoomError(503, f"the replica did not answer /models/{action}: {type(exc).__name__}",
+                            replica_failed=True) from exc
 
     async def _resident(self, session: aiohttp.ClientSession, url: str) -> dict[str, str]:
         """The replica's models that hold memory (loaded or loading), with their states."""
@@ -147,9 +150,10 @@ class MemoryKeeper:
             async with session.get(f"{url}/models", timeout=aiohttp.ClientTimeout(total=REQUEST_SECONDS)) as answer:
                 data = await answer.content.read(MAX_MODELS_BYTES + 1)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise RoomError(503, f"the replica did not answer /models: {type(exc).__name__}") from exc
+            raise RoomError(503, f"the replica did not answer /models: {type(exc).__name__}",
+                            replica_failed=True) from exc
         if len(data) > MAX_MODELS_BYTES:
-            raise RoomError(503, "the replica's /models answer is larger than 1 MiB")
+            raise RoomError(503, "the replica's /models answer is larger than 1 MiB", replica_failed=True)
         return resident_states(data)
 
 
@@ -159,5 +163,5 @@ def resident_states(data: bytes) -> dict[str, str]:
         models = json.loads(data)["data"]
         states = {str(m["id"]): str(m["status"]["value"]) for m in models}
     except (ValueError, KeyError, TypeError) as exc:
-        raise RoomError(503, "the replica's /models answer is not a model list") from exc
+        raise RoomError(503, "the replica's /models answer is not a model list", replica_failed=True) from exc
     return {name: state for name, state in states.items() if state in RESIDENT_STATES}

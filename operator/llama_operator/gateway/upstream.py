@@ -140,6 +140,10 @@ class Upstreams:
                         await self.memory.admit(self._session, url, summary.model, route.memory_budget or 0,
                                                 dict(route.estimates))
                     except RoomError as exc:
+                        if exc.replica_failed:  # like a refused connection: another replica, if there is one
+                            last_error = str(exc)
+                            self._eject(url, last_error)
+                            continue
                         if exc.status == 400:
                             return openai_error(400, f"LlamaServer {key}: {exc}.", code="model_does_not_fit")
                         return openai_error(503, f"LlamaServer {key}: {exc}.", type="server_error",
