@@ -14,6 +14,7 @@ from aiohttp import web
 
 from llama_operator.api.v1alpha1 import LlamaModel, LlamaServer, LlamaServerSpec
 from llama_operator.builders.router_memory import budget_used, memory_budget, served_estimates
+from llama_operator.config import Settings
 from llama_operator.fit import estimate_server, model_info
 from llama_operator.gateway.budget import Resident, Room, make_room
 from llama_operator.gateway.endpoints import EndpointTable
@@ -23,7 +24,12 @@ from llama_operator.gateway.room import MemoryKeeper, RoomError, resident_states
 from llama_operator.gateway.routing import RoutingTable, route_from
 from llama_operator.gateway.traffic import Traffic
 from llama_operator.gguf import FileByteSource, read_header
+from llama_operator.kube import LLAMA_MODELS, LLAMA_SERVERS
+from llama_operator.reconcile.context import Context
+from llama_operator.reconcile.fits import fits_condition
+from llama_operator.reconcile.server import reconcile_server
 from tests.conftest import model_body
+from tests.fakekube import Events, FakeKube
 from tests.tiny_gguf import write_tiny_llama
 
 MiB = 1 << 20
@@ -236,3 +242,44 @@ async def test_a_replica_that_does_not_answer_models_is_skipped_for_another() ->
     finally:
         await gateway.cleanup()
         await runner.cleanup()
+
+
+# ------------------------------------------------------------------- the Fits condition in router mode
+
+
+def test_router_fits_says_whether_each_model_fits_the_budget_alone() -> None:
+    estimates = {"big": 600 * MiB, "s": 100 * MiB, "s-long": 300 * MiB}
+    unknown = fits_condition(_server(), None, None, estimates=estimates, generation=1)
+    assert (unknown.status, unknown.reason) == ("Unknown", "NoEstimate")
+    assert "set resources.limits.memory to make it the budget of the loaded models" in unknown.message
+    fits = fits_condition(_server(resources={"limits": {"memory": "1Gi"}}), None, None, estimates=estimates,
+                          generation=1)
+    assert (fits.status, fits.reason) == ("True", "Fits")
+    assert fits.message == ("each model fits resources.limits.memory 1.00 GiB alone (the largest: big, 600.0 MiB); "
+                            "the gateway unloads idle models to keep the loaded ones within it; no estimate for "
+                            "volume-only (no GGUF memory shape): only maxLoaded bounds it")
+    small = fits_condition(_server(resources={"limits": {"memory": "512Mi"}}), None, None, estimates=estimates,
+                           generation=1)
+    assert (small.status, small.reason) == ("False", "ModelLargerThanBudget")
+    assert small.message == ("big needs an estimated 600.0 MiB: more than resources.limits.memory 512.0 MiB, the "
+                             "budget of the loaded models, even alone (the gateway refuses its requests): raise the "
+                             "limit to at least 600Mi")
+
+
+async def test_the_reconcile_of_a_router_server_checks_each_model_against_the_budget(tmp_path: Path) -> None:
+    kube = FakeKube()
+    for name, vocab in (("big", 50000), ("small", None)):
+        model = (await asyncio.to_thread(_tiny_model, tmp_path, name, vocab)).to_wire()
+        model["status"].update(cacheKey=f"{name}-0123456789ab", files=[{"name": f"{name}.gguf"}])
+        kube.put(LLAMA_MODELS, model)
+    for name in ("volume-only",):
+        kube.put(LLAMA_MODELS, model_body(name, status={"phase": "Ready", "cacheKey": f"{name}-0123456789ab",
+                                                         "files": [{"name": "m.gguf"}]}))
+    body = {**_server(resources={"limits": {"memory": "40Mi"}}).to_wire(), "metadata": {
+        "name": "fleet", "namespace": "default", "generation": 1, "uid": "uid-fleet"}}
+    kube.put(LLAMA_SERVERS, body)
+    await reconcile_server(kube.objects[("llamaservers", "default", "fleet")],
+                           Context(kube=kube, settings=Settings(), record_event=Events()))
+    fits = {c["type"]: c for c in kube.objects[("llamaservers", "default", "fleet")]["status"]["conditions"]}["Fits"]
+    assert (fits["status"], fits["reason"]) == ("False", "ModelLargerThanBudget")
+    assert fits["message"].startswith("big needs an estimated 5") and "40.0 MiB" in fits["message"]

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..api.v1alpha1 import LlamaModel, LlamaServer
 from ..fit import estimate_server, request_quantity
-from .quantity import parse_quantity
+from .context import memory_limit
 
 RESIDENT = frozenset({"loaded", "loading"})
 """llama-server's model states that hold memory."""
@@ -57,10 +57,7 @@ def budget_used(server: LlamaServer, answers: Sequence[tuple[str, Sequence[Mappi
 
 def memory_budget(server: LlamaServer) -> int | None:
     """The budget of a router-mode server's models: resources.limits.memory in bytes; None when unset."""
-    limits = server.spec.resources.limits if server.spec.resources is not None else None
-    if server.spec.models is None or not limits or "memory" not in limits:
-        return None
-    return int(parse_quantity(limits["memory"]))
+    return memory_limit(server.spec) if server.spec.models is not None else None
 
 
 def _whole_mib(size: int) -> int:

@@ -90,6 +90,33 @@ def _gpu_mib(node: Mapping[str, Any]) -> int | None:
     return int(value) if value.isdigit() else None
 
 
+def _router_fits(server: LlamaServer, estimates: Mapping[str, int], generation: int | None) -> Condition:
+    """Router mode: which models are loaded together changes at run time, so no one estimate holds; with a
+    memory limit (the budget the gateway keeps, docs/multi-model.md) each model must fit it alone."""
+    limit = memory_limit(server.spec)
+    if limit is None:
+        return condition("Fits", None, "NoEstimate", "router mode: the memory needed depends on which models are "
+                         "loaded together (at most maxLoaded); set resources.limits.memory to make it the budget "
+                         "of the loaded models (each model's estimate is in status.models)", generation=generation)
+    too_big = [(name, size) for name, size in estimates.items() if size > limit]
+    if too_big:
+        named = ", ".join(f"{name} needs an estimated {format_bytes(size)}" for name, size in too_big)
+        return condition("Fits", False, "ModelLargerThanBudget", f"{named}: more than resources.limits.memory "
+                         f"{format_bytes(limit)}, the budget of the loaded models, even alone (the gateway refuses "
+                         f"its requests): raise the limit to at least "
+                         f"{request_quantity(max(size for _, size in too_big))}", generation=generation)
+    unknown = [m.served_name for m in server.spec.models or [] if m.served_name not in estimates]
+    note = (f"; no estimate for {', '.join(unknown)} (no GGUF memory shape): only maxLoaded bounds "
+            f"{'it' if len(unknown) == 1 else 'them'}" if unknown else "")
+    if not estimates:
+        return condition("Fits", None, "NoEstimate", "router mode: no model has a memory estimate (no GGUF memory "
+                         "shape: volume sources are not inspected); only maxLoaded bounds them", generation=generation)
+    name, size = max(estimates.items(), key=lambda item: item[1])
+    return condition("Fits", True, "Fits", f"each model fits resources.limits.memory {format_bytes(limit)} alone "
+                     f"(the largest: {name}, {format_bytes(size)}); the gateway unloads idle models to keep the "
+                     f"loaded ones within it{note}", generation=generation)
+
+
 def fits_condition(
     server: LlamaServer,
     fit: Estimate | None,
@@ -98,14 +125,14 @@ def fits_condition(
     nodes: Sequence[Mapping[str, Any]] | None = None,
     nodes_note: str = "",
     context_auto: bool = False,
+    estimates: Mapping[str, int] | None = None,
     generation: int | None,
 ) -> Condition:
     """The Fits condition; `nodes` are the labelled GPU nodes (None: not read, `nodes_note` says why);
-    `context_auto`: the server's contextSize was auto and is now the number the plan chose."""
+    `context_auto`: the server's contextSize was auto and is now the number the plan chose; `estimates`: in
+    router mode, each served model's (builders/router_memory.py)."""
     if server.spec.models is not None:
-        # Which models are loaded together changes at run time: no one estimate holds (docs/multi-model.md).
-        return condition("Fits", None, "NoEstimate", "router mode: the memory needed depends on which models are "
-                         "loaded together (at most maxLoaded); not estimated", generation=generation)
+        return _router_fits(server, estimates or {}, generation)
     if fit is None or gguf is None:
         return condition("Fits", None, "NoEstimate", "no memory estimate: the LlamaModel's status has no GGUF "
                          "memory shape (volume sources are not inspected)", generation=generation)

@@ -20,6 +20,7 @@ from ..api.v1alpha1 import Condition, DownloadStatus, LlamaModel, LlamaServer, L
 from ..builders.objects import label_selector, selector_labels
 from ..builders.plan import PlanProblem, ServerPlan, plan_server
 from ..builders.quantity import parse_quantity
+from ..builders.router_memory import served_estimates
 from ..clock import now_rfc3339
 from ..config import Settings
 from ..flags.spec import spec_problems
@@ -133,7 +134,8 @@ async def _reconcile(observed: Observed, ctx: Context) -> Outcome:
     served = models[server.spec.model_ref.name] if server.spec.model_ref is not None else None
     nodes = await gpu_nodes(ctx, server) if plan.estimate is not None else {}
     fits = fits_condition(plan.server or server, plan.estimate, served.status.gguf if served else None, **nodes,
-                          context_auto=plan.context_auto, generation=generation)
+                          context_auto=plan.context_auto, generation=generation,
+                          estimates=served_estimates(server, models) if server.spec.models is not None else None)
     chat = chat_template_condition(chat_models(server, models), generation=generation)
     memory = memory_status(plan.estimate) if plan.estimate is not None else None
     reported = [model_ok, args_ok, fits, chat]
