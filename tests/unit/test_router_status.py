@@ -191,9 +191,11 @@ async def test_the_poller_shows_each_models_estimate_and_the_budget_used(pods: t
     for name in ("alpha", "beta"):
         gguf = model_info(await read_header(FileByteSource(write_tiny_llama(tmp_path / f"{name}.gguf")))).to_wire()
         kube.put(LLAMA_MODELS, model_body(name, status={"phase": "Ready", "gguf": gguf}))
-    kube.put(PODS, _pod("fleet-0"))
-    fake.data = [entry("alpha", "loaded"), entry("bee", "loading"), entry("gamma", "loaded")]
     try:
+        await poller.poll_once()
+        assert _status(kube)["modelsMemory"] == "0Mi/256Mi"  # no ready pod: nothing loaded, like the states
+        kube.put(PODS, _pod("fleet-0"))
+        fake.data = [entry("alpha", "loaded"), entry("bee", "loading"), entry("gamma", "loaded")]
         await poller.poll_once()
         status = _status(kube)
         estimates = [m.get("estimate") for m in status["models"]]

@@ -239,7 +239,8 @@ class ModelStatusPoller:
         estimates = served_estimates(server, mine)
         states = [s.model_copy(update={"estimate": quantity(estimates[s.name]) if s.name in estimates else None})
                   for s in states]
-        memory = budget_used(server, answers, estimates) if answers else status.get("modelsMemory")
+        # Like the states: from the pods that answered, none loaded without a ready pod, else as it was.
+        memory = budget_used(server, answers, estimates) if answers or not targets else status.get("modelsMemory")
         wire = [s.to_wire() for s in states]
         if (wire == status.get("models") and status.get("modelsLoaded") == loaded_summary(states)
                 and status.get("modelsMemory") == memory):
