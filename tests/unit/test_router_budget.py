@@ -16,6 +16,7 @@ from llama_operator.api.v1alpha1 import LlamaModel, LlamaServer, LlamaServerSpec
 from llama_operator.builders.router_memory import budget_used, memory_budget, served_estimates
 from llama_operator.config import Settings
 from llama_operator.fit import estimate_server, model_info
+from llama_operator.gateway import room as room_io
 from llama_operator.gateway.budget import Resident, Room, make_room
 from llama_operator.gateway.endpoints import EndpointTable
 from llama_operator.gateway.hold import HoldQueue
@@ -283,3 +284,16 @@ async def test_the_reconcile_of_a_router_server_checks_each_model_against_the_bu
     fits = {c["type"]: c for c in kube.objects[("llamaservers", "default", "fleet")]["status"]["conditions"]}["Fits"]
     assert (fits["status"], fits["reason"]) == ("False", "ModelLargerThanBudget")
     assert fits["message"].startswith("big needs an estimated 5") and "40.0 MiB" in fits["message"]
+
+
+async def test_the_keeper_forgets_idle_replicas_past_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replica addresses come and go with pods: the record of (replica, model) uses stays bounded, and a request
+    in flight is never forgotten (its model could be unloaded under it)."""
+    monkeypatch.setattr(room_io, "MAX_TRACKED", 8)
+    keeper = MemoryKeeper()
+    async with aiohttp.ClientSession() as session:
+        await keeper.admit(session, "http://busy", "m", 1, {})  # no estimate: nothing asked of the replica
+        for index in range(100):
+            await keeper.admit(session, f"http://10.0.0.{index}", "m", 1, {})
+            keeper.done(f"http://10.0.0.{index}", "m")
+    assert len(keeper._use) <= 8 and keeper._use[("http://busy", "m")].in_flight == 1
