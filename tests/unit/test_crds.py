@@ -19,6 +19,8 @@ from llama_operator.api.crd import CRD_FILES, all_crds, to_yaml
 from llama_operator.api.k8s import TOLERATION_RULES
 from llama_operator.api.v1alpha1 import (
     ARGS_RULES,
+    BUDGET_RULES,
+    DISRUPTION_RULES,
     GGUF_FILE_RULES,
     HOST_PATH_RULES,
     SERVER_RULES,
@@ -278,7 +280,7 @@ def test_every_rule_is_in_the_crds() -> None:
                for _, node in _walk(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
                for entry in node.get(CEL_KEY) or []]
     for rules in (SERVER_RULES, SPECULATIVE_RULES, SOURCE_RULES, GGUF_FILE_RULES, GPU_LAYERS_RULES, ARGS_RULES,
-                  HOST_PATH_RULES, TOLERATION_RULES, CONTEXT_SIZE_RULES):
+                  HOST_PATH_RULES, TOLERATION_RULES, CONTEXT_SIZE_RULES, BUDGET_RULES, DISRUPTION_RULES):
         for rule in rules:
             assert rule.cel in in_crds, rule.id
 

@@ -1,4 +1,5 @@
-"""Embedded Kubernetes core/v1 types (resources, tolerations, affinity, env), typed as Kubernetes types.
+"""Embedded Kubernetes core/v1 types (resources, tolerations, affinity, topology spread, env), typed as
+Kubernetes types.
 
 Only the fields a LlamaServer pod can meaningfully use are modelled; each one keeps its upstream name and
 meaning so the values pass straight into the rendered pod spec.
@@ -161,6 +162,25 @@ class Affinity(ApiModel):
     pod_anti_affinity: PodAffinity | None = Field(None, description="Pod anti-affinity, e.g. spread replicas.")
 
 
+class TopologySpreadConstraint(ApiModel):
+    """A core/v1 TopologySpreadConstraint: how the replicas spread over a topology (nodes, zones)."""
+
+    max_skew: int = Field(ge=1, le=1000, description="Most replicas one domain may have above the least loaded.")
+    topology_key: Key = Field(description="Node label defining the domains, e.g. kubernetes.io/hostname.")
+    when_unsatisfiable: Literal["DoNotSchedule", "ScheduleAnyway"] = Field(
+        description="DoNotSchedule (a hard rule) or ScheduleAnyway (a preference).")
+    label_selector: LabelSelector | None = Field(
+        None, description="The pods counted in each domain (usually the server's own: "
+        "app.kubernetes.io/name=llama-server, llamacpp.dev/server=<name>).")
+    min_domains: int | None = Field(None, ge=1, le=1000, description="With DoNotSchedule: fewest eligible domains.")
+    match_label_keys: Values | None = Field(
+        None, description="Pod label keys whose values narrow the selector (e.g. pod-template-hash).")
+    node_affinity_policy: Literal["Honor", "Ignore"] | None = Field(
+        None, description="Whether nodeAffinity/nodeSelector limit the domains counted (default Honor).")
+    node_taints_policy: Literal["Honor", "Ignore"] | None = Field(
+        None, description="Whether tainted nodes the pods do not tolerate are counted (default Ignore).")
+
+
 class KeySelector(ApiModel):
     """A key of a Secret or ConfigMap."""
 
@@ -206,4 +226,5 @@ __all__ = [
     "EnvVar",
     "ResourceRequirements",
     "Toleration",
+    "TopologySpreadConstraint",
 ]

@@ -8,14 +8,22 @@ from ..api.v1alpha1 import LlamaServer
 from .objects import object_meta, selector_labels, server_labels
 
 
+def rollout_strategy(*, gpu: bool, replicas: int) -> dict[str, Any]:
+    """How a spec change replaces the pods (the trade-off: docs/architecture.md, "The pods").
+
+    CPU: surge first (a new pod is ready before an old one stops), no capacity lost. GPU: a second pod rarely
+    finds a free GPU, so a surge would wait forever; with several replicas one stops at a time (one replica's
+    capacity lost during the rollout, never the service); a single replica can only be replaced (an outage).
+    """
+    if not gpu:
+        return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    if replicas > 1:
+        return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    return {"type": "Recreate"}
+
+
 def deployment_object(server: LlamaServer, template: dict[str, Any]) -> dict[str, Any]:
     """The Deployment around a pod template (one model or router mode)."""
-    # Two GPU pods rarely fit side by side during a rolling update: replace instead of surge.
-    strategy: dict[str, Any] = (
-        {"type": "Recreate"}
-        if server.spec.gpu is not None
-        else {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
-    )
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -24,7 +32,7 @@ def deployment_object(server: LlamaServer, template: dict[str, Any]) -> dict[str
             "replicas": server.spec.replicas,
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": selector_labels(server.metadata.name)},
-            "strategy": strategy,
+            "strategy": rollout_strategy(gpu=server.spec.gpu is not None, replicas=server.spec.replicas),
             "template": template,
         },
     }

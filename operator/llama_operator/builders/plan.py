@@ -2,10 +2,11 @@
 resolved LlamaModels and the settings. Pure.
 
 `plan_server` is the one place that decides which objects a server gets (one model or router mode, the
-NetworkPolicy or not), their arguments, the names it serves, its endpoint, its memory estimate and which of its
-fetchers record a trust-on-first-use checksum. The reconcile applies and reports the plan, `render` prints its
-objects; neither builds anything itself. The spec has passed `flags.spec.spec_problems` before it is planned;
-what the resolved models rule out comes back as a `PlanProblem` instead of a plan.
+NetworkPolicy or not, the PodDisruptionBudget or not), their arguments, the names it serves, its endpoint, its
+memory estimate and which of its fetchers record a trust-on-first-use checksum. The reconcile applies and reports
+the plan, `render` prints its objects; neither builds anything itself. The spec has passed
+`flags.spec.spec_problems` before it is planned; what the resolved models rule out comes back as a `PlanProblem`
+instead of a plan.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .context import resolve_context
 from .deployment import deployment_object
 from .naming import model_name, served_names
 from .network_policy import build_network_policy
+from .placement import build_disruption_budget
 from .pod import pod_template
 from .resources import default_memory_request
 from .router import build_preset_configmap, build_router_deployment, distinct_models, router_args
@@ -38,7 +40,8 @@ class ServerPlan:
 
     objects: tuple[dict[str, Any], ...]
     """In apply order: the NetworkPolicy (when the operator makes one) before any pod can start, a router's preset
-    ConfigMap before the Deployment whose pods mount it, the Deployment, the Service."""
+    ConfigMap before the Deployment whose pods mount it, the Deployment, its PodDisruptionBudget (more than one
+    replica), the Service."""
     args: list[str]
     """llama-server's arguments (status.args)."""
     served_names: list[str]
@@ -131,8 +134,10 @@ def _plan(
     estimate: Estimate | None, fetchers: Mapping[str, LlamaModel],
 ) -> ServerPlan:
     policy = build_network_policy(server, settings)
+    budget = build_disruption_budget(server)
     return ServerPlan(
-        objects=(*([policy] if policy is not None else []), *workload, build_service(server)),
+        objects=(*([policy] if policy is not None else []), *workload, *([budget] if budget is not None else []),
+                 build_service(server)),
         args=args,
         served_names=served_names(server),
         model_name=model_name(server),

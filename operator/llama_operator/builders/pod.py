@@ -23,6 +23,7 @@ from .args import needs_draft_cache
 from .cache import TMP_SIZE_LIMIT, cache_volume, fetcher_ephemeral_storage, model_volumes, server_model_mounts
 from .fetcher import fetch_init_container, mmproj_fetch_container
 from .objects import server_labels
+from .placement import topology_spread
 from .resources import container_resources, pod_tolerations
 from .security import container_security_context, pod_security_context
 
@@ -168,6 +169,7 @@ def assemble_pod(
         "nodeSelector": spec.node_selector,
         "affinity": spec.affinity.to_wire() if spec.affinity else None,
         "tolerations": pod_tolerations(server) or None,
+        "topologySpreadConstraints": topology_spread(server),
         "priorityClassName": spec.priority_class_name,
         "runtimeClassName": spec.runtime_class_name,
     }

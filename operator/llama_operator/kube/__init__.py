@@ -19,6 +19,7 @@ from .resources import (
     NETWORK_POLICIES,
     NODES,
     PERSISTENT_VOLUME_CLAIMS,
+    POD_DISRUPTION_BUDGETS,
     PODS,
     SECRETS,
     SERVICES,
@@ -27,7 +28,8 @@ from .resources import (
 
 __all__ = [
     "CONFIG_MAPS", "DEPLOYMENTS", "ENDPOINT_SLICES", "FIELD_MANAGER", "KINDS_BY_API", "LLAMA_MODELS", "LLAMA_SERVERS",
-    "NETWORK_POLICIES", "NODES", "PERMISSIONS", "PERSISTENT_VOLUME_CLAIMS", "PODS", "SECRETS", "SERVICES", "UNKNOWN",
+    "NETWORK_POLICIES", "NODES", "PERMISSIONS", "PERSISTENT_VOLUME_CLAIMS", "POD_DISRUPTION_BUDGETS", "PODS", "SECRETS",
+    "SERVICES", "UNKNOWN",
     "Applied",
     "Conflict", "Forbidden", "Invalid", "Kube", "KubeError", "NotFound", "Permission", "ResourceKind", "Unavailable",
     "check_permission", "connection_settings", "desired_digest", "load_api_client", "required_permissions", "rule",

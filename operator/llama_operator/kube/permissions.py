@@ -37,6 +37,8 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission("", "configmaps", frozenset({"get", "create", "patch"})),
     # The NetworkPolicy next to each LlamaServer; delete: when the setting is turned off (reconcile/network.py).
     Permission("networking.k8s.io", "networkpolicies", frozenset({"get", "create", "patch", "delete"})),
+    # The PodDisruptionBudget of each LlamaServer with more than one replica; delete: back to one replica.
+    Permission("policy", "poddisruptionbudgets", frozenset({"get", "create", "patch", "delete"})),
     Permission(GROUP, "llamamodels", frozenset({"get", "list"})),
     Permission(GROUP, "llamaservers", frozenset({"get", "list"})),
     Permission(GROUP, "llamamodels/status", frozenset({"patch"})),

@@ -35,6 +35,8 @@ SECRETS = ResourceKind("", "v1", "secrets")
 CONFIG_MAPS = ResourceKind("", "v1", "configmaps")
 NETWORK_POLICIES = ResourceKind("networking.k8s.io", "v1", "networkpolicies")
 """Written next to each LlamaServer when the operator is configured to (builders/network_policy.py)."""
+POD_DISRUPTION_BUDGETS = ResourceKind("policy", "v1", "poddisruptionbudgets")
+"""Written next to each LlamaServer with more than one replica (builders/placement.py)."""
 LLAMA_MODELS = ResourceKind(GROUP, VERSION, "llamamodels")
 LLAMA_SERVERS = ResourceKind(GROUP, VERSION, "llamaservers")
 ENDPOINT_SLICES = ResourceKind("discovery.k8s.io", "v1", "endpointslices")
@@ -48,5 +50,6 @@ KINDS_BY_API: Mapping[tuple[str, str], ResourceKind] = {
     ("v1", "PersistentVolumeClaim"): PERSISTENT_VOLUME_CLAIMS,
     ("v1", "ConfigMap"): CONFIG_MAPS,
     ("networking.k8s.io/v1", "NetworkPolicy"): NETWORK_POLICIES,
+    ("policy/v1", "PodDisruptionBudget"): POD_DISRUPTION_BUDGETS,
 }
 

@@ -34,7 +34,7 @@ from .conditions import condition, merge_conditions, problem_event
 from .context import Context
 from .download import observe_download
 from .fits import fits_condition, fits_event, gpu_nodes, memory_status
-from .network import remove_network_policy
+from .network import remove_disruption_budget, remove_network_policy
 from .server_status import FleetStatus, fleet_status
 from .trust import record_first_use
 
@@ -170,6 +170,8 @@ async def _apply(ctx: Context, server: LlamaServer, plan: ServerPlan) -> dict[st
     costs reads, not writes); returns the Deployment as stored, or why the API server refused an object."""
     if plan.find("NetworkPolicy") is None:
         await remove_network_policy(ctx, server)  # made while the setting was on
+    if plan.find("PodDisruptionBudget") is None:
+        await remove_disruption_budget(ctx, server)  # made while it had more than one replica
     stored: dict[str, Any] = {}
     for obj in plan.objects:
         kind = KINDS_BY_API[(obj["apiVersion"], obj["kind"])]

@@ -6,6 +6,7 @@ Each table is attached to its model in llamaserver_types.py (`cel_schema`), so t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,20 @@ SCALING_RULES = (
     Rule("min-above-max", "self.minReplicas <= self.maxReplicas",
          lambda s: s.min_replicas <= s.max_replicas,
          "minReplicas ({minReplicas}) must be <= maxReplicas ({maxReplicas})", field="minReplicas"),
+)
+
+_PERCENT = re.compile(r"(100|[1-9]?[0-9])%")
+BUDGET_RULES = (
+    Rule("disruption-budget", "type(self) == int ? self >= 0 : self.matches('^(100|[1-9]?[0-9])%$')",
+         lambda v: v >= 0 if isinstance(v, int) else _PERCENT.fullmatch(v) is not None,
+         "must be a number >= 0 or a percentage (0%-100%)"),
+)
+"""A PodDisruptionBudget's maxUnavailable or minAvailable: pods, or a percentage of spec.replicas."""
+
+DISRUPTION_RULES = (
+    Rule("one-disruption-budget", "has(self.maxUnavailable) != has(self.minAvailable)",
+         lambda d: (d.max_unavailable is None) != (d.min_available is None),
+         "set exactly one of maxUnavailable and minAvailable"),
 )
 
 

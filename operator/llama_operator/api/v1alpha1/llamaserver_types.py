@@ -5,17 +5,19 @@ from __future__ import annotations
 import difflib
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, WithJsonSchema, field_validator, model_validator
 
 from ...llamacpp.catalog import builtin_chat_templates
 from ..base import ApiModel, ContextSize, GpuLayers, Quantity
 from ..bounds import ENV_MAX_ITEMS, IMAGE_MAX_LENGTH, LABEL_VALUE_MAX_LENGTH, LIST_MAX_ITEMS, Annotations, Labels, Name
 from ..cel import cel_schema, check_value
-from ..k8s import Affinity, EnvVar, ResourceRequirements, Toleration
+from ..k8s import Affinity, EnvVar, ResourceRequirements, Toleration, TopologySpreadConstraint
 from .llamaserver_rules import (
     ARG_MAX_LENGTH,
     ARGS_MAX_ITEMS,
     ARGS_RULES,
+    BUDGET_RULES,
+    DISRUPTION_RULES,
     MODELS_MAX_ITEMS,
     ROUTER_RULES,
     SCALING_RULES,
@@ -92,6 +94,31 @@ class ScalingSpec(ApiModel):
         "this many seconds (no flapping); scale-ups are immediate.")
     window_seconds: int = Field(
         30, ge=1, le=3600, description="Seconds over which in-flight requests are averaged into the load.")
+
+
+DisruptionBudget = Annotated[
+    int | str,
+    AfterValidator(lambda value: check_value(BUDGET_RULES, value)),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
+                    "maxLength": 4, **cel_schema(BUDGET_RULES)}),
+]
+"""Pods (a number) or a percentage of spec.replicas (`50%`)."""
+
+
+class DisruptionSpec(ApiModel):
+    """The PodDisruptionBudget of a server with more than one replica: how many replicas a voluntary disruption
+    (a node drain, a cluster upgrade) may take at once. Exactly one of the two."""
+
+    model_config = {**ApiModel.model_config, "json_schema_extra": cel_schema(DISRUPTION_RULES)}
+
+    max_unavailable: DisruptionBudget | None = Field(
+        None, description="Replicas that may be down at once: a number or a percentage of spec.replicas.")
+    min_available: DisruptionBudget | None = Field(
+        None, description="Replicas that must stay up: a number or a percentage of spec.replicas.")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> DisruptionSpec:
+        return check_value(DISRUPTION_RULES, self)
 
 
 class RoutingSpec(ApiModel):
@@ -280,6 +307,12 @@ class LlamaServerSpec(ApiModel):
         None, max_length=LIST_MAX_ITEMS, description="Tolerations (the GPU vendor's toleration is added automatically)."
     )
     affinity: Affinity | None = Field(None, description="Affinity rules for the pods.")
+    topology_spread_constraints: list[TopologySpreadConstraint] | None = Field(
+        None, max_length=8, description="How the replicas spread over nodes or zones; replaces the default (a "
+        "soft spread over nodes: maxSkew 1, kubernetes.io/hostname, ScheduleAnyway).")
+    disruption: DisruptionSpec | None = Field(
+        None, description="The PodDisruptionBudget made when spec.replicas > 1 (default maxUnavailable: 1); none "
+        "for one replica, whose budget would block every node drain.")
     priority_class_name: Name | None = Field(
         None, description="PriorityClass of the pods (the operator's policy may allow only some).")
     runtime_class_name: Name | None = Field(
