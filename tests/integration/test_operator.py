@@ -397,3 +397,32 @@ def test_owned_kinds_are_watched_with_a_server_side_label_selector(apiserver: An
     watched = {url.path: dict(urllib.parse.parse_qsl(url.query)) for url in watches}
     for path in ("/api/v1/pods", "/apis/apps/v1/deployments", "/api/v1/services", "/api/v1/persistentvolumeclaims"):
         assert watched[path]["labelSelector"] == "app.kubernetes.io/managed-by=llama-operator", path
+
+
+def _budget(apiserver: Any, name: str = "chat") -> dict[str, Any] | None:
+    return apiserver.read("policy/v1", "poddisruptionbudgets", apiserver.namespace, name)
+
+
+def test_a_two_replica_server_gets_a_disruption_budget_removed_at_one_replica(
+        apiserver: Any, run_operator: Any, kubectl_admin: Any) -> None:
+    # Namespaced mode: the chart's Role in the namespace is enough to make and delete the budget.
+    with run_operator("llama_operator.handlers", namespace=apiserver.namespace):
+        apiserver.create_llama("llamamodels", model_body())
+        server = apiserver.create_llama("llamaservers", server_body(replicas=2))
+        budget = apiserver.wait_for(lambda: _budget(apiserver), message="PodDisruptionBudget")
+        dep = apiserver.wait_for(lambda: _deployment(apiserver), message="Deployment")
+        assert budget["spec"]["maxUnavailable"] == 1
+        assert budget["spec"]["selector"] == dep["spec"]["selector"]
+        assert budget["metadata"]["ownerReferences"][0]["uid"] == server["metadata"]["uid"]
+        assert dep["spec"]["template"]["spec"]["topologySpreadConstraints"][0]["whenUnsatisfiable"] == \
+            "ScheduleAnyway"
+
+        # What the gateway's autoscaler does: the scale subresource; the budget follows spec.replicas.
+        kubectl_admin("scale", "llamaserver/chat", "--replicas=1", check=True)
+        apiserver.wait_for(lambda: _budget(apiserver) is None, message="PodDisruptionBudget removed at 1 replica")
+        apiserver.patch(CRD, "llamaservers", apiserver.namespace, "chat",
+                        {"spec": {"replicas": 3, "disruption": {"minAvailable": "50%"}}})
+        apiserver.wait_for(lambda: (_budget(apiserver) or {}).get("spec", {}).get("minAvailable") == "50%",
+                           message="PodDisruptionBudget from spec.disruption")
+        apiserver.delete(CRD, "llamaservers", apiserver.namespace, "chat")
+        apiserver.wait_for(lambda: _budget(apiserver) is None, message="garbage-collected with the server")
