@@ -160,3 +160,23 @@ def test_the_disruption_cel_says_what_its_python_says(fields: dict[str, Any]) ->
     (rule,) = DISRUPTION_RULES
     node = SimpleNamespace(max_unavailable=fields.get("maxUnavailable"), min_available=fields.get("minAvailable"))
     assert crdschema.evaluate(rule.cel, fields) == rule.holds(node) == (len(fields) == 1)
+
+
+@pytest.mark.parametrize(("spec", "note"), [
+    ({"replicas": 2}, None),
+    ({"replicas": 2, "gpu": GPU}, "rollouts replace one replica at a time (no spare GPU for a surge pod)"),
+    ({"replicas": 1, "gpu": GPU}, "rollouts replace the only replica (Recreate): unavailable until the new pod"),
+], ids=["cpu", "gpu-2", "gpu-1"])
+async def test_the_progressing_condition_says_what_a_rollout_costs(spec: dict[str, Any], note: str | None) -> None:
+    kube = FakeKube()
+    kube.put(LLAMA_MODELS, model_body("qwen", status=READY))
+    kube.put(LLAMA_SERVERS, server_body("chat", **spec))
+    await reconcile_server(kube.objects[("llamaservers", "default", "chat")],
+                           Context(kube=kube, settings=Settings(), record_event=Events()))
+    conditions = {c["type"]: c for c in kube.objects[("llamaservers", "default", "chat")]["status"]["conditions"]}
+    progressing = conditions["Progressing"]
+    assert progressing["status"] == "True"  # no pod is ready yet
+    if note is None:
+        assert "rollouts" not in progressing["message"]
+    else:
+        assert note in progressing["message"]

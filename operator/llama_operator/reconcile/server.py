@@ -224,7 +224,8 @@ def _fleet_conditions(fleet: FleetStatus, desired: int, generation: int | None) 
         condition("Available", available, "MinimumReplicasAvailable" if available else "ReplicasNotReady",
                   f"{fleet.ready_replicas}/{desired} replicas ready", generation=generation),
         condition("Progressing", progressing, "RollingOut" if progressing else "Complete",
-                  fleet.message if progressing else "", generation=generation),
+                  "; ".join(filter(None, [fleet.message, fleet.rollout])) if progressing else "",
+                  generation=generation),
     ]
 
 

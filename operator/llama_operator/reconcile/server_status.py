@@ -8,7 +8,7 @@ Failed (bad spec, a failed download, or a crash-looping server; the message says
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..contract import SERVER_CONTAINER, fetch_subject, is_fetch_container
@@ -33,6 +33,9 @@ class FleetStatus:
     replicas: int
     ready_replicas: int
     updated_replicas: int
+    rollout: str = ""
+    """How a spec change replaces this server's pods, when it costs capacity (GPU servers): for the Progressing
+    condition's message (the trade-off: docs/architecture.md, "The pods")."""
 
 
 def _terminated_message(name: str, state: dict[str, Any]) -> str:
@@ -106,7 +109,21 @@ def summarize_pod(pod: dict[str, Any]) -> PodSummary:
     return PodSummary("Pending", f"pod {name} is {status.get('phase', 'Pending')}")
 
 
+def rollout_note(deployment: dict[str, Any] | None) -> str:
+    """What the Deployment's strategy costs during a rollout; "" for surge-first (no capacity lost)."""
+    strategy = ((deployment or {}).get("spec") or {}).get("strategy") or {}
+    if strategy.get("type") == "Recreate":
+        return "rollouts replace the only replica (Recreate): unavailable until the new pod is ready"
+    if (strategy.get("rollingUpdate") or {}).get("maxSurge") == 0:
+        return "rollouts replace one replica at a time (no spare GPU for a surge pod): one replica's capacity less"
+    return ""
+
+
 def fleet_status(desired: int, deployment: dict[str, Any] | None, pods: Sequence[dict[str, Any]]) -> FleetStatus:
+    return replace(_fleet_status(desired, deployment, pods), rollout=rollout_note(deployment))
+
+
+def _fleet_status(desired: int, deployment: dict[str, Any] | None, pods: Sequence[dict[str, Any]]) -> FleetStatus:
     dep_status = (deployment or {}).get("status") or {}
     live_pods = [p for p in pods if not p.get("metadata", {}).get("deletionTimestamp")]
     ready = int(dep_status.get("readyReplicas") or 0)
