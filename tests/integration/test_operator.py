@@ -283,9 +283,15 @@ def test_pod_states_drive_phase_and_message(apiserver: Any, run_operator: Any) -
 
 
 @pytest.mark.parametrize(("spec", "field", "text"), [
-    ({"contextSize": "4k"}, "spec.contextSize", "must be of type integer"),
+    ({"contextSize": "4k"}, "spec.contextSize", "must be a number of tokens or 'auto'"),
     ({"replicas": -1}, "spec.replicas", "should be greater than or equal to 0"),
     ({"gpu": {"vendor": "nvidia", "count": 0}}, "spec.gpu.count", "should be greater than or equal to 1"),
+    ({"disruption": {"maxUnavailable": 1, "minAvailable": 1}}, "spec.disruption",
+     "set exactly one of maxUnavailable and minAvailable"),
+    ({"disruption": {"minAvailable": "150%"}}, "spec.disruption.minAvailable", "must be a number >= 0 or a percentage"),
+    ({"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                     "whenUnsatisfiable": "Maybe"}]},
+     "spec.topologySpreadConstraints[0].whenUnsatisfiable", "Unsupported value"),
 ])
 def test_schema_errors_are_refused_by_the_api_server(apiserver: Any, spec: dict[str, Any], field: str,
                                                      text: str) -> None:
