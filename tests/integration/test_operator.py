@@ -432,3 +432,23 @@ def test_a_two_replica_server_gets_a_disruption_budget_removed_at_one_replica(
                            message="PodDisruptionBudget from spec.disruption")
         apiserver.delete(CRD, "llamaservers", apiserver.namespace, "chat")
         apiserver.wait_for(lambda: _budget(apiserver) is None, message="garbage-collected with the server")
+
+
+def test_a_gpu_server_rolls_one_at_a_time_and_recreates_at_one_replica(apiserver: Any, run_operator: Any) -> None:
+    # The strategy follows spec.replicas both ways: server-side apply drops rollingUpdate again for Recreate
+    # (the API server refuses Recreate with rollingUpdate set).
+    def strategy() -> dict[str, Any]:
+        return ((_deployment(apiserver) or {}).get("spec") or {}).get("strategy") or {}
+
+    with run_operator("llama_operator.handlers"):
+        apiserver.create_llama("llamamodels", model_body())
+        apiserver.create_llama("llamaservers", server_body(replicas=2, gpu={"vendor": "nvidia"}))
+        apiserver.wait_for(lambda: strategy().get("rollingUpdate") == {"maxSurge": 0, "maxUnavailable": 1},
+                           message="one at a time")
+        apiserver.patch(CRD, "llamaservers", apiserver.namespace, "chat", {"spec": {"replicas": 1}})
+        apiserver.wait_for(lambda: strategy() == {"type": "Recreate"}, message="Recreate at one replica")
+        apiserver.patch(CRD, "llamaservers", apiserver.namespace, "chat", {"spec": {"replicas": 3}})
+        apiserver.wait_for(lambda: strategy().get("rollingUpdate") == {"maxSurge": 0, "maxUnavailable": 1},
+                           message="one at a time again")
+        status = _status(apiserver, "llamaservers", "chat")
+        assert "Traceback" not in str(status) and status.get("phase") != "Failed", status
