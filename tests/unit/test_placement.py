@@ -88,6 +88,9 @@ async def test_the_reconcile_makes_the_budget_follows_replicas_and_removes_it_at
     assert key not in kube.objects
     await reconcile(replicas=2)
     assert kube.objects[key]["spec"]["maxUnavailable"] == 1
+    kube.calls.clear()
+    await reconcile(replicas=2)
+    assert kube.count("apply") == 0  # converged: nothing sent again
     await reconcile(replicas=3, disruption={"minAvailable": "50%"})
     assert kube.objects[key]["spec"]["minAvailable"] == "50%"
     await reconcile(replicas=1)
