@@ -358,7 +358,9 @@ def test_kubectl_scale_and_spec_scaling_do_not_fight(apiserver: ClusterApi, run_
     with run_operator("llama_operator.handlers"):
         _model(apiserver, "pinned")
         _server(apiserver, "pinned", "pinned", replicas=1,
-                scaling={"minReplicas": 1, "maxReplicas": 3, "scaleDownDelaySeconds": 5, "idleSeconds": 600})
+                # 8 s: the reason is read after the put-back to maxReplicas, and under load that read came after
+                # a 5 s delay had run out (LoadBelowTarget), in one CI run.
+                scaling={"minReplicas": 1, "maxReplicas": 3, "scaleDownDelaySeconds": 8, "idleSeconds": 600})
         start_gateway()
         apiserver.wait_for(lambda: (_server_object(apiserver, "pinned").get("status") or {}).get("autoscaling"),
                            timeout=30, message="the autoscaler's first view")
@@ -368,7 +370,7 @@ def test_kubectl_scale_and_spec_scaling_do_not_fight(apiserver: ClusterApi, run_
             "ManualScale", "ScaleDownDelay"), timeout=10, message="the manual scale adopted")
         time.sleep(3)
         assert _server_object(apiserver, "pinned")["spec"]["replicas"] == 3, "kept during scaleDownDelaySeconds"
-        apiserver.wait_for(lambda: _server_object(apiserver, "pinned")["spec"]["replicas"] == 1, timeout=15,
+        apiserver.wait_for(lambda: _server_object(apiserver, "pinned")["spec"]["replicas"] == 1, timeout=20,
                            message="then the load (none) decides again")
 
         kubectl_admin("scale", "lserver", "pinned", "--replicas", "9", check=True)

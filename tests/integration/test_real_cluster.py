@@ -94,7 +94,8 @@ def test_kubectl_get_llama_prints_the_columns_and_explain_works(apiserver: Clust
     assert server_row.split()[1:5] == ["qwen", "Pending", "0/1", f"http://chat.{apiserver.namespace}.svc:8080/v1"]
 
     explained = kubectl_admin("explain", "llamaserver.spec.contextSize", check=True).stdout
-    assert "FIELD: contextSize <integer>" in explained and "--ctx-size" in explained
+    # int-or-string (a number or "auto"): kubectl explain prints such a field as <Object>
+    assert "FIELD: contextSize <Object>" in explained and "--ctx-size" in explained and "auto" in explained
     short = kubectl_admin("get", "lserver,lmodel", "-o", "name", check=True).stdout.split()
     assert sorted(short) == ["llamamodel.llamacpp.dev/qwen", "llamaserver.llamacpp.dev/chat"]
 
