@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,47 +20,19 @@ from llama_operator.fit.estimate import MiB
 from llama_operator.gguf import FileByteSource, read_header
 from tests.conftest import resolved_model, server_body
 
-from ..llama_bin import llama_server_bin
+from ..llama_bin import on_loopback, serving
 from ..tiny_gguf import write_tiny_llama
 
 TRAINED = 65536
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def _start(args: list[str], model: Path, tmp_path: Path) -> Iterator[tuple[str, int]]:
     """llama-server with the plan's args, the model at its local path, on loopback: (url, pid)."""
-    args = list(args)
-    port = _free_port()
-    for flag, value in (("--model", str(model)), ("--host", "127.0.0.1"), ("--port", str(port))):
-        args[args.index(flag) + 1] = value
-    log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([llama_server_bin(), *args], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
+    args, port = on_loopback(args)
+    args[args.index("--model") + 1] = str(model)
+    with serving(args, port, workdir=tmp_path) as (url, proc):
         yield url, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,9 @@ counts), and a streamed answer arrives as server-sent events. docs/gateway.md ha
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +18,9 @@ import httpx
 import pytest
 
 from llama_operator.api.v1alpha1 import LlamaServerSpec
-from llama_operator.gateway.app import Gateway, GatewayConfig
+from llama_operator.gateway.app import GatewayConfig
 
+from ..gateway_thread import gateway_in_thread
 from ..tiny_gguf import N_EMBD, write_tiny_llama
 from ..tiny_reranker import write_tiny_reranker
 from .test_metrics_scrape import _start
@@ -49,31 +48,6 @@ class Stack:
         return through.json(), straight.json()
 
 
-@contextmanager
-def _serve_gateway(config: GatewayConfig) -> Iterator[str]:
-    """The gateway app on its own event loop in a thread; yields its API URL."""
-    loop = asyncio.new_event_loop()
-    gateway = Gateway(config, None)
-    started = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(gateway.start())
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(30)
-    try:
-        yield f"http://127.0.0.1:{gateway.api_port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(gateway.stop(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
-        loop.close()
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("endpoints")
@@ -93,7 +67,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             direct[name] = stack.enter_context(_start(spec, model, workdir)).url
         config = GatewayConfig(listen="127.0.0.1:0", admin="127.0.0.1:0", autoscale=False,
                                static={name: [url] for name, url in direct.items()})
-        yield Stack(stack.enter_context(_serve_gateway(config)), direct)
+        yield Stack(stack.enter_context(gateway_in_thread(config)), direct)
 
 
 def test_chat_completions_stream_as_server_sent_events(stack: Stack) -> None:

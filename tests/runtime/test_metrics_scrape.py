@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,15 +18,9 @@ from llama_operator.fit import estimate_server, model_info
 from llama_operator.flags.render import render_args
 from llama_operator.gguf import FileByteSource, read_header
 
-from ..llama_bin import llama_server_bin
+from ..llama_bin import on_loopback, serving
 from ..metric_names import LLAMA_SERVER
 from ..tiny_gguf import write_tiny_llama
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Server:
@@ -43,32 +35,9 @@ class Server:
 
 @contextmanager
 def _start(spec: LlamaServerSpec, model: Path, tmp_path: Path) -> Iterator[Server]:
-    args = render_args(spec, model_path=str(model), model_name="tiny", threads=2)
-    port = _free_port()
-    args[args.index("--host") + 1] = "127.0.0.1"
-    args[args.index("--port") + 1] = str(port)
-    log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([llama_server_bin(), *args], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
+    args, port = on_loopback(render_args(spec, model_path=str(model), model_name="tiny", threads=2))
+    with serving(args, port, workdir=tmp_path) as (url, proc):
         yield Server(proc, url)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture

@@ -11,10 +11,6 @@ to a router with count-based eviction (--models-max 2, what holds the two small 
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,12 +23,13 @@ import pytest
 from llama_operator.api.v1alpha1 import LlamaModel, LlamaServer
 from llama_operator.builders.router_memory import quantity, served_estimates
 from llama_operator.fit import model_info
-from llama_operator.gateway.app import Gateway, GatewayConfig
+from llama_operator.gateway.app import GatewayConfig
 from llama_operator.gateway.room import resident_states
 from llama_operator.gguf import FileByteSource, read_header
 
 from ..conftest import model_body
-from ..llama_bin import llama_server_bin
+from ..gateway_thread import gateway_in_thread
+from ..llama_bin import free_port, serving
 from ..tiny_gguf import write_tiny_llama
 
 TURN = ["big", "small-a", "small-b", "big", "small-a", "big", "small-b", "small-a"]
@@ -56,12 +53,6 @@ class Shelf:
                                       for n, size in self.estimates.items()]}}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def shelf(tmp_path_factory: pytest.TempPathFactory) -> Shelf:
     root = tmp_path_factory.mktemp("budget")
@@ -80,58 +71,17 @@ def shelf(tmp_path_factory: pytest.TempPathFactory) -> Shelf:
 
 @contextmanager
 def _router(root: Path, models_max: int) -> Iterator[str]:
-    port = _free_port()
-    log_path = root / f"router-{port}.log"
-    log = log_path.open("w")
-    proc = subprocess.Popen([llama_server_bin(), "--models-preset", str(root / "models.ini"), "--host", "127.0.0.1",
-                             "--port", str(port), "--threads", "1", "--models-max", str(models_max)],
-                            stdout=log, stderr=subprocess.STDOUT, env={"HOME": str(root)}, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            pytest.fail(f"router did not start: {log_path.read_text()[-2000:]}")
+    port = free_port()
+    args = ["--models-preset", str(root / "models.ini"), "--host", "127.0.0.1", "--port", str(port),
+            "--threads", "1", "--models-max", str(models_max)]
+    with serving(args, port, workdir=root, env={"HOME": str(root)}, timeout=30) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
-@contextmanager
-def _gateway(router: str, server: dict[str, Any]) -> Iterator[str]:
-    """The gateway app on its own event loop in a thread, routing `server` to the router; yields its URL."""
-    loop = asyncio.new_event_loop()
-    gateway = Gateway(GatewayConfig(listen="127.0.0.1:0", admin="127.0.0.1:0", autoscale=False,
-                                    static={"fleet": [router]}), None)
-    started = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(gateway.start())
-        gateway.routes.replace([server], None)  # the static route, replaced by the router-mode server
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(30)
-    try:
-        yield f"http://127.0.0.1:{gateway.api_port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(gateway.stop(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
-        loop.close()
+def _gateway(router: str, server: dict[str, Any]) -> Any:
+    """The gateway routing `server` (router mode) to the router: its static route replaced by the server."""
+    return gateway_in_thread(GatewayConfig(listen="127.0.0.1:0", admin="127.0.0.1:0", autoscale=False,
+                                           static={"fleet": [router]}), servers=[server])
 
 
 def _loaded(router: str) -> set[str]:

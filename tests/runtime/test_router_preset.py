@@ -9,8 +9,6 @@ directories of this test.
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from llama_operator.config import Settings
 from llama_operator.reconcile.router_status import model_states
 
 from ..conftest import model_body
-from ..llama_bin import llama_server_bin
+from ..llama_bin import on_loopback, serving
 from ..tiny_gguf import write_tiny_llama
 
 SPEC = {
@@ -39,12 +37,6 @@ SPEC = {
     "threads": 1,
     "args": ["--top-k", "5"],
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _models(root: Path) -> dict[str, LlamaModel]:
@@ -64,33 +56,10 @@ def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     preset = build_preset(server, _models(root), Settings())
     # The one substitution: the pod's volume mount is this directory.
     (root / "models.ini").write_text(preset.replace(f"{ROUTER_ROOT}/model-source-0", str(root / "shelf")))
-    port = _free_port()
-    args = router_args(server)
+    args, port = on_loopback(router_args(server))
     args[args.index(PRESET_PATH)] = str(root / "models.ini")
-    args[args.index("0.0.0.0")] = "127.0.0.1"
-    args[args.index("8080")] = str(port)
-    log = (root / "router.log").open("w")
-    proc = subprocess.Popen([llama_server_bin(), *args], stdout=log, stderr=subprocess.STDOUT,
-                            env={"HOME": str(root)}, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            pytest.fail(f"router did not start: {(root / 'router.log').read_text()[-2000:]}")
+    with serving(args, port, workdir=root, env={"HOME": str(root)}, timeout=30) as (url, _):
         yield url, preset
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _models_json(url: str) -> list[dict[str, Any]]:

@@ -7,9 +7,6 @@ Every spec is validated first: what validate_server_spec accepts must start.
 from __future__ import annotations
 
 import contextlib
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +17,7 @@ from llama_operator.api.v1alpha1 import LlamaServerSpec
 from llama_operator.flags.render import render_args
 from llama_operator.flags.validate import validate_server_spec
 
-from ..llama_bin import llama_server_bin
+from ..llama_bin import on_loopback, serving
 from ..tiny_gguf import write_tiny_llama
 
 DRAFT = {"draftModelRef": {"name": "draft"}}
@@ -51,12 +48,6 @@ CASES: dict[str, dict] = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("model") / "tiny.gguf")
@@ -69,33 +60,10 @@ def _serving(fields: dict, model: Path, tmp_path: Path) -> Iterator[str]:
     assert validate_server_spec(spec) == []
     args = render_args(spec, model_path=str(model), model_name=spec.alias or "tiny", threads=spec.threads,
                        draft_model_path=str(model))
-    port = _free_port()
     # The pod listens on 0.0.0.0:8080; locally: loopback and a free port, everything else as rendered.
-    args[args.index("--host") + 1] = "127.0.0.1"
-    args[args.index("--port") + 1] = str(port)
-    log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([llama_server_bin(), *args], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 60
-        status = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                status = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code
-            except httpx.TransportError:
-                status = None
-            if status == 200:
-                break
-            time.sleep(0.1)
-        assert status == 200, f"llama-server {args} did not become healthy:\n{log.read_text()[-3000:]}"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    args, port = on_loopback(args)
+    with serving(args, port, workdir=tmp_path) as (url, _):
+        yield url
 
 
 @pytest.mark.parametrize("fields", list(CASES.values()), ids=list(CASES))
