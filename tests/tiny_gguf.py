@@ -38,6 +38,20 @@ def _vocab(size: int | None = None) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
+def add_tokenizer(writer: gguf.GGUFWriter, tokens: list[str], scores: list[float], types: list[int]) -> None:
+    """The SentencePiece tokenizer keys of a `_vocab` vocabulary: <unk> 0, <s> 1 (added), </s> 2."""
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+
+
 def write_tiny_llama(path: str | Path, *, seed: int = 0, vocab_size: int | None = None,
                      chat_template: str | None = None, context_length: int = CONTEXT_LENGTH) -> Path:
     """Write the tiny llama GGUF to `path` (parent directories created) and return the path; `vocab_size`
@@ -64,16 +78,7 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, vocab_size: int | None 
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_vocab_size(n_vocab)
 
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_unk_token_id(0)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
+    add_tokenizer(writer, tokens, scores, types)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .tiny_gguf import CONTEXT_LENGTH, N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYER, _vocab
+from .tiny_gguf import CONTEXT_LENGTH, N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYER, _vocab, add_tokenizer
 
 LABELS = ["yes", "no"]
 
@@ -44,16 +44,7 @@ def write_tiny_reranker(path: str | Path, *, seed: int = 0) -> Path:
     writer.add_pooling_type(gguf.PoolingType.RANK)
     writer.add_array("qwen3.classifier.output_labels", LABELS)
 
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_unk_token_id(0)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
+    add_tokenizer(writer, tokens, scores, types)
 
     def tensor(name: str, *shape: int) -> None:
         writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
