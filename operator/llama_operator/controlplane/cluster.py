@@ -108,6 +108,9 @@ class ControlPlane:
     `serving_ips` are extra IP SANs of the API server's certificate (an address on which a forwarder reaches
     it, e.g. the sandbox node's, for pods in their own network namespaces); `issue_cert` signs more
     identities (a kubelet's) with the same CA.
+    `address` is where the API server listens and what it advertises (the `kubernetes` Service's endpoint):
+    loopback unless pods in containers must reach it through that Service (real nodes: an address on an
+    interface the run made, llama_operator.nodes).
     """
 
     state_dir: pathlib.Path
@@ -119,6 +122,7 @@ class ControlPlane:
     serving_ips: list[str] = field(default_factory=list)
     apiserver_port: int = 0
     etcd_port: int = 0
+    address: str = LOOPBACK
     _processes: dict[str, _Process] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -164,7 +168,7 @@ class ControlPlane:
 
     @property
     def server(self) -> str:
-        return f"https://{LOOPBACK}:{self.apiserver_port}"
+        return f"https://{self.address}:{self.apiserver_port}"
 
     @property
     def ca_cert(self) -> pathlib.Path:
@@ -202,7 +206,7 @@ class ControlPlane:
             "apiserver", common_name="kube-apiserver", server=True,
             dns_names=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                        "kubernetes.default.svc.cluster.local"],
-            ip_addresses=[LOOPBACK, KUBERNETES_SERVICE_IP, *self.serving_ips])
+            ip_addresses=list(dict.fromkeys([LOOPBACK, self.address, KUBERNETES_SERVICE_IP, *self.serving_ips])))
         self._admin = ca.issue("admin", common_name=ADMIN_USER, organizations=["system:masters"], client=True)
         self._kubelet_client = ca.issue("apiserver-kubelet-client", common_name="kube-apiserver-kubelet-client",
                                         organizations=["system:masters"], client=True)
@@ -255,7 +259,7 @@ class ControlPlane:
         process = self._spawn("kube-apiserver", [
             str(self.binaries.kube_apiserver),
             "--etcd-servers", f"http://{LOOPBACK}:{self.etcd_port}",
-            "--bind-address", LOOPBACK, "--advertise-address", LOOPBACK,
+            "--bind-address", self.address, "--advertise-address", self.address,
             "--secure-port", str(self.apiserver_port),
             "--cert-dir", str(self.pki),
             "--tls-cert-file", str(self._serving.cert), "--tls-private-key-file", str(self._serving.key),
