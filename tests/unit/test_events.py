@@ -65,3 +65,26 @@ async def test_every_phase_change_and_failure_posts_one_event() -> None:
     assert "downloading the model" in messages["Downloading"]
     assert "exited with code 1: error: invalid argument: --bogus" in messages["Failed"]
     assert (DEPLOYMENTS.plural, "default", "chat") in kube.objects
+
+
+async def test_an_oom_kill_turns_fits_false_with_the_limit_and_posts_one_warning() -> None:
+    kube = FakeKube()
+    events = Events()
+    ctx = Context(kube=kube, settings=Settings(), record_event=events)
+    kube.put(LLAMA_SERVERS, server_body())
+    kube.put(LLAMA_MODELS, model_body(status=READY_MODEL))
+    await _reconcile(kube, ctx)
+    done = {"terminated": {"exitCode": 0, "reason": "Completed"}}
+    killed = _pod(done, {"state": {"waiting": {"reason": "CrashLoopBackOff"}}, "ready": False, "lastState": {
+        "terminated": {"exitCode": 137, "reason": "OOMKilled"}}})
+    killed["spec"] = {"containers": [{"name": "llama-server", "resources": {"limits": {"memory": "64Mi"}}}]}
+    kube.put(PODS, killed)
+    assert await _reconcile(kube, ctx) == "Failed"
+    assert await _reconcile(kube, ctx) == "Failed"
+    status = kube.objects[("llamaservers", "default", "chat")]["status"]
+    fits = next(c for c in status["conditions"] if c["type"] == "Fits")
+    assert (fits["status"], fits["reason"]) == ("False", "OOMKilled")
+    assert "OOM-killed at its memory limit 64Mi in pod chat-abc" in fits["message"]
+    assert "exited with code 137: OOMKilled" in status["message"] and "64Mi" in status["message"]
+    warnings = [(reason, message) for _, kind, reason, message in events if kind == "Warning"]
+    assert [reason for reason, _ in warnings] == ["Failed", "OOMKilled"]

@@ -197,3 +197,22 @@ def test_growth_beyond_the_limit_is_pointed_out() -> None:
                             args=["--cache-ram", "1024"]))
     assert "--cache-ram" not in bounded.message
     assert "--cache-ram" not in _fits(_server(contextSize=4096)).message  # no limit: nothing to OOM against
+
+
+def test_an_oom_kill_outranks_the_estimate_and_names_the_limit_to_set() -> None:
+    from llama_operator.reconcile.fits import oom_condition
+    from llama_operator.reconcile.server_status import OomKill
+
+    server = _server(contextSize=32768, resources={"limits": {"memory": "7Gi"}})
+    fit = estimate_server(server.spec, GGUF)
+    assert fit is not None
+    cond = oom_condition(server, OomKill("s-abc", "7Gi"), fit, generation=3)
+    assert (cond.status, cond.reason, cond.observed_generation) == ("False", "OOMKilled", 3)
+    assert "OOM-killed at its memory limit 7Gi in pod s-abc" in cond.message
+    assert f"set resources.limits.memory to at least {request_quantity(fit.host.total)}" in cond.message
+    # within the estimate: the process grew at runtime, and the message says what bounds that
+    roomy = _server(contextSize=4096, resources={"limits": {"memory": "64Gi"}})
+    grew = oom_condition(roomy, OomKill("s-abc", "64Gi"), estimate_server(roomy.spec, GGUF), generation=3)
+    assert "grew past the estimate" in grew.message and "--cache-ram" in grew.message
+    unknown = oom_condition(server, OomKill("s-abc", None), None, generation=3)
+    assert "no memory limit (the node ran out)" in unknown.message and "no estimate" in unknown.message

@@ -110,3 +110,32 @@ def test_fleet_status(desired: int, dep: dict[str, Any] | None, pods: list[dict[
                       expected: tuple[str, str]) -> None:
     fleet = fleet_status(desired, dep, pods)
     assert (fleet.phase, fleet.message) == expected
+
+
+def _oom_pod(name: str, main: dict[str, Any], limit: str | None = "64Mi") -> dict[str, Any]:
+    body = pod(name, main=main, phase="Running")
+    resources = {"limits": {"memory": limit}} if limit else {}
+    body["spec"] = {"containers": [{"name": "llama-server", "resources": resources}, {"name": "sidecar"}]}
+    return body
+
+
+OOM_TERMINATED = {"terminated": {"reason": "OOMKilled", "exitCode": 137}}
+
+
+@pytest.mark.parametrize("main", [
+    {"state": OOM_TERMINATED},  # the kill itself, before the kubelet restarts it
+    {"state": {"waiting": {"reason": "CrashLoopBackOff"}}, "lastState": OOM_TERMINATED},
+    {"state": {"running": {}}, "lastState": OOM_TERMINATED, "ready": False},  # restarted, loading again
+    {"state": {"running": {}}, "lastState": OOM_TERMINATED, "ready": True},  # and ready until the next long prompt
+], ids=["terminated", "crash-loop", "restarted", "ready-again"])
+def test_an_oom_kill_of_llama_server_is_reported_with_the_pods_limit(main: dict[str, Any]) -> None:
+    fleet = fleet_status(2, None, [pod("ok", main={"ready": True, "state": {"running": {}}}), _oom_pod("p", main)])
+    assert fleet.oom is not None and (fleet.oom.pod, fleet.oom.limit) == ("p", "64Mi")
+
+
+def test_no_oom_kill_without_the_reason_and_no_limit_is_none() -> None:
+    error = {"state": {"waiting": {"reason": "CrashLoopBackOff"}},
+             "lastState": {"terminated": {"reason": "Error", "exitCode": 1}}}
+    assert fleet_status(1, None, [_oom_pod("p", error)]).oom is None
+    unlimited = fleet_status(1, None, [_oom_pod("p", {"state": OOM_TERMINATED}, limit=None)]).oom
+    assert unlimited is not None and unlimited.limit is None

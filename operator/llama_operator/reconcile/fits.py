@@ -21,6 +21,7 @@ from ..fit.estimate import MiB
 from ..kube import NODES, KubeError
 from .conditions import condition, problem_event
 from .context import Context
+from .server_status import OomKill
 
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
 """MiB of memory per GPU on a node, published by NVIDIA GPU feature discovery."""
@@ -185,6 +186,25 @@ def fits_condition(
                    f"{trained * (fit.slots if not fit.kv_unified else 1)} ({message})")
         return condition("Fits", True, "ContextExceedsTraining", message, generation=generation)
     return condition("Fits", True, "Fits", message, generation=generation)
+
+
+def oom_condition(server: LlamaServer, oom: OomKill, fit: Estimate | None, *, generation: int | None) -> Condition:
+    """Fits=False/OOMKilled: the kernel killed llama-server at its memory limit, whatever the estimate said. The
+    message names the limit, the estimate and the limit to set."""
+    at = f"at its memory limit {oom.limit}" if oom.limit else "with no memory limit (the node ran out)"
+    message = f"llama-server was OOM-killed {at} in pod {oom.pod}"
+    limit = memory_limit(server.spec)
+    if fit is None:
+        return condition("Fits", False, "OOMKilled", f"{message}; no estimate (the LlamaModel's status has no "
+                         "GGUF memory shape): raise resources.limits.memory", generation=generation)
+    host = fit.host.total
+    if limit is None or limit < host:
+        advice = f"set resources.limits.memory to at least {request_quantity(host)}"
+    else:  # it grew past an estimate that fitted: the prompt cache, checkpoints or more slots than it assumed
+        advice = (f"it grew past the estimate at runtime: raise resources.limits.memory above {oom.limit}, or "
+                  "bound --cache-ram and --ctx-checkpoints in args")
+    return condition("Fits", False, "OOMKilled", f"{message}; estimated host memory {format_bytes(host)} "
+                     f"({_breakdown(fit)}): {advice}", generation=generation)
 
 
 async def gpu_nodes(ctx: Context, server: LlamaServer) -> dict[str, Any]:

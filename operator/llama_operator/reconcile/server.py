@@ -33,7 +33,7 @@ from .chat_template import chat_models, chat_template_condition
 from .conditions import condition, merge_conditions, problem_event
 from .context import Context
 from .download import observe_download
-from .fits import fits_condition, fits_event, gpu_nodes, memory_status
+from .fits import fits_condition, fits_event, gpu_nodes, memory_status, oom_condition
 from .network import remove_disruption_budget, remove_network_policy
 from .server_status import FleetStatus, fleet_status
 from .trust import record_first_use
@@ -147,6 +147,10 @@ async def _reconcile(observed: Observed, ctx: Context) -> Outcome:
     fleet = fleet_status(observed.replicas, deployment, pods)
     download = await observe_download(ctx, observed.namespace, pods) if fleet.phase == "Downloading" else None
     message = f"{fleet.message} ({download.summary})" if download is not None else fleet.message
+    if fleet.oom is not None and server.spec.models is None:  # the kernel's verdict outranks the estimate's
+        fits = oom_condition(plan.server or server, fleet.oom, plan.estimate, generation=generation)
+        reported = [model_ok, args_ok, fits, chat]
+        message = f"{message}; {fits.message}" if message else fits.message
     return Outcome(fleet.phase, message, reported, fleet, endpoint=plan.endpoint, model_name=plan.model_name,
                    args=plan.args, memory=memory, download=download)
 

@@ -19,11 +19,21 @@ _PULL_REASONS = {"ErrImagePull", "ImagePullBackOff"}
 
 
 @dataclass(frozen=True)
+class OomKill:
+    """The kernel killed llama-server at its cgroup memory limit (reason OOMKilled, now or as its last state)."""
+
+    pod: str
+    limit: str | None
+    """The container's resources.limits.memory as the pod has it (None: no limit, the node ran out)."""
+
+
+@dataclass(frozen=True)
 class PodSummary:
     """What one pod says about the fleet."""
 
     phase: str  # Downloading | Loading | Ready | Failed | Pending
     message: str = ""
+    oom: OomKill | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,8 @@ class FleetStatus:
     rollout: str = ""
     """How a spec change replaces this server's pods, when it costs capacity (GPU servers): for the Progressing
     condition's message (the trade-off: docs/architecture.md, "The pods")."""
+    oom: OomKill | None = None
+    """A replica whose llama-server was OOM-killed (the first found): the Fits condition says so with numbers."""
 
 
 def _terminated_message(name: str, state: dict[str, Any]) -> str:
@@ -62,6 +74,17 @@ def _container_failure(status: dict[str, Any]) -> str | None:
     if term and term.get("exitCode", 0) != 0:
         return _terminated_message(name, state)
     return None
+
+
+def _oom_kill(pod: dict[str, Any], status: dict[str, Any]) -> OomKill | None:
+    """The OOM kill of this container, now or as the termination before its restart."""
+    reasons = {((status.get(key) or {}).get("terminated") or {}).get("reason") for key in ("state", "lastState")}
+    if "OOMKilled" not in reasons:
+        return None
+    spec = next((c for c in (pod.get("spec") or {}).get("containers") or [] if c.get("name") == status.get("name")),
+                {})
+    limit = ((spec.get("resources") or {}).get("limits") or {}).get("memory")
+    return OomKill(pod.get("metadata", {}).get("name", "?"), str(limit) if limit is not None else None)
 
 
 def _cache_key(pod: dict[str, Any], container: str) -> str | None:
@@ -92,12 +115,13 @@ def summarize_pod(pod: dict[str, Any]) -> PodSummary:
         if container.get("name") != SERVER_CONTAINER:
             continue
         failure = _container_failure(container)
+        oom = _oom_kill(pod, container)
         if failure:
-            return PodSummary("Failed", f"pod {name}: {failure}")
+            return PodSummary("Failed", f"pod {name}: {failure}", oom)
         if container.get("ready"):
-            return PodSummary("Ready")
+            return PodSummary("Ready", oom=oom)
         if "running" in (container.get("state") or {}):
-            return PodSummary("Loading", f"pod {name}: llama-server is loading the model")
+            return PodSummary("Loading", f"pod {name}: llama-server is loading the model", oom)
     if status.get("initContainerStatuses"):
         # Every init container is done (the loop above returned otherwise) and llama-server is not running yet,
         # or has no status yet: the kubelet is starting it. Saying Pending here would step the phase (and its
@@ -120,7 +144,9 @@ def rollout_note(deployment: dict[str, Any] | None) -> str:
 
 
 def fleet_status(desired: int, deployment: dict[str, Any] | None, pods: Sequence[dict[str, Any]]) -> FleetStatus:
-    return replace(_fleet_status(desired, deployment, pods), rollout=rollout_note(deployment))
+    live = [p for p in pods if not p.get("metadata", {}).get("deletionTimestamp")]
+    oom = next((s.oom for s in map(summarize_pod, live) if s.oom is not None), None)
+    return replace(_fleet_status(desired, deployment, pods), rollout=rollout_note(deployment), oom=oom)
 
 
 def _fleet_status(desired: int, deployment: dict[str, Any] | None, pods: Sequence[dict[str, Any]]) -> FleetStatus:
