@@ -1,0 +1,112 @@
+"""The node processes (containerd, kubelet, kube-proxy, the registry): one long-running child each, its log file,
+its stop, and `run` for the short commands (ip, iptables, ctr, skopeo) around them. `NodesError` is the one error
+of this package: a line that says what failed, then the tail of the failing process's log or output.
+
+Every child gets the same guard environment: HTTP(S)_PROXY pointing at a dead port on 127.0.0.1, so an image
+pull or any other request that escapes the local registry fails on the spot instead of leaving the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..controlplane.cluster import die_with_parent
+
+DEAD_PROXY = "http://127.0.0.1:9"
+NO_PROXY = "127.0.0.1,localhost,10.244.0.0/16"
+
+
+class NodesError(RuntimeError):
+    """Real nodes could not be prepared, started or stopped; the message ends with the failing log's tail."""
+
+
+def child_env(path_first: Sequence[Path] = ()) -> dict[str, str]:
+    """The environment of every node process: the proxy guard, and the kit's directory first on PATH (containerd
+    finds its shim there)."""
+    env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
+    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        env[key] = DEAD_PROXY
+    env["NO_PROXY"] = env["no_proxy"] = NO_PROXY
+    # distribution's OpenTelemetry exporters stay off: nothing to send anything to.
+    env["OTEL_TRACES_EXPORTER"] = "none"
+    env["OTEL_SDK_DISABLED"] = "true"
+    env["PATH"] = os.pathsep.join([*(str(p) for p in path_first), env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
+    return env
+
+
+def tail(text: str, lines: int = 20) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def run(argv: Sequence[str | os.PathLike[str]], *, check: bool = True, input: str | None = None,
+        env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """A short command; with `check`, a non-zero exit is a NodesError quoting its output."""
+    args = [str(a) for a in argv]
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, input=input, env=env, timeout=timeout)
+    except FileNotFoundError as exc:
+        raise NodesError(f"{args[0]} not found: {exc}") from None
+    except subprocess.TimeoutExpired:
+        raise NodesError(f"`{' '.join(args)}` did not finish in {timeout:.0f} s") from None
+    if check and proc.returncode != 0:
+        raise NodesError(f"`{' '.join(args)}` exited {proc.returncode}:\n{tail(proc.stderr + proc.stdout)}")
+    return proc
+
+
+@dataclass
+class Process:
+    """One long-running child in a session of its own (its process group is stopped as a whole), output appended
+    to `log_path`. It gets SIGTERM if the Python process that started it dies."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=child_env)
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.popen = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          env=self.env, start_new_session=True, preexec_fn=die_with_parent)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
+
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM to the group, SIGKILL after `grace` seconds; safe to call twice."""
+        if self.popen is None:
+            return
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)  # whatever of its group outlived the leader
+        self.popen = None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return tail(self.log_path.read_text(errors="replace"), lines)
+        except OSError:
+            return "(no log)"
+
+    def error(self, what: str) -> NodesError:
+        """`what` (e.g. "exited during start-up") with this process's log tail."""
+        return NodesError(f"{self.name} {what} (log {self.log_path}):\n{self.log_tail()}")
