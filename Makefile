@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test unit chart runtime integration e2e sandbox venv lint crds llama-server control-plane bench clean
+.PHONY: test unit chart runtime integration e2e sandbox venv lint crds llama-server control-plane node-kit bench clean
 
 # The tools a tier needs, built or fetched once (cached outside the repo) and exported: the tests themselves never
 # build or download anything (tests/tiers.py; without them a test skips naming the tool, or fails in CI).
@@ -14,6 +14,8 @@ WITH_LLAMA_SERVER = LLAMA_SERVER_BIN="$${LLAMA_SERVER_BIN:-$$(PYTHON=$(PY) scrip
 	&& export LLAMA_SERVER_BIN && echo "llama-server: $$LLAMA_SERVER_BIN"
 WITH_CONTROL_PLANE = LLAMA_OPERATOR_CONTROL_PLANE_DIR="$$(scripts/build-control-plane.sh | tail -n 1)" && \
 	export LLAMA_OPERATOR_CONTROL_PLANE_DIR && echo "control plane: $$LLAMA_OPERATOR_CONTROL_PLANE_DIR"
+WITH_NODE_KIT = LLAMA_OPERATOR_NODE_KIT_DIR="$$(scripts/build-node-kit.sh | tail -n 1)" && \
+	export LLAMA_OPERATOR_NODE_KIT_DIR && echo "node kit: $$LLAMA_OPERATOR_NODE_KIT_DIR"
 
 # Every test, every tier (docs/testing.md).
 test: venv
@@ -59,6 +61,12 @@ llama-server: venv
 # kube-scheduler and kubectl from the Go modules in hack/control-plane/, and prints their directory.
 control-plane:
 	@scripts/build-control-plane.sh
+
+# Builds (once, cached outside the repo keyed by the versions) the real-node kit: kubelet and kube-proxy from the
+# same Kubernetes module, containerd, CoreDNS, a local registry, kube-router (NetworkPolicies) and the pause
+# program; checks the Debian tools the nodes use (runc, CNI plugins, image tools) and prints the kit's directory.
+node-kit:
+	@scripts/build-node-kit.sh
 
 # ruff, then the import contracts of pyproject.toml: the layers of docs/architecture.md and no import cycle.
 lint: venv

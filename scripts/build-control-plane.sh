@@ -6,9 +6,10 @@
 # holding them as the last line.
 set -euo pipefail
 
-KUBERNETES_VERSION=v1.35.4
-ETCD_VERSION=v3.6.13
 here="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=lib/versions.sh
+source "$here/scripts/lib/versions.sh"  # KUBERNETES_VERSION and its -ldflags, shared with the node kit
+ETCD_VERSION=v3.6.13
 mods="$here/hack/control-plane"
 CACHE_ROOT="${LLAMA_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-operator}"
 # The wrapper modules pin every dependency; a change to them is a new cache entry.
@@ -31,11 +32,7 @@ tmp="$DEST.tmp.$$"
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp"
 export CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false"
-minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
-version_flags="-X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION \
--X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor \
--X k8s.io/client-go/pkg/version.gitVersion=$KUBERNETES_VERSION \
--X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+version_flags=$(k8s_version_ldflags)
 echo "building the control plane (Kubernetes $KUBERNETES_VERSION, etcd $ETCD_VERSION) into $DEST;" \
   "cold this takes 15-25 minutes on 2 cores" >&2
 (cd "$mods/etcd" && go build -trimpath -ldflags "-s -w" -o "$tmp/etcd" go.etcd.io/etcd/server/v3)
