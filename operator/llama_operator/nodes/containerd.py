@@ -55,6 +55,7 @@ def containerd_config(node_dir: Path, *, runc: Path, cni_bin_dir: Path, sandbox_
         f"root = {_toml(state / 'root')}",
         f"state = {_toml(state / 'state')}",
         f"disabled_plugins = {_toml(DISABLED_PLUGINS)}",
+        "imports = []",  # never the host's /etc/containerd/conf.d
     ])
     tables = [
         _table("grpc", {"address": state / "containerd.sock"}),

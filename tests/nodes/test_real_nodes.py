@@ -1,0 +1,142 @@
+"""Two real nodes (containerd + kubelet each) on this machine: what only real nodes show, and that stopping them
+leaves the host as it was. One cluster for the module; the last test stops it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llama_operator.nodes.host import MOUNT_POINTS
+from tests.nodes.conftest import HostSnapshot, RealCluster
+from tests.waiting import wait_for
+
+RESTRICTED = {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "allowPrivilegeEscalation": False,
+              "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+              "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def pod(name: str, image: str, command: list[str], **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},
+            "spec": {"containers": [{"name": "main", "image": image, "command": command,
+                                     "securityContext": RESTRICTED, **spec.pop("container", {})}],
+                     "terminationGracePeriodSeconds": 1, **spec}}
+
+
+def apply(cluster: RealCluster, namespace: str, *objects: dict[str, Any]) -> None:
+    cluster.kubectl("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump_all(objects))
+
+
+def get(cluster: RealCluster, namespace: str, *what: str) -> Any:
+    return json.loads(cluster.kubectl("-n", namespace, "get", *what, "-o", "json").stdout)
+
+
+def python(cluster: RealCluster, namespace: str, pod_name: str, code: str) -> str:
+    return cluster.kubectl("-n", namespace, "exec", pod_name, "--", "python3", "-c", code).stdout.strip()
+
+
+def test_two_ready_nodes_with_containerd(real_cluster: RealCluster) -> None:
+    wide = real_cluster.kubectl("get", "nodes", "-o", "wide").stdout
+    print(wide)
+    nodes = get(real_cluster, "default", "nodes")["items"]
+    version = real_cluster.nodes.kit.versions["containerd"].lstrip("v")
+    assert sorted(n["metadata"]["name"] for n in nodes) == ["node-a", "node-b"]
+    for node in nodes:
+        ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}["Ready"]
+        assert ready == "True", node["status"]["conditions"]
+        assert node["status"]["nodeInfo"]["containerRuntimeVersion"] == f"containerd://{version}"
+    assert wide.count(f"containerd://{version}") == 2
+
+
+def test_pod_runs_restricted_from_the_registry(real_cluster: RealCluster, namespace: str) -> None:
+    image = real_cluster.images["base"]
+    assert image.startswith("127.0.0.1:")  # pulled from the local registry, not imported
+    created = time.monotonic()
+    apply(real_cluster, namespace, pod("restricted", image, [
+        "python3", "-c", "import os, time; print('uid', os.getuid(), flush=True); time.sleep(3600)"]))
+    real_cluster.kubectl("-n", namespace, "wait", "--for=condition=Ready", "pod/restricted", "--timeout=60s")
+    print(f"pod create -> Ready: {time.monotonic() - created:.2f} s")
+    wait_for(lambda: "uid 65532" in real_cluster.kubectl("-n", namespace, "logs", "restricted").stdout,
+             timeout=10, message="the pod's log")
+    assert python(real_cluster, namespace, "restricted", "import os; print(os.getuid(), os.getgid())") == "65532 65532"
+    refused = real_cluster.kubectl("-n", namespace, "exec", "restricted", "--", "python3", "-c",
+                                   "open('/written', 'w')", check=False)
+    assert refused.returncode != 0 and "Read-only file system" in refused.stderr, refused.stderr
+    status = python(real_cluster, namespace, "restricted", "print(open('/proc/self/status').read())")
+    assert "CapEff:\t0000000000000000" in status
+
+
+def test_spread_pod_network_service_and_dns(real_cluster: RealCluster, namespace: str) -> None:
+    image = real_cluster.images["base"]
+    labels = {"app": "web"}
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": labels}, "template": {
+            "metadata": {"labels": labels},
+            "spec": {"terminationGracePeriodSeconds": 1,
+                     "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                                    "whenUnsatisfiable": "DoNotSchedule", "labelSelector":
+                                                    {"matchLabels": labels}, "nodeTaintsPolicy": "Honor"}],
+                     "containers": [{"name": "web", "image": image, "securityContext": RESTRICTED,
+                                     "command": ["python3", "-m", "http.server", "8080", "--directory", "/etc"],
+                                     "ports": [{"containerPort": 8080}],
+                                     "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}}}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+               "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8080}]}}
+    apply(real_cluster, namespace, deployment, service)
+    real_cluster.kubectl("-n", namespace, "rollout", "status", "deployment/web", "--timeout=90s")
+    pods = get(real_cluster, namespace, "pods", "-l", "app=web")["items"]
+    assert sorted(p["spec"]["nodeName"] for p in pods) == ["node-a", "node-b"]
+    a, b = pods
+    fetch = "import urllib.request, sys; print(urllib.request.urlopen(sys.argv[1], timeout=5).status)"
+
+    def get_from_a(url: str) -> str:
+        return real_cluster.kubectl("-n", namespace, "exec", a["metadata"]["name"], "--", "python3", "-c", fetch,
+                                    url).stdout.strip()
+
+    assert get_from_a(f"http://{b['status']['podIP']}:8080/hostname") == "200"  # across nodes
+    cluster_ip = get(real_cluster, namespace, "service", "web")["spec"]["clusterIP"]
+    assert get_from_a(f"http://{cluster_ip}/hostname") == "200"  # through kube-proxy
+    name = f"web.{namespace}.svc.cluster.local"
+    resolved = python(real_cluster, namespace, a["metadata"]["name"],
+                      f"import socket; print(socket.gethostbyname('{name}'))")
+    assert resolved == cluster_ip
+    assert get_from_a(f"http://web.{namespace}.svc/hostname") == "200"  # the search path, as clients write it
+
+
+def test_memory_limit_ends_in_oom_kill(real_cluster: RealCluster, namespace: str) -> None:
+    hog = pod("hog", real_cluster.images["base"],
+              ["python3", "-c", "data = b'x' * (200 * 1024 * 1024); print(len(data))"],
+              container={"resources": {"limits": {"memory": "64Mi", "cpu": "500m"}}}, restartPolicy="Never")
+    apply(real_cluster, namespace, hog)
+
+    def terminated() -> dict[str, Any] | None:
+        statuses = get(real_cluster, namespace, "pod", "hog")["status"].get("containerStatuses") or []
+        return statuses[0]["state"].get("terminated") if statuses else None
+
+    state = wait_for(terminated, timeout=60, interval=0.5, message="the container to terminate")
+    assert (state["reason"], state["exitCode"]) == ("OOMKilled", 137), state
+
+
+def test_stop_leaves_the_host_as_it_was(real_cluster: RealCluster, host_before: HostSnapshot) -> None:
+    """Last in the module: stops the shared cluster (the fixture's own stop is then a no-op)."""
+    problems = real_cluster.nodes.stop()
+    assert problems == []
+    after = HostSnapshot.take()
+    # Other tests may add links and mounts of their own meanwhile: compare what the nodes make.
+    ours = ("llnodes", "veth")
+    assert {link for link in after.links if link.startswith(ours)} == \
+        {link for link in host_before.links if link.startswith(ours)}
+    assert not any(link.startswith("llnodes") for link in after.links)
+    assert {c for c in after.chains if "KUBE-" in c or "CNI-" in c} == \
+        {c for c in host_before.chains if "KUBE-" in c or "CNI-" in c}
+    assert after.cgroups == host_before.cgroups == frozenset()
+    state = str(real_cluster.nodes.state_dir)
+    assert {m for m in after.mounts if m.startswith((state, *MOUNT_POINTS))} == set()
+    assert {m for m in after.mounts if m.startswith((state, *MOUNT_POINTS))} == \
+        {m for m in host_before.mounts if m.startswith((state, *MOUNT_POINTS))}
+    assert after.sysctls == host_before.sysctls
+    assert not [p for p in MOUNT_POINTS if Path(p).exists() and p not in host_before.existing]
