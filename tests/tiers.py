@@ -27,12 +27,15 @@ from llama_operator.controlplane.binaries import ENV_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
-TIERS = ("unit", "helm", "runtime", "integration", "e2e", "kind", "root")
+TIERS = ("unit", "helm", "runtime", "integration", "e2e", "nodes", "kind", "root")
 """Markers, one per tier directory: tests/unit, tests/chart (helm), tests/runtime, tests/integration, tests/e2e;
-`kind` marks the one e2e test that brings its own cluster (Docker, opt-in) instead of the sandbox, `root` a test
-of another tier that makes network namespaces (and `runtime` one that starts the real llama-server)."""
+`nodes` marks an e2e test on real nodes (kubelet + containerd, the images built here: tests/nodes and the e2e tests
+that start the sandbox with `--nodes N`), `kind` the one e2e test that brings its own cluster (Docker, opt-in)
+instead of the sandbox, `root` a test of another tier that makes network namespaces (and `runtime` one that
+starts the real llama-server)."""
 
 HELM, LLAMA_SERVER, CONTROL_PLANE, ROOT = "helm", "llama-server", "control plane", "root"
+NODE_KIT, IMAGES = "node kit", "images"
 NEEDS: dict[str, tuple[str, ...]] = {
     "unit": (),
     "helm": (HELM,),
@@ -41,6 +44,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     # The operator runs with exactly the RBAC `helm template` renders for the chart.
     "integration": (CONTROL_PLANE, HELM),
     "e2e": (ROOT, CONTROL_PLANE, HELM, LLAMA_SERVER),
+    "nodes": (ROOT, CONTROL_PLANE, HELM, LLAMA_SERVER, NODE_KIT, IMAGES),
     "kind": (HELM,),
     "root": (ROOT,),
 }
@@ -135,7 +139,38 @@ def root() -> str | Missing:
     return "root"
 
 
-FINDERS = {HELM: helm, LLAMA_SERVER: llama_server, CONTROL_PLANE: control_plane, ROOT: root}
+def _directory(variable: str, script: str, tool: str, how: str) -> str | Missing:
+    path = os.environ.get(variable)
+    if path:
+        if os.path.isdir(path):
+            return path
+        return Missing(tool, f"${variable}={path} is not a directory", configured=True)
+    return _cached(script) or Missing(tool, f"${variable} is not set and {how}", configured=False)
+
+
+@cache
+def node_kit() -> str | Missing:
+    """The directory of the node kit (kubelet, containerd ...), with the Debian tools the nodes need."""
+    from llama_operator.nodes.kit import ENV_DIR as KIT_ENV
+    from llama_operator.nodes.kit import KitMissing, find_kit
+
+    found = _directory(KIT_ENV, "build-node-kit.sh", NODE_KIT, "`make node-kit` has not built it")
+    if isinstance(found, Missing):
+        return found
+    try:
+        return str(find_kit(found).directory)
+    except KitMissing as exc:
+        return Missing(NODE_KIT, str(exc), configured=True)
+
+
+@cache
+def images() -> str | Missing:
+    """The directory of the images built from this checkout (OCI archives and images.json)."""
+    return _directory("LLAMA_OPERATOR_IMAGES_DIR", "build-images.sh", IMAGES, "`make images` has not built them")
+
+
+FINDERS = {HELM: helm, LLAMA_SERVER: llama_server, CONTROL_PLANE: control_plane, ROOT: root, NODE_KIT: node_kit,
+           IMAGES: images}
 
 
 def missing(tool: str) -> Missing | None:

@@ -48,9 +48,9 @@ def _sandboxes(root: Path, sandbox_env: dict[str, str]) -> Iterator[Callable[...
     started: list[SandboxProcess] = []
 
     def start(env: dict[str, str] | None = None, state_dir: Path | None = None,
-              args: tuple[str, ...] = ()) -> SandboxProcess:
+              args: tuple[str, ...] = (), nodes: str = "process") -> SandboxProcess:
         full_env = {**os.environ, **sandbox_env, **(env or {})}
-        sandbox = SandboxProcess(state_dir or root / "state", full_env, args)
+        sandbox = SandboxProcess(state_dir or root / "state", full_env, args, nodes)
         started.append(sandbox)
         return sandbox.wait_ready()
 

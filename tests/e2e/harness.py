@@ -48,13 +48,14 @@ def tree_processes(marker: str) -> list[str]:
 
 
 class SandboxProcess:
-    def __init__(self, state_dir: Path, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
+    def __init__(self, state_dir: Path, env: dict[str, str], args: tuple[str, ...] = (),
+                 nodes: str = "process") -> None:
         self.state_dir = state_dir
         self.env = env
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [LLAMA_OPERATOR, "sandbox", "--state-dir", str(state_dir), "--service-port-base", "0", "--verbose",
-             *args],
+             "--nodes", nodes, *args],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -267,7 +267,7 @@ def test_second_start_is_warm_and_local_operator(sandbox_factory: Any, tiny_gguf
         claim = first.core.read_namespaced_persistent_volume_claim(claim_name, NS)
         assert claim.status.phase == "Bound" and claim.spec.storage_class_name == "sandbox-local"
         volume = first.core.read_persistent_volume(claim.spec.volume_name)
-        assert volume.spec.host_path.path == str(state / "pvc" / NS / claim.metadata.name)
+        assert volume.spec.host_path.path == str(state / "pvc" / "sandbox" / NS / claim.metadata.name)
         assert first.stop() == 0
         assert tree_processes(str(state)) == []
 

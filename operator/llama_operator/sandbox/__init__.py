@@ -1,9 +1,10 @@
-"""`llama-operator sandbox`: the whole product on one machine: a real one-node cluster (optional extra `sandbox`).
+"""`llama-operator sandbox`: the whole product on one machine: a real cluster (optional extra `sandbox`).
 
 The command line is registered here without importing the sandbox itself, so `llama-operator` works where
-the extra (aiohttp, cryptography) is not installed. app.py runs it; node.py (the Node), kubelet.py (a pod's
-lifecycle, over pod.py, volumes.py, command.py, probes.py, containers.py and processes.py), logs.py, network.py,
-proxy.py, storage.py and images.py are the node; helm.py installs the operator; docs/sandbox.md is the user's
+the extra (aiohttp, cryptography) is not installed. app.py runs it; real_nodes.py puts it on real nodes
+(llama_operator.nodes); process_node.py is the process node: node.py (the Node), kubelet.py (a pod's lifecycle,
+over pod.py, volumes.py, command.py, probes.py, containers.py and processes.py), logs.py, network.py and
+images.py; proxy.py and storage.py serve both; helm.py installs the operator; docs/sandbox.md is the user's
 walkthrough.
 """
 
@@ -20,6 +21,12 @@ def _command(args: argparse.Namespace) -> int:
     from .app import command
 
     return command(args)
+
+
+def _nodes(value: str) -> str:
+    if value == "process" or (value.isdigit() and 1 <= int(value) <= 4):
+        return value
+    raise argparse.ArgumentTypeError("expected 1 to 4 (real nodes) or `process`")
 
 
 def register(sub: Any) -> None:
@@ -40,6 +47,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--control-plane-dir",
                         help="directory with etcd, kube-apiserver, ... (default: $LLAMA_OPERATOR_CONTROL_PLANE_DIR, "
                              "PATH, or the `make control-plane` build)")
+    parser.add_argument("--nodes", default="2", type=_nodes,
+                        help="how many real nodes (kubelet + containerd each, from `make node-kit`; default "
+                             "%(default)s), or `process`: one node whose containers are local processes")
     parser.add_argument("--verbose", action="store_true", help="log every pod and container event")
     # The gateway hook (docs/gateway.md): the chart's gateway.enabled, installed with the operator.
     parser.add_argument("--gateway", action="store_true",

@@ -1,22 +1,23 @@
-"""`llama-operator sandbox`: a real one-node Kubernetes cluster on this machine, with the operator installed.
+"""`llama-operator sandbox`: a real Kubernetes cluster on this machine, with the operator installed.
 
 What runs (all children of this process, each in a process group of its own):
 - the real control plane (llama_operator.controlplane): etcd, kube-apiserver (Node,RBAC authorization,
   webhooks resolved through the Service's endpoints: `--enable-aggregator-routing`), kube-controller-manager
   and kube-scheduler, from `make control-plane`;
-- in this process: the node (node.py) — the kubelet for Node `sandbox` with its HTTPS port for
-  `kubectl logs` (logs.py), a local-path provisioner, and host ports for Services — plus the pod network's
-  host side (network.py: bridge, API server forwarder, egress proxy);
-- the operator: by default `helm install` of charts/llama-operator, so it is a pod of its Deployment on the
+- the nodes, by `--nodes`: N real nodes (real_nodes.py over llama_operator.nodes: a kubelet and a containerd
+  each, kube-proxy, CoreDNS, a local registry with the images of `make images`), or `process`: one node whose
+  containers are local processes (process_node.py); either way a local-path provisioner (storage.py) and a host
+  port per Service (proxy.py);
+- the operator: by default `helm install` of charts/llama-operator, so it is a pod of its Deployment on a
   node, with its ServiceAccount, the chart's RBAC and its webhook behind the chart's Service and TLS;
-  `--operator local` runs `llama-operator run` as a plain process with the admin kubeconfig instead (no webhook);
-- pods' containers: local processes in the pods' network namespaces (kubelet.py).
+  `--operator local` runs `llama-operator run` as a plain process with the admin kubeconfig instead (no webhook).
 
 Every start is a fresh cluster: the etcd data and pod directories of the previous run are deleted at start.
 What makes a second start warm is kept: PVC and hostPath volume directories (model caches) and the built
 binaries. State directory (default `$XDG_STATE_HOME/llama-operator/sandbox`): `kubeconfig` (written once the
-sandbox is ready, removed at stop), `services.json`, `cluster/` (control plane: PKI, etcd, logs),
-`pods/<ns>_<pod>_<uid>/`, `pvc/<ns>/<claim>/`, `hostpath/<path>/`.
+sandbox is ready, removed at stop), `services.json`, `nodes.json` (real nodes: the host address, the registry,
+the images), `cluster/` (control plane: PKI, etcd, logs), `nodes/` (real nodes: each node's state and logs),
+`pods/<ns>_<pod>_<uid>/` (process node), `pvc/<node>/<ns>/<claim>/`, `hostpath/<path>/`.
 """
 
 from __future__ import annotations
@@ -39,16 +40,16 @@ import aiohttp
 
 from ..api.v1alpha1 import API_VERSION
 from ..controlplane import BinariesMissing, ControlPlane, ControlPlaneBinaries, find_binaries
+from ..nodes.kit import KitMissing
+from ..nodes.processes import NodesError
 from .client import Api, ApiError, Informer, client_ssl_context, resource_path
 from .helm import EGRESS_GUARD_ENV, NAMESPACE, RELEASE, HelmError, find_chart, find_helm, install, values_from_env
 from .images import ImageTable, operator_executable
-from .logs import KubeletServer
-from .network import API_PORT, EgressProxy, Forwarder, NetworkError, PodNetwork
-from .node import KUBELET_PORT, Kubelet
-from .pod import NODE_NAME, NodeContext
+from .network import NetworkError
+from .process_node import ProcessNode
 from .processes import spawn, terminate
 from .proxy import ServiceProxies
-from .storage import LocalPathProvisioner
+from .real_nodes import RealNodeSet
 
 log = logging.getLogger("llama_operator.sandbox")
 
@@ -145,7 +146,8 @@ class Sandbox:
         self._operator: asyncio.subprocess.Process | None = None
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
-        self.network: PodNetwork | None = None
+        self.nodes = "2"  # --nodes: how many real nodes (real_nodes.py), or "process" (process_node.py)
+        self.node: ProcessNode | RealNodeSet | None = None
         self.gateway = False  # the gateway hook (docs/gateway.md): `--gateway` installs it with the chart
 
     # ------------------------------------------------------------------------------------------ reporting
@@ -190,10 +192,16 @@ class Sandbox:
             say(f"Operator exited with code {code}; restarting in 5s (see {log_path})")
             await asyncio.sleep(5)
 
-    async def _install_operator(self, admin_kubeconfig: Path) -> None:
+    def _node_backend(self) -> ProcessNode | RealNodeSet:
+        if self.nodes == "process":
+            return ProcessNode(self.state_dir, self.images)
+        return RealNodeSet(self.state_dir, int(self.nodes))
+
+    async def _install_operator(self, admin_kubeconfig: Path, node_values: dict[str, Any]) -> None:
         helm = find_helm(self.helm)
         chart = find_chart(self.chart)
         values = values_from_env({EGRESS_GUARD_ENV: "false", **os.environ})  # see helm.EGRESS_GUARD_ENV
+        values.update(node_values)  # the images the nodes pull (real nodes)
         if self.gateway:  # the gateway hook (docs/gateway.md)
             values["gateway"] = {"enabled": True}
         output = await install(helm, chart, admin_kubeconfig, values, self.state_dir / "values.yaml")
@@ -240,62 +248,37 @@ class Sandbox:
         binaries = find_control_plane(self.control_plane_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         lock = lock_state_dir(self.state_dir)  # before anything of a running sandbox's is wiped
-        for stale in ("pods", "cluster", "kubeconfig", "services.json"):
+        for stale in ("pods", "cluster", "kubeconfig", "services.json", "nodes.json"):
             target = self.state_dir / stale
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-        network = self.network = PodNetwork(self.state_dir)
+        node = self.node = self._node_backend()
         local = self.operator_mode == "local"
         cluster: ControlPlane | None = None
-        host_services: list[Any] = []
-        kubelet: Kubelet | None = None
         kubeconfig = self.state_dir / "kubeconfig"
         try:
-            await asyncio.to_thread(network.setup)
+            await node.prepare()
             cluster = ControlPlane(
                 self.state_dir / "cluster", binaries, controllers=True, scheduler=True,
-                crds=all_crds() if local else [], apiserver_port=self.api_port, serving_ips=[network.node_ip],
-                extra_apiserver_args=["--enable-aggregator-routing=true"])
+                crds=all_crds() if local else [], apiserver_port=self.api_port, serving_ips=node.serving_ips,
+                address=node.address, extra_apiserver_args=["--enable-aggregator-routing=true"])
             await asyncio.to_thread(cluster.start)
             say(f"API server: {cluster.server} (etcd, kube-apiserver, kube-controller-manager, kube-scheduler; "
                 f"logs in {cluster.logs})")
-            node_client = cluster.issue_cert("kubelet-client", common_name=f"system:node:{NODE_NAME}",
-                                             organizations=["system:nodes"], client=True)
-            node_serving = cluster.issue_cert("kubelet-serving", common_name=NODE_NAME, server=True,
-                                              ip_addresses=[network.node_ip], dns_names=[NODE_NAME])
             admin_pair = cluster.pki / "admin.crt", cluster.pki / "admin.key"
-            forwarder = Forwarder(network.node_ip, API_PORT, "127.0.0.1", cluster.apiserver_port)
-            egress = EgressProxy(network.node_ip)
-            for service in (forwarder, egress):
-                await service.start()
-                host_services.append(service)
             admin = Api(cluster.server, client_ssl_context(cluster.ca_cert, *admin_pair))
-            node_api = Api(cluster.server, client_ssl_context(cluster.ca_cert, node_client.cert, node_client.key))
-            async with admin, node_api, aiohttp.ClientSession() as probes:
-                version = (await admin.request("GET", "/version")).get("gitVersion", "")
-                context = NodeContext(api=node_api, images=self.images, state_dir=self.state_dir, network=network,
-                                      node_ip=network.node_ip, api_port=API_PORT, proxy_url=egress.url,
-                                      record_event=lambda *a: kubelet.record_event(*a) if kubelet else None,
-                                      probe_session=probes)
-                kubelet = Kubelet(context, kubernetes_version=version)
-                await kubelet.register()
-                server = KubeletServer(network.node_ip, KUBELET_PORT, cert=node_serving.cert, key=node_serving.key,
-                                       client_ca=cluster.ca_cert, lookup=kubelet.runtime)
-                await server.start()
-                host_services.append(server)
-                say(f"Node {NODE_NAME}: {network.node_ip} (pods on {network.cidr}, bridge {network.bridge})")
-                provisioner = LocalPathProvisioner(admin, self.state_dir)
-                await provisioner.install()
+            async with admin:
+                values = await node.start(cluster, admin)
+                say(node.describe())
                 proxies = ServiceProxies(admin, port_base=self.service_port_base, quiet_namespaces=(NAMESPACE,),
                                          on_service=self._on_service)
                 servers = Informer(admin, API_VERSION, "llamaservers", lambda: self._on_servers(servers))
-                self._tasks = [asyncio.create_task(kubelet.run(), name="kubelet"),
-                               asyncio.create_task(provisioner.run(), name="provisioner"),
-                               asyncio.create_task(proxies.run(), name="service proxies")]
+                self._tasks = [asyncio.create_task(runner, name=name) for name, runner in node.runners().items()]
+                self._tasks.append(asyncio.create_task(proxies.run(), name="service proxies"))
                 if local:
                     self._tasks.append(asyncio.create_task(self._run_local_operator(cluster.admin_kubeconfig),
                                                            name="operator"))
                 else:
-                    await self._install_operator(cluster.admin_kubeconfig)
+                    await self._install_operator(cluster.admin_kubeconfig, values)
                     await self._wait_operator(admin, stop)
                 self._tasks.append(asyncio.create_task(servers.run(), name="llamaservers"))
                 shutil.copyfile(cluster.admin_kubeconfig, kubeconfig)
@@ -313,7 +296,7 @@ class Sandbox:
                 say("Stopping: pods get SIGTERM and their grace period, then SIGKILL")
                 self._stopping = True
                 operator = self._operator
-                await asyncio.gather(kubelet.shutdown(),
+                await asyncio.gather(node.shutdown(),
                                      terminate(operator, OPERATOR_GRACE) if operator else asyncio.sleep(0))
                 await proxies.close()
         finally:
@@ -323,14 +306,9 @@ class Sandbox:
             for task in self._tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            if kubelet is not None:
-                await kubelet.shutdown()
-            for service in host_services:
-                with contextlib.suppress(Exception):
-                    await service.close()
+            await node.close()
             if cluster is not None:
                 await asyncio.to_thread(cluster.stop)
-            await asyncio.to_thread(network.teardown)
             kubeconfig.unlink(missing_ok=True)
             lock.close()
         say("Sandbox stopped")
@@ -349,6 +327,7 @@ async def _main(args: argparse.Namespace) -> int:
                       images=images, operator=args.operator, chart=args.chart, helm=args.helm,
                       control_plane_dir=args.control_plane_dir)
     sandbox.gateway = args.gateway  # the gateway hook (docs/gateway.md)
+    sandbox.nodes = args.nodes
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
@@ -358,7 +337,7 @@ async def _main(args: argparse.Namespace) -> int:
         signals += 1
         if signals > 1:  # a second Ctrl-C: no more grace
             say("Killing everything now")
-            _kill_children(sandbox.network)
+            _kill_children(sandbox.node)
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -366,7 +345,7 @@ async def _main(args: argparse.Namespace) -> int:
     runner = asyncio.create_task(sandbox.run(stop))
     try:
         return await runner
-    except (SandboxError, NetworkError, BinariesMissing, HelmError) as exc:
+    except (SandboxError, NetworkError, BinariesMissing, HelmError, KitMissing, NodesError) as exc:
         print(f"llama-operator sandbox: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a port taken, a full disk: the reason, not a traceback
@@ -374,7 +353,7 @@ async def _main(args: argparse.Namespace) -> int:
         return 1
 
 
-def _kill_children(network: PodNetwork | None) -> None:
+def _kill_children(node: ProcessNode | RealNodeSet | None) -> None:
     """SIGKILL every process group this process started (children run in sessions of their own), then remove
     the pod network."""
     with contextlib.suppress(OSError):
@@ -385,9 +364,9 @@ def _kill_children(network: PodNetwork | None) -> None:
                 fields = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()
                 if int(fields[1]) == os.getpid():  # ppid
                     os.killpg(int(pid_dir.name), signal.SIGKILL)
-    if network is not None:
+    if node is not None:
         with contextlib.suppress(Exception):
-            network.teardown()
+            node.emergency_stop()
     os._exit(130)
 
 

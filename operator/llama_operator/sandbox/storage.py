@@ -1,9 +1,12 @@
 """The sandbox's storage: the StorageClass `sandbox-local` (the default class) and a small external provisioner
 for it.
 
-A PersistentVolumeClaim of that class gets a hostPath PersistentVolume on `<state>/pvc/<namespace>/<claim>`,
-which the real PV controller binds. A released volume's PV object is deleted; its directory is kept, so a claim
-of the same name (next run, or re-created) finds its files.
+A PersistentVolumeClaim of that class waits for its first pod (WaitForFirstConsumer, as every node-local class
+does): once the scheduler has picked a node for that pod, the claim gets a hostPath PersistentVolume on
+`<state>/pvc/<node>/<namespace>/<claim>` with node affinity to that node, which the real PV controller binds. So a
+ReadWriteOnce claim pins every pod that mounts it to one node, as on a cluster with local disks. The directory is
+mode 0777 (hostPath volumes get no fsGroup, and the pods run as 65532). A released volume's PV object is deleted;
+its directory is kept, so a claim of the same name on the same node (next run, or re-created) finds its files.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ log = logging.getLogger("llama_operator.sandbox")
 
 STORAGE_CLASS = "sandbox-local"
 PROVISIONER = "sandbox.llamacpp.dev/local-path"
+SELECTED_NODE = "volume.kubernetes.io/selected-node"
+"""Set on a claim by the scheduler once it has picked the node of the claim's first pod."""
 
 
 class LocalPathProvisioner:
@@ -39,7 +44,7 @@ class LocalPathProvisioner:
                 "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
                 "metadata": {"name": STORAGE_CLASS,
                              "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
-                "provisioner": PROVISIONER, "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate"})
+                "provisioner": PROVISIONER, "reclaimPolicy": "Delete", "volumeBindingMode": "WaitForFirstConsumer"})
         except ApiError as exc:
             if exc.status != 409:
                 raise
@@ -67,10 +72,13 @@ class LocalPathProvisioner:
             annotations = meta.get("annotations") or {}
             wanted = PROVISIONER in (annotations.get("volume.kubernetes.io/storage-provisioner"),
                                      annotations.get("volume.beta.kubernetes.io/storage-provisioner"))
-            if not wanted or spec.get("volumeName") or meta["uid"] in provisioned or meta.get("deletionTimestamp"):
+            node = annotations.get(SELECTED_NODE)
+            if not wanted or not node or spec.get("volumeName") or meta["uid"] in provisioned \
+                    or meta.get("deletionTimestamp"):
                 continue
-            directory = self.root / meta["namespace"] / meta["name"]
+            directory = self.root / node / meta["namespace"] / meta["name"]
             directory.mkdir(parents=True, exist_ok=True)
+            directory.chmod(0o777)  # hostPath volumes get no fsGroup; pods run as 65532
             storage = ((spec.get("resources") or {}).get("requests") or {}).get("storage", "1Gi")
             name = f"pvc-{meta['uid']}"
             with contextlib.suppress(ApiError):
@@ -83,7 +91,9 @@ class LocalPathProvisioner:
                              "volumeMode": spec.get("volumeMode") or "Filesystem",
                              "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                                           "namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]},
-                             "hostPath": {"path": str(directory), "type": "DirectoryOrCreate"}}})
+                             "hostPath": {"path": str(directory), "type": "DirectoryOrCreate"},
+                             "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                                 {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}}}})
                 log.info("Provisioned PersistentVolume %s for claim %s/%s at %s", name, meta["namespace"],
                          meta["name"], directory)
         for volume in self.volumes.values():

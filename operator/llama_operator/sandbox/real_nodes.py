@@ -1,0 +1,111 @@
+"""The sandbox on real nodes (`--nodes N`, the default): N kubelets with containerd each, kube-proxy, CoreDNS and a
+local registry holding the images built from this repo (llama_operator.nodes, `make node-kit`, `make images`).
+
+Pods are containers: the operator runs from the Dockerfile's image as 65532 on a read-only root filesystem,
+llama-server from a llama.cpp-layout image of the pinned build; limits are cgroups, Services are ClusterIPs, names
+resolve through CoreDNS. The sandbox adds only what a cluster's storage would: the local-path provisioner
+(storage.py), and the host ports of Services (proxy.py) so a browser or curl on this machine reaches them.
+Pods reach this machine at `host_address` (not its loopback): a model mirror for pods listens there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from ..controlplane import ControlPlane
+from ..nodes.cluster import RealNodes
+from ..nodes.kit import cache_root, find_kit
+from ..nodes.processes import NodesError
+from .client import Api
+from .storage import LocalPathProvisioner
+
+OPERATOR_IMAGE, LLAMA_SERVER_IMAGE = "operator", "llama-server"
+IMAGES_ENV = "LLAMA_OPERATOR_IMAGES_DIR"
+
+
+def find_images(directory: str | None = None) -> Path:
+    """The images built from this checkout: `directory`, else $LLAMA_OPERATOR_IMAGES_DIR, else the newest
+    `make images` build in the cache."""
+    chosen = directory or os.environ.get(IMAGES_ENV)
+    if not chosen:
+        builds = [p for p in cache_root().glob("images-*") if (p / "images.json").is_file()]
+        newest = max(builds, key=lambda p: p.stat().st_mtime, default=None)
+        if newest is None:
+            raise NodesError(f"no images: ${IMAGES_ENV} is not set and {cache_root()} holds no `make images` "
+                             "build; `make images` builds them (or run the sandbox with --nodes process)")
+        return newest
+    if not (Path(chosen) / "images.json").is_file():
+        raise NodesError(f"{chosen} has no images.json: `make images` builds the images")
+    return Path(chosen)
+
+
+def chart_values(refs: dict[str, str]) -> dict[str, Any]:
+    """The chart values that make the operator and llama-server run from the registry's images."""
+    repository, _, tag = refs[OPERATOR_IMAGE].rpartition(":")
+    return {"image": {"repository": repository, "tag": tag},
+            "llamaServerImages": {"cpu": refs[LLAMA_SERVER_IMAGE]}}
+
+
+class RealNodeSet:
+    """prepare() (host side, before the control plane) -> start(cluster, admin) -> runners() ... shutdown() ->
+    close() (safe after a partial start)."""
+
+    def __init__(self, state_dir: Path, count: int, *, kit_dir: str | None = None,
+                 images_dir: str | None = None) -> None:
+        self.state_dir = state_dir
+        self.nodes = RealNodes(state_dir / "nodes", find_kit(kit_dir), count=count,
+                               images_dir=find_images(images_dir))
+        self.provisioner: LocalPathProvisioner | None = None
+
+    @property
+    def address(self) -> str:
+        """The API server listens on the host address: pods reach it through the `kubernetes` Service."""
+        return self.nodes.host_address
+
+    @property
+    def serving_ips(self) -> list[str]:
+        return []
+
+    @property
+    def host_address(self) -> str:
+        return self.nodes.host_address
+
+    def describe(self) -> str:
+        names = ", ".join(self.nodes.node_names)
+        timings = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in self.nodes.timings.items())
+        return (f"Nodes {names}: kubelet + containerd each, kube-proxy, CoreDNS; images from the registry "
+                f"{self.registry}; pods reach this machine at {self.host_address} ({timings})")
+
+    @property
+    def registry(self) -> str:
+        return self.nodes.registry.host if self.nodes.registry is not None else ""
+
+    async def prepare(self) -> None:
+        await asyncio.to_thread(self.nodes.prepare)
+
+    async def start(self, cluster: ControlPlane, admin: Api) -> dict[str, Any]:
+        await asyncio.to_thread(self.nodes.start, cluster)
+        (self.state_dir / "nodes.json").write_text(json.dumps({
+            "hostAddress": self.host_address, "registry": self.registry, "nodes": self.nodes.node_names,
+            "images": self.nodes.image_refs}, indent=2) + "\n")
+        self.provisioner = LocalPathProvisioner(admin, self.state_dir)
+        await self.provisioner.install()
+        return chart_values(self.nodes.image_refs)
+
+    def runners(self) -> dict[str, Coroutine[Any, Any, None]]:
+        assert self.provisioner is not None
+        return {"provisioner": self.provisioner.run()}
+
+    async def shutdown(self) -> None:
+        """The nodes stop their pods themselves (close)."""
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.nodes.stop)
+
+    def emergency_stop(self) -> None:
+        self.nodes.stop()
