@@ -75,8 +75,10 @@ def find_kit(directory: str | os.PathLike[str] | None = None) -> NodeKit:
     if missing:
         raise KitMissing(f"node kit {kit_dir} lacks {', '.join(missing)}; {HOW}")
     try:
-        versions = {str(k): str(v) for k, v in json.loads((kit_dir / "versions.json").read_text()).items()}
-    except (OSError, ValueError) as exc:
+        # {"kubernetes": ..., "parts": {"kubelet": "v1.35.4", "containerd": "v2.2.9", ...}, "debian_packages": [...]}
+        parts = json.loads((kit_dir / "versions.json").read_text())["parts"]
+        versions = {str(k): str(v) for k, v in parts.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise KitMissing(f"node kit {kit_dir} has no readable versions.json ({exc}); {HOW}") from None
     tools: dict[str, Path] = {}
     for tool, package in HOST_TOOLS.items():
