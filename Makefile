@@ -93,7 +93,7 @@ HELM_BIN = $(if $(HELM),$(HELM),$$(PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)
 IMAGE_REPO ?= ghcr.io/llama-operator/llama-operator
 IMAGE_TAG ?= dev
 
-.PHONY: chart-crds chart-lint image kind-up kind-deploy kind-e2e kind-down
+.PHONY: chart-crds chart-lint image images kind-up kind-deploy kind-e2e kind-down
 
 # Copies crds/ into the chart (byte for byte; tests/unit/test_chart_values.py fails when they differ).
 # Run it after `make crds`.
@@ -109,6 +109,13 @@ image:
 	@command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 || \
 	  { echo "make image needs Docker: no Docker engine answers 'docker info'." >&2; exit 2; }
 	docker build -t $(IMAGE_REPO):$(IMAGE_TAG) .
+
+# Without Docker (as root; buildah, mmdebstrap, skopeo): every image the real nodes run, as OCI archives with an
+# images.json, cached outside the repo per image by content (the operator from this Dockerfile on a Debian base,
+# llama-server from the pinned build, an openai client, pause and CoreDNS from the node kit); prints their
+# directory (scripts/build-images.sh, docs/images.md).
+images: venv
+	@$(WITH_LLAMA_SERVER) && $(WITH_NODE_KIT) && PYTHON=$(PY) scripts/build-images.sh
 
 # kind targets: scripts/kind-e2e.sh stops at once with a clear message where Docker/kind/kubectl are missing.
 kind-up:
