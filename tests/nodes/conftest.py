@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     mark_tier(items, Path(__file__).parent, "e2e")
 
 
-def _missing(message: str) -> None:
+def skip_or_fail(message: str) -> None:
     if in_ci():
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
@@ -55,7 +55,7 @@ def find_images() -> Path:
         lines = proc.stdout.strip().splitlines()
         if proc.returncode == 0 and lines:
             return Path(lines[-1])
-    _missing(f"needs the images: ${IMAGES_ENV} is not set and `make images` has not built them")
+    skip_or_fail(f"needs the images: ${IMAGES_ENV} is not set and `make images` has not built them")
     raise AssertionError("unreachable")
 
 
@@ -113,7 +113,7 @@ def real_cluster(host_before: HostSnapshot, tmp_path_factory: pytest.TempPathFac
     try:
         kit = find_kit()
     except KitMissing as exc:
-        _missing(f"needs the node kit: {exc}")
+        skip_or_fail(f"needs the node kit: {exc}")
     images = find_images()
     binaries = find_binaries(require(CONTROL_PLANE))
     state = tmp_path_factory.mktemp("real-nodes")

@@ -28,6 +28,9 @@ DISABLED_PLUGINS = (
     "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing",
 )
 CNI_NETWORK = "llama-nodes"
+# In the node's own /run/containerd (a private bind mount): a socket path in a deep state directory would pass
+# the 104-byte limit of unix socket paths. The kubelet shares the namespace; the host reaches it via nsenter.
+SOCKET = "/run/containerd/containerd.sock"
 
 
 def _toml(value: Any) -> str:
@@ -58,8 +61,8 @@ def containerd_config(node_dir: Path, *, runc: Path, cni_bin_dir: Path, sandbox_
         "imports = []",  # never the host's /etc/containerd/conf.d
     ])
     tables = [
-        _table("grpc", {"address": state / "containerd.sock"}),
-        _table("ttrpc", {"address": state / "containerd.sock.ttrpc"}),
+        _table("grpc", {"address": SOCKET}),
+        _table("ttrpc", {"address": f"{SOCKET}.ttrpc"}),
         _table("plugins.'io.containerd.internal.v1.opt'", {"path": state / "opt"}),
         _table(images, {"snapshotter": "overlayfs"}),
         _table(f"{images}.pinned_images", {"sandbox": sandbox_image}),
@@ -117,26 +120,22 @@ def write_files(node_dir: Path, index: int, *, runc: Path, cni_bin_dir: Path, sa
     return config
 
 
-def socket(node_dir: Path) -> Path:
-    return node_dir / "containerd" / "containerd.sock"
-
-
-def wait_ready(process: Process, ctr: Path, node_dir: Path, timeout: float = 30.0) -> None:
-    """Until `ctr version` answers on the node's socket; a NodesError with containerd's log if it exits first."""
+def wait_ready(process: Process, ctr: list[str], timeout: float = 30.0) -> None:
+    """Until `ctr version` answers (`ctr`: its argv prefix, in the node's namespace); a NodesError with
+    containerd's log if it exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not process.running():
             raise process.error("exited during start-up")
-        if socket(node_dir).exists() and run([ctr, "--address", socket(node_dir), "version"],
-                                             check=False, timeout=10).returncode == 0:
+        if run([*ctr, "version"], check=False, timeout=10).returncode == 0:
             return
         time.sleep(0.1)
-    raise process.error(f"did not answer on {socket(node_dir)} within {timeout:.0f} s")
+    raise process.error(f"did not answer on {SOCKET} within {timeout:.0f} s")
 
 
-def remove_all_containers(ctr: Path, node_dir: Path) -> None:
+def remove_all_containers(ctr: list[str]) -> None:
     """Kill and delete every task and container of the node (namespace k8s.io), so no shim outlives containerd."""
-    base = [str(ctr), "--address", str(socket(node_dir)), "--namespace", "k8s.io"]
+    base = [*ctr, "--namespace", "k8s.io"]
     tasks = run([*base, "tasks", "list", "--quiet"], check=False, timeout=30).stdout.split()
     for task in tasks:
         run([*base, "tasks", "kill", "--signal", "SIGKILL", task], check=False, timeout=30)

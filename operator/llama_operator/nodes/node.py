@@ -57,9 +57,9 @@ class Node:
         self.containerd = Process(f"{self.name}/containerd",
                                   self._in_namespace([str(self.kit.binary("containerd")), "--config", str(config)]),
                                   self.logs / "containerd.log", env).start()
-        containerd.wait_ready(self.containerd, self.kit.binary("ctr"), self.state_dir)
+        containerd.wait_ready(self.containerd, self.ctr)
         kubelet_config = kubelet.write_files(cluster, name=self.name, index=self.index, address=self.address,
-                                             node_dir=self.state_dir, runtime_socket=containerd.socket(self.state_dir))
+                                             node_dir=self.state_dir, runtime_socket=Path(containerd.SOCKET))
         argv = kubelet.kubelet_argv(self.kit.binary("kubelet"), name=self.name, address=self.address,
                                     node_dir=self.state_dir, config=kubelet_config)
         self.kubelet = Process(f"{self.name}/kubelet", self._in_namespace(argv), self.logs / "kubelet.log",
@@ -88,6 +88,11 @@ class Node:
             time.sleep(0.02)
         raise self.holder.error(f"mount namespace not ready after {timeout:.0f} s")
 
+    @property
+    def ctr(self) -> list[str]:
+        """`ctr` on this node's containerd, in its namespace (where its socket is)."""
+        return self._in_namespace([str(self.kit.binary("ctr")), "--address", containerd.SOCKET])
+
     def _in_namespace(self, argv: list[str]) -> list[str]:
         return [str(self.kit.tool("nsenter")), f"--target={self.holder.pid if self.holder else 0}", "--mount", "--",
                 *argv]
@@ -105,7 +110,7 @@ class Node:
             self.kubelet.stop(grace=5)
         if self.containerd is not None:
             if self.containerd.running():
-                containerd.remove_all_containers(self.kit.binary("ctr"), self.state_dir)
+                containerd.remove_all_containers(self.ctr)
             self.containerd.stop(grace=10)
         if self.holder is not None:
             self.holder.stop(grace=2)
