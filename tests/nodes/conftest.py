@@ -1,10 +1,11 @@
-"""The real-node tests (marked `e2e`: root and the control plane; tests/tiers.py) and their cluster: two real nodes
-(llama_operator.nodes.RealNodes: containerd + kubelet each, one kube-proxy, CoreDNS, a local registry holding the
-images scripts/build-images.sh built) around the product's ControlPlane, started once per module.
+"""The real-node tests (marked `e2e` and `nodes`: root, the control plane, the node kit, the images; tests/tiers.py)
+and their cluster: two real nodes (llama_operator.nodes.RealNodes: containerd + kubelet each, one kube-proxy,
+CoreDNS, a local registry holding the images scripts/build-images.sh built) around the product's ControlPlane,
+started once per module.
 
 The node kit (`make node-kit`, $LLAMA_OPERATOR_NODE_KIT_DIR) and the images (`make images`,
-$LLAMA_OPERATOR_IMAGES_DIR) are found, never built here: without them the tests skip, saying which is missing
-(in CI they fail).
+$LLAMA_OPERATOR_IMAGES_DIR) are found by tests/tiers.py, never built here: without them the tests skip, saying
+which is missing (in CI they fail).
 
 Fixtures:
 - `host_before` (module) -> HostSnapshot of the host before the cluster: interfaces, iptables chains, cgroups,
@@ -27,36 +28,24 @@ from pathlib import Path
 import pytest
 
 from llama_operator.controlplane import ControlPlane, find_binaries
-from llama_operator.nodes import KitMissing, RealNodes, find_kit
+from llama_operator.nodes import NodeKit, RealNodes, find_kit
 from llama_operator.nodes.host import MOUNT_POINTS, cgroup_hierarchies, chains, read_sysctls
-from tests.tiers import CONTROL_PLANE, REPO, in_ci, mark_tier, require
-
-IMAGES_ENV = "LLAMA_OPERATOR_IMAGES_DIR"
+from tests.tiers import CONTROL_PLANE, IMAGES, NODE_KIT, mark_tier, require
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     mark_tier(items, Path(__file__).parent, "e2e")
-
-
-def skip_or_fail(message: str) -> None:
-    if in_ci():
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+    mark_tier(items, Path(__file__).parent, "nodes")
 
 
 def find_images() -> Path:
-    """$LLAMA_OPERATOR_IMAGES_DIR, else what scripts/build-images.sh built before (`--cached`)."""
-    if os.environ.get(IMAGES_ENV):
-        return Path(os.environ[IMAGES_ENV])
-    script = REPO / "scripts" / "build-images.sh"
-    if script.exists():
-        proc = subprocess.run([str(script), "--cached"], capture_output=True, text=True, timeout=120)
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode == 0 and lines:
-            return Path(lines[-1])
-    skip_or_fail(f"needs the images: ${IMAGES_ENV} is not set and `make images` has not built them")
-    raise AssertionError("unreachable")
+    """The images' directory (tests/tiers.py found it before the test ran, or skipped it)."""
+    return Path(require(IMAGES))
+
+
+def find_node_kit() -> NodeKit:
+    return find_kit(require(NODE_KIT))
 
 
 @dataclass(frozen=True)
@@ -110,10 +99,7 @@ class RealCluster:
 
 @pytest.fixture(scope="module")
 def real_cluster(host_before: HostSnapshot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
-    try:
-        kit = find_kit()
-    except KitMissing as exc:
-        skip_or_fail(f"needs the node kit: {exc}")
+    kit = find_node_kit()
     images = find_images()
     binaries = find_binaries(require(CONTROL_PLANE))
     state = tmp_path_factory.mktemp("real-nodes")

@@ -7,16 +7,13 @@ from pathlib import Path
 import pytest
 
 from llama_operator.controlplane import ControlPlane, find_binaries
-from llama_operator.nodes import KitMissing, NodesError, RealNodes, find_kit
-from tests.nodes.conftest import HostSnapshot, find_images, skip_or_fail
+from llama_operator.nodes import NodesError, RealNodes
+from tests.nodes.conftest import HostSnapshot, find_images, find_node_kit
 from tests.tiers import CONTROL_PLANE, require
 
 
 def test_a_failed_start_stops_everything_and_restores_the_host(tmp_path: Path) -> None:
-    try:
-        kit = find_kit()
-    except KitMissing as exc:
-        skip_or_fail(f"needs the node kit: {exc}")
+    kit = find_node_kit()
     before = HostSnapshot.take()
     nodes = RealNodes(tmp_path / "nodes", kit, count=2, images_dir=find_images())
     nodes.prepare()
