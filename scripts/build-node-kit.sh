@@ -111,11 +111,12 @@ cat >"$tmp/versions.json" <<JSON
   "debian_packages": [$(for e in $DEBIAN_TOOLS; do echo "${e%%:*}"; done | uniq | sed 's/.*/"&"/' | paste -sd, | sed 's/,/, /g')]
 }
 JSON
-for c in kubelet kube-proxy containerd ctr pause; do "$tmp/$c" --version >&2; done
-"$tmp/containerd-shim-runc-v2" -v | head -1 >&2
-"$tmp/coredns" -version | head -1 >&2
-"$tmp/registry" --version >&2
-"$tmp/kube-router" --version 2>&1 | head -1 >&2
+# Each part runs and says its version (a whole output is read: `| head -1` would end the build on SIGPIPE).
+first_line() { local out; out=$("$@" 2>&1); out=${out//$tmp\//}; echo "  ${out%%$'\n'*}" >&2; }
+for c in kubelet kube-proxy containerd ctr pause registry kube-router; do first_line "$tmp/$c" --version; done
+first_line "$tmp/coredns" -version
+shim=$("$tmp/containerd-shim-runc-v2" -v)
+[[ $shim =~ Version:\ *([^[:space:]]+) ]] && echo "  containerd-shim-runc-v2 ${BASH_REMATCH[1]}" >&2
 mkdir -p "$CACHE_ROOT"
 # rename makes the cache entry appear only once it is complete
 mv -T "$tmp" "$DEST" 2>/dev/null || rm -rf "$tmp"

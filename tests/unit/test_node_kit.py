@@ -22,7 +22,8 @@ MISSING_PACKAGES = "Debian packages that are missing"
 COMMANDS = ["containerd", "containerd-shim-runc-v2", "ctr", "pause", "kubelet", "kube-proxy", "coredns", "registry",
             "kube-router"]
 
-# Stand-ins for `go` and `cc`: each logs its call and writes an executable that answers any flag with its name.
+# Stand-ins for `go` and `cc`: each logs its call and writes an executable that answers any flag with its name
+# and a long tail (the script must read a whole --version output: a closed pipe would stop it).
 FAKE_TOOL = r"""#!/bin/sh
 echo "$(basename "$0") CGO_ENABLED=$CGO_ENABLED PWD=$PWD $*" >>"$FAKE_LOG"
 out=""; prev=""
@@ -31,7 +32,8 @@ if [ -z "$out" ]; then
   for a in "$@"; do pkg=$a; done
   name=${pkg%@*}; out="$GOBIN/${name##*/}"
 fi
-printf '#!/bin/sh\necho "%s 0.0-fake"\n' "$(basename "$out")" >"$out" && chmod +x "$out"
+printf '#!/bin/sh\necho "%s 0.0-fake"\necho "  Version: 0.0-fake"\nseq 100000\n' "$(basename "$out")" >"$out"
+chmod +x "$out"
 """
 
 
@@ -91,6 +93,7 @@ def test_a_build_with_stand_in_compilers_fills_one_cache_entry(tmp_path: Path) -
     assert "-static" in calls[3]
     timings = [line.split()[0] for line in proc.stderr.splitlines() if re.fullmatch(r"  \S+ built in \d+ s", line)]
     assert timings == COMMANDS, "one timing line per part"
+    assert all(f"  {c} 0.0-fake" in proc.stderr.splitlines() for c in COMMANDS), "each part says its version"
 
     again = _run("--cached", cache=cache)
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == str(kit)
