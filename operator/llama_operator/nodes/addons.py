@@ -13,7 +13,7 @@ from typing import Any
 
 from .kubeapi import AdminApi
 from .kubelet import CLUSTER_DNS, CLUSTER_DOMAIN
-from .processes import NodesError
+from .processes import NodesError, run
 
 NAMESPACE = "kube-system"
 NAME = "coredns"
@@ -86,13 +86,14 @@ def coredns_objects(image: str) -> list[dict[str, Any]]:
 
 
 def install(api: AdminApi, image: str, timeout: float = 60.0) -> None:
-    """Apply the objects; return once the Deployment has a ready replica (NodesError with its pods' state if not)."""
+    """Apply the objects; return once the Deployment has a ready replica and kube-proxy routes the kube-dns
+    Service to it (NodesError with its pods' state if not)."""
     for obj in coredns_objects(image):
         api.apply(obj)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         deployment = api.get(f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{NAME}") or {}
-        if (deployment.get("status") or {}).get("readyReplicas"):
+        if (deployment.get("status") or {}).get("readyReplicas") and _routed(CLUSTER_DNS):
             return
         time.sleep(0.2)
     pods = api.get(f"/api/v1/namespaces/{NAMESPACE}/pods?labelSelector=k8s-app%3Dkube-dns") or {}
@@ -100,3 +101,9 @@ def install(api: AdminApi, image: str, timeout: float = 60.0) -> None:
                [c.get("state") for c in p.get("status", {}).get("containerStatuses", [])])
               for p in pods.get("items", [])]
     raise NodesError(f"CoreDNS not ready after {timeout:.0f} s: {states}")
+
+
+def _routed(cluster_ip: str) -> bool:
+    """kube-proxy has a rule sending `cluster_ip` to its endpoints (a Service without ready ones has none)."""
+    rules = run(["iptables", "-w", "-t", "nat", "-S", "KUBE-SERVICES"], check=False).stdout
+    return any(f"-d {cluster_ip}/32" in line and "-j KUBE-SVC-" in line for line in rules.splitlines())
