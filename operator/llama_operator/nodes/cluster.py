@@ -78,12 +78,14 @@ class RealNodes:
             for index, name in enumerate(self.node_names, start=1):
                 node = Node(name, index, self.state_dir / name, self.kit)
                 self.nodes.append(node)
-                node.start(cluster, sandbox_image=sandbox_image, registry=self.registry.host if self.registry else "")
+                node.start(cluster, sandbox_image=sandbox_image, registry=self.registry.host if self.registry else "",
+                           on_namespace=self.host.add_namespace)
             api = AdminApi(cluster)
             self._wait_nodes_ready(api, timeout)
             self.timings["nodes ready"] = time.monotonic() - mark
             self.proxy = proxy.start(cluster, self.kit.binary("kube-proxy"), self.state_dir,
                                      hostname=self.nodes[0].name, address=self.nodes[0].address)
+            self.host.add_process(self.proxy.pid or 0)
             mark = time.monotonic()
             if "coredns" in self.image_refs:
                 addons.install(api, self.image_refs["coredns"], timeout)
@@ -99,6 +101,8 @@ class RealNodes:
         mark = time.monotonic()
         self.registry = Registry(self.kit.binary("registry"), self.state_dir / "registry", self.kit.tool("skopeo"))
         self.registry.start()
+        if self.registry.process is not None:
+            self.host.add_process(self.registry.process.pid or 0)
         self.image_refs = self.registry.push(self.images_dir)
         self.timings["registry + push"] = time.monotonic() - mark
 

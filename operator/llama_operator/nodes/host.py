@@ -10,10 +10,14 @@ exact restore of all of it.
 - cgroup roots `/<node>` in every v1 hierarchy, cpuset.cpus/mems copied from the root (the kubelet's cgroupRoot).
 - the mount points the nodes' private bind mounts need (/var/lib/kubelet ...), created only if absent.
 
-`restore()` puts back what `prepare()` found, in order: leftover mounts, iptables chains the run added (KUBE-*,
-CNI-*; v4 and v6), sysctls (the kubelet sets kernel.panic, kernel.panic_on_oops, vm.overcommit_memory ...),
-interfaces (their routes go with them), cgroups depth-first (killing anything left in them), mount points. What it
-found is also written to `host.json` in the state directory, so a later process can restore after a crash.
+`restore()` puts back what `prepare()` found, in order: processes left in the nodes' mount namespaces (after a
+crash: shims, containers), leftover mounts, iptables chains the run added (KUBE-*, CNI-*; v4 and v6), sysctls (the
+kubelet sets kernel.panic, kernel.panic_on_oops, vm.overcommit_memory ...), interfaces (their routes go with
+them), cgroups depth-first (killing anything left in them), mount points.
+
+What it found, the owner's pid and the nodes' mount namespaces are recorded in RECORD (/run: gone at reboot, as
+is all of the above). A `prepare()` that finds the record of a dead owner (a harness killed by SIGKILL, whose
+state directory may be gone too) restores from it first; a live owner means another cluster runs: refused.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..controlplane.cluster import SERVICE_CIDR
-from .processes import NodesError, run
+from .processes import NodesError, kill_namespace, run
 
 HOST_ADDRESS = "10.244.0.1"
 POD_RANGE = "10.244.0.0/16"
@@ -40,7 +44,7 @@ SYSCTLS = ("net.ipv4.ip_forward", "kernel.panic", "kernel.panic_on_oops", "vm.ov
            "net.ipv4.conf.all.route_localnet", "net.bridge.bridge-nf-call-iptables")
 # Paths the kubelet and containerd hard-code; each node bind-mounts its own directory over them, privately.
 MOUNT_POINTS = ("/var/lib/kubelet", "/var/log/containers", "/run/containerd", "/var/lib/cni")
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+RECORD = Path("/run/llama-operator-nodes.json")
 
 
 def bridge_name(index: int) -> str:
@@ -104,27 +108,28 @@ class Host:
     nodes: list[str]
     found: dict[str, object] = field(default_factory=dict)
 
-    @property
-    def record(self) -> Path:
-        return self.state_dir / "host.json"
-
     def interfaces(self) -> list[str]:
         return [HOST_INTERFACE] + [bridge_name(i + 1) for i in range(len(self.nodes))]
 
     def prepare(self) -> None:
-        """Refuses (NodesError) when an interface of ours exists: another real-node cluster is running."""
+        """Refuses (NodesError) when another real-node cluster runs on this machine; restores first what a dead
+        one left."""
+        _restore_dead_owner()
         for name in self.interfaces():
             if Path(f"/sys/class/net/{name}").exists():
                 raise NodesError(f"interface {name} already exists: another real-node cluster runs on this machine "
                                  f"(stop it, or remove what it left with `ip link delete {name}`)")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.found = {
+            "pid": os.getpid(),
+            "state_dir": str(self.state_dir),
+            "nodes": self.nodes,
+            "namespaces": [],
             "sysctls": read_sysctls(),
             "chains": {binary: chains(binary) for binary in ("iptables", "ip6tables")},
             "mount_points": [p for p in MOUNT_POINTS if not Path(p).exists()],
-            "nodes": self.nodes,
         }
-        self.record.write_text(json.dumps(self.found, indent=1))
+        self._write_record()
         try:
             self._make_interfaces()
             _write_sysctl("net.ipv4.ip_forward", "1")
@@ -135,6 +140,23 @@ class Host:
         except BaseException:
             self.restore()
             raise
+
+    def add_namespace(self, namespace: str) -> None:
+        """A node's mount namespace ("mnt:[...]"): restore kills whatever a crash left in it."""
+        self.found.setdefault("namespaces", []).append(namespace)  # type: ignore[attr-defined]
+        self._write_record()
+
+    def add_process(self, pid: int) -> None:
+        """A process outside the nodes' namespaces (kube-proxy, the registry): restore kills it if a crash left it
+        running (the same executable at the same pid)."""
+        with contextlib.suppress(OSError):
+            self.found.setdefault("processes", []).append([pid, os.readlink(f"/proc/{pid}/exe")])  # type: ignore
+            self._write_record()
+
+    def _write_record(self) -> None:
+        tmp = RECORD.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.found, indent=1))
+        tmp.replace(RECORD)
 
     def _make_interfaces(self) -> None:
         for index, name in enumerate(self.interfaces()):
@@ -148,11 +170,18 @@ class Host:
     def restore(self) -> list[str]:
         """Put the host back as `prepare` found it; safe to call twice. Returns what could not be undone (empty
         when all went back)."""
-        if not self.found and self.record.exists():
-            self.found = json.loads(self.record.read_text())
         if not self.found:
             return []
         problems: list[str] = []
+        for pid, exe in list(self.found.get("processes", [])):  # type: ignore[call-overload]
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/exe") == exe:
+                    os.kill(pid, signal.SIGKILL)
+        for namespace in list(self.found.get("namespaces", [])):  # type: ignore[call-overload]
+            try:
+                kill_namespace(namespace)
+            except NodesError as exc:
+                problems.append(str(exc))
         for point in mounts_under([str(self.state_dir), *MOUNT_POINTS]):
             outcome = run(["umount", "--lazy", point], check=False)
             if outcome.returncode != 0:
@@ -175,9 +204,43 @@ class Host:
             with contextlib.suppress(OSError):
                 Path(point).rmdir()
         if not problems:
-            self.record.unlink(missing_ok=True)
+            if _read_record().get("pid") == self.found.get("pid"):
+                RECORD.unlink(missing_ok=True)
             self.found = {}
         return problems
+
+
+def _read_record() -> dict[str, object]:
+    try:
+        return dict(json.loads(RECORD.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _restore_dead_owner() -> None:
+    """What a real-node cluster whose process died left: restored, or a NodesError if its owner still runs."""
+    found = _read_record()
+    if not found:
+        return
+    owner = int(found.get("pid", 0))  # type: ignore[call-overload]
+    if owner == os.getpid() or _alive(owner):
+        raise NodesError(f"another real-node cluster runs on this machine (pid {owner}, state "
+                         f"{found.get('state_dir')}): stop it first")
+    host = Host(Path(str(found.get("state_dir"))), list(found.get("nodes", [])), found)  # type: ignore[call-overload]
+    problems = host.restore()
+    if problems:
+        raise NodesError(f"could not restore what the real-node cluster of pid {owner} (dead) left: "
+                         + "; ".join(problems))
 
 
 def _write_sysctl(name: str, value: str) -> None:

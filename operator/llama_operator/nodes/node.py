@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import containerd, kubelet
 from .host import MOUNT_POINTS, bridge_address
 from .kit import NodeKit
-from .processes import NodesError, Process, child_env
+from .processes import NodesError, Process, child_env, kill_namespace
 
 
 @dataclass
@@ -46,10 +46,13 @@ class Node:
     def logs(self) -> Path:
         return self.state_dir / "logs"
 
-    def start(self, cluster: kubelet.Issuer, *, sandbox_image: str, registry: str) -> None:
-        """Namespace, containerd (answering), kubelet (started; the caller waits for the Node to be Ready)."""
+    def start(self, cluster: kubelet.Issuer, *, sandbox_image: str, registry: str,
+              on_namespace: Callable[[str], None] = lambda namespace: None) -> None:
+        """Namespace (reported to `on_namespace` at once), containerd (answering), kubelet (started; the caller
+        waits for the Node to be Ready)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._enter_namespace()
+        on_namespace(self.namespace)
         env = child_env([self.kit.directory])
         config = containerd.write_files(self.state_dir, self.index, runc=self.kit.tool("runc"),
                                         cni_bin_dir=self.kit.cni_dir, sandbox_image=sandbox_image,
@@ -118,25 +121,3 @@ class Node:
             kill_namespace(self.namespace)
             self.namespace = ""
 
-
-def processes_in(namespace: str) -> list[int]:
-    """Pids whose mount namespace is `namespace` ("mnt:[...]")."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if os.readlink(entry / "ns" / "mnt") == namespace:
-                    pids.append(int(entry.name))
-    return pids
-
-
-def kill_namespace(namespace: str, timeout: float = 10.0) -> None:
-    """SIGKILL every process left in the mount namespace until none is (the namespace then goes)."""
-    deadline = time.monotonic() + timeout
-    while pids := processes_in(namespace):
-        if time.monotonic() > deadline:
-            raise NodesError(f"processes {pids} of mount namespace {namespace} outlived SIGKILL for {timeout:.0f} s")
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)

@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,3 +111,26 @@ class Process:
     def error(self, what: str) -> NodesError:
         """`what` (e.g. "exited during start-up") with this process's log tail."""
         return NodesError(f"{self.name} {what} (log {self.log_path}):\n{self.log_tail()}")
+
+
+def processes_in(namespace: str) -> list[int]:
+    """Pids whose mount namespace is `namespace` ("mnt:[...]")."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(entry / "ns" / "mnt") == namespace:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def kill_namespace(namespace: str, timeout: float = 10.0) -> None:
+    """SIGKILL every process left in the mount namespace until none is (the namespace then goes)."""
+    deadline = time.monotonic() + timeout
+    while pids := processes_in(namespace):
+        if time.monotonic() > deadline:
+            raise NodesError(f"processes {pids} of mount namespace {namespace} outlived SIGKILL for {timeout:.0f} s")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
