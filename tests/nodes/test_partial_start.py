@@ -3,9 +3,11 @@ machine is refused."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +77,8 @@ def test_a_killed_cluster_is_cleaned_up_by_the_next_prepare(tmp_path: Path) -> N
     finally:
         owner.kill()
         owner.wait()
+        # Its control plane got SIGTERM with it; the API server, its etcd gone, may hang in graceful shutdown.
+        kill_started_under(tmp_path / "owner")
     shutil.rmtree(tmp_path / "owner")
     nodes = RealNodes(tmp_path / "next", kit, count=1, images_dir=find_images())
     nodes.prepare()
@@ -89,3 +93,12 @@ def test_a_killed_cluster_is_cleaned_up_by_the_next_prepare(tmp_path: Path) -> N
     assert after.cgroups == before.cgroups
     assert after.sysctls == before.sysctls
     assert {c for c in after.chains if "KUBE-" in c} == {c for c in before.chains if "KUBE-" in c}
+
+
+def kill_started_under(directory: Path) -> None:
+    """SIGKILL the processes whose command line names `directory` (the killed owner's control plane)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if str(directory) in (entry / "cmdline").read_text():
+                    os.kill(int(entry.name), signal.SIGKILL)
