@@ -69,8 +69,11 @@ declare -A REF=(
 NAMES="base operator llama-server client pause coredns"
 
 # --- the builders (their own text is part of their cache key: `declare -f`) ----------------------------------------
-# buildah with a private storage (vfs: no overlay mounts left behind) that lives for one run.
-bah() { buildah --root "$work/storage" --runroot "$work/run" --storage-driver vfs "$@"; }
+# buildah with a private storage (vfs: no overlay mounts left behind), temp dir and containers.conf that live for
+# one run. The conf picks the CNI backend with its config in the run's dir: netavark (the default) makes
+# /etc/containers/networks and /run/containers/networks on the host even for --network host; CNI makes nothing.
+bah() { CONTAINERS_CONF="$work/containers.conf" TMPDIR="$work/tmp" buildah --root "$work/storage" \
+  --runroot "$work/run" --storage-driver vfs "$@"; }
 push() { bah push --quiet "localhost/$1" "oci-archive:$2:$1"; }
 # A TLS-inspecting proxy's CA is in the host's trust store, not in the image's: the build steps that reach PyPI
 # see the host's bundle through a read-only bind mount, which no layer keeps.
@@ -174,7 +177,7 @@ files() { (cd "$here" && find "$@" -type f ! -path '*/__pycache__/*' ! -name '*.
 common=$(declare -f bah push bud smoke load_base containerfile static | sha)
 declare -A KEY
 KEY[base]=$( { declare -f build_base; echo "$DEBIAN_SUITE $DEBIAN_MIRROR $DEBIAN_SECURITY_MIRROR $BASE_PACKAGES"
-  echo "$BASE_SERIAL ${REF[base]}"; declare -f bah push; } | sha)
+  echo "$BASE_SERIAL ${REF[base]}"; } | sha)
 # What the Dockerfile copies (.dockerignore: pyproject.toml, README.md, operator/ without caches and egg-info).
 KEY[operator]=$( { echo "${KEY[base]} $common ${REF[operator]}"; declare -f build_operator
   files Dockerfile .dockerignore pyproject.toml README.md operator; } | sha)
@@ -208,6 +211,9 @@ done
 start=$(date +%s)
 mkdir -p "$CACHE_ROOT"
 work=$(mktemp -d "$CACHE_ROOT/.images-work.XXXXXX")
+mkdir "$work/tmp" "$work/cni"  # no CNI plugin runs: every step has --network host
+printf '[network]\nnetwork_backend = "cni"\ncni_plugin_dirs = ["%s/cni"]\nnetwork_config_dir = "%s/networks"\n' \
+  "$work" "$work" >"$work/containers.conf"
 cleanup() { bah rm --all >/dev/null 2>&1 || true; rm -rf "$work" "$CACHE_ROOT"/image*-*.tmp.$$; }
 trap cleanup EXIT
 echo "building the images into $DEST (cold: about 4 minutes on 2 cores)" >&2
