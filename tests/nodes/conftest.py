@@ -9,8 +9,9 @@ which is missing (in CI they fail).
 
 Fixtures:
 - `host_before` (module) -> HostSnapshot of the host before the cluster: interfaces, iptables chains, cgroups,
-  mounts, sysctls; `HostSnapshot.take()` again after stop() must equal it.
-- `real_cluster` (module) -> RealCluster: `.nodes` (RealNodes), `.control_plane`, `.kubectl(*args)`,
+  mounts, sysctls, ipsets; `HostSnapshot.take()` again after stop() must equal it.
+- `real_cluster` (module) -> RealCluster (NetworkPolicies enforced on node-a): `.nodes` (RealNodes),
+  `.control_plane`, `.kubectl(*args)`,
   `.images` ({name: registry ref}), `.start_seconds`.
 - `namespace` -> a fresh namespace, deleted after the test.
 """
@@ -29,7 +30,7 @@ import pytest
 
 from llama_operator.controlplane import ControlPlane, find_binaries
 from llama_operator.nodes import NodeKit, RealNodes, find_kit
-from llama_operator.nodes.host import MOUNT_POINTS, cgroup_hierarchies, chains, read_sysctls
+from llama_operator.nodes.host import MOUNT_POINTS, cgroup_hierarchies, chains, ipsets, read_sysctls
 from tests.tiers import CONTROL_PLANE, IMAGES, NODE_KIT, mark_tier, require
 
 
@@ -57,6 +58,7 @@ class HostSnapshot:
     sysctls: tuple[tuple[str, str], ...]
     existing: frozenset[str]
     """Which of the nodes' mount points (/var/lib/kubelet ...) exist."""
+    ipsets: frozenset[str]
 
     @classmethod
     def take(cls) -> HostSnapshot:
@@ -68,7 +70,7 @@ class HostSnapshot:
         return cls(links=frozenset(os.listdir("/sys/class/net")), chains=frozenset(found_chains),
                    cgroups=frozenset(cgroups), mounts=frozenset(mounts),
                    sysctls=tuple(sorted(read_sysctls().items())),
-                   existing=frozenset(p for p in MOUNT_POINTS if Path(p).exists()))
+                   existing=frozenset(p for p in MOUNT_POINTS if Path(p).exists()), ipsets=frozenset(ipsets()))
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,7 @@ def real_cluster(host_before: HostSnapshot, tmp_path_factory: pytest.TempPathFac
     binaries = find_binaries(require(CONTROL_PLANE))
     state = tmp_path_factory.mktemp("real-nodes")
     begin = time.monotonic()
-    nodes = RealNodes(state / "nodes", kit, count=2, images_dir=images)
+    nodes = RealNodes(state / "nodes", kit, count=2, images_dir=images, network_policies=True)
     nodes.prepare()
     control_plane = ControlPlane(state / "control-plane", binaries, controllers=True, scheduler=True,
                                  address=nodes.host_address)

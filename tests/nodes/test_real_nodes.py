@@ -128,6 +128,34 @@ def test_memory_limit_ends_in_oom_kill(real_cluster: RealCluster, namespace: str
     assert (state["reason"], state["exitCode"]) == ("OOMKilled", 137), state
 
 
+def test_network_policy_enforced_on_the_first_node(real_cluster: RealCluster, namespace: str) -> None:
+    """kube-router's firewall guards node-a's pods (netpol.py says why only those): deny-all refuses everyone,
+    an allow rule lets exactly the selected client in, from the other node too."""
+    image = real_cluster.images["base"]
+    apply(real_cluster, namespace,
+          pod("server", image, ["python3", "-m", "http.server", "8080", "--directory", "/etc"], nodeName="node-a"),
+          pod("client", image, ["sleep", "3600"], nodeName="node-b"),
+          pod("other", image, ["sleep", "3600"], nodeName="node-a"))
+    real_cluster.kubectl("-n", namespace, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=60s")
+    server_ip = get(real_cluster, namespace, "pod", "server")["status"]["podIP"]
+
+    def reaches(source: str) -> bool:
+        code = f"import urllib.request; urllib.request.urlopen('http://{server_ip}:8080/hostname', timeout=3)"
+        return real_cluster.kubectl("-n", namespace, "exec", source, "--", "python3", "-c", code,
+                                    check=False).returncode == 0
+
+    assert reaches("client") and reaches("other")
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "server"},
+              "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"]}}
+    apply(real_cluster, namespace, policy)
+    wait_for(lambda: not reaches("client") and not reaches("other"), timeout=30, interval=0.5,
+             message="deny-all to take effect")
+    policy["spec"]["ingress"] = [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}]
+    apply(real_cluster, namespace, policy)
+    wait_for(lambda: reaches("client"), timeout=30, interval=0.5, message="the allow rule to take effect")
+    assert not reaches("other")
+
+
 def test_stop_leaves_the_host_as_it_was(real_cluster: RealCluster, host_before: HostSnapshot) -> None:
     """Last in the module: stops the shared cluster (the fixture's own stop is then a no-op)."""
     problems = real_cluster.nodes.stop()
@@ -146,4 +174,5 @@ def test_stop_leaves_the_host_as_it_was(real_cluster: RealCluster, host_before: 
     assert {m for m in after.mounts if m.startswith((state, *MOUNT_POINTS))} == \
         {m for m in host_before.mounts if m.startswith((state, *MOUNT_POINTS))}
     assert after.sysctls == host_before.sysctls
+    assert after.ipsets == host_before.ipsets
     assert not [p for p in MOUNT_POINTS if Path(p).exists() and p not in host_before.existing]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import addons, proxy
+from . import addons, netpol, proxy
 from .host import HOST_ADDRESS, Host
 from .kit import NodeKit
 from .kubeapi import AdminApi, ControlPlaneLike
@@ -45,6 +45,9 @@ class RealNodes:
     registry: Registry | None = None
     nodes: list[Node] = field(default_factory=list)
     proxy: Process | None = None
+    network_policies: bool = False
+    """Run kube-router's firewall (netpol.py): NetworkPolicies enforced for the pods of the first node only."""
+    firewall: Process | None = None
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
@@ -86,6 +89,10 @@ class RealNodes:
             self.proxy = proxy.start(cluster, self.kit.binary("kube-proxy"), self.state_dir,
                                      hostname=self.nodes[0].name, address=self.nodes[0].address)
             self.host.add_process(self.proxy.pid or 0)
+            if self.network_policies:
+                mark = time.monotonic()
+                self._start_firewall(cluster, api)
+                self.timings["firewall synced"] = time.monotonic() - mark
             mark = time.monotonic()
             if "coredns" in self.image_refs:
                 addons.install(api, self.image_refs["coredns"], timeout)
@@ -105,6 +112,19 @@ class RealNodes:
             self.host.add_process(self.registry.process.pid or 0)
         self.image_refs = self.registry.push(self.images_dir)
         self.timings["registry + push"] = time.monotonic() - mark
+
+    def _start_firewall(self, cluster: ClusterLike, api: AdminApi, timeout: float = 30.0) -> None:
+        if self.kit.kube_router is None:
+            raise NodesError(f"network_policies needs kube-router, which the node kit {self.kit.directory} lacks")
+        self.firewall = netpol.start(cluster, api, self.kit.kube_router, self.state_dir, node=self.nodes[0].name)
+        self.host.add_process(self.firewall.pid or 0)
+        deadline = time.monotonic() + timeout
+        while "sync iptables took" not in self.firewall.log_tail(200):  # its first full sync is done
+            if not self.firewall.running():
+                raise self.firewall.error("exited during start-up")
+            if time.monotonic() > deadline:
+                raise self.firewall.error(f"did not sync its rules within {timeout:.0f} s")
+            time.sleep(0.1)
 
     def _wait_nodes_ready(self, api: AdminApi, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -128,13 +148,16 @@ class RealNodes:
         for node in self.nodes:
             if problem := node.failed():
                 return problem
-        for process in (self.proxy, self.registry.process if self.registry else None):
+        for process in (self.proxy, self.firewall, self.registry.process if self.registry else None):
             if process is not None and process.popen is not None and not process.running():
                 return process.error("exited")
         return None
 
     def stop(self) -> list[str]:
         """Everything down and the host restored; returns what could not be undone (empty when all went)."""
+        if self.firewall is not None:
+            self.firewall.stop()
+            self.firewall = None
         if self.proxy is not None:
             self.proxy.stop()
             proxy.cleanup(self.kit.binary("kube-proxy"))

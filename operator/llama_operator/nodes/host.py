@@ -11,7 +11,8 @@ exact restore of all of it.
 - the mount points the nodes' private bind mounts need (/var/lib/kubelet ...), created only if absent.
 
 `restore()` puts back what `prepare()` found, in order: processes left in the nodes' mount namespaces (after a
-crash: shims, containers), leftover mounts, iptables chains the run added (KUBE-*, CNI-*; v4 and v6), sysctls (the
+crash: shims, containers), leftover mounts, iptables chains the run added (KUBE-*, CNI-*; v4 and v6) and then its
+ipsets, sysctls (the
 kubelet sets kernel.panic, kernel.panic_on_oops, vm.overcommit_memory ...), interfaces (their routes go with
 them), cgroups depth-first (killing anything left in them), mount points.
 
@@ -90,6 +91,11 @@ def chains(binary: str) -> dict[str, list[str]]:
     return found
 
 
+def ipsets() -> list[str]:
+    """Names of the ipsets (kube-router's NetworkPolicy firewall makes KUBE-SRC-*/KUBE-DST-* ...)."""
+    return run(["ipset", "list", "-n"], check=False).stdout.split()
+
+
 def mounts_under(prefixes: list[str]) -> list[str]:
     """Mount points in this (the host's) mount namespace at or below any of `prefixes`, deepest first."""
     points = []
@@ -127,6 +133,7 @@ class Host:
             "namespaces": [],
             "sysctls": read_sysctls(),
             "chains": {binary: chains(binary) for binary in ("iptables", "ip6tables")},
+            "ipsets": ipsets(),
             "mount_points": [p for p in MOUNT_POINTS if not Path(p).exists()],
         }
         self._write_record()
@@ -188,6 +195,10 @@ class Host:
                 problems.append(f"umount {point}: {outcome.stderr.strip()}")
         for binary, before in dict(self.found["chains"]).items():  # type: ignore[call-overload]
             problems += delete_new_chains(binary, before)
+        for name in set(ipsets()) - set(self.found.get("ipsets", [])):  # type: ignore[call-overload]
+            outcome = run(["ipset", "destroy", name], check=False)
+            if outcome.returncode != 0:
+                problems.append(f"ipset destroy {name}: {outcome.stderr.strip()}")
         for name, value in dict(self.found["sysctls"]).items():  # type: ignore[call-overload]
             try:
                 _write_sysctl(name, str(value))
