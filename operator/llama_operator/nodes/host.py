@@ -39,6 +39,7 @@ HOST_ADDRESS = "10.244.0.1"
 POD_RANGE = "10.244.0.0/16"
 HOST_INTERFACE = "llnodes0"
 CHAIN_PREFIXES = ("KUBE-", "CNI-")
+IPSET_PREFIXES = ("KUBE-", "kube-router-")
 TABLES = ("filter", "nat", "mangle", "raw")
 SYSCTLS = ("net.ipv4.ip_forward", "kernel.panic", "kernel.panic_on_oops", "vm.overcommit_memory",
            "vm.panic_on_oom", "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes",
@@ -195,7 +196,8 @@ class Host:
                 problems.append(f"umount {point}: {outcome.stderr.strip()}")
         for binary, before in dict(self.found["chains"]).items():  # type: ignore[call-overload]
             problems += delete_new_chains(binary, before)
-        for name in set(ipsets()) - set(self.found.get("ipsets", [])):  # type: ignore[call-overload]
+        before = set(self.found.get("ipsets", ipsets()))  # type: ignore[call-overload]
+        for name in {n for n in set(ipsets()) - before if n.startswith(IPSET_PREFIXES)}:
             outcome = run(["ipset", "destroy", name], check=False)
             if outcome.returncode != 0:
                 problems.append(f"ipset destroy {name}: {outcome.stderr.strip()}")
