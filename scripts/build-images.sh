@@ -216,7 +216,7 @@ printf '[network]\nnetwork_backend = "cni"\ncni_plugin_dirs = ["%s/cni"]\nnetwor
   "$work" "$work" >"$work/containers.conf"
 cleanup() { bah rm --all >/dev/null 2>&1 || true; rm -rf "$work" "$CACHE_ROOT"/image*-*.tmp.$$; }
 trap cleanup EXIT
-echo "building the images into $DEST (cold: about 4 minutes on 2 cores)" >&2
+echo "building the images into $DEST (cold: about 3 minutes on 2 cores)" >&2
 for name in $NAMES; do
   part="$CACHE_ROOT/image-$name-${KEY[$name]}"
   [ ! -f "$part/image.oci.tar" ] || continue
