@@ -143,7 +143,7 @@ containerfile() {
 }
 
 # llama-server on an empty image with the shared libraries it links (ldd), at the paths ldd resolves them to:
-# 17 MiB, where the Debian base would add 130 MiB and still lack libgomp.
+# 20 MB unpacked, where the Debian base would add 130 MB and still lack libgomp.
 llama_libs() { ldd "$llama_bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'; }
 build_llama_server() {
   local root="$work/context-llama-server/rootfs" lib
