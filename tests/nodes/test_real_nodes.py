@@ -4,6 +4,7 @@ leaves the host as it was. One cluster for the module; the last test stops it.""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,15 @@ def test_network_policy_enforced_on_the_first_node(real_cluster: RealCluster, na
              message="deny-all to take effect")
     policy["spec"]["ingress"] = [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}]
     apply(real_cluster, namespace, policy)
-    wait_for(lambda: reaches("client"), timeout=30, interval=0.5, message="the allow rule to take effect")
+    try:
+        wait_for(lambda: reaches("client"), timeout=60, interval=0.5, message="the allow rule to take effect")
+    except TimeoutError as exc:  # what kube-router programmed, to tell its fault from ours
+        rules = subprocess.run(["iptables-save", "-t", "filter"], capture_output=True, text=True).stdout
+        sets = subprocess.run(["ipset", "list"], capture_output=True, text=True).stdout
+        pods = real_cluster.kubectl("-n", namespace, "get", "pods", "-o", "wide").stdout
+        firewall = real_cluster.nodes.firewall.log_tail(15) if real_cluster.nodes.firewall else ""
+        raise AssertionError(f"{exc}\n{pods}\n{[r for r in rules.splitlines() if 'NWPLCY' in r or 'POD-FW' in r]}"
+                             f"\n{sets}\n{firewall}") from None
     assert not reaches("other")
 
 
