@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,7 +75,7 @@ class Node:
             own = self.state_dir / "mounts" / point.strip("/").replace("/", "-")
             own.mkdir(parents=True, exist_ok=True)
             self._binds[point] = own
-            script.append(f"mount --bind '{own}' '{point}'")
+            script.append(f"mount --bind {shlex.quote(str(own))} {shlex.quote(point)}")
         script.append("exec sleep infinity")
         self.holder = Process(f"{self.name}/namespace",
                               [str(self.kit.tool("unshare")), "--mount", "--propagation", "private", "--",
