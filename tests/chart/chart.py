@@ -112,7 +112,7 @@ def the_gateway(objects: list[dict[str, Any]]) -> Mapping[str, Any]:
 
 def env_of(deployment: Mapping[str, Any]) -> dict[str, str]:
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    return {item["name"]: item["value"] for item in container.get("env", [])}
+    return {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
 
 
 _QUALIFIED_PINNED = re.compile(

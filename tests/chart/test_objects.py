@@ -146,6 +146,9 @@ def test_operator_deployment_shape(helm: str, scenario: str) -> None:
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert probe["path"] == "/healthz" and ports[probe["port"]] == 8080
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # kopf's identity from the pod name: its fallback, getpass.getuser(), raises for a uid without a passwd entry
+    (pod_id,) = [e for e in container["env"] if e["name"] == "POD_ID"]
+    assert pod_id["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     tmp_mounts = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
     (tmp,) = tmp_mounts
     (volume,) = [v for v in pod["volumes"] if v["name"] == tmp["name"]]
