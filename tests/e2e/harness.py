@@ -63,7 +63,10 @@ class SandboxProcess:
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> SandboxProcess:
         """Until the sandbox says it is ready; then the API clients are usable."""
-        self.wait_line(r"^Sandbox ready", timeout=timeout)
+        try:
+            self.wait_line(r"^Sandbox ready", timeout=timeout)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}; the sandbox said:\n{self.log()}") from None
         self.kubectl_bin = self.wait_line(r"^kubectl: (.+)$").group(1)
         self.api = kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
