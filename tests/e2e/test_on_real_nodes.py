@@ -1,0 +1,239 @@
+"""The product on real nodes (`llama-operator sandbox --nodes 2`, marker `nodes`): every pod a container from the
+images built from this repo, pulled from the local registry, on two kubelets with containerd, kube-proxy, CoreDNS.
+
+What only real nodes show, one test each: the operator pod from the Dockerfile's image as 65532 on a read-only
+root filesystem, its webhook and metrics reached through their Services; a namespace enforcing the `restricted`
+Pod Security Standard admitting every pod the operator makes; an in-cluster client (the official `openai`
+package, in an image built here) calling the server's Service and the gateway by DNS name; the kernel OOM-killing
+a server under its memory limit and the LlamaServer saying so while one at the estimate runs; replicas spread over
+both nodes, and a ReadWriteOnce cache pinning them to one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+from kubernetes.client.rest import ApiException
+
+from tests.e2e.harness import SandboxProcess, custom_object, wait_for
+
+pytestmark = pytest.mark.nodes
+
+GROUP, VERSION = "llamacpp.dev", "v1alpha1"
+SYSTEM = "llama-system"
+
+
+@pytest.fixture(scope="module")
+def real(module_sandbox_factory: Any) -> SandboxProcess:
+    return module_sandbox_factory(nodes="2", args=("--gateway",))
+
+
+@pytest.fixture(scope="module")
+def nodes_info(real: SandboxProcess) -> dict[str, Any]:
+    return json.loads((real.state_dir / "nodes.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def model_url(nodes_info: dict[str, Any], tiny_gguf: Path) -> Iterator[str]:
+    """The tiny GGUF over plain HTTP on the host address: where pods reach this machine."""
+    handler = functools.partial(_QuietHandler, directory=str(tiny_gguf.parent))
+    server = ThreadingHTTPServer((nodes_info["hostAddress"], 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://{nodes_info['hostAddress']}:{server.server_address[1]}/{tiny_gguf.name}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+@pytest.fixture
+def namespace(real: SandboxProcess) -> Iterator[str]:
+    name = f"real-{uuid.uuid4().hex[:6]}"
+    real.kubectl("create", "namespace", name)
+    yield name
+    real.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def _apply_model(real: SandboxProcess, ns: str, name: str, url: str, **spec: Any) -> None:
+    real.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "llamamodels", custom_object(
+        "llamamodels", name, {"source": {"http": {"url": url}}, **spec}, namespace=ns))
+
+
+def _apply_server(real: SandboxProcess, ns: str, name: str, **spec: Any) -> None:
+    real.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "llamaservers", custom_object(
+        "llamaservers", name, {"modelRef": {"name": name}, "contextSize": 256, **spec}, namespace=ns))
+
+
+def _status(real: SandboxProcess, ns: str, plural: str, name: str) -> dict[str, Any]:
+    try:
+        return real.custom.get_namespaced_custom_object(GROUP, VERSION, ns, plural, name).get("status") or {}
+    except ApiException as exc:
+        if exc.status == 404:
+            return {}
+        raise
+
+
+def _wait(real: SandboxProcess, ns: str, name: str, check: Any, what: str, timeout: float = 240
+          ) -> dict[str, Any]:
+    try:
+        return wait_for(lambda: (s := _status(real, ns, "llamaservers", name)) and check(s) and s,
+                        timeout=timeout, message=f"{ns}/{name}: {what}")
+    except TimeoutError:
+        pods = real.kubectl("get", "pods", "-n", ns, "-o", "wide", check=False).stdout
+        events = real.kubectl("get", "events", "-n", ns, check=False).stdout[-3000:]
+        raise AssertionError(f"{ns}/{name} never {what}; status {_status(real, ns, 'llamaservers', name)}\n"
+                             f"{pods}\n{events}") from None
+
+
+def _ready(real: SandboxProcess, ns: str, name: str, timeout: float = 240) -> dict[str, Any]:
+    return _wait(real, ns, name, lambda s: s.get("phase") == "Ready", "Ready", timeout)
+
+
+def _pods(real: SandboxProcess, ns: str, server: str) -> list[Any]:
+    return real.core.list_namespaced_pod(ns, label_selector=f"llamacpp.dev/server={server}").items
+
+
+def _run_job(real: SandboxProcess, ns: str, name: str, image: str, script: str, timeout: float = 180) -> str:
+    """A Job running `python -c script` in `image`; its logs once it succeeded."""
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": ns},
+           "spec": {"backoffLimit": 0, "template": {"spec": {
+               "restartPolicy": "Never",
+               "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "seccompProfile": {
+                   "type": "RuntimeDefault"}},
+               "containers": [{"name": "client", "image": image, "command": ["python", "-c", script],
+                               "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                                   "capabilities": {"drop": ["ALL"]}}}]}}}}
+    batch = kubernetes.client.BatchV1Api(real.api)
+    batch.create_namespaced_job(ns, job)
+
+    def finished() -> str | None:
+        status = batch.read_namespaced_job_status(name, ns).status
+        if status.failed:
+            logs = real.kubectl("logs", "-n", ns, f"job/{name}", check=False)
+            raise AssertionError(f"job {name} failed:\n{logs.stdout}{logs.stderr}")
+        return "done" if status.succeeded else None
+
+    wait_for(finished, timeout=timeout, message=f"job {ns}/{name}")
+    return real.kubectl("logs", "-n", ns, f"job/{name}").stdout
+
+
+# ---------------------------------------------------------------------------------------------------- the tests
+
+
+def test_two_ready_nodes_run_containerd(real: SandboxProcess) -> None:
+    nodes = real.core.list_node().items
+    assert len(nodes) == 2
+    for node in nodes:
+        ready = next(c for c in node.status.conditions if c.type == "Ready")
+        assert ready.status == "True", node.metadata.name
+        assert node.status.node_info.container_runtime_version.startswith("containerd://2.")
+    wide = real.kubectl("get", "nodes", "-o", "wide").stdout
+    assert wide.count("containerd://2.") == 2, wide
+
+
+def test_the_operator_runs_from_the_dockerfile_image_as_65532_read_only(real: SandboxProcess,
+                                                                       nodes_info: dict[str, Any]) -> None:
+    selector = real.apps.read_namespaced_deployment("llama-operator", SYSTEM).spec.selector.match_labels
+    pods = real.core.list_namespaced_pod(SYSTEM, label_selector=",".join(f"{k}={v}" for k, v in selector.items())).items
+    assert pods, real.kubectl("get", "pods", "-n", SYSTEM, "-o", "wide").stdout
+    pod = pods[0]
+    container = pod.spec.containers[0]
+    assert container.image == nodes_info["images"]["operator"]
+    status = pod.status.container_statuses[0]
+    assert status.ready and status.image_id, status
+    uid = real.kubectl("exec", "-n", SYSTEM, pod.metadata.name, "--", "python", "-c",
+                       "import os; print(os.getuid(), os.getgid())").stdout.split()
+    assert uid == ["65532", "65532"]
+    write = real.kubectl("exec", "-n", SYSTEM, pod.metadata.name, "--", "python", "-c",
+                         "open('/probe', 'w')", check=False)
+    assert write.returncode != 0 and "Read-only file system" in write.stderr, write.stderr
+
+
+def test_a_restricted_namespace_admits_and_runs_every_pod_the_operator_makes(real: SandboxProcess, namespace: str,
+                                                                           model_url: str) -> None:
+    real.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted",
+                 "pod-security.kubernetes.io/enforce-version=latest")
+    _apply_model(real, namespace, "tiny", model_url)
+    _apply_server(real, namespace, "tiny")
+    _ready(real, namespace, "tiny")
+    for pod in _pods(real, namespace, "tiny"):
+        assert pod.spec.security_context.run_as_non_root
+        for container in pod.spec.containers + (pod.spec.init_containers or []):
+            assert container.security_context.read_only_root_filesystem, container.name
+    refused = real.kubectl("get", "events", "-n", namespace, "--field-selector", "reason=FailedCreate",
+                           check=False).stdout
+    assert "violates PodSecurity" not in refused, refused
+
+
+def test_an_in_cluster_openai_client_calls_the_server_and_the_gateway_by_dns(
+        real: SandboxProcess, namespace: str, model_url: str, nodes_info: dict[str, Any]) -> None:
+    _apply_model(real, namespace, "chat", model_url)
+    _apply_server(real, namespace, "chat")
+    status = _ready(real, namespace, "chat")
+    endpoint = status["endpoint"]
+    assert endpoint == f"http://chat.{namespace}.svc:8080/v1", endpoint
+    gateway = real.core.read_namespaced_service("llama-operator-gateway", SYSTEM)
+    port = next(p.port for p in gateway.spec.ports if p.name in ("http", "openai") or p.port == 8080)
+    script = f"""
+import openai
+for base in ({endpoint!r}, "http://llama-operator-gateway.{SYSTEM}.svc:{port}/v1"):
+    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=2, timeout=60)
+    reply = client.chat.completions.create(model="chat", max_tokens=8,
+                                           messages=[{{"role": "user", "content": "Say hello"}}])
+    chunks = list(client.chat.completions.create(model="chat", max_tokens=8, stream=True,
+                                                 messages=[{{"role": "user", "content": "Count"}}]))
+    print(base, reply.choices[0].finish_reason, len(chunks))
+"""
+    logs = _run_job(real, namespace, "client", nodes_info["images"]["client"], script)
+    lines = [line.split() for line in logs.strip().splitlines()]
+    assert [line[0] for line in lines] == [endpoint, f"http://llama-operator-gateway.{SYSTEM}.svc:{port}/v1"], logs
+    for _, finish, chunks in lines:
+        assert finish in ("length", "stop") and int(chunks) > 1, logs
+
+
+def test_a_server_under_its_memory_limit_is_oom_killed_and_says_so(real: SandboxProcess, namespace: str,
+                                                                 model_url: str) -> None:
+    _apply_model(real, namespace, "small", model_url)
+    # 128 Ki cells of KV cache, which llama-server clears at start: about 89 MiB resident (measured on the host)
+    big = {"contextSize": 131072}
+    _apply_server(real, namespace, "small", **big, resources={"limits": {"memory": "32Mi"}})
+    status = _wait(real, namespace, "small", lambda s: any(
+        c["type"] == "Fits" and c["reason"] == "OOMKilled" for c in s.get("conditions") or []), "OOMKilled")
+    fits = next(c for c in status["conditions"] if c["type"] == "Fits")
+    assert "OOM-killed at its memory limit 32Mi" in fits["message"], fits
+    estimate = status["memory"]["host"]
+    assert f"set resources.limits.memory to at least {estimate}" in fits["message"], fits
+    pod = _pods(real, namespace, "small")[0]
+    server = pod.status.container_statuses[0]
+    terminated = server.last_state.terminated or server.state.terminated
+    assert terminated.reason == "OOMKilled" and terminated.exit_code == 137
+    events = real.kubectl("get", "events", "-n", namespace, "--field-selector", "reason=OOMKilled").stdout
+    assert "OOM-killed" in events, events
+
+    # the same model at the estimate the status named runs, and is never killed
+    _apply_server(real, namespace, "fits", **big, modelRef={"name": "small"},
+                  resources={"limits": {"memory": estimate}})
+    _ready(real, namespace, "fits")
+    pod = _pods(real, namespace, "fits")[0]
+    assert pod.status.container_statuses[0].restart_count == 0
+
+
+def test_replicas_spread_over_both_nodes(real: SandboxProcess, namespace: str, model_url: str) -> None:
+    _apply_model(real, namespace, "spread", model_url)
+    _apply_server(real, namespace, "spread", replicas=2)
+    _ready(real, namespace, "spread")
+    nodes = {pod.spec.node_name for pod in _pods(real, namespace, "spread")}
+    assert nodes == {node.metadata.name for node in real.core.list_node().items}, nodes
