@@ -64,7 +64,7 @@ metadata: {name: gemma3-270m}
 spec:
   modelRef: {name: gemma3-270m}
   contextSize: 4096
-  resources: {limits: {cpu: "2", memory: 2Gi}}
+  resources: {requests: {cpu: 500m, memory: 1Gi}, limits: {cpu: "2", memory: 2Gi}}
 YAML
 "$kubectl" wait --for=jsonpath='{.status.phase}'=Ready llamaserver/gemma3-270m --timeout=10m
 "$kubectl" get llama

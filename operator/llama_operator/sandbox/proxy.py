@@ -128,8 +128,9 @@ class ServiceProxies:
         seen: set[tuple[str, str, int]] = set()
         for service in self.services.values():
             meta, spec = service["metadata"], service.get("spec") or {}
+            # The cluster's own Services (kube-dns ...) are for pods, not for a browser on this machine.
             if (meta["namespace"], meta["name"]) == ("default", "kubernetes") or spec.get("type") == "ExternalName" \
-                    or spec.get("clusterIP") == "None":
+                    or spec.get("clusterIP") == "None" or meta["namespace"] in SYSTEM_NAMESPACES:
                 continue
             for port in spec.get("ports") or []:
                 if port.get("protocol", "TCP") != "TCP":
