@@ -22,7 +22,7 @@ import kubernetes
 
 from llama_operator.controlplane.binaries import ENV_DIR
 from tests import waiting
-from tests.tiers import CONTROL_PLANE, HELM, LLAMA_SERVER, ROOT, missing, require
+from tests.tiers import CONTROL_PLANE, HELM, IMAGES, LLAMA_SERVER, NODE_KIT, ROOT, missing, require
 
 # The sandbox's API serves a whole node and an operator: poll it gently.
 wait_for = functools.partial(waiting.wait_for, interval=0.25)
@@ -124,7 +124,13 @@ def sandbox_requirements() -> dict[str, str]:
         problem = missing(tool)
         if problem is not None:
             raise RuntimeError(f"the sandbox needs {problem.tool}: {problem.reason}")
-    return {"LLAMA_SERVER_BIN": require(LLAMA_SERVER), "HELM": require(HELM), ENV_DIR: require(CONTROL_PLANE)}
+    env = {"LLAMA_SERVER_BIN": require(LLAMA_SERVER), "HELM": require(HELM), ENV_DIR: require(CONTROL_PLANE)}
+    # Real nodes (`--nodes N`): the kit and the images of this checkout, never an older build the sandbox would
+    # otherwise pick from the cache (a test that needs them is marked `nodes`, which checks they exist).
+    for tool, variable in ((NODE_KIT, "LLAMA_OPERATOR_NODE_KIT_DIR"), (IMAGES, "LLAMA_OPERATOR_IMAGES_DIR")):
+        if missing(tool) is None:
+            env[variable] = require(tool)
+    return env
 
 
 def custom_object(group_plural: str, name: str, spec: dict[str, Any], namespace: str = "default") -> dict[str, Any]:

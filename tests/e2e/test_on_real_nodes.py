@@ -196,11 +196,16 @@ for base in ({endpoint!r}, "http://llama-operator-gateway.{SYSTEM}.svc:{port}/v1
     chunks = list(client.chat.completions.create(model="chat", max_tokens=8, stream=True,
                                                  messages=[{{"role": "user", "content": "Count"}}]))
     print(base, reply.choices[0].finish_reason, len(chunks))
+import urllib.request
+with urllib.request.urlopen("http://llama-operator-metrics.{SYSTEM}.svc:8000/metrics", timeout=30) as metrics:
+    print("metrics", sum(line.startswith(b"llama_operator_") for line in metrics))
 """
     logs = _run_job(real, namespace, "client", nodes_info["images"]["client"], script)
     lines = [line.split() for line in logs.strip().splitlines()]
-    assert [line[0] for line in lines] == [endpoint, f"http://llama-operator-gateway.{SYSTEM}.svc:{port}/v1"], logs
-    for _, finish, chunks in lines:
+    assert [line[0] for line in lines] == [endpoint, f"http://llama-operator-gateway.{SYSTEM}.svc:{port}/v1",
+                                           "metrics"], logs
+    assert int(lines[2][1]) > 0, logs  # the operator's metrics, through their Service, from a pod
+    for _, finish, chunks in lines[:2]:
         assert finish in ("length", "stop") and int(chunks) > 1, logs
 
 
@@ -237,3 +242,17 @@ def test_replicas_spread_over_both_nodes(real: SandboxProcess, namespace: str, m
     _ready(real, namespace, "spread")
     nodes = {pod.spec.node_name for pod in _pods(real, namespace, "spread")}
     assert nodes == {node.metadata.name for node in real.core.list_node().items}, nodes
+
+
+def test_a_read_write_once_cache_pins_every_replica_to_its_node(real: SandboxProcess, namespace: str,
+                                                               model_url: str) -> None:
+    _apply_model(real, namespace, "pinned", model_url, cache={"type": "PersistentVolumeClaim", "size": "1Gi"})
+    _apply_server(real, namespace, "pinned", replicas=2)
+    _ready(real, namespace, "pinned")
+    assert len({pod.spec.node_name for pod in _pods(real, namespace, "pinned")}) == 1
+    model = _status(real, namespace, "llamamodels", "pinned")
+    assert "is ReadWriteOnce: every replica runs on the node that mounts it" in model["message"], model
+    claim = real.core.list_namespaced_persistent_volume_claim(namespace).items[0]
+    volume = real.core.read_persistent_volume(claim.spec.volume_name)
+    terms = volume.spec.node_affinity.required.node_selector_terms
+    assert terms[0].match_expressions[0].values == [_pods(real, namespace, "pinned")[0].spec.node_name]

@@ -1,5 +1,5 @@
-"""`make sandbox`, the README's second command: a one-node cluster with the chart installed and a real model
-(Gemma 3 270M from its PyPI package, a base model) served and asked to continue a sentence; Ctrl-C leaves no
+"""`make sandbox`, the README's second command: a two-node cluster (real nodes) with the chart installed and a
+real model (Gemma 3 270M from its PyPI package, a base model) served and asked to continue a sentence; Ctrl-C leaves no
 process behind."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 from tests.e2e.conftest import sandbox_requirements, tree_processes, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.nodes
 
 
 def test_make_sandbox_serves_a_real_model(tmp_path: Path) -> None:
