@@ -32,7 +32,7 @@ def _nodes(value: str) -> str:
 def register(sub: Any) -> None:
     """Add the `sandbox` subcommand to the CLI's subparsers."""
     default_state = os.path.join(os.environ.get("XDG_STATE_HOME") or "~/.local/state", "llama-operator", "sandbox")
-    parser = sub.add_parser("sandbox", help="try it without a cluster: a local Kubernetes (two real nodes) with the operator")
+    parser = sub.add_parser("sandbox", help="try it without a cluster: local Kubernetes, two real nodes, the operator")
     parser.add_argument("--state-dir", help=f"kubeconfig, logs, volumes and model caches (default {default_state})")
     parser.add_argument("--api-port", type=int, default=0, help="port of the API server (default: any free port)")
     parser.add_argument("--service-port-base", type=int, default=DEFAULT_SERVICE_PORT_BASE,
