@@ -22,23 +22,18 @@ node and two real nodes one after the other and prints them side by side, with t
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import os
 import pathlib
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.e2e.harness import SandboxProcess, sandbox_requirements, wait_for  # noqa: E402
+from tests.e2e.harness import SandboxProcess, sandbox_requirements, serve_file, wait_for  # noqa: E402
 from tests.tiny_gguf import write_tiny_llama  # noqa: E402
 
 GROUP, VERSION, NS = "llamacpp.dev", "v1alpha1", "default"
@@ -92,24 +87,6 @@ def _ready_after_apply(sandbox: SandboxProcess, name: str) -> float:
     return time.monotonic() - started
 
 
-@contextlib.contextmanager
-def _file_server(host: str, path: pathlib.Path) -> Iterator[str]:
-    """`path` over plain HTTP on `host`: the URL."""
-    handler = functools.partial(_Quiet, directory=str(path.parent))
-    server = ThreadingHTTPServer((host, 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://{host}:{server.server_address[1]}/{path.name}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
-        pass
-
-
 def run(model_path: pathlib.Path, nodes: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, **sandbox_requirements()}
@@ -120,7 +97,7 @@ def run(model_path: pathlib.Path, nodes: str) -> dict:
             start = time.monotonic() - started
             nodes_json = sandbox.state_dir / "nodes.json"
             host = json.loads(nodes_json.read_text())["hostAddress"] if nodes_json.exists() else "127.0.0.1"
-            serving = _file_server(host, model_path)
+            serving = serve_file(host, model_path)
             url = serving.__enter__()
             sandbox.custom.create_namespaced_custom_object(GROUP, VERSION, NS, "llamamodels", {
                 "apiVersion": f"{GROUP}/{VERSION}", "kind": "LlamaModel", "metadata": {"name": "model"},

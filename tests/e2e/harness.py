@@ -7,6 +7,7 @@ code). `sandbox_requirements()`: the environment it needs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -15,6 +16,8 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -89,10 +92,11 @@ class SandboxProcess:
 
         return wait_for(found, timeout=timeout, message=f"sandbox output {pattern!r}")
 
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def kubectl(self, *args: str, check: bool = True, timeout: float = 60,
+                input: str | None = None) -> subprocess.CompletedProcess[str]:  # noqa: A002 - subprocess's name
         """The sandbox's kubectl (same version as its API server) with the sandbox's kubeconfig."""
         proc = subprocess.run([self.kubectl_bin, "--kubeconfig", str(self.kubeconfig), *args], capture_output=True,
-                              text=True, timeout=timeout)
+                              text=True, timeout=timeout, input=input)
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
         return proc
@@ -115,6 +119,25 @@ class SandboxProcess:
 
     def log(self) -> str:
         return "\n".join(self.lines[-80:])
+
+
+@contextlib.contextmanager
+def serve_file(host: str, path: Path) -> Iterator[str]:
+    """`path` over plain HTTP on `host` (real nodes: the host address of nodes.json, where pods reach this
+    machine): its URL."""
+    handler = functools.partial(_QuietHandler, directory=str(path.parent))
+    server = ThreadingHTTPServer((host, 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://{host}:{server.server_address[1]}/{path.name}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        pass
 
 
 def sandbox_requirements() -> dict[str, str]:

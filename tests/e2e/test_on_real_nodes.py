@@ -11,12 +11,9 @@ both nodes, and a ReadWriteOnce cache pinning them to one.
 
 from __future__ import annotations
 
-import functools
 import json
-import threading
 import uuid
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,7 @@ import kubernetes
 import pytest
 from kubernetes.client.rest import ApiException
 
-from tests.e2e.harness import SandboxProcess, custom_object, wait_for
+from tests.e2e.harness import SandboxProcess, custom_object, serve_file, wait_for
 
 pytestmark = pytest.mark.nodes
 
@@ -45,18 +42,8 @@ def nodes_info(real: SandboxProcess) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def model_url(nodes_info: dict[str, Any], tiny_gguf: Path) -> Iterator[str]:
     """The tiny GGUF over plain HTTP on the host address: where pods reach this machine."""
-    handler = functools.partial(_QuietHandler, directory=str(tiny_gguf.parent))
-    server = ThreadingHTTPServer((nodes_info["hostAddress"], 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://{nodes_info['hostAddress']}:{server.server_address[1]}/{tiny_gguf.name}"
-    server.shutdown()
-    server.server_close()
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
-        pass
+    with serve_file(nodes_info["hostAddress"], tiny_gguf) as url:
+        yield url
 
 
 @pytest.fixture

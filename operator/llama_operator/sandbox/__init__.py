@@ -50,6 +50,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--nodes", default="2", type=_nodes,
                         help="how many real nodes (kubelet + containerd each, from `make node-kit`; default "
                              "%(default)s), or `process`: one node whose containers are local processes")
+    parser.add_argument("--network-policies", action="store_true",
+                        help="enforce NetworkPolicies (kube-router's firewall; real nodes, the first node's pods "
+                             "only) and turn on every policy of the chart")
     parser.add_argument("--verbose", action="store_true", help="log every pod and container event")
     # The gateway hook (docs/gateway.md): the chart's gateway.enabled, installed with the operator.
     parser.add_argument("--gateway", action="store_true",

@@ -148,6 +148,7 @@ class Sandbox:
         self._tasks: list[asyncio.Task[Any]] = []
         self.nodes = "2"  # --nodes: how many real nodes (real_nodes.py), or "process" (process_node.py)
         self.node: ProcessNode | RealNodeSet | None = None
+        self.network_policies = False  # --network-policies: enforced (real nodes; the first node's pods only)
         self.gateway = False  # the gateway hook (docs/gateway.md): `--gateway` installs it with the chart
 
     # ------------------------------------------------------------------------------------------ reporting
@@ -195,7 +196,7 @@ class Sandbox:
     def _node_backend(self) -> ProcessNode | RealNodeSet:
         if self.nodes == "process":
             return ProcessNode(self.state_dir, self.images)
-        return RealNodeSet(self.state_dir, int(self.nodes))
+        return RealNodeSet(self.state_dir, int(self.nodes), network_policies=self.network_policies)
 
     async def _install_operator(self, admin_kubeconfig: Path, node_values: dict[str, Any]) -> None:
         helm = find_helm(self.helm)
@@ -328,6 +329,7 @@ async def _main(args: argparse.Namespace) -> int:
                       control_plane_dir=args.control_plane_dir)
     sandbox.gateway = args.gateway  # the gateway hook (docs/gateway.md)
     sandbox.nodes = args.nodes
+    sandbox.network_policies = args.network_policies
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0

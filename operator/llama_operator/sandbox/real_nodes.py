@@ -44,11 +44,19 @@ def find_images(directory: str | None = None) -> Path:
     return Path(chosen)
 
 
-def chart_values(refs: dict[str, str]) -> dict[str, Any]:
-    """The chart values that make the operator and llama-server run from the registry's images."""
+def chart_values(refs: dict[str, str], *, network_policies: bool = False,
+                 node_addresses: list[str] | None = None) -> dict[str, Any]:
+    """The chart values that make the operator and llama-server run from the registry's images; with
+    `network_policies`, every policy of the chart on, the webhook admitted only from the nodes' addresses (where
+    the API server's calls come from here, as docs/security.md tells a cluster to list it)."""
     repository, _, tag = refs[OPERATOR_IMAGE].rpartition(":")
-    return {"image": {"repository": repository, "tag": tag},
-            "llamaServerImages": {"cpu": refs[LLAMA_SERVER_IMAGE]}}
+    values: dict[str, Any] = {"image": {"repository": repository, "tag": tag},
+                              "llamaServerImages": {"cpu": refs[LLAMA_SERVER_IMAGE]}}
+    if network_policies:
+        values["networkPolicy"] = {
+            "operator": {"webhookFrom": [{"ipBlock": {"cidr": f"{ip}/32"}} for ip in node_addresses or []]},
+            "llamaServers": {"enabled": True}}
+    return values
 
 
 class RealNodeSet:
@@ -56,10 +64,11 @@ class RealNodeSet:
     close() (safe after a partial start)."""
 
     def __init__(self, state_dir: Path, count: int, *, kit_dir: str | None = None,
-                 images_dir: str | None = None) -> None:
+                 images_dir: str | None = None, network_policies: bool = False) -> None:
         self.state_dir = state_dir
+        self.network_policies = network_policies
         self.nodes = RealNodes(state_dir / "nodes", find_kit(kit_dir), count=count,
-                               images_dir=find_images(images_dir))
+                               images_dir=find_images(images_dir), network_policies=network_policies)
         self.provisioner: LocalPathProvisioner | None = None
 
     @property
@@ -95,7 +104,8 @@ class RealNodeSet:
             "images": self.nodes.image_refs}, indent=2) + "\n")
         self.provisioner = LocalPathProvisioner(admin, self.state_dir)
         await self.provisioner.install()
-        return chart_values(self.nodes.image_refs)
+        return chart_values(self.nodes.image_refs, network_policies=self.network_policies,
+                            node_addresses=[self.host_address, *(node.address for node in self.nodes.nodes)])
 
     def runners(self) -> dict[str, Coroutine[Any, Any, None]]:
         assert self.provisioner is not None
