@@ -3,13 +3,13 @@ harness: `llama-operator sandbox` as a real child process, a fake Hugging Face, 
 
 The sandbox is a real cluster (control plane from `make control-plane`, the operator installed with
 helm): most tests here start it with `nodes="process"` (pods as processes in network namespaces), the tests
-marked `nodes` on real nodes (`make node-kit images`); without what it needs, the root check skips the tests and says why (or fails
-them in CI). The sandbox process itself is tests/e2e/harness.py (the sandbox benchmark uses it too).
+marked `nodes` on real nodes (`make node-kit images`); without what it needs, the root check skips the tests and
+says why (or fails them in CI). The sandbox process itself is tests/e2e/harness.py (the sandbox benchmark uses it too).
 
 Fixtures:
 - `sandbox_env` (session) -> the environment a sandbox needs: LLAMA_SERVER_BIN, HELM, the control plane.
-- `sandbox_factory(env=..., nodes="process"|"N")` -> start `llama-operator sandbox` (state in a temp dir, Services on any free
-  port) and return a `SandboxProcess`: `.kubeconfig`, `.api` (kubernetes ApiClient), `.url(service)` (the
+- `sandbox_factory(env=..., nodes="process"|"N")` -> start `llama-operator sandbox` (state in a temp dir, Services
+  on any free port) and return a `SandboxProcess`: `.kubeconfig`, `.api` (kubernetes ApiClient), `.url(service)` (the
   local Service URL), `.kubectl(*args)`, `.wait_line(regex)`, `.stop()` (SIGINT, like Ctrl-C; returns the exit code).
 - `tiny_gguf` (session) -> a tiny random-weight llama GGUF; `gemma_gguf` (session) -> the real Gemma 3 270M.
 """
