@@ -61,22 +61,32 @@ _PR_SET_PDEATHSIG = 1
 
 
 @dataclass
-class _Process:
+class ChildProcess:
+    """One long-running child in a session of its own (stopping signals its whole process group, never the
+    caller's), its output appended to `log_path`, SIGTERM when the Python process that started it dies. The real
+    nodes' processes (llama_operator.nodes.processes) are these too."""
+
     name: str
     argv: list[str]
     log_path: pathlib.Path
+    env: dict[str, str] | None = None
+    """None: this process's environment."""
     popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.log_path, "ab") as out:
-            # A session of its own: stopping signals the whole process group, never the test runner.
             self.popen = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True, preexec_fn=die_with_parent)
+                                          env=self.env, start_new_session=True, preexec_fn=die_with_parent)
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
 
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
     def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM to the group, SIGKILL after `grace` seconds; safe to call twice."""
         if self.popen is None:
             return
         if self.popen.poll() is None:
@@ -123,7 +133,7 @@ class ControlPlane:
     apiserver_port: int = 0
     etcd_port: int = 0
     address: str = LOOPBACK
-    _processes: dict[str, _Process] = field(default_factory=dict, init=False)
+    _processes: dict[str, ChildProcess] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.state_dir = pathlib.Path(self.state_dir)
@@ -221,8 +231,8 @@ class ControlPlane:
                               "client-certificate-data": _b64(self._admin.cert.read_bytes()),
                               "client-key-data": _b64(self._admin.key.read_bytes())})
 
-    def _spawn(self, name: str, argv: list[str]) -> _Process:
-        process = self._processes.get(name) or _Process(name, argv, self.logs / f"{name}.log")
+    def _spawn(self, name: str, argv: list[str]) -> ChildProcess:
+        process = self._processes.get(name) or ChildProcess(name, argv, self.logs / f"{name}.log")
         self._processes[name] = process
         process.start()
         log.info("Started %s (pid %s), log %s", name, process.popen.pid if process.popen else "?", process.log_path)
@@ -243,7 +253,7 @@ class ControlPlane:
         ])
         self._wait_etcd(process, timeout)
 
-    def _wait_etcd(self, process: _Process, timeout: float) -> None:
+    def _wait_etcd(self, process: ChildProcess, timeout: float) -> None:
         url = f"http://{LOOPBACK}:{self.etcd_port}/health"
 
         def healthy() -> bool:
@@ -284,7 +294,7 @@ class ControlPlane:
         with urllib.request.urlopen(request, timeout=10, context=self._admin_tls) as response:  # noqa: S310
             return bytes(response.read())
 
-    def _wait_ready(self, process: _Process, timeout: float) -> None:
+    def _wait_ready(self, process: ChildProcess, timeout: float) -> None:
         def ready() -> bool:
             try:
                 return self._admin_request("GET", "/readyz").strip() == b"ok"
@@ -334,7 +344,7 @@ class ControlPlane:
         ])
 
     @staticmethod
-    def _wait(process: _Process, check: Any, timeout: float) -> None:
+    def _wait(process: ChildProcess, check: Any, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not process.running():

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..controlplane.cluster import die_with_parent
+from ..controlplane.cluster import ChildProcess
 
 DEAD_PROXY = "http://127.0.0.1:9"
 NO_PROXY = "127.0.0.1,localhost,10.244.0.0/16"
@@ -61,46 +61,24 @@ def run(argv: Sequence[str | os.PathLike[str]], *, check: bool = True, input: st
 
 
 @dataclass
-class Process:
-    """One long-running child in a session of its own (its process group is stopped as a whole), output appended
-    to `log_path`. It gets SIGTERM if the Python process that started it dies."""
+class Process(ChildProcess):
+    """A node process: the control plane's child process (controlplane.cluster.ChildProcess) with the guard
+    environment by default, its log directory made at start, and whatever of its group outlived it killed at stop
+    (a kubelet or containerd leaves helpers behind)."""
 
-    name: str
-    argv: list[str]
-    log_path: Path
-    env: dict[str, str] = field(default_factory=child_env)
-    popen: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] | None = field(default_factory=child_env)
 
-    def start(self) -> Process:
+    def start(self) -> Process:  # type: ignore[override]  # returns itself for `Process(...).start()`
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as out:
-            self.popen = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env=self.env, start_new_session=True, preexec_fn=die_with_parent)
+        super().start()
         return self
 
-    @property
-    def pid(self) -> int | None:
-        return self.popen.pid if self.popen is not None else None
-
-    def running(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM to the group, SIGKILL after `grace` seconds; safe to call twice."""
-        if self.popen is None:
-            return
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)  # whatever of its group outlived the leader
-        self.popen = None
+        pid = self.pid
+        super().stop(grace)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)  # whatever of its group outlived the leader
 
     def log_tail(self, lines: int = 20) -> str:
         try:
