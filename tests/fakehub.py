@@ -6,7 +6,12 @@ Routes:
   (wrong token) with `X-Error-Code: GatedRepo`; unknown files 404 with `X-Error-Code: EntryNotFound`.
 - `HEAD|GET /cdn/<sha256>/<name>`: the bytes, with Range support (206 / Content-Range / 416).
 - `HEAD|GET /plain/<name>`: a plain HTTP source; `required_headers` are enforced (401 otherwise).
-- `HEAD|GET /moved/<name>`: 302 from the plain source to the "CDN" on another origin (`localhost`).
+- `HEAD|GET /moved/<name>`: 302 from the plain source to the "CDN" on another origin (`localhost` on loopback;
+  on another host, a second port of the same server, since pods on real nodes cannot reach this machine's
+  `localhost`).
+
+`running(host)` listens on loopback by default; the e2e tests pass the host address where pods on real nodes
+reach this machine (bound before the sandbox creates it: IP_FREEBIND).
 
 Fault injection per served file (`Faults`): drop the connection after N body bytes (per request, in order),
 5xx bursts with Retry-After, a per-connection bandwidth cap, a first-byte delay, wrong content, no ranges.
@@ -86,6 +91,7 @@ class FakeHub:
         self.requests: list[Request] = []
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+        self._cdn: ThreadingHTTPServer | None = None
 
     # -- setup ----------------------------------------------------------------------------------------
 
@@ -120,8 +126,12 @@ class FakeHub:
 
     @property
     def cdn_url(self) -> str:
-        """The same server under another name: a different origin for the redirect to the "CDN"."""
+        """The same server under another origin, for the redirect to the "CDN": `localhost` on loopback, the
+        second port elsewhere."""
         assert self._server is not None
+        if self._cdn is not None:
+            host, port = self._cdn.server_address[:2]
+            return f"http://{host}:{port}"
         return f"http://localhost:{self._server.server_address[1]}"
 
     def served_bytes(self, name: str) -> int:
@@ -129,24 +139,37 @@ class FakeHub:
             return self.bytes_served.get(name, 0)
 
     @contextmanager
-    def running(self) -> Iterator[FakeHub]:
+    def running(self, host: str = "127.0.0.1") -> Iterator[FakeHub]:
         hub = self
 
         class Handler(_Handler):
             pass
 
         Handler.hub = hub
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        self._server = server
-        thread = threading.Thread(target=server.serve_forever, name="fakehub", daemon=True)
-        thread.start()
+        servers = [_FreeBindServer((host, 0), Handler) for _ in range(1 if host == "127.0.0.1" else 2)]
+        self._server, self._cdn = servers[0], (servers[1] if len(servers) > 1 else None)
+        for server in servers:
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, name="fakehub", daemon=True).start()
         try:
             yield self
         finally:
-            server.shutdown()
-            server.server_close()
-            self._server = None
+            for server in servers:
+                server.shutdown()
+                server.server_close()
+            self._server = self._cdn = None
+
+
+IP_FREEBIND = 15  # linux/in.h; Python's socket module does not name it
+
+
+class _FreeBindServer(ThreadingHTTPServer):
+    """Binds an address this machine may not hold yet (the real nodes' host address appears when the sandbox
+    starts, after the test chose the hub's URL)."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        super().server_bind()
 
 
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")

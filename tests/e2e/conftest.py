@@ -1,14 +1,15 @@
 """The e2e tier (marker `e2e`; needs root, the control plane, helm and llama-server, tests/tiers.py) and its
 harness: `llama-operator sandbox` as a real child process, a fake Hugging Face, models.
 
-The sandbox is a real cluster (control plane from `make control-plane`, the operator installed with
-helm): most tests here start it with `nodes="process"` (pods as processes in network namespaces), the tests
-marked `nodes` on real nodes (`make node-kit images`); without what it needs, the root check skips the tests and
-says why (or fails them in CI). The sandbox process itself is tests/e2e/harness.py (the sandbox benchmark uses it too).
+The sandbox is a real cluster (control plane from `make control-plane`, the operator installed with helm) on real
+nodes (kubelet + containerd, `make node-kit images`; every test is marked `nodes`): one node unless a test asks
+for two. Without what it needs, the root check skips the tests and says why (or fails them in CI). The sandbox
+process itself is tests/e2e/harness.py (the sandbox benchmark uses it too); tests/e2e/containers.py reads a pod's
+containers from this machine.
 
 Fixtures:
 - `sandbox_env` (session) -> the environment a sandbox needs: LLAMA_SERVER_BIN, HELM, the control plane.
-- `sandbox_factory(env=..., nodes="process"|"N")` -> start `llama-operator sandbox` (state in a temp dir, Services
+- `sandbox_factory(env=..., nodes="N")` (default "1") -> start `llama-operator sandbox` (state in a temp dir, Services
   on any free port) and return a `SandboxProcess`: `.kubeconfig`, `.api` (kubernetes ApiClient), `.url(service)` (the
   local Service URL), `.kubectl(*args)`, `.wait_line(regex)`, `.stop()` (SIGINT, like Ctrl-C; returns the exit code).
 - `tiny_gguf` (session) -> a tiny random-weight llama GGUF; `gemma_gguf` (session) -> the real Gemma 3 270M.
@@ -49,7 +50,7 @@ def _sandboxes(root: Path, sandbox_env: dict[str, str]) -> Iterator[Callable[...
     started: list[SandboxProcess] = []
 
     def start(env: dict[str, str] | None = None, state_dir: Path | None = None,
-              args: tuple[str, ...] = (), nodes: str = "process") -> SandboxProcess:
+              args: tuple[str, ...] = (), nodes: str = "1") -> SandboxProcess:
         full_env = {**os.environ, **sandbox_env, **(env or {})}
         sandbox = SandboxProcess(state_dir or root / "state", full_env, args, nodes)
         started.append(sandbox)

@@ -52,7 +52,7 @@ def tree_processes(marker: str) -> list[str]:
 
 class SandboxProcess:
     def __init__(self, state_dir: Path, env: dict[str, str], args: tuple[str, ...] = (),
-                 nodes: str = "process") -> None:
+                 nodes: str = "1") -> None:
         self.state_dir = state_dir
         self.env = env
         self.lines: list[str] = []

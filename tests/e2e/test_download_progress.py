@@ -6,9 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from llama_operator.nodes.host import HOST_ADDRESS
 from tests.e2e.conftest import wait_for
 from tests.e2e.test_sandbox import _create, _status, _wait_phase
 from tests.fakehub import FakeHub
+
+pytestmark = pytest.mark.nodes
 
 MiB = 1024 * 1024
 
@@ -17,7 +22,7 @@ def test_download_progress_is_visible_while_it_runs(sandbox_factory: Any, tiny_g
     hub = FakeHub()
     # A real GGUF with padding after its tensors (llama.cpp reads tensors by offset): 24 MiB to fetch slowly.
     served = hub.add("test/slow-GGUF", "slow.gguf", tiny_gguf.read_bytes() + b"\0" * (24 * MiB))
-    with hub.running():
+    with hub.running(HOST_ADDRESS):
         sandbox = sandbox_factory(env={"LLAMA_OPERATOR_HF_ENDPOINT": hub.url})
         _create(sandbox, "llamamodels", "slow", {"source": {"huggingFace": {"repo": "test/slow-GGUF",
                                                                            "file": "slow.gguf"}}})

@@ -30,10 +30,14 @@ import pytest
 from kubernetes.client import ApiException
 
 from llama_operator.contract import SERVER_CONTAINER
+from llama_operator.nodes.host import HOST_ADDRESS
 from tests.conversation import conversation_messages
 from tests.e2e.conftest import SandboxProcess, wait_for
+from tests.e2e.containers import main_pid
 from tests.e2e.test_sandbox import _create, _wait_phase
 from tests.fakehub import FakeHub
+
+pytestmark = pytest.mark.nodes
 
 GATEWAY = "llama-system/llama-operator-gateway"
 GATEWAY_METRICS = "llama-system/llama-operator-gateway-metrics"
@@ -47,7 +51,7 @@ DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 def sandbox(module_sandbox_factory: Callable[..., SandboxProcess], tiny_gguf: Path) -> Iterator[SandboxProcess]:
     hub = FakeHub()
     hub.add(REPO, FILE, tiny_gguf)
-    with hub.running():
+    with hub.running(HOST_ADDRESS):
         yield module_sandbox_factory(env={"LLAMA_OPERATOR_HF_ENDPOINT": hub.url}, args=("--gateway",))
 
 
@@ -134,11 +138,9 @@ def _failed(futures: list[concurrent.futures.Future[None]]) -> bool:
 
 
 def _llama_server_pid(pod: Any) -> int:
-    """The host pid of the pod's llama-server: the sandbox's kubelet runs containers as local processes and
-    reports them as containerID sandbox://<pid>."""
-    (status,) = [c for c in pod.status.container_statuses if c.name == SERVER_CONTAINER]
-    pid = int(status.container_id.removeprefix("sandbox://"))
-    assert Path(f"/proc/{pid}/exe").resolve().name == "llama-server", status.container_id
+    """The host pid of the pod's llama-server container (on the real node, in the host's pid namespace view)."""
+    pid = main_pid(pod, "llama-server")
+    assert Path(f"/proc/{pid}/exe").resolve().name == "llama-server", pid
     return pid
 
 

@@ -14,11 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import pytest
 import yaml
 
+from llama_operator.nodes.host import HOST_ADDRESS
 from tests.e2e.conftest import SandboxProcess, custom_object, wait_for
 from tests.fakehub import FakeHub
 from tests.tiny_gguf import write_tiny_llama
+
+pytestmark = pytest.mark.nodes
 
 GROUP, VERSION, NS = "llamacpp.dev", "v1alpha1", "default"
 REPO = "test/tiny-GGUF"
@@ -53,7 +57,7 @@ def test_three_models_two_loaded(sandbox_factory: Any, tmp_path: Path) -> None:
     hub = FakeHub()
     served = {name: hub.add(REPO, f"{name}.gguf", write_tiny_llama(tmp_path / f"{name}.gguf", seed=seed))
               for seed, name in enumerate(NAMES)}
-    with hub.running():
+    with hub.running(HOST_ADDRESS):
         sandbox = sandbox_factory(env={"LLAMA_OPERATOR_HF_ENDPOINT": hub.url,
                                        "LLAMA_OPERATOR_MODEL_STATUS_SECONDS": "1"})
         for name in NAMES:

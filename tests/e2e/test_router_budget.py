@@ -15,12 +15,16 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 
 from llama_operator.builders.quantity import parse_quantity
+from llama_operator.nodes.host import HOST_ADDRESS
 from tests.e2e.conftest import wait_for
 from tests.e2e.test_sandbox import _create, _status
 from tests.fakehub import FakeHub
 from tests.tiny_gguf import write_tiny_llama
+
+pytestmark = pytest.mark.nodes
 
 GATEWAY = "llama-system/llama-operator-gateway"
 REPO = "test/tiny-GGUF"
@@ -31,7 +35,7 @@ def test_the_gateway_keeps_the_loaded_models_within_the_memory_limit(sandbox_fac
     hub = FakeHub()
     for seed, (name, vocab) in enumerate((("big", 50000), ("small-a", None), ("small-b", None))):
         hub.add(REPO, f"{name}.gguf", write_tiny_llama(tmp_path / f"{name}.gguf", seed=seed, vocab_size=vocab))
-    with hub.running():
+    with hub.running(HOST_ADDRESS):
         sandbox = sandbox_factory(env={"LLAMA_OPERATOR_HF_ENDPOINT": hub.url,
                                        "LLAMA_OPERATOR_MODEL_STATUS_SECONDS": "1"}, args=("--gateway",))
         for name in ("big", "small-a", "small-b"):

@@ -2,8 +2,10 @@
 `helm install` and running as a pod with its ServiceAccount, the exact objects it renders, the real fetcher
 and the real llama-server, called with the official OpenAI client, and kubectl as a user runs it.
 
-No code path of the operator or of the rendered objects knows about the sandbox; the only test-specific
-input is LLAMA_OPERATOR_HF_ENDPOINT (an operator setting), pointing at a local fake Hugging Face.
+It runs on one real node (kubelet + containerd, every pod a container of the images built here). No code path
+of the operator or of the rendered objects knows about the sandbox; the only test-specific input is
+LLAMA_OPERATOR_HF_ENDPOINT (an operator setting), pointing at a fake Hugging Face on the host address (where pods
+reach this machine).
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ import openai
 import pytest
 from kubernetes.client.exceptions import ApiException
 
+from llama_operator.nodes.host import HOST_ADDRESS, RECORD
 from tests.e2e.conftest import SandboxProcess, custom_object, tree_processes, wait_for
+from tests.e2e.containers import container_file, environ, main_pid, pod_pids
 from tests.fakehub import FakeHub
+
+pytestmark = pytest.mark.nodes
 
 GROUP, VERSION, NS = "llamacpp.dev", "v1alpha1", "default"
 OPERATOR_NS, OPERATOR = "llama-system", "llama-operator"
@@ -60,8 +66,7 @@ def _pods(sandbox: SandboxProcess, server: str) -> list[Any]:
 
 
 def _server_pid(pod: Any) -> int:
-    status = next(s for s in pod.status.container_statuses if s.name == "llama-server")
-    return int(status.container_id.removeprefix("sandbox://"))
+    return main_pid(pod, "llama-server")
 
 
 def _jwt_claims(token: str) -> dict[str, Any]:
@@ -74,15 +79,14 @@ def _check_operator_pod(sandbox: SandboxProcess) -> None:
     (pod,) = sandbox.core.list_namespaced_pod(OPERATOR_NS, label_selector=f"app.kubernetes.io/name={OPERATOR}").items
     assert pod.status.phase == "Running" and pod.spec.service_account_name == OPERATOR
     assert pod.metadata.owner_references[0].kind == "ReplicaSet"  # the real Deployment controller's
-    pod_dir = next((sandbox.state_dir / "pods").glob(f"{OPERATOR_NS}_{pod.metadata.name}_*"))
-    (token_file,) = pod_dir.glob("volumes/kube-api-access-*/token")
-    claims = _jwt_claims(token_file.read_text())
+    pid = main_pid(pod, pod.spec.containers[0].name)
+    token = container_file(pid, "/var/run/secrets/kubernetes.io/serviceaccount/token").read_text()
+    claims = _jwt_claims(token)
     assert claims["sub"] == f"system:serviceaccount:{OPERATOR_NS}:{OPERATOR}"
     assert claims["kubernetes.io"]["pod"]["name"] == pod.metadata.name  # a bound TokenRequest token
-    pid = int(pod.status.container_statuses[0].container_id.removeprefix("sandbox://"))
-    environ = dict(item.split("=", 1) for item in
-                   (Path("/proc") / str(pid) / "environ").read_bytes().decode().split("\0") if "=" in item)
-    assert "KUBECONFIG" not in environ and environ["KUBERNETES_SERVICE_HOST"] == pod.status.host_ip
+    env = environ(pid)
+    kubernetes_ip = sandbox.core.read_namespaced_service("kubernetes", "default").spec.cluster_ip
+    assert "KUBECONFIG" not in env and env["KUBERNETES_SERVICE_HOST"] == kubernetes_ip  # in-cluster, by Service
 
 
 def _chat(client: openai.OpenAI, model: str) -> str:
@@ -95,7 +99,7 @@ def _chat(client: openai.OpenAI, model: str) -> str:
 def test_tiny_model_lifecycle(sandbox_factory: Any, tiny_gguf: Path) -> None:
     hub = FakeHub()
     served = hub.add("test/tiny-GGUF", "tiny-q8_0.gguf", tiny_gguf)
-    with hub.running():
+    with hub.running(HOST_ADDRESS):
         sandbox = sandbox_factory(env={"LLAMA_OPERATOR_HF_ENDPOINT": hub.url})
         _check_operator_pod(sandbox)
         _create(sandbox, "llamamodels", "tiny", {"source": {"huggingFace": {
@@ -117,9 +121,10 @@ def test_tiny_model_lifecycle(sandbox_factory: Any, tiny_gguf: Path) -> None:
         assert len(pods) == 2
         assert hub.bytes_served[served.name] - resolved_bytes == 2 * served.size
         for pod in pods:
-            pod_dir = next((sandbox.state_dir / "pods").glob(f"{NS}_{pod.metadata.name}_*"))
-            cache = next((pod_dir / "volumes" / "model-cache").iterdir())
-            assert (cache / "tiny-q8_0.gguf.verified").exists()
+            pid = _server_pid(pod)
+            args = (Path("/proc") / str(pid) / "cmdline").read_bytes().decode().split("\0")
+            model_path = args[args.index("--model") + 1]
+            assert container_file(pid, model_path + ".verified").exists()  # in the pod's own cache volume
             assert "Verified tiny-q8_0.gguf" in sandbox.kubectl("logs", pod.metadata.name, "-c", "fetch-model").stdout
             fetch = next(s for s in pod.status.init_container_statuses if s.name == "fetch-model")
             assert fetch.state.terminated.exit_code == 0
@@ -202,10 +207,10 @@ def test_tiny_model_lifecycle(sandbox_factory: Any, tiny_gguf: Path) -> None:
         _chat(client, "tiny")
 
         # delete everything: no process is left; helm uninstall keeps the CRDs (crds.keep, docs/install.md)
+        uids = [p.metadata.uid for p in _pods(sandbox, "chat")]
         sandbox.kubectl("delete", "llamaserver", "chat", "--wait=true")
         sandbox.custom.delete_namespaced_custom_object(GROUP, VERSION, NS, "llamamodels", "tiny")
-        wait_for(lambda: not [p for p in tree_processes(str(sandbox.state_dir / "pods" / f"{NS}_"))], timeout=60,
-                 message="every pod process to exit")
+        wait_for(lambda: not any(pod_pids(uid) for uid in uids), timeout=60, message="every pod process to exit")
         wait_for(lambda: _pods(sandbox, "chat") == [], timeout=30, message="the pods gone from the API")
         uninstall = subprocess.run([sandbox.env["HELM"], "uninstall", OPERATOR, "--namespace", OPERATOR_NS,
                                     "--kubeconfig", str(sandbox.kubeconfig), "--wait"],
@@ -221,7 +226,7 @@ def test_tiny_model_lifecycle(sandbox_factory: Any, tiny_gguf: Path) -> None:
 def test_gemma_with_api_key(sandbox_factory: Any, gemma_gguf: Path) -> None:
     hub = FakeHub()
     hub.add("unsloth/gemma-3-270m-it-GGUF", "gemma-3-270m-it-Q4_K_M.gguf", gemma_gguf)
-    with hub.running():
+    with hub.running(HOST_ADDRESS):
         sandbox = sandbox_factory(env={"LLAMA_OPERATOR_HF_ENDPOINT": hub.url})
         sandbox.core.create_namespaced_secret(NS, {"metadata": {"name": "llama-key"}, "data": {
             "key": base64.b64encode(b"sk-sandbox-test").decode()}})
@@ -256,7 +261,7 @@ def test_second_start_is_warm_and_local_operator(sandbox_factory: Any, tiny_gguf
     state = tmp_path / "warm-state"
     model = {"source": {"huggingFace": {"repo": "test/tiny-GGUF", "file": "tiny-q8_0.gguf"}},
              "cache": {"type": "PersistentVolumeClaim", "size": "1Gi"}}
-    with hub.running():
+    with hub.running(HOST_ADDRESS):
         first = sandbox_factory(env={"LLAMA_OPERATOR_HF_ENDPOINT": hub.url}, state_dir=state)
         _create(first, "llamamodels", "tiny", model)
         _create(first, "llamaservers", "chat", {"modelRef": {"name": "tiny"}, "contextSize": 256})
@@ -267,7 +272,7 @@ def test_second_start_is_warm_and_local_operator(sandbox_factory: Any, tiny_gguf
         claim = first.core.read_namespaced_persistent_volume_claim(claim_name, NS)
         assert claim.status.phase == "Bound" and claim.spec.storage_class_name == "sandbox-local"
         volume = first.core.read_persistent_volume(claim.spec.volume_name)
-        assert volume.spec.host_path.path == str(state / "pvc" / "sandbox" / NS / claim.metadata.name)
+        assert volume.spec.host_path.path == str(state / "pvc" / pod.spec.node_name / NS / claim.metadata.name)
         assert first.stop() == 0
         assert tree_processes(str(state)) == []
 
@@ -283,17 +288,18 @@ def test_second_start_is_warm_and_local_operator(sandbox_factory: Any, tiny_gguf
         print(f"second start, warm PVC cache: apply -> Ready in {time.monotonic() - started:.1f}s")
         (pod,) = _pods(second, "chat")
         assert "Cache hit" in second.kubectl("logs", pod.metadata.name, "-c", "fetch-model").stdout
-        # a GPU server schedules on the node's advertised nvidia.com/gpu (and runs the CPU llama-server)
+        # a GPU server asks the scheduler for nvidia.com/gpu; these nodes have none, and the status says so
         _create(second, "llamaservers", "gpu", {"modelRef": {"name": "tiny"}, "contextSize": 256,
                                                 "gpu": {"vendor": "nvidia", "count": 1}})
-        _wait_phase(second, "llamaservers", "gpu", "Ready", timeout=120)
+        pending = _wait_phase(second, "llamaservers", "gpu", "Pending", timeout=60,
+                              check=lambda s: "nvidia.com/gpu" in s.get("message", ""))
+        assert "Insufficient nvidia.com/gpu" in pending["message"], pending
         (gpu_pod,) = _pods(second, "gpu")
         assert gpu_pod.spec.containers[0].resources.limits["nvidia.com/gpu"] == "1"
-        assert second.core.read_node("sandbox").status.allocatable["nvidia.com/gpu"] == "8"
         _create(second, "llamaservers", "bad", {"modelRef": {"name": "tiny"}, "args": ["--no-such-flag", "1"]})
         bad = _wait_phase(second, "llamaservers", "bad", "Failed", timeout=30)
         assert "--no-such-flag" in bad["message"]
         assert (state / "operator.log").exists()
         assert second.stop() == 0
         assert tree_processes(str(state)) == []
-        assert not (state / "network.json").exists()  # its bridge and network namespaces are gone
+        assert not RECORD.exists()  # the nodes, their bridges and namespaces are gone

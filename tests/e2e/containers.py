@@ -1,0 +1,52 @@
+"""What the e2e tests read of a pod's containers on a real node, from this machine: the host processes of a
+container or a pod (cgroup v1 names both: `.../pod<uid>/<container id>`), and through /proc a file as the
+container sees it or its environment. Containers run in the host's pid namespace view, so no `kubectl exec`
+(and no shell in the image) is needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _pids_whose_cgroup_has(marker: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            alive = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            if alive and marker in (proc / "cgroup").read_text():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def container_pids(container_id: str) -> list[int]:
+    """Live processes of one container (`containerd://<id>` as the pod status gives it)."""
+    return _pids_whose_cgroup_has("/" + container_id.split("://", 1)[-1])
+
+
+def pod_pids(uid: str) -> list[int]:
+    """Live processes of every container of the pod with this uid, its sandbox (pause) included."""
+    return _pids_whose_cgroup_has(f"/pod{uid}/")
+
+
+def main_pid(pod: Any, container: str) -> int:
+    """The first process of a running container of `pod` (a kubernetes V1Pod)."""
+    status = next(s for s in pod.status.container_statuses if s.name == container)
+    assert status.container_id and status.container_id.startswith("containerd://"), status.container_id
+    pids = container_pids(status.container_id)
+    assert pids, f"no process of {pod.metadata.name}/{container} ({status.container_id})"
+    return pids[0]
+
+
+def container_file(pid: int, path: str) -> Path:
+    """`path` as the container of process `pid` sees it (its root filesystem and volumes)."""
+    return Path(f"/proc/{pid}/root") / path.lstrip("/")
+
+
+def environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
