@@ -11,12 +11,24 @@ unified KV stream) and the case's `--ctx-size` and `--cache-type-k/-v`, and read
   full 512-token ubatch, as filling 32k tokens takes minutes on 2 cores), which touches the KV cache, the masks
   and the compute buffers the way real traffic does. A memory limit has to hold this: the estimate aims at it.
 The error is (estimate - measured) / measured. Needs the binary: `make llama-server` (or LLAMA_SERVER_BIN).
+
+    .venv/bin/python benchmarks/fit.py --cgroup --model tiny   # as root: the cases as containers on a real node
+
+`--cgroup` (a mode, not a column always present: it needs root, the node kit and the images, and starts a sandbox)
+runs the same cases as LlamaServers on one real node (benchmarks/fit_cgroup.py: one `llama-operator sandbox
+--nodes 1`, one pod per case, deleted before the next) and adds `cgroup peak`: the llama-server container's
+cgroup v1 `memory.max_usage_in_bytes`, what its memory limit is enforced against. load/peak RSS then come from
+the container's own llama-server process (VmRSS at Ready, VmHWM after the completion, read on the host), so all
+three numbers are one run; `--components` then prints the cgroup's kernel-memory peak, the pod cgroup's peak and
+its memory.stat (rss, cache, mapped_file) instead of llama.cpp's buffers. One run per case; docs/memory-fit.md
+has the numbers and what the cgroup counts that VmHWM does not.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -123,12 +135,28 @@ def _mib(size: float) -> str:
     return f"{size / MiB:8.1f}"
 
 
+def _real_node(models: dict[str, Path]) -> Any:
+    """benchmarks/fit_cgroup.py's RealNode, imported only for --cgroup (it needs the e2e harness's kubernetes)."""
+    import fit_cgroup  # benchmarks/fit_cgroup.py, beside this file
+
+    try:
+        return fit_cgroup.RealNode(models)
+    except RuntimeError as exc:  # no cgroup v1 memory hierarchy: one line
+        raise SystemExit(f"fit.py --cgroup: {exc}") from None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["tiny", "tiny-128k", "gemma", "all"], default="all")
     parser.add_argument("--components", action="store_true", help="print llama.cpp's buffer sizes too")
+    parser.add_argument("--cgroup", action="store_true",
+                        help="run the cases as containers on one real node and add the container cgroup's peak")
     args = parser.parse_args()
     binary = needs.tool(needs.tiers.LLAMA_SERVER)
+    if args.cgroup:
+        for tool in (needs.tiers.ROOT, needs.tiers.CONTROL_PLANE, needs.tiers.HELM, needs.tiers.NODE_KIT,
+                     needs.tiers.IMAGES):
+            needs.tool(tool)
     work = Path(tempfile.mkdtemp(prefix="fit-bench-"))
     models: dict[str, Path] = {}
     if args.model in ("tiny", "all"):
@@ -141,33 +169,51 @@ def main() -> int:
 
     header = (f"{'model':<10}{'ctx':>7} {'cache':<6}{'prompt':>7}{'estimate':>9}{'load RSS':>10}{'err':>7}"
               f"{'peak RSS':>10}{'err':>7}")
-    if args.components:  # llama.cpp's "compute" here is its compute buffer plus its output (logits) buffer
+    if args.cgroup:
+        header += f"{'cgroup peak':>12}{'err':>7}"
+    if args.components and args.cgroup:  # the cgroup's kernel memory, the pod's peak, memory.stat at the end
+        header += "   kmem peak  pod peak   rss   cache  mapped_file  (MiB)"
+    elif args.components:  # llama.cpp's "compute" here is its compute buffer plus its output (logits) buffer
         header += "   est KV / llama KV   est compute / llama compute  (MiB)"
-    print(header)
-    print("-" * len(header))
-    errors = []
-    for name, path in models.items():
-        info = model_info(asyncio.run(read_header(FileByteSource(path))))
-        assert info.memory is not None
-        for ctx in CONTEXTS[name]:
-            for cache_type in CACHE_TYPES:
-                fit = estimate(info.memory, FitSettings(context_size=ctx, cache_type_k=cache_type,
-                                                        cache_type_v=cache_type),
-                               trained_context=info.context_length)
-                predicted = fit.host.total
-                got = measure(binary, path, ctx, cache_type, work)
-                err_load = (predicted - got.load) / got.load * 100
-                err_peak = (predicted - got.peak) / got.peak * 100
-                errors.append(abs(err_peak))
-                line = (f"{name:<10}{ctx:>7} {cache_type:<6}{prompt_tokens(ctx):>7}{_mib(predicted):>9}"
-                        f"{_mib(got.load):>10}"
-                        f"{err_load:>+6.1f}%{_mib(got.peak):>10}{err_peak:>+6.1f}%")
-                if args.components:
-                    line += (f"   {_mib(fit.host.kv_cache)} / {got.buffers.get('KV', 0):7.1f}"
-                             f"   {_mib(fit.host.compute)} / "
-                             f"{got.buffers.get('compute', 0) + got.buffers.get('output', 0):7.1f}")
-                print(line, flush=True)
+    with contextlib.ExitStack() as stack:
+        node = stack.enter_context(_real_node(models)) if args.cgroup else None
+        if node is not None:
+            print(f"sandbox with one real node ready in {node.start_s:.1f} s", flush=True)
+        print(header)
+        print("-" * len(header))
+        errors, cgroup_errors = [], []
+        for name, path in models.items():
+            info = model_info(asyncio.run(read_header(FileByteSource(path))))
+            assert info.memory is not None
+            for ctx in CONTEXTS[name]:
+                for cache_type in CACHE_TYPES:
+                    fit = estimate(info.memory, FitSettings(context_size=ctx, cache_type_k=cache_type,
+                                                            cache_type_v=cache_type),
+                                   trained_context=info.context_length)
+                    predicted = fit.host.total
+                    got = (node.measure(name, ctx, cache_type, prompt_tokens(ctx)) if node is not None
+                           else measure(binary, path, ctx, cache_type, work))
+                    err_load = (predicted - got.load) / got.load * 100
+                    err_peak = (predicted - got.peak) / got.peak * 100
+                    errors.append(abs(err_peak))
+                    line = (f"{name:<10}{ctx:>7} {cache_type:<6}{prompt_tokens(ctx):>7}{_mib(predicted):>9}"
+                            f"{_mib(got.load):>10}"
+                            f"{err_load:>+6.1f}%{_mib(got.peak):>10}{err_peak:>+6.1f}%")
+                    if node is not None:
+                        err_cgroup = (predicted - got.cgroup_peak) / got.cgroup_peak * 100
+                        cgroup_errors.append(abs(err_cgroup))
+                        line += f"{_mib(got.cgroup_peak):>12}{err_cgroup:>+6.1f}%"
+                    if args.components and node is not None:
+                        line += (f"   {_mib(got.kmem_peak)} {_mib(got.pod_peak)} {_mib(got.stat['rss'])}"
+                                 f" {_mib(got.stat['cache'])} {_mib(got.stat['mapped_file'])}")
+                    elif args.components:
+                        line += (f"   {_mib(fit.host.kv_cache)} / {got.buffers.get('KV', 0):7.1f}"
+                                 f"   {_mib(fit.host.compute)} / "
+                                 f"{got.buffers.get('compute', 0) + got.buffers.get('output', 0):7.1f}")
+                    print(line, flush=True)
     print(f"\nlargest |error| against peak RSS: {max(errors):.1f}% (goal: 15%); logs in {work}")
+    if cgroup_errors:
+        print(f"largest |error| against the container cgroup's peak: {max(cgroup_errors):.1f}%")
     return 0
 
 
