@@ -6,12 +6,13 @@ root filesystem, its webhook and metrics reached through their Services; a names
 Pod Security Standard admitting every pod the operator makes; an in-cluster client (the official `openai`
 package, in an image built here) calling the server's Service and the gateway by DNS name; the kernel OOM-killing
 a server under its memory limit and the LlamaServer saying so while one at the estimate runs; replicas spread over
-both nodes, and a ReadWriteOnce cache pinning them to one.
+both nodes, a ReadWriteOnce cache pinning them to one, and a HostPath cache downloaded once per node.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import kubernetes
 import pytest
 from kubernetes.client.rest import ApiException
 
+from tests.chart.chart import REPO
 from tests.e2e.harness import SandboxProcess, custom_object, serve_file, wait_for
 
 pytestmark = pytest.mark.nodes
@@ -243,3 +245,55 @@ def test_a_read_write_once_cache_pins_every_replica_to_its_node(real: SandboxPro
     volume = real.core.read_persistent_volume(claim.spec.volume_name)
     terms = volume.spec.node_affinity.required.node_selector_terms
     assert terms[0].match_expressions[0].values == [_pods(real, namespace, "pinned")[0].spec.node_name]
+
+
+def _prepare_host_path(real: SandboxProcess, ns: str, path: str, client_image: str) -> None:
+    """What docs/architecture.md tells an admin to do: a DaemonSet makes the HostPath cache directory on every
+    node, writable by the pods' user (the kubelet would create it root-owned)."""
+    root = "/var/lib/llama-operator/models"  # the chart's hostPathRoot
+    script = (f"import os, time\nfor d in ('{path.split('/')[0]}', '{path}'):\n"
+              f"    os.makedirs('/root-dir/' + d, exist_ok=True)\n    os.chown('/root-dir/' + d, 65532, 65532)\n"
+              "open('/tmp/done', 'w').close()\ntime.sleep(1e9)")
+    daemonset = {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "cache-dirs", "namespace": ns},
+                 "spec": {"selector": {"matchLabels": {"app": "cache-dirs"}}, "template": {
+                     "metadata": {"labels": {"app": "cache-dirs"}},
+                     "spec": {"containers": [{
+                         "name": "mkdir", "image": client_image, "command": ["python", "-c", script],
+                         "securityContext": {"runAsUser": 0},
+                         "readinessProbe": {"exec": {"command": ["python", "-c", "open('/tmp/done')"]},
+                                            "periodSeconds": 1},
+                         "volumeMounts": [{"name": "root", "mountPath": "/root-dir"}]}],
+                         "volumes": [{"name": "root", "hostPath": {"path": root, "type": "DirectoryOrCreate"}}]}}}}
+    kubernetes.client.AppsV1Api(real.api).create_namespaced_daemon_set(ns, daemonset)
+    wait_for(lambda: (s := kubernetes.client.AppsV1Api(real.api).read_namespaced_daemon_set_status(
+        "cache-dirs", ns).status).desired_number_scheduled == 2 and s.number_ready == 2, timeout=120,
+        message="the cache directories made on both nodes")
+
+
+def test_a_host_path_cache_is_one_download_per_node(real: SandboxProcess, namespace: str, model_url: str,
+                                                    nodes_info: dict[str, Any]) -> None:
+    """HostPath caches on, as an admin would (helm upgrade): four replicas over two nodes download the model once
+    per node into that node's own directory; the other pod on each node finds it there."""
+    upgrade = subprocess.run(
+        [real.env["HELM"], "upgrade", "llama-operator", str(REPO / "charts" / "llama-operator"), "--namespace", SYSTEM,
+         "--kubeconfig", str(real.kubeconfig), "--reuse-values", "--set", "policy.hostPathCache=true", "--wait",
+         "--timeout", "120s"], capture_output=True, text=True, timeout=180)
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    real.kubectl("rollout", "status", "deployment/llama-operator", "-n", SYSTEM, "--timeout=120s", timeout=150)
+    _prepare_host_path(real, namespace, "team/tiny", nodes_info["images"]["client"])
+
+    _apply_model(real, namespace, "shared", model_url, cache={"type": "HostPath", "path": "team/tiny"})
+    _apply_server(real, namespace, "shared", replicas=4)
+    _wait(real, namespace, "shared", lambda s: s.get("phase") == "Ready" and s.get("readyReplicas") == 4,
+          "Ready with 4 replicas")
+    pods = _pods(real, namespace, "shared")
+    per_node: dict[str, list[str]] = {}
+    for pod in pods:
+        log = real.kubectl("logs", "-n", namespace, pod.metadata.name, "-c", "fetch-model").stdout
+        per_node.setdefault(pod.spec.node_name, []).append("hit" if "Cache hit" in log else "fetched")
+    assert {node: sorted(kinds) for node, kinds in per_node.items()} == {
+        node: ["fetched", "hit"] for node in nodes_info["nodes"]}, per_node
+    for node in nodes_info["nodes"]:  # each node's own directory (its private bind over /var/lib/llama-operator)
+        own = real.state_dir / "nodes" / node / "mounts" / "var-lib-llama-operator" / "models" / "team" / "tiny"
+        assert list(own.rglob("*.verified")), f"{own} holds no verified model"
+    assert not list(Path("/var/lib/llama-operator").rglob("*.verified"))  # nothing on the host's own filesystem

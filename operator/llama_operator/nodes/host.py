@@ -8,7 +8,8 @@ exact restore of all of it.
 - one bridge per node, `llnodes<k>` with 10.244.<k>.1/24: the node's address (`--node-ip`) and its pods' gateway;
   the host routes between the bridges (ip_forward=1 while running).
 - cgroup roots `/<node>` in every v1 hierarchy, cpuset.cpus/mems copied from the root (the kubelet's cgroupRoot).
-- the mount points the nodes' private bind mounts need (/var/lib/kubelet ...), created only if absent.
+- the mount points the nodes' private bind mounts need (/var/lib/kubelet ..., the HostPath cache root's parent),
+  created only if absent.
 
 `restore()` puts back what `prepare()` found, in order: processes left in the nodes' mount namespaces (after a
 crash: shims, containers), leftover mounts, iptables chains the run added (KUBE-*, CNI-*; v4 and v6) and then its
@@ -32,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import DEFAULT_HOSTPATH_ROOT
 from ..controlplane.cluster import SERVICE_CIDR
 from .processes import NodesError, kill_namespace, run
 
@@ -44,8 +46,10 @@ TABLES = ("filter", "nat", "mangle", "raw")
 SYSCTLS = ("net.ipv4.ip_forward", "kernel.panic", "kernel.panic_on_oops", "vm.overcommit_memory",
            "vm.panic_on_oom", "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes",
            "net.ipv4.conf.all.route_localnet", "net.bridge.bridge-nf-call-iptables")
-# Paths the kubelet and containerd hard-code; each node bind-mounts its own directory over them, privately.
-MOUNT_POINTS = ("/var/lib/kubelet", "/var/log/containers", "/run/containerd", "/var/lib/cni")
+# Paths the kubelet and containerd hard-code; each node bind-mounts its own directory over them, privately. Also
+# the operator's HostPath cache root (its parent): each node keeps its own HostPath caches, as separate machines do.
+MOUNT_POINTS = ("/var/lib/kubelet", "/var/log/containers", "/run/containerd", "/var/lib/cni",
+                str(Path(DEFAULT_HOSTPATH_ROOT).parent))
 RECORD = Path("/run/llama-operator-nodes.json")
 
 

@@ -2,10 +2,10 @@
 
 The namespace is held by a small process (`unshare --mount --propagation private`, then `sleep`) that first
 bind-mounts the node's own directories over the paths the kubelet and containerd hard-code or share
-(/var/lib/kubelet, /var/log/containers, /run/containerd, /var/lib/cni); containerd and the kubelet then join it
-with `nsenter`. Every mount they make (volumes, overlay root filesystems, the pods' network namespaces) lives and
-dies with that namespace, invisible to the host and to the other node. Both stay in the host's network namespace:
-the node's address is its bridge's.
+(host.MOUNT_POINTS: /var/lib/kubelet, /var/log/containers, /run/containerd, /var/lib/cni, and the HostPath cache
+root's /var/lib/llama-operator); containerd and the kubelet then join it with `nsenter`. Every mount they make
+(volumes, overlay root filesystems, the pods' network namespaces) lives and dies with that namespace, invisible to
+the host and to the other node. Both stay in the host's network namespace: the node's address is its bridge's.
 
 `stop` kills the containers (ctr), the kubelet and containerd, then every process still in the namespace (shims,
 container processes), so the namespace and all its mounts are gone when it returns.
