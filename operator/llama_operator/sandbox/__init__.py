@@ -2,10 +2,9 @@
 
 The command line is registered here without importing the sandbox itself, so `llama-operator` works where
 the extra (aiohttp, cryptography) is not installed. app.py runs it; real_nodes.py puts it on real nodes
-(llama_operator.nodes); process_node.py is the process node: node.py (the Node), kubelet.py (a pod's lifecycle,
-over pod.py, volumes.py, command.py, probes.py, containers.py and processes.py), logs.py, network.py and
-images.py; proxy.py and storage.py serve both; helm.py installs the operator; docs/sandbox.md is the user's
-walkthrough.
+(llama_operator.nodes: kubelet + containerd each); storage.py provisions volumes, proxy.py gives Services host
+ports, helm.py installs the operator, processes.py runs it locally (`--operator local`), client.py talks to the
+API server; docs/sandbox.md is the user's walkthrough.
 """
 
 from __future__ import annotations
@@ -23,10 +22,22 @@ def _command(args: argparse.Namespace) -> int:
     return command(args)
 
 
-def _nodes(value: str) -> str:
-    if value == "process" or (value.isdigit() and 1 <= int(value) <= 4):
-        return value
-    raise argparse.ArgumentTypeError("expected 1 to 4 (real nodes) or `process`")
+RETIRED = ("the process node was retired (its containers were local processes: no image, security context or "
+           "limit); real nodes run pods as a cluster does: use --nodes 1 to 4 (default 2), see docs/sandbox.md")
+
+
+def _nodes(value: str) -> int:
+    if value == "process":
+        raise argparse.ArgumentTypeError(RETIRED)
+    if value.isdigit() and 1 <= int(value) <= 4:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r}: expected how many real nodes, 1 to 4")
+
+
+def _retired_image(value: str) -> str:
+    raise argparse.ArgumentTypeError("--image mapped images to local executables for the process node, which "
+                                     "was retired: real nodes pull the images of `make images` from the sandbox's "
+                                     "registry")
 
 
 def register(sub: Any) -> None:
@@ -37,8 +48,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--api-port", type=int, default=0, help="port of the API server (default: any free port)")
     parser.add_argument("--service-port-base", type=int, default=DEFAULT_SERVICE_PORT_BASE,
                         help="Services get local ports from this one up (default %(default)s; 0: any free port)")
-    parser.add_argument("--image", action="append", metavar="IMAGE=EXECUTABLE",
-                        help="run this image (or image repository) as this local executable (repeatable)")
+    parser.add_argument("--image", type=_retired_image, help=argparse.SUPPRESS)  # the process node's; says so
     parser.add_argument("--operator", choices=["helm", "local"], default="helm",
                         help="helm: install charts/llama-operator, the operator runs as a pod (default); "
                              "local: run `llama-operator run` as a local process with the admin kubeconfig")
@@ -47,13 +57,14 @@ def register(sub: Any) -> None:
     parser.add_argument("--control-plane-dir",
                         help="directory with etcd, kube-apiserver, ... (default: $LLAMA_OPERATOR_CONTROL_PLANE_DIR, "
                              "PATH, or the `make control-plane` build)")
-    parser.add_argument("--nodes", default="2", type=_nodes,
-                        help="how many real nodes (kubelet + containerd each, from `make node-kit`; default "
-                             "%(default)s), or `process`: one node whose containers are local processes")
+    parser.add_argument("--nodes", default=2, type=_nodes, metavar="N",
+                        help="how many real nodes, 1 to 4 (kubelet + containerd each, from `make node-kit`; "
+                             "default %(default)s)")
     parser.add_argument("--network-policies", action="store_true",
-                        help="enforce NetworkPolicies (kube-router's firewall; real nodes, the first node's pods "
+                        help="enforce NetworkPolicies (kube-router's firewall; the first node's pods "
                              "only) and turn on every policy of the chart")
-    parser.add_argument("--verbose", action="store_true", help="log every pod and container event")
+    parser.add_argument("--verbose", action="store_true",
+                        help="log each component started and each volume provisioned or deleted")
     # The gateway hook (docs/gateway.md): the chart's gateway.enabled, installed with the operator.
     parser.add_argument("--gateway", action="store_true",
                         help="also install the OpenAI gateway (chart value gateway.enabled; helm mode)")

@@ -4,20 +4,18 @@ What runs (all children of this process, each in a process group of its own):
 - the real control plane (llama_operator.controlplane): etcd, kube-apiserver (Node,RBAC authorization,
   webhooks resolved through the Service's endpoints: `--enable-aggregator-routing`), kube-controller-manager
   and kube-scheduler, from `make control-plane`;
-- the nodes, by `--nodes`: N real nodes (real_nodes.py over llama_operator.nodes: a kubelet and a containerd
-  each, kube-proxy, CoreDNS, a local registry with the images of `make images`), or `process`: one node whose
-  containers are local processes (process_node.py); either way a local-path provisioner (storage.py) and a host
+- `--nodes` real nodes (real_nodes.py over llama_operator.nodes: a kubelet and a containerd each, kube-proxy,
+  CoreDNS, a local registry with the images of `make images`), a local-path provisioner (storage.py) and a host
   port per Service (proxy.py);
 - the operator: by default `helm install` of charts/llama-operator, so it is a pod of its Deployment on a
   node, with its ServiceAccount, the chart's RBAC and its webhook behind the chart's Service and TLS;
   `--operator local` runs `llama-operator run` as a plain process with the admin kubeconfig instead (no webhook).
 
-Every start is a fresh cluster: the etcd data and pod directories of the previous run are deleted at start.
-What makes a second start warm is kept: PVC and hostPath volume directories (model caches) and the built
-binaries. State directory (default `$XDG_STATE_HOME/llama-operator/sandbox`): `kubeconfig` (written once the
-sandbox is ready, removed at stop), `services.json`, `nodes.json` (real nodes: the host address, the registry,
-the images), `cluster/` (control plane: PKI, etcd, logs), `nodes/` (real nodes: each node's state and logs),
-`pods/<ns>_<pod>_<uid>/` (process node), `pvc/<node>/<ns>/<claim>/`, `hostpath/<path>/`.
+Every start is a fresh cluster: the etcd data of the previous run is deleted at start. What makes a second
+start warm is kept: PVC and hostPath volume directories (model caches) and the built binaries. State directory
+(default `$XDG_STATE_HOME/llama-operator/sandbox`): `kubeconfig` (written once the sandbox is ready, removed at
+stop), `services.json`, `nodes.json` (the host address, the registry, the images), `cluster/` (control plane:
+PKI, etcd, logs), `nodes/` (each node's state and logs), `pvc/<node>/<ns>/<claim>/`, `hostpath/<path>/`.
 """
 
 from __future__ import annotations
@@ -44,12 +42,9 @@ from ..nodes.kit import KitMissing
 from ..nodes.processes import NodesError
 from .client import Api, ApiError, Informer, client_ssl_context, resource_path
 from .helm import EGRESS_GUARD_ENV, NAMESPACE, RELEASE, HelmError, find_chart, find_helm, install, values_from_env
-from .images import ImageTable, operator_executable
-from .network import NetworkError
-from .process_node import ProcessNode
-from .processes import spawn, terminate
+from .processes import ExecutableMissing, operator_executable, spawn, terminate
 from .proxy import ServiceProxies
-from .real_nodes import RealNodeSet
+from .real_nodes import RealNodeSet, operator_env
 
 log = logging.getLogger("llama_operator.sandbox")
 
@@ -111,7 +106,7 @@ LOCK_FILE = "sandbox.lock"
 
 def lock_state_dir(state_dir: Path) -> IO[str]:
     """Hold the state directory for this process (an flock, released when the process ends, however it ends):
-    a second sandbox on the same directory would wipe the first one's pods and collide on its bridge."""
+    a second sandbox on the same directory would wipe the first one's cluster and collide on its nodes."""
     handle = (state_dir / LOCK_FILE).open("a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -130,13 +125,11 @@ def lock_state_dir(state_dir: Path) -> IO[str]:
 
 
 class Sandbox:
-    def __init__(self, *, state_dir: Path, api_port: int, service_port_base: int, images: dict[str, str],
-                 operator: str = "helm", chart: str | None = None, helm: str | None = None,
-                 control_plane_dir: str | None = None) -> None:
+    def __init__(self, *, state_dir: Path, api_port: int, service_port_base: int, operator: str = "helm",
+                 chart: str | None = None, helm: str | None = None, control_plane_dir: str | None = None) -> None:
         self.state_dir = state_dir
         self.api_port = api_port
         self.service_port_base = service_port_base
-        self.images = ImageTable(images)
         self.operator_mode = operator
         self.chart = chart
         self.helm = helm
@@ -146,8 +139,8 @@ class Sandbox:
         self._operator: asyncio.subprocess.Process | None = None
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
-        self.nodes = "2"  # --nodes: how many real nodes (real_nodes.py), or "process" (process_node.py)
-        self.node: ProcessNode | RealNodeSet | None = None
+        self.nodes = 2  # --nodes: how many real nodes (real_nodes.py)
+        self.node: RealNodeSet | None = None
         self.network_policies = False  # --network-policies: enforced (real nodes; the first node's pods only)
         self.gateway = False  # the gateway hook (docs/gateway.md): `--gateway` installs it with the chart
 
@@ -177,14 +170,14 @@ class Sandbox:
 
     # ------------------------------------------------------------------------------------------ the operator
 
-    async def _run_local_operator(self, kubeconfig: Path) -> None:
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    async def _run_local_operator(self, executable: str, kubeconfig: Path, images: dict[str, str]) -> None:
+        env = {**images, **os.environ, "KUBECONFIG": str(kubeconfig)}  # the registry's images unless set
         env.setdefault("LLAMA_OPERATOR_METRICS_PORT", "0")  # the default :8000 would clash on a workstation
         env.setdefault(EGRESS_GUARD_ENV, "false")  # see helm.EGRESS_GUARD_ENV
         env.pop("KUBERNETES_SERVICE_HOST", None)  # never the in-cluster config of a surrounding cluster
         log_path = self.state_dir / "operator.log"
         while not self._stopping:
-            self._operator = await spawn([operator_executable(), "run"], env=env, cwd=self.state_dir,
+            self._operator = await spawn([executable, "run"], env=env, cwd=self.state_dir,
                                          log_path=log_path)
             say(f"Operator: llama-operator run (local process, pid {self._operator.pid}), log {log_path}")
             code = await self._operator.wait()
@@ -193,16 +186,11 @@ class Sandbox:
             say(f"Operator exited with code {code}; restarting in 5s (see {log_path})")
             await asyncio.sleep(5)
 
-    def _node_backend(self) -> ProcessNode | RealNodeSet:
-        if self.nodes == "process":
-            return ProcessNode(self.state_dir, self.images)
-        return RealNodeSet(self.state_dir, int(self.nodes), network_policies=self.network_policies)
-
     async def _install_operator(self, admin_kubeconfig: Path, node_values: dict[str, Any]) -> None:
         helm = find_helm(self.helm)
         chart = find_chart(self.chart)
         values = values_from_env({EGRESS_GUARD_ENV: "false", **os.environ})  # see helm.EGRESS_GUARD_ENV
-        values.update(node_values)  # the images the nodes pull (real nodes)
+        values.update(node_values)  # the images the nodes pull
         if self.gateway:  # the gateway hook (docs/gateway.md)
             values["gateway"] = {"enabled": True}
         output = await install(helm, chart, admin_kubeconfig, values, self.state_dir / "values.yaml")
@@ -237,30 +225,30 @@ class Sandbox:
                         say(f"{line}; still waiting (Ctrl-C stops)")
             await asyncio.sleep(0.5)
         raise SandboxError(f"the operator's webhook did not answer within {READY_TIMEOUT:.0f} s: see "
-                           f"`kubectl -n {NAMESPACE} describe pods` and the pod logs under {self.state_dir}/pods")
+                           f"`kubectl -n {NAMESPACE} describe pods` and the pod logs under "
+                           f"{self.state_dir}/nodes/*/pod-logs")
 
     # ------------------------------------------------------------------------------------------ run
 
     async def run(self, stop: asyncio.Event) -> int:
         from ..api.crd import all_crds
 
-        if str(self.state_dir.resolve()).startswith(("/run/", "/var/run/")):
-            raise SandboxError("the state directory must not be under /run (pods get a private /run)")
         binaries = find_control_plane(self.control_plane_dir)
+        local = self.operator_mode == "local"
+        executable = operator_executable() if local else ""  # missing: said before anything starts
         self.state_dir.mkdir(parents=True, exist_ok=True)
         lock = lock_state_dir(self.state_dir)  # before anything of a running sandbox's is wiped
-        for stale in ("pods", "cluster", "kubeconfig", "services.json", "nodes.json"):
+        for stale in ("cluster", "kubeconfig", "services.json", "nodes.json"):
             target = self.state_dir / stale
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-        node = self.node = self._node_backend()
-        local = self.operator_mode == "local"
+        node = self.node = RealNodeSet(self.state_dir, self.nodes, network_policies=self.network_policies)
         cluster: ControlPlane | None = None
         kubeconfig = self.state_dir / "kubeconfig"
         try:
             await node.prepare()
             cluster = ControlPlane(
                 self.state_dir / "cluster", binaries, controllers=True, scheduler=True,
-                crds=all_crds() if local else [], apiserver_port=self.api_port, serving_ips=node.serving_ips,
+                crds=all_crds() if local else [], apiserver_port=self.api_port,
                 address=node.address, extra_apiserver_args=["--enable-aggregator-routing=true"])
             await asyncio.to_thread(cluster.start)
             say(f"API server: {cluster.server} (etcd, kube-apiserver, kube-controller-manager, kube-scheduler; "
@@ -276,8 +264,9 @@ class Sandbox:
                 self._tasks = [asyncio.create_task(runner, name=name) for name, runner in node.runners().items()]
                 self._tasks.append(asyncio.create_task(proxies.run(), name="service proxies"))
                 if local:
-                    self._tasks.append(asyncio.create_task(self._run_local_operator(cluster.admin_kubeconfig),
-                                                           name="operator"))
+                    operator = self._run_local_operator(executable, cluster.admin_kubeconfig,
+                                                        operator_env(node.nodes.image_refs))
+                    self._tasks.append(asyncio.create_task(operator, name="operator"))
                 else:
                     await self._install_operator(cluster.admin_kubeconfig, values)
                     await self._wait_operator(admin, stop)
@@ -294,11 +283,10 @@ class Sandbox:
                     if task is not stopped and task.exception() is not None:
                         log.error("sandbox %s failed", task.get_name(), exc_info=task.exception())
                 stopped.cancel()
-                say("Stopping: pods get SIGTERM and their grace period, then SIGKILL")
+                say("Stopping: the nodes stop their pods (SIGTERM, their grace period, SIGKILL)")
                 self._stopping = True
-                operator = self._operator
-                await asyncio.gather(node.shutdown(),
-                                     terminate(operator, OPERATOR_GRACE) if operator else asyncio.sleep(0))
+                if self._operator is not None:
+                    await terminate(self._operator, OPERATOR_GRACE)
                 await proxies.close()
         finally:
             self._stopping = True
@@ -317,15 +305,8 @@ class Sandbox:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    images = {}
-    for item in args.image or []:
-        image, sep, exe = item.partition("=")
-        if not sep or not image or not exe:
-            print(f"llama-operator sandbox: --image {item!r}: expected IMAGE=EXECUTABLE", file=sys.stderr)
-            return 2
-        images[image] = exe
     sandbox = Sandbox(state_dir=args.state_path, api_port=args.api_port, service_port_base=args.service_port_base,
-                      images=images, operator=args.operator, chart=args.chart, helm=args.helm,
+                      operator=args.operator, chart=args.chart, helm=args.helm,
                       control_plane_dir=args.control_plane_dir)
     sandbox.gateway = args.gateway  # the gateway hook (docs/gateway.md)
     sandbox.nodes = args.nodes
@@ -347,7 +328,7 @@ async def _main(args: argparse.Namespace) -> int:
     runner = asyncio.create_task(sandbox.run(stop))
     try:
         return await runner
-    except (SandboxError, NetworkError, BinariesMissing, HelmError, KitMissing, NodesError) as exc:
+    except (SandboxError, BinariesMissing, ExecutableMissing, HelmError, KitMissing, NodesError) as exc:
         print(f"llama-operator sandbox: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a port taken, a full disk: the reason, not a traceback
@@ -355,9 +336,9 @@ async def _main(args: argparse.Namespace) -> int:
         return 1
 
 
-def _kill_children(node: ProcessNode | RealNodeSet | None) -> None:
-    """SIGKILL every process group this process started (children run in sessions of their own), then remove
-    the pod network."""
+def _kill_children(node: RealNodeSet | None) -> None:
+    """SIGKILL every process group this process started (children run in sessions of their own), then stop the
+    nodes (their containers run under containerd's shims, outside this process tree)."""
     with contextlib.suppress(OSError):
         for pid_dir in Path("/proc").iterdir():
             if not pid_dir.name.isdigit():

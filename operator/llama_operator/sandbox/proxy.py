@@ -1,7 +1,9 @@
-"""The sandbox's kube-proxy: one local TCP listener per Service port, round-robin over the ready endpoints.
+"""The Services' host ports: one local TCP listener per Service port, round-robin over the ready endpoints, so a
+browser or curl on this machine reaches a Service (kube-proxy serves the ClusterIPs inside the cluster).
 
 `ServiceProxies` watches Services and the EndpointSlices the real EndpointSlice controller writes, and keeps
-one `ServiceProxy` (a 127.0.0.1 listener) per TCP Service port, forwarding to the ready endpoints.
+one `ServiceProxy` (a 127.0.0.1 listener) per TCP Service port, forwarding to the ready endpoints (pod addresses
+on the nodes' bridges, which this machine routes to).
 """
 
 from __future__ import annotations
@@ -14,13 +16,33 @@ from collections.abc import Callable
 from typing import Any
 
 from .client import Api, Informer
-from .network import splice
 
 log = logging.getLogger("llama_operator.sandbox")
 
 HOST = "127.0.0.1"
 PORT_SEARCH = 200
 SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, OSError):
+        pass
+
+
+async def splice(client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                 upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    """Copy both ways until both sides are done (half-close passed on), then close both."""
+    try:
+        await asyncio.gather(_pipe(client[0], upstream[1]), _pipe(upstream[0], client[1]))
+    finally:
+        for writer in (upstream[1], client[1]):
+            writer.close()
 
 
 class ServiceProxy:

@@ -37,7 +37,7 @@ def find_images(directory: str | None = None) -> Path:
         newest = max(builds, key=lambda p: p.stat().st_mtime, default=None)
         if newest is None:
             raise NodesError(f"no images: ${IMAGES_ENV} is not set and {cache_root()} holds no `make images` "
-                             "build; `make images` builds them (or run the sandbox with --nodes process)")
+                             "build; `make images` builds them")
         return newest
     if not (Path(chosen) / "images.json").is_file():
         raise NodesError(f"{chosen} has no images.json: `make images` builds the images")
@@ -59,6 +59,12 @@ def chart_values(refs: dict[str, str], *, network_policies: bool = False,
     return values
 
 
+def operator_env(refs: dict[str, str]) -> dict[str, str]:
+    """What the chart values of chart_values() set, as the operator's environment (`--operator local`): the
+    llama-server image and the fetcher image (the operator's own) from the registry."""
+    return {"LLAMA_OPERATOR_IMAGE_CPU": refs[LLAMA_SERVER_IMAGE], "LLAMA_OPERATOR_FETCHER_IMAGE": refs[OPERATOR_IMAGE]}
+
+
 class RealNodeSet:
     """prepare() (host side, before the control plane) -> start(cluster, admin) -> runners() ... shutdown() ->
     close() (safe after a partial start)."""
@@ -75,10 +81,6 @@ class RealNodeSet:
     def address(self) -> str:
         """The API server listens on the host address: pods reach it through the `kubernetes` Service."""
         return self.nodes.host_address
-
-    @property
-    def serving_ips(self) -> list[str]:
-        return []
 
     @property
     def host_address(self) -> str:
@@ -110,9 +112,6 @@ class RealNodeSet:
     def runners(self) -> dict[str, Coroutine[Any, Any, None]]:
         assert self.provisioner is not None
         return {"provisioner": self.provisioner.run()}
-
-    async def shutdown(self) -> None:
-        """The nodes stop their pods themselves (close)."""
 
     async def close(self) -> None:
         await asyncio.to_thread(self.nodes.stop)
