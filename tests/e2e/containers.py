@@ -1,10 +1,13 @@
 """What the e2e tests read of a pod's containers on a real node, from this machine: the host processes of a
 container or a pod (cgroup v1 names both: `.../pod<uid>/<container id>`), and through /proc a file as the
-container sees it or its environment. Containers run in the host's pid namespace view, so no `kubectl exec`
-(and no shell in the image) is needed."""
+container sees it or its environment; and a node's power cut (`power_off`). Containers run in the host's pid
+namespace view, so no `kubectl exec` (and no shell in the image) is needed."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +53,33 @@ def container_file(pid: int, path: str) -> Path:
 def environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
     return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+
+def power_off(state_dir: Path, node: str) -> int:
+    """What a node losing power does to its side of the cluster: every process of the sandbox's node `node` (its
+    kubelet, containerd, the shims and all its containers) SIGKILLed at once. The process that holds the node's
+    mount namespace is spared, so the sandbox's own stop still finds and clears the namespace. Returns how many
+    processes were killed."""
+    marker = f"{state_dir}/nodes/{node}/"
+    kubelet = next(pid for pid in _pids() if marker in _cmdline(pid) and "kubelet" in _cmdline(pid).split()[0])
+    namespace = os.readlink(f"/proc/{kubelet}/ns/mnt")
+    victims = []
+    for pid in _pids():
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/ns/mnt") == namespace and _cmdline(pid) != "sleep infinity":
+                victims.append(pid)
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(victims)
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) != os.getpid()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
