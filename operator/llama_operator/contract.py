@@ -108,6 +108,8 @@ EXIT_UNREACHABLE = 16
 EXIT_INTERRUPTED = 143
 
 # ---------------------------------------------------------------------------------------------- files
+# llama.cpp's name for the parts of a split GGUF (`gguf-split`): the source checks and the fetcher both read it.
+SPLIT_GGUF_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 GGUF_MAGIC = b"GGUF"
 """The first four bytes of every GGUF file: the fetcher checks them on the first chunk, `gguf` parses on."""

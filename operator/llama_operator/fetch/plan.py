@@ -11,8 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..api.v1alpha1 import SPLIT_GGUF_RE
-from ..contract import PROGRESS_INTERVAL_SECONDS
+from ..contract import PROGRESS_INTERVAL_SECONDS, SPLIT_GGUF_RE
 from ..errors import InvalidArguments
 from .http import check_path, check_url, hf_resolve_url, redact_url
 from .secrets import auth_headers

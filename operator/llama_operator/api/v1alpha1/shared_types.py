@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import Field
 
-from ...contract import GROUP
+from ...contract import GROUP, SPLIT_GGUF_RE  # noqa: F401 - SPLIT_GGUF_RE re-exported
 from ..base import ApiModel
 from ..bounds import NAME_MAX_LENGTH, Message
 
@@ -17,7 +16,6 @@ API_VERSION = f"{GROUP}/{VERSION}"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 SHA256_HEX = r"^[a-f0-9]{64}$"
-SPLIT_GGUF_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 """Every model name a LlamaServer serves (spec.alias, spec.models[].alias, and the LlamaModel name they default
 to): no `/` (the gateway routes `<name>` and must not be squatted with `team-b/prod`), no `:` tag and no `]`
