@@ -5,7 +5,8 @@ header, the poller writes each model's estimate into status.models, the reconcil
 memory limit alone, and the gateway (installed by the chart) reads the budget and the estimates from the
 LlamaServer. Requests for each model in turn through the gateway keep the router's loaded models (its /models,
 through the Service) within the budget after every request, with maxLoaded 3, which alone would let all three
-in. The sandbox does not enforce memory limits (docs/sandbox.md): the budget is the gateway's doing here.
+in: the budget is the gateway's doing. The node enforces the limit too (the router and the model processes it
+starts share the container's memory cgroup): the router is never OOM-killed along the way.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def test_the_gateway_keeps_the_loaded_models_within_the_memory_limit(sandbox_fac
             sums.append(sum(sizes[name] for name in loaded) // 2**20)
         print(f"router budget 62Mi through the gateway: loaded estimates after each request (MiB): {sums}")
         assert max(sums) <= 62, sums
+        (pod,) = sandbox.core.list_namespaced_pod("default", label_selector="llamacpp.dev/server=fleet").items
+        assert [c.restart_count for c in pod.status.container_statuses] == [0], pod.status.container_statuses
 
         def used() -> dict[str, Any] | None:
             status = _status(sandbox, "llamaservers", "fleet")
