@@ -44,7 +44,7 @@ from .client import Api, ApiError, Informer, client_ssl_context, resource_path
 from .helm import EGRESS_GUARD_ENV, NAMESPACE, RELEASE, HelmError, find_chart, find_helm, install, values_from_env
 from .processes import ExecutableMissing, operator_executable, spawn, terminate
 from .proxy import ServiceProxies
-from .real_nodes import RealNodeSet, operator_env
+from .real_nodes import RealNodeSet
 
 log = logging.getLogger("llama_operator.sandbox")
 
@@ -265,8 +265,7 @@ class Sandbox:
                 self._tasks = [asyncio.create_task(runner, name=name) for name, runner in node.runners().items()]
                 self._tasks.append(asyncio.create_task(proxies.run(), name="service proxies"))
                 if local:
-                    operator = self._run_local_operator(executable, cluster.admin_kubeconfig,
-                                                        operator_env(node.nodes.image_refs))
+                    operator = self._run_local_operator(executable, cluster.admin_kubeconfig, node.operator_env())
                     self._tasks.append(asyncio.create_task(operator, name="operator"))
                 else:
                     await self._install_operator(cluster.admin_kubeconfig, values)

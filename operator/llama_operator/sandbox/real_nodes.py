@@ -109,6 +109,10 @@ class RealNodeSet:
         return chart_values(self.nodes.image_refs, network_policies=self.network_policies,
                             node_addresses=[self.host_address, *(node.address for node in self.nodes.nodes)])
 
+    def operator_env(self) -> dict[str, str]:
+        """`--operator local`: the registry's images for the operator process (after start())."""
+        return operator_env(self.nodes.image_refs)
+
     def runners(self) -> dict[str, Coroutine[Any, Any, None]]:
         assert self.provisioner is not None
         return {"provisioner": self.provisioner.run()}
