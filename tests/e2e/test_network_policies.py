@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.harness import SandboxProcess, custom_object, serve_file, wait_for
-from tests.e2e.test_on_real_nodes import GROUP, SYSTEM, VERSION, _pods, _ready
+from tests.e2e.servers import GROUP, SYSTEM, VERSION, pods, ready
 
 pytestmark = pytest.mark.nodes
 
@@ -75,10 +75,10 @@ def test_only_the_allowed_peers_reach_the_server_the_webhook_and_the_metrics(gua
         "llamamodels", "guarded", {"source": {"http": {"url": model_url}}}, namespace=app))
     guarded.custom.create_namespaced_custom_object(GROUP, VERSION, app, "llamaservers", custom_object(
         "llamaservers", "guarded", {"modelRef": {"name": "guarded"}, "contextSize": 256}, namespace=app))
-    _ready(guarded, app, "guarded")  # its startup probe comes from the node: always admitted
+    ready(guarded, app, "guarded")  # its startup probe comes from the node: always admitted
     guarded.kubectl("get", "networkpolicy", "-n", app, "guarded")  # the operator made the server's policy
 
-    server = f"{_pods(guarded, app, 'guarded')[0].status.pod_ip}:8080"
+    server = f"{pods(guarded, app, 'guarded')[0].status.pod_ip}:8080"
     selector = guarded.apps.read_namespaced_deployment("llama-operator", SYSTEM).spec.selector.match_labels
     operator = guarded.core.list_namespaced_pod(
         SYSTEM, label_selector=",".join(f"{k}={v}" for k, v in selector.items())).items[0]

@@ -22,7 +22,7 @@ import pytest
 
 from tests.e2e.containers import power_off
 from tests.e2e.harness import SandboxProcess, custom_object, serve_file, tree_processes, wait_for
-from tests.e2e.test_on_real_nodes import GROUP, SYSTEM, VERSION, _pods, _wait
+from tests.e2e.servers import GROUP, SYSTEM, VERSION, pods, wait_server
 
 pytestmark = pytest.mark.nodes
 
@@ -51,25 +51,26 @@ def _fleet(sandbox: SandboxProcess, model_url: str, **spec: Any) -> str:
     sandbox.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "llamaservers", custom_object(
         "llamaservers", "chat", {"modelRef": {"name": "chat"}, "contextSize": 256, "replicas": 2, **spec},
         namespace=ns))
-    _wait(sandbox, ns, "chat", lambda s: s.get("phase") == "Ready" and s.get("readyReplicas") == 2,
-          "Ready with 2 replicas")
-    assert len({pod.spec.node_name for pod in _pods(sandbox, ns, "chat")}) == 2
+    wait_server(sandbox, ns, "chat", lambda s: s.get("phase") == "Ready" and s.get("readyReplicas") == 2,
+                "Ready with 2 replicas")
+    assert len({pod.spec.node_name for pod in pods(sandbox, ns, "chat")}) == 2
     return ns
 
 
 def _live_pods(sandbox: SandboxProcess, ns: str) -> list[Any]:
-    return [pod for pod in _pods(sandbox, ns, "chat") if pod.metadata.deletion_timestamp is None]
+    return [pod for pod in pods(sandbox, ns, "chat") if pod.metadata.deletion_timestamp is None]
 
 
 def _back_on(sandbox: SandboxProcess, ns: str, node: str, timeout: float) -> None:
     """Until both replicas are ready on `node` and the LlamaServer says Ready 2/2."""
     def healed() -> bool:
-        pods = _live_pods(sandbox, ns)
-        ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
-        return len(ready) == 2 and {p.spec.node_name for p in ready} == {node}
+        live = _live_pods(sandbox, ns)
+        ready_pods = [p for p in live
+                      if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
+        return len(ready_pods) == 2 and {p.spec.node_name for p in ready_pods} == {node}
     wait_for(healed, timeout=timeout, message=f"both replicas ready on {node}")
-    _wait(sandbox, ns, "chat", lambda s: s.get("phase") == "Ready" and s.get("readyReplicas") == 2,
-          "Ready with 2 replicas again", timeout=60)
+    wait_server(sandbox, ns, "chat", lambda s: s.get("phase") == "Ready" and s.get("readyReplicas") == 2,
+                "Ready with 2 replicas again", timeout=60)
 
 
 def _operator_node(sandbox: SandboxProcess) -> str:
@@ -81,7 +82,7 @@ def test_a_drained_node_moves_its_replica_to_the_other(pair: SandboxProcess, mod
     ns = _fleet(pair, model_url)
     budgets = json.loads(pair.kubectl("get", "pdb", "-n", ns, "-o", "json").stdout)["items"]
     assert [b["metadata"]["name"] for b in budgets] == ["chat"], budgets
-    nodes = sorted(pod.spec.node_name for pod in _pods(pair, ns, "chat"))
+    nodes = sorted(pod.spec.node_name for pod in pods(pair, ns, "chat"))
     drained, kept = nodes[1], nodes[0]
     started = time.monotonic()
     drain = pair.kubectl("drain", drained, "--ignore-daemonsets", "--delete-emptydir-data", "--pod-selector",
@@ -97,7 +98,7 @@ def test_a_drained_node_moves_its_replica_to_the_other(pair: SandboxProcess, mod
 def test_a_lost_node_is_replaced_within_the_servers_tolerations(pair: SandboxProcess, model_url: str) -> None:
     ns = _fleet(pair, model_url, tolerations=FAST_FAILOVER)
     survivor = _operator_node(pair)  # the operator keeps running: it writes the status this test reads
-    (lost,) = {pod.spec.node_name for pod in _pods(pair, ns, "chat")} - {survivor}
+    (lost,) = {pod.spec.node_name for pod in pods(pair, ns, "chat")} - {survivor}
     started = time.monotonic()
     assert power_off(pair.state_dir, lost) > 0
 

@@ -20,15 +20,13 @@ from typing import Any
 
 import kubernetes
 import pytest
-from kubernetes.client.rest import ApiException
 
 from tests.chart.chart import REPO
-from tests.e2e.harness import SandboxProcess, custom_object, serve_file, wait_for
+from tests.e2e.harness import SandboxProcess, serve_file, wait_for
+from tests.e2e.servers import SYSTEM, apply_model, apply_server, pods, ready, status_of, wait_server
 
 pytestmark = pytest.mark.nodes
 
-GROUP, VERSION = "llamacpp.dev", "v1alpha1"
-SYSTEM = "llama-system"
 
 
 @pytest.fixture(scope="module")
@@ -54,45 +52,6 @@ def namespace(real: SandboxProcess) -> Iterator[str]:
     real.kubectl("create", "namespace", name)
     yield name
     real.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-def _apply_model(real: SandboxProcess, ns: str, name: str, url: str, **spec: Any) -> None:
-    real.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "llamamodels", custom_object(
-        "llamamodels", name, {"source": {"http": {"url": url}}, **spec}, namespace=ns))
-
-
-def _apply_server(real: SandboxProcess, ns: str, name: str, **spec: Any) -> None:
-    real.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "llamaservers", custom_object(
-        "llamaservers", name, {"modelRef": {"name": name}, "contextSize": 256, **spec}, namespace=ns))
-
-
-def _status(real: SandboxProcess, ns: str, plural: str, name: str) -> dict[str, Any]:
-    try:
-        return real.custom.get_namespaced_custom_object(GROUP, VERSION, ns, plural, name).get("status") or {}
-    except ApiException as exc:
-        if exc.status == 404:
-            return {}
-        raise
-
-
-def _wait(real: SandboxProcess, ns: str, name: str, check: Any, what: str, timeout: float = 240
-          ) -> dict[str, Any]:
-    try:
-        return wait_for(lambda: (s := _status(real, ns, "llamaservers", name)) and check(s) and s,
-                        timeout=timeout, message=f"{ns}/{name}: {what}")
-    except TimeoutError:
-        pods = real.kubectl("get", "pods", "-n", ns, "-o", "wide", check=False).stdout
-        events = real.kubectl("get", "events", "-n", ns, check=False).stdout[-3000:]
-        raise AssertionError(f"{ns}/{name} never {what}; status {_status(real, ns, 'llamaservers', name)}\n"
-                             f"{pods}\n{events}") from None
-
-
-def _ready(real: SandboxProcess, ns: str, name: str, timeout: float = 240) -> dict[str, Any]:
-    return _wait(real, ns, name, lambda s: s.get("phase") == "Ready", "Ready", timeout)
-
-
-def _pods(real: SandboxProcess, ns: str, server: str) -> list[Any]:
-    return real.core.list_namespaced_pod(ns, label_selector=f"llamacpp.dev/server={server}").items
 
 
 def _run_job(real: SandboxProcess, ns: str, name: str, image: str, script: str, timeout: float = 180) -> str:
@@ -155,10 +114,10 @@ def test_a_restricted_namespace_admits_and_runs_every_pod_the_operator_makes(rea
                                                                            model_url: str) -> None:
     real.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted",
                  "pod-security.kubernetes.io/enforce-version=latest")
-    _apply_model(real, namespace, "tiny", model_url)
-    _apply_server(real, namespace, "tiny")
-    _ready(real, namespace, "tiny")
-    for pod in _pods(real, namespace, "tiny"):
+    apply_model(real, namespace, "tiny", model_url)
+    apply_server(real, namespace, "tiny")
+    ready(real, namespace, "tiny")
+    for pod in pods(real, namespace, "tiny"):
         assert pod.spec.security_context.run_as_non_root
         for container in pod.spec.containers + (pod.spec.init_containers or []):
             assert container.security_context.read_only_root_filesystem, container.name
@@ -169,9 +128,9 @@ def test_a_restricted_namespace_admits_and_runs_every_pod_the_operator_makes(rea
 
 def test_an_in_cluster_openai_client_calls_the_server_and_the_gateway_by_dns(
         real: SandboxProcess, namespace: str, model_url: str, nodes_info: dict[str, Any]) -> None:
-    _apply_model(real, namespace, "chat", model_url)
-    _apply_server(real, namespace, "chat")
-    status = _ready(real, namespace, "chat")
+    apply_model(real, namespace, "chat", model_url)
+    apply_server(real, namespace, "chat")
+    status = ready(real, namespace, "chat")
     endpoint = status["endpoint"]
     assert endpoint == f"http://chat.{namespace}.svc:8080/v1", endpoint
     gateway = real.core.read_namespaced_service("llama-operator-gateway", SYSTEM)
@@ -200,17 +159,17 @@ with urllib.request.urlopen("http://llama-operator-metrics.{SYSTEM}.svc:8000/met
 
 def test_a_server_under_its_memory_limit_is_oom_killed_and_says_so(real: SandboxProcess, namespace: str,
                                                                  model_url: str) -> None:
-    _apply_model(real, namespace, "small", model_url)
+    apply_model(real, namespace, "small", model_url)
     # 128 Ki cells of KV cache, which llama-server clears at start: about 89 MiB resident (measured on the host)
     big = {"contextSize": 131072}
-    _apply_server(real, namespace, "small", **big, resources={"limits": {"memory": "32Mi"}})
-    status = _wait(real, namespace, "small", lambda s: any(
+    apply_server(real, namespace, "small", **big, resources={"limits": {"memory": "32Mi"}})
+    status = wait_server(real, namespace, "small", lambda s: any(
         c["type"] == "Fits" and c["reason"] == "OOMKilled" for c in s.get("conditions") or []), "OOMKilled")
     fits = next(c for c in status["conditions"] if c["type"] == "Fits")
     assert "OOM-killed at its memory limit 32Mi" in fits["message"], fits
     estimate = status["memory"]["host"]
     assert f"set resources.limits.memory to at least {estimate}" in fits["message"], fits
-    pod = _pods(real, namespace, "small")[0]
+    pod = pods(real, namespace, "small")[0]
     server = pod.status.container_statuses[0]
     terminated = server.last_state.terminated or server.state.terminated
     assert terminated.reason == "OOMKilled" and terminated.exit_code == 137
@@ -218,33 +177,33 @@ def test_a_server_under_its_memory_limit_is_oom_killed_and_says_so(real: Sandbox
     assert "OOM-killed" in events, events
 
     # the same model at the estimate the status named runs, and is never killed
-    _apply_server(real, namespace, "fits", **big, modelRef={"name": "small"},
+    apply_server(real, namespace, "fits", **big, modelRef={"name": "small"},
                   resources={"limits": {"memory": estimate}})
-    _ready(real, namespace, "fits")
-    pod = _pods(real, namespace, "fits")[0]
+    ready(real, namespace, "fits")
+    pod = pods(real, namespace, "fits")[0]
     assert pod.status.container_statuses[0].restart_count == 0
 
 
 def test_replicas_spread_over_both_nodes(real: SandboxProcess, namespace: str, model_url: str) -> None:
-    _apply_model(real, namespace, "spread", model_url)
-    _apply_server(real, namespace, "spread", replicas=2)
-    _ready(real, namespace, "spread")
-    nodes = {pod.spec.node_name for pod in _pods(real, namespace, "spread")}
+    apply_model(real, namespace, "spread", model_url)
+    apply_server(real, namespace, "spread", replicas=2)
+    ready(real, namespace, "spread")
+    nodes = {pod.spec.node_name for pod in pods(real, namespace, "spread")}
     assert nodes == {node.metadata.name for node in real.core.list_node().items}, nodes
 
 
 def test_a_read_write_once_cache_pins_every_replica_to_its_node(real: SandboxProcess, namespace: str,
                                                                model_url: str) -> None:
-    _apply_model(real, namespace, "pinned", model_url, cache={"type": "PersistentVolumeClaim", "size": "1Gi"})
-    _apply_server(real, namespace, "pinned", replicas=2)
-    _ready(real, namespace, "pinned")
-    assert len({pod.spec.node_name for pod in _pods(real, namespace, "pinned")}) == 1
-    model = _status(real, namespace, "llamamodels", "pinned")
+    apply_model(real, namespace, "pinned", model_url, cache={"type": "PersistentVolumeClaim", "size": "1Gi"})
+    apply_server(real, namespace, "pinned", replicas=2)
+    ready(real, namespace, "pinned")
+    assert len({pod.spec.node_name for pod in pods(real, namespace, "pinned")}) == 1
+    model = status_of(real, namespace, "llamamodels", "pinned")
     assert "is ReadWriteOnce: every replica runs on the node that mounts it" in model["message"], model
     claim = real.core.list_namespaced_persistent_volume_claim(namespace).items[0]
     volume = real.core.read_persistent_volume(claim.spec.volume_name)
     terms = volume.spec.node_affinity.required.node_selector_terms
-    assert terms[0].match_expressions[0].values == [_pods(real, namespace, "pinned")[0].spec.node_name]
+    assert terms[0].match_expressions[0].values == [pods(real, namespace, "pinned")[0].spec.node_name]
 
 
 def _prepare_host_path(real: SandboxProcess, ns: str, path: str, client_image: str) -> None:
@@ -282,13 +241,13 @@ def test_a_host_path_cache_is_one_download_per_node(real: SandboxProcess, namesp
     real.kubectl("rollout", "status", "deployment/llama-operator", "-n", SYSTEM, "--timeout=120s", timeout=150)
     _prepare_host_path(real, namespace, "team/tiny", nodes_info["images"]["client"])
 
-    _apply_model(real, namespace, "shared", model_url, cache={"type": "HostPath", "path": "team/tiny"})
-    _apply_server(real, namespace, "shared", replicas=4)
-    _wait(real, namespace, "shared", lambda s: s.get("phase") == "Ready" and s.get("readyReplicas") == 4,
-          "Ready with 4 replicas")
-    pods = _pods(real, namespace, "shared")
+    apply_model(real, namespace, "shared", model_url, cache={"type": "HostPath", "path": "team/tiny"})
+    apply_server(real, namespace, "shared", replicas=4)
+    wait_server(real, namespace, "shared", lambda s: s.get("phase") == "Ready" and s.get("readyReplicas") == 4,
+                "Ready with 4 replicas")
+    shared = pods(real, namespace, "shared")
     per_node: dict[str, list[str]] = {}
-    for pod in pods:
+    for pod in shared:
         log = real.kubectl("logs", "-n", namespace, pod.metadata.name, "-c", "fetch-model").stdout
         per_node.setdefault(pod.spec.node_name, []).append("hit" if "Cache hit" in log else "fetched")
     assert {node: sorted(kinds) for node, kinds in per_node.items()} == {
