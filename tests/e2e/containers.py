@@ -46,8 +46,22 @@ def main_pid(pod: Any, container: str) -> int:
 
 
 def container_file(pid: int, path: str) -> Path:
-    """`path` as the container of process `pid` sees it (its root filesystem and volumes)."""
-    return Path(f"/proc/{pid}/root") / path.lstrip("/")
+    """`path` as the container of process `pid` sees it (its root filesystem and volumes). Symbolic links resolve
+    inside the container (an image's /var/run -> /run would otherwise point into this machine's /run)."""
+    root = Path(f"/proc/{pid}/root")
+    parts, resolved, hops = [p for p in path.split("/") if p], root, 0
+    while parts:
+        part = parts.pop(0)
+        candidate = resolved / part
+        if candidate.is_symlink():
+            hops += 1
+            assert hops < 40, f"too many symbolic links in {path}"
+            target = os.readlink(candidate)
+            parts = [p for p in target.split("/") if p] + parts
+            resolved = root if target.startswith("/") else resolved
+            continue
+        resolved = candidate if part != ".." else (resolved.parent if resolved != root else root)
+    return resolved
 
 
 def environ(pid: int) -> dict[str, str]:
