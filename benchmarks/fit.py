@@ -20,8 +20,11 @@ runs the same cases as LlamaServers on one real node (benchmarks/fit_cgroup.py: 
 cgroup v1 `memory.max_usage_in_bytes`, what its memory limit is enforced against. load/peak RSS then come from
 the container's own llama-server process (VmRSS at Ready, VmHWM after the completion, read on the host), so all
 three numbers are one run; `--components` then prints the cgroup's kernel-memory peak, the pod cgroup's peak and
-its memory.stat (rss, cache, mapped_file) instead of llama.cpp's buffers. One run per case; docs/memory-fit.md
-has the numbers and what the cgroup counts that VmHWM does not.
+its memory.stat (rss, cache, mapped_file) instead of llama.cpp's buffers. One run per case (docs/memory-fit.md has
+the tables): the container's cgroup peak is its anonymous + kernel memory (kmem 0.7-1.5 MiB, which VmHWM lacks),
+not the file pages it maps: the GGUF, written by the fetch init container, is charged to the pod's cgroup, the
+binary to whoever read it first. So it sits a constant below VmHWM (11.6 MiB for tiny, 245.5 MiB for gemma3:
+the mapped GGUF and the binary), while the pod's cgroup peaks at VmHWM + 3 MiB.
 """
 
 from __future__ import annotations
