@@ -13,7 +13,7 @@ limit's), waits for Ready, sends fit.py's context-filling completion through the
   names the leaf by the container id): `memory.max_usage_in_bytes` (what the limit is checked against: the kernel
   OOM-kills the container when its usage cannot be brought under the limit), `memory.kmem.max_usage_in_bytes`
   (kernel memory, part of that usage in v1) and `memory.stat` at the end (rss, cache, mapped_file);
-- the pod's cgroup peak (the fetch init container's writes are charged there once its cgroup is gone);
+- the pod's cgroup peak (hierarchical: it counts the fetch init container's writes, the GGUF's page cache);
 - the container's llama-server process (its pid from the cgroup's `cgroup.procs`): VmRSS at Ready (load) and
   VmHWM after the completion (peak), as fit.py reads them from a local process.
 Then the LlamaServer is deleted and its pod awaited gone, so cases never overlap. Needs root and what the sandbox
