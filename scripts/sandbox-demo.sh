@@ -42,10 +42,9 @@ until [ "$KUBECONFIG" -nt "$started" ]; do
   sleep 1
 done
 
-# The model's source: a plain HTTP server on this machine, on the address pods reach it at (real nodes: the host
-# address of nodes.json; the process node: loopback, through its egress proxy).
-host=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['hostAddress'])" "$state/nodes.json" \
-  2>/dev/null || echo 127.0.0.1)
+# The model's source: a plain HTTP server on this machine, on the address pods reach it at (the host address of
+# nodes.json).
+host=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['hostAddress'])" "$state/nodes.json")
 port=$("$PY" -c "import socket, sys; s = socket.socket(); s.bind((sys.argv[1], 0)); print(s.getsockname()[1])" "$host")
 "$PY" -m http.server "$port" --bind "$host" --directory "$models" >/dev/null 2>&1 &
 http_pid=$!

@@ -124,9 +124,9 @@ def control_plane() -> str | Missing:
 
 @cache
 def root() -> str | Missing:
-    """Root, with network namespaces (the sandbox's pods each get one)."""
+    """Root, with network namespaces (the real nodes: containerd, CNI bridges, iptables)."""
     if os.geteuid() != 0:
-        return Missing(ROOT, "the sandbox runs as root (a network namespace per pod)", configured=False)
+        return Missing(ROOT, "the sandbox's real nodes run as root (containerd, bridges, iptables)", configured=False)
     probe = f"lsbx-probe-{os.getpid()}"
     try:
         made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=30)

@@ -12,7 +12,7 @@ Files. Every distinct LlamaModel is fetched by its own init containers (`fetch-m
 model directory (subPath), never whole. The preset names files by
 absolute path, so everything it refers to is mounted below `/run/llama-server`: paths inside a file are not
 rewritten by anything, and /run is where every runtime this project runs pods in binds volumes at their real
-container paths (a kubelet anywhere; the sandbox's process kubelet only there, docs/sandbox.md).
+container paths (every kubelet: the real nodes' too).
 
 The pod template carries the sha256 of the preset, so a change of any model's settings rolls the pods.
 """

@@ -115,9 +115,7 @@ class ControlPlane:
     service-account token controllers ...); `scheduler` runs kube-scheduler (only useful with a node).
     `crds` are created (and Established) before the controller manager starts, so its garbage collector
     watches them from the start instead of discovering them at its next 30 s resync.
-    `serving_ips` are extra IP SANs of the API server's certificate (an address on which a forwarder reaches
-    it, e.g. the sandbox node's, for pods in their own network namespaces); `issue_cert` signs more
-    identities (a kubelet's) with the same CA.
+    `issue_cert` signs more identities (a kubelet's) with the same CA.
     `address` is where the API server listens and what it advertises (the `kubernetes` Service's endpoint):
     loopback unless pods in containers must reach it through that Service (real nodes: an address on an
     interface the run made, llama_operator.nodes).
@@ -129,7 +127,6 @@ class ControlPlane:
     scheduler: bool = False
     crds: list[dict[str, Any]] = field(default_factory=list)
     extra_apiserver_args: list[str] = field(default_factory=list)
-    serving_ips: list[str] = field(default_factory=list)
     apiserver_port: int = 0
     etcd_port: int = 0
     address: str = LOOPBACK
@@ -216,7 +213,7 @@ class ControlPlane:
             "apiserver", common_name="kube-apiserver", server=True,
             dns_names=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                        "kubernetes.default.svc.cluster.local"],
-            ip_addresses=list(dict.fromkeys([LOOPBACK, self.address, KUBERNETES_SERVICE_IP, *self.serving_ips])))
+            ip_addresses=list(dict.fromkeys([LOOPBACK, self.address, KUBERNETES_SERVICE_IP])))
         self._admin = ca.issue("admin", common_name=ADMIN_USER, organizations=["system:masters"], client=True)
         self._kubelet_client = ca.issue("apiserver-kubelet-client", common_name="kube-apiserver-kubelet-client",
                                         organizations=["system:masters"], client=True)
