@@ -180,8 +180,9 @@ def test_kubectl_scale_and_spec_scaling_do_not_fight(apiserver: ClusterApi, run_
         kubectl_admin("scale", "lserver", "pinned", "--replicas", "9", check=True)
         apiserver.wait_for(lambda: _server_object(apiserver, "pinned")["spec"]["replicas"] == 3, timeout=10,
                            message="put back to maxReplicas")
-        assert _server_object(apiserver, "pinned")["status"]["autoscaling"]["reason"] in ("AboveMaximum",
-                                                                                         "ScaleDownDelay")
+        # The scale and the status view are two writes: the view (still the last LoadBelowTarget) catches up.
+        apiserver.wait_for(lambda: _server_object(apiserver, "pinned")["status"]["autoscaling"]["reason"] in (
+            "AboveMaximum", "ScaleDownDelay"), timeout=10, message="the autoscaler's view of the put-back")
         deployment = apiserver.wait_for(lambda: (d := apiserver.read("apps/v1", "deployments", apiserver.namespace,
                                                                       "pinned")) and d["spec"]["replicas"] == 3 and d,
                                         timeout=10, message="the operator follows spec.replicas")
