@@ -126,7 +126,7 @@ def serve_file(host: str, path: Path) -> Iterator[str]:
     """`path` over plain HTTP on `host` (real nodes: the host address of nodes.json, where pods reach this
     machine): its URL."""
     handler = functools.partial(_QuietHandler, directory=str(path.parent))
-    server = ThreadingHTTPServer((host, 0), handler)
+    server = _QuietServer((host, 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://{host}:{server.server_address[1]}/{path.name}"
@@ -138,6 +138,15 @@ def serve_file(host: str, path: Path) -> Iterator[str]:
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         pass
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that closes early (the operator reads only a GGUF's header) is no error worth a traceback."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 def sandbox_requirements() -> dict[str, str]:
