@@ -29,6 +29,7 @@ from kubernetes.client.exceptions import ApiException
 from llama_operator.nodes.host import HOST_ADDRESS, RECORD
 from tests.e2e.conftest import SandboxProcess, custom_object, tree_processes, wait_for
 from tests.e2e.containers import container_file, environ, main_pid, pod_pids
+from tests.e2e.servers import status_of
 from tests.fakehub import FakeHub
 
 pytestmark = pytest.mark.nodes
@@ -42,12 +43,7 @@ def _create(sandbox: SandboxProcess, plural: str, name: str, spec: dict[str, Any
 
 
 def _status(sandbox: SandboxProcess, plural: str, name: str) -> dict[str, Any]:
-    try:
-        return sandbox.custom.get_namespaced_custom_object(GROUP, VERSION, NS, plural, name).get("status") or {}
-    except ApiException as exc:
-        if exc.status == 404:
-            return {}
-        raise
+    return status_of(sandbox, NS, plural, name)
 
 
 def _wait_phase(sandbox: SandboxProcess, plural: str, name: str, phase: str, *, timeout: float = 90,
