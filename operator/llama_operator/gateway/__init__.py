@@ -6,7 +6,8 @@ to the replicas: pick, send, retry before the first byte, stream back), `body` (
 name, alias, namespace/name), `endpoints` (EndpointSlices -> ready replicas), `balancer` (least in-flight,
 prefix affinity with bounded load: pure), `hold` (requests waiting for a replica), `traffic` (the load it
 counts), `answers` (OpenAI-format errors and model objects), `metrics`. Around it: `scaling` (the pure scaling
-decision), `autoscaler` (the one writer of spec.replicas), `listener` (connection cap and header deadline),
+decision), `autoscaler` (the one writer of spec.replicas), `peers` (every replica's load, summed), `lease`
+(the replicas' election and load reports through Leases), `listener` (connection cap and header deadline),
 `cors`, `watch` (list+watch loops), `app` (the wiring and the RBAC).
 """
 
@@ -39,7 +40,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         cors_origins=tuple(args.cors_origin or ()), connect_timeout=args.connect_timeout,
         autoscale=not args.no_autoscale,
         autoscale_interval=args.autoscale_interval, retry_after=args.retry_after,
-        static=_upstreams(args.upstream or []))
+        static=_upstreams(args.upstream or []), lease_namespace=args.lease_namespace, lease_name=args.lease_name,
+        identity=args.identity)
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
@@ -47,7 +49,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     import logging
 
     from ..errors import CliError
-    from .app import FIELD_MANAGER, required_permissions, serve
+    from .app import FIELD_MANAGER, LEASE_PERMISSIONS, required_permissions, serve
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -60,7 +62,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         from ..kube import Kube, load_api_client
 
         kube = Kube(load_api_client(), field_manager=FIELD_MANAGER,
-                    permissions=required_permissions(autoscale=config.autoscale))
+                    permissions=required_permissions(autoscale=config.autoscale) + LEASE_PERMISSIONS)
     try:
         asyncio.run(serve(config, kube))
     except KeyboardInterrupt:
@@ -103,6 +105,14 @@ def register(sub: Any) -> None:
                          help="seconds between autoscaler decisions (default %(default)s)")
     gateway.add_argument("--no-autoscale", action="store_true",
                          help="never write spec.replicas or status.autoscaling (route and hold only)")
+    gateway.add_argument("--lease-namespace", default=os.environ.get("LLAMA_GATEWAY_LEASE_NAMESPACE", ""),
+                         help="namespace of the Leases through which several gateway replicas sum their load and "
+                         "elect the one that scales (default: none, a lone gateway; env "
+                         "LLAMA_GATEWAY_LEASE_NAMESPACE)")
+    gateway.add_argument("--lease-name", default="llama-gateway",
+                         help="name of the election Lease, prefix of the per-replica ones (default %(default)s)")
+    gateway.add_argument("--identity", default=os.environ.get("POD_NAME", ""),
+                         help="this replica's name among its peers (default: env POD_NAME, else the host name)")
     gateway.add_argument("--upstream", action="append", metavar="NAME=URL",
                          help="a fixed replica for model NAME instead of the cluster (repeatable; no Kubernetes)")
     gateway.add_argument("--verbose", action="store_true", help="debug logging")

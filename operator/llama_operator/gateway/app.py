@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -26,7 +28,9 @@ from . import cors, metrics
 from .autoscaler import Autoscaler
 from .endpoints import EndpointTable
 from .hold import HoldQueue
+from .lease import LEASES, Coordination, LeaseApi
 from .listener import CappedSite, runner_settings
+from .peers import FleetLoad, encode, report
 from .proxy import Proxy
 from .routing import RoutingTable
 from .traffic import Traffic
@@ -44,7 +48,13 @@ PERMISSIONS: tuple[Permission, ...] = (
     # Ready replicas, from the slices the EndpointSlice controller writes for the operator's Services.
     Permission("discovery.k8s.io", "endpointslices", frozenset({"list", "watch"})),
 )
-"""Everything the gateway asks of the API server; the chart's gateway RBAC is checked against it."""
+"""Everything the gateway asks of the API server in the namespaces it serves; the chart's RBAC is checked against it."""
+
+LEASE_PERMISSIONS: tuple[Permission, ...] = (
+    # Several replicas (lease.py): the election Lease and one Lease per replica with its load; delete: its own
+    # on a graceful stop, and the leader deletes those of replicas long gone. In the release namespace only.
+    Permission("coordination.k8s.io", "leases", frozenset({"get", "list", "watch", "create", "update", "delete"})),
+)
 
 FIELD_MANAGER = "llama-gateway"
 """The EndpointSlice controller copies the Service's labels onto its slices: only LlamaServer Services' slices."""
@@ -90,6 +100,11 @@ class GatewayConfig:
     retry_after: int = 5
     static: Mapping[str, Sequence[str]] = field(default_factory=dict)
     """model name -> replica base URLs (no Kubernetes)."""
+    lease_namespace: str = ""
+    """Where the replicas' Leases live (the release namespace); empty: a lone gateway, its own decider."""
+    lease_name: str = "llama-gateway"
+    identity: str = ""
+    """This replica's name among its peers (the pod's name); empty: the host name."""
 
     def __post_init__(self) -> None:
         if self.max_request_bytes > self.max_buffered_bytes:
@@ -123,9 +138,19 @@ class Gateway:
         self.traffic = Traffic()
         self.hold = HoldQueue(timeout=config.hold_timeout, limit=config.hold_queue)
         self.endpoints = EndpointTable(on_change=self._endpoints_changed)
-        self.autoscaler = Autoscaler(kube if config.autoscale else None, self.routes, self.traffic,
-                                     interval=config.autoscale_interval)
-        self.proxy = Proxy(self.routes, self.endpoints, self.traffic, self.hold, kick=self.autoscaler.kick,
+        self.coordination: Coordination | None = None
+        load: Traffic | FleetLoad = self.traffic
+        if config.autoscale and kube is not None and config.lease_namespace:
+            self.coordination = Coordination(
+                LeaseApi(kube.api_client, config.lease_namespace), config.lease_name,
+                config.identity or socket.gethostname(), lambda: encode(report(self.traffic, self.routes)),
+                on_held=lambda: self.autoscaler.kick())
+            load = FleetLoad(self.traffic, self.coordination.peers)
+        election = self.coordination.election if self.coordination else None
+        self.autoscaler = Autoscaler(kube if config.autoscale else None, self.routes, load,
+                                     interval=config.autoscale_interval,
+                                     leading=(lambda: election.leading) if election else (lambda: True))
+        self.proxy = Proxy(self.routes, self.endpoints, self.traffic, self.hold, kick=self._held,
                            max_request_bytes=config.max_request_bytes,
                            max_buffered_bytes=config.max_buffered_bytes, body_timeout=config.body_timeout,
                            connect_timeout=config.connect_timeout, retry_after=config.retry_after)
@@ -134,6 +159,12 @@ class Gateway:
         self._runners: list[web.AppRunner] = []
         self.api_port: int | None = None
         self.admin_port: int | None = None
+
+    def _held(self) -> None:
+        """A request starts to wait: the decider looks at once, and a replica that is not it tells it at once."""
+        self.autoscaler.kick()
+        if self.coordination is not None:
+            self.coordination.publisher.kick()
 
     def _endpoints_changed(self, namespace: str, service: str) -> None:
         key = f"{namespace}/{service}"
@@ -173,6 +204,17 @@ class Gateway:
                 self.kube, ENDPOINT_SLICES, namespace, replace=self.endpoints.replace, upsert=self.endpoints.upsert,
                 remove=self.endpoints.remove, synced=slices, label_selector=SERVER_PODS_SELECTOR)))
 
+    def _start_coordination(self, coordination: Coordination) -> None:
+        assert self.kube is not None
+        peers = coordination.peers
+        self._tasks += [asyncio.create_task(coordination.election.run()),
+                        asyncio.create_task(coordination.publisher.run()),
+                        asyncio.create_task(coordination.forget_dead()),
+                        asyncio.create_task(list_and_watch(
+                            self.kube, LEASES, coordination.api.namespace, replace=peers.replace,
+                            upsert=peers.upsert, remove=peers.remove, synced=asyncio.Event(),
+                            label_selector=coordination.selector))]
+
     async def start(self) -> None:
         if self.config.static:
             servers, slices = static_bodies(self.config.static)
@@ -182,6 +224,8 @@ class Gateway:
             self._start_watches()
         if self.config.autoscale and self.kube is not None:
             self._tasks.append(asyncio.create_task(self.autoscaler.run()))
+        if self.coordination is not None:
+            self._start_coordination(self.coordination)
         api = self.proxy.app()
         if self.config.cors_origins:
             cors.enable(api, self.config.cors_origins)
@@ -207,6 +251,8 @@ class Gateway:
         await asyncio.gather(*(event.wait() for event in self._synced))
 
     async def stop(self) -> None:
+        if self.coordination is not None:
+            await self.coordination.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -219,7 +265,11 @@ class Gateway:
 async def serve(config: GatewayConfig, kube: Kube | None) -> None:
     gateway = Gateway(config, kube)
     await gateway.start()
+    stopping = asyncio.Event()
+    # SIGTERM (a rollout, a drain, a scale-down) stops gracefully: the autoscaler's Lease and this replica's load
+    # report are given up first, so another replica decides within one renewal period.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
     try:
-        await asyncio.Event().wait()
+        await stopping.wait()
     finally:
         await gateway.stop()

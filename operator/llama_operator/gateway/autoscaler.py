@@ -1,5 +1,8 @@
 """The autoscaler loop: the gateway is the one writer of spec.replicas (decision in scaling.py, load in traffic.py).
 
+With several gateway replicas only the one holding the election Lease decides (`leading`, lease.py), from the
+load summed over every live replica (`FleetLoad`, peers.py).
+
 `kubectl scale` and spec.scaling do not fight: the `Autoscaler` remembers the replicas it last saw or wrote; a
 different value it did not write (kubectl scale, an apply, another tool) is adopted as a manual scale. That
 value is then the floor for `scaleDownDelaySeconds` and counts as activity for `idleSeconds` (so a pre-warmed
@@ -25,6 +28,7 @@ from ..clock import now_rfc3339
 from ..errors import KubeError
 from ..kube import LLAMA_SERVERS, Kube
 from . import metrics
+from .peers import FleetLoad
 from .routing import Route, RoutingTable
 from .scaling import Decision, ScalingPolicy, Signals, decide
 from .traffic import Traffic
@@ -55,11 +59,14 @@ class Autoscaler:
     STATUS_INTERVAL = 10.0
     """The status view is rewritten at most this often when only the load changed."""
 
-    def __init__(self, kube: Kube | None, routes: RoutingTable, traffic: Traffic, *, interval: float = 1.0,
+    def __init__(self, kube: Kube | None, routes: RoutingTable, traffic: Traffic | FleetLoad, *,
+                 interval: float = 1.0, leading: Callable[[], bool] = lambda: True,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], str] = now_rfc3339) -> None:
         self.kube = kube
         self.routes = routes
         self.traffic = traffic
+        self.leading = leading
+        """Whether this replica decides (it holds the election Lease); a lone gateway always does."""
         self.interval = interval
         self._clock = clock
         self._wall = wall
@@ -79,6 +86,11 @@ class Autoscaler:
             await self.step()
 
     async def step(self) -> None:
+        if not self.leading():
+            # Not the decider: forget, so that on taking over it starts as a fresh gateway does (nothing scaled
+            # down before scaleDownDelaySeconds, nothing to zero before idleSeconds).
+            self._states.clear()
+            return
         routes = {route.key: route for route in self.routes.routes() if route.scaling is not None}
         for key in [k for k in self._states if k not in routes]:
             del self._states[key]

@@ -46,6 +46,13 @@ CONNECTIONS_REFUSED = Counter("llama_gateway_connections_refused_total",
                               registry=REGISTRY)
 BODY_BYTES = Gauge("llama_gateway_request_body_bytes", "Bytes of request bodies held now (reserved from "
                    "--max-buffered-bytes).", registry=REGISTRY)
+LEADER = Gauge("llama_gateway_leader", "1 while this replica holds the autoscaler's Lease (it decides and writes "
+               "spec.replicas), else 0.", registry=REGISTRY)
+PEERS = Gauge("llama_gateway_peers", "Other gateway replicas whose load report is live (renewed within its TTL).",
+              registry=REGISTRY)
+FLEET_ACTIVE = Gauge("llama_gateway_fleet_active_requests", "Requests in flight plus held over every live gateway "
+                     "replica, as the autoscaler sums them (updated by the deciding replica).", ["model"],
+                     registry=REGISTRY)
 
 
 def exposition() -> bytes:

@@ -105,6 +105,10 @@ class Traffic:
         """Count now as activity (a manual scale): not idle before idleSeconds from now."""
         self._get(key).last_activity = self._clock()
 
+    def seen(self, key: str) -> bool:
+        """Whether this replica has counted anything for the server (since it started or forgot it)."""
+        return key in self._by_key
+
     def in_flight(self, key: str) -> int:
         return self._get(key).in_flight
 
