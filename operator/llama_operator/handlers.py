@@ -20,6 +20,7 @@ from .config import Settings
 from .contract import MANAGED_BY, MANAGED_BY_LABEL, MANAGED_SELECTOR, MODEL_LABEL, SERVER_LABEL
 from .kube import LLAMA_MODELS, LLAMA_SERVERS, Kube, connection_settings, load_api_client
 from .metrics import serve as serve_metrics
+from .reconcile import indexes  # noqa: F401 - registers the watch caches the periodic loops read
 from .reconcile.context import Context
 from .reconcile.router_status import ModelStatusPoller
 from .reconcile.runtime import Runtime, best_effort

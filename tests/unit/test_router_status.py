@@ -23,6 +23,7 @@ from llama_operator.reconcile.server import reconcile_server
 from tests.conftest import model_body
 from tests.fakekube import Events, FakeKube
 from tests.tiny_gguf import write_tiny_llama
+from tests.watch_cache import watched_over
 
 SERVED = [("alpha", "alpha"), ("bee", "beta"), ("gamma", "gamma")]
 
@@ -109,7 +110,7 @@ def _pod(name: str, *, ready: bool = True) -> dict[str, Any]:
 def _setup(port: int, *, timeout: float = 1.0) -> tuple[FakeKube, ModelStatusPoller]:
     kube = FakeKube()
     kube.put(LLAMA_SERVERS, _router_body())
-    ctx = Context(kube=kube, settings=Settings(), record_event=Events())
+    ctx = Context(kube=kube, settings=Settings(), record_event=Events(), watched=watched_over(kube))
     return kube, ModelStatusPoller(ctx, port=port, timeout=timeout)
 
 
@@ -132,6 +133,7 @@ async def test_the_poller_writes_what_the_pods_say_and_only_when_it_changes(pods
             {"name": "gamma", "model": "gamma", "state": "Unloaded", "loadedReplicas": 0}]
         assert status["modelsLoaded"] == "1/3" and status["modelsChangedTime"]
         assert fake.requests == 1
+        assert kube.count("list") == 0  # servers, models and pods come from the watch (tests/watch_cache.py)
         writes = kube.count("patch_status")
         await poller.poll_once()
         assert kube.count("patch_status") == writes  # same answer: no write
@@ -219,7 +221,7 @@ async def test_reconcile_applies_preset_deployment_service_and_leaves_model_stat
     for name in ("alpha", "beta", "gamma"):
         kube.put(LLAMA_MODELS, model_body(name, status={**READY, "cacheKey": f"{name}-0123456789ab"}))
     kube.put(LLAMA_SERVERS, _router_body())
-    ctx = Context(kube=kube, settings=Settings(), record_event=Events())
+    ctx = Context(kube=kube, settings=Settings(), record_event=Events(), watched=watched_over(kube))
     # What the poller wrote earlier must survive the reconcile's status patch.
     kube.edit("llamaservers", "fleet", lambda s: s.update(status={
         "models": [{"name": "alpha", "model": "alpha", "state": "Loaded", "loadedReplicas": 1}],
@@ -245,7 +247,7 @@ async def test_a_missing_model_keeps_a_router_server_pending_and_says_which() ->
     kube.put(LLAMA_MODELS, model_body("alpha", status={**READY, "cacheKey": "alpha-0123456789ab"}))
     kube.put(LLAMA_MODELS, model_body("beta", status={"phase": "Resolving", "message": "HEAD timed out"}))
     kube.put(LLAMA_SERVERS, _router_body())
-    ctx = Context(kube=kube, settings=Settings(), record_event=Events())
+    ctx = Context(kube=kube, settings=Settings(), record_event=Events(), watched=watched_over(kube))
     status = await reconcile_server(kube.objects[("llamaservers", "default", "fleet")], ctx)
     assert status.phase == "Pending" and status.message == "LlamaModel default/beta is Resolving: HEAD timed out"
     assert (DEPLOYMENTS.plural, "default", "fleet") not in kube.objects

@@ -16,10 +16,15 @@ from llama_operator.reconcile import runtime as runtime_module
 from llama_operator.reconcile.context import Context
 from tests.conftest import model_body, server_body
 from tests.fakekube import Events, FakeKube
+from tests.watch_cache import watched_over
+
+
+def _context(kube: FakeKube) -> Context:
+    return Context(kube=kube, settings=Settings(), record_event=Events(), watched=watched_over(kube))  # type: ignore[arg-type]
 
 
 def _runtime(kube: FakeKube) -> runtime_module.Runtime:
-    return runtime_module.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()))  # type: ignore[arg-type]
+    return runtime_module.Runtime(_context(kube))
 
 
 async def _until(predicate: Any) -> None:
@@ -51,10 +56,10 @@ async def test_resync_survives_any_exception_of_a_single_object(monkeypatch: pyt
         runtime.close()
 
 
-async def test_resync_survives_a_failing_list(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_resync_takes_its_objects_from_the_watch_and_never_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     kube = FakeKube()
     kube.put(LLAMA_SERVERS, server_body("a"))
-    kube.fail("list", None, lambda: ValueError("the API answered something that is not JSON"))
+    kube.fail("list", None, lambda: AssertionError("the resync listed"))  # any LIST would fail the round
     ran: list[str] = []
 
     async def reconcile(body: Mapping[str, Any], ctx: Context) -> None:
@@ -64,10 +69,15 @@ async def test_resync_survives_a_failing_list(monkeypatch: pytest.MonkeyPatch) -
     runtime = _runtime(kube)
     task = asyncio.create_task(runtime.resync_forever(LLAMA_SERVERS, 0.01))
     try:
-        await _until(lambda: kube.count("list") >= 3)
-        assert not task.done()
-        kube.fail_on.clear()
-        await _until(lambda: ran == ["a"] or len(ran) > 1)
+        await _until(lambda: ran.count("a") >= 2)
+        kube.put(LLAMA_SERVERS, server_body("b"))  # a watch event: the next round has it
+        await _until(lambda: "b" in ran)
+        del kube.objects[("llamaservers", "default", "a")]  # gone from the watch: no longer reconciled
+        await asyncio.sleep(0.05)
+        seen = len(ran)
+        await _until(lambda: ran.count("b") >= 3)
+        assert "a" not in ran[seen:] and not task.done()
+        assert kube.count("list") == 0
     finally:
         task.cancel()
         runtime.close()
@@ -88,7 +98,7 @@ async def test_transient_failures_are_retried_with_backoff_until_they_succeed(mo
             raise failures.pop()
 
     monkeypatch.setattr(runtime_module, "reconcile_server", reconcile)
-    runtime = runtime_module.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()),  # type: ignore[arg-type]
+    runtime = runtime_module.Runtime(_context(kube),
                                policy=FAST)
     try:
         verdict = await runtime.reconcile_server("default", "a")
@@ -118,7 +128,7 @@ async def test_retry_by_error_class(monkeypatch: pytest.MonkeyPatch, error: Any,
         raise error()
 
     monkeypatch.setattr(runtime_module, "reconcile_server", reconcile)
-    runtime = runtime_module.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()),  # type: ignore[arg-type]
+    runtime = runtime_module.Runtime(_context(kube),
                                policy=FAST)
     try:
         await runtime.reconcile_server("default", "a")
@@ -181,7 +191,7 @@ async def test_a_reconcile_past_its_deadline_is_cut_reported_and_retried(monkeyp
         await asyncio.Event().wait()
 
     monkeypatch.setattr(runtime_module, "reconcile_model", reconcile)
-    runtime = runtime_module.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()),  # type: ignore[arg-type]
+    runtime = runtime_module.Runtime(_context(kube),
                                      policy=FAST, deadline=0.05)
     try:
         verdict = await runtime.reconcile_model("default", "slow")
@@ -209,7 +219,7 @@ async def test_resync_runs_at_most_its_bound_at_once(monkeypatch: pytest.MonkeyP
         done.append(body["metadata"]["name"])
 
     monkeypatch.setattr(runtime_module, "reconcile_server", reconcile)
-    runtime = runtime_module.Runtime(Context(kube=kube, settings=Settings(), record_event=Events()),  # type: ignore[arg-type]
+    runtime = runtime_module.Runtime(_context(kube),
                                      resync_concurrency=4)
     task = asyncio.create_task(runtime.resync_forever(LLAMA_SERVERS, 0.01))
     try:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..config import Settings
 from ..kube import Kube
+from .watched import Watched
 
 
 class EventRecorder(Protocol):
@@ -24,3 +25,5 @@ class Context:
     record_event: EventRecorder
     clock: Callable[[], float] = time.time
     """Wall-clock seconds (tests move it): when the periodic re-resolution of a model source is due."""
+    watched: Watched = field(default_factory=Watched)
+    """What the watches hold (reconcile/indexes.py fills it): the periodic loops read it instead of LISTing."""

@@ -4,12 +4,13 @@ Loading and unloading happen inside llama-server (a request names a model, an id
 recently used one is stopped for another): no Kubernetes object changes, so no watch event tells the operator.
 `ModelStatusPoller` therefore asks the pods themselves, every `LLAMA_OPERATOR_MODEL_STATUS_SECONDS` (10 s):
 
-- it lists the LlamaServers (one list per watched namespace per round) and, for each router-mode one, its pods
-  (one list each), and sends GET http://<podIP>:8080/models to every ready pod — concurrently, at most
-  `CONCURRENCY` at a time, each with a `TIMEOUT` (3 s) — over aiohttp, on the event loop, never blocking it.
-  /models is public in llama-server (no API key needed), and answers at once (the router keeps the state);
-- with a router-mode server in the namespace it lists the LlamaModels too (one list), for each served model's
-  memory estimate and the budget used (builders/router_memory.py; the gateway keeps the budget);
+- it reads the router-mode LlamaServers and their ready pods from what kopf's watches hold (watched.py,
+  reconcile/indexes.py: no LIST, the API server sees only the status patches), and sends
+  GET http://<podIP>:8080/models to every ready pod — concurrently, at most `CONCURRENCY` at a time, each with
+  a `TIMEOUT` (3 s) — over aiohttp, on the event loop, never blocking it. /models is public in llama-server
+  (no API key needed), and answers at once (the router keeps the state);
+- the LlamaModels of the namespace (from the watch too) give each served model's memory estimate and the
+  budget used (builders/router_memory.py; the gateway keeps the budget);
 - it patches `status.models`, `status.modelsLoaded`, `status.modelsMemory` and `status.modelsChangedTime` only
   when the answer changed. These fields are the poller's alone: the reconcile leaves them out of its status patch
   (server.MODEL_STATUS_FIELDS), as it leaves the gateway's autoscaling view;
@@ -22,7 +23,7 @@ recently used one is stopped for another): no Kubernetes object changes, so no w
   from the pods that answered properly (or stay as they were when none did).
 
 The operator needs to reach the pods on port 8080 (the NetworkPolicy it puts next to each server admits it,
-builders/network_policy.py); no RBAC beyond what the reconcile has (list pods, patch llamaservers/status).
+builders/network_policy.py); no RBAC beyond what the reconcile has (watch pods, patch llamaservers/status).
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ import aiohttp
 from pydantic import ValidationError
 
 from ..api.v1alpha1 import LlamaModel, LlamaServer, ServedModelStatus
-from ..builders.objects import label_selector, selector_labels
 from ..builders.router_memory import budget_used, quantity, served_estimates
 from ..clock import now_rfc3339
 from ..flags.render import SERVER_PORT
-from ..kube import LLAMA_MODELS, LLAMA_SERVERS, PODS
+from ..kube import LLAMA_SERVERS
 from .context import Context
+from .watched import ready_pod_ip
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +136,7 @@ def loaded_summary(states: Sequence[ServedModelStatus]) -> str:
 
 def ready_pod_ips(pods: Iterable[Mapping[str, Any]]) -> list[tuple[str, str]]:
     """(pod name, pod IP) of the pods that are Ready and not terminating."""
-    out = []
-    for pod in pods:
-        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-        if ready and status.get("podIP") and not meta.get("deletionTimestamp"):
-            out.append((str(meta.get("name")), str(status["podIP"])))
-    return out
+    return [ready for ready in map(ready_pod_ip, pods) if ready is not None]
 
 
 def _models_by_key(bodies: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], LlamaModel]:
@@ -192,20 +187,22 @@ class ModelStatusPoller:
             self._session = None
 
     async def poll_once(self) -> None:
-        namespaces: tuple[str | None, ...] = self.ctx.settings.namespaces or (None,)
-        for namespace in namespaces:
-            bodies = await self.ctx.kube.list(LLAMA_SERVERS, namespace)
-            routers = any(isinstance(body.get("spec"), dict) and body["spec"].get("models") for body in bodies)
-            models = _models_by_key(await self.ctx.kube.list(LLAMA_MODELS, namespace)) if routers else {}
-            outcomes = await asyncio.gather(*(self.poll_server(body, models) for body in bodies),
-                                            return_exceptions=True)
-            for body, outcome in zip(bodies, outcomes, strict=True):
-                if isinstance(outcome, Exception):  # one server's trouble is not the others'
-                    meta = body.get("metadata") or {}
-                    log.warning("Reading the models of LlamaServer %s/%s failed, will retry: %s",
-                                meta.get("namespace"), meta.get("name"), outcome)
-                elif isinstance(outcome, BaseException):
-                    raise outcome
+        """One round over the router-mode servers the watch holds (`ctx.watched`): no LIST of any kind."""
+        watched = self.ctx.watched
+        bodies = watched.routers()
+        models: dict[str, dict[tuple[str, str], LlamaModel]] = {}
+        for namespace in {str((body.get("metadata") or {}).get("namespace")) for body in bodies}:
+            models[namespace] = _models_by_key(watched.models(namespace))
+        outcomes = await asyncio.gather(
+            *(self.poll_server(body, models.get(str((body.get("metadata") or {}).get("namespace"))))
+              for body in bodies), return_exceptions=True)
+        for body, outcome in zip(bodies, outcomes, strict=True):
+            if isinstance(outcome, Exception):  # one server's trouble is not the others'
+                meta = body.get("metadata") or {}
+                log.warning("Reading the models of LlamaServer %s/%s failed, will retry: %s",
+                            meta.get("namespace"), meta.get("name"), outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
 
     async def poll_server(self, body: Mapping[str, Any],
                           models: Mapping[tuple[str, str], LlamaModel] | None = None) -> None:
@@ -224,8 +221,7 @@ class ModelStatusPoller:
                                                     "modelsChangedTime": None})
             return
         served = [(entry.served_name, entry.model_ref.name) for entry in server.spec.models]
-        pods = await self.ctx.kube.list(PODS, namespace, label_selector=label_selector(selector_labels(name)))
-        targets = ready_pod_ips(pods)
+        targets = self.ctx.watched.ready_pods(namespace, name)
         results = list(zip([pod for pod, _ in targets],
                            await asyncio.gather(*(self._models(ip) for _, ip in targets)), strict=True))
         answers = [(pod, data) for pod, data in results if isinstance(data, list)]

@@ -11,6 +11,8 @@ Two bounds keep one object from holding up the others:
   retried with backoff);
 - the periodic resync reconciles the objects of a round concurrently, at most `RESYNC_CONCURRENCY` at a time
   per kind, so a slow object holds one of those slots for at most the deadline while the rest go on.
+
+The resync takes its objects from what kopf's watches hold (watched.py), never from a LIST.
 """
 
 from __future__ import annotations
@@ -151,22 +153,23 @@ class Runtime:
 
     async def resync_forever(self, kind: ResourceKind, interval: float) -> None:
         """Reconcile every object of a kind now and then: a safety net for missed events, and for models
-        the slow re-resolution that notices a moved revision. Nothing one object does can end it."""
+        the slow re-resolution that notices a moved revision. Nothing one object does can end it.
+
+        The objects are those kopf's watch holds (`ctx.watched`, reconcile/indexes.py), not a LIST: a round
+        costs the API server only the reconciles themselves, and the operator no list of whole bodies."""
         reconcile = self.reconcile_server if kind is LLAMA_SERVERS else self.reconcile_model
-        namespaces: tuple[str | None, ...] = self.ctx.settings.namespaces or (None,)
+        kind_name = "LlamaServer" if kind is LLAMA_SERVERS else "LlamaModel"
         while True:
             await asyncio.sleep(interval)
-            for namespace in namespaces:
-                try:
-                    bodies = await self.ctx.kube.list(kind, namespace)
-                except Exception as exc:  # noqa: BLE001 - the next round lists again
-                    log.warning("Resync of %s failed, will retry: %s", kind.plural, exc)
-                    continue
+            try:
+                objects = self.ctx.watched.keys(kind.plural)
+            except Exception as exc:  # noqa: BLE001 - the next round reads again
+                log.warning("Resync of %s failed, will retry: %s", kind.plural, exc)
+                continue
+            if self.ctx.watched.attached:
                 # Objects deleted while no event reached us leave the phase gauges here.
-                metas = [b.get("metadata") or {} for b in bodies]
-                PHASES.retain("LlamaServer" if kind is LLAMA_SERVERS else "LlamaModel", namespace,
-                              [(m.get("namespace", ""), m.get("name", "")) for m in metas])
-                await self._resync_round(reconcile, [(m.get("namespace", ""), m.get("name", "")) for m in metas])
+                PHASES.retain(kind_name, None, objects)
+            await self._resync_round(reconcile, objects)
 
     async def _resync_round(self, reconcile: Callable[[str, str], Awaitable[Verdict]],
                             objects: list[tuple[str, str]]) -> None:

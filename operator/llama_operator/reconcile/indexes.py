@@ -1,0 +1,74 @@
+"""The kopf indexes the periodic loops read instead of LISTing (their read side is watched.py).
+
+kopf keeps each index current from the watch streams the operator runs anyway (LlamaServers, LlamaModels, and
+the managed pods, filtered by label at the API server). Each value is only what a loop reads — a name, a spec
+and a few status fields, a pod's IP — never the whole body, so the memory they take is a small fraction of what
+one LIST of the same objects parsed. handlers.py imports this module, which registers the handlers.
+
+kopf hands its indexes to handlers as keyword arguments (by id); the first index handler that runs gives them
+to the Runtime's `Watched` (`_attach`), which the resync and the poller share through the Context.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from ..api.v1alpha1 import GROUP, VERSION
+from ..builders.objects import selector_labels
+from ..contract import SERVER_LABEL
+from .server import MODEL_STATUS_FIELDS
+from .watched import INDEXES, MODEL_KEYS, MODELS, READY_PODS, ROUTERS, SERVER_KEYS, ready_pod_ip, small_body
+
+MODEL_STATUS_KEPT = ("phase", "gguf")
+"""A LlamaModel's status fields a memory estimate reads (builders/router_memory.py)."""
+
+
+def _attach(memo: Any, indexes: dict[str, Any]) -> None:
+    """Give kopf's indexes to the Runtime's `Watched` (once: kopf's index objects live as long as the operator)."""
+    runtime = memo.get("runtime") if hasattr(memo, "get") else None
+    watched = getattr(getattr(runtime, "ctx", None), "watched", None)
+    if watched is not None and not watched.attached:
+        watched.attach({name: indexes[name] for name in INDEXES if name in indexes})
+
+
+@kopf.index(GROUP, VERSION, "llamaservers", id=SERVER_KEYS)
+def llama_server_keys(namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> dict[str, str]:
+    _attach(memo, kwargs)
+    return {namespace: name}
+
+
+@kopf.index(GROUP, VERSION, "llamamodels", id=MODEL_KEYS)
+def llama_model_keys(namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> dict[str, str]:
+    _attach(memo, kwargs)
+    return {namespace: name}
+
+
+@kopf.index(GROUP, VERSION, "llamaservers", id=ROUTERS)
+def llama_router_servers(namespace: str, name: str, spec: kopf.Spec, status: kopf.Status,
+                         memo: kopf.Memo, **kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """Router-mode servers, and servers whose status still shows models (the poller clears those)."""
+    _attach(memo, kwargs)
+    if not spec.get("models") and status.get("models") is None:
+        return {}
+    return {(namespace, name): small_body("LlamaServer", namespace, name, spec, status, MODEL_STATUS_FIELDS)}
+
+
+@kopf.index(GROUP, VERSION, "llamamodels", id=MODELS)
+def llama_models_for_estimates(namespace: str, name: str, spec: kopf.Spec, status: kopf.Status,
+                               memo: kopf.Memo, **kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    _attach(memo, kwargs)
+    return {(namespace, name): small_body("LlamaModel", namespace, name, spec, status, MODEL_STATUS_KEPT)}
+
+
+@kopf.index("", "v1", "pods", labels={SERVER_LABEL: kopf.PRESENT}, id=READY_PODS)
+def llama_ready_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo,
+                     **kwargs: Any) -> dict[tuple[str, str], tuple[str, str]]:
+    """A server's pods (those its Deployment selects), when ready: the poller asks them for their models."""
+    _attach(memo, kwargs)
+    server = labels[SERVER_LABEL]
+    if any(labels.get(key) != value for key, value in selector_labels(server).items()):
+        return {}
+    ready = ready_pod_ip(body)
+    return {(namespace, server): ready} if ready else {}

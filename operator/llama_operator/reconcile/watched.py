@@ -1,0 +1,91 @@
+"""What the operator's watches already hold, read by the periodic loops instead of LISTing the API server.
+
+kopf watches LlamaServers, LlamaModels and the managed pods anyway (handlers.py); reconcile/indexes.py keeps a
+few kopf indexes over those watch streams, each value only what a loop reads, and `Watched` is the read side:
+
+- `keys(kind)`: every (namespace, name) of LlamaServers or LlamaModels, for the resync (runtime.py);
+- `routers()`: the router-mode LlamaServers (spec plus the poller's own status fields) for the model status
+  poller (router_status.py), `models()` the LlamaModels' spec and the status fields it estimates memory from, and
+  `ready_pods(namespace, server)` the (pod, IP) of that server's ready pods.
+
+The indexes are kopf's (`kopf.Index`: a mapping of key to a collection of values, updated in place by the
+watch); `attach` hands them over once the operator runs. Before that, or with no object of any kind yet, every
+read is empty: what an empty watch would say.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any
+
+SERVER_KEYS = "llama_server_keys"
+"""Index: namespace -> names of the LlamaServers in it."""
+MODEL_KEYS = "llama_model_keys"
+"""Index: namespace -> names of the LlamaModels in it."""
+ROUTERS = "llama_router_servers"
+"""Index: (namespace, name) -> the router-mode LlamaServer as the poller reads it (a small dict, no metadata
+beyond its name)."""
+MODELS = "llama_models_for_estimates"
+"""Index: (namespace, name) -> the LlamaModel's spec and the status fields a memory estimate reads."""
+READY_PODS = "llama_ready_pods"
+"""Index: (namespace, server) -> (pod name, pod IP) of each ready, not terminating pod of that server."""
+INDEXES = (SERVER_KEYS, MODEL_KEYS, ROUTERS, MODELS, READY_PODS)
+
+Index = Mapping[Any, Collection[Any]]
+
+
+def ready_pod_ip(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(pod name, pod IP) when the pod is Ready and not terminating, else None."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    conditions = status.get("conditions") or []
+    ready = any(isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True"
+                for c in conditions if isinstance(conditions, list))
+    if ready and status.get("podIP") and not meta.get("deletionTimestamp"):
+        return str(meta.get("name")), str(status["podIP"])
+    return None
+
+
+class Watched:
+    """The read side of the watch caches (see the module docstring). Every read copies what it returns out of
+    the live index first, so a watch event that lands while a loop awaits changes nothing under its feet."""
+
+    def __init__(self, indexes: Mapping[str, Index] | None = None) -> None:
+        self._indexes: dict[str, Index] = {}
+        if indexes is not None:
+            self.attach(indexes)
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._indexes)
+
+    def attach(self, indexes: Mapping[str, Index]) -> None:
+        """Read from these indexes (kopf's, by their id) from now on; ids missing there stay empty."""
+        self._indexes = {name: indexes[name] for name in INDEXES if name in indexes}
+
+    def _index(self, name: str) -> Index:
+        return self._indexes.get(name) or {}
+
+    def keys(self, kind_plural: str) -> list[tuple[str, str]]:
+        """(namespace, name) of every watched LlamaServer ("llamaservers") or LlamaModel ("llamamodels")."""
+        index = self._index(SERVER_KEYS if kind_plural == "llamaservers" else MODEL_KEYS)
+        return sorted((namespace, name) for namespace, names in list(index.items()) for name in list(names))
+
+    def routers(self) -> list[dict[str, Any]]:
+        """The router-mode LlamaServers (and those whose status still shows models), as the poller reads them."""
+        return [body for _, bodies in sorted(list(self._index(ROUTERS).items())) for body in list(bodies)]
+
+    def models(self, namespace: str) -> list[dict[str, Any]]:
+        """The LlamaModels of a namespace, each as a small body (metadata name/namespace, spec, status subset)."""
+        return [body for (ns, _), bodies in list(self._index(MODELS).items()) if ns == namespace
+                for body in list(bodies)]
+
+    def ready_pods(self, namespace: str, server: str) -> list[tuple[str, str]]:
+        """(pod name, pod IP) of the server's ready pods, by pod name."""
+        return sorted(self._index(READY_PODS).get((namespace, server)) or ())
+
+
+def small_body(kind: str, namespace: str, name: str, spec: Mapping[str, Any],
+               status: Mapping[str, Any], keep: Iterable[str]) -> dict[str, Any]:
+    """An object reduced to what a loop reads: its name, spec, and the `keep` fields of its status."""
+    return {"kind": kind, "metadata": {"namespace": namespace, "name": name}, "spec": dict(spec),
+            "status": {key: status[key] for key in keep if key in status}}

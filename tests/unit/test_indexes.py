@@ -1,0 +1,124 @@
+"""reconcile/indexes.py and watched.py: what the watch caches keep per object (only what the loops read) and how
+the loops read them (copies, so a watch event mid-round changes nothing under them)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from llama_operator.config import Settings
+from llama_operator.kube import LLAMA_MODELS, LLAMA_SERVERS, PODS
+from llama_operator.reconcile import indexes
+from llama_operator.reconcile.context import Context
+from llama_operator.reconcile.runtime import Runtime
+from llama_operator.reconcile.watched import MODEL_KEYS, READY_PODS, ROUTERS, SERVER_KEYS, Watched
+from tests.conftest import model_body, server_body
+from tests.fakekube import Events, FakeKube
+from tests.watch_cache import index_of, watched_over
+
+ROUTER_SPEC = {"models": [{"modelRef": {"name": "alpha"}}], "maxLoaded": 1}
+
+
+def _bulky(body: dict[str, Any]) -> dict[str, Any]:
+    """A body as the API server sends it: managedFields, annotations, a long status the loops never read."""
+    body["metadata"].update(managedFields=[{"manager": "x" * 2000}], annotations={"note": "y" * 2000})
+    body["status"] = {**(body.get("status") or {}), "conditions": [{"type": "Ready", "message": "z" * 2000}]}
+    return body
+
+
+def _pod(name: str, server: str, *, ready: bool, ip: str = "10.0.0.7", **labels: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": "default",
+                         "labels": {"app.kubernetes.io/name": "llama-server", "llamacpp.dev/server": server, **labels}},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": str(ready)}]}}
+
+
+def test_the_key_indexes_hold_names_only() -> None:
+    kube = FakeKube()
+    kube.put(LLAMA_SERVERS, _bulky(server_body("b")))
+    kube.put(LLAMA_SERVERS, _bulky(server_body("a")))
+    kube.put(LLAMA_MODELS, _bulky(model_body("m")))
+    watched = watched_over(kube)
+    assert watched.keys("llamaservers") == [("default", "a"), ("default", "b")]
+    assert watched.keys("llamamodels") == [("default", "m")]
+    assert index_of("llamaservers", indexes.llama_server_keys, kube.objects) == {"default": ["a", "b"]}
+
+
+def test_the_router_index_keeps_spec_and_the_pollers_status_fields_only() -> None:
+    kube = FakeKube()
+    kube.put(LLAMA_SERVERS, server_body("plain"))  # not router mode, no models in status: not indexed
+    router = server_body("fleet")
+    router["spec"] = dict(ROUTER_SPEC)
+    router = _bulky(router)
+    router["status"].update(models=[{"name": "alpha", "model": "alpha", "state": "Loaded"}], modelsLoaded="1/1")
+    kube.put(LLAMA_SERVERS, router)
+    left = server_body("left")  # left router mode: its status.models is still to be cleared by the poller
+    left["status"] = {"models": [], "phase": "Ready"}
+    kube.put(LLAMA_SERVERS, left)
+    bodies = watched_over(kube).routers()
+    assert [b["metadata"] for b in bodies] == [{"namespace": "default", "name": "fleet"},
+                                               {"namespace": "default", "name": "left"}]
+    assert bodies[0]["status"] == {"models": [{"name": "alpha", "model": "alpha", "state": "Loaded"}],
+                                   "modelsLoaded": "1/1"}
+    assert bodies[1]["status"] == {"models": []}
+    assert bodies[0]["spec"]["models"] == ROUTER_SPEC["models"]
+    # Nothing of the bulk the API server sent: the index is a small fraction of the body.
+    assert len(repr(bodies[0])) < len(repr(router)) / 10
+
+
+def test_the_model_index_keeps_what_an_estimate_reads() -> None:
+    kube = FakeKube()
+    kube.put(LLAMA_MODELS, _bulky(model_body("alpha", status={"phase": "Ready", "gguf": {"architecture": "llama"},
+                                                             "files": [{"name": "m.gguf"}] * 50})))
+    kube.put(LLAMA_MODELS, {**model_body("other"), "metadata": {"name": "other", "namespace": "elsewhere"}})
+    [body] = watched_over(kube).models("default")
+    assert body["status"] == {"phase": "Ready", "gguf": {"architecture": "llama"}}
+    assert set(body) == {"kind", "metadata", "spec", "status"} and body["metadata"]["name"] == "alpha"
+    assert [b["metadata"]["name"] for b in watched_over(kube).models("elsewhere")] == ["other"]
+
+
+def test_the_pod_index_holds_ready_pods_of_the_servers_deployment_only() -> None:
+    kube = FakeKube()
+    kube.put(PODS, _pod("fleet-b", "fleet", ready=True, ip="10.0.0.2"))
+    kube.put(PODS, _pod("fleet-a", "fleet", ready=True, ip="10.0.0.1"))
+    kube.put(PODS, _pod("fleet-c", "fleet", ready=False))  # not ready: not asked
+    terminating = _pod("fleet-d", "fleet", ready=True)
+    terminating["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    kube.put(PODS, terminating)
+    other = _pod("fetch-fleet", "fleet", ready=True)  # the server's label, not its Deployment's selector
+    other["metadata"]["labels"]["app.kubernetes.io/name"] = "fetcher"
+    kube.put(PODS, other)
+    watched = watched_over(kube)
+    assert watched.ready_pods("default", "fleet") == [("fleet-a", "10.0.0.1"), ("fleet-b", "10.0.0.2")]
+    assert watched.ready_pods("default", "nobody") == []
+
+
+def test_reads_are_copies_taken_before_any_await() -> None:
+    live: dict[str, Any] = {SERVER_KEYS: {"default": ["a", "b"]}, MODEL_KEYS: {}, ROUTERS: {},
+                            READY_PODS: {("default", "s"): [("p", "10.0.0.1")]}}
+    watched = Watched(live)
+    keys = watched.keys("llamaservers")
+    pods = watched.ready_pods("default", "s")
+    live[SERVER_KEYS]["default"].append("c")  # a watch event after the read
+    live[READY_PODS][("default", "s")].clear()
+    assert keys == [("default", "a"), ("default", "b")] and pods == [("p", "10.0.0.1")]
+    assert watched.keys("llamaservers")[-1] == ("default", "c")  # the next read sees it
+
+
+def test_unattached_reads_are_empty_and_the_first_index_call_attaches_the_runtime() -> None:
+    runtime = Runtime(Context(kube=FakeKube(), settings=Settings(), record_event=Events()))  # type: ignore[arg-type]
+    watched = runtime.ctx.watched
+    assert not watched.attached and watched.keys("llamaservers") == [] and watched.routers() == []
+    live = {SERVER_KEYS: {"default": ["a"]}, "some_other_index": {}}
+    assert indexes.llama_server_keys(namespace="default", name="a", memo={"runtime": runtime}, **live) == \
+        {"default": "a"}
+    assert watched.attached and watched.keys("llamaservers") == [("default", "a")]
+    indexes.llama_model_keys(namespace="default", name="m", memo={"runtime": runtime}, **{SERVER_KEYS: {}})
+    assert watched.keys("llamaservers") == [("default", "a")]  # attached once: kopf's indexes live on
+    # A handler called before the Runtime exists (or in a test without one) attaches nothing and still indexes.
+    assert indexes.llama_model_keys(namespace="default", name="m", memo={}) == {"default": "m"}
+
+
+def test_an_index_entry_is_small() -> None:
+    """What one LlamaServer costs in the key index, the sizes the docs' memory-per-server figure rests on."""
+    entry = indexes.llama_server_keys(namespace="default", name="server-0001", memo={})
+    assert sum(sys.getsizeof(x) for x in (*entry, *entry.values())) < 200
