@@ -41,11 +41,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from . import handlers  # noqa: F401  (registers the handlers)
     from .config import Settings, SettingsError
+    from .leader import ElectionConfig, ElectionSettingsError
+    from .leadership import PauseHookError, install_pause_hook
 
     try:
         settings = Settings.from_env()
-    except SettingsError as exc:
+        election = ElectionConfig.from_env()
+    except (SettingsError, ElectionSettingsError) as exc:
         raise CliError(str(exc)) from None
+    if election is not None:
+        # Before kopf.run: its watchers must start paused, or a standby would list and write for a moment.
+        try:
+            install_pause_hook()
+        except PauseHookError as exc:
+            raise CliError(str(exc)) from None
     log_format = kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL
     kopf.configure(verbose=args.verbose, log_format=log_format)
     kopf.run(

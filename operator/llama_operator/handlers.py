@@ -19,6 +19,9 @@ from .api.v1alpha1 import GROUP, VERSION, LlamaServerSpec
 from .config import Settings
 from .contract import MANAGED_BY, MANAGED_BY_LABEL, MANAGED_SELECTOR, MODEL_LABEL, SERVER_LABEL
 from .kube import LLAMA_MODELS, LLAMA_SERVERS, Kube, connection_settings, load_api_client
+from .kube.lease import KubeLeaseStore
+from .leader import ElectionConfig
+from .leadership import Leadership
 from .metrics import serve as serve_metrics
 from .reconcile import indexes  # noqa: F401 - registers the watch caches the periodic loops read
 from .reconcile.context import Context
@@ -65,6 +68,20 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo["runtime"] = runtime
     if config.metrics_port:
         serve_metrics(config.metrics_port)
+    election = ElectionConfig.from_env()
+    if election is None:
+        _start_loops(runtime, config)
+    else:
+        # Two replicas: only the Lease holder's kopf watches and reconciles (leadership.py); both serve the webhook.
+        leadership = Leadership(election, KubeLeaseStore(load_api_client(), election.namespace, election.name),
+                                on_elected=lambda: _start_loops(runtime, config))
+        memo["leadership"] = leadership
+        leadership.start()
+    log.info("llama-operator started: namespaces=%s", ",".join(config.namespaces) or "all")
+
+
+def _start_loops(runtime: Runtime, config: Settings) -> None:
+    """The periodic loops, on the leader only (at start without an election, else once elected)."""
     runtime.resync_tasks = [
         asyncio.create_task(runtime.resync_forever(LLAMA_SERVERS, config.resync_seconds), name="resync servers"),
         asyncio.create_task(runtime.resync_forever(LLAMA_MODELS, config.model_resync_seconds), name="resync models"),
@@ -72,7 +89,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         asyncio.create_task(ModelStatusPoller(runtime.ctx).run_forever(config.model_status_seconds),
                             name="router model status"),
     ]
-    log.info("llama-operator started: namespaces=%s", ",".join(config.namespaces) or "all")
+
+
+@kopf.on.probe(id="leader")
+def leader_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+    """In /healthz: whether this replica holds the leader Lease (both replicas are live and ready)."""
+    leadership = memo.get("leadership")
+    return {"leading": True, "election": False} if leadership is None else leadership.probe()
 
 
 @kopf.on.login()
@@ -85,6 +108,9 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     runtime = memo.get("runtime")
     if runtime is not None:
         runtime.close()
+    leadership = memo.get("leadership")
+    if leadership is not None:  # after the writes stopped: the standby takes over at its next try
+        await leadership.stop()
 
 
 # ------------------------------------------------------------------------------------------------- models
