@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -52,6 +53,33 @@ class TenantPolicy:
     """Allowed spec.runtimeClassName values; ANY: any; empty: none."""
     priority_class_names: tuple[str, ...] = (ANY,)
     """Allowed spec.priorityClassName values; ANY: any; empty: none."""
+
+
+InferencePoolMode = Literal["auto", "true", "false"]
+FailureMode = Literal["FailClose", "FailOpen"]
+SERVER_PLACEHOLDER = "{server}"
+"""Stands for the LlamaServer's name in the endpoint picker's Service name."""
+
+
+@dataclass(frozen=True)
+class InferencePoolSettings:
+    """The InferencePool (Gateway API Inference Extension) next to each LlamaServer (docs/inference-extension.md)."""
+
+    mode: InferencePoolMode = "auto"
+    """auto: made when the cluster serves inference.networking.k8s.io/v1 (seen at startup); true, false: forced."""
+    served: bool = False
+    """The cluster served the InferencePool API when the operator started (discovery, handlers.configure)."""
+    endpoint_picker: str = f"{SERVER_PLACEHOLDER}-epp"
+    """The Service of the endpoint picker (EPP) each pool names, in the server's namespace; {server} is replaced
+    by the server's name (upstream's inferencepool chart names its EPP Service `<release>-epp`)."""
+    endpoint_picker_port: int = 9002
+    """The EPP Service's ext-proc (gRPC) port."""
+    failure_mode: FailureMode = "FailClose"
+    """What the gateway does when the EPP does not answer: refuse (FailClose) or pick any pod (FailOpen)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "true" or (self.mode == "auto" and self.served)
 
 
 @dataclass(frozen=True)
@@ -99,6 +127,9 @@ class Settings:
     server_network_policy_from: tuple[Mapping[str, Any], ...] | None = None
     """Who may reach llama-server pods besides the pods of their own namespace: NetworkPolicyPeer objects, put
     into the NetworkPolicy the operator makes next to each server (builders/network_policy.py). None: no policy."""
+
+    inference_pool: InferencePoolSettings = field(default_factory=InferencePoolSettings)
+    """Whether, and with which endpoint picker, each LlamaServer gets an InferencePool."""
 
     def image_for(self, vendor: str | None) -> str:
         return self.images[vendor or "cpu"]
@@ -163,6 +194,7 @@ class Settings:
             server_network_policy_from=_peers(env, "LLAMA_OPERATOR_SERVER_NETWORK_POLICY_FROM"),
             source_egress_guard=egress_guard == "true",
             source_blocked_cidrs=_networks(env, "LLAMA_OPERATOR_SOURCE_BLOCKED_CIDRS"),
+            inference_pool=_inference_pool(env),
         )
 
 
@@ -227,6 +259,30 @@ def _peers(env: Mapping[str, str], name: str) -> tuple[Mapping[str, Any], ...] |
         raise SettingsError(f"{name}: must be a JSON array of NetworkPolicy peers (objects with podSelector, "
                             "namespaceSelector or ipBlock)")
     return tuple(peers)
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _inference_pool(env: Mapping[str, str]) -> InferencePoolSettings:
+    mode = env.get("LLAMA_OPERATOR_INFERENCE_POOL", "auto").strip().lower()
+    if mode not in ("auto", "true", "false"):
+        raise SettingsError(f"LLAMA_OPERATOR_INFERENCE_POOL={mode[:40]!r}: must be auto, true or false")
+    picker = env.get("LLAMA_OPERATOR_INFERENCE_POOL_ENDPOINT_PICKER", f"{SERVER_PLACEHOLDER}-epp").strip()
+    # A sample server name stands in for {server}: what is left must be a Service name (a DNS label).
+    sample = picker.replace(SERVER_PLACEHOLDER, "a")
+    if len(picker) > 200 or not _DNS_LABEL.match(sample):
+        raise SettingsError(f"LLAMA_OPERATOR_INFERENCE_POOL_ENDPOINT_PICKER={picker[:200]!r}: must be a Service "
+                            "name (lowercase letters, digits, '-'), optionally with {server} for the server's name")
+    port = _optional_port(env, "LLAMA_OPERATOR_INFERENCE_POOL_ENDPOINT_PICKER_PORT", default=9002)
+    if port is None:
+        raise SettingsError("LLAMA_OPERATOR_INFERENCE_POOL_ENDPOINT_PICKER_PORT: the endpoint picker needs a port")
+    failure = env.get("LLAMA_OPERATOR_INFERENCE_POOL_FAILURE_MODE", "FailClose").strip()
+    if failure not in ("FailClose", "FailOpen"):
+        raise SettingsError(f"LLAMA_OPERATOR_INFERENCE_POOL_FAILURE_MODE={failure[:40]!r}: "
+                            "must be FailClose or FailOpen")
+    return InferencePoolSettings(mode=mode, endpoint_picker=picker, endpoint_picker_port=port,  # type: ignore[arg-type]
+                                 failure_mode=failure)  # type: ignore[arg-type]
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:

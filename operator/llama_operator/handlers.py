@@ -25,6 +25,7 @@ from .leadership import Leadership
 from .metrics import serve as serve_metrics
 from .reconcile import indexes  # noqa: F401 - registers the watch caches the periodic loops read
 from .reconcile.context import Context
+from .reconcile.discovery import with_served_apis
 from .reconcile.router_status import ModelStatusPoller
 from .reconcile.runtime import Runtime, best_effort
 
@@ -43,7 +44,7 @@ def _runtime(memo: kopf.Memo) -> Runtime:
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    config = Settings.from_env()
+    config = await with_served_apis(Kube(load_api_client()), Settings.from_env())
     # kopf's bookkeeping lives in our own annotations, keeping status for what users read.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(

@@ -2,9 +2,9 @@
 resolved LlamaModels and the settings. Pure.
 
 `plan_server` is the one place that decides which objects a server gets (one model or router mode, the
-NetworkPolicy or not, the PodDisruptionBudget or not), their arguments, the names it serves, its endpoint, its
-memory estimate and which of its fetchers record a trust-on-first-use checksum. The reconcile applies and reports
-the plan, `render` prints its objects; neither builds anything itself. The spec has passed
+NetworkPolicy or not, the PodDisruptionBudget or not, the InferencePool or not), their arguments, the names it
+serves, its endpoint, its memory estimate and which of its fetchers record a trust-on-first-use checksum. The
+reconcile applies and reports the plan, `render` prints its objects; neither builds anything itself. The spec has passed
 `flags.spec.spec_problems` before it is planned; what the resolved models rule out comes back as a `PlanProblem`
 instead of a plan.
 """
@@ -24,6 +24,7 @@ from ..flags.spec import model_problems
 from .args import server_args
 from .context import resolve_context
 from .deployment import deployment_object
+from .inference_pool import build_inference_pool, with_engine_type
 from .naming import model_name, served_names
 from .network_policy import build_network_policy
 from .placement import build_disruption_budget
@@ -41,7 +42,7 @@ class ServerPlan:
     objects: tuple[dict[str, Any], ...]
     """In apply order: the NetworkPolicy (when the operator makes one) before any pod can start, a router's preset
     ConfigMap before the Deployment whose pods mount it, the Deployment, its PodDisruptionBudget (more than one
-    replica), the Service."""
+    replica), the Service, its InferencePool (where the cluster serves them)."""
     args: list[str]
     """llama-server's arguments (status.args)."""
     served_names: list[str]
@@ -135,9 +136,12 @@ def _plan(
 ) -> ServerPlan:
     policy = build_network_policy(server, settings)
     budget = build_disruption_budget(server)
+    pool = build_inference_pool(server, settings.inference_pool)
+    if pool is not None:  # its endpoint picker finds llama.cpp's metric names by the pods' engine-type label
+        workload = [with_engine_type(obj) if obj["kind"] == "Deployment" else obj for obj in workload]
     return ServerPlan(
         objects=(*([policy] if policy is not None else []), *workload, *([budget] if budget is not None else []),
-                 build_service(server)),
+                 build_service(server), *([pool] if pool is not None else [])),
         args=args,
         served_names=served_names(server),
         model_name=model_name(server),

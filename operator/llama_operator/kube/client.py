@@ -197,6 +197,16 @@ class Kube:
                                      permission=rule("list", kind, namespace))
         return list(result.get("items") or [])
 
+    async def serves(self, kind: ResourceKind) -> bool:
+        """Whether the API server serves this resource: its group/version's discovery document lists it (every
+        authenticated client may read discovery: no RBAC rule)."""
+        group_version = f"/apis/{kind.api_group}/{kind.version}" if kind.api_group else f"/api/{kind.version}"
+        try:
+            found = await self._request("GET", group_version)
+        except NotFound:
+            return False
+        return any(resource.get("name") == kind.plural for resource in (found or {}).get("resources") or [])
+
     async def delete(self, kind: ResourceKind, namespace: str, name: str) -> bool:
         """Delete (background propagation); False when it was already gone."""
         check_permission(kind, "delete", permissions=self._permissions)

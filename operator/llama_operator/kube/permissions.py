@@ -39,6 +39,8 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission("networking.k8s.io", "networkpolicies", frozenset({"get", "create", "patch", "delete"})),
     # The PodDisruptionBudget of each LlamaServer with more than one replica; delete: back to one replica.
     Permission("policy", "poddisruptionbudgets", frozenset({"get", "create", "patch", "delete"})),
+    # The InferencePool of each LlamaServer where the cluster serves it; delete: pools turned off by the setting.
+    Permission("inference.networking.k8s.io", "inferencepools", frozenset({"get", "create", "patch", "delete"})),
     Permission(GROUP, "llamamodels", frozenset({"get", "list"})),
     Permission(GROUP, "llamaservers", frozenset({"get", "list"})),
     Permission(GROUP, "llamamodels/status", frozenset({"patch"})),

@@ -37,6 +37,9 @@ NETWORK_POLICIES = ResourceKind("networking.k8s.io", "v1", "networkpolicies")
 """Written next to each LlamaServer when the operator is configured to (builders/network_policy.py)."""
 POD_DISRUPTION_BUDGETS = ResourceKind("policy", "v1", "poddisruptionbudgets")
 """Written next to each LlamaServer with more than one replica (builders/placement.py)."""
+INFERENCE_POOLS = ResourceKind("inference.networking.k8s.io", "v1", "inferencepools")
+"""Written next to each LlamaServer where the cluster serves the Gateway API Inference Extension
+(builders/inference_pool.py)."""
 LLAMA_MODELS = ResourceKind(GROUP, VERSION, "llamamodels")
 LLAMA_SERVERS = ResourceKind(GROUP, VERSION, "llamaservers")
 ENDPOINT_SLICES = ResourceKind("discovery.k8s.io", "v1", "endpointslices")
@@ -51,5 +54,6 @@ KINDS_BY_API: Mapping[tuple[str, str], ResourceKind] = {
     ("v1", "ConfigMap"): CONFIG_MAPS,
     ("networking.k8s.io/v1", "NetworkPolicy"): NETWORK_POLICIES,
     ("policy/v1", "PodDisruptionBudget"): POD_DISRUPTION_BUDGETS,
+    ("inference.networking.k8s.io/v1", "InferencePool"): INFERENCE_POOLS,
 }
 

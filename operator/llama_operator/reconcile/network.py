@@ -1,12 +1,12 @@
 """Removes an object next to a LlamaServer that its plan no longer wants (the plan applies it when it does:
 builders/plan.py): the NetworkPolicy once the settings stop asking for one, the PodDisruptionBudget once the
-server is down to one replica."""
+server is down to one replica, the InferencePool once the setting turns pools off."""
 
 from __future__ import annotations
 
 from ..api.v1alpha1 import LlamaServer
 from ..contract import MANAGED_BY, MANAGED_BY_LABEL
-from ..kube import NETWORK_POLICIES, POD_DISRUPTION_BUDGETS, ResourceKind
+from ..kube import INFERENCE_POOLS, NETWORK_POLICIES, POD_DISRUPTION_BUDGETS, ResourceKind
 from .context import Context
 
 
@@ -32,3 +32,10 @@ async def remove_network_policy(ctx: Context, server: LlamaServer) -> None:
 async def remove_disruption_budget(ctx: Context, server: LlamaServer) -> None:
     """Delete the server's PodDisruptionBudget if we made one earlier (it had more than one replica)."""
     await remove_unwanted(ctx, server, POD_DISRUPTION_BUDGETS)
+
+
+async def remove_inference_pool(ctx: Context, server: LlamaServer) -> None:
+    """Delete the server's InferencePool if we made one earlier, where the cluster serves them but the setting
+    turned them off (elsewhere there is nothing to read: no request is spent)."""
+    if ctx.settings.inference_pool.served:
+        await remove_unwanted(ctx, server, INFERENCE_POOLS)

@@ -34,7 +34,7 @@ from .conditions import condition, merge_conditions, problem_event
 from .context import Context
 from .download import observe_download
 from .fits import fits_condition, fits_event, gpu_nodes, memory_status, oom_condition
-from .network import remove_disruption_budget, remove_network_policy
+from .network import remove_disruption_budget, remove_inference_pool, remove_network_policy
 from .server_status import FleetStatus, fleet_status
 from .trust import record_first_use
 
@@ -176,6 +176,8 @@ async def _apply(ctx: Context, server: LlamaServer, plan: ServerPlan) -> dict[st
         await remove_network_policy(ctx, server)  # made while the setting was on
     if plan.find("PodDisruptionBudget") is None:
         await remove_disruption_budget(ctx, server)  # made while it had more than one replica
+    if plan.find("InferencePool") is None:
+        await remove_inference_pool(ctx, server)  # made before the setting turned pools off
     stored: dict[str, Any] = {}
     for obj in plan.objects:
         kind = KINDS_BY_API[(obj["apiVersion"], obj["kind"])]
