@@ -75,6 +75,7 @@ REGISTERED = {
     "inspect": "llama_operator.inspect_cli",
     "sandbox": "llama_operator.sandbox",
     "gateway": "llama_operator.gateway",
+    "drain": "llama_operator.drain",
 }
 
 

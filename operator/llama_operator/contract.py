@@ -216,3 +216,13 @@ def parse_progress(log_tail: str) -> Progress | None:
         if match:
             return Progress(match["file"], int(match["done"]), int(match["total"]), float(match["rate"]) * 1e6)
     return None
+
+# ---------------------------------------------------------------------------------------------- drain sidecar
+
+DRAIN_CONTAINER = "drain"
+"""The native sidecar (`llama-operator drain`) whose /drain answers llama-server's preStop hook once it is idle."""
+DRAIN_PORT = 8081
+"""The sidecar's port inside the pod; not in the Service: only the kubelet (preStop) calls it."""
+DRAIN_PATH = "/drain"
+DRAIN_MARGIN_SECONDS = 5
+"""The drain answers this long before the pod's grace period runs out: llama-server then gets its SIGTERM in time."""

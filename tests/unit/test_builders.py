@@ -10,6 +10,7 @@ from llama_operator.api.v1alpha1 import LlamaModel
 from llama_operator.builders import build_cache_pvc, build_deployment, build_service
 from llama_operator.builders.resources import derived_threads
 from llama_operator.config import Settings
+from llama_operator.contract import DRAIN_CONTAINER
 from tests.conftest import resolved_model, server
 
 
@@ -130,7 +131,7 @@ def test_http_headers_come_from_secret_env(settings: Settings) -> None:
 def test_volume_source_mounts_read_only_and_skips_fetch(settings: Settings) -> None:
     model = resolved_model(spec={"source": {"volume": {"persistentVolumeClaim": "shared", "path": "a/m.gguf"}}})
     pod = build_deployment(server(), model, settings)["spec"]["template"]["spec"]
-    assert pod["initContainers"] == []
+    assert [c["name"] for c in pod["initContainers"]] == [DRAIN_CONTAINER]
     source = {"name": "model-source", "persistentVolumeClaim": {"claimName": "shared", "readOnly": True}}
     assert source in pod["volumes"]
     assert _flag(pod["containers"][0]["args"], "--model") == "/model-source/a/m.gguf"
@@ -181,7 +182,7 @@ def test_host_path_cache_server_mounts_only_its_models_directories(settings: Set
         {"name": "model-cache", "mountPath": "/models/draft-key-0123", "subPath": "draft-key-0123",
          "readOnly": True}]
     assert f"/models/{key}/qwen2.5-0.5b-instruct-q4_k_m.gguf" in main["args"]
-    for fetcher in pod["initContainers"]:
+    for fetcher in pod["initContainers"][:-1]:  # the last is the drain sidecar
         assert {"name": "model-cache", "mountPath": "/models"} in fetcher["volumeMounts"], fetcher["name"]
 
 
@@ -209,7 +210,7 @@ def test_a_draft_in_the_served_models_emptydir_counts_in_its_size(settings: Sett
     pod = build_deployment(server(speculative={"draftModelRef": {"name": "draft"}}), model, settings,
                            draft)["spec"]["template"]["spec"]
     assert {"name": "model-cache", "emptyDir": {"sizeLimit": "15Gi"}} in pod["volumes"]
-    for fetcher in pod["initContainers"]:
+    for fetcher in pod["initContainers"][:-1]:  # the last is the drain sidecar
         assert fetcher["resources"]["limits"]["ephemeral-storage"] == "17Gi", fetcher["name"]
         assert fetcher["resources"]["requests"]["ephemeral-storage"] == "17Gi", fetcher["name"]
 

@@ -122,7 +122,7 @@ def test_every_distinct_model_is_fetched_once_into_its_cache(settings: Settings)
     models = [*THREE, {"modelRef": {"name": "a"}, "alias": "a-long", "contextSize": 8192}]
     pod = _pod(build_router_deployment(router(models), MODELS, settings))
     fetchers = [(c["name"], c["args"][c["args"].index("--cache-key") + 1], c["volumeMounts"][0])
-                for c in pod["initContainers"]]
+                for c in pod["initContainers"][:-1]]  # the last is the drain sidecar
     # c is on the user's volume: nothing to download; a is used twice and fetched once.
     assert fetchers == [("fetch-model-0", "a-111", {"name": "model-cache-0", "mountPath": "/models"}),
                         ("fetch-model-1", "b-222", {"name": "model-cache-1", "mountPath": "/models"})]
@@ -147,7 +147,7 @@ def test_models_on_one_pvc_share_one_volume_and_emptydirs_do_not(settings: Setti
               "c": ready_model("c", "c-3", cache=pvc), "d": ready_model("d", "d-4"), "e": ready_model("e", "e-5")}
     models = [{"modelRef": {"name": n}} for n in "abcde"]
     pod = _pod(build_router_deployment(router(models), shared, settings))
-    assert [c["volumeMounts"][0]["name"] for c in pod["initContainers"]] == \
+    assert [c["volumeMounts"][0]["name"] for c in pod["initContainers"][:-1]] == \
         ["model-cache-0", "model-cache-0", "model-cache-1", "model-cache-2", "model-cache-3"]
     assert [v["name"] for v in pod["volumes"]] == \
         ["model-cache-0", "model-cache-1", "model-cache-2", "model-cache-3", "models-preset", "tmp"]
@@ -195,7 +195,7 @@ def test_router_pods_are_not_scraped_without_a_model_name(settings: Settings) ->
 
 def test_a_custom_image_dry_runs_the_router_arguments(settings: Settings) -> None:
     pod = _pod(build_router_deployment(router(THREE, image="registry.example/llama:mine"), MODELS, settings))
-    dry = pod["initContainers"][-1]
+    dry = pod["initContainers"][-2]  # before the drain sidecar
     assert dry["name"] == "validate-args"
     assert dry["args"][:2] == ["--models-preset", "/run/llama-server/preset/models.ini"]
     assert dry["volumeMounts"] == pod["containers"][0]["volumeMounts"]

@@ -21,6 +21,7 @@ from ..flags.dryrun import dry_run_init_container
 from ..flags.render import SERVER_PORT
 from .args import needs_draft_cache
 from .cache import TMP_SIZE_LIMIT, cache_volume, fetcher_ephemeral_storage, model_volumes, server_model_mounts
+from .drain import drain_hook, drain_sidecar
 from .fetcher import fetch_init_container, mmproj_fetch_container
 from .objects import server_labels
 from .placement import topology_spread
@@ -131,7 +132,7 @@ def pod_template(
     # A downloaded model's cache holds the draft too; a volume-source model's draft has a cache of its own.
     sharing = (draft,) if draft is not None and model.spec.source.volume is None else ()
     caches = [(model, *sharing)] if model.spec.source.volume is None else [(draft,)] if draft is not None else []
-    return assemble_pod(server, annotations=annotations, main=main,
+    return assemble_pod(server, settings, annotations=annotations, main=main,
                         init_containers=with_ephemeral_storage(init, caches, settings),
                         volumes=[*model_volumes(model, settings, sharing=sharing),
                                  *_draft_volumes(model, settings, draft)])
@@ -151,19 +152,20 @@ def with_ephemeral_storage(init_containers: list[dict[str, Any]], caches: list[t
 
 
 def assemble_pod(
-    server: LlamaServer, *, annotations: dict[str, str], main: dict[str, Any],
+    server: LlamaServer, settings: Settings, *, annotations: dict[str, str], main: dict[str, Any],
     init_containers: list[dict[str, Any]], volumes: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """A llama-server pod template: restricted security, scheduling from the spec, labels (one model or router)."""
+    """A llama-server pod template: restricted security, scheduling from the spec, labels (one model or router),
+    the drain (builders/drain.py): the sidecar after the fetchers, llama-server's preStop, the grace period."""
     spec = server.spec
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
-        "initContainers": init_containers,
-        "containers": [main],
+        "initContainers": [*init_containers, drain_sidecar(server, settings)],
+        "containers": [{**main, "lifecycle": drain_hook()}],
         "volumes": [*volumes, {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}}],
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
     }
     optional = {
         "nodeSelector": spec.node_selector,

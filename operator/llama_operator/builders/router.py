@@ -171,6 +171,6 @@ def build_router_deployment(
     annotations = {**(spec.pod_annotations or {}),
                    PRESET_ANNOTATION: hashlib.sha256(preset.encode()).hexdigest()}
     preset_volume = {"name": PRESET_VOLUME, "configMap": {"name": preset_configmap_name(server)}}
-    template = assemble_pod(server, annotations=annotations, main=main, init_containers=init,
+    template = assemble_pod(server, settings, annotations=annotations, main=main, init_containers=init,
                             volumes=[*storage.volumes, preset_volume])
     return deployment_object(server, template)

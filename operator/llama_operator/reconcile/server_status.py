@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..contract import SERVER_CONTAINER, fetch_subject, is_fetch_container
+from ..contract import DRAIN_CONTAINER, SERVER_CONTAINER, fetch_subject, is_fetch_container
 from ..fetch import command as fetch_command
 
 _CRASH_REASONS = {"CrashLoopBackOff", "Error", "OOMKilled", "CreateContainerConfigError", "InvalidImageName"}
@@ -103,6 +103,8 @@ def summarize_pod(pod: dict[str, Any]) -> PodSummary:
         failure = _container_failure(init)
         if failure:
             return PodSummary("Failed", f"pod {name}: {failure}")
+        if init.get("name") == DRAIN_CONTAINER:  # a native sidecar: it runs for the pod's whole life
+            continue
         state = init.get("state") or {}
         if "running" in state:
             if is_fetch_container(init.get("name", "")):

@@ -300,6 +300,11 @@ class LlamaServerSpec(ApiModel):
     startup_timeout_seconds: int = Field(
         1800, ge=30, le=86400, description="How long loading the model may take before the pod is restarted."
     )
+    termination_grace_period_seconds: int = Field(
+        120, ge=10, le=3600,
+        description="How long a stopping pod (rollout, scale-down, drain) may take: it leaves the endpoints at "
+        "once, then llama-server finishes its requests and stops when idle or 5 s before this runs out "
+        "(docs/operations.md).")
 
     resources: ResourceRequirements | None = Field(None, description="CPU and memory of the llama-server container.")
     node_selector: Labels | None = Field(None, description="Node labels the pods must match.")
