@@ -1,0 +1,97 @@
+"""The drain sidecar against the pinned llama-server, one model and router mode: /drain answers only after a
+stream in progress has ended with its final chunk, and never loads an unloaded router model while it polls."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llama_operator.contract import DRAIN_PATH
+from llama_operator.drain import Drain, ServerState, Timing, make_server
+
+from ..llama_bin import free_port, serving
+from ..tiny_gguf import write_tiny_llama
+
+TOKENS = 12000
+"""A stream of a few seconds from the tiny model on one thread (about 3,500 tokens/s on the dev machine)."""
+
+
+def _stream(url: str, model: str | None, done: dict[str, float | str], started: threading.Event) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": TOKENS,
+            "ignore_eos": True, **({"model": model} if model else {})}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            started.set()
+            if line.startswith("data: {"):
+                reason = json.loads(line[6:])["choices"][0].get("finish_reason") if "choices" in line else None
+                if reason:
+                    done["finish_reason"] = reason
+    done["ended"] = time.monotonic()
+
+
+@pytest.fixture
+def sidecar() -> Iterator[Callable[[str], str]]:
+    servers = []
+
+    def start(url: str) -> str:
+        server = make_server(Drain(ServerState(url).busy, Timing(budget=30, min_wait=0.5, poll=0.2)), 0, "127.0.0.1")
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}{DRAIN_PATH}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _drain_after_stream(url: str, drain_url: str, model: str | None) -> tuple[float, float]:
+    done: dict[str, float | str] = {}
+    started = threading.Event()
+    client = threading.Thread(target=_stream, args=(url, model, done, started))
+    client.start()
+    assert started.wait(30)
+    called = time.monotonic()
+    with urllib.request.urlopen(drain_url, timeout=40) as response:
+        outcome = response.read().decode()
+    answered = time.monotonic()
+    client.join(60)
+    assert outcome.startswith("idle"), outcome
+    assert done.get("finish_reason") == "length", done
+    assert float(done["ended"]) <= answered + 0.2, "the drain answered while the stream was still running"
+    # The stream, not the minimum wait (0.5 s), held the answer: else this test proves nothing.
+    assert float(done["ended"]) - called > 1.0, f"the stream ended {float(done['ended']) - called:.2f} s after the call"
+    return float(done["ended"]), answered
+
+
+def test_one_model_drain_waits_for_the_stream(tmp_path: Path, sidecar: Callable[[str], str]) -> None:
+    model = tmp_path / "tiny.gguf"
+    write_tiny_llama(model)
+    port = free_port()
+    args = ["-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--metrics", "--no-slots",
+            "-c", str(TOKENS + 512), "-t", "1"]
+    with serving(args, port, workdir=tmp_path) as (url, _):
+        ended, answered = _drain_after_stream(url, sidecar(url), None)
+        print(f"one model: stream ended, drain answered {answered - ended:.2f} s later")
+
+
+def test_router_drain_waits_for_the_stream_and_loads_nothing(tmp_path: Path, sidecar: Callable[[str], str]) -> None:
+    for name in ("a", "b"):
+        write_tiny_llama(tmp_path / f"{name}.gguf", seed=ord(name))
+    preset = tmp_path / "models.ini"
+    preset.write_text("".join(f"[{n}]\nmodel = {tmp_path / n}.gguf\nctx-size = {TOKENS + 512}\nthreads = 1\n"
+                              for n in ("a", "b")))
+    port = free_port()
+    args = ["--models-preset", str(preset), "--host", "127.0.0.1", "--port", str(port), "--metrics", "--no-slots"]
+    with serving(args, port, workdir=tmp_path) as (url, _):
+        ended, answered = _drain_after_stream(url, sidecar(url), "a")
+        print(f"router: stream ended, drain answered {answered - ended:.2f} s later")
+        states = {m["id"]: m["status"]["value"] for m in httpx.get(f"{url}/models", timeout=5).json()["data"]}
+        assert states == {"a": "loaded", "b": "unloaded"}
