@@ -26,9 +26,9 @@ def test_gateway_is_off_by_default(helm: str) -> None:
     assert not [o for o in render(helm, "default") if "gateway" in o["metadata"]["name"]]
 
 
-@pytest.mark.parametrize("scenario", ["gateway", "gateway-namespaced"])
+@pytest.mark.parametrize("scenario", ["gateway", "gateway-namespaced", "network-policy"])
 def test_gateway_rbac_grants_exactly_what_the_gateway_uses(helm: str, scenario: str) -> None:
-    from llama_operator.gateway.app import required_permissions
+    from llama_operator.gateway.app import LEASE_PERMISSIONS, required_permissions
 
     values = SCENARIOS[scenario]
     autoscale = values["gateway"].get("autoscale", True)
@@ -38,6 +38,10 @@ def test_gateway_rbac_grants_exactly_what_the_gateway_uses(helm: str, scenario: 
     assert account != f"{RELEASE}-llama-operator", "the gateway has an identity of its own"
     assert [a for a in find(objects, "ServiceAccount") if a["metadata"]["name"] == account]
     bound = bound_grants(objects, account)
+    # The replicas' Leases: a Role in the release namespace only, and only when they scale.
+    leases = {key: bound.pop(key) for key in list(bound) if key[2].endswith("-leases")}
+    lease_needs = {(p.api_group, p.resource, verb) for p in LEASE_PERMISSIONS for verb in p.verbs}
+    assert leases == ({("Role", NAMESPACE, f"{account}-leases"): lease_needs} if autoscale else {})
     namespaces = values.get("watchNamespaces")
     if namespaces:
         assert {kind for kind, _, _ in bound} == {"Role"} and {ns for _, ns, _ in bound} == set(namespaces)
@@ -62,7 +66,7 @@ def test_gateway_deployment_is_wired_to_the_cli(helm: str, scenario: str) -> Non
     deployment, operator = the_gateway(objects), the_deployment(objects)
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert deployment["spec"]["replicas"] == 1, "one autoscaler: the load is what one gateway sees"
+    assert deployment["spec"]["replicas"] == 2, "two replicas: a lost pod cuts only its own streams"
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     assert container["image"] == operator["spec"]["template"]["spec"]["containers"][0]["image"]
     assert_qualified_and_pinned(container["image"])
@@ -80,6 +84,11 @@ def test_gateway_deployment_is_wired_to_the_cli(helm: str, scenario: str) -> Non
     assert (config.max_buffered_bytes, config.header_timeout, config.body_timeout, config.max_connections) == (
         256 << 20, 30, 60, gateway.get("maxConnections", 1024))
     assert config.cors_origins == tuple(gateway.get("cors", {}).get("allowedOrigins", ()))
+    # With autoscale the replicas coordinate through Leases in the release namespace, each under its pod's name.
+    assert (config.lease_namespace, config.lease_name) == (
+        (NAMESPACE, deployment["metadata"]["name"]) if config.autoscale else ("", "llama-gateway"))
+    (pod_name,) = [e for e in container["env"] if e["name"] == "POD_NAME"]
+    assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     # The probes ask for paths the gateway's admin port serves.
     served = {route.resource.canonical for route in Gateway(GatewayConfig(), None)._admin_app().router.routes()
               if route.resource is not None}
@@ -136,3 +145,27 @@ def test_gateway_body_limits_that_cannot_work_fail_the_install(helm: str) -> Non
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "gateway.maxRequestBytes (1073741824) is larger than gateway.maxBufferedBytes (1048576)" in proc.stderr
+
+
+@pytest.mark.parametrize("scenario", ["gateway", "network-policy"])
+def test_gateway_replicas_have_a_disruption_budget_and_spread_across_nodes(helm: str, scenario: str) -> None:
+    objects = render(helm, scenario)
+    deployment = the_gateway(objects)
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    (budget,) = [b for b in find(objects, "PodDisruptionBudget") if b["metadata"]["name"].endswith("-gateway")]
+    assert budget["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": selector}}
+    assert budget["metadata"]["namespace"] == NAMESPACE
+    (spread,) = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread == {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+                      "labelSelector": {"matchLabels": selector}}, "soft: never a pod pending for want of a node"
+
+
+def test_gateway_replicas_are_a_value(helm: str) -> None:
+    proc = subprocess.run([helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, "--set", "gateway.enabled=true",
+                           "--set", "gateway.replicas=3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    objects = [o for o in yaml.safe_load_all(proc.stdout) if o]
+    assert the_gateway(objects)["spec"]["replicas"] == 3
+    proc = subprocess.run([helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, "--set", "gateway.enabled=true",
+                           "--set", "gateway.replicas=0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "replicas" in proc.stderr
