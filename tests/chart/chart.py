@@ -65,6 +65,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "defaultCacheType": "PersistentVolumeClaim",
         "crds": {"keep": False},
         "webhook": {"failurePolicy": "Fail"},
+        "inferencePool": {"enabled": False,
+                          "endpointPicker": {"service": "epp-{server}", "port": 9100, "failureMode": "FailOpen"}},
     },
 }
 

@@ -215,6 +215,11 @@ def test_environment_is_what_the_operator_reads(helm: str, scenario: str) -> Non
             c for c in raw.split(",") if c],
         "LLAMA_OPERATOR_SERVER_NETWORK_POLICY_FROM": lambda raw: settings.server_network_policy_from == tuple(
             json.loads(raw)),
+        "LLAMA_OPERATOR_INFERENCE_POOL": lambda raw: settings.inference_pool.mode == raw,
+        "LLAMA_OPERATOR_INFERENCE_POOL_ENDPOINT_PICKER": lambda raw: settings.inference_pool.endpoint_picker == raw,
+        "LLAMA_OPERATOR_INFERENCE_POOL_ENDPOINT_PICKER_PORT": lambda raw: (
+            settings.inference_pool.endpoint_picker_port == int(raw)),
+        "LLAMA_OPERATOR_INFERENCE_POOL_FAILURE_MODE": lambda raw: settings.inference_pool.failure_mode == raw,
         **{
             f"LLAMA_OPERATOR_IMAGE_{vendor.upper()}": (lambda raw, v=vendor: settings.images[v] == raw)
             for vendor in config.DEFAULT_IMAGES
