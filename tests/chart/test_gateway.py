@@ -94,6 +94,11 @@ def test_gateway_deployment_is_wired_to_the_cli(helm: str, scenario: str) -> Non
               if route.resource is not None}
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["port"] == "metrics" and container[probe]["httpGet"]["path"] in served
+    # Stopping: preStop waits on the admin port while the endpoint goes, then the streams get drainSeconds.
+    pre_stop = container["lifecycle"]["preStop"]["httpGet"]
+    assert pre_stop["port"] == "metrics" and pre_stop["path"] in served
+    assert config.drain_timeout == gateway.get("drainSeconds", 60)
+    assert pod["terminationGracePeriodSeconds"] >= config.drain_delay + config.drain_timeout + 5
 
     # The gateway's Services select its pod and not the operator's, and the other way round.
     labels = deployment["spec"]["template"]["metadata"]["labels"]

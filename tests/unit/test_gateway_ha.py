@@ -4,6 +4,7 @@ in-memory Lease store with the API server's compare-and-swap)."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 from collections.abc import Callable
@@ -227,3 +228,37 @@ def test_a_report_names_only_scaled_servers_with_recent_traffic() -> None:
     traffic.finish(KEY)
     clock.t += 61
     assert report(traffic, routes) == {}, "idle for longer than idleSeconds, nothing in the window: left out"
+
+
+async def test_a_stopping_replica_finishes_its_streams_and_takes_no_new_request() -> None:
+    """SIGTERM (Gateway.stop): the listener closes at once, the stream in flight ends whole."""
+    import aiohttp
+
+    from llama_operator.gateway.app import Gateway, GatewayConfig
+    from tests.unit.test_gateway_proxy import Upstream
+
+    upstream = Upstream(mode="sse")
+    await upstream.start()
+    gateway = Gateway(GatewayConfig(listen="127.0.0.1:0", admin="127.0.0.1:0", static={"qwen": [upstream.url]},
+                                    autoscale=False, drain_delay=0.1, drain_timeout=10), None)
+    await gateway.start()
+    url = f"http://127.0.0.1:{gateway.api_port}/v1/completions"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{gateway.admin_port}/drain") as response:
+                assert (response.status, await response.text()) == (200, "drained")
+            async with session.post(url, json={"model": "qwen", "stream": True}) as response:
+                assert await response.content.readline() == b'data: {"n": 1}\n'
+                stopping = asyncio.create_task(gateway.stop())
+                await asyncio.sleep(0.2)
+                with pytest.raises(aiohttp.ClientConnectionError):  # no new connection is accepted
+                    async with aiohttp.ClientSession() as other:
+                        await other.post(url, json={"model": "qwen"})
+                assert not stopping.done(), "it waits for the stream in flight"
+                upstream.go.set()
+                assert (await response.read()).endswith(b"data: [DONE]\n\n")
+            await asyncio.wait_for(stopping, 5)
+    finally:
+        upstream.go.set()
+        assert upstream.runner is not None
+        await upstream.runner.cleanup()

@@ -40,7 +40,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         cors_origins=tuple(args.cors_origin or ()), connect_timeout=args.connect_timeout,
         autoscale=not args.no_autoscale,
         autoscale_interval=args.autoscale_interval, retry_after=args.retry_after,
-        static=_upstreams(args.upstream or []), lease_namespace=args.lease_namespace, lease_name=args.lease_name,
+        static=_upstreams(args.upstream or []), drain_delay=args.drain_delay, drain_timeout=args.drain_timeout,
+        lease_namespace=args.lease_namespace, lease_name=args.lease_name,
         identity=args.identity)
 
 
@@ -105,6 +106,12 @@ def register(sub: Any) -> None:
                          help="seconds between autoscaler decisions (default %(default)s)")
     gateway.add_argument("--no-autoscale", action="store_true",
                          help="never write spec.replicas or status.autoscaling (route and hold only)")
+    gateway.add_argument("--drain-delay", type=float, default=5.0,
+                         help="seconds GET /drain on the admin port (the pod's preStop hook) waits, serving, while "
+                         "the pod's endpoint leaves the Service (default %(default)s)")
+    gateway.add_argument("--drain-timeout", type=float, default=60.0,
+                         help="on SIGTERM, seconds streams in flight may take to finish after the listener closed; "
+                         "then they are cut (default %(default)s)")
     gateway.add_argument("--lease-namespace", default=os.environ.get("LLAMA_GATEWAY_LEASE_NAMESPACE", ""),
                          help="namespace of the Leases through which several gateway replicas sum their load and "
                          "elect the one that scales (default: none, a lone gateway; env "

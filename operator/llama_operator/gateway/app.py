@@ -1,8 +1,9 @@
 """The gateway process: the tables, their watches, the proxy, the autoscaler and the admin endpoints, wired.
 
 Two listeners: the OpenAI API (`listen`, default :8080) and the admin port (`admin`, default :9090) with
-`/metrics` (Prometheus), `/healthz` (the event loop answers) and `/readyz` (the first lists of LlamaServers and
-EndpointSlices arrived, so a request is never refused as unknown by a gateway that has not looked yet).
+`/metrics` (Prometheus), `/healthz` (the event loop answers), `/readyz` (the first lists of LlamaServers and
+EndpointSlices arrived, so a request is never refused as unknown by a gateway that has not looked yet) and
+`/drain` (the pod's preStop hook: waits `drain_delay` while the endpoint leaves the Service).
 
 `static` routes (`--upstream NAME=URL`) need no cluster at all: the same proxy in front of fixed llama-server
 URLs (the benchmark uses them, so does anyone trying the gateway without Kubernetes).
@@ -100,6 +101,10 @@ class GatewayConfig:
     retry_after: int = 5
     static: Mapping[str, Sequence[str]] = field(default_factory=dict)
     """model name -> replica base URLs (no Kubernetes)."""
+    drain_delay: float = 5.0
+    """Seconds `/drain` (the pod's preStop) waits, serving as usual, while its endpoint leaves the Service."""
+    drain_timeout: float = 60.0
+    """On SIGTERM: seconds streams in flight may take to finish after the listener closed; then they are cut."""
     lease_namespace: str = ""
     """Where the replicas' Leases live (the release namespace); empty: a lone gateway, its own decider."""
     lease_name: str = "llama-gateway"
@@ -185,10 +190,17 @@ class Gateway:
         async def readyz(_: web.Request) -> web.Response:
             return web.Response(text="ok") if self.ready else web.Response(status=503, text="not synced yet")
 
+        async def drain(_: web.Request) -> web.Response:
+            # The preStop hook: the pod is terminating, so its endpoint is leaving the Service; keep serving
+            # whatever still arrives until the proxies in front (kube-proxy) have caught up, then SIGTERM comes.
+            await asyncio.sleep(self.config.drain_delay)
+            return web.Response(text="drained")
+
         app = web.Application()
         app.router.add_get("/metrics", metrics_handler)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
+        app.router.add_get("/drain", drain)
         return app
 
     def _start_watches(self) -> None:
@@ -229,7 +241,8 @@ class Gateway:
         api = self.proxy.app()
         if self.config.cors_origins:
             cors.enable(api, self.config.cors_origins)
-        runner = web.AppRunner(api, **runner_settings(self.config.header_timeout))
+        runner = web.AppRunner(api, **runner_settings(self.config.header_timeout),
+                               shutdown_timeout=self.config.drain_timeout)
         await runner.setup()
         self._runners.append(runner)
         host, port = _host_port(self.config.listen, 0)
@@ -251,6 +264,11 @@ class Gateway:
         await asyncio.gather(*(event.wait() for event in self._synced))
 
     async def stop(self) -> None:
+        """Close the API listener and let the streams in flight finish (at most drain_timeout) while this replica
+        still counts, reports and decides; then give up the Lease and the report, and stop the rest."""
+        api, others = self._runners[:1], self._runners[1:]
+        for runner in api:
+            await runner.cleanup()
         if self.coordination is not None:
             await self.coordination.stop()
         for task in self._tasks:
@@ -258,7 +276,7 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for runner in reversed(self._runners):
+        for runner in reversed(others):
             await runner.cleanup()
 
 
@@ -266,8 +284,8 @@ async def serve(config: GatewayConfig, kube: Kube | None) -> None:
     gateway = Gateway(config, kube)
     await gateway.start()
     stopping = asyncio.Event()
-    # SIGTERM (a rollout, a drain, a scale-down) stops gracefully: the autoscaler's Lease and this replica's load
-    # report are given up first, so another replica decides within one renewal period.
+    # SIGTERM (a rollout, a drain, a scale-down) stops gracefully (`Gateway.stop`): streams in flight finish, then
+    # the autoscaler's Lease and this replica's report are given up, so another replica decides within a period.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
     try:
         await stopping.wait()
