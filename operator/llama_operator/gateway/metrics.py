@@ -53,6 +53,8 @@ PEERS = Gauge("llama_gateway_peers", "Other gateway replicas whose load report i
 FLEET_ACTIVE = Gauge("llama_gateway_fleet_active_requests", "Requests in flight plus held over every live gateway "
                      "replica, as the autoscaler sums them (updated by the deciding replica).", ["model"],
                      registry=REGISTRY)
+PEER_ACTIVE = Gauge("llama_gateway_peer_active_requests", "Requests in flight plus held that the deciding replica "
+                    "counts from the other replicas' live reports (its own left out).", ["model"], registry=REGISTRY)
 
 
 def exposition() -> bytes:

@@ -173,7 +173,9 @@ class FleetLoad:
         return self.traffic.held(key) + sum(entry.held for entry, _ in self._entries(key))
 
     def active(self, key: str) -> int:
-        active = self.in_flight(key) + self.held(key)
+        peers = sum(entry.in_flight + entry.held for entry, _ in self._entries(key))
+        metrics.PEER_ACTIVE.labels(key).set(peers)
+        active = self.traffic.active(key) + peers
         metrics.FLEET_ACTIVE.labels(key).set(active)
         return active
 
