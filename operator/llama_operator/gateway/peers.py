@@ -52,6 +52,7 @@ def report(traffic: Traffic, routes: RoutingTable) -> dict[str, list[float]]:
         policy = ScalingPolicy.of(route)
         if policy is None or not traffic.seen(route.key):
             continue
+        traffic.set_horizon(route.key, policy.window_seconds)  # the decider's step does it only on the decider
         entry = Entry(traffic.in_flight(route.key), traffic.held(route.key),
                       traffic.load(route.key, policy.window_seconds), traffic.idle_for(route.key))
         if entry.in_flight or entry.held or entry.load > 1e-3 or entry.idle_for < policy.idle_seconds:
