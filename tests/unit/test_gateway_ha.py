@@ -262,3 +262,18 @@ async def test_a_stopping_replica_finishes_its_streams_and_takes_no_new_request(
         upstream.go.set()
         assert upstream.runner is not None
         await upstream.runner.cleanup()
+
+
+async def test_an_answer_that_is_not_json_keeps_the_election_going() -> None:
+    fleet, routes, leases, clock = _fleet(1, minReplicas=1, maxReplicas=4)
+    a, _ = fleet
+    await a.election.step()
+    assert a.election.leading
+
+    async def garbage(name: str) -> dict[str, Any] | None:
+        raise ValueError("Expecting value: line 1 column 1 (char 0)")
+
+    leases.get = garbage  # type: ignore[method-assign]
+    clock.t += 8
+    await a.election.step()  # no exception escapes the loop; past the renew deadline it stops deciding
+    assert not a.election.leading

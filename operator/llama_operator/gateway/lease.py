@@ -128,10 +128,10 @@ class Election:
         now = self._clock()
         try:
             self._set(await self._try(now))
-        except KubeError as exc:
+        except Exception as exc:  # whatever failed, the loop goes on: a dead loop would lead without renewing
             if self.leading and now - self._renewed > self.renew_deadline:
                 self._set(False)  # could not renew in time: another replica may take over soon
-            log.warning("gateway leader election: %s", exc)
+            log.warning("gateway leader election: %s", str(exc)[:300] or type(exc).__name__)
 
     async def _try(self, now: float) -> bool:
         lease = await self.api.get(self.name)
@@ -198,9 +198,9 @@ class Publisher:
         while True:
             try:
                 await self.publish()
-            except KubeError as exc:
+            except Exception as exc:  # the loop goes on whatever failed
                 self._stored = None  # read it again next time
-                log.warning("gateway: cannot publish this replica's load: %s", exc)
+                log.warning("gateway: cannot publish this replica's load: %s", str(exc)[:300] or type(exc).__name__)
             try:
                 await asyncio.wait_for(self._kick.wait(), self.period)
             except TimeoutError:
