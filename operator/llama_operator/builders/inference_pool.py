@@ -43,8 +43,10 @@ def endpoint_picker_name(server: LlamaServer, settings: InferencePoolSettings) -
 
 
 def build_inference_pool(server: LlamaServer, settings: InferencePoolSettings) -> dict[str, Any] | None:
-    """The server's InferencePool, or None when pools are off (or the cluster does not serve them)."""
-    if not settings.enabled:
+    """The server's InferencePool, or None when pools are off (or the cluster does not serve them) and for a
+    router-mode server: its /metrics answers only with `?model=` (400 without), which the EPP does not send, so the
+    picker would route blind."""
+    if not settings.enabled or server.spec.models is not None:
         return None
     labels = {**server_labels(server), **dict.fromkeys(ENGINE_TYPE_LABELS, ENGINE_TYPE)}
     return {
