@@ -16,13 +16,17 @@ WITH_CONTROL_PLANE = LLAMA_OPERATOR_CONTROL_PLANE_DIR="$$(scripts/build-control-
 	export LLAMA_OPERATOR_CONTROL_PLANE_DIR && echo "control plane: $$LLAMA_OPERATOR_CONTROL_PLANE_DIR"
 WITH_NODE_KIT = LLAMA_OPERATOR_NODE_KIT_DIR="$$(scripts/build-node-kit.sh | tail -n 1)" && \
 	export LLAMA_OPERATOR_NODE_KIT_DIR && echo "node kit: $$LLAMA_OPERATOR_NODE_KIT_DIR"
+# The upstream InferencePool CRD (Gateway API Inference Extension), from its Go module: the integration tier
+# installs it into the real API server (tests/integration/test_inference_pool.py).
+WITH_INFERENCE_CRDS = LLAMA_OPERATOR_INFERENCE_CRDS="$${LLAMA_OPERATOR_INFERENCE_CRDS:-$$(PYTHON=$(PY) scripts/get-inference-crds.sh | tail -n 1)}" \
+	&& export LLAMA_OPERATOR_INFERENCE_CRDS && echo "InferencePool CRD: $$LLAMA_OPERATOR_INFERENCE_CRDS"
 # After WITH_LLAMA_SERVER and WITH_NODE_KIT (the images hold their binaries); as root (buildah).
 WITH_IMAGES = LLAMA_OPERATOR_IMAGES_DIR="$$(PYTHON=$(PY) scripts/build-images.sh | tail -n 1)" && \
 	export LLAMA_OPERATOR_IMAGES_DIR && echo "images: $$LLAMA_OPERATOR_IMAGES_DIR"
 
 # Every test, every tier (docs/testing.md).
 test: venv
-	@$(WITH_LLAMA_SERVER) && $(WITH_CONTROL_PLANE) && $(WITH_HELM) && $(WITH_NODE_KIT) && $(WITH_IMAGES) && \
+	@$(WITH_LLAMA_SERVER) && $(WITH_CONTROL_PLANE) && $(WITH_INFERENCE_CRDS) && $(WITH_HELM) && $(WITH_NODE_KIT) && $(WITH_IMAGES) && \
 	  $(VENV)/bin/ruff check operator tests benchmarks && $(VENV)/bin/lint-imports && \
 	  $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
@@ -38,7 +42,7 @@ runtime: venv
 	@$(WITH_LLAMA_SERVER) && $(PY) -m pytest -q -m "runtime and not integration and not e2e" $(PYTEST_ARGS)
 
 integration: venv
-	@$(WITH_CONTROL_PLANE) && $(WITH_HELM) && $(WITH_LLAMA_SERVER) && $(PY) -m pytest -q -m integration $(PYTEST_ARGS)
+	@$(WITH_CONTROL_PLANE) && $(WITH_INFERENCE_CRDS) && $(WITH_HELM) && $(WITH_LLAMA_SERVER) && $(PY) -m pytest -q -m integration $(PYTEST_ARGS)
 
 e2e: venv
 	@$(WITH_LLAMA_SERVER) && $(WITH_CONTROL_PLANE) && $(WITH_HELM) && $(WITH_NODE_KIT) && $(WITH_IMAGES) && \
