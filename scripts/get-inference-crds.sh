@@ -12,6 +12,8 @@ CACHE_ROOT="${LLAMA_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-operat
 DEST="$CACHE_ROOT/inference-extension-crds-$VERSION"
 OUT="$DEST/inferencepools.yaml"
 PYTHON="${PYTHON:-python3}"
+# Absolute: the download below runs in a temporary directory, and make passes a relative .venv/bin/python.
+case "$PYTHON" in */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;; esac
 
 if [ -s "$OUT" ]; then
   echo "$OUT"
