@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -78,9 +79,12 @@ class ElectionConfig:
                 raise ElectionSettingsError(f"{variable}={raw[:40]!r} is not a number of seconds") from None
             if not 0 < times[field] <= 3600:
                 raise ElectionSettingsError(f"{variable}={raw[:40]!r} must be between 0 and 3600 seconds")
+        pod = env.get("POD_ID", "").strip()
+        # One identity per process, not per pod: a leader's container restarted by the kubelet is a new candidate
+        # and waits for the Lease to expire like any standby (client-go does the same with hostname_uuid).
         return cls(namespace=env.get("LLAMA_OPERATOR_LEASE_NAMESPACE", "").strip(),
                    name=env.get("LLAMA_OPERATOR_LEASE_NAME", "").strip(),
-                   identity=env.get("POD_ID", "").strip(), **times)
+                   identity=f"{pod}_{secrets.token_hex(4)}" if pod else "", **times)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ import pytest
 
 from tests.e2e.containers import power_off
 from tests.e2e.harness import SandboxProcess, custom_object, serve_file, tree_processes, wait_for
-from tests.e2e.servers import GROUP, SYSTEM, VERSION, pods, wait_server
+from tests.e2e.operators import leader_pod
+from tests.e2e.servers import GROUP, VERSION, pods, wait_server
 
 pytestmark = pytest.mark.nodes
 
@@ -74,8 +75,8 @@ def _back_on(sandbox: SandboxProcess, ns: str, node: str, timeout: float) -> Non
 
 
 def _operator_node(sandbox: SandboxProcess) -> str:
-    (pod,) = sandbox.core.list_namespaced_pod(SYSTEM, label_selector="app.kubernetes.io/name=llama-operator").items
-    return str(pod.spec.node_name)
+    """The node of the leading operator replica (the other replica may be on the node this test loses)."""
+    return str(leader_pod(sandbox).spec.node_name)
 
 
 def test_a_drained_node_moves_its_replica_to_the_other(pair: SandboxProcess, model_url: str) -> None:
@@ -97,7 +98,8 @@ def test_a_drained_node_moves_its_replica_to_the_other(pair: SandboxProcess, mod
 
 def test_a_lost_node_is_replaced_within_the_servers_tolerations(pair: SandboxProcess, model_url: str) -> None:
     ns = _fleet(pair, model_url, tolerations=FAST_FAILOVER)
-    survivor = _operator_node(pair)  # the operator keeps running: it writes the status this test reads
+    # The leader keeps running (the standby there may be lost): this test is about the server, not the operator.
+    survivor = _operator_node(pair)
     (lost,) = {pod.spec.node_name for pod in pods(pair, ns, "chat")} - {survivor}
     started = time.monotonic()
     assert power_off(pair.state_dir, lost) > 0

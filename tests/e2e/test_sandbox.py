@@ -29,6 +29,7 @@ from kubernetes.client.exceptions import ApiException
 from llama_operator.nodes.host import HOST_ADDRESS, RECORD
 from tests.e2e.conftest import SandboxProcess, custom_object, tree_processes, wait_for
 from tests.e2e.containers import container_file, environ, main_pid, pod_pids
+from tests.e2e.operators import operator_pods
 from tests.e2e.servers import status_of
 from tests.fakehub import FakeHub
 
@@ -71,8 +72,15 @@ def _jwt_claims(token: str) -> dict[str, Any]:
 
 
 def _check_operator_pod(sandbox: SandboxProcess) -> None:
-    """The operator runs as the chart's Deployment pod, logged in with its own ServiceAccount token."""
-    (pod,) = sandbox.core.list_namespaced_pod(OPERATOR_NS, label_selector=f"app.kubernetes.io/name={OPERATOR}").items
+    """The operator runs as the chart's Deployment pods (two replicas: a leader and a standby, both answering the
+    webhook), each logged in with its own ServiceAccount token."""
+    wait_for(lambda: len([p for p in operator_pods(sandbox) if p.status.phase == "Running"]) == 2, timeout=60,
+             message="both operator replicas running")
+    for pod in operator_pods(sandbox):
+        _check_operator_replica(sandbox, pod)
+
+
+def _check_operator_replica(sandbox: SandboxProcess, pod: Any) -> None:
     assert pod.status.phase == "Running" and pod.spec.service_account_name == OPERATOR
     assert pod.metadata.owner_references[0].kind == "ReplicaSet"  # the real Deployment controller's
     pid = main_pid(pod, pod.spec.containers[0].name)

@@ -225,6 +225,9 @@ def test_settings_from_the_environment() -> None:
     config = ElectionConfig.from_env(env)
     assert config is not None and (config.lease_duration, config.renew_deadline, config.retry_period) == (15, 10, 2)
     assert config.takeover_bound == 19
+    # One identity per process: a restarted container does not inherit its predecessor's hold.
+    other = ElectionConfig.from_env(env)
+    assert other is not None and config.identity.startswith("op-a_") and other.identity != config.identity
     with pytest.raises(ElectionSettingsError, match="renew deadline < lease duration"):
         ElectionConfig.from_env({**env, "LLAMA_OPERATOR_LEASE_RENEW_DEADLINE_SECONDS": "20"})
     with pytest.raises(ElectionSettingsError, match="not a number"):
