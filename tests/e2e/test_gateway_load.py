@@ -40,7 +40,7 @@ from tests.fakehub import FakeHub
 pytestmark = pytest.mark.nodes
 
 GATEWAY = "llama-system/llama-operator-gateway"
-GATEWAY_METRICS = "llama-system/llama-operator-gateway-metrics"
+GATEWAY_PODS = "app.kubernetes.io/name=llama-gateway"
 GROUP, VERSION, NS = "llamacpp.dev", "v1alpha1", "default"
 REPO, FILE = "test/tiny-GGUF", "tiny-q8_0.gguf"
 # The host reaches pod IPs over the sandbox's bridge; no proxy of this machine's environment may get in the way.
@@ -122,10 +122,16 @@ def _tasks(ip: str) -> int:
 
 
 def _gateway_metric(sandbox: SandboxProcess, name: str, model: str) -> float:
-    with DIRECT.open(sandbox.url(GATEWAY_METRICS, 9090) + "/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and f'model="{model}"' in line)
+    """Summed over every gateway replica (the chart runs two; its metrics Service would answer for one)."""
+    total = 0.0
+    for pod in sandbox.core.list_namespaced_pod("llama-system", label_selector=GATEWAY_PODS).items:
+        if not pod.status.pod_ip or pod.metadata.deletion_timestamp is not None:
+            continue
+        with DIRECT.open(f"http://{pod.status.pod_ip}:9090/metrics", timeout=5) as response:
+            text = response.read().decode()
+        total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith(name + "{") and f'model="{model}"' in line)
+    return total
 
 
 def _failed(futures: list[concurrent.futures.Future[None]]) -> bool:
