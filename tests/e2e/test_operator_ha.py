@@ -9,7 +9,9 @@ meanwhile, must be refused by the webhook (the standby answers while no replica 
 while the dead pod's address is still in the webhook's Service (DEAD_ENDPOINT_WINDOW).
 - killed: every process of the leader's operator container SIGKILLed (the kubelet restarts it as a new candidate:
   each process has its own identity, so either replica may take over, whichever tries first after the expiry).
-- deleted: the leader pod deleted with grace 0 (no release of the Lease; a new pod replaces it).
+- deleted: the leader pod force-deleted with grace 0 (the pod object goes at once; the kubelet still gives the
+  process its 2 s minimum after SIGTERM, which may or may not be enough to release the Lease).
+- stopped cleanly: the leader pod deleted with its grace period: it releases the Lease, the standby takes it at once.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ TAKEOVER_BOUND = 15 + 2 * 2
 """leader.ElectionConfig.takeover_bound with the chart's default times."""
 RECONCILE_ALLOWANCE = 15
 """After the takeover: kopf lists every watched kind, then the create handler reconciles (a plan, a few applies)."""
+CLEAN_HANDOVER_BOUND = 10
+"""A clean stop: kopf's shutdown (its handlers cancelled, the cleanup handler) and the standby's next try (2 s)."""
 DEAD_ENDPOINT_WINDOW = 5
 """Seconds a dead pod's address may still receive webhook reviews (the kubelet notices the exit, the endpoints
 controller drops the address, kube-proxy updates its rules)."""
@@ -127,7 +131,7 @@ def _failover(sandbox: SandboxProcess, model_url: str, kill: Any, how: str) -> N
     # Until the kubelet reports the dead pod not ready and its address leaves the webhook's Service, a review can
     # still be routed to it: failurePolicy Ignore (the chart's default) then admits that one unvalidated.
     assert all(t < DEAD_ENDPOINT_WINDOW for t in admitted), f"admitted while the leader was {how}: at {admitted} s"
-    assert sum(1 for t, refused in webhook if refused and t < times["deployment"]) >= 5, webhook
+    assert any(refused for t, refused in webhook if t < times["deployment"]), webhook
     assert status_of(sandbox, ns, "llamaservers", "fresh").get("observedGeneration") == 1
     leader_pod(sandbox, timeout=180)  # both replicas back before the next test
 
@@ -146,3 +150,24 @@ def test_a_deleted_leader_is_replaced_within_the_bound(pair: SandboxProcess, mod
     def delete(pod: Any) -> None:
         pair.kubectl("delete", "pod", "-n", SYSTEM, pod.metadata.name, "--grace-period=0", "--force", "--wait=false")
     _failover(pair, model_url, delete, "deleted")
+
+
+def test_a_leader_stopped_cleanly_hands_over_at_once(pair: SandboxProcess, model_url: str) -> None:
+    """A rollout, drain or scale-down: SIGTERM, kopf stops its handlers, the cleanup releases the Lease, and the
+    standby takes it at its next try instead of after the expiry."""
+    ns = _prepared(pair, model_url)
+    leader = leader_pod(pair)
+    started = time.monotonic()
+    pair.kubectl("delete", "pod", "-n", SYSTEM, leader.metadata.name, "--wait=false")
+    wait_for(lambda: lease_holder(pair) not in ("", leader.metadata.name), timeout=TAKEOVER_BOUND + 30,
+             interval=0.2, message="another replica holding the Lease")
+    handed_over = time.monotonic() - started
+    apply_model(pair, ns, "fresh", model_url)
+    apply_server(pair, ns, "fresh")
+    wait_for(lambda: _deployment_exists(pair, ns, "fresh"), timeout=60, message=f"{ns}/fresh's Deployment")
+    made = time.monotonic() - started
+    print(f"\nleader {leader.metadata.name} deleted (grace period): Lease taken by {lease_holder(pair)} after "
+          f"{handed_over:.1f} s, a new server's Deployment after {made:.1f} s")
+    # Well under the expiry: the Lease was released, not left to run out.
+    assert handed_over < CLEAN_HANDOVER_BOUND, handed_over
+    leader_pod(pair, timeout=180)
