@@ -228,3 +228,26 @@ async def test_resync_runs_at_most_its_bound_at_once(monkeypatch: pytest.MonkeyP
     finally:
         task.cancel()
         runtime.close()
+
+
+async def test_server_reconciles_from_any_trigger_run_at_most_their_bound_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of events (an operator start over thousands of servers) holds a bounded number of reconciles."""
+    kube = FakeKube()
+    for index in range(10):
+        kube.put(LLAMA_SERVERS, server_body(f"s{index}"))
+    running: list[int] = [0, 0]  # now, most at once
+
+    async def reconcile(body: Mapping[str, Any], ctx: Context) -> None:
+        running[0] += 1
+        running[1] = max(running[1], running[0])
+        await asyncio.sleep(0.02)
+        running[0] -= 1
+
+    monkeypatch.setattr(runtime_module, "reconcile_server", reconcile)
+    runtime = runtime_module.Runtime(_context(kube), server_concurrency=3)
+    try:
+        verdicts = await asyncio.gather(*(runtime.reconcile_server("default", f"s{i}") for i in range(10)))
+        assert all(v.ok for v in verdicts) and running[1] == 3
+    finally:
+        runtime.close()

@@ -5,7 +5,8 @@ Every trigger (a handler in handlers.py, a scheduled retry, the periodic resync)
 serialised and coalesced per object (serial.py), through the error boundary (boundary.py), and retried by
 `errors.RetryPolicy` whatever triggered it, so kopf never retries a handler by itself.
 
-Two bounds keep one object from holding up the others:
+At most `SERVER_CONCURRENCY` LlamaServer reconciles run at once (memory and the API server's load stay bounded
+in a burst of thousands of events). Two bounds keep one object from holding up the others:
 - every reconcile runs under `RECONCILE_DEADLINE`: one that takes longer (a model source that drips its bytes,
   an API server that stops answering) is stopped and reported like any transient failure (`DeadlineExceeded`,
   retried with backoff);
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 RECONCILE_DEADLINE = 180.0
 """Seconds one reconcile may take, whatever triggered it. A healthy one takes well under a second (API calls);
 resolving a model source reads a GGUF header under its own, shorter limits. This is the outer bound."""
+SERVER_CONCURRENCY = 32
+"""LlamaServer reconciles running at the same time, whatever triggered them. A server's reconcile is API calls
+only (well under a second); a burst of thousands of events (an operator start, a namespace of servers applied
+at once) then holds 32 reconciles' bodies in memory, not thousands, and queues the rest in order."""
 RESYNC_CONCURRENCY = 8
 """Objects of one kind a resync round reconciles at the same time: a few stuck sources cannot starve the rest,
 and a round of thousands of objects does not flood the API server."""
@@ -57,11 +62,12 @@ class Runtime:
     """
 
     def __init__(self, ctx: Context, policy: RetryPolicy | None = None, *, deadline: float = RECONCILE_DEADLINE,
-                 resync_concurrency: int = RESYNC_CONCURRENCY) -> None:
+                 resync_concurrency: int = RESYNC_CONCURRENCY, server_concurrency: int = SERVER_CONCURRENCY) -> None:
         self.ctx = ctx
         self.policy = policy or RetryPolicy()
         self.deadline = deadline
         self.resync_concurrency = resync_concurrency
+        self._server_slots = asyncio.Semaphore(server_concurrency)
         self.servers: Coalescer[Verdict] = Coalescer()
         self.models: Coalescer[Verdict] = Coalescer()
         self.resync_tasks: list[asyncio.Task[None]] = []
@@ -71,7 +77,12 @@ class Runtime:
 
     async def reconcile_server(self, namespace: str, name: str) -> Verdict:
         job = self._job(LLAMA_SERVERS, "LlamaServer", reconcile_server, namespace, name)
-        return await self.servers.run((namespace, name), job)
+
+        async def bounded() -> Verdict:
+            async with self._server_slots:  # a waiting trigger holds no body yet; the coalescer folds repeats
+                return await job()
+
+        return await self.servers.run((namespace, name), bounded)
 
     async def reconcile_model(self, namespace: str, name: str) -> Verdict:
         job = self._job(LLAMA_MODELS, "LlamaModel", reconcile_model, namespace, name)
