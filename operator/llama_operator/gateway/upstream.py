@@ -216,5 +216,8 @@ class Upstreams:
             except ConnectionError:
                 request[CLIENT_GONE] = True  # the client went away: closing the upstream stops the generation
                 return response
-        await response.write_eof()
+        try:
+            await response.write_eof()
+        except ConnectionError:  # the client closed after the last chunk, before the stream's end marker
+            request[CLIENT_GONE] = True
         return response
