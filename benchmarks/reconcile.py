@@ -14,7 +14,8 @@ POST, PUT, APPLY, LIST ...) and resource, before and after, less the benchmark's
 sends them) and less what only the controllers send (pod creation, Deployment status, Events, ReplicaSets):
 what is left is the operator's. After the last status and the last pod, once the operator is idle (`settle`),
 the benchmark waits `--quiet` seconds with nothing changing and counts every LIST the API server served then.
-`--operator-path DIR` runs the operator from another checkout's `operator/` (a before/after comparison).
+`--operator-path DIR` runs the operator from another checkout's `operator/` (a before/after comparison), with
+that checkout's `crds/`.
 The control plane shares the machine's cores with the operator: its CPU is reported too.
 """
 
@@ -151,7 +152,9 @@ def count(api: ClusterApi, path: str) -> int:
 
 
 def run(servers: int, quiet: float, operator_path: str | None, log_dir: pathlib.Path | None) -> dict[str, Any]:
-    crds = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "crds").glob("*.yaml"))]
+    # The CRDs of the checkout the operator runs from: another version's may not accept this one's fields.
+    checkout = pathlib.Path(operator_path).resolve().parent if operator_path else REPO
+    crds = [yaml.safe_load(p.read_text()) for p in sorted((checkout / "crds").glob("*.yaml"))]
     with tempfile.TemporaryDirectory() as tmp, ControlPlane(pathlib.Path(tmp) / "cp", controllers=True) as cluster:
         api = ClusterApi(cluster, NS)
         own: Counts = collections.Counter()
