@@ -80,7 +80,8 @@ def test_a_router_server_gets_its_preset_deployment_and_model_status(apiserver: 
         dep = apiserver.wait_for(lambda: apiserver.read("apps/v1", "deployments", apiserver.namespace, "fleet"),
                                  message="Deployment")
         pod = dep["spec"]["template"]["spec"]
-        assert [c["name"] for c in pod["initContainers"]] == ["fetch-model-0", "fetch-model-1", "fetch-model-2"]
+        assert [c["name"] for c in pod["initContainers"]] == ["fetch-model-0", "fetch-model-1", "fetch-model-2",
+                                                                  "drain"]
         args = pod["containers"][0]["args"]
         assert args[:2] == ["--models-preset", "/run/llama-server/preset/models.ini"]
         assert args[args.index("--models-max") + 1] == "2"
