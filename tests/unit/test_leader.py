@@ -305,3 +305,36 @@ async def test_leadership_starts_the_loops_resumes_kopf_and_exits_on_loss(clock:
     store.down = True
     await clock.run_until(30)
     assert events == ["loops", "exit"] and gate.paused and leadership.probe()["leading"] is False
+
+
+def test_lease_spec_round_trip_and_hostile_values() -> None:
+    from llama_operator.kube.lease import record_from_spec, spec_from_record
+
+    record = LeaseRecord(holder="op-a_1a2b", lease_duration=15.0, acquire_time="2026-12-04T01:00:00.000001Z",
+                         renew_time="2026-12-04T01:00:02.000001Z", transitions=3)
+    assert record_from_spec(spec_from_record(record)) == record
+    # The API takes whole seconds: a fraction is rounded up, never down, and never below 1.
+    assert spec_from_record(LeaseRecord(lease_duration=0.2))["leaseDurationSeconds"] == 1
+    assert spec_from_record(LeaseRecord(lease_duration=14.1))["leaseDurationSeconds"] == 15
+    # A Lease someone else wrote badly reads as free, not as a crash.
+    garbage = record_from_spec({"holderIdentity": "x" * 1000, "leaseDurationSeconds": "soon", "leaseTransitions": []})
+    assert len(garbage.holder) == 253 and garbage.lease_duration == 0 and garbage.transitions == 0
+    assert record_from_spec(None) == LeaseRecord()
+
+
+async def test_a_clean_stop_releases_the_lease_after_the_election_ended(clock: VirtualClock) -> None:
+    server = FakeLeaseServer(clock)
+    store = server.view()
+    config = ElectionConfig(identity="op-a", **CONFIG)
+    leadership = Leadership(config, store, gate=Gate(), on_elected=lambda: None, on_lost=lambda: None)
+    leadership.elector = LeaderElector(config, store, on_started=leadership._started,
+                                       on_stopped=leadership._stopped, monotonic=clock.monotonic,
+                                       sleep=clock.sleep)
+    leadership.start()
+    await clock.run_until(5)
+    assert server.record is not None and server.record.holder == "op-a"
+    writes = len(server.writes)
+    await leadership.stop()
+    assert server.record.holder == "" and len(server.writes) == writes + 1
+    await clock.run_until(20)
+    assert len(server.writes) == writes + 1  # no renewal after the release
