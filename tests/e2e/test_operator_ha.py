@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from kubernetes.client.rest import ApiException
 
 from tests.e2e.containers import container_pids
 from tests.e2e.harness import SandboxProcess, custom_object, serve_file, wait_for
-from tests.e2e.operators import leader_pod, lease_holder
+from tests.e2e.operators import leader_pod, lease_holder, operator_pods
 from tests.e2e.servers import GROUP, SYSTEM, VERSION, apply_model, apply_server, status_of
 
 pytestmark = pytest.mark.nodes
@@ -171,3 +172,15 @@ def test_a_leader_stopped_cleanly_hands_over_at_once(pair: SandboxProcess, model
     # Well under the expiry: the Lease was released, not left to run out.
     assert handed_over < CLEAN_HANDOVER_BOUND, handed_over
     leader_pod(pair, timeout=180)
+
+
+def test_healthz_says_which_replica_leads(pair: SandboxProcess) -> None:
+    """Both replicas are live and ready (both serve the webhook); /healthz's `leader` entry tells them apart."""
+    leader = leader_pod(pair)
+    answers = {}
+    for pod in operator_pods(pair):
+        with urllib.request.urlopen(f"http://{pod.status.pod_ip}:8080/healthz", timeout=5) as response:
+            assert response.status == 200
+            answers[pod.metadata.name] = json.loads(response.read())["leader"]
+    assert [name for name, entry in answers.items() if entry["leading"]] == [leader.metadata.name], answers
+    assert {entry["holder"].rsplit("_", 1)[0] for entry in answers.values()} == {leader.metadata.name}, answers
