@@ -1,6 +1,8 @@
 """Two gateway replicas on two real nodes (`llama-operator sandbox --nodes 2 --gateway`, the chart's default of two),
 a streaming client loop through the gateway Service (the sandbox's host port, round-robin over the ready gateway
-pods), and each gateway replica SIGKILLed in turn: first the one that does not decide, then the decider.
+pods), and gateway replicas SIGKILLed in turn: the one that does not decide with its pod force-deleted (a lost node:
+it never comes back under its name, its report must age out), then the decider (the kubelet restarts it under its
+pod name), then the decider again with its pod force-deleted (the other replica must take the Lease over).
 
 Asserted: only streams that were in flight on the killed replica fail (at most its own in-flight count read
 just before the kill), every request started once the kill is a second old is served, and a replica decides
@@ -37,6 +39,7 @@ pytestmark = pytest.mark.nodes
 
 SYSTEM = "llama-system"
 GATEWAY_PODS = "app.kubernetes.io/name=llama-gateway"
+GATEWAY_DEPLOYMENT = "llama-operator-gateway"
 MODEL = f"{NS}/steady"
 
 
@@ -118,35 +121,55 @@ def _reported(sandbox: SandboxProcess, pod: Any) -> int:
     return int(in_flight + held)
 
 
-def _kill(sandbox: SandboxProcess, load: Load, victim: Any, survivor: Any) -> dict[str, Any]:
+def _kill(sandbox: SandboxProcess, load: Load, victim: Any, survivor: Any, *, delete: bool = False,
+          decides: bool = False) -> dict[str, Any]:
     """SIGKILL the victim's gateway process under load; what it cost, when its load left the decider's view,
     and when a replica decides again."""
     victim_ip, survivor_ip = victim.status.pod_ip, survivor.status.pod_ip
-    reported = _reported(sandbox, victim)
+    # Killed while its report counts requests and the decider counts them, so that there is something to age out.
+    reported = wait_for(lambda: _reported(sandbox, victim), timeout=20, interval=0.2,
+                        message=f"a report of {victim.metadata.name} counting a request")
+    counted = wait_for(lambda: metric(survivor_ip, "llama_gateway_peer_active_requests", MODEL), timeout=20,
+                       interval=0.1, message="the decider counting its peer's requests") if decides else 0
     in_flight = int(metric(victim_ip, "llama_gateway_in_flight_requests", MODEL) or 0)
     pid = main_pid(victim, "gateway")
     killed = time.monotonic()
     os.kill(pid, signal.SIGKILL)
+    if delete:  # as when its node is lost: it never comes back under its name, its replacement has another
+        sandbox.core.delete_namespaced_pod(victim.metadata.name, SYSTEM, grace_period_seconds=0)
+    if decides:
+        # No replacement while the dead replica's report ages out (the ReplicaSet removes the one it may have
+        # started, not Ready yet): what the decider counts from peers is then the dead one's report alone.
+        sandbox.apps.patch_namespaced_deployment_scale(GATEWAY_DEPLOYMENT, SYSTEM, {"spec": {"replicas": 1}})
     gone, takeover, decider = None, None, ""
-    while time.monotonic() - killed < 15:
+    trace: list[tuple[float, float | None, float, float | None]] = []  # (s after, from peers, there, live peers)
+    while time.monotonic() - killed < 20:
         # What the decider counts from its peer (the victim is its only one) against what the victim, restarted
         # or not, counts itself now: the dead process's report is gone once the former is no larger.
         from_peer = metric(survivor_ip, "llama_gateway_peer_active_requests", MODEL)
-        now_there = sum(metric(victim_ip, name, MODEL) or 0
+        peers = set() if delete else {victim_ip}  # a deleted pod's address answers nothing (and slowly)
+        peers |= {p.status.pod_ip for p in gateway_pods(sandbox)} - {survivor_ip, victim_ip}
+        now_there = sum(metric(ip, name, MODEL) or 0 for ip in peers
                         for name in ("llama_gateway_in_flight_requests", "llama_gateway_queue_length"))
+        trace.append((round(time.monotonic() - killed, 1), from_peer, now_there,
+                      metric(survivor_ip, "llama_gateway_peers")))
         if gone is None and from_peer is not None and from_peer <= now_there:
             gone = time.monotonic() - killed
         # Deciding again: the survivor, or the killed replica restarted by the kubelet under the same pod name
         # (the Lease's holder is that name: it renews it, as client-go does).
         if takeover is None:
-            for who, ip in (("the other replica", survivor_ip), ("the restarted replica", victim_ip)):
+            for who, ip in (("the other replica", survivor_ip), *(() if delete else (("the restarted replica",
+                                                                                      victim_ip),))):
                 if metric(ip, "llama_gateway_leader") == 1:
                     takeover, decider = time.monotonic() - killed, who
                     break
-        if gone is not None and takeover is not None:
+        if gone is not None and takeover is not None and (not decides or time.monotonic() - killed > 10):
             break
         time.sleep(0.1)
-    return {"pid": pid, "killed": killed, "in_flight": in_flight, "reported": reported, "gone": gone,
+    if decides:
+        sandbox.apps.patch_namespaced_deployment_scale(GATEWAY_DEPLOYMENT, SYSTEM, {"spec": {"replicas": 2}})
+    return {"pid": pid, "killed": killed, "in_flight": in_flight, "reported": reported, "counted": counted,
+            "gone": gone, "trace": trace,
             "takeover": takeover, "decider": decider}
 
 
@@ -186,15 +209,23 @@ def test_a_killed_gateway_replica_loses_only_its_own_streams(sandbox: SandboxPro
     load = Load(sandbox)
     try:
         wait_for(lambda: len(load.outcomes) >= 12, timeout=60, message="the load running")
-        # 1. The replica that does not decide: its load leaves the decider's sum, the decider stays.
-        first = _kill(sandbox, load, other, leader)
+        # 1. The replica that does not decide, lost for good (SIGKILL and its pod force-deleted, as with a lost
+        # node): its report is never renewed again and leaves the decider's sum after its TTL; the decider stays.
+        first = _kill(sandbox, load, other, leader, delete=True, decides=True)
         assert first["decider"] == "the other replica" and first["takeover"] < 1, "the decider kept deciding"
-        _back(sandbox, other)
+        wait_for(lambda: len(gateway_pods(sandbox)) == 2 and other.metadata.name not in {
+            p.metadata.name for p in gateway_pods(sandbox)}, timeout=90, message="a replacement gateway pod ready")
         time.sleep(5)  # the load spread over both again
         leader, other = _leader(sandbox)
         # 2. The decider: the other replica takes the Lease over within its bound (10 s duration + 2 s period).
         second = _kill(sandbox, load, leader, other)
         _back(sandbox, leader)
+        time.sleep(5)
+        # 3. The decider lost for good (SIGKILL and its pod force-deleted): the other replica takes the Lease over
+        # once it went unrenewed for its duration.
+        leader, other = _leader(sandbox)
+        third = _kill(sandbox, load, leader, other, delete=True)
+        wait_for(lambda: len(gateway_pods(sandbox)) == 2, timeout=90, message="a replacement gateway pod ready")
         time.sleep(2)
     finally:
         load.close()
@@ -202,7 +233,9 @@ def test_a_killed_gateway_replica_loses_only_its_own_streams(sandbox: SandboxPro
     report = []
     end = time.monotonic()
     assert not [o for o in load.outcomes if not o[2] and o[1] < first["killed"]], "failures before any kill"
-    for name, kill, until in (("non-deciding replica", first, second["killed"]), ("deciding replica", second, end)):
+    for name, kill, until in (("non-deciding replica, pod deleted", first, second["killed"]),
+                              ("deciding replica", second, third["killed"]),
+                              ("deciding replica, pod deleted", third, end)):
         failed = _failed_by(load, kill["killed"], until)
         late = [o for o in _started(load, kill["killed"] + 1, until) if o[1] < until]  # not cut by the next kill
         late_failed = [o for o in late if not o[2]]
@@ -214,11 +247,18 @@ def test_a_killed_gateway_replica_loses_only_its_own_streams(sandbox: SandboxPro
         report.append(f"{name} killed (pid {kill['pid']}, {kill['in_flight']} streams in flight on it): "
                       f"{len(failed)} failed ({sum(o[3] for o in failed)} after a byte), {len(late)} started from "
                       f"1 s after it to {until - kill['killed']:.0f} s after: all served")
-    report.append(f"the non-deciding replica's last report counted {first['reported']} request(s); gone from the "
-                  f"decider's view {first['gone']:.1f}s after the kill (polled every 0.1 s)")
+    report.append(f"the lost non-deciding replica's report counted {first['reported']} request(s), the decider "
+                  f"{first['counted']:g} from it before the kill; gone from the decider's view {first['gone']:.1f}s "
+                  "after the kill (TTL 6 s after its last renewal)")
     assert second["takeover"] is not None and second["takeover"] <= 10 + 2 + 2, second
-    assert first["gone"] is not None and first["gone"] <= 6 + 2 + 1, first  # TTL, a renewal period, a step
+    # At most the TTL after the last renewal it saw (<= the kill), a decision step (1 s) and the polling; and not
+    # before the TTL less a renewal period (the report counted until it aged out).
+    assert first["gone"] is not None and 6 - 2 <= first["gone"] <= 6 + 1 + 1, first["trace"]
+    print("the decider after the first kill (s, counted from peers, counted by the other replicas, live peers):",
+          first["trace"])
     total_failed = sum(1 for o in load.outcomes if not o[2])
     print(f"\ngateway HA on nodes {sorted(nodes)}: {len(load.outcomes)} streamed requests, {total_failed} failed")
     print("\n".join(report))
-    print(f"{second['decider']} decides {second['takeover']:.1f}s after the decider was SIGKILLed")
+    print(f"{second['decider']} decides {second['takeover']:.1f}s after the decider was SIGKILLed; "
+          f"{third['decider']} {third['takeover']:.1f}s after the decider was SIGKILLed and its pod deleted")
+    assert third["decider"] == "the other replica" and 10 < third["takeover"] <= 10 + 2 + 2, third
