@@ -89,6 +89,7 @@ def _kopf_version() -> str:
 
 def exit_process() -> None:
     """Stop every write now: no cleanup, no pending thread, no handler gets to run again."""
+    sys.stdout.flush()
     sys.stderr.flush()
     os._exit(LOST_LEASE_EXIT)
 
