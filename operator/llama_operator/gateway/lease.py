@@ -8,7 +8,12 @@
   up, so the next takes over within one period.
 - `Publisher`: one Lease per replica (`<lease-name>-<identity>`, label `llamacpp.dev/gateway-load`) whose
   annotation is this replica's report (peers.py), rewritten every `period`, and at once when a request starts
-  to be held (a held request on any replica must wake its server). The leader watches these Leases.
+  to be held (a held request on any replica must wake its server). Every replica watches these Leases.
+- `Coordination`: both for one replica, with the timings (renewals every 2 s, a report's TTL 6 s, the Lease's
+  10 s), the leader's deletion of Leases of replicas long gone, and the graceful stop.
+
+`LeaseApi` calls the API through the client's public ApiClient (the operator's `Kube` has no PUT with a
+resourceVersion); a restarted replica keeps its pod name, so it renews its own Lease, as client-go does.
 
 Every write is a PUT with the last resourceVersion seen (a conflict is a lost race, never an overwrite).
 """
