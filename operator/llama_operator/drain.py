@@ -148,6 +148,7 @@ class Drain:
         self._busy, self._timing, self._clock, self._sleep = busy, timing, clock, sleep
 
     def wait(self) -> str:
+        log.info("drain called: waiting until llama-server is idle, at most %.0f s", self._timing.budget)
         outcome = self._run()
         log.info("%s", outcome)
         return outcome
@@ -176,6 +177,8 @@ def make_server(drain: Drain, port: int, host: str = "0.0.0.0") -> ThreadingHTTP
     callers = threading.BoundedSemaphore(MAX_CALLERS)
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = HTTP_TIMEOUT * 2  # a client that sends its request slowly holds a thread this long at most
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             path = self.path.split("?", 1)[0]
             if path == "/healthz":
