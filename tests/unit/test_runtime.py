@@ -83,6 +83,35 @@ async def test_resync_takes_its_objects_from_the_watch_and_never_lists(monkeypat
         runtime.close()
 
 
+async def test_resync_survives_an_index_that_fails_to_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    kube = FakeKube()
+    kube.put(LLAMA_SERVERS, server_body("a"))
+    runtime = _runtime(kube)
+    reads = [0]
+    real_keys = runtime.ctx.watched.keys
+
+    def keys(kind_plural: str) -> list[tuple[str, str]]:
+        reads[0] += 1
+        if reads[0] <= 2:
+            raise RuntimeError("an index changed size during iteration")
+        return real_keys(kind_plural)
+
+    monkeypatch.setattr(runtime.ctx.watched, "keys", keys)
+    ran: list[str] = []
+
+    async def reconcile(body: Mapping[str, Any], ctx: Context) -> None:
+        ran.append(body["metadata"]["name"])
+
+    monkeypatch.setattr(runtime_module, "reconcile_server", reconcile)
+    task = asyncio.create_task(runtime.resync_forever(LLAMA_SERVERS, 0.01))
+    try:
+        await _until(lambda: "a" in ran)  # the rounds after the failing reads reconcile as before
+        assert reads[0] >= 3 and not task.done()
+    finally:
+        task.cancel()
+        runtime.close()
+
+
 FAST = RetryPolicy(base=0.02, cap=0.08, forbidden=0.05)
 
 
