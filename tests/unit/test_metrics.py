@@ -25,6 +25,7 @@ from tests.conftest import model_body, resolved_model, server_body
 from tests.fakekube import Events, FakeKube
 from tests.metric_names import OPERATOR
 from tests.tiny_gguf import write_tiny_llama
+from tests.watch_cache import watched_over
 
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
 
@@ -106,7 +107,8 @@ async def test_resync_prunes_objects_deleted_without_an_event(port: int) -> None
     kube = FakeKube()
     kube.put(LLAMA_MODELS, model_body("kept", spec={"source": {"volume": {"persistentVolumeClaim": "models",
                                                                           "path": "m.gguf"}}}))
-    runtime = Runtime(Context(kube=kube, settings=Settings(), record_event=Events()))  # type: ignore[arg-type]
+    runtime = Runtime(Context(kube=kube, settings=Settings(), record_event=Events(),  # type: ignore[arg-type]
+                              watched=watched_over(kube)))  # the resync's objects: what the watch holds
     task = asyncio.create_task(runtime.resync_forever(LLAMA_MODELS, 0.01))
     try:
         async with asyncio.timeout(2):
