@@ -261,4 +261,5 @@ def test_a_killed_gateway_replica_loses_only_its_own_streams(sandbox: SandboxPro
     print("\n".join(report))
     print(f"{second['decider']} decides {second['takeover']:.1f}s after the decider was SIGKILLed; "
           f"{third['decider']} {third['takeover']:.1f}s after the decider was SIGKILLed and its pod deleted")
-    assert third["decider"] == "the other replica" and 10 < third["takeover"] <= 10 + 2 + 2, third
+    # The other replica counts the Lease's 10 s from the last renewal it saw, up to one period (2 s) before the kill.
+    assert third["decider"] == "the other replica" and 10 - 2 < third["takeover"] <= 10 + 2 + 2, third
