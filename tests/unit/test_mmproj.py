@@ -110,7 +110,8 @@ def test_the_projector_has_its_own_verified_fetch_and_reaches_llama_server() -> 
     model = _ready({"source": HF, "mmproj": {"file": "mmproj/mmproj-f16.gguf"}},
                    {"name": "mmproj-f16.gguf", "sha256": "b" * 64, "url": "https://hub/x"})
     pod = _pod(model)
-    fetch, fetch_mmproj = pod["initContainers"]
+    fetch, fetch_mmproj, drain = pod["initContainers"]
+    assert drain["name"] == "drain"
     assert fetch_mmproj["name"] == "fetch-mmproj"
     assert fetch_mmproj["args"] == ["fetch", "--cache-dir", "/models", "--cache-key", "model-q4-0123456789ab",
                                     "--hf-repo", REPO, "--hf-file", "mmproj/mmproj-f16.gguf", "--hf-revision", "main",
@@ -135,7 +136,7 @@ def test_a_volume_projector_needs_no_fetch() -> None:
     model = _ready({"source": {"volume": {"persistentVolumeClaim": "shelf", "path": "g/model.gguf"}},
                     "mmproj": {"file": "g/mmproj.gguf"}}, {"name": "mmproj.gguf"})
     pod = _pod(model)
-    assert pod["initContainers"] == []
+    assert [c["name"] for c in pod["initContainers"]] == ["drain"]
     args = pod["containers"][0]["args"]
     assert args[args.index("--mmproj") + 1] == "/model-source/g/mmproj.gguf"
 

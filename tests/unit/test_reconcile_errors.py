@@ -81,7 +81,7 @@ def test_volume_model_with_a_downloaded_draft_mounts_only_volumes_that_exist(set
     spec = pod["spec"]["template"]["spec"]
     volumes = {v["name"] for v in spec["volumes"]}
     for container in spec["initContainers"] + spec["containers"]:
-        for mount in container["volumeMounts"]:
+        for mount in container.get("volumeMounts", []):
             assert mount["name"] in volumes, (container["name"], mount["name"], volumes)
     main = spec["containers"][0]
     draft_path = main["args"][main["args"].index("--spec-draft-model") + 1]
