@@ -71,17 +71,18 @@ def environ(pid: int) -> dict[str, str]:
 
 def power_off(state_dir: Path, node: str) -> int:
     """What a node losing power does to its side of the cluster: every process of the sandbox's node `node` (its
-    kubelet, containerd, the shims and all its containers) SIGKILLed at once. The process that holds the node's
-    mount namespace is spared, so the sandbox's own stop still finds and clears the namespace. Returns how many
-    processes were killed."""
+    kubelet, containerd and the shims: its mount namespace) and every container it ran (its pod cgroups under
+    `cgroupRoot: /<node>`: a container has a mount namespace of its own and would outlive its killed shim)
+    SIGKILLed at once. The process that holds the node's mount namespace is spared, so the sandbox's own stop
+    still finds and clears the namespace. Returns how many processes were killed."""
     marker = f"{state_dir}/nodes/{node}/"
     kubelet = next(pid for pid in _pids() if marker in _cmdline(pid) and "kubelet" in _cmdline(pid).split()[0])
     namespace = os.readlink(f"/proc/{kubelet}/ns/mnt")
-    victims = []
+    victims = set(_pids_whose_cgroup_has(f"/{node}/kubepods"))
     for pid in _pids():
         with contextlib.suppress(OSError):
             if os.readlink(f"/proc/{pid}/ns/mnt") == namespace and _cmdline(pid) != "sleep infinity":
-                victims.append(pid)
+                victims.add(pid)
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
