@@ -10,30 +10,63 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from llama_operator.contract import SERVER_LABEL
+from llama_operator.contract import MANAGED_BY, MANAGED_BY_LABEL, SERVER_LABEL
 from llama_operator.reconcile import indexes
-from llama_operator.reconcile.watched import MODEL_KEYS, MODELS, READY_PODS, ROUTERS, SERVER_KEYS, Watched
+from llama_operator.reconcile.watched import (
+    MODEL_KEYS,
+    MODELS,
+    OWNED,
+    READY_PODS,
+    ROUTERS,
+    SERVER_KEYS,
+    SERVER_PODS,
+    Watched,
+)
 from tests.fakekube import FakeKube
 
-HANDLERS: dict[str, tuple[str, Callable[..., Mapping[Any, Any]]]] = {
-    SERVER_KEYS: ("llamaservers", indexes.llama_server_keys),
-    MODEL_KEYS: ("llamamodels", indexes.llama_model_keys),
-    ROUTERS: ("llamaservers", indexes.llama_router_servers),
-    MODELS: ("llamamodels", indexes.llama_models_for_estimates),
-    READY_PODS: ("pods", indexes.llama_ready_pods),
+
+def _serves(labels: Mapping[str, str]) -> bool:
+    return SERVER_LABEL in labels
+
+
+def _owned(labels: Mapping[str, str]) -> bool:
+    return SERVER_LABEL in labels and labels.get(MANAGED_BY_LABEL) == MANAGED_BY
+
+
+def _any(labels: Mapping[str, str]) -> bool:
+    return True
+
+
+HANDLERS: dict[str, tuple[tuple[str, ...], Callable[..., Mapping[Any, Any]], Callable[[Mapping[str, str]], bool]]] = {
+    SERVER_KEYS: (("llamaservers",), indexes.llama_server_keys, _any),
+    MODEL_KEYS: (("llamamodels",), indexes.llama_model_keys, _any),
+    ROUTERS: (("llamaservers",), indexes.llama_router_servers, _any),
+    MODELS: (("llamamodels",), indexes.llama_models, _any),
+    READY_PODS: (("pods",), indexes.llama_ready_pods, _serves),
+    OWNED: (("deployments", "services"), indexes.llama_owned_objects, _owned),
+    SERVER_PODS: (("pods",), indexes.llama_server_pods, _serves),
 }
+"""Each index: the kinds kopf watches for it, its handler, and the handler's label filter."""
 
 
-def index_of(plural: str, handler: Callable[..., Mapping[Any, Any]],
+class _Resource:
+    def __init__(self, plural: str) -> None:
+        self.plural = plural
+
+
+def index_of(plurals: tuple[str, ...], handler: Callable[..., Mapping[Any, Any]],
+             accepts: Callable[[Mapping[str, str]], bool],
              bodies: Mapping[tuple[str, str, str], Mapping[str, Any]]) -> dict[Any, list[Any]]:
     """What kopf's index of `handler` holds for these objects: key -> the values of every object with it."""
     out: dict[Any, list[Any]] = {}
     for (kind, namespace, name), body in sorted(bodies.items()):
-        labels = (body.get("metadata") or {}).get("labels") or {}
-        if kind != plural or (plural == "pods" and SERVER_LABEL not in labels):  # the handler's label filter
+        meta = body.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        if kind not in plurals or not accepts(labels):
             continue
         result = handler(namespace=namespace, name=name, spec=body.get("spec") or {},
-                         status=body.get("status") or {}, labels=labels, body=body, memo={})
+                         status=body.get("status") or {}, labels=labels, meta=meta, body=body,
+                         resource=_Resource(kind), memo={})
         for key, value in result.items():
             out.setdefault(key, []).append(value)
     return out
@@ -42,10 +75,10 @@ def index_of(plural: str, handler: Callable[..., Mapping[Any, Any]],
 class KubeIndex(Mapping[Any, list[Any]]):
     def __init__(self, kube: FakeKube, index: str) -> None:
         self.kube = kube
-        self.plural, self.handler = HANDLERS[index]
+        self.plurals, self.handler, self.accepts = HANDLERS[index]
 
     def _now(self) -> dict[Any, list[Any]]:
-        return index_of(self.plural, self.handler, self.kube.objects)
+        return index_of(self.plurals, self.handler, self.accepts, self.kube.objects)
 
     def __getitem__(self, key: Any) -> list[Any]:
         return self._now()[key]

@@ -23,14 +23,14 @@ from .kube.lease import KubeLeaseStore
 from .leader import ElectionConfig
 from .leadership import Leadership
 from .metrics import serve as serve_metrics
-from .reconcile import indexes  # noqa: F401 - registers the watch caches the periodic loops read
+from .reconcile import indexes  # registers the watch caches the periodic loops and the reconciles read
 from .reconcile.context import Context
 from .reconcile.discovery import with_served_apis
 from .reconcile.router_status import ModelStatusPoller
 from .reconcile.runtime import Runtime, best_effort
 
 log = logging.getLogger(__name__)
-OWNED = {MANAGED_BY_LABEL: MANAGED_BY, SERVER_LABEL: kopf.PRESENT}
+OWNED = indexes.OWNED_LABELS
 OWNED_BY_MODEL = {MANAGED_BY_LABEL: MANAGED_BY, MODEL_LABEL: kopf.PRESENT}
 
 

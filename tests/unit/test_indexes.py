@@ -6,11 +6,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from llama_operator.api.v1alpha1 import LlamaModel
 from llama_operator.config import Settings
-from llama_operator.kube import LLAMA_MODELS, LLAMA_SERVERS, PODS
+from llama_operator.kube import DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, SERVICES
 from llama_operator.reconcile import indexes
 from llama_operator.reconcile.context import Context
 from llama_operator.reconcile.runtime import Runtime
+from llama_operator.reconcile.server_status import fleet_status
 from llama_operator.reconcile.watched import MODEL_KEYS, READY_PODS, ROUTERS, SERVER_KEYS, Watched
 from tests.conftest import model_body, server_body
 from tests.fakekube import Events, FakeKube
@@ -40,7 +42,8 @@ def test_the_key_indexes_hold_names_only() -> None:
     watched = watched_over(kube)
     assert watched.keys("llamaservers") == [("default", "a"), ("default", "b")]
     assert watched.keys("llamamodels") == [("default", "m")]
-    assert index_of("llamaservers", indexes.llama_server_keys, kube.objects) == {"default": ["a", "b"]}
+    assert index_of(("llamaservers",), indexes.llama_server_keys, lambda _: True, kube.objects) == {
+        "default": ["a", "b"]}
 
 
 def test_the_router_index_keeps_spec_and_the_pollers_status_fields_only() -> None:
@@ -65,15 +68,75 @@ def test_the_router_index_keeps_spec_and_the_pollers_status_fields_only() -> Non
     assert len(repr(bodies[0])) < len(repr(router)) / 10
 
 
-def test_the_model_index_keeps_what_an_estimate_reads() -> None:
+def test_the_model_index_keeps_all_but_conditions_and_bookkeeping() -> None:
     kube = FakeKube()
     kube.put(LLAMA_MODELS, _bulky(model_body("alpha", status={"phase": "Ready", "gguf": {"architecture": "llama"},
                                                              "files": [{"name": "m.gguf"}] * 50})))
     kube.put(LLAMA_MODELS, {**model_body("other"), "metadata": {"name": "other", "namespace": "elsewhere"}})
     [body] = watched_over(kube).models("default")
-    assert body["status"] == {"phase": "Ready", "gguf": {"architecture": "llama"}}
-    assert set(body) == {"kind", "metadata", "spec", "status"} and body["metadata"]["name"] == "alpha"
+    assert body["status"] == {"phase": "Ready", "gguf": {"architecture": "llama"}, "files": [{"name": "m.gguf"}] * 50}
+    assert "managedFields" not in body["metadata"] and body["metadata"]["name"] == "alpha"
+    assert watched_over(kube).model("default", "alpha") == body
+    assert watched_over(kube).model("default", "nobody") is None
+    # What a server's reconcile resolves from it parses as the LlamaModel the API server holds.
+    model = LlamaModel.model_validate(body)
+    assert model.status.phase == "Ready" and [f.name for f in model.status.files or []] == ["m.gguf"] * 50
     assert [b["metadata"]["name"] for b in watched_over(kube).models("elsewhere")] == ["other"]
+
+
+def _owned(kind: str, name: str, **extra: Any) -> dict[str, Any]:
+    return {"apiVersion": "apps/v1" if kind == "Deployment" else "v1", "kind": kind,
+            "metadata": {"name": name, "namespace": "default", "uid": "u-" + name, "generation": 3,
+                         "resourceVersion": "41", "labels": {"app.kubernetes.io/managed-by": "llama-operator",
+                                                             "llamacpp.dev/server": name},
+                         "ownerReferences": [{"uid": "s-" + name}]}, **extra}
+
+
+def test_the_owned_index_keeps_what_an_apply_compares_and_a_status_reads() -> None:
+    kube = FakeKube()
+    deployment = _bulky(_owned("Deployment", "chat", spec={"replicas": 2, "strategy": {"type": "Recreate"},
+                                                           "template": {"spec": {"containers": [{"x": "y" * 5000}]}}},
+                               status={"readyReplicas": 1}))
+    kube.put(DEPLOYMENTS, deployment)
+    kube.put(SERVICES, _bulky(_owned("Service", "chat", spec={"ports": [{"port": 8080}]})))
+    foreign = _owned("Service", "theirs")
+    foreign["metadata"]["labels"] = {"llamacpp.dev/server": "theirs"}  # not made by us: not watched
+    kube.put(SERVICES, foreign)
+    watched = watched_over(kube)
+    live = watched.owned("deployments", "default", "chat")
+    assert live is not None
+    assert live["spec"] == {"replicas": 2, "strategy": {"type": "Recreate"}}
+    assert live["status"]["readyReplicas"] == 1
+    stored = kube.objects[("deployments", "default", "chat")]["metadata"]
+    assert {k: live["metadata"][k] for k in ("uid", "generation", "resourceVersion", "ownerReferences")} == {
+        k: stored[k] for k in ("uid", "generation", "resourceVersion", "ownerReferences")}
+    assert "managedFields" not in live["metadata"] and len(repr(live)) < len(repr(deployment)) / 2
+    service = watched.owned("services", "default", "chat")
+    assert service is not None and "spec" not in service
+    assert watched.owned("services", "default", "theirs") is None
+    live["metadata"]["labels"].clear()  # a copy: the index is untouched
+    assert watched.owned("deployments", "default", "chat")["metadata"]["labels"]  # type: ignore[index]
+
+
+def test_the_server_pod_index_keeps_what_the_fleet_status_reads() -> None:
+    kube = FakeKube()
+    pod = _pod("fleet-b", "fleet", ready=True)
+    pod["spec"] = {"containers": [{"name": "llama-server", "image": "x", "resources": {"limits": {
+        "memory": "1Gi", "cpu": "2"}}, "env": [{"name": "A", "value": "z" * 3000}]}],
+        "initContainers": [{"name": "fetch-model", "args": ["fetch", "--cache-key", "k"], "image": "y"}]}
+    pod["status"]["initContainerStatuses"] = [{"name": "fetch-model", "state": {"running": {}}}]
+    kube.put(PODS, pod)
+    kube.put(PODS, _pod("fleet-a", "fleet", ready=False))
+    other = _pod("fetch-fleet", "fleet", ready=True)  # the server's label, not its Deployment's selector
+    other["metadata"]["labels"]["app.kubernetes.io/name"] = "fetcher"
+    kube.put(PODS, other)
+    pods = watched_over(kube).server_pods("default", "fleet")
+    assert [p["metadata"]["name"] for p in pods] == ["fleet-a", "fleet-b"]
+    assert pods[1]["spec"] == {"containers": [{"name": "llama-server", "resources": {"limits": {"memory": "1Gi"}}}],
+                               "initContainers": [{"name": "fetch-model", "args": ["fetch", "--cache-key", "k"]}]}
+    assert pods[1]["status"] == pod["status"]
+    assert fleet_status(1, None, pods) == fleet_status(1, None, [kube.objects[("pods", "default", n)]
+                                                                 for n in ("fleet-a", "fleet-b")])
 
 
 def test_the_pod_index_holds_ready_pods_of_the_servers_deployment_only() -> None:

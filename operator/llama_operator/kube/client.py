@@ -1,6 +1,6 @@
 """The only caller of the Kubernetes API (besides kopf's own watching): `Kube`, and the translation of its errors.
 
-The `kubernetes` client is synchronous, so every call runs in a worker thread (`asyncio.to_thread`) and
+The `kubernetes` client is synchronous, so every call runs in a worker thread of its own pool (`API_THREADS`) and
 never blocks the event loop. Objects travel as plain dicts; writes of owned objects use server-side apply
 with the `llama-operator` field manager, so repeated applies converge and repair drift.
 
@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
+import functools
 import json
 import os
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import Any
 
@@ -30,6 +33,13 @@ from .resources import KINDS_BY_API, PODS, SECRETS, ResourceKind
 from .watch import watch_events
 
 FIELD_MANAGER = "llama-operator"
+API_THREADS = 32
+"""API calls in flight at once per process, and the pooled connections behind them. The synchronous client holds
+a thread per call; asyncio's default executor has os.cpu_count() + 4 threads (6 on 2 cores), which capped the
+operator at 6 calls in flight whatever its reconcile concurrency (reconcile/runtime.py) allowed."""
+ABSENT_MAX = 100_000
+"""Objects remembered as absent (`Kube.known_absent`) at most: about 10 MiB."""
+_API_POOL = ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube-api")
 
 
 def translate(exc: ApiException, what: str, permission: str | None = None) -> KubeError:
@@ -56,6 +66,7 @@ def translate(exc: ApiException, what: str, permission: str | None = None) -> Ku
 def load_api_client() -> k8s_client.ApiClient:
     """An API client for the in-cluster service account, else the current kubeconfig (KUBECONFIG)."""
     configuration = k8s_client.Configuration()
+    configuration.connection_pool_maxsize = API_THREADS
     try:
         k8s_config.load_incluster_config(client_configuration=configuration)
     except k8s_config.ConfigException:
@@ -100,6 +111,10 @@ class Kube:
         # What the last apply of each object sent and got back: recognises the watch echo of our own write, and
         # lets an unchanged desired object skip the apply (see `apply(live=...)`).
         self._applied: dict[tuple[str, str, str], Applied] = {}
+        # Objects this process saw absent (a GET's 404, or its own delete) and has not applied since: removing an
+        # object a plan no longer wants (reconcile/network.py) then costs no read on every reconcile. Only this
+        # operator makes them and one process leads at a time, so nobody else can have created one since.
+        self._absent: set[tuple[str, str, str]] = set()
 
     @property
     def api_client(self) -> k8s_client.ApiClient:
@@ -140,7 +155,9 @@ class Kube:
 
     async def _request(self, method: str, path: str, *, permission: str | None = None, **kwargs: Any) -> Any:
         try:
-            return await asyncio.to_thread(self._request_sync, method, path, **kwargs)
+            call = functools.partial(self._request_sync, method, path, **kwargs)
+            return await asyncio.get_running_loop().run_in_executor(
+                _API_POOL, contextvars.copy_context().run, call)
         except ApiException as exc:
             raise translate(exc, f"{method} {path}", permission) from None
 
@@ -157,6 +174,7 @@ class Kube:
         check_permission(kind, "create", permissions=self._permissions)
         meta = obj["metadata"]
         key = (kind.plural, meta["namespace"], meta["name"])
+        self._absent.discard(key)
         digest = desired_digest(obj)
         record = self._applied.get(key)
         if isinstance(live, Mapping) and record is not None and record.covers(digest, live, obj):
@@ -183,9 +201,21 @@ class Kube:
         """The object, or None when it does not exist."""
         check_permission(kind, "get", permissions=self._permissions)
         try:
-            return await self._request("GET", kind.path(namespace, name), permission=rule("get", kind, namespace))
+            found = await self._request("GET", kind.path(namespace, name), permission=rule("get", kind, namespace))
         except NotFound:
+            self._seen_absent((kind.plural, namespace, name))
             return None
+        self._absent.discard((kind.plural, namespace, name))
+        return found
+
+    def _seen_absent(self, key: tuple[str, str, str]) -> None:
+        if len(self._absent) >= ABSENT_MAX:  # names of deleted servers pile up: start over rather than grow
+            self._absent.clear()
+        self._absent.add(key)
+
+    def known_absent(self, kind: ResourceKind, namespace: str, name: str) -> bool:
+        """Whether this process saw the object absent and has not applied it since (see `_absent`)."""
+        return (kind.plural, namespace, name) in self._absent
 
     async def list(
         self, kind: ResourceKind, namespace: str | None, *, label_selector: str = ""
@@ -214,7 +244,9 @@ class Kube:
             await self._request("DELETE", kind.path(namespace, name), body={"propagationPolicy": "Background"},
                                 permission=rule("delete", kind, namespace))
         except NotFound:
+            self._seen_absent((kind.plural, namespace, name))
             return False
+        self._seen_absent((kind.plural, namespace, name))
         return True
 
     async def patch_status(

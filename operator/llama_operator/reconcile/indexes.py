@@ -17,12 +17,26 @@ import kopf
 
 from ..api.v1alpha1 import GROUP, VERSION
 from ..builders.objects import selector_labels
-from ..contract import SERVER_LABEL
+from ..contract import MANAGED_BY, MANAGED_BY_LABEL, SERVER_LABEL
 from .server import MODEL_STATUS_FIELDS
-from .watched import INDEXES, MODEL_KEYS, MODELS, READY_PODS, ROUTERS, SERVER_KEYS, ready_pod_ip, small_body
+from .watched import (
+    INDEXES,
+    MODEL_KEYS,
+    MODELS,
+    OWNED,
+    OWNED_METADATA,
+    READY_PODS,
+    ROUTERS,
+    SERVER_KEYS,
+    SERVER_PODS,
+    owned_view,
+    pod_view,
+    ready_pod_ip,
+    small_body,
+)
 
-MODEL_STATUS_KEPT = ("phase", "gguf")
-"""A LlamaModel's status fields a memory estimate reads (builders/router_memory.py)."""
+OWNED_LABELS = {MANAGED_BY_LABEL: MANAGED_BY, SERVER_LABEL: kopf.PRESENT}
+"""The Deployments and Services a LlamaServer owns (builders/objects.py labels them so)."""
 
 
 def _attach(memo: Any, indexes: dict[str, Any]) -> None:
@@ -56,10 +70,16 @@ def llama_router_servers(namespace: str, name: str, spec: kopf.Spec, status: kop
 
 
 @kopf.index(GROUP, VERSION, "llamamodels", id=MODELS)
-def llama_models_for_estimates(namespace: str, name: str, spec: kopf.Spec, status: kopf.Status,
-                               memo: kopf.Memo, **kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
+def llama_models(namespace: str, name: str, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status,
+                 memo: kopf.Memo, **kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each LlamaModel as a server's reconcile resolves it and a memory estimate reads it: all but its
+    conditions and its server-side bookkeeping (managedFields)."""
     _attach(memo, kwargs)
-    return {(namespace, name): small_body("LlamaModel", namespace, name, spec, status, MODEL_STATUS_KEPT)}
+    body = small_body("LlamaModel", namespace, name, spec, status,
+                      [key for key in status if key != "conditions"])
+    body["apiVersion"] = f"{GROUP}/{VERSION}"
+    body["metadata"] = {key: meta[key] for key in OWNED_METADATA if key in meta}
+    return {(namespace, name): body}
 
 
 @kopf.index("", "v1", "pods", labels={SERVER_LABEL: kopf.PRESENT}, id=READY_PODS)
@@ -72,3 +92,23 @@ def llama_ready_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, memo:
         return {}
     ready = ready_pod_ip(body)
     return {(namespace, server): ready} if ready else {}
+
+
+@kopf.index("apps", "v1", "deployments", labels=OWNED_LABELS, id=OWNED)
+@kopf.index("", "v1", "services", labels=OWNED_LABELS, id=OWNED)
+def llama_owned_objects(namespace: str, name: str, body: kopf.Body, resource: kopf.Resource, memo: kopf.Memo,
+                        **kwargs: Any) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """A server's Deployment and Service, as its reconcile compares and reports them (watched.owned_view)."""
+    _attach(memo, kwargs)
+    return {(resource.plural, namespace, name): owned_view(body)}
+
+
+@kopf.index("", "v1", "pods", labels={SERVER_LABEL: kopf.PRESENT}, id=SERVER_PODS)
+def llama_server_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo,
+                      **kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every pod a server's Deployment selects, as its status reads them (watched.pod_view)."""
+    _attach(memo, kwargs)
+    server = labels[SERVER_LABEL]
+    if any(labels.get(key) != value for key, value in selector_labels(server).items()):
+        return {}
+    return {(namespace, server): pod_view(body)}

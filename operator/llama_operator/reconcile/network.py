@@ -13,6 +13,8 @@ from .context import Context
 async def remove_unwanted(ctx: Context, server: LlamaServer, kind: ResourceKind) -> None:
     """Delete the server's object of this kind (same name as the server) if we made it earlier."""
     namespace, name = server.metadata.namespace, server.metadata.name
+    if ctx.kube.known_absent(kind, namespace, name):
+        return  # gone since this process last looked, and not applied since
     live = await ctx.kube.get(kind, namespace, name)
     if live is None:
         return

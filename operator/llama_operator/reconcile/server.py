@@ -24,7 +24,7 @@ from ..builders.router_memory import served_estimates
 from ..clock import now_rfc3339
 from ..config import Settings
 from ..flags.spec import spec_problems
-from ..kube import DEPLOYMENTS, KINDS_BY_API, LLAMA_MODELS, LLAMA_SERVERS, PODS, Invalid
+from ..kube import DEPLOYMENTS, KINDS_BY_API, LLAMA_MODELS, LLAMA_SERVERS, PODS, SERVICES, Invalid, ResourceKind
 from ..metrics import PHASES, export_download, observe_server
 from .boundary import reconciled
 from .chat_template import CONDITION as CHAT_TEMPLATE
@@ -78,9 +78,24 @@ def _selector(server_name: str) -> str:
     return label_selector(selector_labels(server_name))
 
 
+async def _read(ctx: Context, kind: ResourceKind, namespace: str, name: str) -> dict[str, Any] | None:
+    """An object the server owns as the watch last saw it (reconcile/watched.py); read from the API server only
+    where no watch runs (the NetworkPolicy and the PodDisruptionBudget; unit tests without kopf)."""
+    if ctx.watched.attached and kind in (DEPLOYMENTS, SERVICES):
+        return ctx.watched.owned(kind.plural, namespace, name)
+    return await ctx.kube.get(kind, namespace, name)
+
+
+async def _pods(ctx: Context, namespace: str, server: str) -> list[dict[str, Any]]:
+    """The pods the server's Deployment selects, from the watch (a LIST only where no watch runs)."""
+    if ctx.watched.attached:
+        return ctx.watched.server_pods(namespace, server)
+    return await ctx.kube.list(PODS, namespace, label_selector=_selector(server))
+
+
 async def _fleet(ctx: Context, observed: Observed) -> FleetStatus:
-    deployment = await ctx.kube.get(DEPLOYMENTS, observed.namespace, observed.name)
-    pods = await ctx.kube.list(PODS, observed.namespace, label_selector=_selector(observed.name)) if deployment else []
+    deployment = await _read(ctx, DEPLOYMENTS, observed.namespace, observed.name)
+    pods = await _pods(ctx, observed.namespace, observed.name) if deployment else []
     return fleet_status(observed.replicas, deployment, pods)
 
 
@@ -142,7 +157,7 @@ async def _reconcile(observed: Observed, ctx: Context) -> Outcome:
     deployment = await _apply(ctx, server, plan)
     if isinstance(deployment, str):
         return Outcome("Failed", deployment, reported, await _fleet(ctx, observed), memory=memory)
-    pods = await ctx.kube.list(PODS, observed.namespace, label_selector=_selector(observed.name))
+    pods = await _pods(ctx, observed.namespace, observed.name)
     await record_first_use(ctx, plan.trust, pods)
     fleet = fleet_status(observed.replicas, deployment, pods)
     download = await observe_download(ctx, observed.namespace, pods) if fleet.phase == "Downloading" else None
@@ -162,7 +177,9 @@ async def _resolve(ctx: Context, server: LlamaServer) -> dict[str, LlamaModel] |
     models: dict[str, LlamaModel] = {}
     for _, ref in server.spec.model_refs():
         if ref.name not in models:
-            model = _ready_model(await ctx.kube.get(LLAMA_MODELS, namespace, ref.name), namespace, ref.name)
+            body = (ctx.watched.model(namespace, ref.name) if ctx.watched.attached
+                    else await ctx.kube.get(LLAMA_MODELS, namespace, ref.name))
+            model = _ready_model(body, namespace, ref.name)
             if isinstance(model, tuple):
                 return model
             models[ref.name] = model
@@ -170,8 +187,9 @@ async def _resolve(ctx: Context, server: LlamaServer) -> dict[str, LlamaModel] |
 
 
 async def _apply(ctx: Context, server: LlamaServer, plan: ServerPlan) -> dict[str, Any] | str:
-    """Apply the plan's objects in order (each read first: an unchanged one is not sent again, and a pod event
-    costs reads, not writes); returns the Deployment as stored, or why the API server refused an object."""
+    """Apply the plan's objects in order (each read first, from the watch where one runs: an unchanged one is not
+    sent again, and a pod event costs no request); returns the Deployment as stored, or why the API server
+    refused an object."""
     if plan.find("NetworkPolicy") is None:
         await remove_network_policy(ctx, server)  # made while the setting was on
     if plan.find("PodDisruptionBudget") is None:
@@ -181,7 +199,7 @@ async def _apply(ctx: Context, server: LlamaServer, plan: ServerPlan) -> dict[st
     stored: dict[str, Any] = {}
     for obj in plan.objects:
         kind = KINDS_BY_API[(obj["apiVersion"], obj["kind"])]
-        live = await ctx.kube.get(kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
+        live = await _read(ctx, kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
         try:
             applied = await ctx.kube.apply(obj, live=live)
         except Invalid as exc:

@@ -4,6 +4,11 @@ kopf watches LlamaServers, LlamaModels and the managed pods anyway (handlers.py)
 few kopf indexes over those watch streams, each value only what a loop reads, and `Watched` is the read side:
 
 - `keys(kind)`: every (namespace, name) of LlamaServers or LlamaModels, for the resync (runtime.py);
+- `owned(plural, namespace, name)`: the operator's Deployment or Service of a server, and `server_pods(namespace,
+  server)` the pods its Deployment selects, each reduced to what a server's reconcile reads of it (server.py
+  compares its apply with the first and reports the fleet from both): a pod or Deployment event costs the
+  reconcile it triggers no read of its own;
+- `model(namespace, name)`: a LlamaModel without its conditions, as a server's reconcile resolves it;
 - `routers()`: the router-mode LlamaServers (spec plus the poller's own status fields) for the model status
   poller (router_status.py), `models()` the LlamaModels' spec and the status fields it estimates memory from, and
   `ready_pods(namespace, server)` the (pod, IP) of that server's ready pods.
@@ -25,11 +30,19 @@ MODEL_KEYS = "llama_model_keys"
 ROUTERS = "llama_router_servers"
 """Index: (namespace, name) -> the router-mode LlamaServer as the poller reads it (a small dict, no metadata
 beyond its name)."""
-MODELS = "llama_models_for_estimates"
-"""Index: (namespace, name) -> the LlamaModel's spec and the status fields a memory estimate reads."""
+MODELS = "llama_models"
+"""Index: (namespace, name) -> the LlamaModel without its conditions and server-side bookkeeping."""
 READY_PODS = "llama_ready_pods"
 """Index: (namespace, server) -> (pod name, pod IP) of each ready, not terminating pod of that server."""
-INDEXES = (SERVER_KEYS, MODEL_KEYS, ROUTERS, MODELS, READY_PODS)
+OWNED = "llama_owned_objects"
+"""Index: (plural, namespace, name) -> a Deployment or Service the operator made, reduced by `owned_view`."""
+SERVER_PODS = "llama_server_pods"
+"""Index: (namespace, server) -> each pod that server's Deployment selects, reduced by `pod_view`."""
+INDEXES = (SERVER_KEYS, MODEL_KEYS, ROUTERS, MODELS, READY_PODS, OWNED, SERVER_PODS)
+
+OWNED_METADATA = ("name", "namespace", "uid", "generation", "resourceVersion", "labels", "annotations",
+                  "ownerReferences", "deletionTimestamp")
+"""What `kube.Applied.covers` compares of a live object before it skips an apply, and what identifies it."""
 
 Index = Mapping[Any, Collection[Any]]
 
@@ -43,6 +56,44 @@ def ready_pod_ip(pod: Mapping[str, Any]) -> tuple[str, str] | None:
     if ready and status.get("podIP") and not meta.get("deletionTimestamp"):
         return str(meta.get("name")), str(status["podIP"])
     return None
+
+
+def _pick(source: Any, keys: Iterable[str]) -> dict[str, Any]:
+    source = source if isinstance(source, Mapping) else {}
+    return {key: _plain(source[key]) for key in keys if key in source}
+
+
+def _plain(value: Any) -> Any:
+    """A deep copy as plain dicts and lists (kopf hands views over its own body)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def owned_view(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A Deployment or Service as a server's reconcile reads it: its metadata that an apply compares, and of a
+    Deployment the strategy and the status the fleet's status is computed from (server_status.py)."""
+    spec = body.get("spec") if isinstance(body.get("spec"), Mapping) else {}
+    view = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+            "metadata": _pick(body.get("metadata"), OWNED_METADATA)}
+    if body.get("kind") == "Deployment":
+        view["spec"] = _pick(spec, ("replicas", "strategy"))
+        view["status"] = _plain(body.get("status") or {})
+    return view
+
+
+def pod_view(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A pod as a server's status reads it (server_status.py, download.py, trust.py): its name, whether it is
+    terminating, each container's name and memory limit, each init container's arguments, and its status."""
+    spec = body.get("spec") if isinstance(body.get("spec"), Mapping) else {}
+    containers = [{"name": c.get("name"), "resources": {"limits": _pick(
+        (c.get("resources") or {}).get("limits"), ("memory",))}} for c in spec.get("containers") or []
+        if isinstance(c, Mapping)]
+    inits = [_pick(c, ("name", "args")) for c in spec.get("initContainers") or [] if isinstance(c, Mapping)]
+    return {"metadata": _pick(body.get("metadata"), ("name", "namespace", "uid", "deletionTimestamp")),
+            "spec": {"containers": containers, "initContainers": inits}, "status": _plain(body.get("status") or {})}
 
 
 class Watched:
@@ -78,6 +129,22 @@ class Watched:
         """The LlamaModels of a namespace, each as a small body (metadata name/namespace, spec, status subset)."""
         return [body for (ns, _), bodies in list(self._index(MODELS).items()) if ns == namespace
                 for body in list(bodies)]
+
+    def owned(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The operator's Deployment or Service ("deployments", "services") by name, or None when the watch has
+        none (a copy: the caller may change it)."""
+        found = list(self._index(OWNED).get((plural, namespace, name)) or ())
+        return _plain(found[0]) if found else None
+
+    def server_pods(self, namespace: str, server: str) -> list[dict[str, Any]]:
+        """The pods the server's Deployment selects, by name (copies)."""
+        pods = [_plain(pod) for pod in list(self._index(SERVER_PODS).get((namespace, server)) or ())]
+        return sorted(pods, key=lambda pod: str(pod["metadata"].get("name")))
+
+    def model(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The LlamaModel as `models()` holds it, or None when the watch has none."""
+        found = list(self._index(MODELS).get((namespace, name)) or ())
+        return _plain(found[0]) if found else None
 
     def ready_pods(self, namespace: str, server: str) -> list[tuple[str, str]]:
         """(pod name, pod IP) of the server's ready pods, by pod name."""
