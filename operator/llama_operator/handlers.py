@@ -19,7 +19,7 @@ from .api.v1alpha1 import GROUP, VERSION, LlamaServerSpec
 from .config import Settings
 from .contract import MANAGED_BY, MANAGED_BY_LABEL, MANAGED_SELECTOR, MODEL_LABEL, SERVER_LABEL
 from .kube import LLAMA_MODELS, LLAMA_SERVERS, Kube, connection_settings, load_api_client
-from .kube.lease import KubeLeaseStore
+from .kube.lease import KubeLeaseStore, LeaseApi
 from .leader import ElectionConfig
 from .leadership import Leadership
 from .metrics import serve as serve_metrics
@@ -74,8 +74,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         _start_loops(runtime, config)
     else:
         # Two replicas: only the Lease holder's kopf watches and reconciles (leadership.py); both serve the webhook.
-        leadership = Leadership(election, KubeLeaseStore(load_api_client(), election.namespace, election.name),
-                                on_elected=lambda: _start_loops(runtime, config))
+        store = KubeLeaseStore(LeaseApi(load_api_client(), election.namespace), election.name)
+        leadership = Leadership(election, store, on_elected=lambda: _start_loops(runtime, config))
         memo["leadership"] = leadership
         leadership.start()
     log.info("llama-operator started: namespaces=%s", ",".join(config.namespaces) or "all")

@@ -11,7 +11,9 @@ The algorithm is client-go's (k8s.io/client-go/tools/leaderelection), on any `Le
   `renew_deadline` < `lease_duration`, the old leader gives up before any standby can take over: never two writers.
 - A leader that stops on purpose releases the Lease (holder cleared) so a standby takes over at its next try.
 
-No Kubernetes client and no kopf here: kube/lease.py is the store, leadership.py the glue to the operator.
+No Kubernetes client and no kopf here: kube/lease.py is the store; two callers elect with it: leadership.py (the
+operator, which exits when it loses the Lease) and gateway/lease.py's `Decider` (the gateway's autoscaler, which
+stops deciding and runs `run` again).
 """
 
 from __future__ import annotations

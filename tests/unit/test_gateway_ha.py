@@ -1,6 +1,7 @@
-"""Several gateway replicas: one decider elected through a Lease, the load summed over live replicas' reports,
-a dead replica's report aging out, a request held on a non-deciding replica waking its server (fake clock, an
-in-memory Lease store with the API server's compare-and-swap)."""
+"""Several gateway replicas: one decider elected through a Lease (leader.py's elector, run again after a loss, on
+kube/lease.py's `KubeLeaseStore`), the load summed over live replicas' reports, a dead replica's report aging out, a
+request held on a non-deciding replica waking its server (virtual time, an in-memory Lease API with the API server's
+compare-and-swap)."""
 
 from __future__ import annotations
 
@@ -14,27 +15,45 @@ import pytest
 
 from llama_operator.errors import Conflict, NotFound, Unavailable
 from llama_operator.gateway.autoscaler import Autoscaler
-from llama_operator.gateway.lease import PEER_LABEL, Election, Publisher
+from llama_operator.gateway.lease import PEER_LABEL, Coordination
 from llama_operator.gateway.peers import LOAD_ANNOTATION, FleetLoad, PeerLoads, decode, encode, report
 from llama_operator.gateway.routing import RoutingTable
 from llama_operator.gateway.traffic import Traffic
+from llama_operator.kube.lease import lease_body
 from tests.conftest import server_body
-from tests.unit.test_gateway_autoscaler import Clock, RecordingApi
+from tests.unit.test_gateway_autoscaler import RecordingApi
+from tests.unit.test_leader import VirtualClock
 
 KEY = "default/chat"
+PERIOD, LEASE, DEADLINE = Coordination.PERIOD, Coordination.LEASE_SECONDS, Coordination.RENEW_DEADLINE
+
+
+class Clock(VirtualClock):
+    """test_leader's virtual time (the elections sleep on it), also the clock Traffic, peers and autoscalers read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 class FakeLeases:
     """Leases as the API server keeps them: a resourceVersion per write, 409 on a stale one; `watchers` get every
-    write (the watch of the per-replica Leases)."""
+    write of a replica's Lease (the watch of the reports), `writes` logs the election Lease's (time, holder)."""
 
     namespace = "llama-system"
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
         self.store: dict[str, dict[str, Any]] = {}
         self.version = 0
         self.watchers: list[Callable[[dict[str, Any]], object]] = []
+        self.writes: list[tuple[float, str]] = []
+        self.conflicts = 0
         self.down = False
+        self.slow_reads = False
 
     def _stored(self, body: dict[str, Any]) -> dict[str, Any]:
         if self.down:
@@ -43,14 +62,20 @@ class FakeLeases:
         body = copy.deepcopy(body)
         body["metadata"]["resourceVersion"] = str(self.version)
         self.store[body["metadata"]["name"]] = body
-        for watcher in self.watchers if PEER_LABEL in body["metadata"].get("labels", {}) else ():
-            watcher(copy.deepcopy(body))  # the watch's label selector: the replicas' Leases, not the election's
+        if PEER_LABEL in body["metadata"].get("labels", {}):
+            for watcher in self.watchers:  # the watch's label selector: the replicas' Leases, not the election's
+                watcher(copy.deepcopy(body))
+        else:
+            self.writes.append((self.clock.now, body["spec"]["holderIdentity"] or ""))
         return copy.deepcopy(body)
 
     async def get(self, name: str) -> dict[str, Any] | None:
         if self.down:
             raise Unavailable("the API server is down")
-        return copy.deepcopy(self.store.get(name))
+        body = copy.deepcopy(self.store.get(name))
+        if self.slow_reads:
+            await asyncio.sleep(0)  # the answer is on its way while another candidate reads too
+        return body
 
     async def create(self, body: dict[str, Any]) -> dict[str, Any]:
         if body["metadata"]["name"] in self.store:
@@ -62,53 +87,94 @@ class FakeLeases:
         if name not in self.store:
             raise NotFound("gone")
         if body["metadata"].get("resourceVersion") != self.store[name]["metadata"]["resourceVersion"]:
+            self.conflicts += 1
             raise Conflict("the object has been modified")
         return self._stored(body)
 
     async def delete(self, name: str) -> None:
         self.store.pop(name, None)
 
+    def last_write(self, holder: str) -> float:
+        return max(t for t, who in self.writes if who == holder)
+
+    def first_write(self, holder: str, after: float = 0.0) -> float:
+        return min(t for t, who in self.writes if who == holder and t > after)
+
 
 class Replica:
-    """One gateway replica's coordination: its traffic, its report, its view of the others, its autoscaler."""
+    """One gateway replica's process: its traffic, its `Coordination` (the production one, on the fake API and the
+    virtual clock), its autoscaler; `kill` is a SIGKILL (nothing more written), `restart` a new process under
+    the same pod name."""
 
     def __init__(self, name: str, leases: FakeLeases, clock: Clock, routes: RoutingTable) -> None:
+        self.name, self.leases, self.clock, self.routes = name, leases, clock, routes
         self.traffic = Traffic(clock=clock)
         self.api = RecordingApi()
-        self.election = Election(leases, "gw", name, duration=10, period=2, renew_deadline=7,  # type: ignore[arg-type]
-                                 clock=clock)
-        self.publisher = Publisher(leases, "gw", name, lambda: encode(report(self.traffic, routes)),  # type: ignore[arg-type]
-                                   period=2, ttl=6)
         self.kicked = 0
-        self.peers = PeerLoads(name, ttl=6, clock=clock, on_held=self._kick)
-        leases.watchers.append(self.peers.upsert)
-        self.autoscaler = Autoscaler(self.api, routes, FleetLoad(self.traffic, self.peers),  # type: ignore[arg-type]
-                                     leading=lambda: self.election.leading, clock=clock, wall=lambda: "t")
+        self.alive = False
+        self.task: asyncio.Task[None] | None = None
+        self._boot()
+
+    def _boot(self) -> None:
+        self.coordination = Coordination(self.leases, "gw", self.name,  # type: ignore[arg-type]
+                                         lambda: encode(report(self.traffic, self.routes)), on_held=self._kick,
+                                         clock=self.clock, sleep=self.clock.sleep)
+        self.election, self.publisher, self.peers = (self.coordination.election, self.coordination.publisher,
+                                                     self.coordination.peers)
+        self.leases.watchers.append(self.peers.upsert)
+        self.autoscaler = Autoscaler(self.api, self.routes, FleetLoad(self.traffic, self.peers),  # type: ignore[arg-type]
+                                     leading=lambda: self.election.leading, clock=self.clock, wall=lambda: "t")
 
     def _kick(self) -> None:
         self.kicked += 1
 
-    async def tick(self) -> None:
-        await self.election.step()
-        await self.publisher.publish()
+    def start(self) -> None:
+        self.alive = True
+        self.task = asyncio.create_task(self.election.run())
+
+    def kill(self) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        self.alive = False
+        self.leases.watchers.remove(self.peers.upsert)
+
+    def restart(self) -> None:
+        self._boot()
+        self.start()
 
 
-def _fleet(replicas: int, **scaling: Any) -> tuple[list[Replica], RoutingTable, FakeLeases, Clock]:
-    clock, routes, leases = Clock(), RoutingTable(), FakeLeases()
+async def _fleet(replicas: int, *, start: bool = True,
+                 **scaling: Any) -> tuple[list[Replica], RoutingTable, FakeLeases, Clock]:
+    clock, routes = Clock(), RoutingTable()
+    leases = FakeLeases(clock)
     routes.upsert(server_body(replicas=replicas, scaling=scaling))
-    return [Replica(name, leases, clock, routes) for name in ("gw-a", "gw-b")], routes, leases, clock
+    fleet = [Replica(name, leases, clock, routes) for name in ("gw-a", "gw-b")]
+    if start:  # gw-a first: it creates the Lease, gw-b finds it held half a second later
+        fleet[0].start()
+        await clock.run_until(clock.now + 0.5)
+        fleet[1].start()
+        await clock.run_until(clock.now)
+    return fleet, routes, leases, clock
 
 
 async def _round(fleet: list[Replica], clock: Clock, seconds: float = 2.0) -> None:
-    clock.t += seconds
+    await clock.run_until(clock.now + seconds)
     for replica in fleet:
-        await replica.tick()
+        if replica.alive:
+            await replica.publisher.publish()
     for replica in fleet:
-        await replica.autoscaler.step()
+        if replica.alive:
+            await replica.autoscaler.step()
+
+
+def _stop(fleet: list[Replica]) -> None:
+    for replica in fleet:
+        if replica.task is not None:
+            replica.task.cancel()
 
 
 async def test_one_replica_decides_and_the_load_is_summed_over_both() -> None:
-    fleet, routes, _, clock = _fleet(1, minReplicas=1, maxReplicas=4, targetInFlight=2, windowSeconds=4)
+    fleet, routes, _, clock = await _fleet(1, minReplicas=1, maxReplicas=4, targetInFlight=2, windowSeconds=4)
     a, b = fleet
     for _ in range(2):
         a.traffic.start(KEY)
@@ -123,10 +189,11 @@ async def test_one_replica_decides_and_the_load_is_summed_over_both() -> None:
     assert a.api.views[-1]["inFlight"] == 4
     fleet_load = FleetLoad(a.traffic, a.peers)
     assert fleet_load.in_flight(KEY) == 4 and fleet_load.load(KEY, 4) == pytest.approx(4.0)
+    _stop(fleet)
 
 
 async def test_a_held_request_on_the_other_replica_wakes_the_server_from_zero() -> None:
-    fleet, routes, leases, clock = _fleet(0, minReplicas=0, maxReplicas=3, idleSeconds=60)
+    fleet, routes, leases, clock = await _fleet(0, minReplicas=0, maxReplicas=3, idleSeconds=60)
     a, b = fleet
     await _round(fleet, clock)
     assert a.election.leading and not b.election.leading and a.api.scales == []
@@ -137,10 +204,11 @@ async def test_a_held_request_on_the_other_replica_wakes_the_server_from_zero() 
     assert a.api.scales == [1] and a.api.views[-1]["reason"] == "ScaleFromZero"
     assert a.api.views[-1]["queued"] == 1 and b.api.scales == []
     assert json.loads(leases.store["gw-gw-b"]["metadata"]["annotations"][LOAD_ANNOTATION])["servers"][KEY][1] == 1
+    _stop(fleet)
 
 
 async def test_a_dead_replicas_load_ages_out_and_a_dead_leader_is_replaced() -> None:
-    fleet, routes, leases, clock = _fleet(1, minReplicas=1, maxReplicas=4, targetInFlight=1, windowSeconds=2)
+    fleet, routes, leases, clock = await _fleet(1, minReplicas=1, maxReplicas=4, targetInFlight=1, windowSeconds=2)
     a, b = fleet
     b.traffic.start(KEY)
     b.traffic.start(KEY)
@@ -148,57 +216,90 @@ async def test_a_dead_replicas_load_ages_out_and_a_dead_leader_is_replaced() -> 
     await _round(fleet, clock)
     assert FleetLoad(a.traffic, a.peers).in_flight(KEY) == 2
     # b is SIGKILLed: it renews nothing more; its 2 requests count for at most the TTL (6 s) after its last report
+    b.kill()
     for _ in range(3):
-        clock.t += 2
-        await a.tick()
+        await _round(fleet, clock)
         assert FleetLoad(a.traffic, a.peers).in_flight(KEY) == 2
-    clock.t += 0.5
+    await clock.run_until(clock.now + 0.5)
     assert FleetLoad(a.traffic, a.peers).in_flight(KEY) == 0 and a.peers.live() == []
-    # Now the decider dies: b (restarted under the same name) takes over only once the Lease went unrenewed
-    # for its duration (10 s), never while it is being renewed.
-    last_renewal = clock.t - 0.5
-    await b.tick()  # b sees the last renewal
-    while not b.election.leading:
-        clock.t += 2
-        await b.tick()
-        assert clock.t - last_renewal <= 10 + 2 * 2, "taken over within the duration and two periods"
-    assert clock.t - last_renewal > 10, "never while the Lease was renewed within its duration"
+    # b restarts under its pod name: while the decider renews, it never takes the Lease.
+    b.restart()
+    await clock.run_until(clock.now + 30)
+    assert a.election.leading and not b.election.leading and {who for _, who in leases.writes} == {"gw-a"}
+    # Now the decider dies: b takes over only once the Lease went unrenewed for its duration (10 s) on b's own
+    # clock, and within the duration and two periods (b saw the last renewal up to one period late).
+    a.kill()
+    last_renewal = leases.last_write("gw-a")
+    await clock.run_until(clock.now + 30)
+    took = leases.first_write("gw-b")
+    assert LEASE <= took - last_renewal <= LEASE + 2 * PERIOD
+    assert b.election.leading and b.api is not None
     lease = leases.store["gw"]
     assert lease["spec"]["holderIdentity"] == "gw-b" and lease["spec"]["leaseTransitions"] == 1
-    # The old leader, back, sees the Lease held and renewed: it does not decide.
-    await a.tick()
-    assert not a.election.leading
+    # The old leader, back under its pod name, sees the Lease held and renewed: it does not decide.
+    a.restart()
+    await clock.run_until(clock.now + 30)
+    assert not a.election.leading and b.election.leading
+    _stop(fleet)
 
 
 async def test_a_leader_that_cannot_renew_stops_deciding_before_anyone_may_take_over() -> None:
-    fleet, routes, leases, clock = _fleet(1, minReplicas=1, maxReplicas=4)
+    fleet, routes, leases, clock = await _fleet(1, minReplicas=1, maxReplicas=4)
     a, b = fleet
     await _round(fleet, clock)
     assert a.election.leading
+    last_renewal = leases.last_write("gw-a")
     leases.down = True
-    clock.t += 6
-    await a.election.step()
+    await clock.run_until(last_renewal + 6)
     assert a.election.leading, "within the renew deadline (7 s) it still decides"
-    clock.t += 2
-    await a.election.step()
-    assert not a.election.leading, "past it, it stops: a standby may take over after 10 s"
+    await clock.run_until(last_renewal + DEADLINE + 1)
+    assert not a.election.leading, "past it (at its next try), it stops: a standby may take over only after 10 s"
+    assert DEADLINE + 1 < LEASE
     written = len(a.api.views)
     a.traffic.start(KEY)
     await a.autoscaler.step()
     assert a.api.scales == [] and len(a.api.views) == written, "a replica that does not lead writes nothing"
+    _stop(fleet)
 
 
-async def test_two_candidates_racing_for_an_expired_lease_one_wins() -> None:
-    fleet, routes, leases, clock = _fleet(1, minReplicas=1, maxReplicas=4)
+async def test_a_replica_that_lost_the_lease_runs_for_it_again() -> None:
+    fleet, routes, leases, clock = await _fleet(1, minReplicas=1, maxReplicas=4)
     a, b = fleet
-    await a.election.step()
-    await b.election.step()
-    await a.election.release()
-    assert leases.store["gw"]["spec"]["holderIdentity"] is None
-    # Both read the released Lease, then both write: the second write carries a stale resourceVersion.
-    await b.election.step()
-    await a.election.step()
-    assert [b.election.leading, a.election.leading] == [True, False]
+    b.kill()
+    await _round(fleet, clock)
+    leases.down = True
+    await clock.run_until(clock.now + 20)
+    assert not a.election.leading and a.task is not None and not a.task.done()
+    leases.down = False
+    back = clock.now
+    await clock.run_until(back + PERIOD)
+    assert a.election.leading and leases.first_write("gw-a", after=back) - back <= PERIOD
+    _stop(fleet)
+
+
+async def test_a_graceful_stop_releases_the_lease_and_the_other_takes_over_at_its_next_try() -> None:
+    fleet, routes, leases, clock = await _fleet(1, minReplicas=1, maxReplicas=4)
+    a, b = fleet
+    await _round(fleet, clock)
+    assert a.election.leading and "gw-gw-a" in leases.store
+    await a.coordination.stop()
+    released = clock.now
+    assert leases.store["gw"]["spec"]["holderIdentity"] is None and not a.election.leading
+    assert "gw-gw-a" not in leases.store, "its report is withdrawn"
+    await clock.run_until(released + 20)
+    assert b.election.leading and leases.first_write("gw-b") - released <= PERIOD
+    assert {who for t, who in leases.writes if t > released} == {"gw-b"}, "no renewal after the release"
+    _stop(fleet)
+
+
+async def test_two_candidates_racing_for_a_free_lease_one_wins() -> None:
+    fleet, routes, leases, clock = await _fleet(1, start=False)
+    await leases.create(lease_body("gw", {"holderIdentity": None, "leaseDurationSeconds": 10}))
+    leases.slow_reads = True  # both read the free Lease, then both write: the second carries a stale version
+    won = await asyncio.gather(*(r.election.elector.try_acquire_or_renew() for r in fleet))
+    assert sorted(won) == [False, True] and leases.conflicts == 1
+    winner = fleet[won.index(True)].name
+    assert leases.store["gw"]["spec"]["holderIdentity"] == winner and leases.writes[-1][1] == winner
 
 
 def test_reports_are_bounded_and_checked() -> None:
@@ -223,10 +324,10 @@ def test_a_report_names_only_scaled_servers_with_recent_traffic() -> None:
     assert report(traffic, routes) == {}
     traffic.start(KEY)
     traffic.start("default/fixed")
-    clock.t += 5
+    clock.now += 5
     assert report(traffic, routes) == {KEY: [1, 0, 0.5, 0.0]}
     traffic.finish(KEY)
-    clock.t += 61
+    clock.now += 61
     assert report(traffic, routes) == {}, "idle for longer than idleSeconds, nothing in the window: left out"
 
 
@@ -265,15 +366,20 @@ async def test_a_stopping_replica_finishes_its_streams_and_takes_no_new_request(
 
 
 async def test_an_answer_that_is_not_json_keeps_the_election_going() -> None:
-    fleet, routes, leases, clock = _fleet(1, minReplicas=1, maxReplicas=4)
-    a, _ = fleet
-    await a.election.step()
+    fleet, routes, leases, clock = await _fleet(1, minReplicas=1, maxReplicas=4)
+    a, b = fleet
+    b.kill()
+    await _round(fleet, clock)
     assert a.election.leading
 
     async def garbage(name: str) -> dict[str, Any] | None:
         raise ValueError("Expecting value: line 1 column 1 (char 0)")
 
     leases.get = garbage  # type: ignore[method-assign]
-    clock.t += 8
-    await a.election.step()  # no exception escapes the loop; past the renew deadline it stops deciding
-    assert not a.election.leading
+    await clock.run_until(leases.last_write("gw-a") + DEADLINE + 1)
+    assert not a.election.leading, "past the renew deadline it stops deciding"
+    assert a.task is not None and not a.task.done(), "no exception escapes the loop"
+    del leases.get
+    await clock.run_until(clock.now + PERIOD)
+    assert a.election.leading
+    _stop(fleet)

@@ -25,11 +25,12 @@ from aiohttp import web
 from ..api.v1alpha1 import API_VERSION, GROUP
 from ..contract import PORT_NAME, SERVER_PODS_SELECTOR
 from ..kube import ENDPOINT_SLICES, LLAMA_SERVERS, Kube, Permission
+from ..kube.lease import LEASE_PERMISSION, LEASES, LeaseApi
 from . import cors, metrics
 from .autoscaler import Autoscaler
 from .endpoints import EndpointTable
 from .hold import HoldQueue
-from .lease import LEASES, Coordination, LeaseApi
+from .lease import Coordination
 from .listener import CappedSite, runner_settings
 from .peers import FleetLoad, encode, report
 from .proxy import Proxy
@@ -52,9 +53,11 @@ PERMISSIONS: tuple[Permission, ...] = (
 """Everything the gateway asks of the API server in the namespaces it serves; the chart's RBAC is checked against it."""
 
 LEASE_PERMISSIONS: tuple[Permission, ...] = (
-    # Several replicas (lease.py): the election Lease and one Lease per replica with its load; delete: its own
-    # on a graceful stop, and the leader deletes those of replicas long gone. In the release namespace only.
-    Permission("coordination.k8s.io", "leases", frozenset({"get", "list", "watch", "create", "update", "delete"})),
+    # Several replicas (lease.py), in the release namespace only: the election's verbs for the decider's Lease and
+    # this replica's own; delete: its own on a graceful stop, and the leader deletes those of replicas long gone;
+    # list and watch: every replica's report.
+    Permission(LEASE_PERMISSION.api_group, LEASE_PERMISSION.resource,
+               LEASE_PERMISSION.verbs | {"delete", "list", "watch"}),
 )
 
 FIELD_MANAGER = "llama-gateway"

@@ -1,184 +1,89 @@
-"""The gateway replicas' coordination through Leases (coordination.k8s.io) in the release namespace.
+"""The gateway replicas' coordination through Leases (coordination.k8s.io) in the release namespace, on the one
+Lease client (kube/lease.py) and the operator's election algorithm (leader.py).
 
-- `Election`: one Lease (`--lease-name`) whose holder is the one replica that decides and writes spec.replicas
-  and status.autoscaling. Client-go's rules: the holder renews every `period`; a replica that has seen the
-  Lease unchanged (by its own clock) for `leaseDurationSeconds` takes it over with a compare-and-swap write
-  (resourceVersion), so two candidates never both win; a holder that could not renew for `renew_deadline`
-  (< the duration) stops deciding before anyone may take over. A replica that stops gracefully gives the Lease
-  up, so the next takes over within one period.
+- `Decider`: one Lease (`--lease-name`) whose holder is the one replica that decides and writes spec.replicas
+  and status.autoscaling, elected by leader.py's `LeaderElector` (client-go's rules: renewals every period, a
+  takeover only after the Lease went unchanged for its duration on the candidate's own clock, compare-and-swap
+  writes, a holder that could not renew within the renew deadline stops before anyone may take over). Unlike the
+  operator, which exits when it loses its Lease (a kopf handler cannot be stopped from outside), a replica that
+  lost it only stops deciding (the autoscaler reads `leading` at the start of each decision step) and runs for
+  the Lease again. A replica that stops gracefully gives the Lease up, so the next takes over within one period.
 - `Publisher`: one Lease per replica (`<lease-name>-<identity>`, label `llamacpp.dev/gateway-load`) whose
   annotation is this replica's report (peers.py), rewritten every `period`, and at once when a request starts
   to be held (a held request on any replica must wake its server). Every replica watches these Leases.
 - `Coordination`: both for one replica, with the timings (renewals every 2 s, a report's TTL 6 s, the Lease's
-  10 s), the leader's deletion of Leases of replicas long gone, and the graceful stop.
+  10 s and its renew deadline 7 s), the leader's deletion of Leases of replicas long gone, and the graceful stop.
 
-`LeaseApi` calls the API through the client's public ApiClient (the operator's `Kube` has no PUT with a
-resourceVersion); a restarted replica keeps its pod name, so it renews its own Lease, as client-go does.
-
-Every write is a PUT with the last resourceVersion seen (a conflict is a lost race, never an overwrite).
+A restarted replica keeps its pod name (its identity), so it renews its own election Lease at once, as client-go
+does. Every write is a PUT with the last resourceVersion seen (a conflict is a lost race, never an overwrite).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import urllib3
-from kubernetes.client import ApiClient
-from kubernetes.client.exceptions import ApiException
-
 from ..clock import now_rfc3339
-from ..errors import Conflict, KubeError, NotFound, Unavailable
-from ..kube import ResourceKind, translate
+from ..errors import Conflict, KubeError, NotFound
+from ..kube.lease import KubeLeaseStore, LeaseApi, lease_body, spec_from_record
+from ..leader import ElectionConfig, LeaderElector, LeaseRecord, LeaseStore
 from . import metrics
 from .peers import LOAD_ANNOTATION, PeerLoads
 
 log = logging.getLogger(__name__)
 
-LEASES = ResourceKind("coordination.k8s.io", "v1", "leases")
 PEER_LABEL = "llamacpp.dev/gateway-load"
 """Label of the per-replica Leases; its value is the election Lease's name (one group per release)."""
 
 
-class LeaseApi:
-    """GET, POST, PUT and DELETE of Leases in one namespace, each bounded to `timeout` seconds."""
+class Decider:
+    """Whether this replica holds the autoscaler's Lease (`leading`): `run` elects again after every loss."""
 
-    def __init__(self, api: ApiClient, namespace: str, *, timeout: float = 5.0) -> None:
-        self._api = api
-        self.namespace = namespace
-        self._timeout = timeout
-
-    def _call_sync(self, method: str, name: str | None, body: Any) -> Any:
-        path = LEASES.path(self.namespace, name)
-        headers = {"Accept": "application/json", "Content-Type": "application/json"}
-        _, url, headers, body, _ = self._api.param_serialize(method=method, resource_path=path, query_params=[],
-                                                             header_params=headers, body=body,
-                                                             auth_settings=["BearerToken"])
-        try:
-            response = self._api.call_api(method, url, header_params=headers, body=body,
-                                          _request_timeout=self._timeout)
-        except urllib3.exceptions.HTTPError as exc:
-            raise Unavailable(f"{method} {path}: {exc}") from exc
-        data = response.read()
-        if not 200 <= response.status <= 299:
-            raise translate(ApiException(status=response.status, reason=response.reason,
-                                         body=data.decode("utf-8", "replace")), f"{method} {path}",
-                            f"{method.lower()} leases.coordination.k8s.io in namespace {self.namespace}")
-        return json.loads(data) if data else None
-
-    async def _call(self, method: str, name: str | None = None, body: Any = None) -> Any:
-        return await asyncio.to_thread(self._call_sync, method, name, body)
-
-    async def get(self, name: str) -> dict[str, Any] | None:
-        try:
-            return dict(await self._call("GET", name))
-        except NotFound:
-            return None
-
-    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        return dict(await self._call("POST", None, body))
-
-    async def replace(self, body: dict[str, Any]) -> dict[str, Any]:
-        return dict(await self._call("PUT", body["metadata"]["name"], body))
-
-    async def delete(self, name: str) -> None:
-        try:
-            await self._call("DELETE", name)
-        except NotFound:
-            pass
-
-
-def lease_body(name: str, holder: str, duration: int, *, labels: dict[str, str] | None = None,
-               annotations: dict[str, str] | None = None) -> dict[str, Any]:
-    now = now_rfc3339(micro=True)
-    metadata: dict[str, Any] = {"name": name, "labels": labels or {}, "annotations": annotations or {}}
-    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata,
-            "spec": {"holderIdentity": holder, "leaseDurationSeconds": duration, "acquireTime": now,
-                     "renewTime": now, "leaseTransitions": 0}}
-
-
-class Election:
-    """Whether this replica holds the election Lease (`leading`), kept current by `run`."""
-
-    def __init__(self, api: LeaseApi, name: str, identity: str, *, duration: int = 10, period: float = 2.0,
-                 renew_deadline: float = 7.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.api = api
-        self.name = name
-        self.identity = identity
-        self.duration = duration
-        self.period = period
-        self.renew_deadline = renew_deadline
-        self._clock = clock
+    def __init__(self, config: ElectionConfig, store: LeaseStore, *,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.config = config
         self.leading = False
-        self._renewed = -1e18
-        self._observed: tuple[str | None, float] = (None, 0.0)
-
-    async def run(self) -> None:
-        while True:
-            await self.step()
-            await asyncio.sleep(self.period)
+        self.elector = LeaderElector(config, store, on_started=self._started, on_stopped=self._stopped,
+                                     monotonic=monotonic, sleep=sleep)
+        self._sleep = sleep
+        self._task: asyncio.Task[Any] | None = None
 
     def _set(self, leading: bool) -> None:
         if leading != self.leading:
-            log.info("gateway %s %s the autoscaler's Lease %s/%s", self.identity,
-                     "now holds" if leading else "no longer holds", self.api.namespace, self.name)
+            log.info("gateway %s %s the autoscaler's Lease %s/%s", self.config.identity,
+                     "now holds" if leading else "no longer holds", self.config.namespace, self.config.name)
         self.leading = leading
         metrics.LEADER.set(1 if leading else 0)
 
-    async def step(self) -> None:
-        now = self._clock()
-        try:
-            self._set(await self._try(now))
-        except Exception as exc:  # whatever failed, the loop goes on: a dead loop would lead without renewing
-            if self.leading and now - self._renewed > self.renew_deadline:
-                self._set(False)  # could not renew in time: another replica may take over soon
-            log.warning("gateway leader election: %s", str(exc)[:300] or type(exc).__name__)
+    async def _started(self) -> None:
+        self._set(True)
 
-    async def _try(self, now: float) -> bool:
-        lease = await self.api.get(self.name)
-        if lease is None:
+    async def _stopped(self) -> None:
+        self._set(False)
+
+    async def run(self) -> None:
+        """Elect, lead until the Lease is lost, and elect again; until `release` (or cancelled)."""
+        self._task = asyncio.current_task()
+        while True:
             try:
-                await self.api.create(lease_body(self.name, self.identity, self.duration))
-            except Conflict:
-                return False  # another replica created it first
-            self._renewed = now
-            return True
-        spec = lease.setdefault("spec", {})
-        version = (lease.get("metadata") or {}).get("resourceVersion")
-        if version != self._observed[0]:
-            self._observed = (version, now)
-        holder = spec.get("holderIdentity")
-        duration = min(max(int(spec.get("leaseDurationSeconds") or self.duration), 1), 300)
-        if holder != self.identity and holder and now - self._observed[1] <= duration:
-            return False  # held, and renewed lately
-        stamp = now_rfc3339(micro=True)
-        if holder != self.identity:
-            spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + 1
-            spec["acquireTime"] = stamp
-            log.info("gateway %s takes the Lease over from %r (unrenewed for %.1fs)", self.identity, holder,
-                     now - self._observed[1])
-        spec.update(holderIdentity=self.identity, renewTime=stamp, leaseDurationSeconds=self.duration)
-        try:
-            stored = await self.api.replace(lease)
-        except Conflict:
-            return False  # someone wrote it in between: look again next period
-        self._observed = ((stored.get("metadata") or {}).get("resourceVersion"), now)
-        self._renewed = now
-        return True
+                await self.elector.run()  # returns once leadership is lost, after _stopped
+            except Exception as exc:  # noqa: BLE001 - a dead loop would never decide again on this replica
+                self._set(False)
+                log.warning("gateway leader election: %s", str(exc)[:300] or type(exc).__name__)
+                await self._sleep(self.config.retry_period)
 
     async def release(self) -> None:
-        """Give the Lease up (a graceful stop): the next replica takes over within one period."""
-        if not self.leading:
-            return
+        """A graceful stop: end the election first (no renewal may follow the release), then give the Lease up."""
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.wait({task})
         self._set(False)
-        lease = await self.api.get(self.name)
-        if lease is not None and (lease.get("spec") or {}).get("holderIdentity") == self.identity:
-            lease["spec"]["holderIdentity"] = None
-            await self.api.replace(lease)
+        await self.elector.release()
 
 
 class Publisher:
@@ -212,20 +117,25 @@ class Publisher:
                 pass
             self._kick.clear()
 
+    def _body(self, version: str | None) -> dict[str, Any]:
+        now = now_rfc3339(micro=True)
+        spec = spec_from_record(LeaseRecord(holder=self.identity, lease_duration=self.ttl, acquire_time=now,
+                                            renew_time=now))
+        return lease_body(self.name, spec, labels={PEER_LABEL: self.group},
+                          annotations={LOAD_ANNOTATION: self.report()}, resource_version=version)
+
     async def publish(self) -> None:
-        body = lease_body(self.name, self.identity, max(1, round(self.ttl)), labels={PEER_LABEL: self.group},
-                          annotations={LOAD_ANNOTATION: self.report()})
         if self._stored is None:
             self._stored = await self.api.get(self.name)
         if self._stored is None:
             try:
-                self._stored = await self.api.create(body)
+                self._stored = await self.api.create(self._body(None))
             except Conflict:
                 self._stored = None
             return
-        body["metadata"]["resourceVersion"] = (self._stored.get("metadata") or {}).get("resourceVersion")
+        version = (self._stored.get("metadata") or {}).get("resourceVersion")
         try:
-            self._stored = await self.api.replace(body)
+            self._stored = await self.api.replace(self._body(version))
         except (Conflict, NotFound):
             self._stored = None
 
@@ -241,18 +151,24 @@ class Coordination:
     """Seconds between renewals of the election Lease and of this replica's report."""
     PEER_TTL = 6.0
     """A report unrenewed this long is a dead replica's: its load leaves the sum (three missed renewals)."""
-    LEASE_SECONDS = 10
+    LEASE_SECONDS = 10.0
     """The election Lease's duration: a killed leader is replaced within this plus one PERIOD."""
+    RENEW_DEADLINE = 7.0
+    """A decider that could not renew for this long stops deciding, before anyone may take over (< LEASE_SECONDS)."""
     FORGET_SECONDS = 300.0
     """A dead replica's Lease is deleted by the leader after this long (pod names do not come back)."""
 
     def __init__(self, api: LeaseApi, name: str, identity: str, report: Callable[[], str],
-                 on_held: Callable[[], None]) -> None:
+                 on_held: Callable[[], None], *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.api = api
         self.name = name
-        self.election = Election(api, name, identity, duration=self.LEASE_SECONDS, period=self.PERIOD)
+        config = ElectionConfig(namespace=api.namespace, name=name, identity=identity,
+                                lease_duration=self.LEASE_SECONDS, renew_deadline=self.RENEW_DEADLINE,
+                                retry_period=self.PERIOD)
+        self.election = Decider(config, KubeLeaseStore(api, name), monotonic=clock, sleep=sleep)
         self.publisher = Publisher(api, name, identity, report, period=self.PERIOD, ttl=self.PEER_TTL)
-        self.peers = PeerLoads(identity, ttl=self.PEER_TTL, on_held=on_held)
+        self.peers = PeerLoads(identity, ttl=self.PEER_TTL, clock=clock, on_held=on_held)
 
     @property
     def selector(self) -> str:
