@@ -23,6 +23,7 @@ Fixtures:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 import re
 import sys
@@ -157,6 +158,18 @@ def kubeconfig(operator_identity: OperatorIdentities, monkeypatch: pytest.Monkey
     return path
 
 
+def _registering_modules() -> list[str]:
+    """The imported operator modules that register kopf handlers when imported (a `@kopf.` decorator)."""
+    found = []
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None) or ""
+        if name.startswith("llama_operator.") and path.endswith(".py"):
+            with contextlib.suppress(OSError):
+                if "@kopf." in pathlib.Path(path).read_text():
+                    found.append(name)
+    return found
+
+
 class OperatorRun:
     """One `kopf run` in a KopfRunner thread; usable with `with` and with `async with`."""
 
@@ -169,8 +182,14 @@ class OperatorRun:
                 cli.append(str(target))
             else:
                 # kopf imports `-m` modules; a module imported by an earlier run would be served from
-                # sys.modules and register nothing into this run's fresh registry.
-                sys.modules.pop(str(target), None)
+                # sys.modules and register nothing into this run's fresh registry. So would the modules it
+                # imports that register handlers too (reconcile/indexes.py): without its indexes, a second run
+                # in one pytest process would read nothing from the watches.
+                for name in [str(target), *_registering_modules()]:
+                    sys.modules.pop(name, None)
+                    parent, _, child = name.rpartition(".")  # `from .reconcile import indexes` reads the package
+                    with contextlib.suppress(AttributeError, KeyError):
+                        delattr(sys.modules[parent], child)
                 cli += ["-m", str(target)]
         cli += list(args)
         # A fresh registry per run: handlers of a previous test (or a previous run) never leak in. A bare
