@@ -52,17 +52,25 @@ class PhaseTracker:
 
     def __init__(self) -> None:
         self._phases: dict[tuple[str, str, str], str] = {}
+        # Counted as phases change, not recounted: a reconcile of one of thousands of servers costs O(1) here.
+        self._counts = {kind: dict.fromkeys(phases, 0) for kind, phases in PHASES_BY_KIND.items()}
         for kind, phases in PHASES_BY_KIND.items():
             for phase in phases:
                 OBJECTS.labels(kind, phase).set(0)
 
     def observe(self, kind: str, namespace: str, name: str, phase: str | None) -> None:
-        self._phases[(kind, namespace, name)] = phase or "Pending"
-        self._export(kind)
+        key, phase = (kind, namespace, name), phase or "Pending"
+        before = self._phases.get(key)
+        if before == phase:
+            return
+        self._phases[key] = phase
+        self._count(kind, before, -1)
+        self._count(kind, phase, +1)
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
-        if self._phases.pop((kind, namespace, name), None) is not None:
-            self._export(kind)
+        before = self._phases.pop((kind, namespace, name), None)
+        if before is not None:
+            self._count(kind, before, -1)
         if kind == "LlamaServer":
             for state in ("desired", "ready"):
                 _remove(SERVER_REPLICAS, namespace, name, state)
@@ -77,13 +85,12 @@ class PhaseTracker:
             if (key[1], key[2]) not in alive:
                 self.forget(*key)
 
-    def _export(self, kind: str) -> None:
-        counts = dict.fromkeys(PHASES_BY_KIND[kind], 0)
-        for (k, _, _), phase in self._phases.items():
-            if k == kind:
-                counts[phase] = counts.get(phase, 0) + 1
-        for phase, count in counts.items():
-            OBJECTS.labels(kind, phase).set(count)
+    def _count(self, kind: str, phase: str | None, change: int) -> None:
+        if phase is None:
+            return
+        counts = self._counts.setdefault(kind, {})
+        counts[phase] = counts.get(phase, 0) + change
+        OBJECTS.labels(kind, phase).set(counts[phase])
 
 
 def _remove(gauge: Gauge, *labels: str) -> None:

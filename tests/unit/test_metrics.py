@@ -132,3 +132,23 @@ def test_pods_carry_the_prometheus_scrape_annotations() -> None:
     opted_out = _pod_annotations(LlamaServer.model_validate(server_body(
         podAnnotations={"prometheus.io/scrape": "false", "team": "ml"})))
     assert opted_out["prometheus.io/scrape"] == "false" and opted_out["team"] == "ml"
+
+
+def test_phase_counts_follow_each_objects_changes() -> None:
+    tracker = metrics.PhaseTracker()
+
+    def counts() -> dict[str, float]:
+        return {phase: metrics.OBJECTS.labels("LlamaServer", phase)._value.get()
+                for phase in metrics.PHASES_BY_KIND["LlamaServer"]}
+
+    for name in ("a", "b", "c"):
+        tracker.observe("LlamaServer", "ns", name, None)
+    tracker.observe("LlamaServer", "ns", "a", "Loading")
+    tracker.observe("LlamaServer", "ns", "a", "Ready")
+    tracker.observe("LlamaServer", "ns", "b", "Ready")
+    tracker.observe("LlamaServer", "ns", "b", "Ready")  # unchanged: counted once
+    assert counts() == {"Pending": 1, "Downloading": 0, "Loading": 0, "Ready": 2, "Degraded": 0, "Failed": 0}
+    tracker.forget("LlamaServer", "ns", "a")
+    tracker.retain("LlamaServer", None, [("ns", "b")])
+    assert counts() == {"Pending": 0, "Downloading": 0, "Loading": 0, "Ready": 1, "Degraded": 0, "Failed": 0}
+    tracker.retain("LlamaServer", None, [])
