@@ -94,14 +94,23 @@ def test_two_ready_nodes_run_containerd(real: SandboxProcess) -> None:
 
 def test_the_operator_runs_from_the_dockerfile_image_as_65532_read_only(real: SandboxProcess,
                                                                        nodes_info: dict[str, Any]) -> None:
-    selector = real.apps.read_namespaced_deployment("llama-operator", SYSTEM).spec.selector.match_labels
-    pods = real.core.list_namespaced_pod(SYSTEM, label_selector=",".join(f"{k}={v}" for k, v in selector.items())).items
-    assert pods, real.kubectl("get", "pods", "-n", SYSTEM, "-o", "wide").stdout
-    pod = pods[0]
-    container = pod.spec.containers[0]
-    assert container.image == nodes_info["images"]["operator"]
-    status = pod.status.container_statuses[0]
-    assert status.ready and status.image_id, status
+    deployment = real.apps.read_namespaced_deployment("llama-operator", SYSTEM)
+    selector = ",".join(f"{k}={v}" for k, v in deployment.spec.selector.match_labels.items())
+
+    def all_ready() -> list[Any] | None:
+        # The sandbox is up once one replica is available; the second (the standby) may still be starting.
+        found = real.core.list_namespaced_pod(SYSTEM, label_selector=selector).items
+        statuses = [p.status.container_statuses or [] for p in found]
+        return found if len(found) == deployment.spec.replicas and all(
+            s and s[0].ready for s in statuses) else None
+    try:
+        operator_pods = wait_for(all_ready, timeout=90, message="every operator replica ready")
+    except TimeoutError:
+        raise AssertionError(real.kubectl("get", "pods", "-n", SYSTEM, "-o", "wide").stdout) from None
+    for each in operator_pods:
+        assert each.spec.containers[0].image == nodes_info["images"]["operator"]
+        assert each.status.container_statuses[0].image_id, each.status
+    pod = operator_pods[0]
     uid = real.kubectl("exec", "-n", SYSTEM, pod.metadata.name, "--", "python", "-c",
                        "import os; print(os.getuid(), os.getgid())").stdout.split()
     assert uid == ["65532", "65532"]
