@@ -19,12 +19,25 @@ from llama_operator.drain import Drain, ServerState, Timing, make_server
 from ..llama_bin import free_port, serving
 from ..tiny_gguf import write_tiny_llama
 
-TOKENS = 12000
-"""A stream of a few seconds from the tiny model on one thread (about 3,500 tokens/s on the dev machine)."""
+CONTEXT = 65536
+"""The servers' context: room for a stream of several seconds on a fast machine (the tiny model's KV cache for it
+is 32 MiB)."""
+STREAM_SECONDS = 3.0
 
 
-def _stream(url: str, model: str | None, done: dict[str, float | str], started: threading.Event) -> None:
-    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": TOKENS,
+def _tokens(url: str, model: str | None) -> int:
+    """Tokens for a stream of about STREAM_SECONDS, from this machine's speed (a fixed count ran under a second on
+    a faster CI machine than the 3,500 tokens/s of the dev one, and the test then proved nothing)."""
+    body = {"prompt": "hi", "max_tokens": 2000, "ignore_eos": True, **({"model": model} if model else {})}
+    started = time.monotonic()
+    httpx.post(f"{url}/v1/completions", json=body, timeout=60).raise_for_status()
+    rate = 2000 / max(time.monotonic() - started, 1e-3)
+    return int(min(max(rate * STREAM_SECONDS, 4000), CONTEXT - 512))
+
+
+def _stream(url: str, model: str | None, done: dict[str, float | str], started: threading.Event,
+            tokens: int) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": tokens,
             "ignore_eos": True, **({"model": model} if model else {})}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
         for line in response.iter_lines():
@@ -55,7 +68,7 @@ def sidecar() -> Iterator[Callable[[str], str]]:
 def _drain_after_stream(url: str, drain_url: str, model: str | None) -> tuple[float, float]:
     done: dict[str, float | str] = {}
     started = threading.Event()
-    client = threading.Thread(target=_stream, args=(url, model, done, started))
+    client = threading.Thread(target=_stream, args=(url, model, done, started, _tokens(url, model)))
     client.start()
     assert started.wait(30)
     called = time.monotonic()
@@ -76,7 +89,7 @@ def test_one_model_drain_waits_for_the_stream(tmp_path: Path, sidecar: Callable[
     write_tiny_llama(model)
     port = free_port()
     args = ["-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--metrics", "--no-slots",
-            "-c", str(TOKENS + 512), "-t", "1"]
+            "-c", str(CONTEXT), "-t", "1"]
     with serving(args, port, workdir=tmp_path) as (url, _):
         ended, answered = _drain_after_stream(url, sidecar(url), None)
         print(f"one model: stream ended, drain answered {answered - ended:.2f} s later")
@@ -86,7 +99,7 @@ def test_router_drain_waits_for_the_stream_and_loads_nothing(tmp_path: Path, sid
     for name in ("a", "b"):
         write_tiny_llama(tmp_path / f"{name}.gguf", seed=ord(name))
     preset = tmp_path / "models.ini"
-    preset.write_text("".join(f"[{n}]\nmodel = {tmp_path / n}.gguf\nctx-size = {TOKENS + 512}\nthreads = 1\n"
+    preset.write_text("".join(f"[{n}]\nmodel = {tmp_path / n}.gguf\nctx-size = {CONTEXT}\nthreads = 1\n"
                               for n in ("a", "b")))
     port = free_port()
     args = ["--models-preset", str(preset), "--host", "127.0.0.1", "--port", str(port), "--metrics", "--no-slots"]
