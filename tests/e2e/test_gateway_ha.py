@@ -131,8 +131,10 @@ def _kill(sandbox: SandboxProcess, load: Load, victim: Any, survivor: Any, *, de
                         message=f"a report of {victim.metadata.name} counting a request")
     counted = wait_for(lambda: metric(survivor_ip, "llama_gateway_peer_active_requests", MODEL), timeout=20,
                        interval=0.1, message="the decider counting its peer's requests") if decides else 0
-    in_flight = int(metric(victim_ip, "llama_gateway_in_flight_requests", MODEL) or 0)
-    pid = main_pid(victim, "gateway")
+    pid = main_pid(victim, "gateway")  # before the counts: the fewer milliseconds between them and the kill
+    # Its own: proxied and held (waiting for a ready replica) alike, both die with its process.
+    held = int(metric(victim_ip, "llama_gateway_queue_length", MODEL) or 0)
+    in_flight = int(metric(victim_ip, "llama_gateway_in_flight_requests", MODEL) or 0) + held
     killed = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     if delete:  # as when its node is lost: it never comes back under its name, its replacement has another
@@ -168,7 +170,8 @@ def _kill(sandbox: SandboxProcess, load: Load, victim: Any, survivor: Any, *, de
         time.sleep(0.1)
     if decides:
         sandbox.apps.patch_namespaced_deployment_scale(GATEWAY_DEPLOYMENT, SYSTEM, {"spec": {"replicas": 2}})
-    return {"pid": pid, "killed": killed, "in_flight": in_flight, "reported": reported, "counted": counted,
+    return {"pid": pid, "killed": killed, "in_flight": in_flight, "held": held, "reported": reported,
+            "counted": counted,
             "gone": gone, "trace": trace,
             "takeover": takeover, "decider": decider}
 
@@ -243,7 +246,8 @@ def test_a_killed_gateway_replica_loses_only_its_own_streams(sandbox: SandboxPro
             f"{name} killed at {kill['killed']:.1f}: requests started a second after failed: {late_failed}")
         # +1: a request may reach it between the read of its count and the kill (milliseconds).
         assert len(failed) <= kill["in_flight"] + 1, (
-            f"{name}: {len(failed)} failed, more than the {kill['in_flight']} in flight on it: {failed}")
+            f"{name}: {len(failed)} failed, more than the {kill['in_flight']} in flight on it "
+            f"({kill['held']} of them held): {failed}")
         report.append(f"{name} killed (pid {kill['pid']}, {kill['in_flight']} streams in flight on it): "
                       f"{len(failed)} failed ({sum(o[3] for o in failed)} after a byte), {len(late)} started from "
                       f"1 s after it to {until - kill['killed']:.0f} s after: all served")

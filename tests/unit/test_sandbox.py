@@ -5,7 +5,10 @@ and the host-port forwarding, the crash-looping operator's report, and the state
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +113,31 @@ async def test_a_service_port_forwards_both_ways_and_passes_the_half_close_on() 
         proxy.targets = []  # no ready endpoint: the connection is closed at once, like kube-proxy's
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    finally:
+        await proxy.close()
+        upstream.close()
+
+
+async def test_an_upstream_reset_cuts_the_client_at_once() -> None:
+    """A gateway pod SIGKILLed with a request unread resets its connection: the client, still waiting for an
+    answer with its own side open, sees its connection closed at once (it once waited for its 60 s timeout)."""
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(5)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() sends a RST
+        writer.transport.abort()
+
+    upstream = await asyncio.start_server(reset, "127.0.0.1", 0)
+    proxy = ServiceProxy("ns/gateway:http")
+    await proxy.listen(0)
+    try:
+        proxy.targets = [("127.0.0.1", upstream.sockets[0].getsockname()[1])]
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"hello")  # no half-close: an HTTP client waits for its answer with its side open
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
     finally:
         await proxy.close()

@@ -24,23 +24,35 @@ PORT_SEARCH = 200
 SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Copy until end of stream, passed on as a half-close: True; False when a side failed (reset, unreachable)."""
     try:
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
+        return True
     except (ConnectionError, OSError):
-        pass
+        return False
 
 
 async def splice(client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                  upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
-    """Copy both ways until both sides are done (half-close passed on), then close both."""
+    """Copy both ways until both sides are done (half-close passed on), then close both. A side that fails ends
+    both at once: a pod killed with data unread resets its connections, and the client, whose own side stays open
+    while it waits for an answer, must see its connection cut, not wait for nothing until its timeout."""
+    pipes = [asyncio.ensure_future(_pipe(client[0], upstream[1])),
+             asyncio.ensure_future(_pipe(upstream[0], client[1]))]
     try:
-        await asyncio.gather(_pipe(client[0], upstream[1]), _pipe(upstream[0], client[1]))
+        pending: set[asyncio.Future[bool]] = set(pipes)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if not all(task.result() for task in done):
+                break
     finally:
+        for task in pipes:
+            task.cancel()
         for writer in (upstream[1], client[1]):
             writer.close()
 
