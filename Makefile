@@ -101,7 +101,7 @@ HELM_BIN = $(if $(HELM),$(HELM),$$(PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)
 IMAGE_REPO ?= ghcr.io/llama-operator/llama-operator
 IMAGE_TAG ?= dev
 
-.PHONY: chart-crds chart-lint image images kind-up kind-deploy kind-e2e kind-down
+.PHONY: chart-crds chart-lint image images release kind-up kind-deploy kind-e2e kind-down
 
 # Copies crds/ into the chart (byte for byte; tests/unit/test_chart_values.py fails when they differ).
 # Run it after `make crds`.
@@ -124,6 +124,14 @@ image:
 # directory (scripts/build-images.sh, docs/images.md).
 images: venv
 	@$(WITH_LLAMA_SERVER) && $(WITH_NODE_KIT) && PYTHON=$(PY) scripts/build-images.sh
+
+# A release (as root, like images): the operator image and the chart (an OCI artifact whose default image is that
+# one, by digest) pushed to REGISTRY, the CRD bundle, notes from CHANGELOG.md and checksums in dist/release-VERSION
+# (scripts/release.py; docs/install.md#releases). VERSION must be the version every file already says.
+release: venv
+	@test -n "$(VERSION)" -a -n "$(REGISTRY)" || { echo "usage: make release VERSION=x.y.z REGISTRY=host[:port][/path]" >&2; exit 2; }
+	@$(WITH_LLAMA_SERVER) && $(WITH_NODE_KIT) && images=$$(PYTHON=$(PY) scripts/build-images.sh | tail -n 1) && \
+	  HELM="$(HELM_BIN)" $(PY) scripts/release.py $(VERSION) $(REGISTRY) --images "$$images"
 
 # kind targets: scripts/kind-e2e.sh stops at once with a clear message where Docker/kind/kubectl are missing.
 kind-up:

@@ -9,6 +9,14 @@ from collections.abc import Sequence
 from .errors import CliError
 
 
+def _cmd_version(_: argparse.Namespace) -> int:
+    from . import __version__
+    from .llamacpp import LLAMA_CPP_BUILD
+
+    print(f"llama-operator {__version__} (llama.cpp {LLAMA_CPP_BUILD})")
+    return 0
+
+
 def _cmd_crds(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -93,6 +101,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         help="a YAML file with LlamaModel/LlamaServer objects (repeatable)")
     render.add_argument("-n", "--namespace", default="default", help="namespace for objects that name none")
     render.set_defaults(func=_cmd_render)
+
+    version = sub.add_parser("version", help="print this release and the llama.cpp build it is pinned to")
+    version.set_defaults(func=_cmd_version)
 
     run = sub.add_parser("run", help="run the operator against the current kubeconfig or in-cluster config")
     run.add_argument("--liveness", metavar="URL", help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")

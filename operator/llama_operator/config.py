@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from . import __version__
 from .llamacpp import LLAMA_CPP_BUILD
 from .llamacpp import LLAMA_CPP_IMAGE_REPO as _IMAGE_REPO
 
@@ -22,7 +23,7 @@ DEFAULT_IMAGES: Mapping[str, str] = {
     "amd": f"{_IMAGE_REPO}:server-rocm-{LLAMA_CPP_BUILD}",
     "intel": f"{_IMAGE_REPO}:server-intel-{LLAMA_CPP_BUILD}",
 }
-DEFAULT_OPERATOR_IMAGE = "ghcr.io/llama-operator/llama-operator:0.1.0"
+DEFAULT_OPERATOR_IMAGE = f"ghcr.io/llama-operator/llama-operator:{__version__}"
 DEFAULT_HOSTPATH_ROOT = "/var/lib/llama-operator/models"
 """Where HostPath caches live on a node (the chart's hostPathRoot has the same default)."""
 

@@ -4,15 +4,19 @@ leaves the host as it was. One cluster for the module; the last test stops it.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from llama_operator import __version__
 from llama_operator.nodes.host import MOUNT_POINTS
-from tests.nodes.conftest import HostSnapshot, RealCluster
+from tests.nodes.conftest import HostSnapshot, RealCluster, find_images
+from tests.tiers import REPO
 from tests.waiting import wait_for
 
 RESTRICTED = {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "allowPrivilegeEscalation": False,
@@ -163,6 +167,49 @@ def test_network_policy_enforced_on_the_first_node(real_cluster: RealCluster, na
         raise AssertionError(f"{exc}\n{pods}\n{[r for r in rules.splitlines() if 'NWPLCY' in r or 'POD-FW' in r]}"
                              f"\n{sets}\n{firewall}") from None
     assert not reaches("other")
+
+
+def test_a_release_installs_from_the_registry_as_the_readme_says(real_cluster: RealCluster, helm: str,
+                                                                tmp_path: Path) -> None:
+    """scripts/release.py pushes the operator image and the chart to the nodes' registry; `helm install
+    oci://<registry>/charts/llama-operator --version <v>` (the README's install) then runs the operator from the
+    image the release pushed, by digest, and `llama-operator version` in its pod names the release."""
+    registry = real_cluster.nodes.registry
+    assert registry is not None
+    out = tmp_path / "release"
+    env = {**os.environ, "HELM": helm, "SKOPEO": str(real_cluster.nodes.kit.tool("skopeo"))}
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "release.py"), __version__, registry.host,
+                           "--images", str(find_images()), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["NOTES.md", "SHA256SUMS", "crds.yaml", f"llama-operator-{__version__}.tgz"])
+    assert subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=out).returncode == 0
+    digest = (out / "NOTES.md").read_text().split("@sha256:", 1)[1][:64]
+    namespace = "llama-release"
+    kubeconfig = str(real_cluster.control_plane.admin_kubeconfig)
+    install = [helm, "install", "llama-operator", f"oci://{registry.host}/charts/llama-operator", "--version",
+               __version__, "--plain-http", "--namespace", namespace, "--create-namespace", "--kubeconfig",
+               kubeconfig, "--set", "replicas=1"]
+    try:
+        installed = subprocess.run(install, capture_output=True, text=True, timeout=300)
+        assert installed.returncode == 0, installed.stderr
+        real_cluster.kubectl("-n", namespace, "rollout", "status", "deployment/llama-operator", "--timeout=180s",
+                             timeout=200)
+        (operator,) = get(real_cluster, namespace, "pods", "-l", "app.kubernetes.io/name=llama-operator")["items"]
+        container = next(c for c in operator["spec"]["containers"] if c["name"] == "operator")
+        assert container["image"] == \
+            f"{registry.host}/llama-operator/llama-operator:{__version__}@sha256:{digest}"
+        status = next(c for c in operator["status"]["containerStatuses"] if c["name"] == "operator")
+        assert status["imageID"].endswith(f"@sha256:{digest}")
+        said = real_cluster.kubectl("-n", namespace, "exec", operator["metadata"]["name"], "-c", "operator", "--",
+                                    "llama-operator", "version").stdout
+        assert said.startswith(f"llama-operator {__version__} "), said
+    finally:
+        subprocess.run([helm, "uninstall", "llama-operator", "--namespace", namespace, "--kubeconfig", kubeconfig,
+                        "--wait", "--timeout", "120s"], capture_output=True, timeout=180)
+        real_cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        real_cluster.kubectl("delete", "crd", "llamamodels.llamacpp.dev", "llamaservers.llamacpp.dev", check=False)
 
 
 def test_stop_leaves_the_host_as_it_was(real_cluster: RealCluster, host_before: HostSnapshot) -> None:

@@ -6,11 +6,12 @@ from typing import Any
 
 import pytest
 
+from llama_operator import __version__
 from llama_operator.api.v1alpha1 import LlamaModel
 from llama_operator.builders import build_cache_pvc, build_deployment, build_service
 from llama_operator.builders.resources import derived_threads
 from llama_operator.config import Settings
-from llama_operator.contract import DRAIN_CONTAINER
+from llama_operator.contract import DRAIN_CONTAINER, OPERATOR_VERSION_ANNOTATION
 from tests.conftest import resolved_model, server
 
 
@@ -244,7 +245,7 @@ def test_service(settings: Settings) -> None:
     svc = build_service(server(service={"type": "LoadBalancer", "port": 80, "annotations": {"a": "b"}}))
     assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
     assert svc["spec"]["selector"] == {"app.kubernetes.io/name": "llama-server", "llamacpp.dev/server": "chat"}
-    assert svc["metadata"]["annotations"] == {"a": "b"}
+    assert svc["metadata"]["annotations"] == {"a": "b", OPERATOR_VERSION_ANNOTATION: __version__}
     assert svc["metadata"]["ownerReferences"][0]["uid"] == "uid-server"
 
 

@@ -29,7 +29,7 @@ def test_the_whole_command_line_still_has_every_subcommand() -> None:
 
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices  # noqa: SLF001 - argparse's own
-    assert set(REGISTERED) | {"crds", "render", "run"} == set(commands)
+    assert set(REGISTERED) | {"crds", "render", "run", "version"} == set(commands)
     for name in REGISTERED:
         assert set(next(a for a in build_parser(name)._actions if a.dest == "command").choices) >= {name}
 

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import __version__
 from ..api.v1alpha1 import API_VERSION, LlamaModel, LlamaServer
-from ..contract import MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL, NAME_LABEL, SERVER_LABEL, SERVER_NAME
+from ..contract import (
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    MODEL_LABEL,
+    NAME_LABEL,
+    OPERATOR_VERSION_ANNOTATION,
+    SERVER_LABEL,
+    SERVER_NAME,
+)
 
 
 def selector_labels(server_name: str) -> dict[str, str]:
@@ -54,10 +63,10 @@ def owner_reference(owner: LlamaServer | LlamaModel) -> dict[str, Any]:
 def object_meta(
     owner: LlamaServer | LlamaModel, *, name: str, labels: dict[str, str], annotations: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """Metadata of an owned object. Offline renders have no owner uid and so no owner reference."""
-    meta: dict[str, Any] = {"name": name, "namespace": owner.metadata.namespace, "labels": labels}
-    if annotations:
-        meta["annotations"] = annotations
+    """Metadata of an owned object, with the release that writes it. Offline renders have no owner uid and so no
+    owner reference."""
+    meta: dict[str, Any] = {"name": name, "namespace": owner.metadata.namespace, "labels": labels,
+                            "annotations": {**(annotations or {}), OPERATOR_VERSION_ANNOTATION: __version__}}
     if owner.metadata.uid:
         meta["ownerReferences"] = [owner_reference(owner)]
     return meta
