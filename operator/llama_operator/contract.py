@@ -47,6 +47,13 @@ FETCH_MMPROJ_CONTAINER = "fetch-mmproj"
 SERVER_CONTAINER = "llama-server"
 FETCH_CONTAINERS = (FETCH_CONTAINER, FETCH_DRAFT_CONTAINER, FETCH_MMPROJ_CONTAINER)
 _ROUTER_FETCH = re.compile(r"^(fetch-model|fetch-mmproj)-(\d+)$")
+FETCH_ADAPTER_PREFIX = "fetch-adapter-"
+_ADAPTER_FETCH = re.compile(rf"^{FETCH_ADAPTER_PREFIX}(\d+)$")
+
+
+def adapter_fetch_container(index: int) -> str:
+    """The fetcher of the server's index-th LoRA adapter (spec.adapters[index])."""
+    return f"{FETCH_ADAPTER_PREFIX}{index}"
 
 
 def router_fetch_container(index: int, *, mmproj: bool = False) -> str:
@@ -55,13 +62,16 @@ def router_fetch_container(index: int, *, mmproj: bool = False) -> str:
 
 
 def is_fetch_container(name: str) -> bool:
-    return name in FETCH_CONTAINERS or _ROUTER_FETCH.match(name) is not None
+    return name in FETCH_CONTAINERS or _ROUTER_FETCH.match(name) is not None or _ADAPTER_FETCH.match(name) is not None
 
 
 def fetch_subject(name: str, cache_key: str | None = None) -> str:
     """What a fetch container downloads, for messages: `the model`, `the multimodal projector of <key>` ..."""
     if name == FETCH_DRAFT_CONTAINER:
         return "the draft model"
+    adapter = _ADAPTER_FETCH.match(name)
+    if adapter is not None:
+        return f"adapter {cache_key or '#' + str(int(adapter.group(1)) + 1)}"
     router = _ROUTER_FETCH.match(name)
     what = "the multimodal projector" if name.startswith(FETCH_MMPROJ_CONTAINER) else "the model"
     if router is None:

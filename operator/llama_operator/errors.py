@@ -183,6 +183,12 @@ class NotAGguf(SourceError):
     exit_code = contract.EXIT_NOT_GGUF
 
 
+class WrongFileKind(SourceError):
+    """A model where spec.adapterFor expects a LoRA adapter, or an adapter where a model is expected."""
+
+    reason = "WrongFileKind"
+
+
 class DiskFull(SourceError):
     """The cache volume has no room for the model."""
 

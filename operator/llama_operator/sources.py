@@ -38,6 +38,7 @@ from .errors import (
     SourceNotFound,
     SourceUnauthorized,
     SourceUnreachable,
+    WrongFileKind,
 )
 from .fetch.http import (
     LinkedInfo,
@@ -292,6 +293,7 @@ async def _resolve_remote(
                                          hub=settings.huggingface_endpoint)) for r in remotes)
     )
     first_header = headers_read[0]
+    _check_kind(spec, first_header, first.name)
     tensors = first_header.tensors
     for other in headers_read[1:]:
         tensors = tensors.merged(other.tensors)
@@ -313,6 +315,19 @@ async def _resolve_remote(
         cache_key=cache_key(spec, sha256),
         mmproj=mmproj,
     )
+
+
+def _check_kind(spec: LlamaModelSpec, header: GgufHeader, name: str) -> None:
+    """A LoRA adapter where spec.adapterFor says so, a model where it does not (llama.cpp refuses either swap
+    only when a pod loads the file)."""
+    kind = header.adapter_type
+    if spec.adapter_for is not None and kind != "lora":
+        found = "a model (general.type is not adapter)" if kind is None else f"an adapter of type {kind or '(none)'}"
+        raise WrongFileKind(f"{name}: spec.adapterFor names {spec.adapter_for}, but the file is {found}; llama.cpp "
+                            "loads LoRA adapters (adapter.type lora)")
+    if spec.adapter_for is None and kind is not None:
+        raise WrongFileKind(f"{name}: the file is a LoRA adapter (general.type adapter), not a model: set "
+                            "spec.adapterFor to the LlamaModel it adapts and list it in a LlamaServer's spec.adapters")
 
 
 MMPROJ_ARCHITECTURE = "clip"

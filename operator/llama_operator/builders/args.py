@@ -20,7 +20,8 @@ def needs_draft_cache(model: LlamaModel, draft: LlamaModel | None) -> bool:
     return draft is not None and model.spec.source.volume is not None
 
 
-def server_args(server: LlamaServer, model: LlamaModel, draft: LlamaModel | None = None) -> list[str]:
+def server_args(server: LlamaServer, model: LlamaModel, draft: LlamaModel | None = None,
+                adapters: tuple[LlamaModel, ...] = ()) -> list[str]:
     return render_args(
         server.spec,
         model_path=model_path(model),
@@ -28,4 +29,5 @@ def server_args(server: LlamaServer, model: LlamaModel, draft: LlamaModel | None
         threads=derived_threads(server),
         draft_model_path=draft_model_path(draft) if draft is not None else None,
         mmproj_path=mmproj_path(model),
+        adapter_paths=[model_path(adapter) for adapter in adapters],
     )

@@ -50,7 +50,7 @@ def cache_size(model: LlamaModel) -> str | int | None:
 
 def empty_dir_size(model: LlamaModel, *sharing: LlamaModel) -> str | int:
     """An EmptyDir cache's sizeLimit: the cache size, else room for the largest download of unknown size; plus
-    the same for every model fetched into it too (`sharing`: a speculative draft)."""
+    the same for every model fetched into it too (`sharing`: a speculative draft, LoRA adapters)."""
     if sharing:
         return gibibytes_ceil(sum(int(parse_quantity(empty_dir_size(each))) for each in (model, *sharing)))
     size = cache_size(model)
@@ -118,16 +118,17 @@ def cache_mounts(owner: LlamaModel, keys: list[str], settings: Settings, *, volu
             for key in dict.fromkeys(keys)]
 
 
-def server_model_mounts(model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
-                        ) -> list[dict[str, Any]]:
+def server_model_mounts(model: LlamaModel, settings: Settings, draft: LlamaModel | None = None,
+                        adapters: tuple[LlamaModel, ...] = ()) -> list[dict[str, Any]]:
     """llama-server's mounts of the served model (and the draft model, which shares its cache when the served
-    model is downloaded, or has a cache of its own when the served model is on a volume)."""
+    model is downloaded, or has a cache of its own when the served model is on a volume; and the LoRA adapters,
+    which share a downloaded model's cache)."""
     if model.spec.source.volume is not None:
         mounts = [{"name": SOURCE_VOLUME, "mountPath": SOURCE_MOUNT, "readOnly": True}]
         if draft is not None:
             mounts += cache_mounts(draft, [require_cache_key(draft)], settings)
         return mounts
-    keys = [require_cache_key(model)] + ([require_cache_key(draft)] if draft is not None else [])
+    keys = [require_cache_key(each) for each in (model, *((draft,) if draft is not None else ()), *adapters)]
     return cache_mounts(model, keys, settings)
 
 

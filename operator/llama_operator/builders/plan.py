@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 from ..api.v1alpha1 import LlamaModel, LlamaServer
 from ..config import Settings
-from ..contract import FETCH_CONTAINER, FETCH_DRAFT_CONTAINER, router_fetch_container
+from ..contract import FETCH_CONTAINER, FETCH_DRAFT_CONTAINER, adapter_fetch_container, router_fetch_container
 from ..errors import InvalidSpec
 from ..fit import Estimate, estimate_server
-from ..flags.spec import model_problems
+from ..flags.spec import adapter_problems, model_problems
 from .args import server_args
 from .context import resolve_context
 from .deployment import deployment_object
@@ -84,37 +84,46 @@ def plan_server(server: LlamaServer, models: Mapping[str, LlamaModel], settings:
     problems = model_problems(server.spec, models)
     if problems:
         return PlanProblem("ModelResolved", "DraftNotDownloadable", "; ".join(problems))
+    problems = adapter_problems(server.spec, models)
+    if problems:
+        return PlanProblem("ModelResolved", "AdapterMismatch", "; ".join(problems))
     if server.spec.models is not None:
         return _router_plan(server, models, settings)
     assert server.spec.model_ref is not None  # LlamaServerSpec: exactly one of modelRef and models
     speculative = server.spec.speculative
     draft = models[speculative.draft_model_ref.name] if speculative is not None else None
-    return _one_model_plan(server, models[server.spec.model_ref.name], draft, settings)
+    adapters = tuple(models[adapter.name] for adapter in server.spec.adapters or [])
+    return _one_model_plan(server, models[server.spec.model_ref.name], draft, settings, adapters)
 
 
 def build_deployment(
-    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None
+    server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None = None,
+    adapters: tuple[LlamaModel, ...] = (),
 ) -> dict[str, Any]:
-    """The Deployment of a one-model server as its plan has it; `draft` is the speculative draft model, if any."""
-    plan = _one_model_plan(server, model, draft, settings)
+    """The Deployment of a one-model server as its plan has it; `draft` is the speculative draft model, if any,
+    `adapters` its LoRA adapters (spec.adapters, in order)."""
+    plan = _one_model_plan(server, model, draft, settings, adapters)
     if isinstance(plan, PlanProblem):
         raise InvalidSpec(plan.message)
     return plan.deployment
 
 
 def _one_model_plan(
-    server: LlamaServer, model: LlamaModel, draft: LlamaModel | None, settings: Settings
+    server: LlamaServer, model: LlamaModel, draft: LlamaModel | None, settings: Settings,
+    adapters: tuple[LlamaModel, ...] = (),
 ) -> ServerPlan | PlanProblem:
     resolved = resolve_context(server, model, draft)
     if isinstance(resolved, str):
         return PlanProblem("ArgsValid", "ContextDoesNotFit", resolved)
     auto = server.spec.context_size == "auto"
     server = resolved
-    args = server_args(server, model, draft)
-    fit = estimate_server(server.spec, model.status.gguf, draft.status.gguf if draft is not None else None)
+    args = server_args(server, model, draft, adapters)
+    fit = estimate_server(server.spec, model.status.gguf, draft.status.gguf if draft is not None else None,
+                          adapter_bytes=sum(adapter.status.size or 0 for adapter in adapters))
     template = pod_template(server, model, settings, draft, args=args,
-                            memory=default_memory_request(server, settings, fit))
-    fetchers = {FETCH_CONTAINER: model, **({FETCH_DRAFT_CONTAINER: draft} if draft is not None else {})}
+                            memory=default_memory_request(server, settings, fit), adapters=adapters)
+    fetchers = {FETCH_CONTAINER: model, **({FETCH_DRAFT_CONTAINER: draft} if draft is not None else {}),
+                **{adapter_fetch_container(index): adapter for index, adapter in enumerate(adapters)}}
     plan = _plan(server, settings, [deployment_object(server, template)], args=args, estimate=fit, fetchers=fetchers)
     return replace(plan, server=server, context_auto=auto)
 

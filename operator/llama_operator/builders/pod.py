@@ -15,6 +15,7 @@ from ..contract import (
     SERVER_CONTAINER,
     TMP_MOUNT,
     TMP_VOLUME,
+    adapter_fetch_container,
     is_fetch_container,
 )
 from ..flags.dryrun import dry_run_init_container
@@ -50,11 +51,12 @@ def _http_probe(*, period: int, failures: int, timeout: int) -> dict[str, Any]:
 
 def server_container(
     server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None, *, args: list[str],
-    memory: str | None,
+    memory: str | None, adapters: tuple[LlamaModel, ...] = (),
 ) -> dict[str, Any]:
     return llama_server_container(
         server, settings, args=args, resources=container_resources(server, memory=memory),
-        volume_mounts=[*server_model_mounts(model, settings, draft), {"name": TMP_VOLUME, "mountPath": TMP_MOUNT}])
+        volume_mounts=[*server_model_mounts(model, settings, draft, adapters),
+                       {"name": TMP_VOLUME, "mountPath": TMP_MOUNT}])
 
 
 def llama_server_container(
@@ -90,7 +92,8 @@ def llama_server_container(
 
 
 def _init_containers(
-    server: LlamaServer, model: LlamaModel, settings: Settings, main: dict[str, Any], draft: LlamaModel | None
+    server: LlamaServer, model: LlamaModel, settings: Settings, main: dict[str, Any], draft: LlamaModel | None,
+    adapters: tuple[LlamaModel, ...],
 ) -> list[dict[str, Any]]:
     containers = []
     if model.spec.source.volume is None:
@@ -99,6 +102,8 @@ def _init_containers(
             containers.append(mmproj_fetch_container(model, settings))
     if draft is not None:
         containers.append(fetch_init_container(draft, settings, name=FETCH_DRAFT_CONTAINER))
+    containers += [fetch_init_container(adapter, settings, name=adapter_fetch_container(index))
+                   for index, adapter in enumerate(adapters)]
     if server.spec.image:
         # A custom image may carry another llama.cpp than the flag catalog: let it parse the arguments first.
         containers.append(dry_run_init_container(
@@ -115,10 +120,11 @@ def _draft_volumes(model: LlamaModel, settings: Settings, draft: LlamaModel | No
 
 def pod_template(
     server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None, *, args: list[str],
-    memory: str | None,
+    memory: str | None, adapters: tuple[LlamaModel, ...] = (),
 ) -> dict[str, Any]:
     """The pod of a one-model server running llama-server with `args` (the plan's), `memory` its default memory
-    request (None: none)."""
+    request (None: none); `adapters` (spec.adapters, resolved) are fetched into the served model's cache (the plan
+    has refused them with a volume-source model: flags/spec.py model_problems)."""
     spec = server.spec
     # Prometheus' annotation-based discovery scrapes llama-server's own metrics (it always runs with --metrics);
     # the user's podAnnotations win, e.g. prometheus.io/scrape: "false".
@@ -127,10 +133,11 @@ def pod_template(
     if sha256:
         # A new model revision with the same file name must still roll the pods.
         annotations[MODEL_SHA_ANNOTATION] = sha256
-    main = server_container(server, model, settings, draft, args=args, memory=memory)
-    init = _init_containers(server, model, settings, main, draft)
-    # A downloaded model's cache holds the draft too; a volume-source model's draft has a cache of its own.
-    sharing = (draft,) if draft is not None and model.spec.source.volume is None else ()
+    main = server_container(server, model, settings, draft, args=args, memory=memory, adapters=adapters)
+    init = _init_containers(server, model, settings, main, draft, adapters)
+    # A downloaded model's cache holds the draft and the adapters too; a volume-source model's draft has a cache of
+    # its own.
+    sharing = (*((draft,) if draft is not None else ()), *adapters) if model.spec.source.volume is None else ()
     caches = [(model, *sharing)] if model.spec.source.volume is None else [(draft,)] if draft is not None else []
     return assemble_pod(server, settings, annotations=annotations, main=main,
                         init_containers=with_ephemeral_storage(init, caches, settings),

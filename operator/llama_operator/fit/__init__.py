@@ -93,9 +93,11 @@ def settings_from_spec(spec: LlamaServerSpec) -> FitSettings:
     )
 
 
-def estimate_server(spec: LlamaServerSpec, gguf: GgufInfo | None, draft: GgufInfo | None = None) -> Estimate | None:
+def estimate_server(spec: LlamaServerSpec, gguf: GgufInfo | None, draft: GgufInfo | None = None,
+                    adapter_bytes: int = 0) -> Estimate | None:
     """The estimate for a LlamaServer serving a model with this header info; None when the model's status
-    has no memory shape (a volume source, or a status written before the shape existed)."""
+    has no memory shape (a volume source, or a status written before the shape existed). `adapter_bytes`: the
+    file sizes of its LoRA adapters, held beside the weights they adapt."""
     if gguf is None or gguf.memory is None:
         return None
     settings = settings_from_spec(spec)
@@ -112,6 +114,10 @@ def estimate_server(spec: LlamaServerSpec, gguf: GgufInfo | None, draft: GgufInf
             mine.compute += theirs.compute
             mine.checkpoints += theirs.checkpoints
         result.notes.append("includes the speculative draft model's weights, KV cache and compute buffers")
+    if adapter_bytes > 0:
+        # llama.cpp puts each adapter tensor in the buffer of the weight it adapts: mostly the offloaded layers.
+        (result.devices[1] if len(result.devices) > 1 else result.host).weights += adapter_bytes
+        result.notes.append(f"includes {len(spec.adapters or [])} LoRA adapter(s) ({adapter_bytes} bytes of files)")
     return result
 
 

@@ -35,6 +35,7 @@ def _outside(reason: str) -> Refusal:
 
 _MODEL_SOURCE = _managed("the model comes from spec.modelRef (a LlamaModel)")
 _PRESET = _managed("preset flags download their own model; use spec.modelRef")
+_ADAPTERS = _managed("LoRA adapters are LlamaModels with spec.adapterFor, listed in spec.adapters")
 _ROUTER = _managed("router mode is spec.models (one section per LlamaModel) and spec.maxLoaded")
 _LISTEN = _managed("the pod always listens on 0.0.0.0:8080; use spec.service to expose it")
 _TLS = _managed("TLS terminates outside the pod (Service, Ingress or mesh)")
@@ -55,6 +56,10 @@ REFUSED: dict[str, Refusal] = {
     "--spec-draft-hf": _typed("speculative.draftModelRef"),
     "--mmproj-url": _outside("it downloads from the internet at start; put files on a volume"),
     "--mmproj": _managed("the multimodal projector comes from the LlamaModel's spec.mmproj"),
+    # LoRA adapters: LlamaModels with spec.adapterFor, listed in the LlamaServer's spec.adapters
+    "--lora": _ADAPTERS,
+    "--lora-scaled": _ADAPTERS,
+    "--lora-init-without-apply": _ADAPTERS,
     # presets that pick and download a model
     **{
         name: _PRESET

@@ -112,6 +112,16 @@ def draft_model_arg(spec: LlamaServerSpec, draft_model_path: str | None) -> Rend
     return ["--spec-draft-model", draft_model_path]
 
 
+def adapter_args(spec: LlamaServerSpec, paths: Sequence[str]) -> Rendered:
+    """Each LoRA adapter loaded at start, none applied: llama-server numbers them in this order (spec.adapters'),
+    and a request applies one with its `lora` field (the gateway adds it for `<model>:<adapter>`)."""
+    if len(paths) != len(spec.adapters or []):
+        raise ValueError(f"spec.adapters has {len(spec.adapters or [])} adapters: render_args needs their paths")
+    if not paths:
+        return []
+    return [*(arg for path in paths for arg in ("--lora", path)), "--lora-init-without-apply"]
+
+
 TYPED_RENDERERS: Sequence[Callable[[LlamaServerSpec], Rendered]] = (
     context_size,
     parallel,
@@ -168,16 +178,19 @@ def render_args(
     threads: int | None,
     draft_model_path: str | None = None,
     mmproj_path: str | None = None,
+    adapter_paths: Sequence[str] = (),
 ) -> Rendered:
     """The complete llama-server argument list for a validated spec.
 
     `threads` is the caller's resolved value (spec.threads, or derived from the CPU limit): llama-server's
     own default is the host's physical cores, which ignores the container's CPU limit.
     `draft_model_path` is where the speculative draft LlamaModel's file is in the pod (required when
-    spec.speculative is set); `mmproj_path` where the LlamaModel's multimodal projector is (spec.mmproj).
+    spec.speculative is set); `mmproj_path` where the LlamaModel's multimodal projector is (spec.mmproj);
+    `adapter_paths` where each of spec.adapters is, in order.
     """
     args = managed_args(model_path=model_path, model_name=model_name, mmproj_path=mmproj_path)
     args += draft_model_arg(spec, draft_model_path)
+    args += adapter_args(spec, adapter_paths)
     for render in TYPED_RENDERERS:
         args += render(spec)
     args += threads_arg(threads)

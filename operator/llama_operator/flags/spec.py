@@ -39,3 +39,35 @@ def model_problems(spec: LlamaServerSpec, models: Mapping[str, LlamaModel]) -> l
             "must be downloadable (huggingFace or http source): it is fetched into the served model's cache"
         ]
     return []
+
+
+def adapter_problems(spec: LlamaServerSpec, models: Mapping[str, LlamaModel]) -> list[str]:
+    """What the resolved LlamaModels of spec.adapters rule out: each must be a LoRA adapter (spec.adapterFor) of
+    the served model, of its architecture, and downloadable like the served model (they share its cache)."""
+    if not spec.adapters or spec.model_ref is None:
+        return []
+    base_name = spec.model_ref.name
+    base = models.get(base_name)
+    problems = []
+    if base is not None and base.spec.source.volume is not None:
+        problems.append(f"spec.adapters: LlamaModel {base_name} has a volume source; adapters are fetched into "
+                        "the served model's cache, so it must be downloadable (huggingFace or http source)")
+    base_arch = base.status.gguf.architecture if base is not None and base.status.gguf is not None else None
+    for index, ref in enumerate(spec.adapters):
+        adapter = models.get(ref.name)
+        if adapter is None:
+            continue
+        where = f"spec.adapters[{index}]: LlamaModel {ref.name}"
+        info = adapter.status.gguf
+        if adapter.spec.adapter_for != base_name:
+            problems.append(f"{where} is not an adapter of {base_name} (its spec.adapterFor is "
+                            f"{adapter.spec.adapter_for or 'unset'})")
+        elif adapter.spec.source.volume is not None:
+            problems.append(f"{where} has a volume source; an adapter must be downloadable (huggingFace or http "
+                            "source): it is fetched into the served model's cache")
+        elif info is not None and info.adapter_type != "lora":
+            problems.append(f"{where} is not a LoRA adapter (its header says general.type "
+                            f"{'adapter' if info.adapter_type is not None else 'model'})")
+        elif info is not None and base_arch and info.architecture != base_arch:
+            problems.append(f"{where} adapts {info.architecture} models; {base_name} is {base_arch}")
+    return problems

@@ -85,7 +85,16 @@ class GgufHeader:
             head_count=self._arch_int("attention.head_count"),
             head_count_kv=self._arch_int("attention.head_count_kv"),
             has_chat_template=bool(self.metadata.get("tokenizer.chat_template")),
+            adapter_type=self.adapter_type,
         )
+
+    @property
+    def adapter_type(self) -> str | None:
+        """adapter.type of an adapter file (general.type adapter): llama.cpp loads `lora` ones; '' when an adapter
+        names none; None for a model."""
+        if self._string("general.type") != "adapter":
+            return None
+        return self._string("adapter.type") or ""
 
 
 def summary(header: GgufHeader) -> dict[str, Any]:

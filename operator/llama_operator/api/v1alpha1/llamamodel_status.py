@@ -68,6 +68,8 @@ class GgufInfo(ApiModel):
     memory: ModelMemoryShape | None = Field(
         None, description="Sizes the memory estimate of a LlamaServer uses (weights, KV cache widths, layers)."
     )
+    adapter_type: str | None = Field(
+        None, description="adapter.type of a GGUF whose general.type is adapter (lora); absent for a model.")
 
 
 class FileChecksum(ApiModel):

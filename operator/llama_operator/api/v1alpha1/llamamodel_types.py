@@ -219,6 +219,11 @@ class LlamaModelSpec(ApiModel):
     cache: CacheSpec = Field(default_factory=CacheSpec, description="How downloaded files are cached.")
     mmproj: MmprojSpec | None = Field(
         None, description="A multimodal projector file for vision models (llama-server --mmproj).")
+    adapter_for: str | None = Field(
+        None, pattern=DNS_SUBDOMAIN, max_length=253,
+        description="This GGUF is a LoRA adapter (general.type adapter, adapter.type lora) of the named "
+        "LlamaModel (same namespace): a LlamaServer of that model serves it under spec.adapters. Its header is "
+        "checked as an adapter, and its architecture against the base's (docs/adapters.md).")
 
 
 class LlamaModel(ApiModel):

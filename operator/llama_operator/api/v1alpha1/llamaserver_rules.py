@@ -112,6 +112,17 @@ SERVER_RULES = (
          "&& self.args[self.args.indexOf('--pooling') + 1] == 'rank')",
          lambda s: s.mode != "rerank" or _pooling_value(s.args) in (None, "rank"),
          "mode rerank needs --pooling rank (it is set for you; remove --pooling)", field="args"),
+    Rule("adapters-with-models", "!has(self.adapters) || !has(self.models)",
+         lambda s: s.adapters is None or s.models is None,
+         "adapters are served with one model (spec.modelRef); router mode (spec.models) loads none",
+         field="adapters"),
+    Rule("adapters-mode", "!has(self.adapters) || !has(self.mode) || self.mode == 'chat'",
+         lambda s: s.adapters is None or s.mode == "chat",
+         "adapters change generated text; mode {mode} generates none", field="adapters"),
+    Rule("duplicate-adapter",
+         "!has(self.adapters) || self.adapters.all(a, self.adapters.filter(o, o.name == a.name).size() == 1)",
+         lambda s: len({a.name for a in s.adapters or []}) == len(s.adapters or []),
+         "an adapter is listed twice in spec.adapters", field="adapters"),
     Rule("context-auto-needs-budget",
          "!has(self.contextSize) || type(self.contextSize) == int || self.contextSize != 'auto' "
          "|| (has(self.gpu) ? has(self.gpu.memory) "

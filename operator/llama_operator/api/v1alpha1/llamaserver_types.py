@@ -181,6 +181,20 @@ class SpeculativeSpec(ApiModel):
     )
 
 
+class AdapterRef(ApiModel):
+    """A LoRA adapter (a LlamaModel with spec.adapterFor) the server loads beside its model."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253,
+                      description="The adapter's LlamaModel (same namespace); requests name it as <model>:<name>.")
+    scale: float = Field(1.0, gt=0, le=100,
+                         description="The adapter's scale when a request names it (llama-server's lora scale).")
+
+
+ADAPTERS_MAX_ITEMS = 8
+"""Adapters one LlamaServer loads: each is in memory on every replica, and llama-server batches only requests
+with the same adapters together."""
+
+
 class ServedModel(ApiModel):
     """One LlamaModel of a multi-model LlamaServer (llama-server router mode), with its own settings."""
 
@@ -282,6 +296,10 @@ class LlamaServerSpec(ApiModel):
     speculative: SpeculativeSpec | None = Field(
         None, description="Speculative decoding with a draft LlamaModel (--spec-draft-model, --spec-type draft-simple)."
     )
+    adapters: list[AdapterRef] | None = Field(
+        None, min_length=1, max_length=ADAPTERS_MAX_ITEMS,
+        description="LoRA adapters of the served model (LlamaModels whose spec.adapterFor is spec.modelRef), "
+        "loaded at start and applied per request: the gateway serves each as <model>:<adapter> (docs/adapters.md).")
     args: list[Annotated[str, Field(max_length=ARG_MAX_LENGTH)]] | None = Field(
         None,
         max_length=ARGS_MAX_ITEMS,
@@ -349,12 +367,14 @@ class LlamaServerSpec(ApiModel):
 
     def model_refs(self) -> list[tuple[str, ModelRef]]:
         """Every LlamaModel this server uses, with the field that names it, in order: spec.modelRef, each
-        spec.models[i].modelRef, spec.speculative.draftModelRef. The one list of a server's references: the
-        validation, the reconcile, `render` and the handlers' model index all read it."""
+        spec.models[i].modelRef, spec.speculative.draftModelRef, each spec.adapters[i]. The one list of a server's
+        references: the validation, the reconcile, `render` and the handlers' model index all read it."""
         refs = [("spec.modelRef", self.model_ref)] if self.model_ref is not None else []
         refs += [(f"spec.models[{index}].modelRef", entry.model_ref) for index, entry in enumerate(self.models or [])]
         if self.speculative is not None:
             refs.append(("spec.speculative.draftModelRef", self.speculative.draft_model_ref))
+        refs += [(f"spec.adapters[{index}].name", ModelRef(name=entry.name))
+                 for index, entry in enumerate(self.adapters or [])]
         return refs
 
 
