@@ -25,11 +25,11 @@ BASE = "qwen"
 
 
 def _adapter(name: str, *, adapter_for: str | None = BASE, arch: str = "qwen2", kind: str | None = "lora",
-             source: dict[str, Any] | None = None) -> LlamaModel:
+             source: dict[str, Any] | None = None, file: str | None = None) -> LlamaModel:
     spec = {"source": source or {"huggingFace": {"repo": "me/adapters", "file": f"{name}.gguf"}},
             **({"adapterFor": adapter_for} if adapter_for else {})}
     return resolved_model(name=name, spec=spec, status={
-        "cacheKey": f"{name}-0123456789ab", "files": [{"name": f"{name}.gguf"}],
+        "cacheKey": f"{name}-0123456789ab", "files": [{"name": file or f"{name}.gguf"}],
         "gguf": {"architecture": arch, "adapterType": kind}})
 
 
@@ -47,10 +47,9 @@ def test_two_adapters_are_fetched_into_the_models_cache_and_loaded_unapplied_in_
                        _models(_adapter("sql"), _adapter("poet")), Settings())
     assert isinstance(plan, ServerPlan)
     args = plan.args
-    assert args[args.index("--lora") + 1] == "/models/sql-0123456789ab/sql.gguf"
-    assert [args[i + 1] for i, a in enumerate(args) if a == "--lora"] == [
-        "/models/sql-0123456789ab/sql.gguf", "/models/poet-0123456789ab/poet.gguf"]
-    assert "--lora-init-without-apply" in args
+    assert args[args.index("--lora-scaled") + 1] == \
+        "/models/sql-0123456789ab/sql.gguf:0,/models/poet-0123456789ab/poet.gguf:0"
+    assert args.count("--lora-scaled") == 1 and "--lora" not in args and "--lora-init-without-apply" not in args
     pod = plan.deployment["spec"]["template"]["spec"]
     fetchers = {c["name"]: c for c in pod["initContainers"] if is_fetch_container(c["name"])}
     assert list(fetchers) == ["fetch-model", "fetch-adapter-0", "fetch-adapter-1"]
@@ -81,6 +80,7 @@ def test_on_a_hostpath_cache_each_adapter_directory_is_mounted_read_only() -> No
     (_adapter("sql", adapter_for=None), "is not an adapter of qwen (its spec.adapterFor is unset)"),
     (_adapter("sql", arch="llama"), "spec.adapters[0]: LlamaModel sql adapts llama models; qwen is qwen2"),
     (_adapter("sql", kind=None), "is not a LoRA adapter (its header says general.type model)"),
+    (_adapter("sql", file="a,b.gguf"), "its file name 'a,b.gguf' has a ',' or ':'"),
     (_adapter("sql", source={"volume": {"persistentVolumeClaim": "pvc", "path": "sql.gguf"}}),
      "has a volume source; an adapter must be downloadable"),
 ])

@@ -113,13 +113,14 @@ def draft_model_arg(spec: LlamaServerSpec, draft_model_path: str | None) -> Rend
 
 
 def adapter_args(spec: LlamaServerSpec, paths: Sequence[str]) -> Rendered:
-    """Each LoRA adapter loaded at start, none applied: llama-server numbers them in this order (spec.adapters'),
-    and a request applies one with its `lora` field (the gateway adds it for `<model>:<adapter>`)."""
+    """Every LoRA adapter loaded at start at scale 0, in spec.adapters' order (llama-server's ids): a request
+    without a `lora` field is the base model, and one applies an adapter with `"lora": [{"id", "scale"}]` (the
+    gateway adds it for `<model>:<adapter>`). Not `--lora` with `--lora-init-without-apply`: b11312 keeps scale 1
+    for `--lora` adapters and a request without `lora` gets them all (tests/runtime/test_gateway_adapters.py).
+    One flag for all of them: the repeated `--lora*` flags are deprecated ("only last value will be used")."""
     if len(paths) != len(spec.adapters or []):
         raise ValueError(f"spec.adapters has {len(spec.adapters or [])} adapters: render_args needs their paths")
-    if not paths:
-        return []
-    return [*(arg for path in paths for arg in ("--lora", path)), "--lora-init-without-apply"]
+    return ["--lora-scaled", ",".join(f"{path}:0" for path in paths)] if paths else []
 
 
 TYPED_RENDERERS: Sequence[Callable[[LlamaServerSpec], Rendered]] = (

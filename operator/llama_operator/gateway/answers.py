@@ -22,9 +22,16 @@ def openai_error(status: int, message: str, *, type: str = "invalid_request_erro
 
 def model_object(route: Route, name: str, ready: int) -> dict[str, Any]:
     """One listed model: `name` is one of `routes.public_names(route)` (a router-mode server is listed once per
-    model it serves; `state` and the replicas are the server's, whichever of its models is loaded)."""
+    model it serves, a server with LoRA adapters once more per adapter; `state` and the replicas are the
+    server's, whichever of its models is loaded or adapters applied)."""
     state = "ready" if ready else ("scaled_to_zero" if route.replicas == 0 else "starting")
-    aliases = [name] if route.models else list(route.names)
+    chosen = None if route.models else route.adapter(name)
+    if route.models:
+        aliases = [name]
+    elif chosen is not None:  # the names that select the same adapter
+        aliases = [f"{base}:{route.adapters[chosen[0]][0]}" for base in route.base_names]
+    else:
+        aliases = list(route.base_names)
     return {"id": name, "object": "model", "created": route.created, "owned_by": route.namespace,
             "namespace": route.namespace, "llamaserver": route.name, "aliases": aliases, "state": state,
             "replicas": route.replicas, "ready_replicas": ready, "autoscaling": route.scaling is not None}

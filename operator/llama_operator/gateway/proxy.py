@@ -7,8 +7,9 @@
   and count_tokens, ...) and llama.cpp's own inference paths outside /v1 (NATIVE_PATHS): the body is read within
   bounds (body.py: JSON only, size, a memory budget for all bodies, a deadline), its `model` read by a bounded
   scan (scan.py; on the event loop up to INLINE_SCAN_BYTES, else in a worker thread, SCAN_THREADS at once) and
-  routed (routing.py); the body is forwarded byte for byte, the response streamed back chunk by chunk as it
-  arrives (SSE included), never buffered. An unknown model is 404 in OpenAI's error format naming the model and
+  routed (routing.py); the body is forwarded byte for byte (but for the `lora` field a request for a LoRA adapter,
+  `<model>:<adapter>`, gets: adapters.py), the response streamed back chunk by chunk as it arrives (SSE
+  included), never buffered. An unknown model is 404 in OpenAI's error format naming the model and
   the known ones; a body that cannot be routed is a one-line 400. Errors name LlamaServers, never pod addresses.
 - No ready replica: the request is held (hold.py) while the autoscaler scales the server up; on timeout 503 with
   Retry-After. Then upstream.py sends it to a ready replica and streams the answer back.
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from . import metrics
+from .adapters import with_adapter
 from .answers import model_object, openai_error, unknown_model
 from .body import Body, BodyBudget, BodyReader, Refused
 from .endpoints import EndpointTable
@@ -114,9 +116,9 @@ class Proxy:
         resolution = self.routes.resolve(model)
         if resolution.route is None:
             return self._unknown(model, resolution.candidates)
-        names = self.routes.public_names(resolution.route)
         ready = len(self.endpoints.ready(*resolution.route.service))
-        return web.json_response(model_object(resolution.route, model if model in names else names[0], ready))
+        return web.json_response(model_object(resolution.route, self.routes.listed_name(resolution.route, model),
+                                              ready))
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -200,6 +202,9 @@ class Proxy:
         try:
             affinity = (await self._off_loop(affinity_payload, body.data, summary, route.routing.prefix_characters)
                         if route.routing.strategy == "PrefixAffinity" else {})
+            chosen = route.adapter(model)
+            if chosen is not None:  # after affinity_payload: the insertion moves the offsets it reads
+                with_adapter(body.data, summary, chosen)
         except BadBody as exc:
             return openai_error(400, str(exc), code=exc.code, param=exc.param), key
         if not self.endpoints.ready(*route.service):

@@ -5,6 +5,10 @@ Each LlamaServer is reachable under three names: the model name it serves (`stat
 unique; a bare name that several LlamaServers serve (two namespaces, each with a `qwen`) is ambiguous and the
 request is refused with the qualified names to choose from. A server whose spec does not parse is left out
 (the operator reports why in its status).
+
+A server with LoRA adapters (spec.adapters) also answers to `<name>:<adapter>` for each of those names and each
+adapter: the same route, and `Route.adapter` says which adapter the name selects (adapters.py writes it into the
+body). A model name (a static upstream's, say) may contain ':' itself; adapter names (LlamaModel names) never do.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class Route:
     """Router mode with resources.limits.memory: the bytes the loaded models' estimates may add up to."""
     estimates: tuple[tuple[str, int], ...] = ()
     """Router mode: (served name, bytes) of each model whose estimate status.models shows."""
+    adapters: tuple[tuple[str, float], ...] = ()
+    """spec.adapters: (adapter name, scale), in order: the index is the adapter's id in llama-server."""
     last_scale_time: str | None = None
     """status.autoscaling.lastScaleTime: the autoscaler's memory across gateway restarts."""
     resource_version: str | None = None
@@ -64,8 +70,26 @@ class Route:
         return self.namespace, self.name
 
     @property
-    def names(self) -> tuple[str, ...]:
+    def base_names(self) -> tuple[str, ...]:
+        """The names of the server itself, no adapter applied."""
         return tuple(dict.fromkeys(n for n in (self.model_name, self.alias, *self.models, self.key) if n))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name that routes here: the base names, then `<base>:<adapter>` for each adapter."""
+        base = self.base_names
+        return tuple(dict.fromkeys((*base, *(f"{n}:{a}" for a, _ in self.adapters for n in base))))
+
+    def adapter(self, requested: str) -> tuple[int, float] | None:
+        """(llama-server's adapter id, scale) of the adapter `requested` (one of `names`) selects; None for none."""
+        base = self.base_names
+        if requested in base:  # a base name that looks like `<other base>:<adapter>` is still the base name
+            return None
+        prefix, _, name = requested.rpartition(":")
+        if prefix not in base:
+            return None
+        return next(((index, scale) for index, (adapter, scale) in enumerate(self.adapters) if adapter == name),
+                    None)
 
     @property
     def target_in_flight(self) -> int:
@@ -116,6 +140,8 @@ def route_from(body: Mapping[str, Any]) -> Route | None:
         parallel=spec.parallel or DEFAULT_PARALLEL,
         memory_budget=memory_budget(server),
         estimates=_estimates(status),
+        # Router mode loads no adapter (the CRD refuses spec.adapters with spec.models).
+        adapters=() if spec.models else tuple((a.name, a.scale) for a in spec.adapters or ()),
         last_scale_time=autoscaling.last_scale_time if autoscaling else None,
         resource_version=meta.get("resourceVersion"),
     )
@@ -228,8 +254,27 @@ class RoutingTable:
         return route.key
 
     def public_names(self, route: Route) -> tuple[str, ...]:
-        """What a client lists and asks for: every model of a router-mode server, else its one public name."""
-        return route.models or (self.public_name(route),)
+        """What a client lists and asks for: every model of a router-mode server, else its one public name and
+        `<public name>:<adapter>` for each of its adapters, in spec.adapters' order."""
+        if route.models:
+            return route.models
+        public = self.public_name(route)
+        return (public, *(self._adapter_name(route, public, adapter) for adapter, _ in route.adapters))
+
+    def _adapter_name(self, route: Route, public: str, adapter: str) -> str:
+        # `<public>:<adapter>` may also be a name of another server, or this one's own base name: then the key's
+        # (a served name has no '/', so only the key form is sure to name this adapter alone).
+        name = f"{public}:{adapter}"
+        unique = len(self._by_name.get(name) or []) == 1 and name not in route.base_names
+        return name if unique else f"{route.key}:{adapter}"
+
+    def listed_name(self, route: Route, requested: str) -> str:
+        """The entry of `public_names(route)` that `requested`, a name resolving to `route`, stands for."""
+        names = self.public_names(route)
+        if requested in names:
+            return requested
+        chosen = route.adapter(requested)
+        return names[1 + chosen[0]] if chosen is not None else names[0]
 
     def known_names(self) -> list[str]:
         return [name for route in self.routes() for name in self.public_names(route)]

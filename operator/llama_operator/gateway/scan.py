@@ -1,12 +1,13 @@
 """The bounded scan of a request body (pure): the few fields the gateway routes by, read without building the tree.
 
-The gateway needs three things of a POST body: `model` (the route), `stream` (the replica closes the connection
-after a streamed answer) and, for PrefixAffinity, the start of the conversation. `json.loads` would build every
-value in Python objects (a 30 MiB body of `[]` costs about 570 MB) and recurse once per level (a body nested
-100,000 deep raises RecursionError). `scan` walks the body instead and keeps byte offsets: strings are skipped
-with memchr (`bytes.find`) when they hold no escape, everything else with regular expressions over windows of
-_WINDOW bytes (a C call holds the GIL: in a worker thread the scan lets the event loop in between), and one Python
-step per string, array and object, at most MAX_TOKENS of them. Its memory is the nesting stack, MAX_DEPTH bytes.
+The gateway needs four things of a POST body: `model` (the route), `stream` (the replica closes the connection
+after a streamed answer), whether it sets `lora` (adapters.py) and, for PrefixAffinity, the start of the
+conversation. `json.loads` would build every value in Python objects (a 30 MiB body of `[]` costs about 570 MB)
+and recurse once per level (a body nested 100,000 deep raises RecursionError). `scan` walks the body instead and
+keeps byte offsets: strings are skipped with memchr (`bytes.find`) when they hold no escape, everything else with
+regular expressions over windows of _WINDOW bytes (a C call holds the GIL: in a worker thread the scan lets the
+event loop in between), and one Python step per string, array and object, at most MAX_TOKENS of them. Its memory
+is the nesting stack, MAX_DEPTH bytes.
 
 Checked (else BadBody, one line, answered 400): the body is one JSON object (strings closed, brackets balanced
 and matched, nothing after it), at most MAX_DEPTH levels deep, at most MAX_FIELDS top-level fields; `model` a
@@ -74,6 +75,8 @@ class Summary:
     """`messages` (chat)."""
     prompt: Span | None
     """`prompt`, else `input` (completions, embeddings)."""
+    lora: bool = False
+    """The body has a top-level `lora` field (llama-server's per-request adapters)."""
 
 
 def _at(buf: bytes | bytearray, i: int) -> int:
@@ -288,7 +291,7 @@ def scan(buf: bytes | bytearray) -> Summary:
     if _at(buf, start) != _OPEN_OBJECT:
         raise BadBody(_NOT_AN_OBJECT)
     model: str | None = None
-    stream = False
+    stream = lora = False
     messages = prompt = fallback = None
     fields = 0
     end: list[int] = []
@@ -314,12 +317,14 @@ def scan(buf: bytes | bytearray) -> Summary:
             prompt = span
         elif name == "input":
             fallback = span
+        elif name == "lora":
+            lora = True
     tail = _ws(buf, end[0])
     if tail != len(buf):
         raise BadBody(f"The request body is not valid JSON (more data after the object, at byte {tail}).")
     if not model:
         raise BadBody("You must provide a model parameter.", code="missing_model", param="model")
-    return Summary(model=model, stream=stream, messages=messages, prompt=prompt or fallback)
+    return Summary(model=model, stream=stream, messages=messages, prompt=prompt or fallback, lora=lora)
 
 
 def text(buf: bytes | bytearray, span: Span, chars: int) -> str:
