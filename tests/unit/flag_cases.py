@@ -120,6 +120,13 @@ BAD_CASES: list[tuple[str, dict[str, Any], list[str], list[str]]] = [
      ["spec.speculative: speculative decoding generates text; mode embedding does not"], ["mode-speculative"]),
     ("draft min above max", {"speculative": {"draftModelRef": {"name": "d"}, "draftMin": 8, "draftMax": 4}},
      ["spec.speculative.draftMin: draftMin (8) must be <= draftMax (4)"], ["draft-min-above-max"]),
+    ("LoRA adapters in embedding mode", {"mode": "embedding", "adapters": [{"name": "sql"}]},
+     ["spec.adapters: adapters change generated text; mode embedding generates none"], ["adapters-mode"]),
+    ("one LoRA adapter twice", {"adapters": [{"name": "sql"}, {"name": "sql"}]},
+     ["spec.adapters: an adapter is listed twice in spec.adapters"], ["duplicate-adapter"]),
+    ("a LoRA adapter in args", {"args": ["--lora", "/models/sql.gguf"]},
+     ["spec.args[0]: --lora is managed by the operator: LoRA adapters are LlamaModels with spec.adapterFor, "
+      "listed in spec.adapters"], ["managed"]),
     ("tensor split without GPUs", {"tensorSplit": [3, 1]},
      ["spec.tensorSplit: tensorSplit has 2 shares but gpu.count is 0: give one share per GPU"],
      ["tensor-split-gpus"]),
