@@ -174,3 +174,27 @@ def test_gateway_replicas_are_a_value(helm: str) -> None:
     proc = subprocess.run([helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, "--set", "gateway.enabled=true",
                            "--set", "gateway.replicas=0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "replicas" in proc.stderr
+
+
+def test_the_admin_api_is_off_by_default_and_reads_its_token_from_the_secret(helm: str) -> None:
+    from llama_operator.cli import build_parser
+
+    (container,) = the_gateway(render(helm, "gateway"))["spec"]["template"]["spec"]["containers"]
+    assert "--admin-token-file" not in container["args"]
+    proc = subprocess.run([helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, "--set", "gateway.enabled=true",
+                           "--set", "gateway.adminTokenSecretRef.name=gateway-admin",
+                           "--set", "gateway.adminTokenSecretRef.key=bearer"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pod = the_gateway([o for o in yaml.safe_load_all(proc.stdout) if o])["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    path = build_parser().parse_args(container["args"]).admin_token_file
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "admin-token"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "admin-token"]
+    assert mount["readOnly"] and path == f"{mount['mountPath']}/{volume['secret']['items'][0]['path']}"
+    assert volume["secret"]["secretName"] == "gateway-admin" and volume["secret"]["items"][0]["key"] == "bearer"
+    assert "gateway-admin" not in str(container.get("env")), "the token reaches the pod as a file only"
+    bad = subprocess.run([helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, "--set", "gateway.enabled=true",
+                          "--set", "gateway.adminTokenSecretRef.name=Not_A_Name"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "adminTokenSecretRef" in bad.stderr

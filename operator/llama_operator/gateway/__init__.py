@@ -31,6 +31,7 @@ def _upstreams(values: list[str]) -> dict[str, list[str]]:
 def config_from_args(args: argparse.Namespace) -> Any:
     """The GatewayConfig the command line asks for (raises ArgumentTypeError for a bad --upstream or limits)."""
     from .app import GatewayConfig
+    from .models_admin import read_token
 
     return GatewayConfig(
         listen=args.listen, admin=args.admin, namespaces=tuple(filter(None, args.namespaces.split(","))),
@@ -42,7 +43,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         autoscale_interval=args.autoscale_interval, retry_after=args.retry_after,
         static=_upstreams(args.upstream or []), drain_delay=args.drain_delay, drain_timeout=args.drain_timeout,
         lease_namespace=args.lease_namespace, lease_name=args.lease_name,
-        identity=args.identity)
+        identity=args.identity,
+        admin_token=read_token(args.admin_token_file) if args.admin_token_file else None)
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
@@ -120,6 +122,9 @@ def register(sub: Any) -> None:
                          help="name of the election Lease, prefix of the per-replica ones (default %(default)s)")
     gateway.add_argument("--identity", default=os.environ.get("POD_NAME", ""),
                          help="this replica's name among its peers (default: env POD_NAME, else the host name)")
+    gateway.add_argument("--admin-token-file", metavar="PATH",
+                         help="a file holding the bearer token of the admin API on the admin port (POST "
+                         "/admin/models/<model>/load|unload for router-mode servers); default: no admin API")
     gateway.add_argument("--upstream", action="append", metavar="NAME=URL",
                          help="a fixed replica for model NAME instead of the cluster (repeatable; no Kubernetes)")
     gateway.add_argument("--verbose", action="store_true", help="debug logging")

@@ -32,6 +32,7 @@ from .endpoints import EndpointTable
 from .hold import HoldQueue
 from .lease import Coordination
 from .listener import CappedSite, runner_settings
+from .models_admin import ModelsAdmin
 from .peers import FleetLoad, encode, report
 from .proxy import Proxy
 from .routing import RoutingTable
@@ -113,6 +114,8 @@ class GatewayConfig:
     lease_name: str = "llama-gateway"
     identity: str = ""
     """This replica's name among its peers (the pod's name); empty: the host name."""
+    admin_token: bytes | None = field(default=None, repr=False)
+    """The admin API's bearer token (models_admin.py, from --admin-token-file); None: no admin API."""
 
     def __post_init__(self) -> None:
         if self.max_request_bytes > self.max_buffered_bytes:
@@ -200,6 +203,8 @@ class Gateway:
             return web.Response(text="drained")
 
         app = web.Application()
+        if self.config.admin_token is not None:
+            ModelsAdmin(self.routes, self.endpoints, self.proxy.upstreams, self.config.admin_token).register(app)
         app.router.add_get("/metrics", metrics_handler)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)

@@ -112,6 +112,37 @@ class MemoryKeeper:
             # Loaded, or no longer loading (it failed: the request goes on and gets llama-server's own answer).
             await self._until(session, url, lambda states: states.get(model) != "loading", deadline)
 
+    async def load(self, session: aiohttp.ClientSession, url: str, model: str, budget: int | None,
+                   estimates: Mapping[str, int]) -> None:
+        """Load `model` on the replica at `url` for an operator (models_admin.py): with a memory budget and an
+        estimate, as a request for it would (room made first); else llama-server's own load. RoomError when it
+        is not loaded in the end."""
+        if budget is not None and model in estimates:
+            try:
+                await self.admit(session, url, model, budget, estimates)
+            finally:
+                self.done(url, model)
+        elif model not in await self._resident(session, url):
+            await self._post(session, url, "load", model)
+            await self._until(session, url, lambda states: states.get(model) != "loading",
+                              time.monotonic() + self.wait_seconds)
+        if model not in await self._resident(session, url):
+            raise RoomError(502, "llama-server did not load it (the server's status.models says why)")
+        self._mark(url, model).last_used = time.monotonic()
+
+    async def unload(self, session: aiohttp.ClientSession, url: str, model: str) -> None:
+        """Unload `model` from the replica at `url` for an operator; refused (409) while requests of this gateway
+        replica are in flight on it, since llama-server would cut them."""
+        use = self._use.get((url, model))
+        if use is not None and use.in_flight:
+            raise RoomError(409, f"{use.in_flight} request(s) through this gateway are in flight on it; retry")
+        lock = self._locks.setdefault(url, asyncio.Lock())
+        async with lock:  # not in the middle of a budget decision on this replica
+            if model in await self._resident(session, url):
+                await self._post(session, url, "unload", model)
+                await self._until(session, url, lambda states: model not in states,
+                                  time.monotonic() + self.wait_seconds)
+
     def _forget(self) -> None:
         idle = sorted((use.last_used, key) for key, use in self._use.items() if not use.in_flight)
         for _, key in idle[:len(idle) // 2 + 1]:

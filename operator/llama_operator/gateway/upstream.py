@@ -72,6 +72,12 @@ class Upstreams:
         if self._session is not None:
             await self._session.close()
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The client session to the replicas (open between app startup and cleanup)."""
+        assert self._session is not None, "the gateway's API app is not started"
+        return self._session
+
     def candidates(self, route: Route, tried: set[str]) -> list[str]:
         urls = [e.url for e in self.endpoints.ready(*route.service) if e.url not in tried]
         now = time.monotonic()
