@@ -9,20 +9,23 @@ STAMP := $(VENV)/.installed
 
 # The tools a tier needs, built or fetched once (cached outside the repo) and exported: the tests themselves never
 # build or download anything (tests/tiers.py; without them a test skips naming the tool, or fails in CI).
-WITH_HELM = HELM="$${HELM:-$$(PYTHON=$(PY) scripts/get-helm.sh | tail -n 1)}" && export HELM && echo "helm: $$HELM"
+# Each tool's path is the last line its script prints; an empty one (the script failed: a pipeline's status is its
+# last command's) stops `make` here, not in hundreds of tests.
+WITH_HELM = HELM="$${HELM:-$$(PYTHON=$(PY) scripts/get-helm.sh | tail -n 1)}" && test -n "$$HELM" && export HELM && echo "helm: $$HELM"
 WITH_LLAMA_SERVER = LLAMA_SERVER_BIN="$${LLAMA_SERVER_BIN:-$$(PYTHON=$(PY) scripts/build-llama-server.sh | tail -n 1)}" \
-	&& export LLAMA_SERVER_BIN && echo "llama-server: $$LLAMA_SERVER_BIN"
+	&& test -n "$$LLAMA_SERVER_BIN" && export LLAMA_SERVER_BIN && echo "llama-server: $$LLAMA_SERVER_BIN"
 WITH_CONTROL_PLANE = LLAMA_OPERATOR_CONTROL_PLANE_DIR="$$(scripts/build-control-plane.sh | tail -n 1)" && \
+	test -n "$$LLAMA_OPERATOR_CONTROL_PLANE_DIR" && \
 	export LLAMA_OPERATOR_CONTROL_PLANE_DIR && echo "control plane: $$LLAMA_OPERATOR_CONTROL_PLANE_DIR"
 WITH_NODE_KIT = LLAMA_OPERATOR_NODE_KIT_DIR="$$(scripts/build-node-kit.sh | tail -n 1)" && \
-	export LLAMA_OPERATOR_NODE_KIT_DIR && echo "node kit: $$LLAMA_OPERATOR_NODE_KIT_DIR"
+	test -n "$$LLAMA_OPERATOR_NODE_KIT_DIR" && export LLAMA_OPERATOR_NODE_KIT_DIR && echo "node kit: $$LLAMA_OPERATOR_NODE_KIT_DIR"
 # The upstream InferencePool CRD (Gateway API Inference Extension), from its Go module: the integration tier
 # installs it into the real API server (tests/integration/test_inference_pool.py).
 WITH_INFERENCE_CRDS = LLAMA_OPERATOR_INFERENCE_CRDS="$${LLAMA_OPERATOR_INFERENCE_CRDS:-$$(PYTHON=$(PY) scripts/get-inference-crds.sh | tail -n 1)}" \
-	&& export LLAMA_OPERATOR_INFERENCE_CRDS && echo "InferencePool CRD: $$LLAMA_OPERATOR_INFERENCE_CRDS"
+	&& test -n "$$LLAMA_OPERATOR_INFERENCE_CRDS" && export LLAMA_OPERATOR_INFERENCE_CRDS && echo "InferencePool CRD: $$LLAMA_OPERATOR_INFERENCE_CRDS"
 # After WITH_LLAMA_SERVER and WITH_NODE_KIT (the images hold their binaries); as root (buildah).
 WITH_IMAGES = LLAMA_OPERATOR_IMAGES_DIR="$$(PYTHON=$(PY) scripts/build-images.sh | tail -n 1)" && \
-	export LLAMA_OPERATOR_IMAGES_DIR && echo "images: $$LLAMA_OPERATOR_IMAGES_DIR"
+	test -n "$$LLAMA_OPERATOR_IMAGES_DIR" && export LLAMA_OPERATOR_IMAGES_DIR && echo "images: $$LLAMA_OPERATOR_IMAGES_DIR"
 
 # Every test, every tier (docs/testing.md).
 test: venv

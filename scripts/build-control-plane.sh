@@ -42,7 +42,9 @@ for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   echo "  $c built after $(( $(date +%s) - start )) s" >&2
 done
 "$tmp/kube-apiserver" --version >&2
-"$tmp/etcd" --version | head -1 >&2
+# The whole output is read: with pipefail, `| head -1` ended the build on SIGPIPE whenever etcd wrote its second
+# line after head had gone (a cold CI run lost the control plane that way).
+"$tmp/etcd" --version | sed -n 1p >&2
 mkdir -p "$CACHE_ROOT"
 # rename makes the cache entry appear only once it is complete
 mv -T "$tmp" "$DEST" 2>/dev/null || rm -rf "$tmp"

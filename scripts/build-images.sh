@@ -53,7 +53,7 @@ print(parts["pause"], parts["coredns"])' "$kit/versions.json") || missing "canno
 app_version=$(sed -n 's/^appVersion: *"\{0,1\}\([^" ]*\)"\{0,1\} *$/\1/p' "$here/charts/llama-operator/Chart.yaml")
 llama_image=$(awk '/^llamaServerImages:/ {in_block = 1; next} in_block && /^[^ #]/ {in_block = 0}
   in_block && $1 == "cpu:" {print $2; exit}' "$here/charts/llama-operator/values.yaml")
-openai_requirement=$(grep -o '"openai[^"]*"' "$here/pyproject.toml" | head -n 1 | tr -d '"')
+openai_requirement=$(grep -o '"openai[^"]*"' "$here/pyproject.toml" | sed -n 1p | tr -d '"')
 [ -n "$app_version" ] && [ -n "$llama_image" ] && [ -n "$openai_requirement" ] || missing \
   "cannot read appVersion (Chart.yaml), llamaServerImages.cpu (values.yaml) or openai (pyproject.toml)"
 # The chart's reference without its registry host (the first component when it names a host).
