@@ -77,6 +77,10 @@ def test_crd_is_structural_and_documented(crd: dict[str, Any]) -> None:
         if path.startswith(".spec") or path.startswith(".status"):
             if not path.endswith(("[]", "{}")):
                 assert node.get("description"), f"no description for kubectl explain: {path}"
+        # OpenAPI v3 as the API server reads it: exclusive bounds are booleans beside minimum/maximum (a number,
+        # JSON Schema 2020's form that pydantic writes for gt/lt, makes the API server refuse the whole CRD).
+        for bound, beside in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+            assert bound not in node or (node[bound] is True and beside in node), f"{path}.{bound}: {node[bound]}"
 
 
 @pytest.mark.parametrize("crd", all_crds(), ids=lambda c: c["metadata"]["name"])

@@ -64,6 +64,10 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
             out[key] = value
     if isinstance(additional, dict):  # a map type keeps its value schema
         out["additionalProperties"] = _inline(additional, defs)
+    for bound, inclusive in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(out.get(bound), (int, float)) and not isinstance(out[bound], bool):
+            # JSON Schema 2020's number (pydantic's gt/lt) is OpenAPI v3's boolean beside the bound.
+            out[inclusive], out[bound] = out[bound], True
     names = out.pop("propertyNames", None)
     if names:
         # A structural schema cannot bound map keys: the bound becomes a CEL rule on the map.
