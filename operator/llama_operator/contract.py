@@ -9,7 +9,7 @@ formats: no I/O, no imports from the package.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 # ---------------------------------------------------------------------------------------------- names, labels, ports
@@ -33,6 +33,19 @@ SERVER_PODS_SELECTOR = f"{NAME_LABEL}={SERVER_NAME},{MANAGED_SELECTOR}"
 PORT_NAME = "http"
 """The name of llama-server's container port and of its Service's port: probes, the Service's targetPort and the
 gateway's choice among an EndpointSlice's ports go by it."""
+
+CACHE_RAM_FLAGS = ("-cram", "--cache-ram")
+CACHE_RAM_ENV = "LLAMA_ARG_CACHE_RAM"
+
+
+def adapters_cache_ram(args: Sequence[str], env_names: Iterable[str]) -> str | None:
+    """The `--cache-ram` a server with LoRA adapters gets: 0 (llama-server's host prompt cache off), unless its
+    args or env set one (None). The pinned build restores a cached prompt's KV into a slot by its tokens alone,
+    whatever adapter computed it, so a request for the base model could continue from an adapter's KV.
+    flags/render.py renders it, fit/ counts it."""
+    if any(arg in CACHE_RAM_FLAGS for arg in args) or CACHE_RAM_ENV in env_names:
+        return None
+    return "0"
 
 # ---------------------------------------------------------------------------------------------- containers
 

@@ -61,7 +61,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("adapters")
     model = write_tiny_llama(root / "tiny.gguf", chat_template=TEMPLATE)
     paths = [str(write_tiny_lora(root / f"{a['name']}.gguf", seed=index + 1)) for index, a in enumerate(ADAPTERS)]
-    spec_fields = {"modelRef": {"name": MODEL}, "contextSize": 1024, "mode": "chat", "adapters": ADAPTERS}
+    # One slot: every request meets the prompt cache of the one before (what the base-model tests are about).
+    spec_fields = {"modelRef": {"name": MODEL}, "contextSize": 1024, "parallel": 1, "mode": "chat",
+                   "adapters": ADAPTERS}
     spec = LlamaServerSpec.model_validate(spec_fields)
     args, port = on_loopback(render_args(spec, model_path=str(model), model_name=MODEL, threads=2,
                                          adapter_paths=paths))
@@ -87,15 +89,34 @@ def test_an_adapter_name_is_that_adapter_applied(stack: Stack, path: str) -> Non
     assert len(set(answers.values())) == 3, answers  # the adapters change the greedy answer, each its own way
 
 
+BASE = [{"id": 0, "scale": 0.0}]
+"""The base model, asked for explicitly (adapters not listed are at scale 0)."""
+
+
 @pytest.mark.parametrize("path", list(REQUESTS))
-def test_the_model_name_is_the_base_model(stack: Stack, path: str) -> None:
-    through = stack.text(path, MODEL)
-    assert through == stack.text(path, MODEL, direct=True)
-    # Adapters not listed in `lora` are at scale 0: the base model. A plain request must be that too, which it is
-    # only when llama-server holds every adapter at scale 0 (a plain request uses those scales).
+def test_the_model_name_is_the_base_model_even_after_an_adapter(stack: Stack, path: str) -> None:
+    base = stack.text(path, MODEL, direct=True, lora=BASE)
+    # Every adapter loaded at scale 0: a request that names none on a fresh slot is the base model too.
     scales = [a["scale"] for a in httpx.get(f"{stack.replica}/lora-adapters", timeout=10).json()]
     assert scales == [0.0] * len(ADAPTERS), "llama-server applies adapters to requests that name none"
-    assert through == stack.text(path, MODEL, direct=True, lora=[{"id": 0, "scale": 0.0}])
+    stack.text(path, f"{MODEL}:pirate")  # the slot's prompt cache now holds the adapter's KV for this prompt
+    assert stack.text(path, MODEL) == base
+
+
+def test_llama_server_reuses_an_adapters_prompt_cache_for_a_request_without_lora(stack: Stack) -> None:
+    """Why the gateway sends the base model's `lora` explicitly (gateway/adapters.py BASE): the pinned llama-server
+    clears a slot's prompt cache when `lora` changes, but a request without `lora` after one with an adapter
+    reuses the adapter's KV cache of the same prompt and answers otherwise than the base model; and since the slot
+    then counts as the base model's, the next explicit base request keeps that cache too, until an adapter
+    request changes `lora` again. So every request must say `lora` (docs/adapters.md). The day this fails,
+    llama-server clears it itself and the explicit field may go."""
+    path = "/v1/completions"
+    base = stack.text(path, MODEL, direct=True, lora=BASE)
+    stack.text(path, MODEL, direct=True, lora=[{"id": 0, "scale": 1.0}])
+    assert stack.text(path, MODEL, direct=True) != base
+    assert stack.text(path, MODEL, direct=True, lora=BASE) != base
+    stack.text(path, MODEL, direct=True, lora=[{"id": 1, "scale": 1.0}])
+    assert stack.text(path, MODEL, direct=True, lora=BASE) == base  # a change of `lora` clears the slot's cache
 
 
 def test_the_model_name_passes_the_clients_own_lora_on(stack: Stack) -> None:

@@ -50,6 +50,11 @@ def test_two_adapters_are_fetched_into_the_models_cache_and_loaded_unapplied_in_
     assert args[args.index("--lora-scaled") + 1] == \
         "/models/sql-0123456789ab/sql.gguf:0,/models/poet-0123456789ab/poet.gguf:0"
     assert args.count("--lora-scaled") == 1 and "--lora" not in args and "--lora-init-without-apply" not in args
+    # llama-server's host prompt cache off: it would restore an adapter's KV for the base model's request.
+    assert args[args.index("--cache-ram") + 1] == "0"
+    own = plan_server(server(adapters=[{"name": "sql"}], args=["--cache-ram", "512"]), _models(_adapter("sql")),
+                      Settings())
+    assert isinstance(own, ServerPlan) and own.args.count("--cache-ram") == 1 and "512" in own.args
     pod = plan.deployment["spec"]["template"]["spec"]
     fetchers = {c["name"]: c for c in pod["initContainers"] if is_fetch_container(c["name"])}
     assert list(fetchers) == ["fetch-model", "fetch-adapter-0", "fetch-adapter-1"]
@@ -173,4 +178,5 @@ def test_the_estimate_counts_the_adapters_files() -> None:
     assert isinstance(alone, ServerPlan) and isinstance(adapted, ServerPlan)
     assert alone.estimate is not None and adapted.estimate is not None
     assert adapted.estimate.host.weights - alone.estimate.host.weights == 50 * 2**20
+    assert alone.estimate.prompt_cache_max == 8192 * 2**20 and adapted.estimate.prompt_cache_max == 0
     assert any("1 LoRA adapter(s)" in note for note in adapted.estimate.notes)

@@ -23,7 +23,8 @@ ADAPTERS = [{"name": "pirate"}, {"name": "legal.v2", "scale": 0.5}]
 
 
 def _adapted(name: str = "chat", namespace: str = "default", **spec: Any) -> dict[str, Any]:
-    body = server_body(name, adapters=ADAPTERS, **spec)
+    spec.setdefault("adapters", ADAPTERS)
+    body = server_body(name, **{k: v for k, v in spec.items() if v is not None})
     body["metadata"]["namespace"] = namespace
     return body
 
@@ -190,15 +191,31 @@ async def test_a_request_for_an_adapter_gets_its_lora_field(gw: Harness, upstrea
                                    "temperature": 0}
 
 
-async def test_the_model_itself_goes_through_unchanged_its_lora_too(gw: Harness, upstream: Upstream) -> None:
+async def test_the_model_itself_gets_every_adapter_off_explicitly_unless_it_sets_lora(gw: Harness,
+                                                                                     upstream: Upstream) -> None:
+    """llama-server keeps an adapter's prompt cache for a request without `lora` (gateway/adapters.py): a request
+    for the base model says `lora` explicitly; a client's own `lora` goes on unchanged."""
     gw.routes.upsert(_adapted())
     gw.slices("chat", [upstream])
     assert gw.client is not None
-    for raw in (b'{"model": "qwen", "prompt": "x"}', b'{"model": "qwen", "lora": [{"id": 1, "scale": 2}]}'):
+    for raw, sent in ((b'{"model": "qwen", "prompt": "x"}', b'{"lora":[{"id":0,"scale":0.0}],"model": "qwen", '
+                                                             b'"prompt": "x"}'),
+                      (b'{"model": "qwen", "lora": [{"id": 1, "scale": 2}]}', None)):
         async with gw.client.post(f"{gw.url}/v1/completions", data=raw,
                                   headers={"Content-Type": "application/json"}) as response:
             assert response.status == 200
-        assert upstream.requests[-1]["body"] == raw
+        assert upstream.requests[-1]["body"] == (sent or raw)
+
+
+async def test_a_server_without_adapters_gets_the_body_byte_for_byte(gw: Harness, upstream: Upstream) -> None:
+    gw.routes.upsert(_adapted(adapters=None))
+    gw.slices("chat", [upstream])
+    assert gw.client is not None
+    raw = b'{"model": "qwen", "prompt": "x"}'
+    async with gw.client.post(f"{gw.url}/v1/completions", data=raw,
+                              headers={"Content-Type": "application/json"}) as response:
+        assert response.status == 200
+    assert upstream.requests[-1]["body"] == raw
 
 
 async def test_an_adapter_request_with_its_own_lora_is_400(gw: Harness, upstream: Upstream) -> None:

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from ..api.base import CONTEXT_SIZE_MAX
 from ..api.v1alpha1 import GgufInfo, LlamaServerSpec
-from ..contract import human
+from ..contract import CACHE_RAM_FLAGS, adapters_cache_ram, human
 from ..gguf import GgufHeader
 from ..llamacpp.ggml import TensorSummary
 from .estimate import CELL_PAD, DEFAULT_SLOTS, DeviceEstimate, Estimate, FitSettings, MiB, estimate
@@ -68,7 +68,9 @@ def _last_switch(args: Sequence[str], on: tuple[str, ...], off: tuple[str, ...])
 def settings_from_spec(spec: LlamaServerSpec) -> FitSettings:
     """The memory-relevant settings of a LlamaServer, including the few `args` flags that change memory."""
     args = list(spec.args or [])
-    cache_ram = _flag_value(args, ("-cram", "--cache-ram"))
+    cache_ram = _flag_value(args, CACHE_RAM_FLAGS)
+    if spec.adapters:
+        cache_ram = adapters_cache_ram(args, [env.name for env in spec.env or []]) or cache_ram
     checkpoints = _flag_value(args, ("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"))
     ubatch = spec.ubatch_size
     if ubatch is None and spec.mode != "chat":

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from ..api.v1alpha1 import LlamaServerSpec
+from ..contract import CACHE_RAM_FLAGS, adapters_cache_ram
 
 SERVER_PORT = 8080
 """The port llama-server listens on inside the pod, whatever the Service port."""
@@ -117,10 +118,15 @@ def adapter_args(spec: LlamaServerSpec, paths: Sequence[str]) -> Rendered:
     without a `lora` field is the base model, and one applies an adapter with `"lora": [{"id", "scale"}]` (the
     gateway adds it for `<model>:<adapter>`). Not `--lora` with `--lora-init-without-apply`: b11312 keeps scale 1
     for `--lora` adapters and a request without `lora` gets them all (tests/runtime/test_gateway_adapters.py).
-    One flag for all of them: the repeated `--lora*` flags are deprecated ("only last value will be used")."""
+    One flag for all of them: the repeated `--lora*` flags are deprecated ("only last value will be used"). The host
+    prompt cache off unless args or env set it (contract.adapters_cache_ram says why)."""
     if len(paths) != len(spec.adapters or []):
         raise ValueError(f"spec.adapters has {len(spec.adapters or [])} adapters: render_args needs their paths")
-    return ["--lora-scaled", ",".join(f"{path}:0" for path in paths)] if paths else []
+    if not paths:
+        return []
+    cache_ram = adapters_cache_ram(spec.args or [], [env.name for env in spec.env or []])
+    return ["--lora-scaled", ",".join(f"{path}:0" for path in paths),
+            *([CACHE_RAM_FLAGS[1], cache_ram] if cache_ram is not None else [])]
 
 
 TYPED_RENDERERS: Sequence[Callable[[LlamaServerSpec], Rendered]] = (

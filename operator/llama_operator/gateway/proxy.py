@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from . import metrics
-from .adapters import with_adapter
+from .adapters import with_adapter, with_base
 from .answers import model_object, openai_error, unknown_model
 from .body import Body, BodyBudget, BodyReader, Refused
 from .endpoints import EndpointTable
@@ -205,6 +205,8 @@ class Proxy:
             chosen = route.adapter(model)
             if chosen is not None:  # after affinity_payload: the insertion moves the offsets it reads
                 with_adapter(body.data, summary, chosen)
+            elif route.adapters:
+                with_base(body.data, summary)
         except BadBody as exc:
             return openai_error(400, str(exc), code=exc.code, param=exc.param), key
         if not self.endpoints.ready(*route.service):
