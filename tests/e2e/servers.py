@@ -1,5 +1,5 @@
 """LlamaModels and LlamaServers in a namespace of a real-node sandbox, for the e2e tests that make their own
-namespaces (tests/e2e/test_on_real_nodes.py, test_network_policies.py, test_node_failures.py): create one, read
+namespaces (tests/e2e/test_on_real_nodes.py, test_network_policies.py): create one, read
 its status, wait for a phase (on timeout: the status, the pods and the namespace's events), list its pods."""
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ connection), while the pods move:
 - `kubectl drain` of the node holding one replica: the PodDisruptionBudget holds, the replica moves, 0 failed;
 - a scale-down 2 -> 1: 0 cut;
 - the control: llama-server SIGTERMed in a replica (a stop without the drain) cuts streams: the counts can fail;
-- a node stopped (every process of it killed): the streams in flight there fail once (at most 2 requests per
-  client), the rest go on, and the replica comes back on the other node (the times are printed).
+- a node stopped (every process of it killed, its containers too: a power cut): the streams in flight there fail
+  once (at most 2 requests per client), the rest go on, the node turns NotReady, its pod is evicted after the
+  LlamaServer's own 5 s `tolerations` and the replica comes back on the other node (the times are printed); the
+  sandbox still stops cleanly, leaving no process.
 A request *failed* when it raised before its first chunk; a stream was *cut* when it began and did not end with
 a chunk carrying a finish_reason (the random tiny model may stop at EOS: a finish_reason is what counts). The
 direct client opens a connection per request: a kept-alive connection stays on its pod when that pod leaves the
@@ -34,7 +36,7 @@ import pytest
 
 from llama_operator.contract import DRAIN_CONTAINER
 from tests.e2e.containers import container_pids
-from tests.e2e.harness import SandboxProcess, serve_file, wait_for
+from tests.e2e.harness import SandboxProcess, serve_file, tree_processes, wait_for
 from tests.e2e.servers import apply_model, apply_server, pods, wait_server
 from tests.e2e.test_gateway_load import GATEWAY, _llama_server_pid, _wait_gateway
 
@@ -326,3 +328,7 @@ def test_a_stopped_node_fails_only_what_it_held(pair: SandboxProcess, model_url:
     # completed streams after (wait_complete above).
     for name, tally in load.tallies.items():
         assert tally.failed + tally.cut <= 2 * THREADS, (name, tally)
+    # A power cut leaves a dead node's state behind: the sandbox still stops cleanly, leaving no process.
+    state = pair.state_dir
+    assert pair.stop() == 0, pair.log()
+    assert tree_processes(str(state)) == []
