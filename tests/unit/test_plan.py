@@ -119,3 +119,21 @@ async def test_one_reconcile_estimates_and_renders_the_arguments_once(monkeypatc
     status = await reconcile_server(body, Context(kube=kube, settings=Settings(), record_event=Events()))
     assert status.memory is not None and status.args
     assert counts == {"estimate": 1, "args": 1}
+
+
+@pytest.mark.parametrize(("model_status", "reason", "event"), [
+    ({"phase": "Failed", "message": "x.gguf: not a GGUF file"}, "ModelFailed", "Warning"),
+    ({"phase": "Resolving", "message": "inspecting the model source"}, "ModelNotReady", "Normal"),
+])
+async def test_a_server_waiting_on_a_failed_model_warns(model_status: dict[str, Any], reason: str,
+                                                        event: str) -> None:
+    kube = FakeKube()
+    kube.put(LLAMA_MODELS, model_body("qwen", status=model_status))
+    body = kube.put(LLAMA_SERVERS, server_body())
+    events = Events()
+    status = await reconcile_server(body, Context(kube=kube, settings=Settings(), record_event=events))
+    assert status.phase == "Pending"
+    (resolved,) = [c for c in status.conditions or [] if c.type == "ModelResolved"]
+    assert (resolved.status, resolved.reason) == ("False", reason)
+    assert [(kind, why) for _, kind, why, _ in events] == [(event, "Pending")]
+    assert model_status["message"] in events[0][3]

@@ -211,6 +211,10 @@ async def _apply(ctx: Context, server: LlamaServer, plan: ServerPlan) -> dict[st
     return stored
 
 
+MODEL_PROBLEMS = frozenset({"ModelFailed", "ModelInvalid"})
+"""ModelResolved reasons that need a person: the server's event about them is a Warning."""
+
+
 def _ready_model(
     model_body: Mapping[str, Any] | None, namespace: str, name: str
 ) -> LlamaModel | tuple[str, str]:
@@ -225,7 +229,8 @@ def _ready_model(
     phase = model.status.phase or "Pending"
     if phase != "Ready" or not model.status.cache_key:
         detail = f": {model.status.message}" if model.status.message else ""
-        return "ModelNotReady", f"LlamaModel {namespace}/{name} is {phase}{detail}"
+        return ("ModelFailed" if phase == "Failed" else "ModelNotReady",
+                f"LlamaModel {namespace}/{name} is {phase}{detail}")
     return model
 
 
@@ -298,7 +303,9 @@ async def _write(ctx: Context, observed: Observed, outcome: Outcome) -> LlamaSer
         return status
     phase, message = outcome.phase, outcome.message
     if phase != previous.phase or (phase in ("Failed", "Pending") and message != previous.message):
-        event_type = "Warning" if phase in ("Failed", "Degraded") else "Normal"
+        # A server Pending on a model that failed (or no longer parses) waits for someone to fix that model.
+        waits_on_a_fix = any(c.status == "False" and c.reason in MODEL_PROBLEMS for c in outcome.conditions)
+        event_type = "Warning" if phase in ("Failed", "Degraded") or waits_on_a_fix else "Normal"
         ctx.record_event(body, type=event_type, reason=phase, message=message or f"LlamaServer is {phase}")
     fits_event(ctx, body, previous.conditions, status.conditions)
     problem_event(ctx, body, previous.conditions, status.conditions, CHAT_TEMPLATE, quiet=CHAT_TEMPLATE_QUIET)
