@@ -68,8 +68,7 @@ def model_path(model: LlamaModel) -> str:
     source = model.spec.source
     if source.volume is not None:
         return f"{SOURCE_MOUNT}/{source.volume.path}"
-    first = model.status.files[0].name if model.status.files else source.file_name
-    return f"{CACHE_MOUNT}/{require_cache_key(model)}/{first}"
+    return f"{CACHE_MOUNT}/{require_cache_key(model)}/{model.first_file}"
 
 
 def mmproj_path(model: LlamaModel) -> str | None:

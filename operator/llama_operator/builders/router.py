@@ -104,8 +104,7 @@ def _storage(server: LlamaServer, models: Mapping[str, LlamaModel], settings: Se
             storage.fetchers.append(
                 fetch_init_container(model, settings, name=router_fetch_container(index), volume=volume))
             directory = f"{root}/{require_cache_key(model)}"
-            first = model.status.files[0].name if model.status.files else source.file_name
-            files = [("model", f"{directory}/{first}")]
+            files = [("model", f"{directory}/{model.first_file}")]
             if mmproj is not None:
                 storage.fetchers.append(mmproj_fetch_container(
                     model, settings, name=router_fetch_container(index, mmproj=True), volume=volume))

@@ -62,8 +62,8 @@ def adapter_problems(spec: LlamaServerSpec, models: Mapping[str, LlamaModel]) ->
         if adapter.spec.adapter_for != base_name:
             problems.append(f"{where} is not an adapter of {base_name} (its spec.adapterFor is "
                             f"{adapter.spec.adapter_for or 'unset'})")
-        elif any(mark in _file_name(adapter) for mark in ",:"):
-            problems.append(f"{where}: its file name {_file_name(adapter)!r} has a ',' or ':', which llama-server's "
+        elif any(mark in adapter.first_file for mark in ",:"):
+            problems.append(f"{where}: its file name {adapter.first_file!r} has a ',' or ':', which llama-server's "
                             "--lora-scaled list cannot carry; rename the file")
         elif adapter.spec.source.volume is not None:
             problems.append(f"{where} has a volume source; an adapter must be downloadable (huggingFace or http "
@@ -74,7 +74,3 @@ def adapter_problems(spec: LlamaServerSpec, models: Mapping[str, LlamaModel]) ->
         elif info is not None and base_arch and info.architecture != base_arch:
             problems.append(f"{where} adapts {info.architecture} models; {base_name} is {base_arch}")
     return problems
-
-
-def _file_name(model: LlamaModel) -> str:
-    return model.status.files[0].name if model.status.files else model.spec.source.file_name

@@ -236,3 +236,8 @@ class LlamaModel(ApiModel):
     metadata: ObjectMeta
     spec: LlamaModelSpec
     status: LlamaModelStatus = Field(default_factory=LlamaModelStatus)
+
+    @property
+    def first_file(self) -> str:
+        """Name of the (first) GGUF file in its cache directory: as resolved (status.files), else the source's."""
+        return self.status.files[0].name if self.status.files else self.spec.source.file_name
