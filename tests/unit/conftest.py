@@ -3,13 +3,17 @@ loopback, no build). Also isolates the process-wide state the reconcile code fee
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from llama_operator import metrics
 from tests.tiers import mark_tier
+
+if TYPE_CHECKING:
+    from tests.unit.test_gateway_proxy import Harness
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
@@ -23,3 +27,15 @@ def _forget_reconciled_phases() -> Iterator[None]:
     yield
     for kind in ("LlamaServer", "LlamaModel"):
         metrics.PHASES.retain(kind, None, [])
+
+
+
+@pytest.fixture
+async def gw() -> AsyncIterator[Harness]:
+    """The gateway's API app in-process (tests/unit/test_gateway_proxy.py's Harness), started and closed."""
+    from tests.unit.test_gateway_proxy import Harness
+
+    harness = Harness()
+    await harness.start()
+    yield harness
+    await harness.close()

@@ -158,14 +158,6 @@ def test_a_body_with_its_own_lora_is_refused_in_one_line() -> None:
 
 
 @pytest.fixture
-async def gw() -> AsyncIterator[Harness]:
-    harness = Harness()
-    await harness.start()
-    yield harness
-    await harness.close()
-
-
-@pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     made = Upstream()
     await made.start()

@@ -23,14 +23,6 @@ from tests.unit.test_gateway_proxy import Harness, Upstream, _free_port
 
 
 @pytest.fixture
-async def gw() -> AsyncIterator[Harness]:
-    harness = Harness()
-    await harness.start()
-    yield harness
-    await harness.close()
-
-
-@pytest.fixture
 async def upstreams() -> AsyncIterator[list[Upstream]]:
     made = [Upstream(), Upstream()]
     for one in made:

@@ -141,14 +141,6 @@ class Harness:
 
 
 @pytest.fixture
-async def gw() -> AsyncIterator[Harness]:
-    harness = Harness()
-    await harness.start()
-    yield harness
-    await harness.close()
-
-
-@pytest.fixture
 async def upstreams() -> AsyncIterator[list[Upstream]]:
     made = [Upstream(), Upstream()]
     for upstream in made:
