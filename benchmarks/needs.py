@@ -4,7 +4,8 @@ Each benchmark calls these before it starts work, so a fresh machine stops at on
 missing piece and the command that provides it (benchmarks/README.md has the table), never with a traceback
 minutes into a run. The pinned llama-server, the control plane and helm are the tests' tools (tests/tiers.py
 finds them the same way for both); nginx, which only the gateway benchmark uses, is installed here with apt-get
-when this runs as root on a Debian or Ubuntu machine (a container, the CI image) and said how otherwise.
+when this runs as root on a Debian or Ubuntu machine (a container, the CI image) and said how otherwise;
+guidellm, which only prefix_affinity.py uses, is installed with pip into a virtualenv of its own.
 """
 
 from __future__ import annotations
@@ -75,3 +76,34 @@ def nginx() -> str:
             return found
     raise SystemExit(f"{Path(sys.argv[0]).name} needs nginx and apt-get could not install "
                      f"{' or '.join(NGINX_PACKAGES)}: {how}")
+
+
+GUIDELLM_VERSION = "0.8.1"
+"""The guidellm release prefix_affinity.py drives and whose JSON report shared_prefix.py reads."""
+
+
+def guidellm_venv() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "llama-operator" / f"guidellm-{GUIDELLM_VERSION}"
+
+
+def guidellm() -> str:
+    """The guidellm command: $GUIDELLM, else the pinned release in its own virtualenv under the cache directory,
+    created with pip when missing (guidellm needs torch and pins click, httpx and pydantic ranges of its own: ~6 GB
+    that the project's virtualenv neither needs nor should have to agree with)."""
+    if os.environ.get("GUIDELLM"):
+        return os.environ["GUIDELLM"]
+    venv = guidellm_venv()
+    command = venv / "bin" / "guidellm"
+    if command.exists():
+        return str(command)
+    how = (f"python3 -m venv {venv} && {venv}/bin/pip install guidellm=={GUIDELLM_VERSION} "
+           "(or set GUIDELLM to a guidellm command)")
+    print(f"guidellm not found: installing guidellm=={GUIDELLM_VERSION} into {venv} (~6 GB with torch, minutes)",
+          file=sys.stderr)
+    steps = [[sys.executable, "-m", "venv", str(venv)],
+             [str(venv / "bin" / "pip"), "install", "-q", f"guidellm=={GUIDELLM_VERSION}"]]
+    for step in steps:
+        if subprocess.run(step).returncode != 0:
+            raise SystemExit(f"{Path(sys.argv[0]).name} needs guidellm and installing it failed: {how}")
+    return str(command)
