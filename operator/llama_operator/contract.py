@@ -252,3 +252,14 @@ DRAIN_PORT = 8081
 DRAIN_PATH = "/drain"
 DRAIN_MARGIN_SECONDS = 5
 """The drain answers this long before the pod's grace period runs out: llama-server then gets its SIGTERM in time."""
+DRAIN_READY_PATH = "/readyz"
+"""The sidecar's readiness: 200 once the saved prompt caches are restored (or there were none), so a pod takes no
+request before its slots hold them."""
+
+# ---------------------------------------------------------------------------------------------- kept prompt caches
+
+SLOTS_DIR = "slots"
+"""Below the root of a PersistentVolumeClaim cache: `slots/<server>/`, the saved prompt caches of one server."""
+SLOTS_MOUNT = "/slots"
+"""Where llama-server (--slot-save-path) and the drain sidecar mount their server's `slots/<server>/`."""
+SLOT_FILE_SUFFIX = ".slot"

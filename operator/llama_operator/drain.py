@@ -23,6 +23,8 @@ import argparse
 import http.client
 import json
 import logging
+import os
+import re
 import signal
 import sys
 import threading
@@ -31,8 +33,10 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
-from .contract import DRAIN_PATH, DRAIN_PORT, EXIT_OK
+from .contract import API_KEY_ENV, DRAIN_PATH, DRAIN_PORT, DRAIN_READY_PATH, EXIT_OK
+from .slotstore import SlotApi, SlotDirectory, restore_all, save_all
 
 log = logging.getLogger("llama_operator.drain")
 
@@ -57,11 +61,13 @@ class Reply:
 
 
 def http_get(base: str, path: str, *, timeout: float = HTTP_TIMEOUT) -> Reply | None:
-    """GET `base + path`, at most MAX_BODY bytes; None when nothing listens there (connection refused)."""
+    """GET `base + path`, at most MAX_BODY bytes; None when nothing listens there (connection refused). With
+    the server's API key in the environment (spec.apiKeySecretRef), sent: llama-server guards /metrics with it."""
     url = urllib.parse.urlsplit(base)
     connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80, timeout=timeout)
+    api_key = os.environ.get(API_KEY_ENV)
     try:
-        connection.request("GET", path)
+        connection.request("GET", path, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
         response = connection.getresponse()
         return Reply(response.status, response.read(MAX_BODY))
     except ConnectionRefusedError:
@@ -144,8 +150,10 @@ class Drain:
     anyone who reaches the port) must not turn the kubelet's later call into an immediate answer."""
 
     def __init__(self, busy: Callable[[], int], timing: Timing, *, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, when_idle: Callable[[float], str] | None = None) -> None:
+        """`when_idle(deadline)`: run once llama-server is idle (saving the slots), by the drain's deadline."""
         self._busy, self._timing, self._clock, self._sleep = busy, timing, clock, sleep
+        self._when_idle = when_idle
 
     def wait(self) -> str:
         log.info("drain called: waiting until llama-server is idle, at most %.0f s", self._timing.budget)
@@ -160,7 +168,8 @@ class Drain:
         while True:
             now = self._clock()
             if idle >= timing.idle_polls and now - start >= min(timing.min_wait, timing.budget):
-                return f"idle after {now - start:.1f} s"
+                outcome = f"idle after {now - start:.1f} s"
+                return f"{outcome}; {self._when_idle(deadline)}" if self._when_idle else outcome
             if now >= deadline:
                 what = f"{last} request(s) still in progress" if last is not None else f"state unknown ({error})"
                 return f"budget of {timing.budget:.0f} s spent: {what}"
@@ -173,7 +182,9 @@ class Drain:
             self._sleep(max(0.0, min(timing.poll, deadline - self._clock())))
 
 
-def make_server(drain: Drain, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+def make_server(drain: Drain, port: int, host: str = "0.0.0.0", ready: threading.Event | None = None
+                ) -> ThreadingHTTPServer:
+    """/drain, /healthz, and /readyz: 200 once `ready` is set (the kept prompt caches restored), or always."""
     callers = threading.BoundedSemaphore(MAX_CALLERS)
 
     class Handler(BaseHTTPRequestHandler):
@@ -183,6 +194,9 @@ def make_server(drain: Drain, port: int, host: str = "0.0.0.0") -> ThreadingHTTP
             path = self.path.split("?", 1)[0]
             if path == "/healthz":
                 return self._answer(200, "ok")
+            if path == DRAIN_READY_PATH:
+                done = ready is None or ready.is_set()
+                return self._answer(200 if done else 503, "ok" if done else "restoring prompt caches")
             if path != DRAIN_PATH:
                 return self._answer(404, "not found")
             if not callers.acquire(blocking=False):
@@ -221,6 +235,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="the latest answer, in seconds after the /drain call")
     parser.add_argument("--min-wait", type=float, default=5.0, help="the earliest answer (default 5 s)")
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between polls (default 1)")
+    parser.add_argument("--slots-dir", help="keep the prompt caches: llama-server's --slot-save-path, where every "
+                        "slot is saved once idle and from which the newest are restored at start")
+    parser.add_argument("--slot-key", default="", help="with --slots-dir: the model's key (16 hex digits)")
+    parser.add_argument("--slots-max-bytes", type=int, default=2 << 30,
+                        help="with --slots-dir: bytes of saved files kept (default 2 GiB)")
     parser.set_defaults(func=_cmd_drain)
 
 
@@ -233,9 +252,25 @@ def _cmd_drain(args: argparse.Namespace) -> int:
     if urllib.parse.urlsplit(args.server).scheme != "http":
         raise CliError(f"--server must be an http:// URL, not {args.server[:100]!r}")
     state = ServerState(args.server)
-    drain = Drain(state.busy, Timing(budget=args.budget_seconds, min_wait=args.min_wait, poll=args.poll))
+    timing = Timing(budget=args.budget_seconds, min_wait=args.min_wait, poll=args.poll)
+    ready = None
+    if args.slots_dir:
+        if not re.fullmatch(r"[0-9a-f]{16}", args.slot_key) or args.slots_max_bytes < 0:
+            raise CliError("--slot-key must be 16 lowercase hex digits and --slots-max-bytes at least 0")
+        directory = SlotDirectory(Path(args.slots_dir), args.slot_key, args.slots_max_bytes,
+                                  os.environ.get("HOSTNAME", ""))
+        api, ready = SlotApi(args.server), threading.Event()
+        drain = Drain(state.busy, timing, when_idle=lambda deadline: save_all(directory, api, deadline))
+
+        def restore() -> None:
+            log.info("prompt caches: %s", restore_all(directory, api))
+            ready.set()
+
+        threading.Thread(target=restore, name="restore", daemon=True).start()
+    else:
+        drain = Drain(state.busy, timing)
     try:
-        server = make_server(drain, args.port)
+        server = make_server(drain, args.port, ready=ready)
     except OSError as exc:
         raise CliError(f"cannot listen on port {args.port}: {exc.strerror}") from None
     # PID 1 of its container: without a handler the kernel drops SIGTERM, and the pod would wait out its grace.

@@ -13,8 +13,9 @@ from typing import Any
 
 from ..api.v1alpha1 import LlamaServer
 from ..config import Settings
-from ..contract import DRAIN_CONTAINER, DRAIN_MARGIN_SECONDS, DRAIN_PATH, DRAIN_PORT
+from ..contract import API_KEY_ENV, DRAIN_CONTAINER, DRAIN_MARGIN_SECONDS, DRAIN_PATH, DRAIN_PORT, DRAIN_READY_PATH
 from ..flags.render import SERVER_PORT
+from .prompt_cache import KeptSlots
 from .security import container_security_context
 
 
@@ -23,9 +24,11 @@ def drain_budget(server: LlamaServer) -> int:
     return max(1, server.spec.termination_grace_period_seconds - DRAIN_MARGIN_SECONDS)
 
 
-def drain_sidecar(server: LlamaServer, settings: Settings) -> dict[str, Any]:
-    """The native sidecar serving /drain to the llama-server container's preStop hook."""
-    return {
+def drain_sidecar(server: LlamaServer, settings: Settings, kept: KeptSlots | None = None) -> dict[str, Any]:
+    """The native sidecar serving /drain to the llama-server container's preStop hook; with `kept` it also saves
+    the slots' prompt caches once idle and restores them at start, Ready only after that (a native sidecar's
+    readiness is part of the pod's)."""
+    sidecar = {
         "name": DRAIN_CONTAINER,
         "image": settings.fetcher_image,
         "imagePullPolicy": settings.image_pull_policy,
@@ -39,6 +42,16 @@ def drain_sidecar(server: LlamaServer, settings: Settings) -> dict[str, Any]:
         "securityContext": container_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if server.spec.api_key_secret_ref is not None:
+        # llama-server guards /metrics and /slots with the key too: the sidecar sends it.
+        ref = server.spec.api_key_secret_ref
+        sidecar["env"] = [{"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
+    if kept is not None:
+        sidecar["args"] = [*sidecar["args"], *kept.sidecar_args()]
+        sidecar["volumeMounts"] = [kept.mount]
+        sidecar["readinessProbe"] = {"httpGet": {"path": DRAIN_READY_PATH, "port": DRAIN_PORT},
+                                     "periodSeconds": 1, "failureThreshold": 1, "timeoutSeconds": 2}
+    return sidecar
 
 
 def drain_hook() -> dict[str, Any]:

@@ -20,7 +20,7 @@ from ..config import Settings
 from ..contract import FETCH_CONTAINER, FETCH_DRAFT_CONTAINER, adapter_fetch_container, router_fetch_container
 from ..errors import InvalidSpec
 from ..fit import Estimate, estimate_server
-from ..flags.spec import adapter_problems, model_problems
+from ..flags.spec import adapter_problems, model_problems, prompt_cache_problems
 from .args import server_args
 from .context import resolve_context
 from .deployment import deployment_object
@@ -87,6 +87,9 @@ def plan_server(server: LlamaServer, models: Mapping[str, LlamaModel], settings:
     problems = adapter_problems(server.spec, models)
     if problems:
         return PlanProblem("ModelResolved", "AdapterMismatch", "; ".join(problems))
+    problems = prompt_cache_problems(server.spec, models, settings)
+    if problems:
+        return PlanProblem("ModelResolved", "PromptCacheNotKept", "; ".join(problems))
     if server.spec.models is not None:
         return _router_plan(server, models, settings)
     assert server.spec.model_ref is not None  # LlamaServerSpec: exactly one of modelRef and models

@@ -26,6 +26,7 @@ from .drain import drain_hook, drain_sidecar
 from .fetcher import fetch_init_container, mmproj_fetch_container
 from .objects import server_labels
 from .placement import topology_spread
+from .prompt_cache import KeptSlots, kept_slots
 from .resources import container_resources, pod_tolerations
 from .security import container_security_context, pod_security_context
 
@@ -51,12 +52,12 @@ def _http_probe(*, period: int, failures: int, timeout: int) -> dict[str, Any]:
 
 def server_container(
     server: LlamaServer, model: LlamaModel, settings: Settings, draft: LlamaModel | None, *, args: list[str],
-    memory: str | None, adapters: tuple[LlamaModel, ...] = (),
+    memory: str | None, adapters: tuple[LlamaModel, ...] = (), kept: KeptSlots | None = None,
 ) -> dict[str, Any]:
     return llama_server_container(
         server, settings, args=args, resources=container_resources(server, memory=memory),
         volume_mounts=[*server_model_mounts(model, settings, draft, adapters),
-                       {"name": TMP_VOLUME, "mountPath": TMP_MOUNT}])
+                       {"name": TMP_VOLUME, "mountPath": TMP_MOUNT}, *([kept.mount] if kept else [])])
 
 
 def llama_server_container(
@@ -93,11 +94,11 @@ def llama_server_container(
 
 def _init_containers(
     server: LlamaServer, model: LlamaModel, settings: Settings, main: dict[str, Any], draft: LlamaModel | None,
-    adapters: tuple[LlamaModel, ...],
+    adapters: tuple[LlamaModel, ...], kept: KeptSlots | None,
 ) -> list[dict[str, Any]]:
     containers = []
     if model.spec.source.volume is None:
-        containers.append(fetch_init_container(model, settings))
+        containers.append(fetch_init_container(model, settings, make_dir=kept.subpath if kept else None))
         if model.spec.mmproj is not None:
             containers.append(mmproj_fetch_container(model, settings))
     if draft is not None:
@@ -133,8 +134,9 @@ def pod_template(
     if sha256:
         # A new model revision with the same file name must still roll the pods.
         annotations[MODEL_SHA_ANNOTATION] = sha256
-    main = server_container(server, model, settings, draft, args=args, memory=memory, adapters=adapters)
-    init = _init_containers(server, model, settings, main, draft, adapters)
+    kept = kept_slots(server, model)
+    main = server_container(server, model, settings, draft, args=args, memory=memory, adapters=adapters, kept=kept)
+    init = _init_containers(server, model, settings, main, draft, adapters, kept)
     # A downloaded model's cache holds the draft and the adapters too; a volume-source model's draft has a cache of
     # its own.
     sharing = (*((draft,) if draft is not None else ()), *adapters) if model.spec.source.volume is None else ()
@@ -142,7 +144,7 @@ def pod_template(
     return assemble_pod(server, settings, annotations=annotations, main=main,
                         init_containers=with_ephemeral_storage(init, caches, settings),
                         volumes=[*model_volumes(model, settings, sharing=sharing),
-                                 *_draft_volumes(model, settings, draft)])
+                                 *_draft_volumes(model, settings, draft)], kept=kept)
 
 
 def with_ephemeral_storage(init_containers: list[dict[str, Any]], caches: list[tuple[LlamaModel, ...]],
@@ -160,16 +162,17 @@ def with_ephemeral_storage(init_containers: list[dict[str, Any]], caches: list[t
 
 def assemble_pod(
     server: LlamaServer, settings: Settings, *, annotations: dict[str, str], main: dict[str, Any],
-    init_containers: list[dict[str, Any]], volumes: list[dict[str, Any]],
+    init_containers: list[dict[str, Any]], volumes: list[dict[str, Any]], kept: KeptSlots | None = None,
 ) -> dict[str, Any]:
     """A llama-server pod template: restricted security, scheduling from the spec, labels (one model or router),
-    the drain (builders/drain.py): the sidecar after the fetchers, llama-server's preStop, the grace period."""
+    the drain (builders/drain.py): the sidecar after the fetchers, llama-server's preStop, the grace period; `kept`:
+    the sidecar also keeps the prompt caches (builders/prompt_cache.py)."""
     spec = server.spec
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
-        "initContainers": [*init_containers, drain_sidecar(server, settings)],
+        "initContainers": [*init_containers, drain_sidecar(server, settings, kept)],
         "containers": [{**main, "lifecycle": drain_hook()}],
         "volumes": [*volumes, {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}}],
         "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,

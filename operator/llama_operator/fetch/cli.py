@@ -76,6 +76,12 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
         write_termination_log(args.termination_log, f"InvalidArguments: {message}")
         print(f"llama-operator fetch: {message}", file=sys.stderr)
         return contract.EXIT_USAGE
+    if args.make_dir is not None:
+        problem = make_dir(Path(args.cache_dir), args.make_dir)
+        if problem:
+            write_termination_log(args.termination_log, f"InvalidArguments: {problem}")
+            print(f"llama-operator fetch: {problem}", file=sys.stderr)
+            return contract.EXIT_USAGE
     if args.sha256 is not None:
         args.sha256 = args.sha256.lower()
     trusted = (contract.parse_trusted_sums(os.environ.get(contract.TRUSTED_ENV), args.cache_key)
@@ -107,6 +113,19 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
         max_unknown_size=max(1, args.max_size),
     )
     return run(options, termination_log=args.termination_log, report=args.trust_on_first_use)
+
+
+def make_dir(root: Path, relative: str) -> str | None:
+    """Create `root/relative` (mode 0700: only the pod's user) before the download; the problem, or None. Only a
+    plain relative path below the cache root: the operator writes it, but a pod's args are not trusted."""
+    parts = Path(relative).parts
+    if not parts or Path(relative).is_absolute() or any(part in ("..", ".") for part in parts):
+        return f"--make-dir must be a relative path below --cache-dir without '..' (got {relative[:100]!r})"
+    try:
+        (root / relative).mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create {relative[:100]} in the cache: {exc.strerror}"
+    return None
 
 
 def run(options: FetchOptions, *, termination_log: str, free_space: Callable[[Path], int] = disk_free,

@@ -186,6 +186,7 @@ def render_args(
     draft_model_path: str | None = None,
     mmproj_path: str | None = None,
     adapter_paths: Sequence[str] = (),
+    slot_save_path: str | None = None,
 ) -> Rendered:
     """The complete llama-server argument list for a validated spec.
 
@@ -193,7 +194,8 @@ def render_args(
     own default is the host's physical cores, which ignores the container's CPU limit.
     `draft_model_path` is where the speculative draft LlamaModel's file is in the pod (required when
     spec.speculative is set); `mmproj_path` where the LlamaModel's multimodal projector is (spec.mmproj);
-    `adapter_paths` where each of spec.adapters is, in order.
+    `adapter_paths` where each of spec.adapters is, in order; `slot_save_path` the directory of the kept prompt
+    caches (spec.promptCache.persist: builders/prompt_cache.py).
     """
     args = managed_args(model_path=model_path, model_name=model_name, mmproj_path=mmproj_path)
     args += draft_model_arg(spec, draft_model_path)
@@ -202,5 +204,6 @@ def render_args(
         args += render(spec)
     args += threads_arg(threads)
     args += slots_arg(spec)
+    args += ["--slot-save-path", slot_save_path] if slot_save_path is not None else []
     args += list(spec.args or [])
     return args

@@ -74,3 +74,27 @@ def adapter_problems(spec: LlamaServerSpec, models: Mapping[str, LlamaModel]) ->
         elif info is not None and base_arch and info.architecture != base_arch:
             problems.append(f"{where} adapts {info.architecture} models; {base_name} is {base_arch}")
     return problems
+
+
+def prompt_cache_problems(spec: LlamaServerSpec, models: Mapping[str, LlamaModel], settings: Settings) -> list[str]:
+    """spec.promptCache.persist keeps the slots in the served model's cache, which must be a PersistentVolumeClaim:
+    an EmptyDir dies with the pod; a HostPath is the node's disk, which llama-server's POST /slots (open to every
+    client that reaches the pod) could fill; a volume-source model has no cache to write to."""
+    if spec.prompt_cache is None or not spec.prompt_cache.persist or spec.model_ref is None:
+        return []
+    model = models.get(spec.model_ref.name)
+    if model is None:
+        return []
+    where = f"spec.promptCache.persist: LlamaModel {model.metadata.name}"
+    if model.spec.source.volume is not None:
+        return [f"{where} has a volume source, so no cache to keep prompt caches in; give it a huggingFace or http "
+                "source with cache.type PersistentVolumeClaim, or set persist: false"]
+    kind = model.spec.cache.type or settings.default_cache_type
+    if kind == "EmptyDir":
+        return [f"{where} is cached on an EmptyDir, which is deleted with the pod; set its cache.type to "
+                "PersistentVolumeClaim, or set persist: false"]
+    if kind == "HostPath":
+        return [f"{where} is cached on a HostPath: prompt caches are kept only on a PersistentVolumeClaim (any "
+                "client of llama-server could fill the node's disk through POST /slots); set its cache.type to "
+                "PersistentVolumeClaim, or set persist: false"]
+    return []

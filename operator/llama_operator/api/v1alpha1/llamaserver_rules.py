@@ -78,6 +78,13 @@ def _pooling_value(args: list[str] | None) -> str | None:
 
 # Cross-field rules of the typed llama-server settings. The API server checks them at `kubectl apply`; the
 # operator checks them with the flags (flags/validate.py) for objects that got past an older CRD.
+_NO_KEPT_CACHE = "!has(self.promptCache) || !has(self.promptCache.persist) || !self.promptCache.persist"
+
+
+def _keeps_cache(spec: LlamaServerSpec) -> bool:
+    return spec.prompt_cache is not None and spec.prompt_cache.persist
+
+
 SERVER_RULES = (
     Rule("kv-quant-needs-flash-attention",
          f"!has(self.cacheTypeV) || !(self.cacheTypeV in {list(QUANTIZED_KV)}) "
@@ -123,6 +130,14 @@ SERVER_RULES = (
          "!has(self.adapters) || self.adapters.all(a, self.adapters.filter(o, o.name == a.name).size() == 1)",
          lambda s: len({a.name for a in s.adapters or []}) == len(s.adapters or []),
          "an adapter is listed twice in spec.adapters", field="adapters"),
+    Rule("prompt-cache-with-models", f"{_NO_KEPT_CACHE} || !has(self.models)",
+         lambda s: not _keeps_cache(s) or s.models is None,
+         "promptCache.persist keeps the slots of one model (spec.modelRef); router mode (spec.models) does not "
+         "save its models' slots", field="promptCache"),
+    Rule("prompt-cache-with-adapters", f"{_NO_KEPT_CACHE} || !has(self.adapters)",
+         lambda s: not _keeps_cache(s) or s.adapters is None,
+         "promptCache.persist cannot be used with adapters: a saved slot does not record which adapter computed "
+         "it, so a restore could answer a base-model request from an adapter's cache", field="promptCache"),
     Rule("context-auto-needs-budget",
          "!has(self.contextSize) || type(self.contextSize) == int || self.contextSize != 'auto' "
          "|| (has(self.gpu) ? has(self.gpu.memory) "

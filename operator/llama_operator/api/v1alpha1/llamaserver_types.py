@@ -5,22 +5,20 @@ from __future__ import annotations
 import difflib
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from ...llamacpp.catalog import builtin_chat_templates
 from ..base import ApiModel, ContextSize, GpuLayers, Quantity
 from ..bounds import ENV_MAX_ITEMS, IMAGE_MAX_LENGTH, LABEL_VALUE_MAX_LENGTH, LIST_MAX_ITEMS, Annotations, Labels, Name
 from ..cel import cel_schema, check_value
 from ..k8s import Affinity, EnvVar, ResourceRequirements, Toleration, TopologySpreadConstraint
+from .llamaserver_fleet import DisruptionSpec, PromptCacheSpec, RoutingSpec, ScalingSpec, ServiceSpec
 from .llamaserver_rules import (
     ARG_MAX_LENGTH,
     ARGS_MAX_ITEMS,
     ARGS_RULES,
-    BUDGET_RULES,
-    DISRUPTION_RULES,
     MODELS_MAX_ITEMS,
     ROUTER_RULES,
-    SCALING_RULES,
     SERVED_MODEL_RULES,
     SERVER_RULES,
     SPECULATIVE_RULES,
@@ -60,80 +58,6 @@ class GpuSpec(ApiModel):
     memory: Quantity | None = Field(
         None, description="Memory of one GPU (e.g. 24Gi): the budget of contextSize auto, since the operator "
         "does not see which node the pods land on.")
-
-
-class ServiceSpec(ApiModel):
-    """The Service in front of the replicas: the OpenAI-compatible endpoint."""
-
-    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Service type.")
-    port: int = Field(8080, ge=1, le=65535, description="Service port (the pods always listen on 8080).")
-    annotations: Annotations | None = Field(None, description="Annotations for the Service.")
-
-
-class ScalingSpec(ApiModel):
-    """Replicas that follow the load, down to zero while idle: decided by the gateway (docs/gateway.md).
-
-    With this set, the gateway is the one component that writes spec.replicas (through the scale subresource).
-    A `kubectl scale` inside [minReplicas, maxReplicas] is kept for at least scaleDownDelaySeconds (and counts as
-    activity for idleSeconds); a value outside is put back to the nearest bound.
-    """
-
-    model_config = {**ApiModel.model_config, "json_schema_extra": cel_schema(SCALING_RULES)}
-
-    min_replicas: int = Field(
-        1, ge=0, le=1000, description="Fewest replicas; 0 lets the server scale to zero while idle (the gateway "
-        "holds the first request while it scales up again).")
-    max_replicas: int = Field(1, ge=1, le=1000, description="Most replicas the load may ask for.")
-    target_in_flight: int | None = Field(
-        None, ge=1, le=1024, description="In-flight requests per replica the autoscaler aims at (mean over "
-        "windowSeconds); default: spec.parallel, else 4.")
-    idle_seconds: int = Field(
-        300, ge=1, le=604800, description="With minReplicas 0: seconds without any request before scaling to zero.")
-    scale_down_delay_seconds: int = Field(
-        60, ge=0, le=86400, description="A scale-down happens only when no higher replica count was wanted during "
-        "this many seconds (no flapping); scale-ups are immediate.")
-    window_seconds: int = Field(
-        30, ge=1, le=3600, description="Seconds over which in-flight requests are averaged into the load.")
-
-
-DisruptionBudget = Annotated[
-    int | str,
-    AfterValidator(lambda value: check_value(BUDGET_RULES, value)),
-    WithJsonSchema({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
-                    "maxLength": 4, **cel_schema(BUDGET_RULES)}),
-]
-"""Pods (a number) or a percentage of spec.replicas (`50%`)."""
-
-
-class DisruptionSpec(ApiModel):
-    """The PodDisruptionBudget of a server with more than one replica: how many replicas a voluntary disruption
-    (a node drain, a cluster upgrade) may take at once. Exactly one of the two."""
-
-    model_config = {**ApiModel.model_config, "json_schema_extra": cel_schema(DISRUPTION_RULES)}
-
-    max_unavailable: DisruptionBudget | None = Field(
-        None, description="Replicas that may be down at once: a number or a percentage of spec.replicas.")
-    min_available: DisruptionBudget | None = Field(
-        None, description="Replicas that must stay up: a number or a percentage of spec.replicas.")
-
-    @model_validator(mode="after")
-    def _one_budget(self) -> DisruptionSpec:
-        return check_value(DISRUPTION_RULES, self)
-
-
-class RoutingSpec(ApiModel):
-    """How the gateway spreads requests over this server's ready replicas."""
-
-    strategy: Literal["LeastInFlight", "PrefixAffinity"] = Field(
-        "LeastInFlight", description="LeastInFlight: the replica with the fewest requests in flight. "
-        "PrefixAffinity: consistent hashing with bounded load over the prompt prefix, so one conversation keeps "
-        "hitting the replica whose KV cache holds it, unless that replica is over loadBound times the mean load.")
-    prefix_characters: int = Field(
-        2048, ge=16, le=1048576, description="PrefixAffinity: characters of the prompt hashed (for chat: the "
-        "messages up to and including the first user message).")
-    load_bound: float = Field(
-        1.25, ge=1.0, le=100.0, description="PrefixAffinity: no replica takes more than ceil(loadBound x mean "
-        "in-flight) requests; past that the next replica on the ring gets the request.")
 
 
 def _builtin_chat_template(name: str) -> str:
@@ -354,6 +278,8 @@ class LlamaServerSpec(ApiModel):
         "is left to you.")
     routing: RoutingSpec | None = Field(
         None, description="How the gateway balances requests over the replicas (default LeastInFlight).")
+    prompt_cache: PromptCacheSpec | None = Field(
+        None, description="Keep the slots' prompt caches across pod restarts (docs/prompt-cache.md).")
 
     @field_validator("args")
     @classmethod

@@ -1,0 +1,63 @@
+"""The prompt caches a server keeps across pod restarts (spec.promptCache.persist): where they live, and what the
+llama-server container and the drain sidecar get for them.
+
+They live in the served model's PersistentVolumeClaim cache, in `slots/<server>/` (the fetcher creates it):
+llama-server writes a slot's state there on the sidecar's call (`--slot-save-path`), the sidecar lists, restores
+and prunes the files (drain.py, slotstore.py). Each file name starts with the model's key, so a server whose model
+changed never restores another model's state; the directory is the server's, in a claim of its own namespace.
+What rules out other caches (EmptyDir dies with the pod, HostPath is the node's disk): flags/spec.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from ..api.v1alpha1 import LlamaModel, LlamaServer
+from ..contract import CACHE_VOLUME, SLOTS_DIR, SLOTS_MOUNT
+from .quantity import parse_quantity
+
+
+def keeps_prompt_cache(server: LlamaServer) -> bool:
+    return server.spec.prompt_cache is not None and server.spec.prompt_cache.persist
+
+
+def slots_directory(server: LlamaServer) -> str:
+    """The server's directory below the cache root."""
+    return f"{SLOTS_DIR}/{server.metadata.name}"
+
+
+def model_key(model: LlamaModel) -> str:
+    """16 hex digits naming the model's weights: its sha256 when known, else its cache key and file (a source
+    without a published sha256 is pinned by its cache key)."""
+    sha256 = model.status.sha256 or model.spec.sha256
+    if sha256:
+        return sha256.lower()[:16]
+    return hashlib.sha256(f"{model.status.cache_key}/{model.first_file}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class KeptSlots:
+    """What the pod of a server keeping its prompt caches needs beyond the usual."""
+
+    subpath: str
+    key: str
+    max_bytes: int
+
+    @property
+    def mount(self) -> dict[str, Any]:
+        """The server's directory, read-write, in llama-server and in the sidecar."""
+        return {"name": CACHE_VOLUME, "mountPath": SLOTS_MOUNT, "subPath": self.subpath}
+
+    def sidecar_args(self) -> list[str]:
+        return ["--slots-dir", SLOTS_MOUNT, "--slot-key", self.key, "--slots-max-bytes", str(self.max_bytes)]
+
+
+def kept_slots(server: LlamaServer, model: LlamaModel) -> KeptSlots | None:
+    """The kept prompt caches of a one-model server, or None when it keeps none."""
+    if not keeps_prompt_cache(server):
+        return None
+    assert server.spec.prompt_cache is not None
+    return KeptSlots(subpath=slots_directory(server), key=model_key(model),
+                     max_bytes=int(parse_quantity(server.spec.prompt_cache.max_size)))

@@ -1,0 +1,215 @@
+"""The kept prompt caches of one server, as its drain sidecar handles them: the directory of saved slot files
+(`--slots-dir`, the server's `slots/<server>/` on the model's claim) and llama-server's slot API.
+
+A file is `<model key>-<unix ms>-<pod>-<slot>.slot`. At start the newest files of this model's key are restored,
+one per slot; at drain every slot is saved under a new name; then the directory is pruned, oldest first, to
+`--slots-max-bytes`. Files of another key (the server's previous model) are never restored: pruning deletes them.
+llama-server writes and reads the files itself (`--slot-save-path`); this side lists and deletes them.
+
+Standard library only, bounded: files listed, bytes read from llama-server, each call's time.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import re
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .contract import API_KEY_ENV, SLOT_FILE_SUFFIX
+
+log = logging.getLogger("llama_operator.drain")
+
+MAX_FILES = 4096
+"""Directory entries looked at; a server saves at most its slot count per drain, and pruning keeps it small."""
+MAX_ANSWER = 1 << 20
+"""Bytes read from a llama-server answer (/props carries the chat template: tens of KiB)."""
+MAX_SLOTS = 256
+"""The API's bound on spec.parallel."""
+_NAME = re.compile(r"^(?P<key>[0-9a-f]{16})-(?P<ms>[0-9]{1,15})-(?P<pod>[a-z0-9-]{1,63})-(?P<slot>[0-9]{1,3})"
+                   + re.escape(SLOT_FILE_SUFFIX) + "$")
+
+
+class SlotApiError(Exception):
+    """llama-server refused or did not answer a slot call."""
+
+
+@dataclass(frozen=True)
+class SlotFile:
+    name: str
+    key: str
+    stamp_ms: int
+    size: int
+
+
+def pod_tag(hostname: str) -> str:
+    """The pod's name (the container's hostname) as it may appear in a file name."""
+    return re.sub(r"[^a-z0-9-]", "-", hostname.lower())[:63].strip("-") or "pod"
+
+
+class SlotDirectory:
+    """The saved slot files of one server, for the model whose key is `key`."""
+
+    def __init__(self, path: Path, key: str, max_bytes: int, pod: str) -> None:
+        self.path, self.key, self.max_bytes, self.pod = path, key, max_bytes, pod_tag(pod)
+
+    def files(self) -> list[SlotFile]:
+        """The slot files there, newest first (at most MAX_FILES entries looked at; others' names are ignored)."""
+        found = []
+        try:
+            with os.scandir(self.path) as entries:
+                for count, entry in enumerate(entries):
+                    if count >= MAX_FILES:
+                        log.warning("more than %d entries in %s: the rest are not looked at", MAX_FILES, self.path)
+                        break
+                    match = _NAME.match(entry.name)
+                    if match and entry.is_file(follow_symlinks=False):
+                        found.append(SlotFile(entry.name, match["key"], int(match["ms"]),
+                                              entry.stat(follow_symlinks=False).st_size))
+        except OSError as exc:
+            log.warning("cannot list %s: %s", self.path, exc.strerror)
+        return sorted(found, key=lambda f: (f.stamp_ms, f.name), reverse=True)
+
+    def to_restore(self, slots: int) -> list[str]:
+        """The newest files of this model, at most one per slot."""
+        return [f.name for f in self.files() if f.key == self.key][:max(0, slots)]
+
+    def new_name(self, slot: int, now_ms: int | None = None) -> str:
+        stamp = int(time.time() * 1000) if now_ms is None else now_ms
+        return f"{self.key}-{stamp}-{self.pod}-{slot}{SLOT_FILE_SUFFIX}"
+
+    def prune(self) -> int:
+        """Delete another model's files, and this model's oldest until the rest fit max_bytes; the bytes deleted."""
+        files = sorted(self.files(), key=lambda f: (f.key == self.key, f.stamp_ms), reverse=True)
+        kept, deleted = 0, 0
+        for each in files:
+            if each.key == self.key and kept + each.size <= self.max_bytes:
+                kept += each.size
+                continue
+            try:
+                (self.path / each.name).unlink()
+                deleted += each.size
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot delete %s: %s", each.name, exc.strerror)
+        return deleted
+
+    def forget(self, name: str) -> None:
+        """Delete one file (a save that recorded nothing)."""
+        try:
+            (self.path / name).unlink()
+        except OSError:
+            pass
+
+
+class SlotApi:
+    """llama-server's slot calls: /props for the slot count, POST /slots/<id>?action=save|restore."""
+
+    def __init__(self, base: str, api_key: str | None = None) -> None:
+        url = urllib.parse.urlsplit(base)
+        self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+
+    def _call(self, method: str, path: str, body: dict[str, str] | None, timeout: float) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=max(0.1, timeout))
+        try:
+            connection.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+            response = connection.getresponse()
+            raw = response.read(MAX_ANSWER)
+        except (OSError, http.client.HTTPException) as exc:
+            raise SlotApiError(f"{method} {path}: {exc.__class__.__name__}: {exc}") from None
+        finally:
+            connection.close()
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = None
+        if response.status != 200 or not isinstance(answer, dict):
+            detail = answer.get("error", {}).get("message", "") if isinstance(answer, dict) else ""
+            raise SlotApiError(f"{method} {path} answered {response.status} {str(detail)[:200]}".rstrip())
+        return answer
+
+    def total_slots(self, timeout: float = 5.0) -> int:
+        value = self._call("GET", "/props", None, timeout).get("total_slots")
+        if not isinstance(value, int) or not 1 <= value <= MAX_SLOTS:
+            raise SlotApiError(f"/props has no usable total_slots ({str(value)[:20]})")
+        return value
+
+    def save(self, slot: int, filename: str, timeout: float) -> int:
+        """Tokens saved."""
+        return int(self._call("POST", f"/slots/{slot}?action=save", {"filename": filename}, timeout).get("n_saved", 0))
+
+    def restore(self, slot: int, filename: str, timeout: float) -> int:
+        """Tokens restored."""
+        answer = self._call("POST", f"/slots/{slot}?action=restore", {"filename": filename}, timeout)
+        return int(answer.get("n_restored", 0))
+
+    def healthy(self) -> bool:
+        try:
+            self._call("GET", "/health", None, 2.0)
+            return True
+        except SlotApiError:
+            return False
+
+
+RESTORE_TIMEOUT = 120.0
+"""Seconds one restore may take (a file of a long context on a slow claim: GiB at disk speed)."""
+
+
+def restore_all(directory: SlotDirectory, api: SlotApi, *, poll: float = 0.5,
+                sleep: Callable[[float], None] = time.sleep) -> str:
+    """Once llama-server is healthy, the newest saved files of this model into its slots, one each: what was done.
+    A file that cannot be restored is skipped (llama-server checks it: a file of another build is refused)."""
+    while not api.healthy():
+        sleep(poll)
+    try:
+        names = directory.to_restore(api.total_slots())
+    except SlotApiError as exc:
+        return f"nothing restored: {exc}"
+    restored, tokens = 0, 0
+    for slot, name in enumerate(names):
+        try:
+            tokens += api.restore(slot, name, RESTORE_TIMEOUT)
+            restored += 1
+        except SlotApiError as exc:
+            log.warning("slot %d: %s not restored: %s", slot, name, exc)
+    return f"restored {restored} of {len(names)} saved slot(s), {tokens} tokens"
+
+
+def save_all(directory: SlotDirectory, api: SlotApi, deadline: float, *,
+             clock: Callable[[], float] = time.monotonic) -> str:
+    """Every slot's prompt cache into a new file, while time is left before `deadline` (llama-server is idle
+    by then: a busy slot's save would wait for it); then the directory pruned. What was done."""
+    try:
+        total = api.total_slots(timeout=max(0.1, min(5.0, deadline - clock())))
+    except SlotApiError as exc:
+        return f"nothing saved: {exc}"
+    saved, tokens = 0, 0
+    for slot in range(total):
+        left = deadline - clock()
+        if left < 0.5:
+            log.warning("no time left to save slots %d-%d", slot, total - 1)
+            break
+        name = directory.new_name(slot)
+        try:
+            count = api.save(slot, name, left)
+        except SlotApiError as exc:
+            log.warning("slot %d not saved: %s", slot, exc)
+            directory.forget(name)
+            continue
+        if count == 0:
+            directory.forget(name)  # an unused slot: nothing to restore
+        else:
+            saved, tokens = saved + 1, tokens + count
+    deleted = directory.prune()
+    return f"saved {saved} slot(s), {tokens} tokens; pruned {deleted} bytes"

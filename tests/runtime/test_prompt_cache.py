@@ -1,0 +1,112 @@
+"""The kept prompt caches (spec.promptCache.persist) with the pinned llama-server and the real drain sidecar
+(`llama-operator drain --slots-dir`, as the pod runs it): a drain saves the slots, the next server's sidecar
+restores them before it says ready, and a returning conversation is served from the restored cache; without the
+restore it pays the whole prefill. Another model's files are never restored."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llama_operator.api.v1alpha1 import LlamaServerSpec
+from llama_operator.contract import DRAIN_PATH, DRAIN_READY_PATH, SLOT_FILE_SUFFIX
+from llama_operator.flags.render import render_args
+
+from ..llama_bin import free_port, on_loopback, serving
+from ..tiny_gguf import write_tiny_llama
+
+KEY = "0123456789abcdef"
+OTHER_KEY = "fedcba9876543210"
+PROMPT = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
+"""About 700 tokens of the tiny model's vocabulary (about a token per character): a first turn."""
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    return write_tiny_llama(tmp_path / "tiny.gguf")
+
+
+@contextmanager
+def _server(model: Path, slots: Path, workdir: Path) -> Iterator[str]:
+    spec = LlamaServerSpec.model_validate({"modelRef": {"name": "tiny"}, "contextSize": 4096, "parallel": 2})
+    args = render_args(spec, model_path=str(model), model_name="tiny", threads=2, slot_save_path=str(slots))
+    args, port = on_loopback(args)
+    with serving(args, port, workdir=workdir) as (url, _):
+        yield url
+
+
+@contextmanager
+def _sidecar(url: str, slots: Path, workdir: Path, key: str = KEY) -> Iterator[str]:
+    port = free_port()
+    log = (workdir / f"drain-{port}.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_operator.cli", "drain", "--port", str(port), "--server", url,
+         "--budget-seconds", "30", "--min-wait", "0", "--poll", "0.2", "--slots-dir", str(slots),
+         "--slot-key", key, "--slots-max-bytes", str(64 << 20)],
+        stdout=log, stderr=subprocess.STDOUT, env={"HOSTNAME": "tiny-7d9f-abcde", "PATH": "/usr/bin:/bin"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}{DRAIN_READY_PATH}", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (workdir / f"drain-{port}.log").read_text()
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def _turn(url: str, prompt: str) -> dict[str, float]:
+    reply = httpx.post(f"{url}/completion", json={"prompt": prompt, "n_predict": 4, "temperature": 0,
+                                                  "cache_prompt": True}, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["timings"]
+
+
+def _first_turn_saved(tiny: Path, slots: Path, tmp_path: Path) -> None:
+    with _server(tiny, slots, tmp_path) as url, _sidecar(url, slots, tmp_path) as sidecar:
+        _turn(url, PROMPT)
+        outcome = httpx.get(f"{sidecar}{DRAIN_PATH}", timeout=60).text
+    assert "saved 1 slot(s)" in outcome, outcome
+
+
+def test_a_drained_conversation_comes_back_cached(tiny: Path, tmp_path: Path) -> None:
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    _first_turn_saved(tiny, slots, tmp_path)
+    files = sorted(slots.iterdir())
+    assert [f.name.split("-")[0] for f in files] == [KEY], files  # the empty slot left no file
+    assert files[0].name.endswith(SLOT_FILE_SUFFIX) and "-tiny-7d9f-abcde-" in files[0].name, files
+
+    second = PROMPT + " and then the dog sleeps"
+    with _server(tiny, slots, tmp_path) as url:  # a new pod that does not restore
+        cold = _turn(url, second)
+    with _server(tiny, slots, tmp_path) as url, _sidecar(url, slots, tmp_path):  # ready: restored
+        warm = _turn(url, second)
+    assert cold["cache_n"] == 0, cold
+    assert warm["cache_n"] >= 500 and warm["prompt_n"] < 20, warm
+    assert warm["prompt_ms"] < cold["prompt_ms"], (warm, cold)
+
+
+def test_another_models_files_are_pruned_not_restored(tiny: Path, tmp_path: Path) -> None:
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    _first_turn_saved(tiny, slots, tmp_path)
+    with _server(tiny, slots, tmp_path) as url, _sidecar(url, slots, tmp_path, key=OTHER_KEY) as sidecar:
+        turn = _turn(url, PROMPT + " again")
+        httpx.get(f"{sidecar}{DRAIN_PATH}", timeout=60)
+    assert turn["cache_n"] == 0, turn
+    assert {f.name.split("-")[0] for f in slots.iterdir()} == {OTHER_KEY}  # the first model's file pruned
