@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -93,9 +94,14 @@ class RandomSpread:
             asyncio.start_server(self._relay, "127.0.0.1", self.port), self._loop).result()
         return f"http://127.0.0.1:{self.port}"
 
-    def __exit__(self, *_: object) -> None:
+    async def _close(self) -> None:
         assert self._server is not None
         self._server.close()
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.cancel()
+
+    def __exit__(self, *_: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 
@@ -148,10 +154,18 @@ def run_guidellm(guidellm: str, target: str, data: Path, work: Path, tag: str, a
     scenario.write_text(json.dumps(shared_prefix.scenario(target, data, report, args.streams, requests)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no tokenizer download: the dataset is text, counts come back
     with open(work / f"guidellm-{tag}.log", "wb") as log:
-        done = subprocess.run([guidellm, "run", "--scenario", str(scenario), "--disable-console-interactive"],
-                              stdout=log, stderr=subprocess.STDOUT, env=env, timeout=1200)
-    if done.returncode != 0:
-        raise SystemExit(f"guidellm failed ({done.returncode}); see {work / f'guidellm-{tag}.log'}")
+        # Its own session: guidellm runs its requests in worker processes, which must go with it when this stops.
+        child = subprocess.Popen([guidellm, "run", "--scenario", str(scenario), "--disable-console-interactive"],
+                                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        code: int | None = None
+        try:
+            code = child.wait(1200)
+        finally:
+            if code != 0:  # failed, timed out or interrupted: its workers go too
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
+    if code != 0:
+        raise SystemExit(f"guidellm failed ({code}); see {work / f'guidellm-{tag}.log'}")
     return json.loads(report.read_text())
 
 

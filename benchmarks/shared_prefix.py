@@ -53,9 +53,9 @@ _QUESTIONS = ("What does the document say about the {0}?", "Is the {0} covered, 
 
 @dataclass(frozen=True)
 class Workload:
-    documents: int = 16
+    documents: int = 12
     questions: int = 4
-    document_words: int = 800
+    document_words: int = 500
     output_tokens: int = 48
     seed: int = 20
 
