@@ -124,6 +124,10 @@ BAD_CASES: list[tuple[str, dict[str, Any], list[str], list[str]]] = [
      ["spec.adapters: adapters change generated text; mode embedding generates none"], ["adapters-mode"]),
     ("one LoRA adapter twice", {"adapters": [{"name": "sql"}, {"name": "sql"}]},
      ["spec.adapters: an adapter is listed twice in spec.adapters"], ["duplicate-adapter"]),
+    ("kept prompt caches with LoRA adapters", {"adapters": [{"name": "sql"}], "promptCache": {"persist": True}},
+     ["spec.promptCache: promptCache.persist cannot be used with adapters: a saved slot does not record which "
+      "adapter computed it, so a restore could answer a base-model request from an adapter's cache"],
+     ["prompt-cache-with-adapters"]),
     ("a LoRA adapter in args", {"args": ["--lora", "/models/sql.gguf"]},
      ["spec.args[0]: --lora is managed by the operator: LoRA adapters are LlamaModels with spec.adapterFor, "
       "listed in spec.adapters"], ["managed"]),
@@ -143,6 +147,7 @@ BAD_CASES: list[tuple[str, dict[str, Any], list[str], list[str]]] = [
 
 GOOD_CASES: list[dict[str, Any]] = [
     {},
+    {"promptCache": {"persist": True, "maxSize": "4Gi"}},
     {"args": ["--top-k", "20", "--temp", "0.7", "--jinja", "--no-webui", "-ot", "exps=CPU"]},
     {"args": ["--top_k", "20"]},  # llama.cpp maps _ to - in long flags
     {"contextSize": 8192, "parallel": 4, "batchSize": 512, "ubatchSize": 256, "flashAttention": "on",

@@ -97,7 +97,8 @@ REFUSED: dict[str, Refusal] = {
     "--list-devices": _EXITS,
     # reach outside the pod or open tools
     "--media-path": _outside("it serves local files to API clients through file:// URLs"),
-    "--slot-save-path": _outside("it lets API clients write KV-cache files into the container"),
+    "--slot-save-path": _managed("spec.promptCache.persist keeps the slots on the model's claim, pruned to its "
+                                 "maxSize (a path of your own would let API clients fill it)"),
     "--log-prompts-dir": _outside("it writes every user prompt to disk"),
     "--rpc": _outside("it sends work to RPC servers outside the pod"),
     "--tools": _TOOLS,
