@@ -1,8 +1,8 @@
 """Prefix affinity, measured with guidellm (a benchmark nobody here wrote): two replicas behind three fronts.
 
-    .venv/bin/python benchmarks/prefix_affinity.py          # about 6 minutes on 2 cores; --runs K, --json FILE
+    .venv/bin/python benchmarks/prefix_affinity.py          # about 6 minutes a run on 2 cores; --runs K, --json FILE
 
-The same shared-prefix workload (shared_prefix.py: 16 tenants' system prompts of ~1,100 tokens, 4 questions each,
+The same shared-prefix workload (shared_prefix.py: 12 tenants' system prompts of ~800 tokens, 4 questions each,
 in random order, 48-token answers; guidellm keeps 4 requests in flight) against two llama-server replicas of
 gemma-3-270m Q4_K_M, three ways, each on freshly started replicas (empty caches):
 
@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))
 SLOTS = 4
 """llama-server's default --parallel (auto gives 4), what a LlamaServer without spec.parallel runs."""
 SLOT_CONTEXT = 2048
-"""Tokens each slot holds: a ~1,100-token prompt and its answer."""
+"""Tokens each slot holds: a ~800-token prompt and its answer (room for --document-words up to ~1,200)."""
 
 
 class RandomSpread:

@@ -1,13 +1,13 @@
 """The pure parts of prefix_affinity.py: the shared-prefix workload, guidellm's scenario, its report read into the
 table, and the table (tests/unit/test_bench_shared_prefix.py checks them; nothing here runs a server).
 
-The workload is a multi-tenant retrieval-augmented assistant: `documents` tenants, each with its own system prompt
-(a short instruction naming the tenant, then a document of `document_words` words, about 1.3 tokens a word
-with gemma's tokenizer), each asked `questions` different short questions; every request is one chat turn
-(system prompt + question) with a fixed answer length (guidellm sends `ignore_eos` with the dataset's
-`output_tokens_count`). The requests come in a seeded random order, so the questions about one document arrive
-spread over the run and interleaved with every other document's, as independent users' would. What is shared
-is the system prompt: several hundred tokens that a replica prefills once and then serves from its cache.
+The workload is a multi-tenant retrieval-augmented assistant: `documents` tenants, each with its own system
+prompt (a short instruction naming the tenant, then a handbook of `document_words` words: 500 words make a
+~800-token prompt with gemma's tokenizer), each asked `questions` different short questions; every request is
+one chat turn (system prompt + question) with a fixed answer length (guidellm sends `ignore_eos` with the
+dataset's `output_tokens_count`). The requests come in a seeded random order, so the questions about one tenant
+arrive spread over the run and interleaved with every other tenant's, as independent users' would. What is
+shared is the system prompt: hundreds of tokens that a replica prefills once and then serves from its cache.
 """
 
 from __future__ import annotations
