@@ -4,8 +4,9 @@
 (plural, namespace, name) instead of a socket, so everything above it — server-side apply bookkeeping, the
 skip of unchanged applies, own-write recognition, status patches, Secret reads, the permission checks — is
 the product's own code. Like the API server it bumps `resourceVersion` on every real change (not on a
-no-op apply) and `metadata.generation` on spec changes, records every request in `calls`, and raises an
-injected exception where a test asks (`fail`).
+no-op apply) and `metadata.generation` on spec changes, answers a dry-run apply (`dryRun=All`, verb `dry_run`)
+without storing it, records every request in `calls`, and raises an injected exception where a test asks
+(`fail`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class FakeKube(Kube):
             obj["metadata"]["generation"] = obj["metadata"].get("generation", 1) + 1
 
     def fail(self, verb: str, name: str | None, exc: Callable[[], BaseException]) -> None:
-        """Make `verb` (get, list, apply, patch_status, delete) on `name` (None: any) raise `exc()`."""
+        """Make `verb` (get, list, apply, dry_run, patch_status, delete) on `name` (None: any) raise `exc()`."""
         self.fail_on[(verb, name)] = exc
 
     def count(self, verb: str, plural: str | None = None) -> int:
@@ -85,7 +86,7 @@ class FakeKube(Kube):
                 raise NotFound(f"GET {path}: no log", status=404)
             return self.logs[(namespace, name, container)]
         verb = {"GET": "get" if name else "list", "DELETE": "delete"}.get(method) or (
-            "patch_status" if sub == "status" else "apply")
+            "patch_status" if sub == "status" else "dry_run" if ("dryRun", "All") in (query or []) else "apply")
         self.calls.append((verb, plural, namespace, name))
         for key in ((verb, name), (verb, None)):
             if key in self.fail_on:
@@ -118,15 +119,16 @@ class FakeKube(Kube):
                     status[field] = copy.deepcopy(value)
             stored["metadata"]["resourceVersion"] = str(next(self._versions))
             return copy.deepcopy(stored)
-        return self._server_side_apply(key, body)
+        return self._server_side_apply(key, body, dry_run=verb == "dry_run")
 
-    def _server_side_apply(self, key: Key, body: Mapping[str, Any]) -> dict[str, Any]:
+    def _server_side_apply(self, key: Key, body: Mapping[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
         desired = copy.deepcopy(dict(body))
         meta = desired["metadata"]
         existing = self.objects.get(key)
         if existing is None:
             meta.update(uid=f"uid-{meta['name']}", generation=1, resourceVersion=str(next(self._versions)))
-            self.objects[key] = desired
+            if not dry_run:
+                self.objects[key] = desired
             return copy.deepcopy(desired)
         old_meta = existing["metadata"]
         merged = {**existing, **{k: v for k, v in desired.items() if k != "metadata"}}
@@ -136,7 +138,8 @@ class FakeKube(Kube):
         if merged.get("spec") != existing.get("spec"):
             merged["metadata"]["generation"] = old_meta.get("generation", 1) + 1
         merged["metadata"]["resourceVersion"] = str(next(self._versions))
-        self.objects[key] = merged
+        if not dry_run:  # dryRun=All: the object as it would be stored, nothing stored
+            self.objects[key] = merged
         return copy.deepcopy(merged)
 
 

@@ -94,8 +94,8 @@ def leader(sandbox: SandboxProcess) -> tuple[str, str]:
 def takeover(sandbox: SandboxProcess, image: str, server: str, started: float, timeout: float = 240
              ) -> dict[str, float]:
     """Seconds from `started` until: every operator pod runs `image` and is ready; a pod of `image` holds the
-    Lease; that leader has reconciled LlamaServer `server` `ns/name` (kopf's resume; the reconcile logs the phase
-    it reports: "LlamaServer ns/name is Ready")."""
+    Lease; that leader has run its LlamaServer handler (kopf's resume: its log says "Handler 'server_changed'
+    succeeded.", naming no object: the sandbox must hold one LlamaServer, `server`)."""
     times: dict[str, float] = {}
     sandbox.kubectl("rollout", "status", f"deployment/{RELEASE}", "-n", SYSTEM, f"--timeout={timeout}s",
                     timeout=timeout + 20)
@@ -107,7 +107,7 @@ def takeover(sandbox: SandboxProcess, image: str, server: str, started: float, t
 
     def handled() -> bool:
         log = sandbox.kubectl("logs", pod, "-n", SYSTEM, "-c", "operator", check=False).stdout
-        return f"LlamaServer {server} is " in log
+        return "Handler 'server_changed' succeeded." in log
     try:
         wait_for(handled, timeout=60, message=f"the new leader reconciling {server}")
     except TimeoutError:

@@ -95,7 +95,8 @@ def _owned(kind: str, name: str, **extra: Any) -> dict[str, Any]:
 def test_the_owned_index_keeps_what_an_apply_compares_and_a_status_reads() -> None:
     kube = FakeKube()
     deployment = _bulky(_owned("Deployment", "chat", spec={"replicas": 2, "strategy": {"type": "Recreate"},
-                                                           "template": {"spec": {"containers": [{"x": "y" * 5000}]}}},
+                                                           "template": {"spec": {"containers": [
+                                                               {"name": "c", "image": "i:1", "x": "y" * 5000}]}}},
                                status={"readyReplicas": 1}))
     kube.put(DEPLOYMENTS, deployment)
     kube.put(SERVICES, _bulky(_owned("Service", "chat", spec={"ports": [{"port": 8080}]})))
@@ -105,7 +106,9 @@ def test_the_owned_index_keeps_what_an_apply_compares_and_a_status_reads() -> No
     watched = watched_over(kube)
     live = watched.owned("deployments", "default", "chat")
     assert live is not None
-    assert live["spec"] == {"replicas": 2, "strategy": {"type": "Recreate"}}
+    # of the pod template, only each container's name and image (the helper image a pod keeps)
+    assert live["spec"] == {"replicas": 2, "strategy": {"type": "Recreate"}, "template": {"spec": {
+        "initContainers": [], "containers": [{"name": "c", "image": "i:1"}]}}}
     assert live["status"]["readyReplicas"] == 1
     stored = kube.objects[("deployments", "default", "chat")]["metadata"]
     assert {k: live["metadata"][k] for k in ("uid", "generation", "resourceVersion", "ownerReferences")} == {

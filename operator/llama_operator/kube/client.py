@@ -161,32 +161,43 @@ class Kube:
         except ApiException as exc:
             raise translate(exc, f"{method} {path}", permission) from None
 
-    async def apply(self, obj: Mapping[str, Any], *, live: Mapping[str, Any] | None | object = UNKNOWN
-                    ) -> dict[str, Any]:
+    def covers(self, obj: Mapping[str, Any], live: Mapping[str, Any]) -> bool:
+        """Whether our last apply of this object sent exactly `obj` and `live` is still what it left (an apply of
+        `obj` with `live` would send nothing)."""
+        kind = KINDS_BY_API[(obj["apiVersion"], obj["kind"])]
+        record = self._applied.get((kind.plural, obj["metadata"]["namespace"], obj["metadata"]["name"]))
+        return record is not None and record.covers(desired_digest(obj), live, obj)
+
+    async def apply(self, obj: Mapping[str, Any], *, live: Mapping[str, Any] | None | object = UNKNOWN,
+                    dry_run: bool = False) -> dict[str, Any]:
         """Server-side apply of an owned object (create or converge); returns the stored object.
 
         With `live` (the object as just read, None when absent), nothing is sent when the desired object hashes
         the same as at our last apply and `live` is still what that apply left (see `Applied.covers`): a pod
-        event then costs a read, not a write.
+        event then costs a read, not a write. `dry_run`: the object as the API server would store it, stored
+        nothing and remembered nothing.
         """
         kind = KINDS_BY_API[(obj["apiVersion"], obj["kind"])]
         check_permission(kind, "patch", permissions=self._permissions)
         check_permission(kind, "create", permissions=self._permissions)
         meta = obj["metadata"]
         key = (kind.plural, meta["namespace"], meta["name"])
-        self._absent.discard(key)
-        digest = desired_digest(obj)
-        record = self._applied.get(key)
-        if isinstance(live, Mapping) and record is not None and record.covers(digest, live, obj):
-            return dict(live)
+        if not dry_run:
+            self._absent.discard(key)
+            if isinstance(live, Mapping) and self.covers(obj, live):
+                return dict(live)
+        query = [("fieldManager", self._field_manager), ("force", "true")]
         stored = await self._request(
             "PATCH",
             kind.path(meta["namespace"], meta["name"]),
             body=obj,
-            query=[("fieldManager", self._field_manager), ("force", "true")],
+            query=[*query, ("dryRun", "All")] if dry_run else query,
             content_type="application/apply-patch+yaml",
             permission=rule("patch", kind, meta["namespace"]) + " (and create)",
         )
+        if dry_run:
+            return dict(stored or {})
+        digest = desired_digest(obj)
         stored_meta = (stored or {}).get("metadata", {})
         self._applied[key] = Applied(digest, stored_meta.get("uid"), stored_meta.get("generation"),
                                      stored_meta.get("resourceVersion"))

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from ..api.errors import describe
 from ..api.v1alpha1 import Condition, DownloadStatus, LlamaModel, LlamaServer, LlamaServerStatus, MemoryEstimate
+from ..builders.helper_image import with_live_helper_image
 from ..builders.objects import label_selector, selector_labels
 from ..builders.plan import PlanProblem, ServerPlan, plan_server
 from ..builders.quantity import parse_quantity
@@ -201,6 +202,8 @@ async def _apply(ctx: Context, server: LlamaServer, plan: ServerPlan) -> dict[st
         kind = KINDS_BY_API[(obj["apiVersion"], obj["kind"])]
         live = await _read(ctx, kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
         try:
+            if obj["kind"] == "Deployment":
+                obj = await _keep_helper_image(ctx, obj, live)
             applied = await ctx.kube.apply(obj, live=live)
         except Invalid as exc:
             # What we built from this spec was refused (e.g. a malformed node label): retrying the same write
@@ -209,6 +212,25 @@ async def _apply(ctx: Context, server: LlamaServer, plan: ServerPlan) -> dict[st
         if obj["kind"] == "Deployment":
             stored = applied
     return stored
+
+
+async def _keep_helper_image(ctx: Context, desired: dict[str, Any], live: Mapping[str, Any] | None
+                             ) -> dict[str, Any]:
+    """The Deployment to apply: with the operator image its pods run now, instead of this operator's, when nothing
+    else in its pod template would change (builders/helper_image.py). The API server decides what "would change"
+    means (defaults, quantities, fields no longer set): a dry-run apply, compared with the stored template; sent
+    once per server after an operator upgrade, then our own apply record answers."""
+    pinned = with_live_helper_image(desired, live, ctx.settings.fetcher_image)
+    if pinned is None or live is None or ctx.kube.covers(pinned, live):
+        return pinned or desired
+    meta = desired["metadata"]
+    stored = await ctx.kube.get(DEPLOYMENTS, meta["namespace"], meta["name"])
+    would = await ctx.kube.apply(pinned, dry_run=True)
+    if stored is None or (would.get("spec") or {}).get("template") != (stored.get("spec") or {}).get("template"):
+        return desired
+    log.info("LlamaServer %s/%s: its pods keep the operator image they run (nothing else in their template "
+             "changed)", meta["namespace"], meta["name"])
+    return pinned
 
 
 MODEL_PROBLEMS = frozenset({"ModelFailed", "ModelInvalid"})

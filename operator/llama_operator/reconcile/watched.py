@@ -74,12 +74,18 @@ def _plain(value: Any) -> Any:
 
 def owned_view(body: Mapping[str, Any]) -> dict[str, Any]:
     """A Deployment or Service as a server's reconcile reads it: its metadata that an apply compares, and of a
-    Deployment the strategy and the status the fleet's status is computed from (server_status.py)."""
+    Deployment the strategy, its pod template's container names and images (the helper image a pod keeps:
+    builders/helper_image.py) and the status the fleet's status is computed from (server_status.py)."""
     spec = body.get("spec") if isinstance(body.get("spec"), Mapping) else {}
     view = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
             "metadata": _pick(body.get("metadata"), OWNED_METADATA)}
     if body.get("kind") == "Deployment":
         view["spec"] = _pick(spec, ("replicas", "strategy"))
+        template = spec.get("template") if isinstance(spec.get("template"), Mapping) else {}
+        pod = template.get("spec") if isinstance(template.get("spec"), Mapping) else {}
+        view["spec"]["template"] = {"spec": {key: [_pick(c, ("name", "image")) for c in pod.get(key) or []
+                                                   if isinstance(c, Mapping)]
+                                             for key in ("initContainers", "containers")}}
         view["status"] = _plain(body.get("status") or {})
     return view
 
