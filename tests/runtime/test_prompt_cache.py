@@ -97,8 +97,9 @@ def test_a_drained_conversation_comes_back_cached(tiny: Path, tmp_path: Path) ->
     with _server(tiny, slots, tmp_path) as url, _sidecar(url, slots, tmp_path):  # ready: restored
         warm = _turn(url, second)
     assert cold["cache_n"] == 0, cold
+    # The time saved shows with a real model (benchmarks/prompt_cache.py): the tiny one prefills 700 tokens in
+    # about 10 ms, under the noise; what llama-server took from the cache is the check here.
     assert warm["cache_n"] >= 500 and warm["prompt_n"] < 20, warm
-    assert warm["prompt_ms"] < cold["prompt_ms"], (warm, cold)
 
 
 def test_another_models_files_are_pruned_not_restored(tiny: Path, tmp_path: Path) -> None:

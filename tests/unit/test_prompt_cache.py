@@ -21,6 +21,7 @@ from llama_operator.contract import DRAIN_CONTAINER, DRAIN_READY_PATH, FETCH_CON
 from llama_operator.drain import Drain, Timing, make_server
 from llama_operator.fetch.cli import make_dir
 from llama_operator.fetch.command import parse
+from llama_operator.fit import settings_from_spec
 from llama_operator.flags.spec import spec_problems
 from llama_operator.slotstore import SlotApiError, SlotDirectory, pod_tag, restore_all, save_all
 from tests.conftest import resolved_model, server
@@ -46,6 +47,8 @@ def test_a_server_keeping_its_prompt_caches_gets_the_directory_the_flag_and_the_
     main, sidecar, fetch = containers[SERVER_CONTAINER], containers[DRAIN_CONTAINER], containers[FETCH_CONTAINER]
     mount = {"name": "model-cache", "mountPath": "/slots", "subPath": "slots/chat"}
     assert main["args"][main["args"].index("--slot-save-path") + 1] == "/slots"
+    assert "--swa-full" in main["args"]  # a restored sliding-window slot is reusable only with the full window
+    assert settings_from_spec(plan.server.spec).swa_full  # and the memory estimate counts the full window
     assert mount in main["volumeMounts"] and sidecar["volumeMounts"] == [mount]  # read-write in both
     fetched = parse(fetch["args"])
     assert fetched is not None and fetched.make_dir == "slots/chat"  # created before llama-server mounts it
@@ -60,6 +63,7 @@ def test_a_server_keeping_nothing_gets_none_of_it() -> None:
     assert isinstance(plan, ServerPlan)
     containers = _containers(plan)
     assert "--slot-save-path" not in containers[SERVER_CONTAINER]["args"]
+    assert "--swa-full" not in containers[SERVER_CONTAINER]["args"]
     assert "readinessProbe" not in containers[DRAIN_CONTAINER] and "volumeMounts" not in containers[DRAIN_CONTAINER]
     assert "--make-dir" not in containers[FETCH_CONTAINER]["args"]
 

@@ -7,7 +7,6 @@ from ..contract import SLOTS_MOUNT
 from ..flags.render import render_args
 from .cache import mmproj_path, model_path
 from .naming import model_name
-from .prompt_cache import keeps_prompt_cache
 from .resources import derived_threads
 
 
@@ -32,5 +31,5 @@ def server_args(server: LlamaServer, model: LlamaModel, draft: LlamaModel | None
         draft_model_path=draft_model_path(draft) if draft is not None else None,
         mmproj_path=mmproj_path(model),
         adapter_paths=[model_path(adapter) for adapter in adapters],
-        slot_save_path=SLOTS_MOUNT if keeps_prompt_cache(server) else None,
+        slot_save_path=SLOTS_MOUNT if server.spec.keeps_prompt_cache() else None,
     )

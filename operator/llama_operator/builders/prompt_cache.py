@@ -19,10 +19,6 @@ from ..contract import CACHE_VOLUME, SLOTS_DIR, SLOTS_MOUNT
 from .quantity import parse_quantity
 
 
-def keeps_prompt_cache(server: LlamaServer) -> bool:
-    return server.spec.prompt_cache is not None and server.spec.prompt_cache.persist
-
-
 def slots_directory(server: LlamaServer) -> str:
     """The server's directory below the cache root."""
     return f"{SLOTS_DIR}/{server.metadata.name}"
@@ -56,7 +52,7 @@ class KeptSlots:
 
 def kept_slots(server: LlamaServer, model: LlamaModel) -> KeptSlots | None:
     """The kept prompt caches of a one-model server, or None when it keeps none."""
-    if not keeps_prompt_cache(server):
+    if not server.spec.keeps_prompt_cache():
         return None
     assert server.spec.prompt_cache is not None
     return KeptSlots(subpath=slots_directory(server), key=model_key(model),

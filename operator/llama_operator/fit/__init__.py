@@ -88,7 +88,7 @@ def settings_from_spec(spec: LlamaServerSpec) -> FitSettings:
         gpu_layers=spec.gpu_layers,  # type: ignore[arg-type]
         tensor_split=spec.tensor_split,
         split_mode=spec.split_mode,
-        swa_full="--swa-full" in args,
+        swa_full="--swa-full" in args or spec.keeps_prompt_cache(),  # flags/render.py adds it
         embedding=spec.mode != "chat",
         cache_ram_mib=int(cache_ram) if cache_ram and cache_ram.lstrip("-").isdigit() else 8192,
         ctx_checkpoints=int(checkpoints) if checkpoints and checkpoints.isdigit() else 32,

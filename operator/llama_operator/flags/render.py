@@ -204,6 +204,9 @@ def render_args(
         args += render(spec)
     args += threads_arg(threads)
     args += slots_arg(spec)
-    args += ["--slot-save-path", slot_save_path] if slot_save_path is not None else []
+    if slot_save_path is not None:
+        args += ["--slot-save-path", slot_save_path]
+    if spec.keeps_prompt_cache() and "--swa-full" not in (spec.args or []):
+        args.append("--swa-full")  # LlamaServerSpec.keeps_prompt_cache says why
     args += list(spec.args or [])
     return args

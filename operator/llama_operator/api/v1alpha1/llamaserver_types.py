@@ -291,6 +291,13 @@ class LlamaServerSpec(ApiModel):
         # Everything downstream needs modelRef or models; the other router rules are reported with the flags.
         return check_value(ROUTER_RULES[:1], self)
 
+    def keeps_prompt_cache(self) -> bool:
+        """spec.promptCache.persist: llama-server then runs with --slot-save-path and --swa-full. A saved slot
+        carries no context checkpoints, so the KV of a sliding-window model restored without the full window
+        cannot be reused (measured: 0 cached tokens on gemma-3 after a restore): flags/render.py passes the flag,
+        fit counts its memory."""
+        return self.prompt_cache is not None and self.prompt_cache.persist
+
     def model_refs(self) -> list[tuple[str, ModelRef]]:
         """Every LlamaModel this server uses, with the field that names it, in order: spec.modelRef, each
         spec.models[i].modelRef, spec.speculative.draftModelRef, each spec.adapters[i]. The one list of a server's
