@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llama_operator.contract import DRAIN_PATH
+from llama_operator.contract import API_KEY_ENV, DRAIN_PATH
 from llama_operator.drain import Drain, ServerState, Timing, make_server
 
 from ..llama_bin import free_port, serving
@@ -115,3 +115,21 @@ def test_router_drain_waits_for_the_stream_and_loads_nothing(tmp_path: Path, sid
         print(f"router: stream ended, drain answered {answered - ended:.2f} s later")
         states = {m["id"]: m["status"]["value"] for m in httpx.get(f"{url}/models", timeout=5).json()["data"]}
         assert states == {"a": "loaded", "b": "unloaded"}
+
+
+def test_a_server_with_an_api_key_drains_at_once_with_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """llama-server guards /metrics with its API key: without the key the sidecar cannot read it and waits out its
+    whole budget; with the key (the pod gives the sidecar the server's Secret) an idle server drains at once."""
+    model = write_tiny_llama(tmp_path / "tiny.gguf")
+    port = free_port()
+    args = ["-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--metrics", "--no-slots",
+            "-c", "512", "-np", "1", "-t", "1", "--api-key", "sk-drain"]
+    with serving(args, port, workdir=tmp_path) as (url, _):
+        def drain() -> str:
+            return Drain(ServerState(url).busy, Timing(budget=2, min_wait=0, poll=0.2)).wait()
+
+        monkeypatch.delenv(API_KEY_ENV, raising=False)
+        assert drain().startswith("budget of 2 s spent: state unknown (/metrics answered 401)")
+        monkeypatch.setenv(API_KEY_ENV, "sk-drain")
+        assert drain().startswith("idle after")
