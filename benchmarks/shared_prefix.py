@@ -142,7 +142,33 @@ def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
             "output_tokens_per_second": metrics["output_tokens_per_second"]["successful"]["mean"],
             "ttft_p50_ms": ttft["p50"], "ttft_p90_ms": ttft["p90"],
             "prompt_tokens": prompt, "cached_tokens": cached,
-            "cached_share": cached / prompt if prompt else math.nan}
+            "cached_share": cached / prompt if prompt else math.nan, **cold_prefills(done)}
+
+
+def _system(request: Mapping[str, Any]) -> str:
+    """The system prompt guidellm sent (its request_args keep the body), the key of what requests share."""
+    messages = json.loads(request["request_args"])["body"]["messages"]
+    return json.dumps(messages[0]["content"]) if messages and messages[0].get("role") == "system" else ""
+
+
+def cold_prefills(requests: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Why prompts were prefilled whole (under half of them from cache): `cold` all of them; `cold_first` the
+    first request of its system prompt (nothing could have cached it); `cold_in_flight` one that started while an
+    earlier request with the same system prompt was still in flight (a replica's slots share no prompt while it is
+    being served: only a finished one can be reused); the rest went to a replica that had not served the prompt."""
+    timed = sorted(requests, key=lambda r: r["info"]["timings"]["request_start"])
+    ends: dict[str, list[float]] = {}
+    cold = first = in_flight = 0
+    for request in timed:
+        key, start = _system(request), request["info"]["timings"]["request_start"]
+        metrics = request["input_metrics"]
+        if (metrics.get("cached_tokens") or 0) * 2 < (metrics.get("text_tokens") or 0):
+            cold += 1
+            earlier = ends.get(key, [])
+            first += not earlier
+            in_flight += any(end > start for end in earlier)
+        ends.setdefault(key, []).append(request["info"]["timings"]["request_end"])
+    return {"cold": cold, "cold_first": first, "cold_in_flight": in_flight}
 
 
 def combine(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -176,13 +202,15 @@ def render(results: Mapping[str, Any]) -> str:
     lines = [f"shared-prefix benchmark (guidellm {results['guidellm']}): {results['workload']}; "
              f"{results['streams']} streams; 2 replicas of gemma-3-270m Q4_K_M, one core each; "
              f"{runs} run{'s' if runs != 1 else ''}" + (", median (min–max)" if runs > 1 else ""), "",
-             "| front | requests/s | output tokens/s | TTFT p50 | TTFT p90 | prompt tokens from cache |",
-             "|---|---|---|---|---|---|"]
+             "| front | requests/s | output tokens/s | TTFT p50 | TTFT p90 | prompt tokens from cache "
+             "| prompts prefilled whole: all / first of their prefix / its prefix in flight |",
+             "|---|---|---|---|---|---|---|"]
     for way in WAYS:
         c = ways[way]
         lines.append(f"| {WAY_LABELS[way]} | {_cell(c, 'requests_per_second', '.3f')} | "
                      f"{_cell(c, 'output_tokens_per_second', '.1f')} | {_cell(c, 'ttft_p50_ms', '.0f')} ms"
-                     f" | {_cell(c, 'ttft_p90_ms', '.0f')} ms | {_cell(c, 'cached_share', '.0%')} |")
+                     f" | {_cell(c, 'ttft_p90_ms', '.0f')} ms | {_cell(c, 'cached_share', '.0%')} | "
+                     + " / ".join(_cell(c, key, '.0f') for key in ('cold', 'cold_first', 'cold_in_flight')) + " |")
     v = results["verdict"]
     lines += ["", f"PrefixAffinity vs the Service: {v['throughput_ratio']:.2f}x requests/s (goal >= "
               f"{GOAL_THROUGHPUT}x), TTFT p90 {v['ttft_p90_ratio']:.2f}x (goal <= {GOAL_TTFT_P90}x): goal "

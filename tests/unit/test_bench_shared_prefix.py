@@ -84,6 +84,25 @@ def test_a_guidellm_report_reads_into_the_tables_numbers() -> None:
     assert summary["prompt_tokens"] == 226 + 235 + 232 + 237 + 228 + 236
     assert summary["cached_tokens"] == 202 + 206
     assert summary["cached_share"] == pytest.approx(408 / 1394)
+    # Three system prompts, each first request cold; one tenant's second request went to the other replica (its
+    # prompt, shorter than prefixCharacters, was hashed with the question).
+    assert (summary["cold"], summary["cold_first"], summary["cold_in_flight"]) == (4, 3, 0)
+
+
+def _request(system: str, start: float, end: float, cached: int, prompt: int = 800) -> dict[str, object]:
+    body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "q"}]}
+    return {"request_args": json.dumps({"body": body}), "info": {"timings": {"request_start": start,
+                                                                             "request_end": end}},
+            "input_metrics": {"text_tokens": prompt, "cached_tokens": cached}}
+
+
+def test_cold_prefills_are_told_apart_by_why() -> None:
+    requests = [_request("a", 0, 10, 0), _request("a", 5, 12, 0),  # a's second while its first was in flight
+                _request("a", 11, 14, 780), _request("b", 12, 20, 0),  # warm; b's first
+                _request("b", 21, 25, 300),  # under half from cache: prefilled on a replica that had not seen b
+                ]
+    assert shared_prefix.cold_prefills(list(reversed(requests))) == {"cold": 4, "cold_first": 2,
+                                                                      "cold_in_flight": 1}
 
 
 def test_a_report_with_other_than_one_benchmark_is_refused() -> None:
@@ -93,7 +112,8 @@ def test_a_report_with_other_than_one_benchmark_is_refused() -> None:
 
 def _run(rps: float, p90: float, cached: float = 0.5) -> dict[str, float]:
     return {"requests_per_second": rps, "output_tokens_per_second": rps * 48, "ttft_p50_ms": p90 / 2,
-            "ttft_p90_ms": p90, "cached_share": cached, "errored": 0, "incomplete": 0}
+            "ttft_p90_ms": p90, "cached_share": cached, "errored": 0, "incomplete": 0, "cold": 20,
+            "cold_first": 12, "cold_in_flight": 5}
 
 
 def _results(service: list[dict[str, float]], prefix: list[dict[str, float]]) -> dict[str, object]:
@@ -111,7 +131,7 @@ def test_the_goal_is_met_by_throughput_or_by_ttft_p90_and_said_when_missed() -> 
     assert not missed["verdict"]["met"]
     table = shared_prefix.render(missed)
     assert "1.20x requests/s" in table and "TTFT p90 0.80x" in table and "goal NOT met" in table
-    assert "| gateway, PrefixAffinity | 1.200 | 57.6 | 400 ms | 800 ms | 50% |" in table
+    assert "| gateway, PrefixAffinity | 1.200 | 57.6 | 400 ms | 800 ms | 50% | 20 / 12 / 5 |" in table
 
 
 def test_several_runs_show_the_median_and_the_range() -> None:
