@@ -139,8 +139,9 @@ def _change(sandbox: SandboxProcess, urls: dict[str, str], what: str, act: Any, 
                         timeout=200)
         deployment = get_json(sandbox, NS, "deployment", NAME)
         changed = changed_fields(before.template, deployment["spec"]["template"])
-        if changed:  # the operator rolls the pods: wait until only new ones serve
-            _settled(sandbox, NAME, 2, timeout=240)
+        if changed:  # the operator rolls the pods: wait until the rollout is done and only new ones serve
+            sandbox.kubectl("rollout", "status", f"deployment/{NAME}", "-n", NS, "--timeout=240s", timeout=260)
+            _settled(sandbox, NAME, 2, timeout=120)
             times["model pods replaced"] = time.monotonic() - started
         _wait_gateway(sandbox, NAME, 2)
         load.wait_complete(1, timeout=90)
