@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from llama_operator.api.v1alpha1 import GROUP, VERSION
+from llama_operator.api.v1beta1 import GROUP, VERSION
 from llama_operator.controlplane import ControlPlane
 from llama_operator.sandbox.client import resource_path
 from tests.waiting import wait_for

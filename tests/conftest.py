@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from llama_operator.api.v1alpha1 import LlamaModel, LlamaServer
+from llama_operator.api.v1beta1 import LlamaModel, LlamaServer
 from llama_operator.config import Settings
 from tests import tiers
 
@@ -16,7 +16,7 @@ from tests import tiers
 def model_body(name: str = "qwen", *, spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None,
                uid: str | None = "uid-model") -> dict[str, Any]:
     body: dict[str, Any] = {
-        "apiVersion": "llamacpp.dev/v1alpha1",
+        "apiVersion": "llamacpp.dev/v1beta1",
         "kind": "LlamaModel",
         "metadata": {"name": name, "namespace": "default", "generation": 1},
         "spec": spec or {"source": {"huggingFace": {"repo": "Qwen/Qwen2.5-0.5B-Instruct-GGUF",
@@ -31,7 +31,7 @@ def model_body(name: str = "qwen", *, spec: dict[str, Any] | None = None, status
 
 def server_body(name: str = "chat", *, uid: str | None = "uid-server", **spec: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "apiVersion": "llamacpp.dev/v1alpha1",
+        "apiVersion": "llamacpp.dev/v1beta1",
         "kind": "LlamaServer",
         "metadata": {"name": name, "namespace": "default", "generation": 1},
         "spec": {"modelRef": {"name": "qwen"}, **spec},

@@ -4,7 +4,7 @@
 ArgsValid condition: pydantic parsing of the spec (the CRD schema's rules and more) and, for LlamaServer, the
 one spec validation of flags/spec.py (references, flags, tenant policy). kopf routes admission requests by
 handler id, so the Helm chart's ValidatingWebhookConfiguration points at `/validate-llamaserver` and
-`/validate-llamamodel`.
+`/validate-llamamodel`; the same server answers the CRDs' conversion webhook at `/convert` (api/conversion.py).
 
 The operator's startup handler calls `register` (into its own registry) and `configure_webhook`.
 """
@@ -18,15 +18,19 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
+from .api import conversion
 from .api.bounds import truncate_message
 from .api.errors import describe
-from .api.v1alpha1 import GROUP, VERSION, LlamaModelSpec, LlamaServerSpec
+from .api.v1beta1 import GROUP, VERSION, LlamaModelSpec, LlamaServerSpec
 from .config import Settings
 from .flags.spec import spec_problems
 from .policy import model_policy_problems
 
 SERVER_WEBHOOK_ID = "validate-llamaserver"
 MODEL_WEBHOOK_ID = "validate-llamamodel"
+CONVERSION_WEBHOOK_ID = "convert"
+"""The path (kopf's webhook id) of the CRDs' conversion webhook: kopf has no conversion handlers, so the server
+below answers it before kopf's admission routing sees the request."""
 
 
 def server_spec_problems(spec: dict[str, Any], *, namespace: str | None, settings: Settings) -> list[str]:
@@ -102,7 +106,11 @@ def configure_webhook(settings: kopf.OperatorSettings, config: Settings) -> None
 
 
 class ForgetfulWebhookServer(kopf.WebhookServer):
-    """kopf's webhook server, except that reviews of existing objects leave nothing behind in kopf's memory.
+    """kopf's webhook server, plus the conversion webhook, and reviews of existing objects leave nothing behind.
+
+    `/convert` is answered here with api/conversion.py's ConversionReview: one server, one port, one certificate
+    and one Service for both webhooks, so the CRDs' caBundle is the validating webhook's. kopf's server reads the
+    body with aiohttp's default bound (1 MiB: a larger review is refused with 413 before it is parsed).
 
     kopf keeps a per-object memory keyed by the reviewed object's uid for every UPDATE or DELETE review (CREATE is
     not kept), and forgets it only when its watch sees that object deleted. A review whose uid belongs to no object
@@ -114,6 +122,8 @@ class ForgetfulWebhookServer(kopf.WebhookServer):
 
     async def __call__(self, fn: Any) -> Any:
         async def forgetful(request: Any, **kwargs: Any) -> Any:
+            if kwargs.get("webhook") == CONVERSION_WEBHOOK_ID:
+                return conversion.review(request)
             return await fn(without_object_uids(request), **kwargs)
 
         served = super().__call__(forgetful)

@@ -20,13 +20,23 @@ def _cmd_version(_: argparse.Namespace) -> int:
 def _cmd_crds(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .api.crd import CRD_FILES, all_crds, to_yaml
+    from .api.crd import CRD_FILES, all_crds, conversion_client_config, to_yaml, with_webhook_conversion
 
+    client_config = None
+    if args.conversion_service or args.conversion_url:
+        if not args.ca_bundle:
+            raise CliError("--conversion-service/--conversion-url need --ca-bundle (the webhook's CA, PEM)")
+        try:
+            client_config = conversion_client_config(ca_pem=Path(args.ca_bundle).read_bytes(),
+                                                     service=args.conversion_service, url=args.conversion_url)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"crds: {exc}") from None
     if args.out_dir:
         for file_name, build in CRD_FILES.items():
-            (Path(args.out_dir) / file_name).write_text(to_yaml(build()))
+            crd = build() if client_config is None else with_webhook_conversion(build(), client_config)
+            (Path(args.out_dir) / file_name).write_text(to_yaml(crd))
         return 0
-    sys.stdout.write("---\n".join(to_yaml(crd) for crd in all_crds()))
+    sys.stdout.write("---\n".join(to_yaml(crd) for crd in all_crds(client_config)))
     return 0
 
 
@@ -94,6 +104,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     crds = sub.add_parser("crds", help="print the CustomResourceDefinitions (YAML stream)")
     crds.add_argument("--out-dir", help="write one file per CRD into this directory instead")
+    crds.add_argument("--conversion-service", metavar="NAMESPACE/NAME",
+                      help="convert v1alpha1 <-> v1beta1 through the operator's webhook behind this Service "
+                      "(port 443, path /convert); without it the CRDs have no conversion webhook (docs/api.md)")
+    crds.add_argument("--conversion-url", metavar="URL", help="the same, at this https URL (path /convert added)")
+    crds.add_argument("--ca-bundle", metavar="FILE", help="PEM of the CA that signed the webhook's certificate")
     crds.set_defaults(func=_cmd_crds)
 
     render = sub.add_parser("render", help="print the objects the operator would create for YAML files (offline)")

@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from .api.v1alpha1 import GROUP, VERSION, LlamaServerSpec
+from .api.v1beta1 import GROUP, VERSION, LlamaServerSpec
 from .config import Settings
 from .contract import MANAGED_BY, MANAGED_BY_LABEL, MANAGED_SELECTOR, MODEL_LABEL, SERVER_LABEL
 from .kube import LLAMA_MODELS, LLAMA_SERVERS, Kube, connection_settings, load_api_client

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from .api.v1alpha1 import GgufInfo
+from .api.v1beta1 import GgufInfo
 from .errors import OperatorError
 from .fetch.http import redact_url
 from .fit import FitSettings, estimate, model_info, table

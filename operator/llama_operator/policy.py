@@ -10,7 +10,7 @@ docs/security.md, "Node filesystem and pod policy", says what each rule protects
 
 from __future__ import annotations
 
-from .api.v1alpha1 import LlamaModelSpec, LlamaServerSpec
+from .api.v1beta1 import LlamaModelSpec, LlamaServerSpec
 from .config import ANY, Settings
 from .contract import GROUP
 

@@ -1,5 +1,6 @@
 """`llama-operator render`: the objects the operator would create for some YAML files, with no cluster.
 
+Files in v1alpha1 are converted to v1beta1 first (api/conversion.py), as the API server does for the operator.
 What only the cluster or the network could say (an owner's uid, a sha256 the hub publishes) is left out;
 the init container resolves those at run time.
 """
@@ -13,8 +14,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from .api.conversion import VERSIONS, convert
 from .api.errors import describe
-from .api.v1alpha1 import API_VERSION, LlamaModel, LlamaServer
+from .api.v1beta1 import API_VERSION, LlamaModel, LlamaServer
 from .builders import build_cache_pvc
 from .builders.plan import PlanProblem, plan_server
 from .config import Settings
@@ -70,8 +72,10 @@ def render(paths: Iterable[str], settings: Settings, *, default_namespace: str =
     servers: list[tuple[str, LlamaServer]] = []
     for path, doc in _load_documents(paths):
         doc.setdefault("metadata", {}).setdefault("namespace", default_namespace)
-        if doc.get("apiVersion") != API_VERSION or doc.get("kind") not in ("LlamaModel", "LlamaServer"):
+        if doc.get("apiVersion") not in VERSIONS or doc.get("kind") not in ("LlamaModel", "LlamaServer"):
             continue  # other objects (Secrets, namespaces) in the same files are not ours to render
+        # v1alpha1 files render as the API server would serve them to the operator: converted to v1beta1.
+        doc = convert(doc, API_VERSION)
         if doc["kind"] == "LlamaModel":
             model = _parse(path, doc, LlamaModel)
             refused = model_policy_problems(model.spec, settings)

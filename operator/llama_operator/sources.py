@@ -27,7 +27,7 @@ from urllib.parse import urljoin
 
 import httpx
 
-from .api.v1alpha1 import SPLIT_GGUF_RE, GgufInfo, LlamaModelSpec, ModelFile
+from .api.v1beta1 import SPLIT_GGUF_RE, GgufInfo, LlamaModelSpec, ModelFile
 from .config import Settings
 from .egress import source_client
 from .errors import (

@@ -1,6 +1,9 @@
-"""The CRDs the chart renders equal crds/ byte for byte (plus the keep annotation by default)."""
+"""The CRDs the chart renders equal crds/ byte for byte, plus the keep annotation (by default) and the conversion
+webhook (with the webhook, by default; tests/chart/test_webhook.py checks where it points)."""
 
 from __future__ import annotations
+
+import re
 
 import yaml
 
@@ -23,18 +26,30 @@ def _repo_crds() -> dict[str, str]:
 
 
 _KEEP_LINES = "  annotations:\n    helm.sh/resource-policy: keep\n"
+_CONVERSION = re.compile(r"\nspec:\n  conversion:\n(    .*\n)+")
+
+
+def _without_conversion(text: str) -> str:
+    """The CRD text with the inserted spec.conversion block taken out (exactly one)."""
+    stripped, count = _CONVERSION.subn("\nspec:\n", text)
+    assert count == 1, text[:400]
+    return stripped
 
 
 def test_rendered_crds_equal_crds_dir_byte_for_byte(helm: str) -> None:
     repo = _repo_crds()
-    # crds.keep: false renders the files untouched.
-    assert _rendered_crd_texts(render_text(helm, "everything")) == repo
+    # crds.keep: false renders the files untouched but for the conversion webhook.
+    everything = _rendered_crd_texts(render_text(helm, "everything"))
+    assert {name: _without_conversion(text) for name, text in everything.items()} == repo
+    # Without the webhook, no conversion either.
+    assert {name: text.replace(_KEEP_LINES, "", 1)
+            for name, text in _rendered_crd_texts(render_text(helm, "webhook-off")).items()} == repo
     # crds.keep: true (default) adds exactly the keep annotation; removing it gives the file back byte for byte.
     kept = _rendered_crd_texts(render_text(helm, "default"))
     assert set(kept) == set(repo)
     for name, text in kept.items():
         assert text.count(_KEEP_LINES) == 1
-        assert text.replace(_KEEP_LINES, "", 1) == repo[name]
+        assert _without_conversion(text.replace(_KEEP_LINES, "", 1)) == repo[name]
         assert yaml.safe_load(text)["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     # crds.install: false renders none.
     assert _rendered_crd_texts(render_text(helm, "minimal")) == {}

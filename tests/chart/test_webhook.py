@@ -1,4 +1,4 @@
-"""The admission webhook: Service, port, paths, rules and its TLS (self-signed or cert-manager)."""
+"""The admission and conversion webhooks: Service, port, paths, rules and their TLS (self-signed or cert-manager)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_webhook_is_wired_to_the_operator(helm: str, scenario: str) -> None:
         assert str(cport["containerPort"]) == env["LLAMA_OPERATOR_WEBHOOK_PORT"]
         assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
         (rule,) = hook["rules"]
-        assert rule["apiGroups"] == ["llamacpp.dev"] and rule["apiVersions"] == ["v1alpha1"]
+        assert rule["apiGroups"] == ["llamacpp.dev"] and rule["apiVersions"] == ["v1beta1"]
         assert rule["operations"] == ["CREATE", "UPDATE"]
         assert ref["path"] == "/validate-" + rule["resources"][0].removesuffix("s")
         assert hook["failurePolicy"] == values.get("webhook", {}).get("failurePolicy", "Ignore")
@@ -87,12 +87,29 @@ def test_webhook_is_wired_to_the_operator(helm: str, scenario: str) -> None:
             assert verify.returncode == 0, verify.stdout + verify.stderr
         key_check = _openssl("pkey", "-noout", stdin=base64.b64decode(secret["data"]["tls.key"]))
         assert key_check.returncode == 0, key_check.stderr
+    # Both CRDs convert through the same server, Service and CA as the validating webhook.
+    crds = find(objects, "CustomResourceDefinition")
+    assert len(crds) == 2
+    for crd in crds:
+        conversion = crd["spec"]["conversion"]
+        assert conversion["strategy"] == "Webhook" and conversion["webhook"]["conversionReviewVersions"] == ["v1"]
+        client = conversion["webhook"]["clientConfig"]
+        hook_service = vwc["webhooks"][0]["clientConfig"]["service"]
+        assert client["service"] == {**hook_service, "path": "/convert"}
+        if values.get("webhook", {}).get("certManager", {}).get("enabled"):
+            assert "caBundle" not in client
+            assert crd["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == \
+                vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+        else:
+            assert client["caBundle"] == vwc["webhooks"][0]["clientConfig"]["caBundle"]
 
 
 def test_webhook_off_renders_no_webhook(helm: str) -> None:
     objects = render(helm, "webhook-off")
     assert not find(objects, "ValidatingWebhookConfiguration")
     assert not find(objects, "Secret") and not find(objects, "Certificate")
+    # Without the webhook server nothing can convert: the CRDs keep strategy None (docs/api.md#versions).
+    assert [crd["spec"].get("conversion") for crd in find(objects, "CustomResourceDefinition")] == [None, None]
     deployment = the_deployment(objects)
     assert env_of(deployment)["LLAMA_OPERATOR_WEBHOOK_PORT"] == "0"
     (container,) = deployment["spec"]["template"]["spec"]["containers"]

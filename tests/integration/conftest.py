@@ -84,8 +84,8 @@ def apiserver(control_plane: ControlPlane, request: pytest.FixtureRequest) -> It
     finally:
         # The test's own objects go first, so no operator of a later test sees them in a terminating namespace.
         for plural in ("llamaservers", "llamamodels"):
-            for obj in api.list("llamacpp.dev/v1alpha1", plural, api.namespace):
-                api.delete("llamacpp.dev/v1alpha1", plural, api.namespace, obj["metadata"]["name"])
+            for obj in api.list("llamacpp.dev/v1beta1", plural, api.namespace):
+                api.delete("llamacpp.dev/v1beta1", plural, api.namespace, obj["metadata"]["name"])
         api.delete("v1", "namespaces", None, api.namespace)
         api.close()
 

@@ -27,7 +27,7 @@ import kubernetes
 import pytest
 import yaml
 
-from llama_operator.api.v1alpha1 import SERVER_RULES, SPECULATIVE_RULES
+from llama_operator.api.v1beta1 import SERVER_RULES, SPECULATIVE_RULES
 from llama_operator.controlplane import ControlPlane
 from llama_operator.controlplane.certs import CertificateAuthority
 from llama_operator.controlplane.cluster import free_port
@@ -160,7 +160,7 @@ def _name(row: Row) -> str:
 
 
 def _apply(cluster: ControlPlane, namespace: str, row: Row) -> tuple[bool, str]:
-    obj = {"apiVersion": "llamacpp.dev/v1alpha1", "kind": row.kind,
+    obj = {"apiVersion": "llamacpp.dev/v1beta1", "kind": row.kind,
            "metadata": {"name": _name(row), "namespace": namespace}, "spec": row.spec}
     proc = kubectl(cluster, "--namespace", namespace, "apply", "-f", "-", input=yaml.safe_dump(obj))
     return proc.returncode == 0, proc.stdout + proc.stderr
@@ -190,8 +190,8 @@ def _namespace(api: ClusterApi, prefix: str) -> str:
 
 def _delete_namespace(api: ClusterApi, namespace: str) -> None:
     for plural in ("llamaservers", "llamamodels"):
-        for obj in api.list("llamacpp.dev/v1alpha1", plural, namespace):
-            api.delete("llamacpp.dev/v1alpha1", plural, namespace, obj["metadata"]["name"])
+        for obj in api.list("llamacpp.dev/v1beta1", plural, namespace):
+            api.delete("llamacpp.dev/v1beta1", plural, namespace, obj["metadata"]["name"])
     api.delete("v1", "namespaces", None, namespace)
 
 

@@ -14,7 +14,7 @@ from tests.conftest import model_body, server_body
 from tests.fakehub import FakeHub
 from tests.tiny_gguf import write_tiny_llama
 
-CRD = "llamacpp.dev/v1alpha1"
+CRD = "llamacpp.dev/v1beta1"
 REPO_ID, FILE = "Qwen/Qwen2.5-0.5B-Instruct-GGUF", "qwen2.5-0.5b-instruct-q4_k_m.gguf"
 
 

@@ -24,7 +24,7 @@ from llama_operator.controlplane.certs import CertificateAuthority
 from tests.cluster import ClusterApi
 from tests.conftest import model_body, server_body
 
-CRD = "llamacpp.dev/v1alpha1"
+CRD = "llamacpp.dev/v1beta1"
 # A volume source resolves without any network: these tests are about the API server, not the model source.
 VOLUME_MODEL = {"source": {"volume": {"persistentVolumeClaim": "models", "path": "m/model.gguf"}}}
 
@@ -204,7 +204,7 @@ def test_status_writes_refused_with_409_are_retried(apiserver: ClusterApi, run_o
             "failurePolicy": "Fail", "timeoutSeconds": 5,
             "clientConfig": {"url": webhook.url, "caBundle": webhook.ca_bundle},
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": apiserver.namespace}},
-            "rules": [{"apiGroups": ["llamacpp.dev"], "apiVersions": ["v1alpha1"], "operations": ["UPDATE"],
+            "rules": [{"apiGroups": ["llamacpp.dev"], "apiVersions": ["v1beta1"], "operations": ["UPDATE"],
                        "resources": ["llamaservers/status"]}]}]})
     try:
         apiserver.create_llama("llamamodels", model_body(spec=VOLUME_MODEL))

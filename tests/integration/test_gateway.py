@@ -25,7 +25,7 @@ from tests.fakehub import FakeHub
 from tests.helm import helm_template
 from tests.tiny_gguf import write_tiny_llama
 
-CRD = "llamacpp.dev/v1alpha1"
+CRD = "llamacpp.dev/v1beta1"
 REPO_ID = "org/tiny-GGUF"
 FILE = "tiny.gguf"
 OPERATOR_NAMESPACE = "llama-system"

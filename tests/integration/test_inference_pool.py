@@ -21,7 +21,7 @@ from tests.cluster import ApiError
 from tests.conftest import model_body, server_body
 from tests.tiers import REPO, in_ci
 
-CRD = "llamacpp.dev/v1alpha1"
+CRD = "llamacpp.dev/v1beta1"
 POOLS = "inference.networking.k8s.io/v1"
 DISCOVERY = f"/apis/{POOLS}"
 CRDS = "apiextensions.k8s.io/v1"

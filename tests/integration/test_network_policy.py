@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import model_body, server_body
 
-CRD = "llamacpp.dev/v1alpha1"
+CRD = "llamacpp.dev/v1beta1"
 NP = "networking.k8s.io/v1"
 
 OPERATOR = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "llama-system"}},

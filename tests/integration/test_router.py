@@ -18,7 +18,7 @@ from tests.conftest import model_body
 from tests.fakehub import FakeHub
 from tests.tiny_gguf import write_tiny_llama
 
-CRD = "llamacpp.dev/v1alpha1"
+CRD = "llamacpp.dev/v1beta1"
 REPO = "org/tiny-GGUF"
 NAMES = ("alpha", "beta", "gamma")
 

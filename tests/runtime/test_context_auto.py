@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llama_operator.api.v1alpha1 import LlamaServer
+from llama_operator.api.v1beta1 import LlamaServer
 from llama_operator.builders.plan import ServerPlan, plan_server
 from llama_operator.config import Settings
 from llama_operator.fit import estimate_server, model_info

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llama_operator.api.v1alpha1 import LlamaServerSpec
+from llama_operator.api.v1beta1 import LlamaServerSpec
 from llama_operator.flags.render import render_args
 from llama_operator.gateway.app import GatewayConfig
 
@@ -67,7 +67,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     spec = LlamaServerSpec.model_validate(spec_fields)
     args, port = on_loopback(render_args(spec, model_path=str(model), model_name=MODEL, threads=2,
                                          adapter_paths=paths))
-    server = {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer",
+    server = {"apiVersion": "llamacpp.dev/v1beta1", "kind": "LlamaServer",
               "metadata": {"namespace": "static", "name": MODEL}, "spec": {**spec_fields, "replicas": 1}}
     with ExitStack() as stack:
         replica, _ = stack.enter_context(serving(args, port, workdir=root))

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llama_operator.api.v1alpha1 import LlamaServerSpec
+from llama_operator.api.v1beta1 import LlamaServerSpec
 from llama_operator.gateway.app import GatewayConfig
 
 from ..gateway_thread import gateway_in_thread

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llama_operator.api.v1alpha1 import LlamaServerSpec
+from llama_operator.api.v1beta1 import LlamaServerSpec
 from llama_operator.contract import DRAIN_PATH, DRAIN_READY_PATH, SLOT_FILE_SUFFIX
 from llama_operator.flags.render import render_args
 

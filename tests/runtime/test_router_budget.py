@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llama_operator.api.v1alpha1 import LlamaModel, LlamaServer
+from llama_operator.api.v1beta1 import LlamaModel, LlamaServer
 from llama_operator.builders.router_memory import quantity, served_estimates
 from llama_operator.fit import model_info
 from llama_operator.gateway.app import GatewayConfig
@@ -45,7 +45,7 @@ class Shelf:
 
     def server(self) -> dict[str, Any]:
         """The router-mode LlamaServer as the gateway reads it: spec and the poller's status.models."""
-        return {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer",
+        return {"apiVersion": "llamacpp.dev/v1beta1", "kind": "LlamaServer",
                 "metadata": {"namespace": "static", "name": "fleet"},
                 "spec": {"models": [{"modelRef": {"name": n}, "contextSize": 256} for n in self.estimates],
                          "maxLoaded": 3, "resources": {"limits": {"memory": f"{self.budget_mib}Mi"}}},

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llama_operator.api.v1alpha1 import LlamaModel, LlamaServer
+from llama_operator.api.v1beta1 import LlamaModel, LlamaServer
 from llama_operator.builders.router import PRESET_PATH, ROUTER_ROOT, build_preset, router_args
 from llama_operator.config import Settings
 from llama_operator.reconcile.router_status import model_states

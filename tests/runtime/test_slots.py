@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llama_operator.api.v1alpha1 import LlamaServerSpec
+from llama_operator.api.v1beta1 import LlamaServerSpec
 
 from .test_metrics_scrape import _start
 from .test_metrics_scrape import tiny as tiny  # noqa: F401 - the fixture

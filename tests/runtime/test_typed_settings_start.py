@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llama_operator.api.v1alpha1 import LlamaServerSpec
+from llama_operator.api.v1beta1 import LlamaServerSpec
 from llama_operator.flags.render import render_args
 from llama_operator.flags.validate import validate_server_spec
 

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from llama_operator.api.v1alpha1 import LlamaModel, LlamaServer
+from llama_operator.api.v1beta1 import LlamaModel, LlamaServer
 from llama_operator.builders.args import server_args
 from llama_operator.builders.router import PRESET_PATH, ROUTER_ROOT, build_preset, router_args
 from llama_operator.config import Settings

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from llama_operator.api.v1alpha1 import GgufInfo, LlamaModel, LlamaServerSpec
+from llama_operator.api.v1beta1 import GgufInfo, LlamaModel, LlamaServerSpec
 from llama_operator.builders.plan import PlanProblem, ServerPlan, plan_server
 from llama_operator.config import Settings
 from llama_operator.contract import adapter_fetch_container, fetch_subject, is_fetch_container

@@ -20,7 +20,7 @@ from kopf._core.engines.indexing import OperatorIndexers
 from kopf._core.reactor.inventory import ResourceMemories
 
 from llama_operator import admission
-from llama_operator.api.v1alpha1 import GROUP, VERSION
+from llama_operator.api.v1beta1 import GROUP, VERSION
 from llama_operator.config import Settings
 
 from .flag_cases import BAD_CASES

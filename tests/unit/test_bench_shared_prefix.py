@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_operator.api.v1alpha1 import RoutingSpec
+from llama_operator.api.v1beta1 import RoutingSpec
 from llama_operator.gateway.balancer import prompt_prefix
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"

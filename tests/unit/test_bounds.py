@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from llama_operator.admission import _refuse, server_spec_problems
 from llama_operator.api.bounds import MESSAGE_MAX_LENGTH, truncate_message
 from llama_operator.api.errors import describe
-from llama_operator.api.v1alpha1 import (
+from llama_operator.api.v1beta1 import (
     ARG_MAX_LENGTH,
     ARGS_MAX_ITEMS,
     Condition,

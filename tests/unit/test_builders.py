@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from llama_operator import __version__
-from llama_operator.api.v1alpha1 import LlamaModel
+from llama_operator.api.v1beta1 import LlamaModel
 from llama_operator.builders import build_cache_pvc, build_deployment, build_service
 from llama_operator.builders.resources import derived_threads
 from llama_operator.config import Settings

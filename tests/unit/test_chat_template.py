@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_operator.api.v1alpha1 import Condition, GgufInfo
+from llama_operator.api.v1beta1 import Condition, GgufInfo
 from llama_operator.gguf import FileByteSource, read_header
 from llama_operator.reconcile.chat_template import QUIET, ChatModel, chat_template_condition
 from llama_operator.reconcile.conditions import problem_event

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from llama_operator.api.v1alpha1 import Condition
+from llama_operator.api.v1beta1 import Condition
 from llama_operator.clock import now_rfc3339
 from llama_operator.reconcile.conditions import condition, merge_conditions
 

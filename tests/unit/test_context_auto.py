@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from llama_operator.api.v1alpha1 import GgufInfo, LlamaServer, ModelMemoryShape
+from llama_operator.api.v1beta1 import GgufInfo, LlamaServer, ModelMemoryShape
 from llama_operator.builders.plan import PlanProblem, ServerPlan, plan_server
 from llama_operator.config import Settings
 from llama_operator.fit import estimate_server

@@ -109,7 +109,7 @@ class Clock:
 def resolver(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """[calls, outcomes]: every network resolution is appended to calls; the next one raises outcomes[0] if any."""
     from llama_operator import sources
-    from llama_operator.api.v1alpha1 import ModelFile
+    from llama_operator.api.v1beta1 import ModelFile
 
     calls: list[Any] = []
     outcomes: list[BaseException] = []

@@ -17,7 +17,7 @@ from llama_operator.api.base import CONTEXT_SIZE_RULES, GPU_LAYERS_RULES
 from llama_operator.api.cel import CEL_KEY, Rule, violations
 from llama_operator.api.crd import CRD_FILES, all_crds, to_yaml
 from llama_operator.api.k8s import TOLERATION_RULES
-from llama_operator.api.v1alpha1 import (
+from llama_operator.api.v1beta1 import (
     ARGS_RULES,
     BUDGET_RULES,
     DISRUPTION_RULES,
@@ -294,7 +294,7 @@ def test_cross_namespace_model_ref_is_not_expressible_in_the_schema_and_caught_b
     # tests/integration/test_bad_input_apply.py); the operator and the webhook reject it.
     body = server_body(modelRef={"name": "qwen", "namespace": "other"})
     assert crdschema.errors(body) == []
-    from llama_operator.api.v1alpha1 import LlamaServer
+    from llama_operator.api.v1beta1 import LlamaServer
     from llama_operator.config import Settings
     from llama_operator.flags.spec import spec_problems
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from llama_operator.api.v1alpha1 import GgufInfo, LlamaServerSpec, ModelMemoryShape
+from llama_operator.api.v1beta1 import GgufInfo, LlamaServerSpec, ModelMemoryShape
 from llama_operator.fit import FitSettings, estimate, estimate_server, model_info, settings_from_spec, table
 from llama_operator.fit.estimate import GiB, MiB, kv_bytes, pad
 from llama_operator.fit.shape import memory_shape

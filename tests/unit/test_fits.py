@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from llama_operator.api.v1alpha1 import GgufInfo, LlamaModel, LlamaServer, ModelMemoryShape
+from llama_operator.api.v1beta1 import GgufInfo, LlamaModel, LlamaServer, ModelMemoryShape
 from llama_operator.builders import build_deployment
 from llama_operator.config import Settings, SettingsError
 from llama_operator.fit import estimate_server, largest_context, request_quantity

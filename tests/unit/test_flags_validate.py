@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llama_operator.api.v1alpha1 import LlamaServerSpec
+from llama_operator.api.v1beta1 import LlamaServerSpec
 from llama_operator.flags.args import CHECKED
 from llama_operator.flags.policy import RANGES, REFUSED, REMOVED
 from llama_operator.flags.validate import validate_args, validate_server_spec

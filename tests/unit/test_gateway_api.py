@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from llama_operator.api.cel import violations
-from llama_operator.api.v1alpha1 import SCALING_RULES, LlamaServer, LlamaServerSpec
+from llama_operator.api.v1beta1 import SCALING_RULES, LlamaServer, LlamaServerSpec
 from llama_operator.config import Settings
 from llama_operator.kube import LLAMA_MODELS, LLAMA_SERVERS
 from llama_operator.reconcile.context import Context

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from llama_operator import sources
-from llama_operator.api.v1alpha1 import LlamaModelSpec
+from llama_operator.api.v1beta1 import LlamaModelSpec
 from llama_operator.config import Settings
 from llama_operator.errors import NotAGguf, SourceUnreachable
 from llama_operator.fit import model_info

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from llama_operator.api.v1alpha1 import LlamaModel
+from llama_operator.api.v1beta1 import LlamaModel
 from llama_operator.config import Settings
 from llama_operator.kube import DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, SERVICES
 from llama_operator.reconcile import indexes

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from llama_operator.api.v1alpha1 import LlamaServer
+from llama_operator.api.v1beta1 import LlamaServer
 from llama_operator.builders.inference_pool import (
     ENGINE_TYPE,
     ENGINE_TYPE_LABELS,

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from llama_operator import metrics
-from llama_operator.api.v1alpha1 import LlamaServer
+from llama_operator.api.v1beta1 import LlamaServer
 from llama_operator.builders import build_deployment
 from llama_operator.config import Settings
 from llama_operator.fit import model_info

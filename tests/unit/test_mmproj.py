@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from llama_operator.api.v1alpha1 import LlamaModel, LlamaModelSpec, LlamaServer
+from llama_operator.api.v1beta1 import LlamaModel, LlamaModelSpec, LlamaServer
 from llama_operator.builders import build_deployment
 from llama_operator.config import Settings as OperatorSettings
 from llama_operator.reconcile.model import offline_status
@@ -156,6 +156,6 @@ def test_offline_render_knows_where_the_projector_comes_from() -> None:
      "spec.mmproj.file: must name a .gguf file (for a split model, its first shard: name-00001-of-0000N.gguf)"),
 ])
 def test_a_bad_projector_file_is_refused_by_the_schema(mmproj: dict[str, Any], message: str) -> None:
-    body = {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaModel", "metadata": {"name": "x"},
+    body = {"apiVersion": "llamacpp.dev/v1beta1", "kind": "LlamaModel", "metadata": {"name": "x"},
             "spec": {"source": HF, "mmproj": mmproj}}
     assert crdschema.errors(body) == [message]

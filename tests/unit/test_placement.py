@@ -10,7 +10,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from llama_operator.api.v1alpha1 import BUDGET_RULES, DISRUPTION_RULES, LlamaServerSpec
+from llama_operator.api.v1beta1 import BUDGET_RULES, DISRUPTION_RULES, LlamaServerSpec
 from llama_operator.builders import build_deployment
 from llama_operator.builders.deployment import rollout_strategy
 from llama_operator.builders.placement import build_disruption_budget

@@ -9,7 +9,7 @@ import pytest
 
 import llama_operator.fit
 import llama_operator.flags.render
-from llama_operator.api.v1alpha1 import GgufInfo, LlamaModel, LlamaServer, ModelMemoryShape
+from llama_operator.api.v1beta1 import GgufInfo, LlamaModel, LlamaServer, ModelMemoryShape
 from llama_operator.builders.plan import PlanProblem, ServerPlan, plan_server
 from llama_operator.config import Settings
 from llama_operator.fit.estimate import GiB

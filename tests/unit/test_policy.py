@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from llama_operator.admission import model_spec_problems, server_spec_problems
-from llama_operator.api.v1alpha1 import LlamaModelSpec, LlamaServerSpec
+from llama_operator.api.v1beta1 import LlamaModelSpec, LlamaServerSpec
 from llama_operator.config import DEFAULT_IMAGES, Settings, SettingsError, TenantPolicy
 from llama_operator.flags.spec import spec_problems
 from llama_operator.policy import model_policy_problems, tenant_problems
@@ -83,7 +83,7 @@ def test_every_entry_point_asks_the_policy(tmp_path: Any) -> None:
     assert any("runtimeClassName" in p for p in spec_problems(_server(**spec), "default", STRICT))
     assert model_spec_problems(HOST_PATH_MODEL, settings=Settings())[0].startswith("spec.cache.type: HostPath")
     path = tmp_path / "model.yaml"
-    path.write_text("apiVersion: llamacpp.dev/v1alpha1\nkind: LlamaModel\nmetadata: {name: m}\nspec:\n"
+    path.write_text("apiVersion: llamacpp.dev/v1beta1\nkind: LlamaModel\nmetadata: {name: m}\nspec:\n"
                     "  source: {http: {url: 'https://h/m.gguf'}}\n  cache: {type: HostPath, path: team-a}\n")
     with pytest.raises(RenderError, match="HostPath caches are turned off"):
         render([str(path)], Settings())

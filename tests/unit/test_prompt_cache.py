@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from llama_operator.api.v1alpha1 import LlamaModel
+from llama_operator.api.v1beta1 import LlamaModel
 from llama_operator.builders.plan import PlanProblem, ServerPlan, plan_server
 from llama_operator.builders.prompt_cache import model_key
 from llama_operator.config import Settings

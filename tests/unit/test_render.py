@@ -51,12 +51,12 @@ def _write(tmp_path: pathlib.Path, docs: list[dict[str, Any]]) -> str:
     return str(path)
 
 
-MODEL = {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaModel", "metadata": {"name": "m"},
+MODEL = {"apiVersion": "llamacpp.dev/v1beta1", "kind": "LlamaModel", "metadata": {"name": "m"},
          "spec": {"source": {"http": {"url": "https://h/m.gguf"}}}}
 
 
 def _server(**spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer", "metadata": {"name": "s"},
+    return {"apiVersion": "llamacpp.dev/v1beta1", "kind": "LlamaServer", "metadata": {"name": "s"},
             "spec": {"modelRef": {"name": "m"}, **spec}}
 
 

@@ -12,7 +12,7 @@ import yaml
 
 from llama_operator.admission import server_spec_problems
 from llama_operator.api.cel import violations
-from llama_operator.api.v1alpha1 import (
+from llama_operator.api.v1beta1 import (
     ROUTER_RULES,
     SERVED_MODEL_RULES,
     LlamaModel,
@@ -40,7 +40,7 @@ GOLDEN = pathlib.Path(__file__).parent / "golden" / "multi-model.yaml"
 
 
 def router_body(models: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer",
+    return {"apiVersion": "llamacpp.dev/v1beta1", "kind": "LlamaServer",
             "metadata": {"name": "fleet", "namespace": "default", "generation": 1, "uid": "uid-fleet"},
             "spec": {"models": models, **spec}}
 
@@ -252,7 +252,7 @@ BAD = [
 def test_a_bad_router_spec_gets_the_same_message_from_cel_the_webhook_and_the_reconcile(
     spec: dict[str, Any], message: str
 ) -> None:
-    body = {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer", "metadata": {"name": "x"}, "spec": spec}
+    body = {"apiVersion": "llamacpp.dev/v1beta1", "kind": "LlamaServer", "metadata": {"name": "x"}, "spec": spec}
     assert crdschema.errors(body) == [message]
     assert server_spec_problems(spec, namespace="default", settings=Settings()) == [message]
     try:
@@ -280,7 +280,7 @@ WEBHOOK_ONLY = [
 
 @pytest.mark.parametrize(("spec", "message"), WEBHOOK_ONLY, ids=[m.split(":")[0] for _, m in WEBHOOK_ONLY])
 def test_what_cel_cannot_say_the_webhook_and_the_reconcile_say(spec: dict[str, Any], message: str) -> None:
-    body = {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer", "metadata": {"name": "x"}, "spec": spec}
+    body = {"apiVersion": "llamacpp.dev/v1beta1", "kind": "LlamaServer", "metadata": {"name": "x"}, "spec": spec}
     assert crdschema.errors(body) == []
     assert server_spec_problems(spec, namespace="default", settings=Settings()) == [message]
     assert spec_problems(LlamaServerSpec.model_validate(spec), "default", Settings()) == [message]
@@ -289,7 +289,7 @@ def test_what_cel_cannot_say_the_webhook_and_the_reconcile_say(spec: dict[str, A
 def test_a_good_router_spec_passes_everything() -> None:
     spec = {"models": THREE, "maxLoaded": 2, "gpu": {"vendor": "nvidia", "count": 2}, "tensorSplit": [1, 1],
             "args": ["--top-k", "20"]}
-    body = {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer", "metadata": {"name": "x"}, "spec": spec}
+    body = {"apiVersion": "llamacpp.dev/v1beta1", "kind": "LlamaServer", "metadata": {"name": "x"}, "spec": spec}
     assert crdschema.errors(body) == []
     assert spec_problems(LlamaServerSpec.model_validate(spec), "default", Settings()) == []
 
@@ -305,7 +305,7 @@ ROUTER_CORPUS = [spec for spec, _ in BAD if "models" in spec and "modelRef" not 
 
 @pytest.mark.parametrize("spec", ROUTER_CORPUS, ids=[str(i) for i in range(len(ROUTER_CORPUS))])
 def test_router_cel_rules_say_what_their_python_says(spec: dict[str, Any]) -> None:
-    body = {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer", "metadata": {"name": "x"}, "spec": spec}
+    body = {"apiVersion": "llamacpp.dev/v1beta1", "kind": "LlamaServer", "metadata": {"name": "x"}, "spec": spec}
     parsed = LlamaServerSpec.model_validate(spec)
     found = violations(ROUTER_RULES, parsed, "spec")
     for index, entry in enumerate(parsed.models or []):

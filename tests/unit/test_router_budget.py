@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from llama_operator.api.v1alpha1 import LlamaModel, LlamaServer, LlamaServerSpec
+from llama_operator.api.v1beta1 import LlamaModel, LlamaServer, LlamaServerSpec
 from llama_operator.builders.router_memory import budget_used, memory_budget, served_estimates
 from llama_operator.config import Settings
 from llama_operator.fit import estimate_server, model_info

@@ -95,7 +95,7 @@ ROUTER_SPEC = {"models": [{"modelRef": {"name": "alpha"}}, {"modelRef": {"name":
 
 
 def _router_body(spec: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"apiVersion": "llamacpp.dev/v1alpha1", "kind": "LlamaServer",
+    return {"apiVersion": "llamacpp.dev/v1beta1", "kind": "LlamaServer",
             "metadata": {"name": "fleet", "namespace": "default", "generation": 1, "uid": "uid-fleet"},
             "spec": spec or ROUTER_SPEC}
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from llama_operator import contract, fetch
-from llama_operator.api.v1alpha1 import LlamaModel, LlamaModelSpec
+from llama_operator.api.v1beta1 import LlamaModel, LlamaModelSpec
 from llama_operator.builders.fetcher import mmproj_fetch_container
 from llama_operator.config import Settings, SettingsError
 from llama_operator.egress import refusal

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from llama_operator import contract
-from llama_operator.api.v1alpha1 import LlamaModel
+from llama_operator.api.v1beta1 import LlamaModel
 from llama_operator.config import Settings
 from llama_operator.errors import InvalidSecret, RetryLater
 from llama_operator.fetch.secrets import REDACTED, SOURCE_CREDENTIALS_LABEL, SOURCE_CREDENTIALS_TYPE, clean, scrub

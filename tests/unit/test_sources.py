@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from llama_operator.api.v1alpha1 import DNS_LABEL, LlamaModelSpec
+from llama_operator.api.v1beta1 import DNS_LABEL, LlamaModelSpec
 from llama_operator.config import Settings as OperatorSettings
 from llama_operator.sources import (
     ChecksumMismatch,

@@ -187,7 +187,7 @@ async def test_a_report_that_differs_from_the_record_is_one_warning() -> None:
 
 async def test_the_model_keeps_its_record_and_repairs_its_configmap(monkeypatch: pytest.MonkeyPatch) -> None:
     from llama_operator import sources
-    from llama_operator.api.v1alpha1 import ModelFile
+    from llama_operator.api.v1beta1 import ModelFile
 
     async def resolve(spec: Any, **_: Any) -> sources.ResolvedModel:
         return sources.ResolvedModel([ModelFile(name="m.gguf", url="https://h/m.gguf", size=9)], 9, None, None,

@@ -77,3 +77,26 @@ app.kubernetes.io/part-of: llama-operator
 {{- define "llama-operator.webhookCertDir" -}}
 /var/run/llama-operator/webhook-certs
 {{- end }}
+
+{{- /*
+The webhook's TLS (helm-generated mode): the CA and serving certificate, computed once per render and kept in
+.Values._webhookTLS so that webhook.yaml (the Secret, the ValidatingWebhookConfiguration) and crds.yaml (the CRDs'
+conversion webhook) carry the same CA: genCA is random, calling it twice would give two. Looked up from the
+existing Secret when there is one, so upgrades do not rotate it.
+*/}}
+{{- define "llama-operator.webhookTLS" -}}
+{{- if not (hasKey .Values "_webhookTLS") }}
+{{- $fullname := include "llama-operator.fullname" . }}
+{{- $svcName := include "llama-operator.webhookServiceName" . }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "llama-operator.webhookSecretName" .) }}
+{{- if and $existing (index ($existing.data | default dict) "ca.crt") }}
+{{- $_ := set .Values "_webhookTLS" (dict "ca" (index $existing.data "ca.crt") "crt" (index $existing.data "tls.crt") "key" (index $existing.data "tls.key")) }}
+{{- else }}
+{{- $days := int .Values.webhook.selfSigned.validityDays }}
+{{- $ca := genCA (printf "%s-webhook-ca" $fullname) $days }}
+{{- $dns := fromYamlArray (include "llama-operator.webhookDNSNames" .) }}
+{{- $cert := genSignedCert (printf "%s.%s.svc" $svcName .Release.Namespace) nil $dns $days $ca }}
+{{- $_ := set .Values "_webhookTLS" (dict "ca" ($ca.Cert | b64enc) "crt" ($cert.Cert | b64enc) "key" ($cert.Key | b64enc)) }}
+{{- end }}
+{{- end }}
+{{- end }}

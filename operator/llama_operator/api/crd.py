@@ -3,17 +3,24 @@
 The output is a structural schema: every node typed, `$ref`s inlined, pydantic's Optional encoding
 (`anyOf: [X, null]`) collapsed to X, and int-or-string fields marked the Kubernetes way. The models' validation
 rules (api/cel.py) come along as `x-kubernetes-validations`, so the API server itself enforces them.
+
+Each CRD serves two versions: v1beta1 (stored) and the deprecated v1alpha1, each with its own models' schema and
+columns. As generated they have no conversion section (strategy None); `with_webhook_conversion` adds the
+webhook that converts between them (api/conversion.py): the chart adds it, and so does `llama-operator crds
+--conversion-*`. docs/api.md#versions says why the plain crds/ carry none.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 from typing import Any
 
 import yaml
 
+from . import v1alpha1, v1beta1
 from .cel import CEL_KEY
-from .v1alpha1 import GROUP, VERSION, LlamaModelSpec, LlamaModelStatus, LlamaServerSpec, LlamaServerStatus
+from .v1beta1 import GROUP, LlamaServerSpec, LlamaServerStatus
 
 _DROP_KEYS = {"title", "additionalProperties"}
 
@@ -84,17 +91,37 @@ def schema_for(model: type) -> dict[str, Any]:
     return _inline(raw, defs)
 
 
-def _crd(
-    *,
-    kind: str,
-    plural: str,
-    short_name: str,
-    spec: dict[str, Any],
-    status: dict[str, Any],
-    columns: list[dict[str, Any]],
-    subresources: dict[str, Any],
-    description: str,
+def _version(
+    name: str, *, spec: dict[str, Any], status: dict[str, Any], columns: list[dict[str, Any]],
+    subresources: dict[str, Any], description: str,
 ) -> dict[str, Any]:
+    version: dict[str, Any] = {"name": name, "served": True, "storage": name == v1beta1.VERSION}
+    if name == v1alpha1.VERSION:
+        version["deprecated"] = True
+        version["deprecationWarning"] = (f"{GROUP}/{name} is deprecated; use {v1beta1.API_VERSION} "
+                                         "(docs/api.md#versions)")
+    version.update({
+        "subresources": subresources,
+        "additionalPrinterColumns": columns,
+        "schema": {
+            "openAPIV3Schema": {
+                "type": "object",
+                "description": description,
+                "required": ["spec"],
+                "properties": {
+                    "apiVersion": {"type": "string", "description": "API version."},
+                    "kind": {"type": "string", "description": "Kind."},
+                    "metadata": {"type": "object"},
+                    "spec": spec,
+                    "status": status,
+                },
+            }
+        },
+    })
+    return version
+
+
+def _crd(*, kind: str, plural: str, short_name: str, versions: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -110,61 +137,60 @@ def _crd(
                 "categories": ["llama"],
             },
             "scope": "Namespaced",
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": subresources,
-                    "additionalPrinterColumns": columns,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": description,
-                            "required": ["spec"],
-                            "properties": {
-                                "apiVersion": {"type": "string", "description": "API version."},
-                                "kind": {"type": "string", "description": "Kind."},
-                                "metadata": {"type": "object"},
-                                "spec": spec,
-                                "status": status,
-                            },
-                        }
-                    },
-                }
-            ],
+            "versions": versions,
         },
     }
 
 
+def _model_columns(size: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Arch", "type": "string", "jsonPath": ".status.gguf.architecture"},
+        {"name": "Quant", "type": "string", "jsonPath": ".status.gguf.fileType"},
+        {"name": "Size", **size},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+
+
 def llamamodel_crd() -> dict[str, Any]:
-    spec = schema_for(LlamaModelSpec)
+    spec = schema_for(v1beta1.LlamaModelSpec)
+    common = {"spec": spec, "subresources": {"status": {}},
+              "description": "A GGUF model for llama.cpp: its source, checksum and cache."}
     return _crd(
         kind="LlamaModel",
         plural="llamamodels",
         short_name="lmodel",
-        spec=spec,
-        status=schema_for(LlamaModelStatus),
-        subresources={"status": {}},
-        description="A GGUF model for llama.cpp: its source, checksum and cache.",
-        columns=[
-            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-            {"name": "Arch", "type": "string", "jsonPath": ".status.gguf.architecture"},
-            {"name": "Quant", "type": "string", "jsonPath": ".status.gguf.fileType"},
-            {"name": "Size", "type": "integer", "format": "int64", "jsonPath": ".status.size"},
-            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        versions=[
+            _version(v1beta1.VERSION, status=schema_for(v1beta1.LlamaModelStatus), **common,
+                     columns=_model_columns({"type": "string", "jsonPath": ".status.humanSize"})),
+            _version(v1alpha1.VERSION, status=schema_for(v1alpha1.LlamaModelStatus), **common,
+                     columns=_model_columns({"type": "integer", "format": "int64", "jsonPath": ".status.size"})),
         ],
     )
 
 
+_SERVER_COLUMNS = [
+    {"name": "Model", "type": "string", "jsonPath": ".spec.modelRef.name"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
+    {"name": "Download", "type": "string", "jsonPath": ".status.download.summary",
+     "description": "While Downloading: percent, size and rate of the model download."},
+    {"name": "Loaded", "type": "string", "jsonPath": ".status.modelsLoaded",
+     "description": "With spec.models: models loaded/total."},
+    {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
+    {"name": "Memory", "type": "string", "jsonPath": ".status.memory.host", "priority": 1,
+     "description": "Estimated host memory per replica (docs/memory-fit.md)."},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
 def llamaserver_crd() -> dict[str, Any]:
-    return _crd(
-        kind="LlamaServer",
-        plural="llamaservers",
-        short_name="lserver",
-        spec=schema_for(LlamaServerSpec),
-        status=schema_for(LlamaServerStatus),
-        subresources={
+    # Both versions share one schema: v1beta1 changed nothing in LlamaServer but its apiVersion.
+    common = {
+        "spec": schema_for(LlamaServerSpec),
+        "status": schema_for(LlamaServerStatus),
+        "columns": _SERVER_COLUMNS,
+        "subresources": {
             "status": {},
             "scale": {
                 "specReplicasPath": ".spec.replicas",
@@ -172,26 +198,44 @@ def llamaserver_crd() -> dict[str, Any]:
                 "labelSelectorPath": ".status.selector",
             },
         },
-        description="A fleet of llama.cpp llama-server pods serving one LlamaModel behind an "
+        "description": "A fleet of llama.cpp llama-server pods serving one LlamaModel behind an "
         "OpenAI-compatible Service.",
-        columns=[
-            {"name": "Model", "type": "string", "jsonPath": ".spec.modelRef.name"},
-            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-            {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
-            {"name": "Download", "type": "string", "jsonPath": ".status.download.summary",
-             "description": "While Downloading: percent, size and rate of the model download."},
-            {"name": "Loaded", "type": "string", "jsonPath": ".status.modelsLoaded",
-             "description": "With spec.models: models loaded/total."},
-            {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
-            {"name": "Memory", "type": "string", "jsonPath": ".status.memory.host", "priority": 1,
-             "description": "Estimated host memory per replica (docs/memory-fit.md)."},
-            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-        ],
-    )
+    }
+    return _crd(kind="LlamaServer", plural="llamaservers", short_name="lserver",
+                versions=[_version(v1beta1.VERSION, **common), _version(v1alpha1.VERSION, **common)])
 
 
-def all_crds() -> list[dict[str, Any]]:
-    return [llamamodel_crd(), llamaserver_crd()]
+def with_webhook_conversion(crd: dict[str, Any], client_config: dict[str, Any]) -> dict[str, Any]:
+    """`crd` converting between its versions through the operator's webhook at `client_config` (the CRD's
+    `spec.conversion.webhook.clientConfig`: a `service` or `url`, and the `caBundle` that signed its certificate)."""
+    converted = copy.deepcopy(crd)
+    converted["spec"]["conversion"] = {
+        "strategy": "Webhook",
+        "webhook": {"conversionReviewVersions": ["v1"], "clientConfig": client_config},
+    }
+    return converted
+
+
+def conversion_client_config(*, ca_pem: bytes, service: str | None = None, url: str | None = None) -> dict[str, Any]:
+    """The clientConfig of the operator's conversion webhook: behind `service` (NAMESPACE/NAME, port 443, the
+    chart's webhook Service) or at `url`, with the CA (PEM) that signed the webhook certificate."""
+    if (service is None) == (url is None):
+        raise ValueError("give exactly one of a service (NAMESPACE/NAME) or a URL")
+    config: dict[str, Any] = {"caBundle": base64.b64encode(ca_pem).decode("ascii")}
+    if url is not None:
+        config["url"] = url.rstrip("/") + "/convert"
+    else:
+        namespace, _, name = (service or "").partition("/")
+        if not namespace or not name:
+            raise ValueError(f"service {service!r}: expected NAMESPACE/NAME")
+        config["service"] = {"namespace": namespace, "name": name, "path": "/convert", "port": 443}
+    return config
+
+
+def all_crds(client_config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Both CRDs; with `client_config`, converting through the operator's webhook there."""
+    crds = [llamamodel_crd(), llamaserver_crd()]
+    return crds if client_config is None else [with_webhook_conversion(crd, client_config) for crd in crds]
 
 
 CRD_FILES = {
@@ -200,5 +244,13 @@ CRD_FILES = {
 }
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes a node shared by both versions (LlamaServer's schema) out twice rather than as a YAML alias: the
+    chart edits the CRD text, and people read it."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def to_yaml(obj: dict[str, Any]) -> str:
-    return yaml.safe_dump(obj, sort_keys=False, width=120)
+    return yaml.dump(obj, Dumper=_NoAliasDumper, sort_keys=False, width=120)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..api.v1alpha1 import LlamaModel, LlamaServer
+from ..api.v1beta1 import LlamaModel, LlamaServer
 from ..contract import SLOTS_MOUNT
 from ..flags.render import render_args
 from .cache import mmproj_path, model_path

@@ -12,7 +12,7 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
-from ..api.v1alpha1 import CacheType, LlamaModel
+from ..api.v1beta1 import CacheType, LlamaModel
 from ..config import Settings
 from ..contract import CACHE_MOUNT, CACHE_VOLUME, SOURCE_MOUNT, SOURCE_VOLUME
 from ..fetch.plan import DEFAULT_MAX_UNKNOWN_SIZE

@@ -8,7 +8,7 @@ gpu.memory for each GPU (the operator does not know which node the pods land on)
 
 from __future__ import annotations
 
-from ..api.v1alpha1 import LlamaModel, LlamaServer, LlamaServerSpec
+from ..api.v1beta1 import LlamaModel, LlamaServer, LlamaServerSpec
 from ..fit import auto_context, estimate_server, format_bytes
 from ..fit.estimate import CELL_PAD
 from .quantity import parse_quantity

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..api.v1alpha1 import LlamaServer
+from ..api.v1beta1 import LlamaServer
 from .objects import object_meta, selector_labels, server_labels
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..api.v1alpha1 import LlamaServer
+from ..api.v1beta1 import LlamaServer
 from ..config import Settings
 from ..contract import API_KEY_ENV, DRAIN_CONTAINER, DRAIN_MARGIN_SECONDS, DRAIN_PATH, DRAIN_PORT, DRAIN_READY_PATH
 from ..flags.render import SERVER_PORT

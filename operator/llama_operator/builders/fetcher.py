@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from ..api.v1alpha1 import LlamaModel
+from ..api.v1beta1 import LlamaModel
 from ..config import Settings
 from ..contract import (
     FETCH_CONTAINER,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..api.v1alpha1 import LlamaServer
+from ..api.v1beta1 import LlamaServer
 
 
 def model_name(server: LlamaServer) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..api.v1alpha1 import LlamaServer
+from ..api.v1beta1 import LlamaServer
 from ..config import Settings
 from ..flags.render import SERVER_PORT
 from .objects import object_meta, selector_labels, server_labels

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import __version__
-from ..api.v1alpha1 import API_VERSION, LlamaModel, LlamaServer
+from ..api.v1beta1 import API_VERSION, LlamaModel, LlamaServer
 from ..contract import (
     MANAGED_BY,
     MANAGED_BY_LABEL,

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from ..api.v1alpha1 import LlamaModel, LlamaServer
+from ..api.v1beta1 import LlamaModel, LlamaServer
 from ..config import Settings
 from ..contract import FETCH_CONTAINER, FETCH_DRAFT_CONTAINER, adapter_fetch_container, router_fetch_container
 from ..errors import InvalidSpec

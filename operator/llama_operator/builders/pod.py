@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..api.v1alpha1 import LlamaModel, LlamaServer
+from ..api.v1beta1 import LlamaModel, LlamaServer
 from ..config import Settings
 from ..contract import (
     API_KEY_ENV,

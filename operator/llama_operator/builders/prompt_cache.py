@@ -14,7 +14,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from ..api.v1alpha1 import LlamaModel, LlamaServer
+from ..api.v1beta1 import LlamaModel, LlamaServer
 from ..contract import CACHE_VOLUME, SLOTS_DIR, SLOTS_MOUNT
 from .quantity import parse_quantity
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..api.v1alpha1 import LlamaModel
+from ..api.v1beta1 import LlamaModel
 from ..config import Settings
 from .cache import cache_pvc_name, cache_size, cache_type
 from .objects import model_labels, object_meta

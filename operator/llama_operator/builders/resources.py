@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..api.v1alpha1 import LlamaServer
+from ..api.v1beta1 import LlamaServer
 from ..config import Settings
 from ..fit import Estimate, request_quantity
 from .quantity import parse_quantity

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api.v1alpha1 import LlamaModel, LlamaServer
+from ..api.v1beta1 import LlamaModel, LlamaServer
 from ..config import Settings
 from ..contract import GROUP, TMP_MOUNT, TMP_VOLUME, router_fetch_container
 from ..flags import render

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..api.v1alpha1 import LlamaModel, LlamaServer
+from ..api.v1beta1 import LlamaModel, LlamaServer
 from ..fit import estimate_server, request_quantity
 from .context import memory_limit
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..api.v1alpha1 import LlamaModel
+from ..api.v1beta1 import LlamaModel
 from ..contract import TRUST_CONFIGMAP_KEY, TRUSTED_ENV, trusted_sums_text
 from .objects import model_labels, object_meta
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from ..api.base import CONTEXT_SIZE_MAX
-from ..api.v1alpha1 import GgufInfo, LlamaServerSpec
+from ..api.v1beta1 import GgufInfo, LlamaServerSpec
 from ..contract import CACHE_RAM_FLAGS, adapters_cache_ram, human
 from ..gguf import GgufHeader
 from ..llamacpp.ggml import TensorSummary

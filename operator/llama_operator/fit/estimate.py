@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..api.v1alpha1 import ModelMemoryShape
+from ..api.v1beta1 import ModelMemoryShape
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

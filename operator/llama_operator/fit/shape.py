@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..api.v1alpha1 import ModelMemoryShape
+from ..api.v1beta1 import ModelMemoryShape
 from ..errors import NotAGguf
 from ..llamacpp.ggml import LLAMA_MAX_LAYERS, MAX_COUNT, TensorSummary
 

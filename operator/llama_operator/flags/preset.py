@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..api.cel import violations
-from ..api.v1alpha1 import SERVED_MODEL_RULES, LlamaServerSpec, ServedModel
+from ..api.v1beta1 import SERVED_MODEL_RULES, LlamaServerSpec, ServedModel
 from ..errors import InvalidSpec
 from ..llamacpp.catalog import Catalog, load_catalog
 from . import render

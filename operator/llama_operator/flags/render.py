@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from ..api.v1alpha1 import LlamaServerSpec
+from ..api.v1beta1 import LlamaServerSpec
 from ..contract import CACHE_RAM_FLAGS, adapters_cache_ram
 
 SERVER_PORT = 8080

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..api.v1alpha1 import LlamaModel, LlamaServerSpec
+from ..api.v1beta1 import LlamaModel, LlamaServerSpec
 from ..config import Settings
 from ..policy import tenant_problems
 from .validate import validate_server_spec

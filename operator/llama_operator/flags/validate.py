@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 
 from ..api.cel import violations
-from ..api.v1alpha1 import ROUTER_RULES, SCALING_RULES, SERVER_RULES, SPECULATIVE_RULES, LlamaServerSpec
+from ..api.v1beta1 import ROUTER_RULES, SCALING_RULES, SERVER_RULES, SPECULATIVE_RULES, LlamaServerSpec
 from ..llamacpp.catalog import Catalog, load_catalog
 from .args import FALSEY, TRUTHY, FieldError, ParsedFlag, check_value, parse_args
 from .policy import refusal

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from ..api.v1alpha1 import API_VERSION, GROUP
+from ..api.v1beta1 import API_VERSION, GROUP
 from ..contract import PORT_NAME, SERVER_PODS_SELECTOR
 from ..kube import ENDPOINT_SLICES, LLAMA_SERVERS, Kube, Permission
 from ..kube.lease import LEASE_PERMISSION, LEASES, LeaseApi

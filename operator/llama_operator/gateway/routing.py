@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..api.v1alpha1 import AutoscalingStatus, LlamaServer, RoutingSpec, ScalingSpec
+from ..api.v1beta1 import AutoscalingStatus, LlamaServer, RoutingSpec, ScalingSpec
 from ..builders.naming import model_name, served_names
 from ..builders.quantity import parse_quantity
 from ..builders.router_memory import memory_budget

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..api.v1alpha1 import GgufInfo
+from ..api.v1beta1 import GgufInfo
 from ..errors import NotAGguf
 from ..llamacpp.ggml import FILE_TYPE_NAMES, GGML_TYPE_NAMES, MAX_COUNT, TensorSummary
 from .limits import shorten

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..api.v1alpha1 import GROUP
+from ..api.v1beta1 import GROUP
 from .resources import ResourceKind
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..api.v1alpha1 import GROUP, VERSION
+from ..api.v1beta1 import GROUP, VERSION
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..api.v1alpha1 import LlamaModelStatus, LlamaServerStatus
+from ..api.v1beta1 import LlamaModelStatus, LlamaServerStatus
 from ..clock import now_rfc3339
 from ..errors import RetryPolicy, reason, status_message
 from ..kube import LLAMA_SERVERS, ResourceKind

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..api.v1alpha1 import Condition, GgufInfo, LlamaModel, LlamaServer
+from ..api.v1beta1 import Condition, GgufInfo, LlamaModel, LlamaServer
 from .conditions import condition
 
 CONDITION = "ChatTemplate"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..api.v1alpha1 import Condition
+from ..api.v1beta1 import Condition
 
 if TYPE_CHECKING:
     from .context import Context

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..api.v1alpha1 import DownloadStatus, LlamaServerStatus
+from ..api.v1beta1 import DownloadStatus, LlamaServerStatus
 from ..contract import PROGRESS_INTERVAL_SECONDS, Progress, human, is_fetch_container, parse_progress
 from ..errors import KubeError
 from .context import Context

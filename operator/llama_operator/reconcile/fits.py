@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..api.v1alpha1 import Condition, GgufInfo, LlamaServer, MemoryEstimate
+from ..api.v1beta1 import Condition, GgufInfo, LlamaServer, MemoryEstimate
 from ..builders.context import memory_limit
 from ..fit import Estimate, estimate_server, format_bytes, largest_context, request_quantity
 from ..fit.estimate import MiB

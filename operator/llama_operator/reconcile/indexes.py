@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from ..api.v1alpha1 import GROUP, VERSION
+from ..api.v1beta1 import GROUP, VERSION
 from ..builders.objects import selector_labels
 from ..contract import MANAGED_BY, MANAGED_BY_LABEL, SERVER_LABEL
 from .server import MODEL_STATUS_FIELDS

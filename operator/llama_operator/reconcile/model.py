@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from .. import sources
 from ..api.errors import describe
-from ..api.v1alpha1 import LlamaModel, LlamaModelStatus, ModelFile
+from ..api.v1beta1 import LlamaModel, LlamaModelStatus, ModelFile
 from ..builders import build_cache_pvc
 from ..builders.cache import cache_type
 from ..builders.trust import build_trust_configmap

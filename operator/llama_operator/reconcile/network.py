@@ -4,7 +4,7 @@ server is down to one replica, the InferencePool once the setting turns pools of
 
 from __future__ import annotations
 
-from ..api.v1alpha1 import LlamaServer
+from ..api.v1beta1 import LlamaServer
 from ..contract import MANAGED_BY, MANAGED_BY_LABEL
 from ..kube import INFERENCE_POOLS, NETWORK_POLICIES, POD_DISRUPTION_BUDGETS, ResourceKind
 from .context import Context

@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 from pydantic import ValidationError
 
-from ..api.v1alpha1 import LlamaModel, LlamaServer, ServedModelStatus
+from ..api.v1beta1 import LlamaModel, LlamaServer, ServedModelStatus
 from ..builders.router_memory import budget_used, quantity, served_estimates
 from ..clock import now_rfc3339
 from ..flags.render import SERVER_PORT

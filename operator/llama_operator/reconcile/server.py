@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..api.errors import describe
-from ..api.v1alpha1 import Condition, DownloadStatus, LlamaModel, LlamaServer, LlamaServerStatus, MemoryEstimate
+from ..api.v1beta1 import Condition, DownloadStatus, LlamaModel, LlamaServer, LlamaServerStatus, MemoryEstimate
 from ..builders.helper_image import with_live_helper_image
 from ..builders.objects import label_selector, selector_labels
 from ..builders.plan import PlanProblem, ServerPlan, plan_server

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from ..api.v1alpha1 import FileChecksum, LlamaModel, TrustOnFirstUse
+from ..api.v1beta1 import FileChecksum, LlamaModel, TrustOnFirstUse
 from ..builders.trust import build_trust_configmap, needs_trust
 from ..clock import now_rfc3339
 from ..contract import parse_verified

@@ -36,7 +36,7 @@ from typing import IO, Any
 
 import aiohttp
 
-from ..api.v1alpha1 import API_VERSION
+from ..api.v1beta1 import API_VERSION
 from ..controlplane import BinariesMissing, ControlPlane, ControlPlaneBinaries, find_binaries
 from ..nodes.kit import KitMissing
 from ..nodes.processes import NodesError
