@@ -258,9 +258,49 @@ def test_gemma_with_api_key(sandbox_factory: Any, gemma_gguf: Path) -> None:
         assert tree_processes(str(sandbox.state_dir)) == []
 
 
+PROMPT = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
+"""About 700 tokens of the tiny model (a token per character, about): a conversation's first turn."""
+
+
+def _completion(sandbox: SandboxProcess, prompt: str) -> dict[str, Any]:
+    reply = httpx.post(sandbox.url("default/chat") + "/completion", timeout=60,
+                       json={"prompt": prompt, "n_predict": 4, "temperature": 0, "cache_prompt": True})
+    assert reply.status_code == 200, reply.text
+    return reply.json()["timings"]
+
+
+def _scale(sandbox: SandboxProcess, replicas: int) -> None:
+    sandbox.kubectl("scale", "llamaserver/chat", f"--replicas={replicas}", "-n", NS)
+
+
+def _kept_prompt_cache_survives_a_scale_to_zero(sandbox: SandboxProcess) -> None:
+    """spec.promptCache.persist on the PVC cache: the drain sidecar saves the slot when the pod stops, the next
+    pod's sidecar restores it before the pod is Ready, and the conversation's next turn comes from the cache."""
+    assert _completion(sandbox, PROMPT)["cache_n"] == 0
+    (first,) = _pods(sandbox, "chat")
+    _scale(sandbox, 0)
+    wait_for(lambda: _pods(sandbox, "chat") == [], timeout=120, message="the pod gone after the scale to zero")
+    _scale(sandbox, 1)
+
+    def ready_pod() -> Any:
+        found = _pods(sandbox, "chat")
+        ready = [p for p in found if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
+        return ready[0] if len(found) == 1 and ready else None
+
+    pod = wait_for(ready_pod, timeout=120, message="one Ready pod after the scale back to 1")
+    assert pod.metadata.name != first.metadata.name
+    logs = sandbox.kubectl("logs", pod.metadata.name, "-c", "drain").stdout
+    assert "restored 1 of 1 saved slot(s)" in logs, logs
+    turn = _completion(sandbox, PROMPT + " and then the dog sleeps")
+    print(f"after a scale to zero and back: {turn['cache_n']} prompt tokens from the kept cache, "
+          f"{turn['prompt_n']} prefilled")
+    assert turn["cache_n"] >= 500 and turn["prompt_n"] < 30, turn
+
+
 def test_second_start_is_warm_and_local_operator(sandbox_factory: Any, tiny_gguf: Path, tmp_path: Path) -> None:
     """A second start with the same state directory is a fresh cluster whose PVC model cache is still there;
-    `--operator local` runs the operator as a plain process (no webhook: bad input shows in status)."""
+    `--operator local` runs the operator as a plain process (no webhook: bad input shows in status). On the
+    first, the server keeps its prompt caches on that claim across a scale to zero."""
     hub = FakeHub()
     hub.add("test/tiny-GGUF", "tiny-q8_0.gguf", tiny_gguf)
     state = tmp_path / "warm-state"
@@ -269,7 +309,8 @@ def test_second_start_is_warm_and_local_operator(sandbox_factory: Any, tiny_gguf
     with hub.running(HOST_ADDRESS):
         first = sandbox_factory(env={"LLAMA_OPERATOR_HF_ENDPOINT": hub.url}, state_dir=state)
         _create(first, "llamamodels", "tiny", model)
-        _create(first, "llamaservers", "chat", {"modelRef": {"name": "tiny"}, "contextSize": 256})
+        _create(first, "llamaservers", "chat", {"modelRef": {"name": "tiny"}, "contextSize": 2048,
+                                                "promptCache": {"persist": True}})
         _wait_phase(first, "llamaservers", "chat", "Ready")
         (pod,) = _pods(first, "chat")
         assert "Verified tiny-q8_0.gguf" in first.kubectl("logs", pod.metadata.name, "-c", "fetch-model").stdout
@@ -278,6 +319,7 @@ def test_second_start_is_warm_and_local_operator(sandbox_factory: Any, tiny_gguf
         assert claim.status.phase == "Bound" and claim.spec.storage_class_name == "sandbox-local"
         volume = first.core.read_persistent_volume(claim.spec.volume_name)
         assert volume.spec.host_path.path == str(state / "pvc" / pod.spec.node_name / NS / claim.metadata.name)
+        _kept_prompt_cache_survives_a_scale_to_zero(first)
         assert first.stop() == 0
         assert tree_processes(str(state)) == []
 
