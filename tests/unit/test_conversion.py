@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import pathlib
@@ -15,6 +16,7 @@ from llama_operator.admission import CONVERSION_WEBHOOK_ID, ForgetfulWebhookServ
 from llama_operator.api import conversion, v1alpha1, v1beta1
 from llama_operator.api.conversion import FIELDS_ANNOTATION, ConversionError, convert, review
 from llama_operator.api.v1beta1 import human_size
+from llama_operator.cli import main
 
 from .flag_cases import BAD_CASES, GOOD_CASES
 
@@ -214,3 +216,39 @@ async def test_the_webhook_server_answers_convert_on_the_admission_port() -> Non
     finally:
         await served.aclose()
     assert routed == ["validate-llamaserver"]
+
+
+def test_crds_command_writes_the_conversion_webhook(tmp_path: pathlib.Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    assert main(["crds", "--conversion-service", "llama-system/llama-webhook", "--ca-bundle", str(ca)]) == 0
+    crds = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert len(crds) == 2
+    for crd in crds:
+        client = crd["spec"]["conversion"]["webhook"]["clientConfig"]
+        assert crd["spec"]["conversion"]["strategy"] == "Webhook"
+        assert base64.b64decode(client["caBundle"]) == ca.read_bytes()
+        assert client["service"] == {"namespace": "llama-system", "name": "llama-webhook", "path": "/convert",
+                                     "port": 443}
+    assert main(["crds", "--conversion-url", "https://127.0.0.1:9443/", "--ca-bundle", str(ca),
+                 "--out-dir", str(tmp_path)]) == 0
+    written = yaml.safe_load((tmp_path / "llamacpp.dev_llamaservers.yaml").read_text())
+    assert written["spec"]["conversion"]["webhook"]["clientConfig"]["url"] == "https://127.0.0.1:9443/convert"
+    # Without the flags: the plain CRDs, no conversion section (strategy None).
+    assert main(["crds"]) == 0
+    assert all("conversion" not in crd["spec"] for crd in yaml.safe_load_all(capsys.readouterr().out))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--conversion-service", "ns/svc"], "need --ca-bundle"),
+    (["--conversion-service", "no-namespace", "--ca-bundle", "CA"], "expected NAMESPACE/NAME"),
+    (["--conversion-service", "a/b", "--conversion-url", "https://x", "--ca-bundle", "CA"], "exactly one"),
+    (["--conversion-url", "https://x", "--ca-bundle", "/nonexistent/ca.crt"], "No such file"),
+])
+def test_crds_command_refuses_a_half_conversion_config(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str],
+                                                       args: list[str], message: str) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(b"pem")
+    assert main(["crds", *[str(ca) if a == "CA" else a for a in args]]) == 2
+    assert message in capsys.readouterr().err
