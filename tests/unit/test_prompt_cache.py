@@ -211,3 +211,15 @@ def test_the_fetcher_makes_the_servers_directory_private(tmp_path: Path) -> None
     assert make_dir(tmp_path, "slots/chat") is None
     assert (tmp_path / "slots" / "chat").is_dir() and os.stat(tmp_path / "slots" / "chat").st_mode & 0o777 == 0o700
     assert make_dir(tmp_path, "slots/chat") is None  # again: the next pod
+
+
+def test_the_claim_needs_room_for_the_kept_caches_beside_the_model() -> None:
+    model = resolved_model(spec={**PVC, "cache": {"type": "PersistentVolumeClaim", "size": "4Gi"}},
+                           status={"sha256": SHA, "size": 3 << 30, "files": [{"name": "q.gguf"}]})
+    assert isinstance(plan_server(server(promptCache={"persist": True}), {"qwen": model}, Settings()), ServerPlan)
+    plan = plan_server(server(promptCache={"persist": True, "maxSize": "2Gi"}), {"qwen": model}, Settings())
+    assert isinstance(plan, PlanProblem) and plan.reason == "PromptCacheNotKept"
+    assert plan.message == ("spec.promptCache.maxSize: 2Gi does not fit LlamaModel qwen's cache (4Gi, 3.0 GiB of it "
+                            "the model's files): set its cache.size to at least 5Gi, or a smaller maxSize")
+    derived = resolved_model(spec=PVC, status={"sha256": SHA, "size": 3 << 30, "files": [{"name": "q.gguf"}]})
+    assert isinstance(plan_server(server(promptCache={"persist": True}), {"qwen": derived}, Settings()), ServerPlan)

@@ -16,7 +16,8 @@ from typing import Any
 
 from ..api.v1beta1 import LlamaModel, LlamaServer
 from ..contract import CACHE_VOLUME, SLOTS_DIR, SLOTS_MOUNT
-from .quantity import parse_quantity
+from .cache import cache_size
+from .quantity import gibibytes_ceil, parse_quantity
 
 
 def slots_directory(server: LlamaServer) -> str:
@@ -57,3 +58,20 @@ def kept_slots(server: LlamaServer, model: LlamaModel) -> KeptSlots | None:
     assert server.spec.prompt_cache is not None
     return KeptSlots(subpath=slots_directory(server), key=model_key(model),
                      max_bytes=int(parse_quantity(server.spec.prompt_cache.max_size)))
+
+
+def room_problem(server: LlamaServer, model: LlamaModel) -> str | None:
+    """Whether the model's claim has promptCache.maxSize of room beyond the model's files (with its projector):
+    saved slots filling it would fail the saves and the next revision's download."""
+    kept = kept_slots(server, model)
+    size = cache_size(model)
+    if kept is None or size is None or not model.status.size:
+        return None
+    files = model.status.size + ((model.status.mmproj.size or 0) if model.status.mmproj is not None else 0)
+    room = int(parse_quantity(size)) - files
+    if room >= kept.max_bytes:
+        return None
+    return (f"spec.promptCache.maxSize: {server.spec.prompt_cache.max_size if server.spec.prompt_cache else ''} "
+            f"does not fit LlamaModel {model.metadata.name}'s cache ({size}, {files / 2**30:.1f} GiB of it the "
+            f"model's files): set its cache.size to at least {gibibytes_ceil(files + kept.max_bytes)}, or a "
+            "smaller maxSize")

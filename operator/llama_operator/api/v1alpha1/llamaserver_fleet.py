@@ -97,5 +97,6 @@ class PromptCacheSpec(ApiModel):
         False, description="Save the slots' prompt caches when a pod drains and restore them when one starts. "
         "Needs one model (spec.modelRef) cached on a PersistentVolumeClaim (the LlamaModel's cache.type).")
     max_size: Quantity = Field(
-        "2Gi", description="Most bytes of saved prompt caches kept for this server on the volume; the oldest "
-        "files are deleted first.")
+        "1Gi", description="Most bytes of saved prompt caches kept for this server on the volume; the oldest "
+        "files are deleted first. The model's cache must have this much room beyond the model (its cache.size; "
+        "the default size leaves at least 1 GiB).")
