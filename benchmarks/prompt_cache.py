@@ -31,11 +31,10 @@ import time
 from pathlib import Path
 
 import httpx
+import needs  # benchmarks/needs.py, beside this file
+from harness import Processes, free_port, model_path, wait_http
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import needs  # noqa: E402
-from benchmarks.harness import Processes, free_port, model_path, wait_http  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.llama_bin: the pinned llama-server
 
 KEY = "00000000be4c0a11"
 WORDS = ("model server cache token prompt request replica node volume cluster memory layer weight answer question "
