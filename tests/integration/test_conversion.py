@@ -163,3 +163,36 @@ def test_v1beta1_is_stored_and_v1alpha1_deprecated(control_plane: ControlPlane, 
                           body=json.dumps(alpha_only), content_type=APPLY_PATCH,
                           params={"fieldManager": "tests", "force": "true", "dryRun": "All"})
     assert refused.value.status == 422 and "storedVersions" in str(refused.value)
+
+
+def test_the_documented_way_back_to_a_v1alpha1_only_crd(control_plane: ControlPlane, apiserver: ClusterApi,
+                                                        converting: Any) -> None:
+    """docs/upgrading.md#api-versions-on-upgrade-and-rollback, step by step, for one namespace's objects."""
+    namespace = apiserver.namespace
+    body = server_body("stored", modelRef={"name": "m"})
+    apiserver.create(v1beta1.API_VERSION, "llamaservers", namespace, {
+        "apiVersion": v1beta1.API_VERSION, "kind": "LlamaServer", "metadata": {"name": "stored"},
+        "spec": body["spec"]})
+    before = _get(control_plane, namespace, "llamaservers.v1alpha1.llamacpp.dev", "stored")
+    path = f"/apis/{CRDS}/customresourcedefinitions/llamaservers.llamacpp.dev"
+    # 1. v1alpha1 stored again (versions[0] is v1beta1, [1] v1alpha1 in the generated CRDs).
+    assert [v["name"] for v in all_crds()[1]["spec"]["versions"]] == ["v1beta1", "v1alpha1"]
+    apiserver.request("PATCH", path, content_type="application/json-patch+json", body=json.dumps([
+        {"op": "replace", "path": "/spec/versions/0/storage", "value": False},
+        {"op": "replace", "path": "/spec/versions/1/storage", "value": True}]))
+    apiserver.wait_for(lambda: _serving(apiserver), timeout=30, message="the CRDs' storage")
+    # 2. every object rewritten through v1alpha1.
+    listed = kubectl(control_plane, "-n", namespace, "get", "llamaservers.v1alpha1.llamacpp.dev", "-o", "json",
+                     check=True).stdout
+    kubectl(control_plane, "-n", namespace, "replace", "-f", "-", input=listed, check=True)
+    # 3. recorded; now a CRD without v1beta1 is accepted, and the object reads in v1alpha1 as before.
+    apiserver.request("PATCH", f"{path}/status", content_type="application/merge-patch+json",
+                      body=json.dumps({"status": {"storedVersions": ["v1alpha1"]}}))
+    alpha_only = _plain_crds()[1]
+    alpha_only["spec"]["versions"] = [{**v, "storage": True} for v in alpha_only["spec"]["versions"]
+                                      if v["name"] == "v1alpha1"]
+    apiserver.request("PATCH", path, body=json.dumps(alpha_only), content_type=APPLY_PATCH,
+                      params={"fieldManager": "tests", "force": "true", "dryRun": "All"})
+    stored = _get(control_plane, namespace, "llamaservers.v1alpha1.llamacpp.dev", "stored")
+    assert stored["spec"] == before["spec"] and stored["spec"]["modelRef"] == {"name": "m"}
+    assert int(stored["metadata"]["resourceVersion"]) > int(before["metadata"]["resourceVersion"]), "rewritten"
