@@ -50,14 +50,14 @@ port=$("$PY" -c "import socket, sys; s = socket.socket(); s.bind((sys.argv[1], 0
 http_pid=$!
 
 "$kubectl" apply -f - <<YAML
-apiVersion: llamacpp.dev/v1alpha1
+apiVersion: llamacpp.dev/v1beta1
 kind: LlamaModel
 metadata: {name: gemma3-270m}
 spec:
   source: {http: {url: "http://$host:$port/gemma-3-270m-Q4_K_M.gguf"}}
   sha256: "$sha256"
 ---
-apiVersion: llamacpp.dev/v1alpha1
+apiVersion: llamacpp.dev/v1beta1
 kind: LlamaServer
 metadata: {name: gemma3-270m}
 spec:

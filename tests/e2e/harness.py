@@ -165,7 +165,8 @@ def sandbox_requirements() -> dict[str, str]:
     return env
 
 
-def custom_object(group_plural: str, name: str, spec: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
+def custom_object(group_plural: str, name: str, spec: dict[str, Any], namespace: str = "default",
+                  version: str = "v1beta1") -> dict[str, Any]:
     kind = {"llamamodels": "LlamaModel", "llamaservers": "LlamaServer"}[group_plural]
-    return {"apiVersion": "llamacpp.dev/v1alpha1", "kind": kind,
+    return {"apiVersion": f"llamacpp.dev/{version}", "kind": kind,
             "metadata": {"name": name, "namespace": namespace}, "spec": spec}

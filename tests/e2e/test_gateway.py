@@ -93,4 +93,4 @@ def test_two_models_and_scale_from_zero_through_the_gateway(sandbox_factory: Any
 
 
 def _beta(sandbox: Any) -> dict[str, Any]:
-    return sandbox.custom.get_namespaced_custom_object("llamacpp.dev", "v1alpha1", "default", "llamaservers", "beta")
+    return sandbox.custom.get_namespaced_custom_object("llamacpp.dev", "v1beta1", "default", "llamaservers", "beta")

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.nodes
 
 GATEWAY = "llama-system/llama-operator-gateway"
 GATEWAY_PODS = "app.kubernetes.io/name=llama-gateway"
-GROUP, VERSION, NS = "llamacpp.dev", "v1alpha1", "default"
+GROUP, VERSION, NS = "llamacpp.dev", "v1beta1", "default"
 REPO, FILE = "test/tiny-GGUF", "tiny-q8_0.gguf"
 # The host reaches pod IPs over the sandbox's bridge; no proxy of this machine's environment may get in the way.
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -206,7 +206,7 @@ def test_a_rollout_loses_no_request(pair: SandboxProcess, model_url: str) -> Non
     with Load(urls, "roll") as load:
         load.wait_complete(1)
         started = time.monotonic()
-        pair.custom.patch_namespaced_custom_object("llamacpp.dev", "v1alpha1", NS, "llamaservers", "roll",
+        pair.custom.patch_namespaced_custom_object("llamacpp.dev", "v1beta1", NS, "llamaservers", "roll",
                                                    {"spec": {"podAnnotations": {"example.com/rollout": "2"}}})
         wait_for(lambda: not ({p.metadata.name for p in pods(pair, NS, "roll")} & before), timeout=180,
                  message="every old pod gone")
@@ -247,7 +247,7 @@ def test_a_scale_down_cuts_no_stream(pair: SandboxProcess, model_url: str) -> No
     with Load(urls, "shrink") as load:
         load.wait_complete(1)
         started = time.monotonic()
-        pair.custom.patch_namespaced_custom_object("llamacpp.dev", "v1alpha1", NS, "llamaservers", "shrink",
+        pair.custom.patch_namespaced_custom_object("llamacpp.dev", "v1beta1", NS, "llamaservers", "shrink",
                                                    {"spec": {"replicas": 1}})
         stopping = wait_for(lambda: next((p.metadata.name for p in pods(pair, NS, "shrink")
                                           if p.metadata.deletion_timestamp is not None), None), timeout=30,

@@ -24,7 +24,7 @@ from tests.tiny_gguf import write_tiny_llama
 
 pytestmark = pytest.mark.nodes
 
-GROUP, VERSION, NS = "llamacpp.dev", "v1alpha1", "default"
+GROUP, VERSION, NS = "llamacpp.dev", "v1beta1", "default"
 REPO = "test/tiny-GGUF"
 NAMES = ("alpha", "beta", "gamma")
 

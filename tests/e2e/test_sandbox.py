@@ -35,7 +35,7 @@ from tests.fakehub import FakeHub
 
 pytestmark = pytest.mark.nodes
 
-GROUP, VERSION, NS = "llamacpp.dev", "v1alpha1", "default"
+GROUP, VERSION, NS = "llamacpp.dev", "v1beta1", "default"
 OPERATOR_NS, OPERATOR = "llama-system", "llama-operator"
 
 
@@ -310,7 +310,7 @@ def test_second_start_is_warm_and_local_operator(sandbox_factory: Any, tiny_gguf
         first = sandbox_factory(env={"LLAMA_OPERATOR_HF_ENDPOINT": hub.url}, state_dir=state)
         _create(first, "llamamodels", "tiny", model)
         _create(first, "llamaservers", "chat", {"modelRef": {"name": "tiny"}, "contextSize": 2048,
-                                                "promptCache": {"persist": True}})
+                                                "promptCache": {"persist": True, "maxSize": "256Mi"}})
         _wait_phase(first, "llamaservers", "chat", "Ready")
         (pod,) = _pods(first, "chat")
         assert "Verified tiny-q8_0.gguf" in first.kubectl("logs", pod.metadata.name, "-c", "fetch-model").stdout

@@ -44,6 +44,7 @@ from tests.e2e.upgrades import (
     helm_upgrade_to_head,
     operator_images,
     registry_ref,
+    store_v1alpha1_again,
     takeover,
     upgrade_images,
 )
@@ -75,10 +76,10 @@ def urls(old: SandboxProcess, tiny_gguf: Path) -> Iterator[dict[str, str]]:
     assert operator_images(old) == {registry_ref(old, "operator")}
     host = json.loads((old.state_dir / "nodes.json").read_text())["hostAddress"]
     with serve_file(host, tiny_gguf) as url:
-        apply_model(old, NS, NAME, url)
-        apply_server(old, NS, NAME, **SPEC)
+        apply_model(old, NS, NAME, url, version="v1alpha1")  # all 0.1.0 serves
+        apply_server(old, NS, NAME, version="v1alpha1", **SPEC)
         wait_server(old, NS, NAME, lambda s: s.get("phase") == "Ready" and s.get("readyReplicas") == 2,
-                    "Ready with 2 replicas")
+                    "Ready with 2 replicas", version="v1alpha1")
         _wait_gateway(old, NAME, 2)
         yield {"gateway": old.url(GATEWAY), "service": old.url(f"{NS}/{NAME}")}
 
@@ -176,7 +177,11 @@ def test_upgrade_to_this_checkout_keeps_serving(old: SandboxProcess, urls: dict[
 
 def test_rollback_to_the_previous_release_keeps_serving(old: SandboxProcess, urls: dict[str, str],
                                                         release: PreviousRelease) -> None:
-    _change(old, urls, "rollback", lambda: helm(old, "rollback", RELEASE, "1"), registry_ref(old, "operator"))
+    def back() -> None:
+        store_v1alpha1_again(old)  # this checkout stores v1beta1, which 0.1.0's CRDs do not know
+        helm(old, "rollback", RELEASE, "1")
+
+    _change(old, urls, "rollback", back, registry_ref(old, "operator"))
     assert _served_crd_schemas(old) == _chart_crd_schemas(release.chart)
     history = helm(old, "history", RELEASE, "-o", "json")
     assert [r["revision"] for r in json.loads(history)] == [1, 2, 3], history

@@ -165,3 +165,26 @@ class Phases:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+STORED_BACK = (("llamamodels.llamacpp.dev", "llamamodels.v1alpha1.llamacpp.dev"),
+               ("llamaservers.llamacpp.dev", "llamaservers.v1alpha1.llamacpp.dev"))
+
+
+def store_v1alpha1_again(sandbox: SandboxProcess) -> None:
+    """docs/upgrading.md's way back before `helm rollback` to 0.1.0, as a user types it: v1alpha1 the storage
+    version again, every object rewritten through it, then status.storedVersions recorded (0.1.0's CRDs know only
+    v1alpha1, and the API server refuses a CRD that drops a stored version)."""
+    patch = ('[{"op":"replace","path":"/spec/versions/0/storage","value":false},'
+             '{"op":"replace","path":"/spec/versions/1/storage","value":true}]')
+    for crd, _ in STORED_BACK:
+        sandbox.kubectl("patch", "crd", crd, "--type", "json", "-p", patch)
+    for _, resource in STORED_BACK:
+        for attempt in range(3):  # the running operator may write a status between get and replace: 409, again
+            objects = sandbox.kubectl("get", resource, "-A", "-o", "json").stdout
+            done = sandbox.kubectl("replace", "-f", "-", input=objects, check=attempt == 2)
+            if done.returncode == 0:
+                break
+    for crd, _ in STORED_BACK:
+        sandbox.kubectl("patch", "crd", crd, "--subresource=status", "--type=merge",
+                        "-p", '{"status":{"storedVersions":["v1alpha1"]}}')
