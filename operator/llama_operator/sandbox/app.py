@@ -97,6 +97,14 @@ def restarted_containers(pods: list[dict[str, Any]], seen: dict[str, int]) -> li
                          f"{last.get('exitCode', '?')}){detail} (kubectl -n {NAMESPACE} logs --previous {name})")
     return lines
 
+
+async def _preferred_version(admin: Api) -> str:
+    """The llamacpp.dev version the API server prefers (discovery); this build's until the group is served."""
+    group = await admin.get(f"/apis/{API_VERSION.split('/')[0]}")
+    preferred = ((group or {}).get("preferredVersion") or {}).get("groupVersion")
+    return str(preferred) if preferred else API_VERSION
+
+
 class SandboxError(RuntimeError):
     """The sandbox could not start; the message says why and what to do."""
 
@@ -198,24 +206,25 @@ class Sandbox:
         first = next((line for line in output.splitlines() if line.startswith("NAME:")), "")
         say(f"Operator: helm install {RELEASE} {chart} --namespace {NAMESPACE} ({first.strip() or 'installed'})")
 
-    async def _wait_operator(self, admin: Api, stop: asyncio.Event) -> None:
+    async def _wait_operator(self, admin: Api, stop: asyncio.Event) -> str:
         """Until the operator answers: Deployment available and (helm mode) its webhook refusing a bad object.
-        Ctrl-C meanwhile ends the wait (and the start)."""
+        Ctrl-C meanwhile ends the wait (and the start). The API version the installed CRDs prefer: this chart's
+        v1beta1, or v1alpha1 from an earlier release's chart (`--chart`, as tests/e2e/test_upgrade.py installs)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + READY_TIMEOUT
-        path = resource_path(API_VERSION, "llamaservers", "default")
-        bad = {"apiVersion": API_VERSION, "kind": "LlamaServer", "metadata": {"name": PROBE_SERVER},
-               "spec": {"modelRef": {"name": PROBE_SERVER}, "args": ["--sandbox-webhook-probe"]}}
         restarts: dict[str, int] = {}
         next_look = loop.time()
         while loop.time() < deadline:
             if stop.is_set():
                 raise SandboxError("stopped before the operator answered")
             try:
-                await admin.create(path, bad, params={"dryRun": "All"})
+                version = await _preferred_version(admin)
+                bad = {"apiVersion": version, "kind": "LlamaServer", "metadata": {"name": PROBE_SERVER},
+                       "spec": {"modelRef": {"name": PROBE_SERVER}, "args": ["--sandbox-webhook-probe"]}}
+                await admin.create(resource_path(version, "llamaservers", "default"), bad, params={"dryRun": "All"})
             except ApiError as exc:
                 if "denied the request" in exc.message:
-                    return
+                    return version
             except aiohttp.ClientError:
                 pass
             if loop.time() >= next_look:  # a crash-looping operator says so, rather than a silent wait
@@ -261,15 +270,16 @@ class Sandbox:
                 say(node.describe())
                 proxies = ServiceProxies(admin, port_base=self.service_port_base, quiet_namespaces=(NAMESPACE,),
                                          on_service=self._on_service)
-                servers = Informer(admin, API_VERSION, "llamaservers", lambda: self._on_servers(servers))
                 self._tasks = [asyncio.create_task(runner, name=name) for name, runner in node.runners().items()]
                 self._tasks.append(asyncio.create_task(proxies.run(), name="service proxies"))
+                version = API_VERSION
                 if local:
                     operator = self._run_local_operator(executable, cluster.admin_kubeconfig, node.operator_env())
                     self._tasks.append(asyncio.create_task(operator, name="operator"))
                 else:
                     await self._install_operator(cluster.admin_kubeconfig, values)
-                    await self._wait_operator(admin, stop)
+                    version = await self._wait_operator(admin, stop)
+                servers = Informer(admin, version, "llamaservers", lambda: self._on_servers(servers))
                 self._tasks.append(asyncio.create_task(servers.run(), name="llamaservers"))
                 shutil.copyfile(cluster.admin_kubeconfig, kubeconfig)
                 kubeconfig.chmod(0o600)
