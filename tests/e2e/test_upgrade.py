@@ -179,7 +179,7 @@ def test_rollback_to_the_previous_release_keeps_serving(old: SandboxProcess, url
                                                         release: PreviousRelease) -> None:
     def back() -> None:
         store_v1alpha1_again(old)  # this checkout stores v1beta1, which 0.1.0's CRDs do not know
-        helm(old, "rollback", RELEASE, "1")
+        helm(old, "rollback", RELEASE, "1", "--force-conflicts")  # the storage patch owns .spec.versions
 
     _change(old, urls, "rollback", back, registry_ref(old, "operator"))
     assert _served_crd_schemas(old) == _chart_crd_schemas(release.chart)
