@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .contract import API_KEY_ENV, DRAIN_PATH, DRAIN_PORT, DRAIN_READY_PATH, EXIT_OK
-from .slotstore import SlotApi, SlotDirectory, restore_all, save_all
+from .contract import DRAIN_PATH, DRAIN_PORT, DRAIN_READY_PATH, EXIT_OK
+from .slotstore import SlotApi, SlotDirectory, authorization, restore_all, save_all
 
 log = logging.getLogger("llama_operator.drain")
 
@@ -65,9 +65,8 @@ def http_get(base: str, path: str, *, timeout: float = HTTP_TIMEOUT) -> Reply | 
     the server's API key in the environment (spec.apiKeySecretRef), sent: llama-server guards /metrics with it."""
     url = urllib.parse.urlsplit(base)
     connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80, timeout=timeout)
-    api_key = os.environ.get(API_KEY_ENV)
     try:
-        connection.request("GET", path, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        connection.request("GET", path, headers=authorization())
         response = connection.getresponse()
         return Reply(response.status, response.read(MAX_BODY))
     except ConnectionRefusedError:

@@ -36,6 +36,13 @@ _NAME = re.compile(r"^(?P<key>[0-9a-f]{16})-(?P<ms>[0-9]{1,15})-(?P<pod>[a-z0-9-
                    + re.escape(SLOT_FILE_SUFFIX) + "$")
 
 
+def authorization() -> dict[str, str]:
+    """The header that carries the server's API key (the pod gives the sidecar its Secret, spec.apiKeySecretRef):
+    llama-server guards /metrics, /props and /slots with it. Empty without a key."""
+    key = os.environ.get(API_KEY_ENV)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 class SlotApiError(Exception):
     """llama-server refused or did not answer a slot call."""
 
@@ -112,15 +119,12 @@ class SlotDirectory:
 class SlotApi:
     """llama-server's slot calls: /props for the slot count, POST /slots/<id>?action=save|restore."""
 
-    def __init__(self, base: str, api_key: str | None = None) -> None:
+    def __init__(self, base: str) -> None:
         url = urllib.parse.urlsplit(base)
         self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
-        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
 
     def _call(self, method: str, path: str, body: dict[str, str] | None, timeout: float) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        headers = {"Content-Type": "application/json", **authorization()}
         connection = http.client.HTTPConnection(self.host, self.port, timeout=max(0.1, timeout))
         try:
             connection.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
