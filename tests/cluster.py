@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import pathlib
+import socket
 import ssl
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
@@ -109,6 +110,18 @@ class ClusterApi:
     def wait_for(self, predicate: Callable[[], T], *, timeout: float = 15.0, interval: float = 0.1,
                  message: str = "condition") -> T:
         return wait_for(predicate, timeout=timeout, interval=interval, message=message)
+
+
+def tls_listening(port: int, ca: pathlib.Path | str) -> bool:
+    """Whether a TLS server on 127.0.0.1:`port` answers a handshake with a certificate of `ca` (a webhook server
+    the test started)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock, \
+                context.wrap_socket(sock, server_hostname="127.0.0.1"):
+            return True
+    except OSError:
+        return False
 
 
 def kubectl(cluster: ControlPlane, *args: str, kubeconfig: pathlib.Path | None = None, input: str | None = None,

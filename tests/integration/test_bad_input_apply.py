@@ -16,8 +16,6 @@ from __future__ import annotations
 import base64
 import copy
 import re
-import socket
-import ssl
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from llama_operator.api.v1beta1 import SERVER_RULES, SPECULATIVE_RULES
 from llama_operator.controlplane import ControlPlane
 from llama_operator.controlplane.certs import CertificateAuthority
 from llama_operator.controlplane.cluster import free_port
-from tests.cluster import ClusterApi, kubectl
+from tests.cluster import ClusterApi, kubectl, tls_listening
 from tests.helm import helm_template
 from tests.integration.conftest import OPERATOR_NAMESPACE, OperatorRun
 from tests.unit.flag_cases import BAD_CASES
@@ -226,16 +224,6 @@ _POLICY_ENV = ("LLAMA_OPERATOR_HOSTPATH_CACHE", "LLAMA_OPERATOR_CUSTOM_IMAGES", 
                "LLAMA_OPERATOR_ALLOWED_RUNTIME_CLASSES", "LLAMA_OPERATOR_ALLOWED_PRIORITY_CLASSES")
 
 
-def _listening(port: int, ca: str) -> bool:
-    context = ssl.create_default_context(cafile=ca)
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock, \
-                context.wrap_socket(sock, server_hostname="127.0.0.1"):
-            return True
-    except OSError:
-        return False
-
-
 def _registered(chart_config: dict[str, Any], port: int, ca_pem: bytes) -> dict[str, Any]:
     """The chart's ValidatingWebhookConfiguration, pointed at the webhook server this test runs."""
     config = copy.deepcopy(chart_config)
@@ -281,7 +269,7 @@ def webhook_namespace(control_plane: ControlPlane, admin: ClusterApi, operator_i
         env.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
         env.setattr(kubernetes.config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
         with OperatorRun(("llama_operator.handlers",), namespace=namespace, args=(), settings=None, timeout=60):
-            admin.wait_for(lambda: _listening(port, str(ca.cert_path)), timeout=30, message="webhook server")
+            admin.wait_for(lambda: tls_listening(port, str(ca.cert_path)), timeout=30, message="webhook server")
             admin.create("admissionregistration.k8s.io/v1", "validatingwebhookconfigurations", None, config)
             try:
                 yield namespace

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import socket
-import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,21 +20,11 @@ from llama_operator.api.crd import all_crds, conversion_client_config
 from llama_operator.controlplane import ControlPlane
 from llama_operator.controlplane.certs import CertificateAuthority
 from llama_operator.controlplane.cluster import free_port
-from tests.cluster import APPLY_PATCH, ApiError, ClusterApi, apply_objects, kubectl
+from tests.cluster import APPLY_PATCH, ApiError, ClusterApi, apply_objects, kubectl, tls_listening
 from tests.conftest import model_body, server_body
 
 VOLUME_MODEL = {"source": {"volume": {"persistentVolumeClaim": "models", "path": "m/model.gguf"}}}
 CRDS = "apiextensions.k8s.io/v1"
-
-
-def _listening(port: int, ca: pathlib.Path) -> bool:
-    context = ssl.create_default_context(cafile=str(ca))
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock, \
-                context.wrap_socket(sock, server_hostname="127.0.0.1"):
-            return True
-    except OSError:
-        return False
 
 
 def _plain_crds() -> list[dict[str, Any]]:
@@ -72,7 +60,7 @@ def converting(apiserver: ClusterApi, run_operator: Any, monkeypatch: pytest.Mon
     monkeypatch.setenv("LLAMA_OPERATOR_WEBHOOK_CERT_DIR", str(ca.directory))
     crds = all_crds(conversion_client_config(ca_pem=ca.pem, url=f"https://127.0.0.1:{port}"))
     with run_operator("llama_operator.handlers", namespace=apiserver.namespace, timeout=60) as runner:
-        apiserver.wait_for(lambda: _listening(port, ca.cert_path), timeout=30, message="webhook server")
+        apiserver.wait_for(lambda: tls_listening(port, ca.cert_path), timeout=30, message="webhook server")
         _apply_crds(apiserver, crds)
         try:
             yield runner
