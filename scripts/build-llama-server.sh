@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Builds the pinned llama-server (llama.cpp b11312) from the llama-cpp-python sdist that vendors
-# that exact commit, and caches the binary outside the repo keyed by the commit. Prints the
-# binary's path as the last line; a second call is instant.
+# that exact commit, with the RPC backend (GGML_RPC=ON: llama-server gains --rpc, and
+# ggml-rpc-server is built beside it for the workers of docs/distributed.md), and caches both
+# binaries outside the repo keyed by the commit and that option. Prints llama-server's path as the
+# last line; a second call is instant.
 set -euo pipefail
 
 LLAMA_CPP_COMMIT=0c1e57098bba43ac29e6e3b677cdceebdd22334f
 SDIST_VERSION=0.3.36
 CACHE_ROOT="${LLAMA_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-operator}"
-DEST="$CACHE_ROOT/llama-server-$LLAMA_CPP_COMMIT"
+DEST="$CACHE_ROOT/llama-server-$LLAMA_CPP_COMMIT-rpc"
 BIN="$DEST/llama-server"
 PYTHON="${PYTHON:-python3}"
 
-if [ -x "$BIN" ]; then
+if [ -x "$BIN" ] && [ -x "$DEST/ggml-rpc-server" ]; then
   echo "$BIN"
   exit 0
 fi
@@ -27,10 +29,10 @@ src="$work/llama_cpp_python-$SDIST_VERSION/vendor/llama.cpp"
 cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
   -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF \
-  -DLLAMA_CURL=OFF >&2
-cmake --build "$work/build" --target llama-server -j "$(nproc)" >&2
+  -DLLAMA_CURL=OFF -DGGML_RPC=ON >&2
+cmake --build "$work/build" --target llama-server ggml-rpc-server -j "$(nproc)" >&2
 mkdir -p "$DEST.tmp.$$"
-cp "$work/build/bin/llama-server" "$DEST.tmp.$$/llama-server"
+cp "$work/build/bin/llama-server" "$work/build/bin/ggml-rpc-server" "$DEST.tmp.$$/"
 "$DEST.tmp.$$/llama-server" --version >&2 || true
 # rename makes the cache entry appear only once it is complete
 mv -T "$DEST.tmp.$$" "$DEST" 2>/dev/null || rm -rf "$DEST.tmp.$$"
