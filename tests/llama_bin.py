@@ -1,8 +1,9 @@
 """The pinned llama-server for tests: where the binary is ($LLAMA_SERVER_BIN, set by `make test`, else the one
-built before) and one way to run it on loopback until it is healthy."""
+built before), the ggml-rpc-server built beside it, and one way to run it on loopback until it is healthy."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -13,12 +14,24 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.tiers import LLAMA_SERVER, require
+from tests.tiers import LLAMA_SERVER, in_ci, require
 
 
 def llama_server_bin() -> str:
     """Path of the pinned llama-server; never builds it (tests/tiers.py: a test that runs it is marked `runtime`)."""
     return require(LLAMA_SERVER)
+
+
+def rpc_server_bin() -> str:
+    """Path of the ggml-rpc-server next to the pinned llama-server (an RPC worker, docs/distributed.md); a
+    llama-server built without it skips the test (fails it in CI), like a missing tool (tests/tiers.py)."""
+    path = Path(llama_server_bin()).with_name("ggml-rpc-server")
+    if not os.access(path, os.X_OK):
+        message = f"needs ggml-rpc-server: {path} is missing: `make llama-server` builds it beside llama-server"
+        if in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return str(path)
 
 
 def free_port() -> int:

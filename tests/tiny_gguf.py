@@ -53,11 +53,12 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokens: list[str], scores: list[float
 
 
 def write_tiny_llama(path: str | Path, *, seed: int = 0, vocab_size: int | None = None,
-                     chat_template: str | None = None, context_length: int = CONTEXT_LENGTH) -> Path:
+                     chat_template: str | None = None, context_length: int = CONTEXT_LENGTH,
+                     n_layer: int = N_LAYER) -> Path:
     """Write the tiny llama GGUF to `path` (parent directories created) and return the path; `vocab_size`
     pads the vocabulary with filler words (default: the ~380 tokens above); `chat_template` is stored as
     tokenizer.chat_template (default: none, like a converted base model); `context_length` is the trained
-    context the header states."""
+    context the header states; `n_layer` the number of blocks (more than 2: a model split over several devices)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokens, scores, types = _vocab(vocab_size)
@@ -68,7 +69,7 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, vocab_size: int | None 
     writer.add_name("tiny-llama-test")
     writer.add_context_length(context_length)
     writer.add_embedding_length(N_EMBD)
-    writer.add_block_count(N_LAYER)
+    writer.add_block_count(n_layer)
     writer.add_feed_forward_length(N_FF)
     writer.add_head_count(N_HEAD)
     writer.add_head_count_kv(N_HEAD_KV)
@@ -93,7 +94,7 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, vocab_size: int | None 
     ones("output_norm.weight", N_EMBD)
     tensor("output.weight", n_vocab, N_EMBD)
     kv_width = N_EMBD // N_HEAD * N_HEAD_KV
-    for block in range(N_LAYER):
+    for block in range(n_layer):
         ones(f"blk.{block}.attn_norm.weight", N_EMBD)
         tensor(f"blk.{block}.attn_q.weight", N_EMBD, N_EMBD)
         tensor(f"blk.{block}.attn_k.weight", kv_width, N_EMBD)
