@@ -91,6 +91,10 @@ class Settings:
     """Watched namespaces; empty means all namespaces."""
     images: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_IMAGES))
     """llama-server image per accelerator: cpu, nvidia, amd, intel."""
+    rpc_images: Mapping[str, str] = field(default_factory=dict)
+    """Per accelerator, an llama.cpp image built with GGML_RPC=ON (llama-server with --rpc and ggml-rpc-server,
+    both under /app): what a distributed server's leader and workers run (docs/distributed.md). Upstream's images
+    are built without it, so none is assumed: an accelerator missing here has no distributed servers."""
     fetcher_image: str = DEFAULT_OPERATOR_IMAGE
     """Image of the init container that downloads models (this operator's image)."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
@@ -135,6 +139,9 @@ class Settings:
     def image_for(self, vendor: str | None) -> str:
         return self.images[vendor or "cpu"]
 
+    def rpc_image_for(self, vendor: str | None) -> str | None:
+        return self.rpc_images.get(vendor or "cpu") or None
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build the settings from LLAMA_OPERATOR_* variables; unknown values raise SettingsError."""
@@ -144,6 +151,8 @@ class Settings:
             override = env.get(f"LLAMA_OPERATOR_IMAGE_{accel.upper()}")
             if override:
                 images[accel] = override
+        rpc_images = {accel: env[f"LLAMA_OPERATOR_RPC_IMAGE_{accel.upper()}"] for accel in images
+                      if env.get(f"LLAMA_OPERATOR_RPC_IMAGE_{accel.upper()}")}
         namespaces = tuple(ns.strip() for ns in env.get("LLAMA_OPERATOR_NAMESPACES", "").split(",") if ns.strip())
         cache_type = env.get("LLAMA_OPERATOR_DEFAULT_CACHE_TYPE", "EmptyDir")
         if cache_type not in _CACHE_TYPES:
@@ -181,6 +190,7 @@ class Settings:
             webhook_cert_dir=env.get("LLAMA_OPERATOR_WEBHOOK_CERT_DIR", "/var/run/llama-operator/webhook-certs"),
             namespaces=namespaces,
             images=images,
+            rpc_images=rpc_images,
             fetcher_image=env.get("LLAMA_OPERATOR_FETCHER_IMAGE", DEFAULT_OPERATOR_IMAGE),
             image_pull_policy=pull_policy,  # type: ignore[arg-type]
             default_cache_type=cache_type,  # type: ignore[arg-type]

@@ -263,3 +263,15 @@ SLOTS_DIR = "slots"
 SLOTS_MOUNT = "/slots"
 """Where llama-server (--slot-save-path) and the drain sidecar mount their server's `slots/<server>/`."""
 SLOT_FILE_SUFFIX = ".slot"
+
+# ---------------------------------------------------------------------------------------------- RPC workers
+
+RPC_WORKER_NAME = "llama-rpc-worker"
+"""app.kubernetes.io/name of a distributed server's ggml-rpc-server pods (docs/distributed.md): not SERVER_NAME, so
+the Service, the Deployment and the gateway never select a worker."""
+RPC_WORKER_CONTAINER = "rpc-worker"
+RPC_PORT = 50052
+"""ggml-rpc-server's port (its default): the workers' headless Service and the leader's --rpc name it."""
+RPC_WORKERS_ANNOTATION = f"{GROUP}/rpc-workers"
+"""On the leader's pod template: which worker processes the leader connected to. A worker that restarts lost the
+layers the leader sent it; the new value rolls the leader, which sends them again."""

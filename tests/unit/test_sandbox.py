@@ -48,12 +48,14 @@ def test_retired_and_wrong_options_fail_at_parsing_with_one_line(argv: list[str]
 
 def test_values_and_operator_environment_for_the_registry_images() -> None:
     assert chart_values(REFS) == {"image": {"repository": "10.0.0.1:5000/llama-operator", "tag": "dev"},
-                                  "llamaServerImages": {"cpu": REFS["llama-server"]}}
+                                  "llamaServerImages": {"cpu": REFS["llama-server"]},
+                                  "rpcImages": {"cpu": REFS["llama-server"]}}
     with_policies = chart_values(REFS, network_policies=True, node_addresses=["10.244.0.1"])
     assert with_policies["networkPolicy"] == {
         "operator": {"webhookFrom": [{"ipBlock": {"cidr": "10.244.0.1/32"}}]}, "llamaServers": {"enabled": True}}
     # --operator local sets through the environment what the chart sets through these values
     assert operator_env(REFS) == {"LLAMA_OPERATOR_IMAGE_CPU": REFS["llama-server"],
+                                  "LLAMA_OPERATOR_RPC_IMAGE_CPU": REFS["llama-server"],
                                   "LLAMA_OPERATOR_FETCHER_IMAGE": REFS["operator"]}
 
 

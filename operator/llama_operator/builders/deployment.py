@@ -8,13 +8,18 @@ from ..api.v1beta1 import LlamaServer
 from .objects import object_meta, selector_labels, server_labels
 
 
-def rollout_strategy(*, gpu: bool, replicas: int) -> dict[str, Any]:
+def rollout_strategy(*, gpu: bool, replicas: int, exclusive: bool = False) -> dict[str, Any]:
     """How a spec change replaces the pods (the trade-off: docs/architecture.md, "The pods").
+
+    `exclusive`: a distributed server's leader. Its workers serve one client at a time, so a new leader could not
+    load before the old one lets go of them: the old one stops first (docs/distributed.md).
 
     CPU: surge first (a new pod is ready before an old one stops), no capacity lost. GPU: a second pod rarely
     finds a free GPU, so a surge would wait forever; with several replicas one stops at a time (one replica's
     capacity lost during the rollout, never the service); a single replica can only be replaced (an outage).
     """
+    if exclusive:
+        return {"type": "Recreate"}
     if not gpu:
         return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     if replicas > 1:
@@ -32,7 +37,8 @@ def deployment_object(server: LlamaServer, template: dict[str, Any]) -> dict[str
             "replicas": server.spec.replicas,
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": selector_labels(server.metadata.name)},
-            "strategy": rollout_strategy(gpu=server.spec.gpu is not None, replicas=server.spec.replicas),
+            "strategy": rollout_strategy(gpu=server.spec.gpu is not None, replicas=server.spec.replicas,
+                                         exclusive=server.spec.distributed is not None),
             "template": template,
         },
     }

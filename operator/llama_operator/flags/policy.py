@@ -100,7 +100,8 @@ REFUSED: dict[str, Refusal] = {
     "--slot-save-path": _managed("spec.promptCache.persist keeps the slots on the model's claim, pruned to its "
                                  "maxSize (a path of your own would let API clients fill it)"),
     "--log-prompts-dir": _outside("it writes every user prompt to disk"),
-    "--rpc": _outside("it sends work to RPC servers outside the pod"),
+    "--rpc": _managed("spec.distributed makes the RPC workers and passes their addresses; workers of your own "
+                      "would receive the model's tensors over an unauthenticated protocol (docs/distributed.md)"),
     "--tools": _TOOLS,
     "--tools-runtime": _TOOLS,
     "--agent": _TOOLS,

@@ -20,7 +20,14 @@ import re
 from collections.abc import Sequence
 
 from ..api.cel import violations
-from ..api.v1beta1 import ROUTER_RULES, SCALING_RULES, SERVER_RULES, SPECULATIVE_RULES, LlamaServerSpec
+from ..api.v1beta1 import (
+    DISTRIBUTED_RULES,
+    ROUTER_RULES,
+    SCALING_RULES,
+    SERVER_RULES,
+    SPECULATIVE_RULES,
+    LlamaServerSpec,
+)
 from ..llamacpp.catalog import Catalog, load_catalog
 from .args import FALSEY, TRUTHY, FieldError, ParsedFlag, check_value, parse_args
 from .policy import refusal
@@ -130,6 +137,7 @@ def _cross_field(spec: LlamaServerSpec, arg_flags: list[ParsedFlag]) -> list[Fie
     if spec.scaling is not None:
         errors += [FieldError(*found) for found in violations(SCALING_RULES, spec.scaling, "spec.scaling")]
     errors += [FieldError(*found) for found in violations(ROUTER_RULES, spec, "spec")]
+    errors += [FieldError(*found) for found in violations(DISTRIBUTED_RULES, spec, "spec")]
     if spec.models is not None:
         errors += validate_models(spec)
         for flag in arg_flags:

@@ -24,6 +24,7 @@ from .resources import (
     PODS,
     SECRETS,
     SERVICES,
+    STATEFUL_SETS,
     ResourceKind,
 )
 
@@ -31,7 +32,7 @@ __all__ = [
     "CONFIG_MAPS", "DEPLOYMENTS", "ENDPOINT_SLICES", "FIELD_MANAGER", "INFERENCE_POOLS", "KINDS_BY_API", "LLAMA_MODELS",
     "LLAMA_SERVERS",
     "NETWORK_POLICIES", "NODES", "PERMISSIONS", "PERSISTENT_VOLUME_CLAIMS", "POD_DISRUPTION_BUDGETS", "PODS", "SECRETS",
-    "SERVICES", "UNKNOWN",
+    "SERVICES", "STATEFUL_SETS", "UNKNOWN",
     "Applied",
     "Conflict", "Forbidden", "Invalid", "Kube", "KubeError", "NotFound", "Permission", "ResourceKind", "Unavailable",
     "check_permission", "connection_settings", "desired_digest", "load_api_client", "required_permissions", "rule",

@@ -27,6 +27,8 @@ class Permission:
 # Server-side apply that creates an object is authorised as create as well as patch.
 PERMISSIONS: tuple[Permission, ...] = (
     Permission("apps", "deployments", frozenset({"get", "list", "create", "patch", "delete"})),
+    # A distributed server's workers; removed with the server by garbage collection (its owner reference).
+    Permission("apps", "statefulsets", frozenset({"get", "create", "patch"})),
     Permission("", "services", frozenset({"get", "list", "create", "patch", "delete"})),
     Permission("", "persistentvolumeclaims", frozenset({"get", "list", "create", "patch", "delete"})),
     Permission("", "pods", frozenset({"list"})),

@@ -29,6 +29,8 @@ class ResourceKind:
 
 DEPLOYMENTS = ResourceKind("apps", "v1", "deployments")
 SERVICES = ResourceKind("", "v1", "services")
+STATEFUL_SETS = ResourceKind("apps", "v1", "statefulsets")
+"""The RPC workers of a distributed LlamaServer (builders/distributed.py)."""
 PERSISTENT_VOLUME_CLAIMS = ResourceKind("", "v1", "persistentvolumeclaims")
 PODS = ResourceKind("", "v1", "pods")
 SECRETS = ResourceKind("", "v1", "secrets")
@@ -49,6 +51,7 @@ NODES = ResourceKind("", "v1", "nodes")
 
 KINDS_BY_API: Mapping[tuple[str, str], ResourceKind] = {
     ("apps/v1", "Deployment"): DEPLOYMENTS,
+    ("apps/v1", "StatefulSet"): STATEFUL_SETS,
     ("v1", "Service"): SERVICES,
     ("v1", "PersistentVolumeClaim"): PERSISTENT_VOLUME_CLAIMS,
     ("v1", "ConfigMap"): CONFIG_MAPS,

@@ -16,6 +16,7 @@ from typing import Any
 import kopf
 
 from ..api.v1beta1 import GROUP, VERSION
+from ..builders.distributed import worker_selector
 from ..builders.objects import selector_labels
 from ..contract import MANAGED_BY, MANAGED_BY_LABEL, SERVER_LABEL
 from .server import MODEL_STATUS_FIELDS
@@ -29,6 +30,7 @@ from .watched import (
     ROUTERS,
     SERVER_KEYS,
     SERVER_PODS,
+    WORKER_PODS,
     owned_view,
     pod_view,
     ready_pod_ip,
@@ -110,5 +112,16 @@ def llama_server_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, memo
     _attach(memo, kwargs)
     server = labels[SERVER_LABEL]
     if any(labels.get(key) != value for key, value in selector_labels(server).items()):
+        return {}
+    return {(namespace, server): pod_view(body)}
+
+
+@kopf.index("", "v1", "pods", labels={SERVER_LABEL: kopf.PRESENT}, id=WORKER_PODS)
+def llama_worker_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo,
+                      **kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every RPC worker pod of a distributed server, as its status reads them (watched.pod_view)."""
+    _attach(memo, kwargs)
+    server = labels[SERVER_LABEL]
+    if any(labels.get(key) != value for key, value in worker_selector(server).items()):
         return {}
     return {(namespace, server): pod_view(body)}

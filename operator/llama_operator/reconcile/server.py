@@ -16,10 +16,18 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..api.errors import describe
-from ..api.v1beta1 import Condition, DownloadStatus, LlamaModel, LlamaServer, LlamaServerStatus, MemoryEstimate
+from ..api.v1beta1 import (
+    Condition,
+    DistributedStatus,
+    DownloadStatus,
+    LlamaModel,
+    LlamaServer,
+    LlamaServerStatus,
+    MemoryEstimate,
+)
 from ..builders.helper_image import with_live_helper_image
 from ..builders.objects import label_selector, selector_labels
-from ..builders.plan import PlanProblem, ServerPlan, plan_server
+from ..builders.plan import PlanProblem, ServerPlan, Workers, plan_server
 from ..builders.quantity import parse_quantity
 from ..builders.router_memory import served_estimates
 from ..clock import now_rfc3339
@@ -38,6 +46,7 @@ from .fits import fits_condition, fits_event, gpu_nodes, memory_status, oom_cond
 from .network import remove_disruption_budget, remove_inference_pool, remove_network_policy
 from .server_status import FleetStatus, fleet_status
 from .trust import record_first_use
+from .workers import distributed_status, identity, observe_workers, waiting_message
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +126,7 @@ class Outcome:
     args: list[str] | None = None
     memory: MemoryEstimate | None = None
     download: DownloadStatus | None = None
+    distributed: DistributedStatus | None = None
 
 
 async def reconcile_server(body: Mapping[str, Any], ctx: Context) -> LlamaServerStatus:
@@ -141,11 +151,13 @@ async def _reconcile(observed: Observed, ctx: Context) -> Outcome:
                                             args_ok], await _fleet(ctx, observed))
     ready = f"{len(models)} LlamaModel(s) ready" if server.spec.models is not None else ""
     model_ok = condition("ModelResolved", True, "ModelReady", ready, generation=generation)
-    plan = plan_server(server, models, ctx.settings)
+    workers = await observe_workers(ctx, server) if server.spec.distributed is not None else None
+    plan = plan_server(server, models, ctx.settings, Workers(identity(workers)) if workers is not None else None)
     if isinstance(plan, PlanProblem):
         # A combination the pods cannot be built from: a bad spec, not a crash of the reconcile.
         failed = condition(plan.condition, False, plan.reason, plan.message, generation=generation)
-        reported = [failed, args_ok] if plan.condition == "ModelResolved" else [model_ok, failed]
+        reported = {"ModelResolved": [failed, args_ok], "ArgsValid": [model_ok, failed]}.get(
+            plan.condition, [model_ok, args_ok, failed])
         return Outcome("Failed", plan.message, reported, await _fleet(ctx, observed))
     served = models[server.spec.model_ref.name] if server.spec.model_ref is not None else None
     nodes = await gpu_nodes(ctx, server) if plan.estimate is not None else {}
@@ -158,6 +170,8 @@ async def _reconcile(observed: Observed, ctx: Context) -> Outcome:
     deployment = await _apply(ctx, server, plan)
     if isinstance(deployment, str):
         return Outcome("Failed", deployment, reported, await _fleet(ctx, observed), memory=memory)
+    if plan.find("Deployment") is None:  # a distributed server's leader, left as it is until its workers run
+        deployment = await _read(ctx, DEPLOYMENTS, observed.namespace, observed.name) or {}
     pods = await _pods(ctx, observed.namespace, observed.name)
     await record_first_use(ctx, plan.trust, pods)
     fleet = fleet_status(observed.replicas, deployment, pods)
@@ -167,8 +181,14 @@ async def _reconcile(observed: Observed, ctx: Context) -> Outcome:
         fits = oom_condition(plan.server or server, fleet.oom, plan.estimate, generation=generation)
         reported = [model_ok, args_ok, fits, chat]
         message = f"{message}; {fits.message}" if message else fits.message
-    return Outcome(fleet.phase, message, reported, fleet, endpoint=plan.endpoint, model_name=plan.model_name,
-                   args=plan.args, memory=memory, download=download)
+    phase, split = fleet.phase, None
+    if workers is not None:
+        split = distributed_status(server, plan.placement, workers)
+        waiting = waiting_message(workers)
+        if waiting is not None and fleet.ready_replicas == 0:
+            phase, message = "Pending", waiting  # a leader without its workers crash-loops: the cause is theirs
+    return Outcome(phase, message, reported, fleet, endpoint=plan.endpoint, model_name=plan.model_name,
+                   args=plan.args, memory=memory, download=download, distributed=split)
 
 
 async def _resolve(ctx: Context, server: LlamaServer) -> dict[str, LlamaModel] | tuple[str, str]:
@@ -303,10 +323,12 @@ async def _write(ctx: Context, observed: Observed, outcome: Outcome) -> LlamaSer
         {
             **previous.to_wire(),
             **LlamaServerStatus(endpoint=outcome.endpoint, model_name=outcome.model_name,
-                                args=outcome.args, memory=outcome.memory).to_wire(),
+                                args=outcome.args, memory=outcome.memory,
+                                distributed=outcome.distributed).to_wire(),
             "phase": outcome.phase,
             "message": outcome.message,
             "download": outcome.download.to_wire() if outcome.download is not None else None,
+            "distributed": outcome.distributed.to_wire() if outcome.distributed is not None else None,
             "observedGeneration": generation,
             "replicas": fleet.replicas,
             "readyReplicas": fleet.ready_replicas,

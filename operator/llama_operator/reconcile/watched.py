@@ -37,8 +37,9 @@ READY_PODS = "llama_ready_pods"
 OWNED = "llama_owned_objects"
 """Index: (plural, namespace, name) -> a Deployment or Service the operator made, reduced by `owned_view`."""
 SERVER_PODS = "llama_server_pods"
+WORKER_PODS = "llama_worker_pods"
 """Index: (namespace, server) -> each pod that server's Deployment selects, reduced by `pod_view`."""
-INDEXES = (SERVER_KEYS, MODEL_KEYS, ROUTERS, MODELS, READY_PODS, OWNED, SERVER_PODS)
+INDEXES = (SERVER_KEYS, MODEL_KEYS, ROUTERS, MODELS, READY_PODS, OWNED, SERVER_PODS, WORKER_PODS)
 
 OWNED_METADATA = ("name", "namespace", "uid", "generation", "resourceVersion", "labels", "annotations",
                   "ownerReferences", "deletionTimestamp")
@@ -99,7 +100,8 @@ def pod_view(body: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(c, Mapping)]
     inits = [_pick(c, ("name", "args")) for c in spec.get("initContainers") or [] if isinstance(c, Mapping)]
     return {"metadata": _pick(body.get("metadata"), ("name", "namespace", "uid", "deletionTimestamp")),
-            "spec": {"containers": containers, "initContainers": inits}, "status": _plain(body.get("status") or {})}
+            "spec": {"containers": containers, "initContainers": inits, **_pick(spec, ("nodeName",))},
+            "status": _plain(body.get("status") or {})}
 
 
 class Watched:
@@ -145,6 +147,11 @@ class Watched:
     def server_pods(self, namespace: str, server: str) -> list[dict[str, Any]]:
         """The pods the server's Deployment selects, by name (copies)."""
         pods = [_plain(pod) for pod in list(self._index(SERVER_PODS).get((namespace, server)) or ())]
+        return sorted(pods, key=lambda pod: str(pod["metadata"].get("name")))
+
+    def worker_pods(self, namespace: str, server: str) -> list[dict[str, Any]]:
+        """The RPC workers of a distributed server (builders/distributed.py), by name (copies)."""
+        pods = [_plain(pod) for pod in list(self._index(WORKER_PODS).get((namespace, server)) or ())]
         return sorted(pods, key=lambda pod: str(pod["metadata"].get("name")))
 
     def model(self, namespace: str, name: str) -> dict[str, Any] | None:

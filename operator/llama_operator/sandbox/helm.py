@@ -44,6 +44,10 @@ _VALUES: Mapping[str, tuple[str, ...]] = {
     "LLAMA_OPERATOR_IMAGE_NVIDIA": ("llamaServerImages", "nvidia"),
     "LLAMA_OPERATOR_IMAGE_AMD": ("llamaServerImages", "amd"),
     "LLAMA_OPERATOR_IMAGE_INTEL": ("llamaServerImages", "intel"),
+    "LLAMA_OPERATOR_RPC_IMAGE_CPU": ("rpcImages", "cpu"),
+    "LLAMA_OPERATOR_RPC_IMAGE_NVIDIA": ("rpcImages", "nvidia"),
+    "LLAMA_OPERATOR_RPC_IMAGE_AMD": ("rpcImages", "amd"),
+    "LLAMA_OPERATOR_RPC_IMAGE_INTEL": ("rpcImages", "intel"),
 }
 _CHART_OWNED = ("LLAMA_OPERATOR_WEBHOOK_PORT", "LLAMA_OPERATOR_WEBHOOK_CERT_DIR", "LLAMA_OPERATOR_FETCHER_IMAGE",
                 "LLAMA_OPERATOR_METRICS_PORT", "LLAMA_OPERATOR_NAMESPACES")

@@ -51,7 +51,9 @@ def chart_values(refs: dict[str, str], *, network_policies: bool = False,
     the API server's calls come from here, as docs/security.md tells a cluster to list it)."""
     repository, _, tag = refs[OPERATOR_IMAGE].rpartition(":")
     values: dict[str, Any] = {"image": {"repository": repository, "tag": tag},
-                              "llamaServerImages": {"cpu": refs[LLAMA_SERVER_IMAGE]}}
+                              "llamaServerImages": {"cpu": refs[LLAMA_SERVER_IMAGE]},
+                              # the image scripts/build-images.sh makes carries ggml-rpc-server (docs/distributed.md)
+                              "rpcImages": {"cpu": refs[LLAMA_SERVER_IMAGE]}}
     if network_policies:
         values["networkPolicy"] = {
             "operator": {"webhookFrom": [{"ipBlock": {"cidr": f"{ip}/32"}} for ip in node_addresses or []]},
@@ -61,8 +63,10 @@ def chart_values(refs: dict[str, str], *, network_policies: bool = False,
 
 def operator_env(refs: dict[str, str]) -> dict[str, str]:
     """What the chart values of chart_values() set, as the operator's environment (`--operator local`): the
-    llama-server image and the fetcher image (the operator's own) from the registry."""
-    return {"LLAMA_OPERATOR_IMAGE_CPU": refs[LLAMA_SERVER_IMAGE], "LLAMA_OPERATOR_FETCHER_IMAGE": refs[OPERATOR_IMAGE]}
+    llama-server image (with RPC too) and the fetcher image (the operator's own) from the registry."""
+    server = refs[LLAMA_SERVER_IMAGE]
+    return {"LLAMA_OPERATOR_IMAGE_CPU": server, "LLAMA_OPERATOR_RPC_IMAGE_CPU": server,
+            "LLAMA_OPERATOR_FETCHER_IMAGE": refs[OPERATOR_IMAGE]}
 
 
 class RealNodeSet:

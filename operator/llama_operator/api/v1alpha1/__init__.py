@@ -8,6 +8,7 @@ checks and the builders all derive from them. Everything is re-exported here:
 from .llamamodel_status import *  # noqa: F403
 from .llamamodel_types import *  # noqa: F403
 from .llamamodel_types import SOURCE_KINDS  # noqa: F401
+from .llamaserver_distributed import *  # noqa: F403
 from .llamaserver_fleet import *  # noqa: F403
 from .llamaserver_rules import *  # noqa: F403
 from .llamaserver_status import *  # noqa: F403

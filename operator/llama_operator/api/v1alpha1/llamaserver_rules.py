@@ -227,3 +227,30 @@ ROUTER_RULES = (
 )
 """Rules of multi-model (router mode) servers; in the CRD next to SERVER_RULES."""
 
+
+
+def _unset_with_distributed(field: str) -> Callable[[LlamaServerSpec], bool]:
+    attribute = snake(field)
+    return lambda s: s.distributed is None or getattr(s, attribute) is None
+
+
+_DISTRIBUTED_EXCLUDES = (
+    ("models", "router mode loads and unloads models at run time; a split is placed once, for one model"),
+    ("scaling", "the leader and its workers are one replica; the gateway does not scale a split"),
+    ("gpu", "the leader's own GPU is not a device of the split yet: give the workers GPUs (distributed.gpu)"),
+    ("gpuLayers", "the operator sets -ngl from the placement (status.distributed.gpuLayers)"),
+    ("tensorSplit", "the operator sets --tensor-split from the placement (status.distributed.tensorSplit)"),
+    ("splitMode", "a split over workers is by layer"),
+    ("speculative", "a draft model beside a split is not supported yet"),
+    ("adapters", "adapters on a split are not supported yet"),
+    ("promptCache", "a split's prompt cache is not kept yet"),
+)
+DISTRIBUTED_RULES = (
+    *(Rule("distributed-excludes", f"!has(self.distributed) || !has(self.{name})",
+           _unset_with_distributed(name), f"distributed cannot be used with {name}: {why}", field="distributed")
+      for name, why in _DISTRIBUTED_EXCLUDES),
+    Rule("distributed-one-replica", "!has(self.distributed) || !has(self.replicas) || self.replicas <= 1",
+         lambda s: s.distributed is None or s.replicas <= 1,
+         "distributed serves one replica (a leader and its workers); replicas is {replicas}", field="replicas"),
+)
+"""Rules of a server split over RPC workers (spec.distributed, docs/distributed.md)."""

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from ..base import ApiModel
 from ..bounds import Message
+from .llamaserver_distributed import DistributedStatus
 from .shared_types import Condition
 
 ServerPhase = Literal["Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed"]
@@ -109,6 +110,8 @@ class LlamaServerStatus(ApiModel):
         "the fullest pod over the memory budget (e.g. 700Mi/1024Mi).")
     models_changed_time: str | None = Field(
         None, description="When the pods' answer last changed status.models (RFC 3339).")
+    distributed: DistributedStatus | None = Field(
+        None, description="With spec.distributed: the layer placement and each worker (docs/distributed.md).")
     conditions: list[Condition] | None = Field(
         None, description="ModelResolved, ArgsValid, Fits, Available, Progressing."
     )

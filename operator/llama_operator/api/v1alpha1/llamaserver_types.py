@@ -12,11 +12,13 @@ from ..base import ApiModel, ContextSize, GpuLayers, Quantity
 from ..bounds import ENV_MAX_ITEMS, IMAGE_MAX_LENGTH, LABEL_VALUE_MAX_LENGTH, LIST_MAX_ITEMS, Annotations, Labels, Name
 from ..cel import cel_schema, check_value
 from ..k8s import Affinity, EnvVar, ResourceRequirements, Toleration, TopologySpreadConstraint
+from .llamaserver_distributed import DistributedSpec
 from .llamaserver_fleet import DisruptionSpec, PromptCacheSpec, RoutingSpec, ScalingSpec, ServiceSpec
 from .llamaserver_rules import (
     ARG_MAX_LENGTH,
     ARGS_MAX_ITEMS,
     ARGS_RULES,
+    DISTRIBUTED_RULES,
     MODELS_MAX_ITEMS,
     ROUTER_RULES,
     SERVED_MODEL_RULES,
@@ -162,7 +164,8 @@ class ServedModel(ApiModel):
 class LlamaServerSpec(ApiModel):
     """A llama-server fleet serving one LlamaModel (spec.modelRef) or several (spec.models, router mode)."""
 
-    model_config = {**ApiModel.model_config, "json_schema_extra": cel_schema(SERVER_RULES + ROUTER_RULES)}
+    model_config = {**ApiModel.model_config,
+                    "json_schema_extra": cel_schema(SERVER_RULES + ROUTER_RULES + DISTRIBUTED_RULES)}
 
     model_ref: ModelRef | None = Field(
         None, description="The LlamaModel to serve (same namespace). Exactly one of modelRef and models.")
@@ -280,6 +283,9 @@ class LlamaServerSpec(ApiModel):
         None, description="How the gateway balances requests over the replicas (default LeastInFlight).")
     prompt_cache: PromptCacheSpec | None = Field(
         None, description="Keep the slots' prompt caches across pod restarts (docs/prompt-cache.md).")
+    distributed: DistributedSpec | None = Field(
+        None, description="Split the model over llama.cpp RPC workers on other nodes, for a model larger than "
+        "one node (docs/distributed.md).")
 
     @field_validator("args")
     @classmethod
