@@ -4,7 +4,8 @@ firewall on a real node; one node because kube-router guards only its own node's
 Every policy of the chart is on (`networkPolicy.llamaServers.enabled`, the operator's webhook admitted only from
 the nodes' addresses, metrics from the `monitoring` namespace): a pod of another namespace cannot open a connection
 to a llama-server pod, the operator's webhook or its metrics port; a pod of the server's namespace reaches the
-server, one in `monitoring` the metrics (the operator's, and the server's on its API port), and the API server
+server but not the RPC worker of a split server, which only its leader reaches; one in `monitoring` the metrics
+(the operator's, and the server's on its API port), and the API server
 still calls the webhook (a bad object is refused).
 """
 
@@ -94,8 +95,17 @@ def test_only_the_allowed_peers_reach_the_server_the_webhook_and_the_metrics(gua
         except TimeoutError:
             raise AssertionError(f"from {namespace}: expected {expected}, last seen {seen[-1:]}") from None
 
-    probes_settle(outsider, {server: "blocked", webhook: "blocked", metrics: "blocked"})
-    probes_settle(app, {server: "open"})
+    # A server split over an RPC worker (docs/distributed.md): the worker's policy admits its leader alone, which
+    # must reach it to become Ready; the server's namespace and the others are refused on the RPC port.
+    guarded.custom.create_namespaced_custom_object(GROUP, VERSION, app, "llamaservers", custom_object(
+        "llamaservers", "split", {"modelRef": {"name": "guarded"}, "contextSize": 256,
+                                  "distributed": {"workers": 1, "memory": "256Mi"}}, namespace=app))
+    ready(guarded, app, "split")
+    worker = guarded.core.read_namespaced_pod("split-workers-0", app)
+    rpc = f"{worker.status.pod_ip}:{worker.spec.containers[0].ports[0].container_port}"
+
+    probes_settle(outsider, {server: "blocked", webhook: "blocked", metrics: "blocked", rpc: "blocked"})
+    probes_settle(app, {server: "open", rpc: "blocked"})
     # metricsFrom may scrape llama-server's /metrics, which is served on its API port (values.yaml says so)
     probes_settle("monitoring", {metrics: "open", server: "open", webhook: "blocked"})
 

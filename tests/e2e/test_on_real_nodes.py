@@ -6,7 +6,9 @@ root filesystem, its webhook and metrics reached through their Services; a names
 Pod Security Standard admitting every pod the operator makes; an in-cluster client (the official `openai`
 package, in an image built here) calling the server's Service and the gateway by DNS name; the kernel OOM-killing
 a server under its memory limit and the LlamaServer saying so while one at the estimate runs; replicas spread over
-both nodes, a ReadWriteOnce cache pinning them to one, and a HostPath cache downloaded once per node.
+both nodes, a ReadWriteOnce cache pinning them to one, and a HostPath cache downloaded once per node; a model split
+over two ggml-rpc-server workers on the two nodes (docs/distributed.md) answering as one node does, and a lost
+worker taking its leader down until the group is whole again.
 """
 
 from __future__ import annotations
@@ -164,6 +166,63 @@ with urllib.request.urlopen("http://llama-operator-metrics.{SYSTEM}.svc:8000/met
     assert int(lines[2][1]) > 0, logs  # the operator's metrics, through their Service, from a pod
     for _, finish, chunks in lines[:2]:
         assert finish in ("length", "stop") and int(chunks) > 1, logs
+
+
+SPLIT_CLIENT = """
+import sys, openai
+for base, model in zip(sys.argv[1::2], sys.argv[2::2]):
+    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=3, timeout=60)
+    reply = client.completions.create(model=model, prompt="The capital of France is", max_tokens=16,
+                                      temperature=0, seed=7)
+    print(repr(reply.choices[0].text))
+"""
+
+
+def _answers(real: SandboxProcess, ns: str, image: str, job: str, targets: list[tuple[str, str]]) -> list[str]:
+    """The temperature-0 completion of each (base URL, model), asked from a pod."""
+    args = " ".join(f"{base!r}, {model!r}," for base, model in targets)
+    script = f"import sys; sys.argv = ['client', {args}]\n" + SPLIT_CLIENT
+    return _run_job(real, ns, job, image, script).strip().splitlines()
+
+
+def test_a_model_split_over_workers_on_two_nodes_answers_as_one_node_does(
+        real: SandboxProcess, namespace: str, model_url: str, nodes_info: dict[str, Any]) -> None:
+    apply_model(real, namespace, "chat", model_url)
+    apply_server(real, namespace, "one", modelRef={"name": "chat"}, alias="one")
+    apply_server(real, namespace, "split", modelRef={"name": "chat"}, alias="split",
+                 distributed={"workers": 2, "memory": "256Mi"})
+    ready(real, namespace, "one")
+    split = ready(real, namespace, "split")["distributed"]
+    workers = split["workers"]
+    assert split["readyWorkers"] == "2/2" and len({w["node"] for w in workers}) == 2, split  # one per node
+    assert sum(w["layers"] for w in workers) == split["gpuLayers"] == 3, split  # the tiny model: 2 blocks + output
+    leader_args = status_of(real, namespace, "llamaservers", "split")["args"]
+    assert leader_args[leader_args.index("--tensor-split") + 1] == split["tensorSplit"]
+
+    port = next(p.port for p in real.core.read_namespaced_service("llama-operator-gateway", SYSTEM).spec.ports
+                if p.name in ("http", "openai") or p.port == 8080)
+    gateway = f"http://llama-operator-gateway.{SYSTEM}.svc:{port}/v1"
+    targets = [(f"http://one.{namespace}.svc:8080/v1", "one"), (f"http://split.{namespace}.svc:8080/v1", "split"),
+               (gateway, "split")]
+    image = nodes_info["images"]["client"]
+    single, through_service, through_gateway = _answers(real, namespace, image, "before", targets)
+    assert through_service == through_gateway == single, (single, through_service, through_gateway)
+
+    # A worker lost: the StatefulSet replaces it, and the leader, which had sent it layers it no longer holds, is
+    # rolled (unready meanwhile) and loads onto the new one.
+    leader_before = {p.metadata.name for p in pods(real, namespace, "split")
+                     if p.metadata.labels.get("app.kubernetes.io/name") == "llama-server"}
+    real.kubectl("delete", "pod", "-n", namespace, "split-workers-1", "--wait=false")
+    wait_server(real, namespace, "split", lambda s: s.get("readyReplicas", 0) == 0, "unready after a lost worker",
+                timeout=60)
+    again = ready(real, namespace, "split")
+    assert again["distributed"]["readyWorkers"] == "2/2", again
+    leader_after = {p.metadata.name for p in pods(real, namespace, "split")
+                    if p.metadata.labels.get("app.kubernetes.io/name") == "llama-server"
+                    and not p.metadata.deletion_timestamp}
+    assert leader_after and not leader_after & leader_before, (leader_before, leader_after)
+    (after,) = _answers(real, namespace, image, "after", targets[1:2])
+    assert after == single, (single, after)
 
 
 def test_a_server_under_its_memory_limit_is_oom_killed_and_says_so(real: SandboxProcess, namespace: str,
