@@ -92,7 +92,8 @@ def predicted_devices(n_layer: int, ngl: int, split: tuple[int, ...]) -> dict[in
 
 
 def placed_devices(log: str) -> dict[int, str]:
-    """The device of each layer slot, from the leader's debug log (-v): `layer   3 assigned to device RPC1`."""
+    """The device of each layer slot, from the leader's debug log: `layer   3 assigned to device RPC1` (-lv 5; the
+    default verbosity, 3, logs no placement at all, 4 the buffer sizes and `offloaded N/M layers`)."""
     return {int(slot): dev for slot, dev in re.findall(r"layer +(\d+) assigned to device (\w+),", log)}
 
 
@@ -110,7 +111,7 @@ def test_split_answers_as_one_process(model: Path, workers: list[int], tmp_path:
 
 def test_placement_follows_ngl_and_tensor_split(model: Path, workers: list[int], tmp_path: Path) -> None:
     port = free_port()
-    with serving(leader_args(model, port, workers, "-v"), port, workdir=tmp_path):
+    with serving(leader_args(model, port, workers, "-lv", "5"), port, workdir=tmp_path):
         pass
     log = (tmp_path / f"llama-server-{port}.log").read_text()
     assert placed_devices(log) == predicted_devices(N_LAYER, NGL, SPLIT) == {
