@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # Builds every image a real-node cluster runs, on this machine, with no Docker daemon and no registry (only
 # Debian's archive and PyPI are reached): a Debian base (mmdebstrap), the operator from the repo's own Dockerfile
-# on that base (buildah), llama-server with upstream's layout from the pinned build and its libraries, an
-# in-cluster OpenAI client, and the node kit's pause and CoreDNS programs (hack/images/*/Containerfile). Each
-# image is saved as an OCI archive and cached outside the repo keyed by a hash of its inputs: the slow base by its
-# package list alone, the operator (new with every commit) on top of it in about a minute. The output directory
-# holds the archives and images.json ({name: {"archive": file, "ref": "repo/path:tag"}}, refs without a registry
-# host: the node harness pushes them to a registry on loopback). Prints that directory as the last line;
-# `--cached` prints it only when built before (exit 3 otherwise: the tests never build); `--plan` prints each
-# image's ref and cache entry, building nothing.
+# on that base (buildah), llama-server with upstream's layout from the pinned build and its libraries (and the
+# ggml-rpc-server built beside it, the workers of a distributed LlamaServer), an in-cluster OpenAI client, and the
+# node kit's pause and CoreDNS programs (hack/images/*/Containerfile). Each image is saved as an OCI archive and
+# cached outside the repo keyed by a hash of its inputs: the slow base by its package list alone, the operator (new
+# with every commit) on top of it in about a minute. The output directory holds the archives and images.json
+# ({name: {"archive": file, "ref": "repo/path:tag"}}, refs without a registry host: the node harness pushes them to
+# a registry on loopback). Prints that directory as the last line; `--cached` prints it only when built before
+# (exit 3 otherwise: the tests never build); `--plan` prints each image's ref and cache entry, building nothing.
 #
-# Inputs: LLAMA_SERVER_BIN (else scripts/build-llama-server.sh --cached), LLAMA_OPERATOR_NODE_KIT_DIR (else
-# scripts/build-node-kit.sh --cached). Needs root (mmdebstrap, buildah's chroot isolation), buildah, mmdebstrap,
-# skopeo. See docs/images.md.
+# Inputs: LLAMA_SERVER_BIN (else scripts/build-llama-server.sh --cached; ggml-rpc-server is taken from its
+# directory), LLAMA_OPERATOR_NODE_KIT_DIR (else scripts/build-node-kit.sh --cached). Needs root (mmdebstrap,
+# buildah's chroot isolation), buildah, mmdebstrap, skopeo. See docs/images.md.
 set -euo pipefail
 
 DEBIAN_SUITE=bookworm
@@ -39,6 +39,9 @@ sha() { sha256sum | cut -c1-12; }
 llama_bin="${LLAMA_SERVER_BIN:-$("$here/scripts/build-llama-server.sh" --cached 2>/dev/null | tail -n 1 || true)}"
 [ -n "$llama_bin" ] && [ -x "$llama_bin" ] || missing "make images needs the llama-server binary:" \
   "\`make llama-server\` builds it, or set LLAMA_SERVER_BIN (now: '${LLAMA_SERVER_BIN:-unset}')"
+rpc_bin="$(dirname "$llama_bin")/ggml-rpc-server"
+[ -x "$rpc_bin" ] || missing "make images needs ggml-rpc-server beside llama-server ($rpc_bin):" \
+  "\`make llama-server\` builds both (a build from before the RPC backend has llama-server alone)"
 kit="${LLAMA_OPERATOR_NODE_KIT_DIR:-}"
 if [ -z "$kit" ] && [ -x "$here/scripts/build-node-kit.sh" ]; then
   kit=$("$here/scripts/build-node-kit.sh" --cached 2>/dev/null | tail -n 1 || true)
@@ -142,17 +145,22 @@ containerfile() {
   push "${REF[$name]}" "$out"
 }
 
-# llama-server on an empty image with the shared libraries it links (ldd), at the paths ldd resolves them to:
-# 20 MB unpacked, where the Debian base would add 130 MB and still lack libgomp.
-llama_libs() { ldd "$llama_bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'; }
+# llama-server and ggml-rpc-server (an RPC worker of a distributed LlamaServer: docs/images.md) on an empty image
+# with the shared libraries they link (ldd), at the paths ldd resolves them to: 20 MB unpacked, where the Debian
+# base would add 130 MB and still lack libgomp.
+llama_libs() { { ldd "$llama_bin"; ldd "$rpc_bin"; } | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' \
+  | LC_ALL=C sort -u; }
 build_llama_server() {
   local root="$work/context-llama-server/rootfs" lib
   mkdir -p "$root/app"
   cp "$llama_bin" "$root/app/llama-server"
+  cp "$rpc_bin" "$root/app/ggml-rpc-server"
   for lib in $(llama_libs); do mkdir -p "$root$(dirname "$lib")"; cp -L "$lib" "$root$lib"; done
   bud -t "localhost/${REF[llama-server]}" -f "$here/hack/images/llama-server/Containerfile" \
     "$work/context-llama-server"
   smoke "${REF[llama-server]}" /app/llama-server --version
+  # --help exits 0 (so does an unknown option: the run shows that the worker loads, not that its flags parse)
+  smoke "${REF[llama-server]}" /app/ggml-rpc-server --help
   push "${REF[llama-server]}" "$1"
 }
 
@@ -182,7 +190,7 @@ KEY[base]=$( { declare -f build_base; echo "$DEBIAN_SUITE $DEBIAN_MIRROR $DEBIAN
 KEY[operator]=$( { echo "${KEY[base]} $common ${REF[operator]}"; declare -f build_operator
   files Dockerfile .dockerignore pyproject.toml README.md operator; } | sha)
 KEY[llama-server]=$( { echo "$common ${REF[llama-server]}"; declare -f build_llama_server llama_libs
-  sha256sum "$llama_bin" $(llama_libs) | cut -c1-64; files hack/images/llama-server; } | sha)
+  sha256sum "$llama_bin" "$rpc_bin" $(llama_libs) | cut -c1-64; files hack/images/llama-server; } | sha)
 KEY[client]=$( { echo "${KEY[base]} $common ${REF[client]} $openai_requirement"; declare -f build_client
   files hack/images/client; } | sha)
 KEY[pause]=$( { echo "$common ${REF[pause]}"; declare -f build_pause; sha256sum <"$kit/pause"
@@ -235,7 +243,8 @@ for name in $NAMES; do
   fi
   # rename makes the cache entry appear only once it is complete
   mv -T "$part.tmp.$$" "$part" 2>/dev/null || rm -rf "$part.tmp.$$"
-  echo "  $name built in $(( $(date +%s) - t0 )) s $(sed -n 's/^smoke: / /p' "$work/$name.log")" >&2
+  echo "  $name built in $(( $(date +%s) - t0 )) s  $(sed -n 's/^smoke: //p' "$work/$name.log" | paste -sd ';' \
+    | sed 's/;/; /g')" >&2
 done
 
 # Every archive must load, with the config the chart relies on.

@@ -4,10 +4,12 @@ and, where the images are built, the archives themselves (images.json, and each 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -51,13 +53,15 @@ def repo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def inputs(tmp_path: Path) -> dict[str, str]:
-    """A stand-in llama-server (a dynamically linked program, as the real one is) and node kit."""
+    """A stand-in llama-server and the ggml-rpc-server beside it (dynamically linked programs, as the real ones are)
+    and node kit."""
     kit = tmp_path / "kit"
     kit.mkdir()
     for program in ("pause", "coredns"):
         shutil.copy2("/bin/true", kit / program)
     (kit / "versions.json").write_text(json.dumps({"parts": {"pause": "1.0", "coredns": "v1.15.0"}}))
     shutil.copy2("/bin/true", tmp_path / "llama-server")
+    shutil.copy2("/bin/true", tmp_path / "ggml-rpc-server")
     return {"LLAMA_SERVER_BIN": str(tmp_path / "llama-server"), "LLAMA_OPERATOR_NODE_KIT_DIR": str(kit)}
 
 
@@ -81,6 +85,10 @@ def test_a_missing_input_is_one_line_naming_its_variable(tmp_path: Path, inputs:
     assert "LLAMA_SERVER_BIN" in proc.stderr and "make llama-server" in proc.stderr
     proc = _run(SCRIPT, "--plan", cache=tmp_path, **{**inputs, "LLAMA_OPERATOR_NODE_KIT_DIR": str(tmp_path)})
     assert proc.returncode == 2 and "LLAMA_OPERATOR_NODE_KIT_DIR" in proc.stderr and "make node-kit" in proc.stderr
+    Path(inputs["LLAMA_SERVER_BIN"]).with_name("ggml-rpc-server").unlink()  # a llama-server built without RPC
+    proc = _run(SCRIPT, "--plan", cache=tmp_path, **inputs)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "ggml-rpc-server" in proc.stderr and "make llama-server" in proc.stderr
 
 
 def test_refs_come_from_the_chart_and_the_kit_without_a_registry_host(repo: Path, tmp_path: Path,
@@ -129,6 +137,8 @@ def test_each_image_is_rebuilt_only_when_its_own_inputs_change(repo: Path, tmp_p
         (lambda: (repo / "operator" / "llama_operator" / "new.py").write_text("x = 1\n"), {"operator"}),
         (lambda: (repo / "README.md").write_text("changed\n"), {"operator"}),
         (lambda: Path(inputs["LLAMA_SERVER_BIN"]).write_bytes(Path("/bin/ls").read_bytes()), {"llama-server"}),
+        (lambda: Path(inputs["LLAMA_SERVER_BIN"]).with_name("ggml-rpc-server").write_bytes(b"#!/bin/sh\n"),
+         {"llama-server"}),
         (lambda: (repo / "hack/images/client/Containerfile").write_text("FROM scratch\n"), {"client"}),
         (lambda: shutil.copy2("/bin/ls", Path(inputs["LLAMA_OPERATOR_NODE_KIT_DIR"]) / "coredns"), {"coredns"}),
         (lambda: (repo / "pyproject.toml").write_text((repo / "pyproject.toml").read_text().replace(
@@ -174,6 +184,22 @@ def _config(archive: Path) -> dict[str, object]:
     return json.loads(proc.stdout)["config"]
 
 
+def _files(archive: Path) -> dict[str, int]:
+    """Every regular file of an OCI archive's image (its layers in order, whiteouts ignored): path → mode."""
+    files: dict[str, int] = {}
+    with tarfile.open(archive) as oci:
+        def blob(digest: str) -> bytes:
+            member = oci.extractfile("blobs/" + digest.replace(":", "/"))
+            assert member is not None, digest
+            return member.read()
+
+        (manifest,) = json.loads(oci.extractfile("index.json").read())["manifests"]  # type: ignore[union-attr]
+        for layer in json.loads(blob(manifest["digest"]))["layers"]:
+            with tarfile.open(fileobj=io.BytesIO(blob(layer["digest"]))) as tar:
+                files.update({"/" + m.name.removeprefix("./"): m.mode for m in tar if m.isfile()})
+    return files
+
+
 def test_the_built_images_load_with_the_config_the_chart_relies_on() -> None:
     directory = _images_dir()
     images = json.loads((directory / "images.json").read_text())
@@ -185,5 +211,8 @@ def test_the_built_images_load_with_the_config_the_chart_relies_on() -> None:
     assert operator["User"] == "65532:65532" and operator["Entrypoint"] == ["llama-operator"]
     server = _config(directory / images["llama-server"]["archive"])
     assert server["User"] == "65532:65532" and server["Entrypoint"] == ["/app/llama-server"]
+    files = _files(directory / images["llama-server"]["archive"])
+    for program in ("/app/llama-server", "/app/ggml-rpc-server"):  # the worker of a distributed LlamaServer
+        assert files.get(program, 0) & 0o001, f"{program} is not an executable for all in the image"
     assert _config(directory / images["pause"]["archive"])["Entrypoint"] == ["/pause"]
     assert _config(directory / images["coredns"]["archive"])["Entrypoint"] == ["/coredns"]
