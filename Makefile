@@ -64,7 +64,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Builds (once, cached outside the repo keyed by the llama.cpp commit) and prints the binary's path.
+# Builds (once, cached outside the repo keyed by the llama.cpp commit) llama-server with the RPC backend and
+# ggml-rpc-server beside it (the workers of a distributed LlamaServer), and prints llama-server's path.
 llama-server: venv
 	@PYTHON=$(PY) scripts/build-llama-server.sh
 
