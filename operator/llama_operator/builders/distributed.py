@@ -72,9 +72,11 @@ def name_problem(server: LlamaServer) -> str | None:
 
 
 def leader_args(server: LlamaServer, placement: Placement) -> list[str]:
-    """What the leader's llama-server adds to its arguments: the workers, and the layers each gets."""
+    """What the leader's llama-server adds to its arguments: the workers, and the layers each gets. `--fit off`:
+    a worker reports its node's whole memory as free, not its limit, so llama.cpp's own fitting would size the
+    context to the node (it keeps explicit -ngl and --tensor-split, measured; tests/runtime/test_rpc.py)."""
     return ["--rpc", ",".join(worker_addresses(server)), "--n-gpu-layers", str(placement.gpu_layers),
-            "--tensor-split", placement.tensor_split()]
+            "--tensor-split", placement.tensor_split(), "--fit", "off"]
 
 
 def _threads(cpu: str | None) -> list[str]:
