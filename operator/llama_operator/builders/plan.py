@@ -187,7 +187,8 @@ def _distributed_plan(server: LlamaServer, model: LlamaModel, settings: Settings
     gguf = model.status.gguf
     if gguf is None or gguf.memory is None:
         return PlanProblem("Fits", "NoEstimate", f"LlamaModel {model.metadata.name} has no memory shape in its "
-                           "status (a volume source is not read): its layers cannot be placed on the workers")
+                           "status (read from the GGUF header when the model resolves; a volume source is not read): "
+                           "its layers cannot be placed on the workers")
     worker_memory = spec.gpu.memory if spec.gpu is not None else spec.memory
     placement = place(gguf.memory, settings_from_spec(server.spec), workers=spec.workers,
                       worker_memory=int(parse_quantity(worker_memory)), leader_memory=memory_limit(server.spec),
