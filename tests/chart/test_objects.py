@@ -224,6 +224,11 @@ def test_environment_is_what_the_operator_reads(helm: str, scenario: str) -> Non
             f"LLAMA_OPERATOR_IMAGE_{vendor.upper()}": (lambda raw, v=vendor: settings.images[v] == raw)
             for vendor in config.DEFAULT_IMAGES
         },
+        **{
+            f"LLAMA_OPERATOR_RPC_IMAGE_{vendor.upper()}": (lambda raw, v=vendor: settings.rpc_image_for(v) == (
+                raw or None))
+            for vendor in config.DEFAULT_IMAGES
+        },
     }
     # Leader election is read by leader.ElectionConfig, not Settings (tests/chart/test_operator_ha.py checks it).
     expected.update({name: lambda raw: True for name in env if name.startswith(("LLAMA_OPERATOR_LEADER_",
