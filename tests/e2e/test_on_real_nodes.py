@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import kubernetes
 import pytest
 
@@ -185,11 +187,28 @@ def _answers(real: SandboxProcess, ns: str, image: str, job: str, targets: list[
     return _run_job(real, ns, job, image, script).strip().splitlines()
 
 
+def _long_stream(url: str, seen: dict[str, Any]) -> None:
+    """A long streamed completion (the tiny model never stops on its own): its chunks counted in `seen`, and how it
+    ended ("complete" once the last chunk arrives, else the error's name)."""
+    body = {"prompt": "Once upon a time", "n_predict": 1800, "ignore_eos": True, "stream": True, "temperature": 0}
+    try:
+        with httpx.stream("POST", f"{url}/completion", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    seen["chunks"] += 1
+                    if json.loads(line[6:]).get("stop"):
+                        seen["end"] = "complete"
+                        return
+        seen["end"] = "closed"
+    except httpx.HTTPError as exc:
+        seen["end"] = type(exc).__name__
+
+
 def test_a_model_split_over_workers_on_two_nodes_answers_as_one_node_does(
         real: SandboxProcess, namespace: str, model_url: str, nodes_info: dict[str, Any]) -> None:
     apply_model(real, namespace, "chat", model_url)
-    apply_server(real, namespace, "one", modelRef={"name": "chat"}, alias="one")
-    apply_server(real, namespace, "split", modelRef={"name": "chat"}, alias="split",
+    apply_server(real, namespace, "one", modelRef={"name": "chat"}, alias="one", contextSize=2048)
+    apply_server(real, namespace, "split", modelRef={"name": "chat"}, alias="split", contextSize=2048,
                  distributed={"workers": 2, "memory": "256Mi"})
     ready(real, namespace, "one")
     split = ready(real, namespace, "split")["distributed"]
@@ -208,11 +227,18 @@ def test_a_model_split_over_workers_on_two_nodes_answers_as_one_node_does(
     single, through_service, through_gateway = _answers(real, namespace, image, "before", targets)
     assert through_service == through_gateway == single, (single, through_service, through_gateway)
 
-    # A worker lost: the StatefulSet replaces it, and the leader, which had sent it layers it no longer holds, is
-    # rolled (unready meanwhile) and loads onto the new one.
+    # A worker lost mid-serve: the stream it was computing ends (llama.cpp aborts the leader), the StatefulSet
+    # replaces the worker, and the leader, which had sent it layers it no longer holds, is rolled (unready
+    # meanwhile) and loads onto the new one.
     leader_before = {p.metadata.name for p in pods(real, namespace, "split")
                      if p.metadata.labels.get("app.kubernetes.io/name") == "llama-server"}
+    stream: dict[str, Any] = {"chunks": 0}
+    reader = threading.Thread(target=_long_stream, args=(real.url(f"{namespace}/split"), stream), daemon=True)
+    reader.start()
+    wait_for(lambda: stream["chunks"] >= 5 or "end" in stream, timeout=60, message="the stream's first tokens")
     real.kubectl("delete", "pod", "-n", namespace, "split-workers-1", "--wait=false")
+    reader.join(timeout=60)
+    assert stream.get("end") not in (None, "complete"), stream  # cut, not finished and not hanging
     wait_server(real, namespace, "split", lambda s: s.get("readyReplicas", 0) == 0, "unready after a lost worker",
                 timeout=60)
     again = ready(real, namespace, "split")
