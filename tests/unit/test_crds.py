@@ -111,7 +111,7 @@ def test_names_columns_and_subresources() -> None:
                                            "statusReplicasPath": ".status.replicas",
                                            "labelSelectorPath": ".status.selector"}
     columns = [c["name"] for c in sv["additionalPrinterColumns"]]
-    assert columns == ["Model", "Phase", "Ready", "Download", "Loaded", "Endpoint", "Memory", "Age"]
+    assert columns == ["Model", "Phase", "Ready", "Download", "Loaded", "Workers", "Endpoint", "Memory", "Age"]
 
 
 def test_good_objects_pass_the_schema() -> None:

@@ -177,6 +177,8 @@ _SERVER_COLUMNS = [
      "description": "While Downloading: percent, size and rate of the model download."},
     {"name": "Loaded", "type": "string", "jsonPath": ".status.modelsLoaded",
      "description": "With spec.models: models loaded/total."},
+    {"name": "Workers", "type": "string", "jsonPath": ".status.distributed.readyWorkers",
+     "description": "With spec.distributed: RPC workers running/total (docs/distributed.md)."},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
     {"name": "Memory", "type": "string", "jsonPath": ".status.memory.host", "priority": 1,
      "description": "Estimated host memory per replica (docs/memory-fit.md)."},
