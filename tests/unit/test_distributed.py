@@ -155,3 +155,10 @@ async def test_status_waits_for_the_workers_then_starts_the_leader() -> None:
     assert [w.layers for w in status.distributed.workers] == [
         int(part) for part in (status.distributed.tensor_split or "").split(",")]
     assert all(w.node == "node-a" and w.ready for w in status.distributed.workers)
+
+
+def test_a_split_scaled_to_zero_stops_its_workers_and_its_leader() -> None:
+    plan = _plan(_server(replicas=0), workers=Workers(identity=None))
+    workers = plan.find("StatefulSet")
+    assert workers is not None and workers["spec"]["replicas"] == 0
+    assert plan.deployment["spec"]["replicas"] == 0  # planned although no worker runs: it must go to zero too

@@ -153,7 +153,8 @@ def build_workers_statefulset(server: LlamaServer, image: str, settings: Setting
         "kind": "StatefulSet",
         "metadata": object_meta(server, name=workers_name(server), labels=labels),
         "spec": {
-            "replicas": spec.workers,
+            # A server scaled to zero stops its workers too: the group lives and dies together.
+            "replicas": spec.workers if server.spec.replicas > 0 else 0,
             "serviceName": workers_name(server),
             # The leader needs every worker at once: start and replace them together, not one by one.
             "podManagementPolicy": "Parallel",

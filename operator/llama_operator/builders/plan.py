@@ -93,7 +93,8 @@ class Workers:
 
     identity: str | None
     """Of the worker processes when every worker runs, else None: the leader's Deployment is then left out of the
-    plan, so the leader is not created before its workers run, and a running leader is left as it is."""
+    plan (unless the server is scaled to zero), so the leader is not created before its workers run, and a running
+    leader is left as it is."""
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ def _distributed_plan(server: LlamaServer, model: LlamaModel, settings: Settings
     guard = [build_workers_network_policy(server), build_workers_service(server),
              build_workers_statefulset(server, worker_image, settings)]
     leader: list[dict[str, Any]] = []
-    if workers is None or workers.identity is not None:
+    if workers is None or workers.identity is not None or server.spec.replicas == 0:
         template = pod_template(server, model, leader_settings, None, args=args,
                                 memory=default_memory_request(server, settings, fit))
         if workers is not None and workers.identity is not None:

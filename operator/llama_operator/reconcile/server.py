@@ -185,7 +185,7 @@ async def _reconcile(observed: Observed, ctx: Context) -> Outcome:
     if workers is not None:
         split = distributed_status(server, plan.placement, workers)
         waiting = waiting_message(workers)
-        if waiting is not None and fleet.ready_replicas == 0:
+        if waiting is not None and fleet.ready_replicas == 0 and observed.replicas > 0:
             phase, message = "Pending", waiting  # a leader without its workers crash-loops: the cause is theirs
     return Outcome(phase, message, reported, fleet, endpoint=plan.endpoint, model_name=plan.model_name,
                    args=plan.args, memory=memory, download=download, distributed=split)
