@@ -29,7 +29,7 @@ from ..contract import (
 from ..fit.split import Placement
 from .objects import object_meta, selector_labels
 from .quantity import parse_quantity
-from .resources import GPU_RESOURCES
+from .resources import GPU_RESOURCES, pod_tolerations
 from .security import container_security_context, pod_security_context
 
 WORKER_GRACE_SECONDS = 10
@@ -108,15 +108,6 @@ def _affinity(server: LlamaServer) -> dict[str, Any] | None:
     return {**affinity, "podAntiAffinity": anti}
 
 
-def _tolerations(server: LlamaServer) -> list[dict[str, Any]]:
-    spec = server.spec.distributed
-    assert spec is not None
-    tolerations = [t.to_wire() for t in server.spec.tolerations or []]
-    if spec.gpu is not None:
-        tolerations.append({"key": GPU_RESOURCES[spec.gpu.vendor], "operator": "Exists", "effect": "NoSchedule"})
-    return tolerations
-
-
 def build_workers_statefulset(server: LlamaServer, image: str, settings: Settings) -> dict[str, Any]:
     """The workers: ggml-rpc-server from `image` (one built with GGML_RPC=ON), listening on RPC_PORT."""
     spec = server.spec.distributed
@@ -142,7 +133,8 @@ def build_workers_statefulset(server: LlamaServer, image: str, settings: Setting
     optional = {
         "nodeSelector": server.spec.node_selector,
         "affinity": _affinity(server),
-        "tolerations": _tolerations(server) or None,
+        # the workers' GPUs, not the leader's (spec.gpu is refused with distributed)
+        "tolerations": pod_tolerations(server, spec.gpu.vendor if spec.gpu is not None else None) or None,
         "priorityClassName": server.spec.priority_class_name,
         "runtimeClassName": server.spec.runtime_class_name,
     }

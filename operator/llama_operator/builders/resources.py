@@ -58,10 +58,13 @@ def container_resources(server: LlamaServer, *, memory: str | None) -> dict[str,
     return resources
 
 
-def pod_tolerations(server: LlamaServer) -> list[dict[str, Any]]:
+def pod_tolerations(server: LlamaServer, gpu_vendor: str | None = None) -> list[dict[str, Any]]:
+    """The spec's tolerations and the GPU vendor's (`gpu_vendor`, else spec.gpu's): GPU nodes are usually tainted
+    with their resource name."""
     tolerations = [t.to_wire() for t in server.spec.tolerations or []]
-    if server.spec.gpu is not None:
-        gpu = {"key": GPU_RESOURCES[server.spec.gpu.vendor], "operator": "Exists", "effect": "NoSchedule"}
+    vendor = gpu_vendor or (server.spec.gpu.vendor if server.spec.gpu is not None else None)
+    if vendor is not None:
+        gpu = {"key": GPU_RESOURCES[vendor], "operator": "Exists", "effect": "NoSchedule"}
         if gpu not in tolerations:
             tolerations.append(gpu)
     return tolerations
