@@ -8,7 +8,8 @@ Off unless the gateway is given `--admin-token-file` (chart `gateway.adminTokenS
 paths do not exist (404). The token is compared in constant time and never logged or echoed. `<model>` is a
 served model name of a router-mode LlamaServer (spec.models); whole servers scale with `kubectl scale`.
 Every ready replica is called at once (room.py: a load with a memory budget makes room first, as a request would;
-an unload is refused while requests through this gateway replica are in flight on the model). The answer names
+an unload is refused while requests through this gateway replica are in flight on the model; for a server with
+spec.promptCache.persist an unload saves the model's slots first and a load restores them). The answer names
 the server and counts replicas, never their addresses: 200 when all did it, 409 when the model was busy on some,
 502 when some failed, 503 with no ready replica.
 """
@@ -82,8 +83,8 @@ class ModelsAdmin:
         urls = [endpoint.url for endpoint in self.endpoints.ready(*route.service)]
         if not urls:
             return openai_error(503, f"LlamaServer {route.key} has no ready replica.", code="model_not_ready")
-        outcomes = await asyncio.gather(*(self._one(action, url, route.memory_budget, dict(route.estimates), model)
-                                          for url in urls))
+        outcomes = await asyncio.gather(*(self._one(action, url, route.memory_budget, dict(route.estimates), model,
+                                                    route.keeps_slots) for url in urls))
         failed = [(index, error) for index, error in enumerate(outcomes) if error is not None]
         log.info("admin %s of %s on LlamaServer %s: %d of %d replicas done", action, model, route.key,
                  len(urls) - len(failed), len(urls))
@@ -94,13 +95,13 @@ class ModelsAdmin:
             "failed": [f"replica {index + 1} of {len(urls)}: {error}" for index, error in failed]}, status=status)
 
     async def _one(self, action: str, url: str, budget: int | None, estimates: dict[str, int],
-                   model: str) -> RoomError | None:
+                   model: str, slots: bool) -> RoomError | None:
         memory = self.upstreams.memory
         try:
             if action == "load":
-                await memory.load(self.upstreams.session, url, model, budget, estimates)
+                await memory.load(self.upstreams.session, url, model, budget, estimates, slots=slots)
             else:
-                await memory.unload(self.upstreams.session, url, model)
+                await memory.unload(self.upstreams.session, url, model, slots=slots)
         except RoomError as exc:
             log.warning("admin %s of %s on replica %s: %s", action, model, url, exc)
             return exc

@@ -12,6 +12,15 @@ the request is sent to the chosen replica:
   is retried until WAIT_SECONDS pass, then the request is refused as busy (503, retry later).
 Every read from the replica is bounded (MAX_MODELS_BYTES, REQUEST_SECONDS). `done` ends the request's in-flight
 mark and records its last use.
+
+For a server that keeps its prompt caches (spec.promptCache.persist, `slots=True`), every unload the gateway makes
+(for the budget or the admin API) is preceded by a save of the model's slots, and every load it makes is followed by
+a restore, through llama-server's slot API on the router (`POST /slots/<i>?action=save|restore`, the body's
+`model` picking the instance, `autoload=false` so that a save never loads a model). Slot i of a model is always
+the file `<served name>-<i>.slot`, in the model's own directory (the preset gives each model the `slot-save-path`
+`/slots/<model key>`): the gateway needs no listing of the files, a restore never crosses models, and the files
+are bounded by the slots of each model (a save replaces the previous one). A save or restore that fails is logged
+and skipped: the unload or the request goes on, cold.
 """
 
 from __future__ import annotations
@@ -41,6 +50,10 @@ MAX_TRACKED = 4096
 """(replica, model) pairs remembered; past this the idle ones used longest ago are forgotten (replicas come
 and go with their pod addresses)."""
 RESIDENT_STATES = frozenset({"loaded", "loading"})
+SLOT_SECONDS = 60.0
+"""Timeout of one slot save or restore (a long context's state at disk speed)."""
+MAX_SLOTS = 256
+"""The API's bound on a model's parallel slots."""
 
 
 class RoomError(Exception):
@@ -76,9 +89,10 @@ class MemoryKeeper:
         use.last_used = time.monotonic()
 
     async def admit(self, session: aiohttp.ClientSession, url: str, model: str, budget: int,
-                    estimates: Mapping[str, int]) -> None:
+                    estimates: Mapping[str, int], *, slots: bool = False) -> None:
         """Make room for `model` on the replica at `url`; raises RoomError. On success (or RoomError) the caller
-        must call `done(url, model)` once the request ends."""
+        must call `done(url, model)` once the request ends. `slots`: save the slots of what is unloaded, restore
+        those of what is loaded."""
         if len(self._use) >= MAX_TRACKED:
             self._forget()
         use = self._mark(url, model)
@@ -106,31 +120,37 @@ class MemoryKeeper:
                 await asyncio.sleep(POLL_SECONDS)
             for name in room.unload:
                 log.info("replica %s: unloading %s to make room for %s", url, name, model)
+                if slots:
+                    await self.save_slots(session, url, name)
                 await self._post(session, url, "unload", name)
             await self._until(session, url, lambda states: not set(room.unload) & states.keys(), deadline)
             await self._post(session, url, "load", model)
             # Loaded, or no longer loading (it failed: the request goes on and gets llama-server's own answer).
             await self._until(session, url, lambda states: states.get(model) != "loading", deadline)
+            if slots:
+                await self.restore_slots(session, url, model)
 
     async def load(self, session: aiohttp.ClientSession, url: str, model: str, budget: int | None,
-                   estimates: Mapping[str, int]) -> None:
+                   estimates: Mapping[str, int], *, slots: bool = False) -> None:
         """Load `model` on the replica at `url` for an operator (models_admin.py): with a memory budget and an
         estimate, as a request for it would (room made first); else llama-server's own load. RoomError when it
         is not loaded in the end."""
         if budget is not None and model in estimates:
             try:
-                await self.admit(session, url, model, budget, estimates)
+                await self.admit(session, url, model, budget, estimates, slots=slots)
             finally:
                 self.done(url, model)
         elif model not in await self._resident(session, url):
             await self._post(session, url, "load", model)
             await self._until(session, url, lambda states: states.get(model) != "loading",
                               time.monotonic() + self.wait_seconds)
+            if slots:
+                await self.restore_slots(session, url, model)
         if model not in await self._resident(session, url):
             raise RoomError(502, "llama-server did not load it (the server's status.models says why)")
         self._mark(url, model).last_used = time.monotonic()
 
-    async def unload(self, session: aiohttp.ClientSession, url: str, model: str) -> None:
+    async def unload(self, session: aiohttp.ClientSession, url: str, model: str, *, slots: bool = False) -> None:
         """Unload `model` from the replica at `url` for an operator; refused (409) while requests of this gateway
         replica are in flight on it, since llama-server would cut them."""
         use = self._use.get((url, model))
@@ -139,9 +159,64 @@ class MemoryKeeper:
         lock = self._locks.setdefault(url, asyncio.Lock())
         async with lock:  # not in the middle of a budget decision on this replica
             if model in await self._resident(session, url):
+                if slots:
+                    await self.save_slots(session, url, model)
                 await self._post(session, url, "unload", model)
                 await self._until(session, url, lambda states: model not in states,
                                   time.monotonic() + self.wait_seconds)
+
+    async def save_slots(self, session: aiohttp.ClientSession, url: str, model: str) -> str:
+        """Every slot of `model` on the replica into its file (`slot_file`); never raises: what was done."""
+        return await self._slots(session, url, model, "save")
+
+    async def restore_slots(self, session: aiohttp.ClientSession, url: str, model: str) -> str:
+        """Every slot of `model` from its file, where there is one; never raises: what was done."""
+        return await self._slots(session, url, model, "restore")
+
+    async def _slots(self, session: aiohttp.ClientSession, url: str, model: str, action: str) -> str:
+        count = await self._slot_count(session, url, model)
+        if count is None:
+            outcome = f"{model}: no slots {action}d (the replica did not tell its slot count)"
+            log.warning("replica %s: %s", url, outcome)
+            return outcome
+        done, tokens = 0, 0
+        query = f"action={action}&autoload=false"
+        for slot in range(count):
+            try:
+                async with session.post(f"{url}/slots/{slot}?{query}",
+                                        json={"model": model, "filename": slot_file(model, slot)},
+                                        timeout=aiohttp.ClientTimeout(total=SLOT_SECONDS)) as answer:
+                    data = await answer.content.read(4096)
+                    ok = answer.status == 200
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.warning("replica %s: slot %d of %s not %sd: %s", url, slot, model, action, type(exc).__name__)
+                continue
+            if not ok:  # a restore of a slot never saved: no file, answered 4xx/5xx
+                log.debug("replica %s: slot %d of %s not %sd: %s", url, slot, model, action, data[:200])
+                continue
+            try:
+                answer_json = json.loads(data)
+                tokens += int(answer_json.get("n_saved" if action == "save" else "n_restored", 0))
+            except (ValueError, TypeError, AttributeError):
+                pass
+            done += 1
+        outcome = f"{model}: {action}d {done} of {count} slot(s), {tokens} tokens"
+        log.info("replica %s: %s", url, outcome)
+        return outcome
+
+    async def _slot_count(self, session: aiohttp.ClientSession, url: str, model: str) -> int | None:
+        try:
+            async with session.get(f"{url}/props", params={"model": model, "autoload": "false"},
+                                   timeout=aiohttp.ClientTimeout(total=REQUEST_SECONDS)) as answer:
+                data = await answer.content.read(MAX_MODELS_BYTES + 1)
+                status = answer.status
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return None
+        try:
+            value = json.loads(data).get("total_slots") if status == 200 and len(data) <= MAX_MODELS_BYTES else None
+        except (ValueError, AttributeError):
+            return None
+        return value if isinstance(value, int) and 1 <= value <= MAX_SLOTS else None
 
     def _forget(self) -> None:
         idle = sorted((use.last_used, key) for key, use in self._use.items() if not use.in_flight)
@@ -186,6 +261,11 @@ class MemoryKeeper:
         if len(data) > MAX_MODELS_BYTES:
             raise RoomError(503, "the replica's /models answer is larger than 1 MiB", replica_failed=True)
         return resident_states(data)
+
+
+def slot_file(model: str, slot: int) -> str:
+    """The file of slot `slot` of the served model `model`, in that model's slot directory."""
+    return f"{model}-{slot}.slot"
 
 
 def resident_states(data: bytes) -> dict[str, str]:

@@ -54,6 +54,9 @@ class Route:
     """Router mode with resources.limits.memory: the bytes the loaded models' estimates may add up to."""
     estimates: tuple[tuple[str, int], ...] = ()
     """Router mode: (served name, bytes) of each model whose estimate status.models shows."""
+    keeps_slots: bool = False
+    """Router mode with spec.promptCache.persist: the gateway saves a model's slots before it unloads it and
+    restores them after it loads it (room.py)."""
     adapters: tuple[tuple[str, float], ...] = ()
     """spec.adapters: (adapter name, scale), in order: the index is the adapter's id in llama-server."""
     last_scale_time: str | None = None
@@ -140,6 +143,7 @@ def route_from(body: Mapping[str, Any]) -> Route | None:
         parallel=spec.parallel or DEFAULT_PARALLEL,
         memory_budget=memory_budget(server),
         estimates=_estimates(status),
+        keeps_slots=spec.models is not None and spec.keeps_prompt_cache(),
         # Router mode loads no adapter (the CRD refuses spec.adapters with spec.models).
         adapters=() if spec.models else tuple((a.name, a.scale) for a in spec.adapters or ()),
         last_scale_time=autoscaling.last_scale_time if autoscaling else None,

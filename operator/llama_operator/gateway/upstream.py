@@ -144,7 +144,7 @@ class Upstreams:
                 if budgeted:
                     try:
                         await self.memory.admit(self._session, url, summary.model, route.memory_budget or 0,
-                                                dict(route.estimates))
+                                                dict(route.estimates), slots=route.keeps_slots)
                     except RoomError as exc:
                         if exc.replica_failed:  # like a refused connection: another replica, if there is one
                             last_error = str(exc)

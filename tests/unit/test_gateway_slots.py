@@ -1,0 +1,148 @@
+"""The kept prompt caches of router-mode servers in the gateway (gateway/room.py): before the gateway unloads a
+model (the memory budget's eviction, the admin API's unload) it saves that model's slots on that replica, after it
+loads one (a budgeted request, the admin API's load) it restores them, each slot from its own file; only for
+servers with spec.promptCache.persist; a save never loads a model (autoload=false), and a slot without a file is
+skipped without failing the load. Against fake router replicas (tests/unit/test_router_budget.py's, with /props
+and /slots)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from llama_operator.gateway.room import MemoryKeeper, slot_file
+from llama_operator.gateway.routing import route_from
+from tests.unit.test_gateway_models_admin import HEADERS, TOKEN, _gateway
+from tests.unit.test_router_budget import ESTIMATES, FakeRouter, MiB
+
+
+class SlotRouter(FakeRouter):
+    """The fake router with llama-server's slot API on it: two slots per model; a file exists once saved."""
+
+    def __init__(self, loaded: set[str]) -> None:
+        super().__init__(loaded)
+        self.files: set[str] = set()
+        self.queries: list[str] = []
+
+    async def props(self, request: web.Request) -> web.Response:
+        if request.query.get("model") not in self.loaded:
+            return web.json_response({"error": {"message": "model is not loaded"}}, status=400)
+        return web.json_response({"total_slots": 2})
+
+    async def slots(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        action, slot, model = request.query["action"], request.match_info["slot"], body["model"]
+        self.queries.append(request.query_string)
+        self.calls.append(f"{action} {model} {slot}")
+        if model not in self.loaded:
+            return web.json_response({"error": {"message": "model is not loaded"}}, status=400)
+        if action == "save":
+            self.files.add(body["filename"])
+            return web.json_response({"n_saved": 100})
+        if body["filename"] not in self.files:
+            return web.json_response({"error": {"message": "failed to open file"}}, status=400)
+        return web.json_response({"n_restored": 100})
+
+
+async def _serve(fake: SlotRouter) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_get("/models", fake.models)
+    app.router.add_get("/props", fake.props)
+    app.router.add_post("/models/{action}", fake.action)
+    app.router.add_post("/slots/{slot}", fake.slots)
+    app.router.add_post("/v1/chat/completions", fake.chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+
+@pytest.fixture
+async def replica() -> AsyncIterator[tuple[SlotRouter, str]]:
+    fake = SlotRouter({"a"})
+    runner, url = await _serve(fake)
+    yield fake, url
+    await runner.cleanup()
+
+
+def _server(persist: bool) -> dict[str, Any]:
+    spec: dict[str, Any] = {"models": [{"modelRef": {"name": n}} for n in ESTIMATES]}
+    if persist:
+        spec["promptCache"] = {"persist": True}
+    return {"metadata": {"name": "fleet", "namespace": "default"}, "spec": spec}
+
+
+def test_the_route_keeps_slots_only_for_router_servers_that_persist() -> None:
+    assert route_from(_server(True)).keeps_slots
+    assert not route_from(_server(False)).keeps_slots
+    one = {"metadata": {"name": "solo", "namespace": "default"},
+           "spec": {"modelRef": {"name": "q"}, "promptCache": {"persist": True}}}
+    assert not route_from(one).keeps_slots  # one model: the drain sidecar keeps them (at pod stop and start)
+
+
+async def test_admin_unload_saves_first_and_load_restores_after(replica: tuple[SlotRouter, str]) -> None:
+    fake, url = replica
+    gateway, admin = await _gateway(TOKEN, [url])
+    gateway.routes.upsert(_server(True))
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.post(f"{admin}/admin/models/a/unload", headers=HEADERS) as answer:
+                assert answer.status == 200, await answer.text()
+            assert fake.calls == ["save a 0", "save a 1", "unload a"]
+            assert fake.files == {slot_file("a", 0), slot_file("a", 1)} == {"a-0.slot", "a-1.slot"}
+            fake.calls.clear()
+            async with client.post(f"{admin}/admin/models/a/load", headers=HEADERS) as answer:
+                assert answer.status == 200, await answer.text()
+            assert fake.calls == ["load a", "restore a 0", "restore a 1"]
+            fake.calls.clear()
+            # b was never saved: its restores find no file, are skipped, and the load still succeeds.
+            async with client.post(f"{admin}/admin/models/b/load", headers=HEADERS) as answer:
+                assert answer.status == 200, await answer.text()
+            assert fake.calls == ["load b", "restore b 0", "restore b 1"]
+            assert all("autoload=false" in query for query in fake.queries)  # a slot call never loads a model
+    finally:
+        await gateway.stop()
+
+
+async def test_without_persist_nothing_is_saved_or_restored(replica: tuple[SlotRouter, str]) -> None:
+    fake, url = replica
+    gateway, admin = await _gateway(TOKEN, [url])  # the same server without promptCache
+    try:
+        async with aiohttp.ClientSession() as client:
+            for action in ("unload", "load"):
+                async with client.post(f"{admin}/admin/models/a/{action}", headers=HEADERS) as answer:
+                    assert answer.status == 200, await answer.text()
+        assert fake.calls == ["unload a", "load a"]
+    finally:
+        await gateway.stop()
+
+
+async def test_a_budget_eviction_saves_the_evicted_and_restores_the_loaded(
+        replica: tuple[SlotRouter, str]) -> None:
+    fake, url = replica
+    fake.loaded = {"big"}
+    fake.files = {"a-1.slot"}  # saved at an earlier unload
+    keeper = MemoryKeeper(wait_seconds=2)
+    async with aiohttp.ClientSession() as session:
+        await keeper.admit(session, url, "a", 70 * MiB, ESTIMATES, slots=True)
+        keeper.done(url, "a")
+        assert fake.calls == ["save big 0", "save big 1", "unload big", "load a", "restore a 0", "restore a 1"]
+        fake.calls.clear()
+        await keeper.admit(session, url, "a", 70 * MiB, ESTIMATES, slots=True)  # loaded: nothing restored over it
+        keeper.done(url, "a")
+        assert fake.calls == []
+        await keeper.admit(session, url, "big", 70 * MiB, ESTIMATES)  # slots=False: the plain eviction
+        keeper.done(url, "big")
+        assert fake.calls == ["unload a", "load big"]
+
+
+async def test_a_replica_that_does_not_tell_its_slots_is_not_called(replica: tuple[SlotRouter, str]) -> None:
+    fake, url = replica
+    async with aiohttp.ClientSession() as session:
+        outcome = await MemoryKeeper().save_slots(session, url, "b")  # not loaded: /props answers 400
+    assert "no slots saved" in outcome and fake.calls == []
