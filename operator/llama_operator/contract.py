@@ -264,6 +264,12 @@ SLOTS_MOUNT = "/slots"
 """Where llama-server (--slot-save-path) and the drain sidecar mount their server's `slots/<server>/`."""
 SLOT_FILE_SUFFIX = ".slot"
 
+
+def router_slot_file(model: str, slot: int) -> str:
+    """Router mode: the file of slot `slot` of the served model `model`, in that model's own slot directory
+    (`slots/<server>/<model key>/`); the gateway and the drain sidecar save and restore by this name."""
+    return f"{model}-{slot}{SLOT_FILE_SUFFIX}"
+
 # ---------------------------------------------------------------------------------------------- RPC workers
 
 RPC_WORKER_NAME = "llama-rpc-worker"

@@ -36,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .contract import DRAIN_PATH, DRAIN_PORT, DRAIN_READY_PATH, EXIT_OK
-from .slotstore import SlotApi, SlotDirectory, authorization, restore_all, save_all
+from .slotstore import RouterSlotDirectory, SlotApi, SlotDirectory, authorization, restore_all, save_all, save_router
 
 log = logging.getLogger("llama_operator.drain")
 
@@ -237,6 +237,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--slots-dir", help="keep the prompt caches: llama-server's --slot-save-path, where every "
                         "slot is saved once idle and from which the newest are restored at start")
     parser.add_argument("--slot-key", default="", help="with --slots-dir: the model's key (16 hex digits)")
+    parser.add_argument("--model-keys", default="",
+                        help="with --slots-dir, router mode: every model's key, comma-separated (a directory each "
+                        "below --slots-dir): the loaded models' slots are saved once idle; nothing is restored at "
+                        "start (the gateway restores a model's slots when it loads it)")
     parser.add_argument("--slots-max-bytes", type=int, default=2 << 30,
                         help="with --slots-dir: bytes of saved files kept (default 2 GiB)")
     parser.set_defaults(func=_cmd_drain)
@@ -253,7 +257,18 @@ def _cmd_drain(args: argparse.Namespace) -> int:
     state = ServerState(args.server)
     timing = Timing(budget=args.budget_seconds, min_wait=args.min_wait, poll=args.poll)
     ready = None
-    if args.slots_dir:
+    if args.slots_dir and args.model_keys:
+        keys = args.model_keys.split(",")
+        if not all(re.fullmatch(r"[0-9a-f]{16}", key) for key in keys) or len(keys) > MAX_MODELS \
+                or args.slots_max_bytes < 0:
+            raise CliError("--model-keys must be keys of 16 lowercase hex digits, comma-separated, and "
+                           "--slots-max-bytes at least 0")
+        router_directory = RouterSlotDirectory(Path(args.slots_dir), keys, args.slots_max_bytes)
+        log.info("prompt caches: pruned %d bytes", router_directory.prune())
+        router_api = SlotApi(args.server)
+        drain = Drain(state.busy, timing, when_idle=lambda deadline: save_router(router_directory, router_api,
+                                                                                 deadline))
+    elif args.slots_dir:
         if not re.fullmatch(r"[0-9a-f]{16}", args.slot_key) or args.slots_max_bytes < 0:
             raise CliError("--slot-key must be 16 lowercase hex digits and --slots-max-bytes at least 0")
         directory = SlotDirectory(Path(args.slots_dir), args.slot_key, args.slots_max_bytes,

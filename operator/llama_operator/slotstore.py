@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import API_KEY_ENV, SLOT_FILE_SUFFIX
+from .contract import API_KEY_ENV, SLOT_FILE_SUFFIX, router_slot_file
 
 log = logging.getLogger("llama_operator.drain")
 
@@ -117,11 +117,26 @@ class SlotDirectory:
 
 
 class SlotApi:
-    """llama-server's slot calls: /props for the slot count, POST /slots/<id>?action=save|restore."""
+    """llama-server's slot calls: /props for the slot count, POST /slots/<id>?action=save|restore. With `model`
+    (router mode) every call names that model's instance (`?model=` / the body's `model`) with autoload=false: a
+    call never loads a model."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, model: str | None = None) -> None:
         url = urllib.parse.urlsplit(base)
         self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
+        self.model = model
+
+    def for_model(self, model: str) -> SlotApi:
+        api = SlotApi(f"http://{self.host}:{self.port}", model)
+        return api
+
+    def _query(self, **params: str) -> str:
+        if self.model is not None:
+            params = {**params, "model": self.model, "autoload": "false"}
+        return urllib.parse.urlencode(params)
+
+    def _body(self, filename: str) -> dict[str, str]:
+        return {"filename": filename, **({"model": self.model} if self.model is not None else {})}
 
     def _call(self, method: str, path: str, body: dict[str, str] | None, timeout: float) -> dict:
         headers = {"Content-Type": "application/json", **authorization()}
@@ -144,19 +159,29 @@ class SlotApi:
         return answer
 
     def total_slots(self, timeout: float = 5.0) -> int:
-        value = self._call("GET", "/props", None, timeout).get("total_slots")
+        query = self._query()
+        value = self._call("GET", f"/props?{query}" if query else "/props", None, timeout).get("total_slots")
         if not isinstance(value, int) or not 1 <= value <= MAX_SLOTS:
             raise SlotApiError(f"/props has no usable total_slots ({str(value)[:20]})")
         return value
 
     def save(self, slot: int, filename: str, timeout: float) -> int:
         """Tokens saved."""
-        return int(self._call("POST", f"/slots/{slot}?action=save", {"filename": filename}, timeout).get("n_saved", 0))
+        answer = self._call("POST", f"/slots/{slot}?{self._query(action='save')}", self._body(filename), timeout)
+        return int(answer.get("n_saved", 0))
 
     def restore(self, slot: int, filename: str, timeout: float) -> int:
         """Tokens restored."""
-        answer = self._call("POST", f"/slots/{slot}?action=restore", {"filename": filename}, timeout)
+        answer = self._call("POST", f"/slots/{slot}?{self._query(action='restore')}", self._body(filename), timeout)
         return int(answer.get("n_restored", 0))
+
+    def loaded_models(self, timeout: float = 5.0) -> list[str]:
+        """Router mode: the models loaded now (GET /models)."""
+        models = self._call("GET", "/models", None, timeout).get("data")
+        if not isinstance(models, list):
+            raise SlotApiError("/models is not the router's model list")
+        return [str(m["id"]) for m in models[:MAX_SLOTS] if isinstance(m, dict) and "id" in m
+                and isinstance(m.get("status"), dict) and m["status"].get("value") == "loaded"]
 
     def healthy(self) -> bool:
         try:
@@ -217,3 +242,87 @@ def save_all(directory: SlotDirectory, api: SlotApi, deadline: float, *,
             saved, tokens = saved + 1, tokens + count
     deleted = directory.prune()
     return f"saved {saved} slot(s), {tokens} tokens; pruned {deleted} bytes"
+
+
+class RouterSlotDirectory:
+    """Router mode: the server's directory holds one directory per model key (`<key>/`, that model's
+    slot-save-path), and in each `<served name>-<slot>.slot` files that every save replaces (gateway/room.py and
+    `save_router` write them by name). Pruning deletes the files of keys this server no longer serves (a model
+    revision, a removed entry) but never a directory (a pod of the previous revision may still run with it as
+    its slot-save-path), then the oldest files (by modification time) until the rest fit max_bytes."""
+
+    def __init__(self, path: Path, keys: list[str], max_bytes: int) -> None:
+        self.path, self.keys, self.max_bytes = path, list(keys), max_bytes
+
+    def files(self) -> list[tuple[float, int, Path, str]]:
+        """(mtime, size, path, key) of the slot files of every key directory, at most MAX_FILES looked at."""
+        found: list[tuple[float, int, Path, str]] = []
+        try:
+            with os.scandir(self.path) as directories:
+                for directory in directories:
+                    if not (re.fullmatch(r"[0-9a-f]{16}", directory.name)
+                            and directory.is_dir(follow_symlinks=False)):
+                        continue
+                    with os.scandir(directory.path) as entries:
+                        for entry in entries:
+                            if len(found) >= MAX_FILES:
+                                log.warning("more than %d files in %s: the rest are not looked at", MAX_FILES,
+                                            self.path)
+                                return found
+                            if entry.name.endswith(SLOT_FILE_SUFFIX) and entry.is_file(follow_symlinks=False):
+                                stat = entry.stat(follow_symlinks=False)
+                                found.append((stat.st_mtime, stat.st_size, Path(entry.path), directory.name))
+        except OSError as exc:
+            log.warning("cannot list %s: %s", self.path, exc.strerror)
+        return found
+
+    def prune(self) -> int:
+        """Delete the files of other keys, and the oldest until the rest fit max_bytes; the bytes deleted."""
+        files = sorted(self.files(), key=lambda f: (f[3] in self.keys, f[0]), reverse=True)
+        kept, deleted = 0, 0
+        for _, size, path, key in files:
+            if key in self.keys and kept + size <= self.max_bytes:
+                kept += size
+                continue
+            try:
+                path.unlink()
+                deleted += size
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot delete %s: %s", path, exc.strerror)
+        return deleted
+
+
+def save_router(directory: RouterSlotDirectory, api: SlotApi, deadline: float, *,
+                clock: Callable[[], float] = time.monotonic) -> str:
+    """Router mode, at the pod's stop: every slot of every loaded model into its file (`router_slot_file`, in
+    that model's directory: llama-server's per-model slot-save-path), while time is left; then the directory
+    pruned. Restores happen when the gateway loads a model (gateway/room.py), not here: a router loads its
+    models on demand. What was done."""
+    try:
+        models = api.loaded_models(timeout=max(0.1, min(5.0, deadline - clock())))
+    except SlotApiError as exc:
+        return f"nothing saved: {exc}"
+    saved, tokens = 0, 0
+    for model in models:
+        one = api.for_model(model)
+        try:
+            total = one.total_slots(timeout=max(0.1, min(5.0, deadline - clock())))
+        except SlotApiError as exc:
+            log.warning("%s: slots not saved: %s", model, exc)
+            continue
+        for slot in range(total):
+            left = deadline - clock()
+            if left < 0.5:
+                log.warning("no time left to save %s's slots %d-%d", model, slot, total - 1)
+                break
+            try:
+                count = one.save(slot, router_slot_file(model, slot), left)
+            except SlotApiError as exc:
+                log.warning("%s: slot %d not saved: %s", model, slot, exc)
+                continue
+            if count:
+                saved, tokens = saved + 1, tokens + count
+    deleted = directory.prune()
+    return f"saved {saved} slot(s) of {len(models)} loaded model(s), {tokens} tokens; pruned {deleted} bytes"

@@ -3,12 +3,16 @@ llama-server router and two tiny models made here: the gateway's unload saves th
 router (`POST /slots/<i>?action=save`, the body's model picking the instance) into that model's own
 `slot-save-path` (the preset's, as builders/router.py writes it), its load restores them, and the next turn of
 the same conversation after the model was unloaded and loaded again is served from the cache; without the
-feature it pays the whole prefill. Files never cross models: each model saves into and restores from its own
-directory only."""
+feature it pays the whole prefill. The drain sidecar of a stopping router pod (`llama-operator drain
+--model-keys`) saves every loaded model's slots the same way, and the gateway's load on the next pod restores
+them. Files never cross models: each model saves into and restores from its own directory only."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +21,7 @@ import aiohttp
 import httpx
 import pytest
 
+from llama_operator.contract import DRAIN_PATH, DRAIN_READY_PATH
 from llama_operator.gateway.room import MemoryKeeper
 
 from ..llama_bin import free_port, serving
@@ -44,7 +49,7 @@ def _router(root: Path, slots: Path) -> Iterator[str]:
         for n, key in KEYS.items()))
     port = free_port()
     args = ["--models-preset", str(root / "models.ini"), "--host", "127.0.0.1", "--port", str(port),
-            "--threads", "2", "--models-max", "2"]
+            "--threads", "2", "--models-max", "2", "--metrics"]
     with serving(args, port, workdir=root, env={"HOME": str(root)}, timeout=30) as (url, _):
         yield url
 
@@ -91,3 +96,55 @@ def test_a_restore_never_crosses_models(shelf: Path, tmp_path: Path) -> None:
         turn = _turn(url, "b", PROMPT)
     assert turn["cache_n"] == 0, turn
     assert {f.name for f in (slots / KEYS["b"]).iterdir()} <= {"b-0.slot", "b-1.slot"}
+
+
+@contextmanager
+def _sidecar(url: str, slots: Path, workdir: Path) -> Iterator[str]:
+    port = free_port()
+    log = (workdir / f"drain-{port}.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_operator.cli", "drain", "--port", str(port), "--server", url,
+         "--budget-seconds", "30", "--min-wait", "0", "--poll", "0.2", "--slots-dir", str(slots),
+         "--model-keys", ",".join(KEYS.values()), "--slots-max-bytes", str(64 << 20)],
+        stdout=log, stderr=subprocess.STDOUT, env={"HOSTNAME": "fleet-7d9f-abcde", "PATH": "/usr/bin:/bin"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}{DRAIN_READY_PATH}", timeout=2).status_code == 200:  # at once: no restore
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (workdir / f"drain-{port}.log").read_text()
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+async def _load(url: str, model: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        await MemoryKeeper().load(session, url, model, None, {}, slots=True)
+
+
+def test_a_drained_router_pods_conversations_come_back_when_the_gateway_loads_the_model(
+        shelf: Path, tmp_path: Path) -> None:
+    slots = tmp_path / "slots"
+    with _router(shelf, slots) as url, _sidecar(url, slots, tmp_path) as sidecar:
+        _turn(url, "a", PROMPT)
+        outcome = httpx.get(f"{sidecar}{DRAIN_PATH}", timeout=60).text
+    assert "saved 1 slot(s) of 1 loaded model(s)" in outcome, outcome
+    assert {f.name for f in (slots / KEYS["a"]).iterdir()} == {"a-0.slot", "a-1.slot"}  # b was not loaded
+    second = PROMPT + " and then the dog sleeps"
+    with _router(shelf, slots) as url:  # the next pod; the request loads the model itself: nothing restored
+        cold = _turn(url, "a", second)
+    with _router(shelf, slots) as url:  # the next pod; the gateway loads the model and restores its slots
+        asyncio.run(_load(url, "a"))
+        warm = _turn(url, "a", second)
+    print(f"after a pod stop: cold cache_n={cold['cache_n']}, restored cache_n={warm['cache_n']} "
+          f"prompt_n={warm['prompt_n']}")
+    assert cold["cache_n"] == 0, cold
+    assert warm["cache_n"] >= 500 and warm["prompt_n"] < 20, warm

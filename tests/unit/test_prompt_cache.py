@@ -23,7 +23,15 @@ from llama_operator.fetch.cli import make_dir
 from llama_operator.fetch.command import parse
 from llama_operator.fit import settings_from_spec
 from llama_operator.flags.spec import spec_problems
-from llama_operator.slotstore import SlotApiError, SlotDirectory, pod_tag, restore_all, save_all
+from llama_operator.slotstore import (
+    RouterSlotDirectory,
+    SlotApiError,
+    SlotDirectory,
+    pod_tag,
+    restore_all,
+    save_all,
+    save_router,
+)
 from tests.conftest import resolved_model, server
 
 SHA = "ab" * 32
@@ -87,10 +95,109 @@ def test_a_cache_that_cannot_keep_them_is_a_condition_not_a_pod(spec: dict[str, 
     assert plan.message.startswith("spec.promptCache.persist: LlamaModel qwen ") and says in plan.message
 
 
-def test_router_mode_keeps_none() -> None:
-    spec = server(modelRef=None, models=[{"modelRef": {"name": "a"}}], promptCache={"persist": True}).spec
-    assert any("router mode (spec.models) does not save its models' slots" in p
-               for p in spec_problems(spec, "default", Settings()))
+OTHER_SHA = "cd" * 32
+
+
+def _router(**spec: Any) -> Any:
+    return server(modelRef=None, models=[{"modelRef": {"name": "qwen"}, "parallel": 2},
+                                         {"modelRef": {"name": "gemma"}, "alias": "g"},
+                                         {"modelRef": {"name": "qwen"}, "alias": "qwen-long", "contextSize": 8192}],
+                  **{"promptCache": {"persist": True, "maxSize": "1Gi"}, **spec})
+
+
+def _router_models(gemma: dict[str, Any] = PVC) -> dict[str, LlamaModel]:
+    gemma_model = resolved_model(name="gemma", spec=gemma, status={
+        "sha256": OTHER_SHA, "cacheKey": "gemma-key", "files": [{"name": "g.gguf"}]})
+    return {"qwen": _model(), "gemma": gemma_model}
+
+
+def test_router_mode_keeps_them_on_the_first_models_claim_a_directory_per_model() -> None:
+    assert not spec_problems(_router().spec, "default", Settings())  # no longer refused (CEL, webhook)
+    plan = plan_server(_router(), _router_models(), Settings())
+    assert isinstance(plan, ServerPlan)
+    containers = _containers(plan)
+    main, sidecar = containers[SERVER_CONTAINER], containers[DRAIN_CONTAINER]
+    home = {"name": "model-cache-0", "mountPath": "/slots", "subPath": "slots/chat"}
+    assert home in main["volumeMounts"] and sidecar["volumeMounts"] == [home]
+    assert "--swa-full" in main["args"] and "--slot-save-path" not in main["args"]  # per model, in the preset
+    preset = next(o for o in plan.objects if o["kind"] == "ConfigMap")["data"]["models.ini"]
+    sections = {block.split("]")[0]: block for block in preset.split("\n[")[1:]}
+    assert f"slot-save-path = /slots/{SHA[:16]}\n" in sections["qwen"]
+    assert f"slot-save-path = /slots/{SHA[:16]}\n" in sections["qwen-long"]  # same weights, same directory
+    assert f"slot-save-path = /slots/{OTHER_SHA[:16]}\n" in sections["g"]
+    fetched = parse(containers["fetch-model-0"]["args"])
+    assert fetched is not None and fetched.make_dirs == (
+        "slots/chat", f"slots/chat/{SHA[:16]}", f"slots/chat/{OTHER_SHA[:16]}")  # before llama-server starts
+    assert "--make-dir" not in containers["fetch-model-1"]["args"]
+    args = sidecar["args"]
+    assert args[args.index("--model-keys") + 1] == f"{SHA[:16]},{OTHER_SHA[:16]}" and "--slot-key" not in args
+
+
+def test_router_mode_needs_the_first_models_cache_to_be_a_claim() -> None:
+    models = _router_models()
+    models["qwen"] = _model({**PVC, "cache": {"type": "EmptyDir"}})
+    plan = plan_server(_router(), models, Settings())
+    assert isinstance(plan, PlanProblem) and plan.reason == "PromptCacheNotKept"
+    assert "LlamaModel qwen is cached on an EmptyDir" in plan.message
+    # Another model's cache does not matter: the slots live on the first one's claim.
+    other = _router_models({**PVC, "cache": {"type": "EmptyDir"}})
+    assert isinstance(plan_server(_router(), other, Settings()), ServerPlan)
+
+
+def test_a_router_keeping_nothing_gets_none_of_it() -> None:
+    plan = plan_server(_router(promptCache=None), _router_models(), Settings())
+    assert isinstance(plan, ServerPlan)
+    containers = _containers(plan)
+    assert "--swa-full" not in containers[SERVER_CONTAINER]["args"]
+    assert "slot-save-path" not in next(o for o in plan.objects if o["kind"] == "ConfigMap")["data"]["models.ini"]
+    assert "--make-dir" not in containers["fetch-model-0"]["args"] and "--model-keys" not in containers[
+        DRAIN_CONTAINER]["args"]
+
+
+class FakeRouterApi:
+    """SlotApi in router mode: loaded models, their slots, a save per slot."""
+
+    def __init__(self, loaded: dict[str, dict[int, int]], slots: int = 2) -> None:
+        self.loaded, self.slots, self.model, self.calls = loaded, slots, None, []
+
+    def loaded_models(self, timeout: float = 5.0) -> list[str]:
+        return list(self.loaded)
+
+    def for_model(self, model: str) -> FakeRouterApi:
+        one = FakeRouterApi(self.loaded, self.slots)
+        one.model, one.calls = model, self.calls
+        return one
+
+    def total_slots(self, timeout: float = 5.0) -> int:
+        return self.slots
+
+    def save(self, slot: int, filename: str, timeout: float) -> int:
+        self.calls.append((self.model, slot, filename))
+        return self.loaded[self.model].get(slot, 0)
+
+
+def test_the_router_drain_saves_every_loaded_models_slots_by_name(tmp_path: Path) -> None:
+    api = FakeRouterApi({"qwen": {0: 700}, "g": {1: 30}})
+    directory = RouterSlotDirectory(tmp_path, [KEY], 1 << 20)
+    outcome = save_router(directory, api, deadline=100.0, clock=lambda: 0.0)  # type: ignore[arg-type]
+    assert api.calls == [("qwen", 0, "qwen-0.slot"), ("qwen", 1, "qwen-1.slot"), ("g", 0, "g-0.slot"),
+                         ("g", 1, "g-1.slot")]
+    assert outcome.startswith("saved 2 slot(s) of 2 loaded model(s), 730 tokens")
+
+
+def test_the_router_directory_prunes_other_keys_files_and_the_oldest_but_keeps_directories(tmp_path: Path) -> None:
+    for key, name, size, mtime in ((KEY, "qwen-0.slot", 400, 3000), (KEY, "qwen-1.slot", 400, 1000),
+                                   (OTHER, "old-0.slot", 100, 5000), ("b" * 16, "g-0.slot", 300, 2000)):
+        (tmp_path / key).mkdir(exist_ok=True)
+        (tmp_path / key / name).write_bytes(b"x" * size)
+        os.utime(tmp_path / key / name, (mtime, mtime))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.slot").write_bytes(b"x")  # not a key directory: not ours
+    directory = RouterSlotDirectory(tmp_path, [KEY, "b" * 16], 800)
+    assert directory.prune() == 100 + 400  # OTHER's file, then the oldest of ours beyond 800 bytes
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.slot"))
+    assert left == [f"{KEY}/qwen-0.slot", f"{'b' * 16}/g-0.slot", "notes/keep.slot"]
+    assert (tmp_path / OTHER).is_dir()  # a pod of the previous revision may still save there
 
 
 def test_the_model_key_names_the_weights() -> None:

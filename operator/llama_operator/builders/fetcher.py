@@ -41,10 +41,10 @@ def _source_command(model: LlamaModel, settings: Settings, file: str | None = No
     return command
 
 
-def _fetch_args(model: LlamaModel, settings: Settings, make_dir: str | None = None) -> list[str]:
+def _fetch_args(model: LlamaModel, settings: Settings, make_dirs: tuple[str, ...] = ()) -> list[str]:
     command = _source_command(model, settings)
     return replace(command, sha256=model.status.sha256 or model.spec.sha256,
-                   trust_on_first_use=needs_trust(model), make_dir=make_dir).to_args()
+                   trust_on_first_use=needs_trust(model), make_dirs=make_dirs).to_args()
 
 
 def _fetch_env(model: LlamaModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -63,16 +63,16 @@ def _fetch_env(model: LlamaModel) -> tuple[list[dict[str, Any]], list[dict[str, 
 
 
 def fetch_init_container(model: LlamaModel, settings: Settings, *, name: str = FETCH_CONTAINER,
-                         volume: str = CACHE_VOLUME, make_dir: str | None = None) -> dict[str, Any]:
-    """The fetcher of one model into the cache volume named `volume` (mounted at CACHE_MOUNT); `make_dir`: a
-    directory it also creates there for the pod (the kept prompt caches: builders/prompt_cache.py)."""
+                         volume: str = CACHE_VOLUME, make_dirs: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fetcher of one model into the cache volume named `volume` (mounted at CACHE_MOUNT); `make_dirs`:
+    directories it also creates there for the pod (the kept prompt caches: builders/prompt_cache.py)."""
     env, env_from = _fetch_env(model)
     container: dict[str, Any] = {
         "name": name,
         "image": settings.fetcher_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["llama-operator"],
-        "args": _fetch_args(model, settings, make_dir),
+        "args": _fetch_args(model, settings, make_dirs),
         "env": env,
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
         "securityContext": container_security_context(),

@@ -43,7 +43,7 @@ from .naming import model_name, served_names
 from .network_policy import build_network_policy
 from .placement import build_disruption_budget
 from .pod import pod_template
-from .prompt_cache import room_problem
+from .prompt_cache import home_model, room_problem
 from .quantity import parse_quantity
 from .resources import default_memory_request
 from .router import build_preset_configmap, build_router_deployment, distinct_models, router_args
@@ -118,8 +118,9 @@ def plan_server(server: LlamaServer, models: Mapping[str, LlamaModel], settings:
     if problems:
         return PlanProblem("ModelResolved", "AdapterMismatch", "; ".join(problems))
     problems = prompt_cache_problems(server.spec, models, settings)
-    if not problems and server.spec.model_ref is not None:
-        problems = [p for p in [room_problem(server, models[server.spec.model_ref.name])] if p]
+    if not problems:
+        home = server.spec.model_ref.name if server.spec.model_ref is not None else home_model(server)
+        problems = [p for p in [room_problem(server, models[home])] if p]
     if problems:
         return PlanProblem("ModelResolved", "PromptCacheNotKept", "; ".join(problems))
     if server.spec.models is not None:

@@ -98,7 +98,7 @@ def _init_containers(
 ) -> list[dict[str, Any]]:
     containers = []
     if model.spec.source.volume is None:
-        containers.append(fetch_init_container(model, settings, make_dir=kept.subpath if kept else None))
+        containers.append(fetch_init_container(model, settings, make_dirs=kept.make_dirs if kept else ()))
         if model.spec.mmproj is not None:
             containers.append(mmproj_fetch_container(model, settings))
     if draft is not None:

@@ -6,11 +6,17 @@ llama-server writes a slot's state there on the sidecar's call (`--slot-save-pat
 and prunes the files (drain.py, slotstore.py). Each file name starts with the model's key, so a server whose model
 changed never restores another model's state; the directory is the server's, in a claim of its own namespace.
 What rules out other caches (EmptyDir dies with the pod, HostPath is the node's disk): flags/spec.py.
+
+Router mode (spec.models): the directory is on the claim of the first entry's LlamaModel (the home model), and each
+model gets a directory of its own below it, named by its key (`slots/<server>/<key>`, the preset's
+`slot-save-path` for that model): the gateway saves and restores a model's slots there through llama-server's API
+by fixed names (gateway/room.py), without listing files, and a model never reads another's directory.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,15 +46,34 @@ class KeptSlots:
 
     subpath: str
     key: str
+    """One model: its key. Router mode: the home model's (the claim's owner)."""
     max_bytes: int
+    volume: str = CACHE_VOLUME
+    """The pod's volume of the claim (router mode: the home model's cache volume)."""
+    model_keys: tuple[str, ...] = ()
+    """Router mode: every model's key, each once, in spec order: a directory each below the server's."""
 
     @property
     def mount(self) -> dict[str, Any]:
         """The server's directory, read-write, in llama-server and in the sidecar."""
-        return {"name": CACHE_VOLUME, "mountPath": SLOTS_MOUNT, "subPath": self.subpath}
+        return {"name": self.volume, "mountPath": SLOTS_MOUNT, "subPath": self.subpath}
+
+    @property
+    def make_dirs(self) -> tuple[str, ...]:
+        """What the (home model's) fetcher creates before llama-server starts: llama-server refuses a
+        slot-save-path that is not a directory."""
+        return (self.subpath, *(f"{self.subpath}/{key}" for key in self.model_keys))
 
     def sidecar_args(self) -> list[str]:
+        if self.model_keys:
+            return ["--slots-dir", SLOTS_MOUNT, "--model-keys", ",".join(self.model_keys),
+                    "--slots-max-bytes", str(self.max_bytes)]
         return ["--slots-dir", SLOTS_MOUNT, "--slot-key", self.key, "--slots-max-bytes", str(self.max_bytes)]
+
+
+def model_slot_path(key: str) -> str:
+    """Router mode: the slot-save-path of a model whose key is `key`, in llama-server."""
+    return f"{SLOTS_MOUNT}/{key}"
 
 
 def kept_slots(server: LlamaServer, model: LlamaModel) -> KeptSlots | None:
@@ -60,18 +85,37 @@ def kept_slots(server: LlamaServer, model: LlamaModel) -> KeptSlots | None:
                      max_bytes=int(parse_quantity(server.spec.prompt_cache.max_size)))
 
 
+def home_model(server: LlamaServer) -> str:
+    """Router mode: the LlamaModel on whose claim the kept prompt caches of every model live (the first entry's)."""
+    assert server.spec.models
+    return server.spec.models[0].model_ref.name
+
+
+def router_kept_slots(server: LlamaServer, models: Mapping[str, LlamaModel], volume: str) -> KeptSlots | None:
+    """The kept prompt caches of a router-mode server (`volume`: the pod's volume of the home model's cache), or
+    None when it keeps none."""
+    if not server.spec.keeps_prompt_cache() or not server.spec.models:
+        return None
+    assert server.spec.prompt_cache is not None
+    keys = tuple(dict.fromkeys(model_key(models[entry.model_ref.name]) for entry in server.spec.models))
+    return KeptSlots(subpath=slots_directory(server), key=model_key(models[home_model(server)]),
+                     max_bytes=int(parse_quantity(server.spec.prompt_cache.max_size)), volume=volume,
+                     model_keys=keys)
+
+
 def room_problem(server: LlamaServer, model: LlamaModel) -> str | None:
     """Whether the model's claim has promptCache.maxSize of room beyond the model's files (with its projector):
     saved slots filling it would fail the saves and the next revision's download."""
-    kept = kept_slots(server, model)
     size = cache_size(model)
-    if kept is None or size is None or not model.status.size:
+    if not server.spec.keeps_prompt_cache() or size is None or not model.status.size:
         return None
+    assert server.spec.prompt_cache is not None
+    max_bytes = int(parse_quantity(server.spec.prompt_cache.max_size))
     files = model.status.size + ((model.status.mmproj.size or 0) if model.status.mmproj is not None else 0)
     room = int(parse_quantity(size)) - files
-    if room >= kept.max_bytes:
+    if room >= max_bytes:
         return None
     return (f"spec.promptCache.maxSize: {server.spec.prompt_cache.max_size if server.spec.prompt_cache else ''} "
             f"does not fit LlamaModel {model.metadata.name}'s cache ({size}, {files / 2**30:.1f} GiB of it the "
-            f"model's files): set its cache.size to at least {gibibytes_ceil(files + kept.max_bytes)}, or a "
+            f"model's files): set its cache.size to at least {gibibytes_ceil(files + max_bytes)}, or a "
             "smaller maxSize")

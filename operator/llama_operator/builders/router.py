@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api.v1beta1 import LlamaModel, LlamaServer
+from ..api.v1beta1 import LlamaModel, LlamaServer, ServedModel
 from ..config import Settings
 from ..contract import GROUP, TMP_MOUNT, TMP_VOLUME, router_fetch_container
 from ..flags import render
@@ -36,6 +36,7 @@ from .deployment import deployment_object
 from .fetcher import fetch_init_container, mmproj_fetch_container
 from .objects import object_meta, server_labels
 from .pod import assemble_pod, llama_server_container, with_ephemeral_storage
+from .prompt_cache import KeptSlots, model_key, model_slot_path, router_kept_slots
 from .resources import container_resources, derived_threads
 
 ROUTER_ROOT = "/run/llama-server"
@@ -44,6 +45,7 @@ PRESET_MOUNT = f"{ROUTER_ROOT}/preset"
 PRESET_KEY = "models.ini"
 PRESET_PATH = f"{PRESET_MOUNT}/{PRESET_KEY}"
 PRESET_ANNOTATION = f"{GROUP}/models-preset-sha256"
+SLOT_SAVE_PATH = "slot-save-path"
 
 
 def preset_configmap_name(server: LlamaServer) -> str:
@@ -63,6 +65,8 @@ class _Storage:
     fetchers: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     """LlamaModel name -> its preset lines (`model`, `mmproj`)."""
+    kept: KeptSlots | None = None
+    """spec.promptCache.persist: the kept prompt caches, on the home model's cache volume."""
     _by_source: dict[str, str] = field(default_factory=dict)
 
     def volume(self, kind: str, source: dict[str, Any], *, share: bool, mount: bool = True) -> tuple[str, str]:
@@ -101,8 +105,11 @@ def _storage(server: LlamaServer, models: Mapping[str, LlamaModel], settings: Se
             volume, root = storage.volume("model-cache", cache, share="emptyDir" not in cache,
                                           mount="hostPath" not in cache)
             storage.mount_once(cache_mounts(model, [require_cache_key(model)], settings, volume=volume, mount=root))
-            storage.fetchers.append(
-                fetch_init_container(model, settings, name=router_fetch_container(index), volume=volume))
+            if index == 0:  # the home model (flags/spec.py: a claim when prompt caches are kept)
+                storage.kept = router_kept_slots(server, models, volume)
+            storage.fetchers.append(fetch_init_container(
+                model, settings, name=router_fetch_container(index), volume=volume,
+                make_dirs=storage.kept.make_dirs if index == 0 and storage.kept else ()))
             directory = f"{root}/{require_cache_key(model)}"
             files = [("model", f"{directory}/{model.first_file}")]
             if mmproj is not None:
@@ -116,9 +123,17 @@ def _storage(server: LlamaServer, models: Mapping[str, LlamaModel], settings: Se
 def preset_sections(server: LlamaServer, models: Mapping[str, LlamaModel], settings: Settings) -> list[Section]:
     """One section per entry of spec.models, named by the served name, in spec order."""
     assert server.spec.models is not None
-    files = _storage(server, models, settings).files
+    storage = _storage(server, models, settings)
     gpu = server.spec.gpu is not None
-    return [section(entry.served_name, files[entry.model_ref.name], entry, gpu=gpu) for entry in server.spec.models]
+
+    def lines(entry: ServedModel) -> list[tuple[str, str]]:
+        files = storage.files[entry.model_ref.name]
+        if storage.kept is None:
+            return files
+        # Each model saves into and restores from its own directory only (builders/prompt_cache.py).
+        return [*files, (SLOT_SAVE_PATH, model_slot_path(model_key(models[entry.model_ref.name])))]
+
+    return [section(entry.served_name, lines(entry), entry, gpu=gpu) for entry in server.spec.models]
 
 
 def build_preset(server: LlamaServer, models: Mapping[str, LlamaModel], settings: Settings) -> str:
@@ -145,6 +160,8 @@ def router_args(server: LlamaServer) -> list[str]:
     if spec.max_loaded is not None:
         args += ["--models-max", str(spec.max_loaded)]
     args += render.split_mode(spec) + render.tensor_split(spec) + render.threads_arg(derived_threads(server))
+    if spec.keeps_prompt_cache() and "--swa-full" not in (spec.args or []):
+        args.append("--swa-full")  # every instance: a restored sliding-window slot needs it (flags/render.py)
     return args + render.slots_arg(spec) + list(spec.args or [])
 
 
@@ -158,6 +175,8 @@ def build_router_deployment(
     mounts = [*storage.mounts, {"name": PRESET_VOLUME, "mountPath": PRESET_MOUNT, "readOnly": True},
               {"name": TMP_VOLUME, "mountPath": TMP_MOUNT}]
     # No default memory request: which models are loaded together changes at run time (docs/multi-model.md).
+    if storage.kept is not None:
+        mounts.append(storage.kept.mount)
     main = llama_server_container(server, settings, args=router_args(server),
                                   resources=container_resources(server, memory=None), volume_mounts=mounts)
     # Each downloaded model has an EmptyDir of its own (shared PVCs and host paths are not ephemeral storage).
@@ -171,5 +190,5 @@ def build_router_deployment(
                    PRESET_ANNOTATION: hashlib.sha256(preset.encode()).hexdigest()}
     preset_volume = {"name": PRESET_VOLUME, "configMap": {"name": preset_configmap_name(server)}}
     template = assemble_pod(server, settings, annotations=annotations, main=main, init_containers=init,
-                            volumes=[*storage.volumes, preset_volume])
+                            volumes=[*storage.volumes, preset_volume], kept=storage.kept)
     return deployment_object(server, template)

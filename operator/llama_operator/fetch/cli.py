@@ -76,8 +76,8 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
         write_termination_log(args.termination_log, f"InvalidArguments: {message}")
         print(f"llama-operator fetch: {message}", file=sys.stderr)
         return contract.EXIT_USAGE
-    if args.make_dir is not None:
-        problem = make_dir(Path(args.cache_dir), args.make_dir)
+    for relative in args.make_dir or ():
+        problem = make_dir(Path(args.cache_dir), relative)
         if problem:
             write_termination_log(args.termination_log, f"InvalidArguments: {problem}")
             print(f"llama-operator fetch: {problem}", file=sys.stderr)

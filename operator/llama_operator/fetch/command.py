@@ -31,8 +31,14 @@ class FetchCommand:
     sha256: str | None = None
     trust_on_first_use: bool = False
     max_size: int | None = None
-    make_dir: str | None = None
-    """A directory below the cache root the fetcher creates for the pod (a server's kept prompt caches)."""
+    make_dirs: tuple[str, ...] = ()
+    """Directories below the cache root the fetcher creates for the pod, in order (a server's kept prompt caches;
+    in router mode also one per model below it)."""
+
+    @property
+    def make_dir(self) -> str | None:
+        """The first of make_dirs (the server's own directory), or None."""
+        return self.make_dirs[0] if self.make_dirs else None
 
     def to_args(self) -> list[str]:
         """`fetch --cache-dir ... --cache-key ...` then the source, the checksum, trust and the size cap."""
@@ -49,8 +55,8 @@ class FetchCommand:
             args.append("--trust-on-first-use")
         if self.max_size is not None:
             args += ["--max-size", str(self.max_size)]
-        if self.make_dir is not None:
-            args += ["--make-dir", self.make_dir]
+        for directory in self.make_dirs:
+            args += ["--make-dir", directory]
         return args
 
 
@@ -77,9 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> 
     parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_UNKNOWN_SIZE, metavar="BYTES",
                         help="stop a download whose server declares no size once it passes BYTES (default "
                         f"{DEFAULT_MAX_UNKNOWN_SIZE >> 30} GiB; the operator passes the LlamaModel's cache.size)")
-    parser.add_argument("--make-dir", metavar="RELATIVE",
+    parser.add_argument("--make-dir", metavar="RELATIVE", action="append",
                         help="also create this directory below --cache-dir (mode 0700) for the pod's other "
-                        "containers, e.g. slots/<server> for the kept prompt caches")
+                        "containers, e.g. slots/<server> for the kept prompt caches (repeatable, created in order)")
     parser.add_argument("--retries", type=int, default=10,
                         help="consecutive failed attempts without progress before giving up (default 10)")
     parser.add_argument("--termination-log",
@@ -114,4 +120,4 @@ def parse(args: Sequence[str]) -> FetchCommand | None:
     return FetchCommand(cache_dir=known.cache_dir or "", cache_key=known.cache_key, hf_repo=known.hf_repo,
                         hf_file=known.hf_file, hf_revision=known.hf_revision, hf_endpoint=known.hf_endpoint,
                         url=known.url, sha256=known.sha256, trust_on_first_use=known.trust_on_first_use,
-                        max_size=known.max_size, make_dir=known.make_dir)
+                        max_size=known.max_size, make_dirs=tuple(known.make_dir or ()))

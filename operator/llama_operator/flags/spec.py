@@ -77,12 +77,17 @@ def adapter_problems(spec: LlamaServerSpec, models: Mapping[str, LlamaModel]) ->
 
 
 def prompt_cache_problems(spec: LlamaServerSpec, models: Mapping[str, LlamaModel], settings: Settings) -> list[str]:
-    """spec.promptCache.persist keeps the slots in the served model's cache, which must be a PersistentVolumeClaim:
+    """spec.promptCache.persist keeps the slots in the served model's cache (router mode: the first entry's model),
+    which must be a PersistentVolumeClaim:
     an EmptyDir dies with the pod; a HostPath is the node's disk, which llama-server's POST /slots (open to every
     client that reaches the pod) could fill; a volume-source model has no cache to write to."""
-    if spec.prompt_cache is None or not spec.prompt_cache.persist or spec.model_ref is None:
+    if spec.prompt_cache is None or not spec.prompt_cache.persist:
         return []
-    model = models.get(spec.model_ref.name)
+    # Router mode: every model's slots live on the first entry's claim (builders/prompt_cache.py).
+    home = spec.model_ref or (spec.models[0].model_ref if spec.models else None)
+    if home is None:
+        return []
+    model = models.get(home.name)
     if model is None:
         return []
     where = f"spec.promptCache.persist: LlamaModel {model.metadata.name}"

@@ -35,6 +35,7 @@ from typing import Any
 
 import aiohttp
 
+from ..contract import router_slot_file as slot_file
 from .budget import Resident, Room, make_room
 
 log = logging.getLogger(__name__)
@@ -261,11 +262,6 @@ class MemoryKeeper:
         if len(data) > MAX_MODELS_BYTES:
             raise RoomError(503, "the replica's /models answer is larger than 1 MiB", replica_failed=True)
         return resident_states(data)
-
-
-def slot_file(model: str, slot: int) -> str:
-    """The file of slot `slot` of the served model `model`, in that model's slot directory."""
-    return f"{model}-{slot}.slot"
 
 
 def resident_states(data: bytes) -> dict[str, str]:

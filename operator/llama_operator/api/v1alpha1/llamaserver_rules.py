@@ -130,10 +130,6 @@ SERVER_RULES = (
          "!has(self.adapters) || self.adapters.all(a, self.adapters.filter(o, o.name == a.name).size() == 1)",
          lambda s: len({a.name for a in s.adapters or []}) == len(s.adapters or []),
          "an adapter is listed twice in spec.adapters", field="adapters"),
-    Rule("prompt-cache-with-models", f"{_NO_KEPT_CACHE} || !has(self.models)",
-         lambda s: not _keeps_cache(s) or s.models is None,
-         "promptCache.persist keeps the slots of one model (spec.modelRef); router mode (spec.models) does not "
-         "save its models' slots", field="promptCache"),
     Rule("prompt-cache-with-adapters", f"{_NO_KEPT_CACHE} || !has(self.adapters)",
          lambda s: not _keeps_cache(s) or s.adapters is None,
          "promptCache.persist cannot be used with adapters: a saved slot does not record which adapter computed "
