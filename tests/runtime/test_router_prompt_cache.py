@@ -22,8 +22,10 @@ import httpx
 import pytest
 
 from llama_operator.contract import DRAIN_PATH, DRAIN_READY_PATH
+from llama_operator.gateway.app import GatewayConfig
 from llama_operator.gateway.room import MemoryKeeper
 
+from ..gateway_thread import gateway_in_thread
 from ..llama_bin import free_port, serving
 from ..tiny_gguf import write_tiny_llama
 
@@ -41,7 +43,7 @@ def shelf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextmanager
-def _router(root: Path, slots: Path) -> Iterator[str]:
+def _router(root: Path, slots: Path, models_max: int = 2) -> Iterator[str]:
     for key in KEYS.values():
         (slots / key).mkdir(parents=True, exist_ok=True)
     (root / "models.ini").write_text("".join(
@@ -49,7 +51,7 @@ def _router(root: Path, slots: Path) -> Iterator[str]:
         for n, key in KEYS.items()))
     port = free_port()
     args = ["--models-preset", str(root / "models.ini"), "--host", "127.0.0.1", "--port", str(port),
-            "--threads", "2", "--models-max", "2", "--metrics"]
+            "--threads", "2", "--models-max", str(models_max), "--metrics"]
     with serving(args, port, workdir=root, env={"HOME": str(root)}, timeout=30) as (url, _):
         yield url
 
@@ -148,3 +150,36 @@ def test_a_drained_router_pods_conversations_come_back_when_the_gateway_loads_th
           f"prompt_n={warm['prompt_n']}")
     assert cold["cache_n"] == 0, cold
     assert warm["cache_n"] >= 500 and warm["prompt_n"] < 20, warm
+
+
+def _chat(base: str, model: str, content: str) -> dict[str, float]:
+    answer = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+        "model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 4, "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["timings"]
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "not-kept"])
+def test_through_the_gateway_two_models_taking_turns_keep_their_conversations(
+        shelf: Path, tmp_path: Path, keep: bool) -> None:
+    """One model loaded at a time (maxLoaded 1): each request for the other one evicts the first. With the kept
+    caches the gateway saves the evicted model's slots, loads the other one and restores its own; without them
+    llama-server evicts and loads on the request, and every turn starts cold."""
+    spec: dict = {"models": [{"modelRef": {"name": n}} for n in KEYS], "maxLoaded": 1}
+    if keep:
+        spec["promptCache"] = {"persist": True}
+    server = {"apiVersion": "llamacpp.dev/v1beta1", "kind": "LlamaServer",
+              "metadata": {"namespace": "static", "name": "fleet"}, "spec": spec}
+    slots = tmp_path / "slots"
+    with _router(shelf, slots, models_max=1) as router, gateway_in_thread(GatewayConfig(
+            listen="127.0.0.1:0", admin="127.0.0.1:0", autoscale=False, static={"fleet": [router]}),
+            servers=[server]) as gateway:
+        _chat(gateway, "a", PROMPT)
+        _chat(gateway, "b", PROMPT + " in the other model")
+        back = _chat(gateway, "a", PROMPT + " and then the dog sleeps")
+    print(f"keep={keep}: a's second turn after b took its place: cache_n={back['cache_n']} "
+          f"prompt_n={back['prompt_n']}")
+    if keep:  # the new words with the chat template's tokens around them are what is prefilled
+        assert back["cache_n"] >= 500 and back["prompt_n"] < 100, back
+    else:
+        assert back["cache_n"] == 0, back

@@ -146,3 +146,45 @@ async def test_a_replica_that_does_not_tell_its_slots_is_not_called(replica: tup
     async with aiohttp.ClientSession() as session:
         outcome = await MemoryKeeper().save_slots(session, url, "b")  # not loaded: /props answers 400
     assert "no slots saved" in outcome and fake.calls == []
+
+
+async def test_a_request_for_an_unloaded_model_is_loaded_by_the_gateway_and_restored(
+        replica: tuple[SlotRouter, str]) -> None:
+    """No memory budget: without the kept caches the request would go as it is and llama-server would load the
+    model on it, cold; with them the gateway loads it and restores its slots before the request goes."""
+    fake, url = replica
+    fake.files = {"b-0.slot"}
+    gateway, _ = await _gateway(TOKEN, [url])
+    gateway.routes.upsert(_server(True))
+    try:
+        async with aiohttp.ClientSession() as client:
+            api = f"http://127.0.0.1:{gateway.api_port}"
+            async with client.post(f"{api}/v1/chat/completions", json={"model": "b", "messages": []}) as answer:
+                assert answer.status == 200, await answer.text()
+            assert fake.calls == ["load b", "restore b 0", "restore b 1"]
+            fake.calls.clear()
+            async with client.post(f"{api}/v1/chat/completions", json={"model": "b", "messages": []}) as answer:
+                assert answer.status == 200, await answer.text()
+            assert fake.calls == []  # loaded: the request goes at once
+            gateway.routes.upsert(_server(False))
+            async with client.post(f"{api}/v1/chat/completions", json={"model": "big", "messages": []}) as answer:
+                assert answer.status == 200, await answer.text()
+            assert fake.calls == []  # without the kept caches the gateway loads nothing (the fake loads nothing)
+    finally:
+        await gateway.stop()
+
+
+async def test_at_the_count_limit_the_gateway_saves_and_unloads_the_least_recently_used_idle_model(
+        replica: tuple[SlotRouter, str]) -> None:
+    fake, url = replica
+    fake.loaded = {"a", "b"}
+    keeper = MemoryKeeper(wait_seconds=2)
+    async with aiohttp.ClientSession() as session:
+        for name in ("b", "a"):  # b used first, then a: b is the least recently used
+            await keeper.admit(session, url, name, 0, {}, slots=True, max_loaded=2)
+            keeper.done(url, name)
+        await keeper.admit(session, url, "a", 0, {}, slots=True, max_loaded=2)  # a busy now
+        fake.calls.clear()
+        await keeper.admit(session, url, "big", 0, {}, slots=True, max_loaded=2)
+        assert fake.calls == ["save b 0", "save b 1", "unload b", "load big", "restore big 0", "restore big 1"]
+        assert fake.loaded == {"a", "big"}

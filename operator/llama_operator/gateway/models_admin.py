@@ -25,7 +25,7 @@ from aiohttp import web
 from .answers import openai_error
 from .endpoints import EndpointTable
 from .room import RoomError
-from .routing import RoutingTable
+from .routing import Route, RoutingTable
 from .upstream import Upstreams
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,7 @@ class ModelsAdmin:
         urls = [endpoint.url for endpoint in self.endpoints.ready(*route.service)]
         if not urls:
             return openai_error(503, f"LlamaServer {route.key} has no ready replica.", code="model_not_ready")
-        outcomes = await asyncio.gather(*(self._one(action, url, route.memory_budget, dict(route.estimates), model,
-                                                    route.keeps_slots) for url in urls))
+        outcomes = await asyncio.gather(*(self._one(action, url, route, model) for url in urls))
         failed = [(index, error) for index, error in enumerate(outcomes) if error is not None]
         log.info("admin %s of %s on LlamaServer %s: %d of %d replicas done", action, model, route.key,
                  len(urls) - len(failed), len(urls))
@@ -94,14 +93,14 @@ class ModelsAdmin:
             "done": len(urls) - len(failed),
             "failed": [f"replica {index + 1} of {len(urls)}: {error}" for index, error in failed]}, status=status)
 
-    async def _one(self, action: str, url: str, budget: int | None, estimates: dict[str, int],
-                   model: str, slots: bool) -> RoomError | None:
+    async def _one(self, action: str, url: str, route: Route, model: str) -> RoomError | None:
         memory = self.upstreams.memory
         try:
             if action == "load":
-                await memory.load(self.upstreams.session, url, model, budget, estimates, slots=slots)
+                await memory.load(self.upstreams.session, url, model, route.memory_budget, dict(route.estimates),
+                                  slots=route.keeps_slots, max_loaded=route.max_loaded)
             else:
-                await memory.unload(self.upstreams.session, url, model, slots=slots)
+                await memory.unload(self.upstreams.session, url, model, slots=route.keeps_slots)
         except RoomError as exc:
             log.warning("admin %s of %s on replica %s: %s", action, model, url, exc)
             return exc

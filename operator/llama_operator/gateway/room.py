@@ -90,16 +90,19 @@ class MemoryKeeper:
         use.last_used = time.monotonic()
 
     async def admit(self, session: aiohttp.ClientSession, url: str, model: str, budget: int,
-                    estimates: Mapping[str, int], *, slots: bool = False) -> None:
+                    estimates: Mapping[str, int], *, slots: bool = False, max_loaded: int | None = None) -> None:
         """Make room for `model` on the replica at `url`; raises RoomError. On success (or RoomError) the caller
         must call `done(url, model)` once the request ends. `slots`: save the slots of what is unloaded, restore
-        those of what is loaded."""
+        those of what is loaded; a model without an estimate is then loaded by the gateway too (`max_loaded`:
+        llama-server's --models-max, the count it would evict beyond)."""
         if len(self._use) >= MAX_TRACKED:
             self._forget()
         use = self._mark(url, model)
         use.in_flight += 1
         use.last_used = time.monotonic()
         if model not in estimates:
+            if slots:
+                await self._load_keeping_slots(session, url, model, max_loaded)
             return  # no estimate: llama-server's count limit (--models-max) is the only bound
         if model in await self._resident(session, url):
             return
@@ -132,21 +135,21 @@ class MemoryKeeper:
                 await self.restore_slots(session, url, model)
 
     async def load(self, session: aiohttp.ClientSession, url: str, model: str, budget: int | None,
-                   estimates: Mapping[str, int], *, slots: bool = False) -> None:
+                   estimates: Mapping[str, int], *, slots: bool = False, max_loaded: int | None = None) -> None:
         """Load `model` on the replica at `url` for an operator (models_admin.py): with a memory budget and an
         estimate, as a request for it would (room made first); else llama-server's own load. RoomError when it
         is not loaded in the end."""
         if budget is not None and model in estimates:
             try:
-                await self.admit(session, url, model, budget, estimates, slots=slots)
+                await self.admit(session, url, model, budget, estimates, slots=slots, max_loaded=max_loaded)
             finally:
                 self.done(url, model)
+        elif slots:
+            await self._load_keeping_slots(session, url, model, max_loaded)
         elif model not in await self._resident(session, url):
             await self._post(session, url, "load", model)
             await self._until(session, url, lambda states: states.get(model) != "loading",
                               time.monotonic() + self.wait_seconds)
-            if slots:
-                await self.restore_slots(session, url, model)
         if model not in await self._resident(session, url):
             raise RoomError(502, "llama-server did not load it (the server's status.models says why)")
         self._mark(url, model).last_used = time.monotonic()
@@ -165,6 +168,33 @@ class MemoryKeeper:
                 await self._post(session, url, "unload", model)
                 await self._until(session, url, lambda states: model not in states,
                                   time.monotonic() + self.wait_seconds)
+
+    async def _load_keeping_slots(self, session: aiohttp.ClientSession, url: str, model: str,
+                                  max_loaded: int | None) -> None:
+        """A server keeping its prompt caches, a model without a memory estimate: the gateway loads it itself
+        (llama-server would load it on the request, with nothing restored) and restores its slots. When
+        llama-server's count limit would evict a model for it, the gateway first saves and unloads the least
+        recently used idle ones itself (llama-server's own eviction saves nothing); with none idle, llama-server
+        decides."""
+        if model in await self._resident(session, url):
+            return
+        deadline = time.monotonic() + self.wait_seconds
+        async with self._locks.setdefault(url, asyncio.Lock()):
+            resident = await self._resident(session, url)
+            if model in resident:
+                return
+            if max_loaded and len(resident) >= max_loaded:
+                idle = sorted((self._use.get((url, name), _Use()).last_used, name) for name in resident
+                              if not self._use.get((url, name), _Use()).in_flight)
+                unload = [name for _, name in idle[:len(resident) - max_loaded + 1]]
+                for name in unload:
+                    log.info("replica %s: unloading %s for %s (at most %d loaded)", url, name, model, max_loaded)
+                    await self.save_slots(session, url, name)
+                    await self._post(session, url, "unload", name)
+                await self._until(session, url, lambda states: not set(unload) & states.keys(), deadline)
+            await self._post(session, url, "load", model)
+            await self._until(session, url, lambda states: states.get(model) != "loading", deadline)
+            await self.restore_slots(session, url, model)
 
     async def save_slots(self, session: aiohttp.ClientSession, url: str, model: str) -> str:
         """Every slot of `model` on the replica into its file (`slot_file`); never raises: what was done."""

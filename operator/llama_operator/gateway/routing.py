@@ -29,6 +29,8 @@ from ..builders.router_memory import memory_budget
 log = logging.getLogger(__name__)
 
 DEFAULT_PARALLEL = 4
+ROUTER_MAX_LOADED = 4
+"""llama-server's --models-max when spec.maxLoaded is unset."""
 """llama-server's slots when spec.parallel is unset (b11312: --parallel auto gives 4)."""
 
 
@@ -55,8 +57,10 @@ class Route:
     estimates: tuple[tuple[str, int], ...] = ()
     """Router mode: (served name, bytes) of each model whose estimate status.models shows."""
     keeps_slots: bool = False
-    """Router mode with spec.promptCache.persist: the gateway saves a model's slots before it unloads it and
-    restores them after it loads it (room.py)."""
+    """Router mode with spec.promptCache.persist: the gateway loads a model a request names itself, saves a
+    model's slots before it unloads it and restores them after it loads it (room.py)."""
+    max_loaded: int | None = None
+    """Router mode: llama-server's --models-max (spec.maxLoaded, else its default 4; 0: no limit)."""
     adapters: tuple[tuple[str, float], ...] = ()
     """spec.adapters: (adapter name, scale), in order: the index is the adapter's id in llama-server."""
     last_scale_time: str | None = None
@@ -144,6 +148,7 @@ def route_from(body: Mapping[str, Any]) -> Route | None:
         memory_budget=memory_budget(server),
         estimates=_estimates(status),
         keeps_slots=spec.models is not None and spec.keeps_prompt_cache(),
+        max_loaded=(spec.max_loaded if spec.max_loaded is not None else ROUTER_MAX_LOADED) if spec.models else None,
         # Router mode loads no adapter (the CRD refuses spec.adapters with spec.models).
         adapters=() if spec.models else tuple((a.name, a.scale) for a in spec.adapters or ()),
         last_scale_time=autoscaling.last_scale_time if autoscaling else None,

@@ -139,12 +139,15 @@ class Upstreams:
             tried.add(url)
             self.in_flight[url] = self.in_flight.get(url, 0) + 1
             upstream: aiohttp.ClientResponse | None = None
-            budgeted = route.memory_budget is not None and summary.model in route.models
+            # A memory budget, or kept prompt caches (the gateway loads the model and restores its slots).
+            budgeted = (route.memory_budget is not None or route.keeps_slots) and summary.model in route.models
             try:
                 if budgeted:
                     try:
-                        await self.memory.admit(self._session, url, summary.model, route.memory_budget or 0,
-                                                dict(route.estimates), slots=route.keeps_slots)
+                        await self.memory.admit(
+                            self._session, url, summary.model, route.memory_budget or 0,
+                            dict(route.estimates) if route.memory_budget is not None else {},
+                            slots=route.keeps_slots, max_loaded=route.max_loaded)
                     except RoomError as exc:
                         if exc.replica_failed:  # like a refused connection: another replica, if there is one
                             last_error = str(exc)
