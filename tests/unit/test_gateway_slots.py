@@ -83,6 +83,9 @@ def test_the_route_keeps_slots_only_for_router_servers_that_persist() -> None:
     one = {"metadata": {"name": "solo", "namespace": "default"},
            "spec": {"modelRef": {"name": "q"}, "promptCache": {"persist": True}}}
     assert not route_from(one).keeps_slots  # one model: the drain sidecar keeps them (at pod stop and start)
+    keyed = _server(True)
+    keyed["spec"]["apiKeySecretRef"] = {"name": "keys", "key": "fleet"}
+    assert not route_from(keyed).keeps_slots  # refused by the CRD: the gateway could not call /models nor /slots
 
 
 async def test_admin_unload_saves_first_and_load_restores_after(replica: tuple[SlotRouter, str]) -> None:
