@@ -5,6 +5,8 @@ A file is `<model key>-<unix ms>-<pod>-<slot>.slot`. At start the newest files o
 one per slot; at drain every slot is saved under a new name; then the directory is pruned, oldest first, to
 `--slots-max-bytes`. Files of another key (the server's previous model) are never restored: pruning deletes them.
 llama-server writes and reads the files itself (`--slot-save-path`); this side lists and deletes them.
+Router mode (`--model-keys`): a directory per model key, files by served name and slot, saved at drain for every
+loaded model and restored by the gateway when it loads one (`RouterSlotDirectory`, `save_router`).
 
 Standard library only, bounded: files listed, bytes read from llama-server, each call's time.
 """
