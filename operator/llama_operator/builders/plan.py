@@ -194,7 +194,8 @@ def _distributed_plan(server: LlamaServer, model: LlamaModel, settings: Settings
     worker_memory = spec.gpu.memory if spec.gpu is not None else spec.memory
     placement = place(gguf.memory, settings_from_spec(server.spec), workers=spec.workers,
                       worker_memory=int(parse_quantity(worker_memory)), leader_memory=memory_limit(server.spec),
-                      trained_context=gguf.context_length, worker_memory_text=worker_memory)
+                      trained_context=gguf.context_length, worker_memory_text=worker_memory,
+                      gpu_workers=spec.gpu is not None)
     if isinstance(placement, NoPlacement):
         return PlanProblem("Fits", "WorkersTooSmall", placement.message)
     args = [*server_args(server, model), *leader_args(server, placement)]

@@ -66,8 +66,10 @@ variant of the tiny model, 199 with gemma3's 262144 tokens)."""
 CONTEXT_BYTES_PER_TOKEN = 640
 """Request bookkeeping per context token (prompt tokens, JSON, slot state): a prompt that fills a 4096-token
 context raised the tiny model's peak by 2.5 MiB more than its KV cache and buffers explain."""
-GPU_CONTEXT_OVERHEAD = 512 * MiB
-"""Per GPU: driver context, cuBLAS workspace and kernels (not measured here: no GPU on the test machines)."""
+GPU_CONTEXT_OVERHEAD = 768 * MiB
+"""Per GPU: driver context, cuBLAS workspace and kernels. Measured on a lent H200 (CUDA 13.0, driver 580, the pinned
+build for sm_90; benchmarks/distributed_gpu.py, 3 runs): a process holding 1,378 MiB of weights, 128 MiB of KV cache
+and its compute buffer used 2,358 MiB, about 700 MiB beyond them (two processes on one GPU: 650 to 750 MiB each)."""
 GPU_HOST_OVERHEAD = 384 * MiB
 """Host memory the GPU runtime libraries add to the process (not measured here)."""
 

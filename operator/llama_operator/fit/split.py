@@ -26,7 +26,7 @@ from itertools import pairwise
 
 from ..api.v1beta1 import ModelMemoryShape
 from . import format_bytes, request_quantity
-from .estimate import GPU_HOST_OVERHEAD, DeviceEstimate, FitSettings, MiB, estimate
+from .estimate import GPU_CONTEXT_OVERHEAD, GPU_HOST_OVERHEAD, DeviceEstimate, FitSettings, MiB, estimate
 
 RPC_WORKER_OVERHEAD = 16 * MiB
 """Resident memory of a ggml-rpc-server beyond its buffers: binary, threads, the CPU backend. Measured: 5.0 MiB
@@ -83,6 +83,8 @@ class _Costs:
     leader_base: DeviceEstimate
     """The leader holding no slot: embeddings, other weights, input and output buffers, checkpoint, overhead."""
     leader_compute_with_blocks: int
+    worker_overhead: int = RPC_WORKER_OVERHEAD
+    """The process beside its buffers; a GPU worker's adds the GPU's context (GPU_CONTEXT_OVERHEAD)."""
 
     @property
     def slots(self) -> int:
@@ -95,7 +97,7 @@ class _Costs:
         return (2 * end * total + n) // (2 * n) - (2 * start * total + n) // (2 * n)
 
     def worker(self, name: str, start: int, end: int) -> DeviceEstimate:
-        device = DeviceEstimate(name, overhead=RPC_WORKER_OVERHEAD)
+        device = DeviceEstimate(name, overhead=self.worker_overhead)
         if end > start:
             device.weights = self._part(self.worker_block_weights, start, end)
             device.weights += self.output_on_worker if end > self.blocks else 0
@@ -119,7 +121,7 @@ class _Costs:
     @property
     def worker_fixed(self) -> int:
         """A worker holding layers, beside them: its compute buffer and the process."""
-        return self.worker_compute + RPC_WORKER_OVERHEAD
+        return self.worker_compute + self.worker_overhead
 
     @property
     def leader_fixed(self) -> int:
@@ -236,12 +238,15 @@ class _Devices:
 
 def place(shape: ModelMemoryShape, settings: FitSettings, *, workers: int, worker_memory: int,
           leader_memory: int | None, trained_context: int | None = None,
-          worker_memory_text: str | None = None) -> Placement | NoPlacement:
+          worker_memory_text: str | None = None, gpu_workers: bool = False) -> Placement | NoPlacement:
     """The split of this model over `workers` ggml-rpc-servers of `worker_memory` bytes each. `leader_memory`
     None: the leader keeps only its fixed part and every slot goes to the workers; set, the leader takes the
     first slots as well, within it. `worker_memory_text` is the memory as the user wrote it, for messages.
-    The GPU settings in `settings` (gpuCount, gpuLayers, tensorSplit, splitMode) are not read: this chooses them."""
+    The GPU settings in `settings` (gpuCount, gpuLayers, tensorSplit, splitMode) are not read: this chooses them.
+    `gpu_workers`: each worker lends a GPU, whose memory `worker_memory` is; its context counts there too."""
     costs = _costs(shape, settings, trained_context)
+    if gpu_workers:
+        costs = replace(costs, worker_overhead=RPC_WORKER_OVERHEAD + GPU_CONTEXT_OVERHEAD)
     devices = _Devices(costs, workers=workers, worker_memory=worker_memory, leader_memory=leader_memory)
     if devices.fits():
         counts = devices.balanced()
