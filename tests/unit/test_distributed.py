@@ -162,3 +162,18 @@ def test_a_split_scaled_to_zero_stops_its_workers_and_its_leader() -> None:
     workers = plan.find("StatefulSet")
     assert workers is not None and workers["spec"]["replicas"] == 0
     assert plan.deployment["spec"]["replicas"] == 0  # planned although no worker runs: it must go to zero too
+
+
+def test_gpu_workers_are_filled_to_their_gpu_memory_with_its_context_counted() -> None:
+    srv = LlamaServer.model_validate(server_body(contextSize=4096, distributed={
+        "workers": 2, "memory": "1Gi", "gpu": {"vendor": "nvidia", "memory": "2Gi"}}))
+    plan = _plan(srv, Settings(rpc_images={"cpu": IMAGE, "nvidia": IMAGE + "-cuda"}))
+    assert plan.placement is not None
+    assert all(worker.overhead >= 768 * 2**20 for worker in plan.placement.workers)  # the GPU's context
+    pod = plan.find("StatefulSet")["spec"]["template"]["spec"]  # type: ignore[index]
+    assert pod["containers"][0]["image"] == IMAGE + "-cuda"
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    # without an RPC image for that accelerator: refused, naming the value to set
+    refused = plan_server(srv, {"qwen": resolved_model(name="qwen", status=STATUS)}, RPC)
+    assert isinstance(refused, PlanProblem) and "rpcImages.nvidia" in refused.message
