@@ -4,6 +4,7 @@ the pods at 127.0.0.1) and the reconcile of a router-mode server (FakeKube)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -16,7 +17,8 @@ from aiohttp import web
 from llama_operator.config import Settings
 from llama_operator.fit import model_info
 from llama_operator.gguf import FileByteSource, read_header
-from llama_operator.kube import CONFIG_MAPS, DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, SERVICES
+from llama_operator.kube import CONFIG_MAPS, DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, SECRETS, SERVICES
+from llama_operator.reconcile import router_status
 from llama_operator.reconcile.context import Context
 from llama_operator.reconcile.router_status import ModelStatusPoller, loaded_summary, model_states, ready_pod_ips
 from llama_operator.reconcile.server import reconcile_server
@@ -69,10 +71,16 @@ class FakePods:
         self.status = 200
         self.delay = 0.0
         self.requests = 0
+        self.key: str | None = None
+        """The API key the pods want (llama-server --api-key: /models is not public then)."""
+        self.authorizations: list[str | None] = []
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests += 1
+        self.authorizations.append(request.headers.get("Authorization"))
         await asyncio.sleep(self.delay)
+        if self.key is not None and request.headers.get("Authorization") != f"Bearer {self.key}":
+            return web.json_response({"error": {"message": "Invalid API Key", "code": 401}}, status=401)
         return web.json_response({"data": self.data, "object": "list"}, status=self.status)
 
 
@@ -107,9 +115,10 @@ def _pod(name: str, *, ready: bool = True) -> dict[str, Any]:
             "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": str(ready)}]}}
 
 
-def _setup(port: int, *, timeout: float = 1.0) -> tuple[FakeKube, ModelStatusPoller]:
+def _setup(port: int, *, timeout: float = 1.0, spec: dict[str, Any] | None = None,
+           ) -> tuple[FakeKube, ModelStatusPoller]:
     kube = FakeKube()
-    kube.put(LLAMA_SERVERS, _router_body())
+    kube.put(LLAMA_SERVERS, _router_body(spec))
     ctx = Context(kube=kube, settings=Settings(), record_event=Events(), watched=watched_over(kube))
     return kube, ModelStatusPoller(ctx, port=port, timeout=timeout)
 
@@ -327,3 +336,100 @@ async def test_odd_model_entries_neither_break_the_round_nor_reach_status(pods: 
     models = _status(kube)["models"]
     assert [m["state"] for m in models] == ["Unloaded", "Unloaded", "Failed"]
     assert models[2]["message"] == "failed to load on fleet-0 (exit code None); the next request tries again"
+
+
+# ------------------------------------------------------------------------------ a server with an API key
+
+
+KEYED_SPEC = {**ROUTER_SPEC, "apiKeySecretRef": {"name": "fleet-key", "key": "api-key"}}
+
+
+def _secret(value: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fleet-key", "namespace": "default"},
+            "data": {"api-key": base64.b64encode(value.encode()).decode()}}
+
+
+async def test_a_server_with_an_api_key_is_asked_with_it_and_its_secret_read_once_a_minute(
+        pods: tuple[FakePods, int], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    fake, port = pods
+    kube, poller = _setup(port, spec=KEYED_SPEC)
+    kube.put(PODS, _pod("fleet-0"))
+    kube.put(SECRETS, _secret("s3cret-key"))
+    fake.key = "s3cret-key"
+    fake.data = [entry("alpha", "loaded")]
+    clock = [1000.0]
+    monkeypatch.setattr(router_status.time, "monotonic", lambda: clock[0])
+    caplog.set_level("DEBUG")
+    try:
+        await poller.poll_once()
+        assert [m["state"] for m in _status(kube)["models"]] == ["Loaded", "Unloaded", "Unloaded"]
+        assert fake.authorizations == ["Bearer s3cret-key"]
+        reads = kube.count("get")
+        for _ in range(3):  # a poll every few seconds does not read the Secret each time
+            clock[0] += 10
+            await poller.poll_once()
+        assert kube.count("get") == reads
+        # The key is rotated: the pods want the new one at once, the poller reads it within KEY_CACHE_SECONDS.
+        kube.put(SECRETS, _secret("rotated"))
+        fake.key = "rotated"
+        fake.data = [entry("alpha", "loaded"), entry("bee", "loaded")]
+        await poller.poll_once()
+        assert "HTTP 401: the pod refused the API key" in _status(kube)["models"][0]["message"]
+        clock[0] += router_status.KEY_CACHE_SECONDS
+        await poller.poll_once()
+        assert kube.count("get") == reads + 1
+        models = _status(kube)["models"]
+        assert [m["state"] for m in models] == ["Loaded", "Loaded", "Unloaded"]
+        assert all("message" not in m for m in models)
+    finally:
+        await poller.close()
+    assert "s3cret-key" not in caplog.text and "rotated" not in caplog.text
+    assert "s3cret" not in str(_status(kube)) and "rotated" not in str(_status(kube))
+
+
+async def test_a_missing_secret_or_key_is_one_line_in_status_and_the_states_stay(
+        pods: tuple[FakePods, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    fake, port = pods
+    kube, poller = _setup(port, spec=KEYED_SPEC)
+    kube.put(PODS, _pod("fleet-0"))
+    fake.key = "k"
+    clock = [1000.0]
+    monkeypatch.setattr(router_status.time, "monotonic", lambda: clock[0])
+    try:
+        await poller.poll_once()  # no Secret: the pods are not asked
+        assert fake.requests == 0
+        models = _status(kube)["models"]
+        assert [m["state"] for m in models] == ["Unloaded"] * 3
+        assert models[0]["message"] == ("/models not read: the server's API key is not there: Secret "
+                                        "default/fleet-key, key 'api-key' (spec.apiKeySecretRef) is missing")
+        kube.put(SECRETS, {**_secret("k"), "data": {"other": "eA=="}})  # the Secret, without the key
+        clock[0] += router_status.KEY_CACHE_SECONDS
+        await poller.poll_once()
+        assert fake.requests == 0 and "key 'api-key'" in _status(kube)["models"][0]["message"]
+        kube.put(SECRETS, _secret("k\n"))  # a line break: no header can carry it
+        clock[0] += router_status.KEY_CACHE_SECONDS
+        await poller.poll_once()
+        assert "line break" in _status(kube)["models"][0]["message"] and fake.requests == 0
+        kube.put(SECRETS, _secret("k"))
+        clock[0] += router_status.KEY_CACHE_SECONDS
+        fake.data = [entry("alpha", "loaded")]
+        await poller.poll_once()
+        models = _status(kube)["models"]
+        assert [m["state"] for m in models] == ["Loaded", "Unloaded", "Unloaded"]
+        assert all("message" not in m for m in models)
+    finally:
+        await poller.close()
+
+
+async def test_pods_that_want_a_key_the_spec_does_not_give_are_said_in_status(pods: tuple[FakePods, int]) -> None:
+    fake, port = pods
+    kube, poller = _setup(port)
+    kube.put(PODS, _pod("fleet-0"))
+    fake.key = "k"  # started with a key that the spec does not name
+    try:
+        await poller.poll_once()
+    finally:
+        await poller.close()
+    assert fake.authorizations == [None]
+    assert all("pod fleet-0: HTTP 401: the pod wants an API key, and the spec has no apiKeySecretRef" in m["message"]
+               for m in _status(kube)["models"])

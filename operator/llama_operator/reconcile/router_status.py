@@ -7,8 +7,14 @@ recently used one is stopped for another): no Kubernetes object changes, so no w
 - it reads the router-mode LlamaServers and their ready pods from what kopf's watches hold (watched.py,
   reconcile/indexes.py: no LIST, the API server sees only the status patches), and sends
   GET http://<podIP>:8080/models to every ready pod — concurrently, at most `CONCURRENCY` at a time, each with
-  a `TIMEOUT` (3 s) — over aiohttp, on the event loop, never blocking it. /models is public in llama-server
-  (no API key needed), and answers at once (the router keeps the state);
+  a `TIMEOUT` (3 s) — over aiohttp, on the event loop, never blocking it. /models answers at once (the router
+  keeps the state);
+- llama-server started with an API key (spec.apiKeySecretRef) guards /models with it (only /health is public):
+  the poller reads that key from the server's Secret (`get secrets`, as the reconcile may), keeps it
+  `KEY_CACHE_SECONDS` (60 s: a rotated key is used within a minute, and a poll does not GET the Secret each
+  time) and sends `Authorization: Bearer <key>`. The key is never logged nor written anywhere; a Secret or key
+  that is missing, or a key the pods refuse (401), is one line in each served model's `message` and the states
+  stay as they were;
 - the LlamaModels of the namespace (from the watch too) give each served model's memory estimate and the
   budget used (builders/router_memory.py; the gateway keeps the budget);
 - it patches `status.models`, `status.modelsLoaded`, `status.modelsMemory` and `status.modelsChangedTime` only
@@ -23,7 +29,8 @@ recently used one is stopped for another): no Kubernetes object changes, so no w
   from the pods that answered properly (or stay as they were when none did).
 
 The operator needs to reach the pods on port 8080 (the NetworkPolicy it puts next to each server admits it,
-builders/network_policy.py); no RBAC beyond what the reconcile has (watch pods, patch llamaservers/status).
+builders/network_policy.py); no RBAC beyond what the reconcile has (watch pods, get secrets, patch
+llamaservers/status).
 """
 
 from __future__ import annotations
@@ -31,17 +38,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
 from pydantic import ValidationError
 
-from ..api.v1beta1 import LlamaModel, LlamaServer, ServedModelStatus
+from ..api.v1beta1 import LlamaModel, LlamaServer, SecretKeyRef, ServedModelStatus
 from ..builders.router_memory import budget_used, quantity, served_estimates
 from ..clock import now_rfc3339
 from ..flags.render import SERVER_PORT
-from ..kube import LLAMA_SERVERS
+from ..kube import LLAMA_SERVERS, KubeError, NotFound
 from .context import Context
 from .watched import ready_pod_ip
 
@@ -59,6 +67,9 @@ PARSES = 2
 """Large answers parsed at the same time: their parsed objects are several times their size."""
 MAX_REFUSED_NAMED = 3
 """Pods named in a refusal message; more are counted."""
+KEY_CACHE_SECONDS = 60.0
+"""How long a server's API key read from its Secret is used before the Secret is read again (a rotated key is
+picked up within this; a missing one is looked for again after it)."""
 
 
 class Refused(str):
@@ -167,6 +178,8 @@ class ModelStatusPoller:
         self._limit = asyncio.Semaphore(concurrency)
         self._parses = asyncio.Semaphore(PARSES)
         self._session: aiohttp.ClientSession | None = None
+        self._keys: dict[tuple[str, str, str], tuple[float, str | Refused]] = {}
+        """(namespace, Secret, key) -> (until when, the API key or why there is none)."""
 
     async def run_forever(self, interval: float) -> None:
         try:
@@ -222,15 +235,24 @@ class ModelStatusPoller:
             return
         served = [(entry.served_name, entry.model_ref.name) for entry in server.spec.models]
         targets = self.ctx.watched.ready_pods(namespace, name)
-        results = list(zip([pod for pod, _ in targets],
-                           await asyncio.gather(*(self._models(ip) for _, ip in targets)), strict=True))
+        key: str | Refused | None = None
+        if targets and server.spec.api_key_secret_ref is not None:
+            key = await self._api_key(namespace, server.spec.api_key_secret_ref)
+        if isinstance(key, Refused):  # no pod can be asked: the states stay as they were, with the reason
+            results: list[tuple[str, list[dict[str, Any]] | Refused | None]] = []
+            states = [s.model_copy(update={"message": f"/models not read: {key}"})
+                      for s in last_states(status, served)]
+        else:
+            results = list(zip([pod for pod, _ in targets],
+                               await asyncio.gather(*(self._models(ip, key) for _, ip in targets)), strict=True))
         answers = [(pod, data) for pod, data in results if isinstance(data, list)]
         refused = [(pod, str(data)) for pod, data in results if isinstance(data, Refused)]
-        if targets and not answers and not refused:
+        if targets and not answers and not refused and not isinstance(key, Refused):
             return  # no ready pod answered this round: keep the last status rather than guess
-        # Only refusals: what the pods hold is unknown, so the states stay as they were, with the reason.
-        states = with_refusals(model_states(answers, served) if answers or not targets else
-                               last_states(status, served), refused)
+        if not isinstance(key, Refused):
+            # Only refusals: what the pods hold is unknown, so the states stay as they were, with the reason.
+            states = with_refusals(model_states(answers, served) if answers or not targets else
+                                   last_states(status, served), refused)
         mine = {model_name: m for (ns, model_name), m in (models or {}).items() if ns == namespace}
         estimates = served_estimates(server, mine)
         states = [s.model_copy(update={"estimate": quantity(estimates[s.name]) if s.name in estimates else None})
@@ -249,15 +271,46 @@ class ModelStatusPoller:
     async def _patch(self, namespace: str, name: str, fields: dict[str, Any]) -> None:
         await self.ctx.kube.patch_status(LLAMA_SERVERS, namespace, name, fields)
 
-    async def _models(self, ip: str) -> list[dict[str, Any]] | Refused | None:
+    async def _api_key(self, namespace: str, ref: SecretKeyRef) -> str | Refused:
+        """The server's API key from its Secret (spec.apiKeySecretRef), kept KEY_CACHE_SECONDS; `Refused` (one
+        line naming the Secret and key, never a value) when it cannot be read or used."""
+        cache_key = (namespace, ref.name, ref.key)
+        cached = self._keys.get(cache_key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        where = f"Secret {namespace}/{ref.name}, key {ref.key!r} (spec.apiKeySecretRef)"
+        value: str | Refused
+        try:
+            value = await self.ctx.kube.read_secret_key(namespace, ref.name, ref.key)
+        except NotFound:
+            value = Refused(f"the server's API key is not there: {where} is missing")
+        except (ValueError, KubeError) as exc:  # not base64/UTF-8; forbidden, unavailable
+            value = Refused(f"the server's API key could not be read from {where}: {type(exc).__name__}")
+        if isinstance(value, str) and not isinstance(value, Refused) and (
+                not value or any(c in value for c in "\r\n\0")):
+            value = Refused(f"the server's API key in {where} is empty or holds a line break: no HTTP header "
+                            f"can carry it")
+        if isinstance(value, Refused):
+            log.debug("LlamaServer in %s: %s", namespace, value)
+        self._keys[cache_key] = (time.monotonic() + KEY_CACHE_SECONDS, value)
+        return value
+
+    async def _models(self, ip: str, key: str | None = None) -> list[dict[str, Any]] | Refused | None:
         """The pod's /models list; None when it does not answer in time (logged at debug level); `Refused` when
-        its answer is too large or not a model list (the pod runs the tenant's image)."""
+        its answer is too large or not a model list (the pod runs the tenant's image), or when it wants an API
+        key (401) that the server's spec does not give or that it refuses. `key`: the server's API key, sent as
+        `Authorization: Bearer`."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        headers = {"Authorization": f"Bearer {key}"} if key else None
         async with self._limit:
             url = _url(ip, self.port)
             try:
-                async with self._session.get(url) as response:
+                async with self._session.get(url, headers=headers) as response:
+                    if response.status == 401:
+                        log.debug("GET %s: HTTP 401", url)
+                        return Refused("HTTP 401: the pod refused the API key of spec.apiKeySecretRef" if key else
+                                       "HTTP 401: the pod wants an API key, and the spec has no apiKeySecretRef")
                     if response.status != 200:
                         log.debug("GET %s: HTTP %d", url, response.status)
                         return None
