@@ -85,7 +85,7 @@ def test_the_route_keeps_slots_only_for_router_servers_that_persist() -> None:
     assert not route_from(one).keeps_slots  # one model: the drain sidecar keeps them (at pod stop and start)
     keyed = _server(True)
     keyed["spec"]["apiKeySecretRef"] = {"name": "keys", "key": "fleet"}
-    assert not route_from(keyed).keeps_slots  # refused by the CRD: the gateway could not call /models nor /slots
+    assert route_from(keyed).keeps_slots  # the gateway's /models and /slots calls carry the requester's key
 
 
 async def test_admin_unload_saves_first_and_load_restores_after(replica: tuple[SlotRouter, str]) -> None:

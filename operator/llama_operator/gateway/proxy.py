@@ -18,7 +18,9 @@
 - API keys: the gateway holds none and reads no Secret. The client's Authorization (or X-Api-Key) header goes to
   the replica unchanged and the replica's 401 comes back unchanged. For a LlamaServer with apiKeySecretRef a
   request without any key is answered 401 by the gateway itself, so an anonymous client cannot wake a server
-  from zero that would refuse it anyway.
+  from zero that would refuse it anyway. The gateway's own calls to a replica made for a request (router mode: the
+  load before it, the memory budget's unloads, the kept prompt caches' slot saves and restores: room.py) carry
+  the client's same Authorization or X-Api-Key, since llama-server guards those paths with the key too.
 """
 
 from __future__ import annotations

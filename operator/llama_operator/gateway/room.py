@@ -21,6 +21,12 @@ the file `<served name>-<i>.slot`, in the model's own directory (the preset give
 `/slots/<model key>`): the gateway needs no listing of the files, a restore never crosses models, and the files
 are bounded by the slots of each model (a save replaces the previous one). A save or restore that fails is logged
 and skipped: the unload or the request goes on, cold.
+
+A server with an API key (spec.apiKeySecretRef) guards every one of these paths with it (llama-server's only public
+paths are /health and /v1/health): each call carries `auth`, the headers that hold the key — for a request, the
+client's own Authorization or X-Api-Key (`auth_headers`), which the replica accepts since it accepts the request;
+for the admin API, the key its caller gave (models_admin.py). The gateway holds no key and reads no Secret. A
+replica that answers 401 refuses the key: RoomError 401, not a failed replica.
 """
 
 from __future__ import annotations
@@ -57,6 +63,17 @@ MAX_SLOTS = 256
 """The API's bound on a model's parallel slots."""
 
 
+AUTH_HEADERS = ("Authorization", "X-Api-Key")
+"""The headers llama-server reads an API key from (server-http.cpp: Authorization: Bearer, else X-Api-Key)."""
+Auth = Mapping[str, str] | None
+"""Headers carrying the server's API key to the replica, or None (a server without a key)."""
+
+
+def auth_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The API key headers of a client's request, to send on the gateway's own calls made for it."""
+    return {name: headers[name] for name in AUTH_HEADERS if name in headers}
+
+
 class RoomError(Exception):
     """The request cannot go to this replica now: one line for the client; `status` 400 (never fits) or 503;
     `replica_failed`: the replica did not answer properly (the caller may go to another one)."""
@@ -65,6 +82,10 @@ class RoomError(Exception):
         super().__init__(message)
         self.status = status
         self.replica_failed = replica_failed
+
+
+def _unauthorized(path: str) -> RoomError:
+    return RoomError(401, f"the replica refused {path}: it needs the server's API key (spec.apiKeySecretRef)")
 
 
 @dataclass
@@ -90,11 +111,12 @@ class MemoryKeeper:
         use.last_used = time.monotonic()
 
     async def admit(self, session: aiohttp.ClientSession, url: str, model: str, budget: int,
-                    estimates: Mapping[str, int], *, slots: bool = False, max_loaded: int | None = None) -> None:
+                    estimates: Mapping[str, int], *, slots: bool = False, max_loaded: int | None = None,
+                    auth: Auth = None) -> None:
         """Make room for `model` on the replica at `url`; raises RoomError. On success (or RoomError) the caller
         must call `done(url, model)` once the request ends. `slots`: save the slots of what is unloaded, restore
         those of what is loaded; a model without an estimate is then loaded by the gateway too (`max_loaded`:
-        llama-server's --models-max, the count it would evict beyond)."""
+        llama-server's --models-max, the count it would evict beyond). `auth`: the API key headers of every call."""
         if len(self._use) >= MAX_TRACKED:
             self._forget()
         use = self._mark(url, model)
@@ -102,15 +124,15 @@ class MemoryKeeper:
         use.last_used = time.monotonic()
         if model not in estimates:
             if slots:
-                await self._load_keeping_slots(session, url, model, max_loaded)
+                await self._load_keeping_slots(session, url, model, max_loaded, auth)
             return  # no estimate: llama-server's count limit (--models-max) is the only bound
-        if model in await self._resident(session, url):
+        if model in await self._resident(session, url, auth):
             return
         lock = self._locks.setdefault(url, asyncio.Lock())
         deadline = time.monotonic() + self.wait_seconds
         async with lock:
             while True:
-                resident = await self._resident(session, url)
+                resident = await self._resident(session, url, auth)
                 if model in resident:
                     return
                 room = self.decide(url, resident, budget, model, estimates)
@@ -125,36 +147,39 @@ class MemoryKeeper:
             for name in room.unload:
                 log.info("replica %s: unloading %s to make room for %s", url, name, model)
                 if slots:
-                    await self.save_slots(session, url, name)
-                await self._post(session, url, "unload", name)
-            await self._until(session, url, lambda states: not set(room.unload) & states.keys(), deadline)
-            await self._post(session, url, "load", model)
+                    await self.save_slots(session, url, name, auth)
+                await self._post(session, url, "unload", name, auth)
+            await self._until(session, url, lambda states: not set(room.unload) & states.keys(), deadline, auth)
+            await self._post(session, url, "load", model, auth)
             # Loaded, or no longer loading (it failed: the request goes on and gets llama-server's own answer).
-            await self._until(session, url, lambda states: states.get(model) != "loading", deadline)
+            await self._until(session, url, lambda states: states.get(model) != "loading", deadline, auth)
             if slots:
-                await self.restore_slots(session, url, model)
+                await self.restore_slots(session, url, model, auth)
 
     async def load(self, session: aiohttp.ClientSession, url: str, model: str, budget: int | None,
-                   estimates: Mapping[str, int], *, slots: bool = False, max_loaded: int | None = None) -> None:
+                   estimates: Mapping[str, int], *, slots: bool = False, max_loaded: int | None = None,
+                   auth: Auth = None) -> None:
         """Load `model` on the replica at `url` for an operator (models_admin.py): with a memory budget and an
         estimate, as a request for it would (room made first); else llama-server's own load. RoomError when it
         is not loaded in the end."""
         if budget is not None and model in estimates:
             try:
-                await self.admit(session, url, model, budget, estimates, slots=slots, max_loaded=max_loaded)
+                await self.admit(session, url, model, budget, estimates, slots=slots, max_loaded=max_loaded,
+                                 auth=auth)
             finally:
                 self.done(url, model)
         elif slots:
-            await self._load_keeping_slots(session, url, model, max_loaded)
-        elif model not in await self._resident(session, url):
-            await self._post(session, url, "load", model)
+            await self._load_keeping_slots(session, url, model, max_loaded, auth)
+        elif model not in await self._resident(session, url, auth):
+            await self._post(session, url, "load", model, auth)
             await self._until(session, url, lambda states: states.get(model) != "loading",
-                              time.monotonic() + self.wait_seconds)
-        if model not in await self._resident(session, url):
+                              time.monotonic() + self.wait_seconds, auth)
+        if model not in await self._resident(session, url, auth):
             raise RoomError(502, "llama-server did not load it (the server's status.models says why)")
         self._mark(url, model).last_used = time.monotonic()
 
-    async def unload(self, session: aiohttp.ClientSession, url: str, model: str, *, slots: bool = False) -> None:
+    async def unload(self, session: aiohttp.ClientSession, url: str, model: str, *, slots: bool = False,
+                     auth: Auth = None) -> None:
         """Unload `model` from the replica at `url` for an operator; refused (409) while requests of this gateway
         replica are in flight on it, since llama-server would cut them."""
         use = self._use.get((url, model))
@@ -162,25 +187,25 @@ class MemoryKeeper:
             raise RoomError(409, f"{use.in_flight} request(s) through this gateway are in flight on it; retry")
         lock = self._locks.setdefault(url, asyncio.Lock())
         async with lock:  # not in the middle of a budget decision on this replica
-            if model in await self._resident(session, url):
+            if model in await self._resident(session, url, auth):
                 if slots:
-                    await self.save_slots(session, url, model)
-                await self._post(session, url, "unload", model)
+                    await self.save_slots(session, url, model, auth)
+                await self._post(session, url, "unload", model, auth)
                 await self._until(session, url, lambda states: model not in states,
-                                  time.monotonic() + self.wait_seconds)
+                                  time.monotonic() + self.wait_seconds, auth)
 
     async def _load_keeping_slots(self, session: aiohttp.ClientSession, url: str, model: str,
-                                  max_loaded: int | None) -> None:
+                                  max_loaded: int | None, auth: Auth = None) -> None:
         """A server keeping its prompt caches, a model without a memory estimate: the gateway loads it itself
         (llama-server would load it on the request, with nothing restored) and restores its slots. When
         llama-server's count limit would evict a model for it, the gateway first saves and unloads the least
         recently used idle ones itself (llama-server's own eviction saves nothing); with none idle, llama-server
         decides."""
-        if model in await self._resident(session, url):
+        if model in await self._resident(session, url, auth):
             return
         deadline = time.monotonic() + self.wait_seconds
         async with self._locks.setdefault(url, asyncio.Lock()):
-            resident = await self._resident(session, url)
+            resident = await self._resident(session, url, auth)
             if model in resident:
                 return
             if max_loaded and len(resident) >= max_loaded:
@@ -189,23 +214,23 @@ class MemoryKeeper:
                 unload = [name for _, name in idle[:len(resident) - max_loaded + 1]]
                 for name in unload:
                     log.info("replica %s: unloading %s for %s (at most %d loaded)", url, name, model, max_loaded)
-                    await self.save_slots(session, url, name)
-                    await self._post(session, url, "unload", name)
-                await self._until(session, url, lambda states: not set(unload) & states.keys(), deadline)
-            await self._post(session, url, "load", model)
-            await self._until(session, url, lambda states: states.get(model) != "loading", deadline)
-            await self.restore_slots(session, url, model)
+                    await self.save_slots(session, url, name, auth)
+                    await self._post(session, url, "unload", name, auth)
+                await self._until(session, url, lambda states: not set(unload) & states.keys(), deadline, auth)
+            await self._post(session, url, "load", model, auth)
+            await self._until(session, url, lambda states: states.get(model) != "loading", deadline, auth)
+            await self.restore_slots(session, url, model, auth)
 
-    async def save_slots(self, session: aiohttp.ClientSession, url: str, model: str) -> str:
+    async def save_slots(self, session: aiohttp.ClientSession, url: str, model: str, auth: Auth = None) -> str:
         """Every slot of `model` on the replica into its file (`slot_file`); never raises: what was done."""
-        return await self._slots(session, url, model, "save")
+        return await self._slots(session, url, model, "save", auth)
 
-    async def restore_slots(self, session: aiohttp.ClientSession, url: str, model: str) -> str:
+    async def restore_slots(self, session: aiohttp.ClientSession, url: str, model: str, auth: Auth = None) -> str:
         """Every slot of `model` from its file, where there is one; never raises: what was done."""
-        return await self._slots(session, url, model, "restore")
+        return await self._slots(session, url, model, "restore", auth)
 
-    async def _slots(self, session: aiohttp.ClientSession, url: str, model: str, action: str) -> str:
-        count = await self._slot_count(session, url, model)
+    async def _slots(self, session: aiohttp.ClientSession, url: str, model: str, action: str, auth: Auth) -> str:
+        count = await self._slot_count(session, url, model, auth)
         if count is None:
             outcome = f"{model}: no slots {action}d (the replica did not tell its slot count)"
             log.warning("replica %s: %s", url, outcome)
@@ -215,7 +240,7 @@ class MemoryKeeper:
         for slot in range(count):
             try:
                 async with session.post(f"{url}/slots/{slot}?{query}",
-                                        json={"model": model, "filename": slot_file(model, slot)},
+                                        json={"model": model, "filename": slot_file(model, slot)}, headers=auth,
                                         timeout=aiohttp.ClientTimeout(total=SLOT_SECONDS)) as answer:
                     data = await answer.content.read(4096)
                     ok = answer.status == 200
@@ -235,9 +260,9 @@ class MemoryKeeper:
         log.info("replica %s: %s", url, outcome)
         return outcome
 
-    async def _slot_count(self, session: aiohttp.ClientSession, url: str, model: str) -> int | None:
+    async def _slot_count(self, session: aiohttp.ClientSession, url: str, model: str, auth: Auth) -> int | None:
         try:
-            async with session.get(f"{url}/props", params={"model": model, "autoload": "false"},
+            async with session.get(f"{url}/props", params={"model": model, "autoload": "false"}, headers=auth,
                                    timeout=aiohttp.ClientTimeout(total=REQUEST_SECONDS)) as answer:
                 data = await answer.content.read(MAX_MODELS_BYTES + 1)
                 status = answer.status
@@ -266,29 +291,38 @@ class MemoryKeeper:
             residents.append(Resident(name, estimates.get(name, budget), use.last_used, use.in_flight))
         return make_room(residents, budget, model, estimates[model])
 
-    async def _until(self, session: aiohttp.ClientSession, url: str, test: Any, deadline: float) -> None:
-        while not test(await self._resident(session, url)):
+    async def _until(self, session: aiohttp.ClientSession, url: str, test: Any, deadline: float,
+                     auth: Auth = None) -> None:
+        while not test(await self._resident(session, url, auth)):
             if time.monotonic() > deadline:
                 raise RoomError(503, "the replica did not load or unload models in time; retry later")
             await asyncio.sleep(POLL_SECONDS)
 
-    async def _post(self, session: aiohttp.ClientSession, url: str, action: str, model: str) -> None:
+    async def _post(self, session: aiohttp.ClientSession, url: str, action: str, model: str,
+                    auth: Auth = None) -> None:
         try:
-            async with session.post(f"{url}/models/{action}", json={"model": model},
+            async with session.post(f"{url}/models/{action}", json={"model": model}, headers=auth,
                                     timeout=aiohttp.ClientTimeout(total=REQUEST_SECONDS)) as answer:
                 await answer.content.read(4096)
+                status = answer.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise RoomError(503, f"the replica did not answer /models/{action}: {type(exc).__name__}",
                             replica_failed=True) from exc
+        if status == 401:
+            raise _unauthorized(f"/models/{action}")
 
-    async def _resident(self, session: aiohttp.ClientSession, url: str) -> dict[str, str]:
+    async def _resident(self, session: aiohttp.ClientSession, url: str, auth: Auth = None) -> dict[str, str]:
         """The replica's models that hold memory (loaded or loading), with their states."""
         try:
-            async with session.get(f"{url}/models", timeout=aiohttp.ClientTimeout(total=REQUEST_SECONDS)) as answer:
+            async with session.get(f"{url}/models", headers=auth,
+                                   timeout=aiohttp.ClientTimeout(total=REQUEST_SECONDS)) as answer:
                 data = await answer.content.read(MAX_MODELS_BYTES + 1)
+                status = answer.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise RoomError(503, f"the replica did not answer /models: {type(exc).__name__}",
                             replica_failed=True) from exc
+        if status == 401:
+            raise _unauthorized("/models")
         if len(data) > MAX_MODELS_BYTES:
             raise RoomError(503, "the replica's /models answer is larger than 1 MiB", replica_failed=True)
         return resident_states(data)

@@ -147,8 +147,8 @@ def route_from(body: Mapping[str, Any]) -> Route | None:
         parallel=spec.parallel or DEFAULT_PARALLEL,
         memory_budget=memory_budget(server),
         estimates=_estimates(status),
-        # The CRD refuses persist with an API key in router mode: the gateway holds no key to call /slots with.
-        keeps_slots=spec.models is not None and spec.keeps_prompt_cache() and spec.api_key_secret_ref is None,
+        # With an API key the gateway's /slots calls carry the requester's own key (room.py).
+        keeps_slots=spec.models is not None and spec.keeps_prompt_cache(),
         max_loaded=(spec.max_loaded if spec.max_loaded is not None else ROUTER_MAX_LOADED) if spec.models else None,
         # Router mode loads no adapter (the CRD refuses spec.adapters with spec.models).
         adapters=() if spec.models else tuple((a.name, a.scale) for a in spec.adapters or ()),

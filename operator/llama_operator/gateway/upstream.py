@@ -27,7 +27,7 @@ from .answers import openai_error
 from .balancer import HashRing, bounded_load, least_in_flight, prompt_prefix
 from .body import Body
 from .endpoints import EndpointTable
-from .room import MemoryKeeper, RoomError
+from .room import MemoryKeeper, RoomError, auth_headers
 from .routing import Route
 from .scan import Summary
 
@@ -147,8 +147,11 @@ class Upstreams:
                         await self.memory.admit(
                             self._session, url, summary.model, route.memory_budget or 0,
                             dict(route.estimates) if route.memory_budget is not None else {},
-                            slots=route.keeps_slots, max_loaded=route.max_loaded)
+                            slots=route.keeps_slots, max_loaded=route.max_loaded,
+                            auth=auth_headers(request.headers))  # the client's key: the replica's own
                     except RoomError as exc:
+                        if exc.status == 401:  # the key the client sent is not the server's
+                            return openai_error(401, f"LlamaServer {key}: {exc}.", code="invalid_api_key")
                         if exc.replica_failed:  # like a refused connection: another replica, if there is one
                             last_error = str(exc)
                             self._eject(url, last_error)
