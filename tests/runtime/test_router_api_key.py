@@ -7,23 +7,26 @@ Measured on the pinned build: without the key /models, /v1/models, /props, /slot
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 
 from llama_operator.api.v1beta1 import LlamaModel, LlamaServer
 from llama_operator.builders.router import PRESET_PATH, ROUTER_ROOT, build_preset, router_args
 from llama_operator.config import Settings
+from llama_operator.gateway.room import MemoryKeeper, RoomError, auth_headers
 from llama_operator.kube import LLAMA_SERVERS, PODS, SECRETS
 from llama_operator.reconcile.context import Context
 from llama_operator.reconcile.router_status import ModelStatusPoller
 
 from ..conftest import model_body
 from ..fakekube import Events, FakeKube
-from ..llama_bin import on_loopback, serving
+from ..llama_bin import free_port, on_loopback, serving
 from ..tiny_gguf import write_tiny_llama
 from ..watch_cache import watched_over
 
@@ -113,3 +116,57 @@ async def test_a_wrong_or_missing_key_is_said_in_status(router: tuple[str, int])
         await poller.close()
     assert all("Secret default/fleet-key, key 'api-key' (spec.apiKeySecretRef) is missing" in m["message"]
                for m in _models(kube))
+
+
+# ------------------------------------------------ the gateway's own calls: unload+save, load+restore, with the key
+
+PROMPT = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
+SLOT_KEYS = {"a": "0123456789abcdef", "b": "fedcba9876543210"}
+
+
+@pytest.fixture(scope="module")
+def kept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+    """A router with an API key whose models keep their slots (a slot-save-path each, as the preset writes it)."""
+    root = tmp_path_factory.mktemp("router-key-slots")
+    slots = root / "slots"
+    for seed, (name, key) in enumerate(SLOT_KEYS.items()):
+        write_tiny_llama(root / f"{name}.gguf", seed=seed)
+        (slots / key).mkdir(parents=True)
+    (root / "models.ini").write_text("".join(
+        f"[{n}]\nmodel = {root / n}.gguf\nctx-size = 4096\nparallel = 2\nslot-save-path = {slots / key}\n"
+        for n, key in SLOT_KEYS.items()))
+    port = free_port()
+    args = ["--models-preset", str(root / "models.ini"), "--host", "127.0.0.1", "--port", str(port),
+            "--threads", "2", "--models-max", "2", "--api-key", KEY]
+    with serving(args, port, workdir=root, env={"HOME": str(root)}, timeout=30) as (url, _):
+        yield url, slots
+
+
+def _turn(url: str, model: str, prompt: str) -> dict[str, float]:
+    reply = httpx.post(f"{url}/completion", json={"model": model, "prompt": prompt, "n_predict": 4,
+                                                  "temperature": 0, "cache_prompt": True},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return dict(reply.json()["timings"])
+
+
+async def _unload_and_load(url: str, model: str, auth: dict[str, str] | None) -> None:
+    keeper = MemoryKeeper()
+    async with aiohttp.ClientSession() as session:
+        await keeper.unload(session, url, model, slots=True, auth=auth)
+        await keeper.load(session, url, model, None, {}, slots=True, auth=auth)
+
+
+def test_the_gateways_unload_and_load_keep_the_conversation_with_the_requesters_key(kept: tuple[str, Any]) -> None:
+    url, slots = kept
+    _turn(url, "a", PROMPT)
+    with pytest.raises(RoomError) as refused:  # without the key: 401, said as such (not a failed replica)
+        asyncio.run(_unload_and_load(url, "a", None))
+    assert refused.value.status == 401 and not refused.value.replica_failed
+    # The client's own header, as the gateway passes it on (room.auth_headers): X-Api-Key works as well.
+    asyncio.run(_unload_and_load(url, "a", auth_headers({"X-Api-Key": KEY, "Content-Type": "application/json"})))
+    second = _turn(url, "a", PROMPT + " and then the dog sleeps")
+    print(f"with the key: second turn after the gateway's unload+load: cache_n={second['cache_n']} "
+          f"prompt_n={second['prompt_n']}")
+    assert second["cache_n"] >= 500 and second["prompt_n"] < 20, second
+    assert {f.name for f in (slots / SLOT_KEYS["a"]).iterdir()} == {"a-0.slot", "a-1.slot"}
