@@ -130,11 +130,6 @@ SERVER_RULES = (
          "!has(self.adapters) || self.adapters.all(a, self.adapters.filter(o, o.name == a.name).size() == 1)",
          lambda s: len({a.name for a in s.adapters or []}) == len(s.adapters or []),
          "an adapter is listed twice in spec.adapters", field="adapters"),
-    Rule("prompt-cache-models-api-key", f"{_NO_KEPT_CACHE} || !has(self.models) || !has(self.apiKeySecretRef)",
-         lambda s: not _keeps_cache(s) or s.models is None or s.api_key_secret_ref is None,
-         "promptCache.persist in router mode (spec.models) cannot be used with apiKeySecretRef: the gateway saves "
-         "and restores a model's slots when it unloads and loads it, and it holds no API key (llama-server's "
-         "router guards /models and /slots with it)", field="promptCache"),
     Rule("prompt-cache-with-adapters", f"{_NO_KEPT_CACHE} || !has(self.adapters)",
          lambda s: not _keeps_cache(s) or s.adapters is None,
          "promptCache.persist cannot be used with adapters: a saved slot does not record which adapter computed "
