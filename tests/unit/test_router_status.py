@@ -433,3 +433,12 @@ async def test_pods_that_want_a_key_the_spec_does_not_give_are_said_in_status(po
     assert fake.authorizations == [None]
     assert all("pod fleet-0: HTTP 401: the pod wants an API key, and the spec has no apiKeySecretRef" in m["message"]
                for m in _status(kube)["models"])
+
+
+def test_of_several_keys_the_first_is_sent() -> None:
+    """llama-server reads --api-key (LLAMA_API_KEY) as a comma-separated list (common/arg.cpp parse_csv_row)."""
+    assert router_status.first_key("k1") == "k1"
+    assert router_status.first_key("k1,k2") == "k1"
+    assert router_status.first_key(",k2") == "k2"
+    assert router_status.first_key('"a,b",c') == "a,b"
+    assert router_status.first_key(",") == ""

@@ -10,7 +10,8 @@ recently used one is stopped for another): no Kubernetes object changes, so no w
   a `TIMEOUT` (3 s) — over aiohttp, on the event loop, never blocking it. /models answers at once (the router
   keeps the state);
 - llama-server started with an API key (spec.apiKeySecretRef) guards /models with it (only /health is public):
-  the poller reads that key from the server's Secret (`get secrets`, as the reconcile may), keeps it
+  the poller reads that key from the server's Secret (`get secrets`, as the reconcile may; of a comma-separated
+  list, as llama-server reads one, the first), keeps it
   `KEY_CACHE_SECONDS` (60 s: a rotated key is used within a minute, and a poll does not GET the Secret each
   time) and sends `Authorization: Bearer <key>`. The key is never logged nor written anywhere; a Secret or key
   that is missing, or a key the pods refuse (401), is one line in each served model's `message` and the states
@@ -36,6 +37,7 @@ llamaservers/status).
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import logging
 import time
@@ -162,6 +164,14 @@ def _models_by_key(bodies: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str],
     return out
 
 
+def first_key(value: str) -> str:
+    """The first key of an --api-key value (LLAMA_API_KEY), which llama-server reads as a comma-separated list
+    (CSV quoting; empty fields skipped); "" when it holds none."""
+    if "," not in value and '"' not in value:
+        return value
+    return next((field for field in next(csv.reader([value]), []) if field), "")
+
+
 def _url(ip: str, port: int) -> str:
     host = f"[{ip}]" if ":" in ip else ip
     return f"http://{host}:{port}/models"
@@ -286,10 +296,11 @@ class ModelStatusPoller:
             value = Refused(f"the server's API key is not there: {where} is missing")
         except (ValueError, KubeError) as exc:  # not base64/UTF-8; forbidden, unavailable
             value = Refused(f"the server's API key could not be read from {where}: {type(exc).__name__}")
-        if isinstance(value, str) and not isinstance(value, Refused) and (
-                not value or any(c in value for c in "\r\n\0")):
-            value = Refused(f"the server's API key in {where} is empty or holds a line break: no HTTP header "
-                            f"can carry it")
+        if isinstance(value, str) and not isinstance(value, Refused):
+            value = first_key(value) if not any(c in value for c in "\r\n\0") else ""
+            if not value:
+                value = Refused(f"the server's API key in {where} is empty or holds a line break: no HTTP header "
+                                f"can carry it")
         if isinstance(value, Refused):
             log.debug("LlamaServer in %s: %s", namespace, value)
         self._keys[cache_key] = (time.monotonic() + KEY_CACHE_SECONDS, value)
