@@ -1,7 +1,7 @@
 """A model split over two llama.cpp RPC workers (a LlamaServer's spec.distributed) against one process holding
 all of it: time to ready, prompt and generation tokens/s, and how far the answers agree; one table.
 
-    .venv/bin/python benchmarks/distributed.py             # about 2 minutes on 2 cores; --runs K, --json FILE
+    .venv/bin/python benchmarks/distributed.py             # ~75 s on a quiet 2-core machine; --runs K, --json FILE
 
 Each run, on 127.0.0.1, in turned order: (one) llama-server with the whole model (gemma-3-270m Q4_K_M), as a
 one-node server runs; (split) two `ggml-rpc-server` workers, already listening, and a leader llama-server as the
