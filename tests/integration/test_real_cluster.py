@@ -87,7 +87,8 @@ def test_kubectl_get_llama_prints_the_columns_and_explain_works(apiserver: Clust
     model_header = next(line for line in lines if line.startswith("NAME") and "ARCH" in line)
     server_header = next(line for line in lines if line.startswith("NAME") and "ENDPOINT" in line)
     assert model_header.split() == ["NAME", "PHASE", "ARCH", "QUANT", "SIZE", "AGE"]
-    assert server_header.split() == ["NAME", "MODEL", "PHASE", "READY", "DOWNLOAD", "LOADED", "ENDPOINT", "AGE"]
+    assert server_header.split() == ["NAME", "MODEL", "PHASE", "READY", "DOWNLOAD", "LOADED", "WORKERS", "ENDPOINT",
+                                     "AGE"]
     model_row = next(line for line in lines if line.startswith("llamamodel.llamacpp.dev/qwen"))
     assert model_row.split()[1:3] == ["Ready", "llama"]
     server_row = next(line for line in lines if line.startswith("llamaserver.llamacpp.dev/chat"))

@@ -173,3 +173,13 @@ def test_a_second_sandbox_on_the_same_state_directory_is_refused(tmp_path: Path)
         lock_state_dir(tmp_path)
     held.close()  # the first one stopped: the directory is free again
     lock_state_dir(tmp_path).close()
+
+
+def test_values_an_earlier_chart_does_not_know_are_left_out(tmp_path: Path) -> None:
+    from llama_operator.sandbox.helm import known_values
+
+    (tmp_path / "values.schema.json").write_text('{"properties": {"image": {}, "llamaServerImages": {}}}')
+    values = {"image": {"tag": "dev"}, "llamaServerImages": {"cpu": "x"}, "rpcImages": {"cpu": "x"}}
+    assert known_values(tmp_path, values) == ({"image": {"tag": "dev"}, "llamaServerImages": {"cpu": "x"}},
+                                              ["rpcImages"])
+    assert known_values(tmp_path / "missing", values) == (values, [])  # no schema: everything goes to helm

@@ -41,7 +41,17 @@ from ..controlplane import BinariesMissing, ControlPlane, ControlPlaneBinaries, 
 from ..nodes.kit import KitMissing
 from ..nodes.processes import NodesError
 from .client import Api, ApiError, Informer, client_ssl_context, resource_path
-from .helm import EGRESS_GUARD_ENV, NAMESPACE, RELEASE, HelmError, find_chart, find_helm, install, values_from_env
+from .helm import (
+    EGRESS_GUARD_ENV,
+    NAMESPACE,
+    RELEASE,
+    HelmError,
+    find_chart,
+    find_helm,
+    install,
+    known_values,
+    values_from_env,
+)
 from .processes import ExecutableMissing, operator_executable, spawn, terminate
 from .proxy import ServiceProxies
 from .real_nodes import RealNodeSet
@@ -202,6 +212,9 @@ class Sandbox:
         values.update(node_values)  # the images the nodes pull
         if self.gateway:  # the gateway hook (docs/gateway.md)
             values["gateway"] = {"enabled": True}
+        values, unknown = known_values(chart, values)
+        if unknown:
+            say(f"The chart {chart} does not know the values {', '.join(unknown)}: left out")
         output = await install(helm, chart, admin_kubeconfig, values, self.state_dir / "values.yaml")
         first = next((line for line in output.splitlines() if line.startswith("NAME:")), "")
         say(f"Operator: helm install {RELEASE} {chart} --namespace {NAMESPACE} ({first.strip() or 'installed'})")

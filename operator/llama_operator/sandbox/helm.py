@@ -10,6 +10,7 @@ the fetcher image) are left to the chart.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -78,6 +79,17 @@ def find_chart(explicit: str | None = None) -> Path:
         raise HelmError(f"no Helm chart at {chart}: run the sandbox from a checkout of the repository, or give "
                         "--chart DIR (charts/llama-operator), or use --operator local")
     return chart
+
+
+def known_values(chart: Path, values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`values` without the top-level keys an earlier release's chart does not know (its strict values.schema.json
+    refuses them: `--chart` of 0.1.0 has no rpcImages), and the keys left out."""
+    schema_file = chart / "values.schema.json"
+    try:
+        known = set(json.loads(schema_file.read_text())["properties"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return dict(values), []
+    return {k: v for k, v in values.items() if k in known}, sorted(k for k in values if k not in known)
 
 
 def values_from_env(env: Mapping[str, str]) -> dict[str, Any]:
