@@ -20,6 +20,7 @@ from llama_operator.reconcile.watched import (
     ROUTERS,
     SERVER_KEYS,
     SERVER_PODS,
+    WORKER_PODS,
     Watched,
 )
 from tests.fakekube import FakeKube
@@ -45,6 +46,7 @@ HANDLERS: dict[str, tuple[tuple[str, ...], Callable[..., Mapping[Any, Any]], Cal
     READY_PODS: (("pods",), indexes.llama_ready_pods, _serves),
     OWNED: (("deployments", "services"), indexes.llama_owned_objects, _owned),
     SERVER_PODS: (("pods",), indexes.llama_server_pods, _serves),
+    WORKER_PODS: (("pods",), indexes.llama_worker_pods, _serves),
 }
 """Each index: the kinds kopf watches for it, its handler, and the handler's label filter."""
 

@@ -188,3 +188,16 @@ def test_an_index_entry_is_small() -> None:
     """What one LlamaServer costs in the key index, the sizes the docs' memory-per-server figure rests on."""
     entry = indexes.llama_server_keys(namespace="default", name="server-0001", memo={})
     assert sum(sys.getsizeof(x) for x in (*entry, *entry.values())) < 200
+
+
+def test_the_worker_index_holds_a_split_servers_rpc_workers_only() -> None:
+    kube = FakeKube()
+    worker = _pod("fleet-workers-0", "fleet", ready=True)
+    worker["metadata"]["labels"]["app.kubernetes.io/name"] = "llama-rpc-worker"
+    worker["spec"] = {"nodeName": "node-a", "containers": [{"name": "rpc-worker"}]}
+    kube.put(PODS, worker)
+    kube.put(PODS, _pod("fleet-leader", "fleet", ready=True))  # the leader: the server's pods, not a worker
+    watched = watched_over(kube)
+    assert [p["metadata"]["name"] for p in watched.worker_pods("default", "fleet")] == ["fleet-workers-0"]
+    assert watched.worker_pods("default", "fleet")[0]["spec"]["nodeName"] == "node-a"
+    assert [p["metadata"]["name"] for p in watched.server_pods("default", "fleet")] == ["fleet-leader"]

@@ -11,6 +11,7 @@ to the Runtime's `Watched` (`_attach`), which the resync and the poller share th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -105,15 +106,22 @@ def llama_owned_objects(namespace: str, name: str, body: kopf.Body, resource: ko
     return {(resource.plural, namespace, name): owned_view(body)}
 
 
+def _pod_of(selector: Callable[[str], dict[str, str]], namespace: str, labels: kopf.Labels,
+            body: kopf.Body) -> dict[tuple[str, str], dict[str, Any]]:
+    """The pod under its server's key when `selector(server)` selects it (a server's pods: its llama-server pods,
+    or its RPC workers), else nothing."""
+    server = labels[SERVER_LABEL]
+    if any(labels.get(key) != value for key, value in selector(server).items()):
+        return {}
+    return {(namespace, server): pod_view(body)}
+
+
 @kopf.index("", "v1", "pods", labels={SERVER_LABEL: kopf.PRESENT}, id=SERVER_PODS)
 def llama_server_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo,
                       **kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
     """Every pod a server's Deployment selects, as its status reads them (watched.pod_view)."""
     _attach(memo, kwargs)
-    server = labels[SERVER_LABEL]
-    if any(labels.get(key) != value for key, value in selector_labels(server).items()):
-        return {}
-    return {(namespace, server): pod_view(body)}
+    return _pod_of(selector_labels, namespace, labels, body)
 
 
 @kopf.index("", "v1", "pods", labels={SERVER_LABEL: kopf.PRESENT}, id=WORKER_PODS)
@@ -121,7 +129,4 @@ def llama_worker_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, memo
                       **kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
     """Every RPC worker pod of a distributed server, as its status reads them (watched.pod_view)."""
     _attach(memo, kwargs)
-    server = labels[SERVER_LABEL]
-    if any(labels.get(key) != value for key, value in worker_selector(server).items()):
-        return {}
-    return {(namespace, server): pod_view(body)}
+    return _pod_of(worker_selector, namespace, labels, body)
