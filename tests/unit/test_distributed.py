@@ -155,6 +155,10 @@ async def test_status_waits_for_the_workers_then_starts_the_leader() -> None:
     assert [w.layers for w in status.distributed.workers] == [
         int(part) for part in (status.distributed.tensor_split or "").split(",")]
     assert all(w.node == "node-a" and w.ready for w in status.distributed.workers)
+    fits = next(c for c in status.conditions or [] if c.type == "Fits")
+    assert fits.status == "True" and fits.message.startswith("leader: estimated host memory"), fits.message
+    assert f"25 layer slots over 2 workers of 2Gi (--tensor-split {status.distributed.tensor_split}): " \
+        in fits.message, fits.message
 
 
 def test_a_split_scaled_to_zero_stops_its_workers_and_its_leader() -> None:

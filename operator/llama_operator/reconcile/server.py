@@ -46,7 +46,7 @@ from .fits import fits_condition, fits_event, gpu_nodes, memory_status, oom_cond
 from .network import remove_disruption_budget, remove_inference_pool, remove_network_policy
 from .server_status import FleetStatus, fleet_status
 from .trust import record_first_use
-from .workers import distributed_status, identity, observe_workers, waiting_message
+from .workers import distributed_status, identity, observe_workers, placement_note, waiting_message
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,9 @@ async def _reconcile(observed: Observed, ctx: Context) -> Outcome:
     fits = fits_condition(plan.server or server, plan.estimate, served.status.gguf if served else None, **nodes,
                           context_auto=plan.context_auto, generation=generation,
                           estimates=served_estimates(server, models) if server.spec.models is not None else None)
+    if plan.placement is not None:  # the estimate is the leader's: say where the layers went
+        fits = fits.model_copy(update={"message": "; ".join(filter(None, [
+            f"leader: {fits.message}" if fits.message else "", placement_note(plan.placement, server)]))})
     chat = chat_template_condition(chat_models(server, models), generation=generation)
     memory = memory_status(plan.estimate) if plan.estimate is not None else None
     reported = [model_ok, args_ok, fits, chat]

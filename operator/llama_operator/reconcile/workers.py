@@ -121,3 +121,13 @@ def distributed_status(server: LlamaServer, placement: Placement | None,
         workers=entries, ready_workers=f"{sum(w.running for w in workers)}/{len(workers)}",
         gpu_layers=placement.gpu_layers if placement is not None else None,
         tensor_split=placement.tensor_split() if placement is not None else None)
+
+
+def placement_note(placement: Placement, server: LlamaServer) -> str:
+    """The workers' part of the Fits message: where the layers went and what each worker then holds."""
+    spec = server.spec.distributed
+    assert spec is not None
+    memory = spec.gpu.memory if spec.gpu is not None else spec.memory
+    held = ", ".join(request_quantity(worker.total) for worker in placement.workers)
+    return (f"{placement.gpu_layers} layer slots over {len(placement.workers)} workers of {memory} "
+            f"(--tensor-split {placement.tensor_split()}): {held}")
