@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.diskspace import drop_node_images
+
 # The e2e tests import the harness's names from here (custom_object, SandboxProcess, tree_processes, wait_for).
 from tests.e2e.harness import (  # noqa: F401
     SandboxProcess,
@@ -62,6 +64,8 @@ def _sandboxes(root: Path, sandbox_env: dict[str, str]) -> Iterator[Callable[...
             sandbox.stop()
         if sandbox.proc.poll() is None:
             os.killpg(sandbox.proc.pid, signal.SIGKILL)
+        elif not tree_processes(str(sandbox.state_dir)):
+            drop_node_images(sandbox.state_dir)
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ import pytest
 from llama_operator.controlplane import ControlPlane, find_binaries
 from llama_operator.nodes import NodeKit, RealNodes, find_kit
 from llama_operator.nodes.host import MOUNT_POINTS, cgroup_hierarchies, chains, ipsets, read_sysctls
+from tests.diskspace import drop_node_images
 from tests.tiers import CONTROL_PLANE, IMAGES, NODE_KIT, mark_tier, require
 
 
@@ -120,6 +121,7 @@ def real_cluster(host_before: HostSnapshot, tmp_path_factory: pytest.TempPathFac
     finally:
         nodes.stop()
         control_plane.stop()
+    drop_node_images(state)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import struct
 from pathlib import Path
@@ -183,3 +184,23 @@ def test_values_an_earlier_chart_does_not_know_are_left_out(tmp_path: Path) -> N
     assert known_values(tmp_path, values) == ({"image": {"tag": "dev"}, "llamaServerImages": {"cpu": "x"}},
                                               ["rpcImages"])
     assert known_values(tmp_path / "missing", values) == (values, [])  # no schema: everything goes to helm
+
+
+def test_a_disk_the_nodes_would_fill_is_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llama_operator.nodes import cluster
+
+    real = shutil.disk_usage
+
+    def usage(free: int) -> None:
+        monkeypatch.setattr(cluster.shutil, "disk_usage", lambda path: real(path)._replace(free=free))
+
+    usage(1 << 30)
+    with pytest.raises(NodesError, match=rf"^the disk holding {tmp_path}/nodes has 1.0 GiB free; the nodes need "
+                                         r"2.0 GiB for their images: free some space or pass another state directory$"):
+        cluster.check_disk(tmp_path / "nodes", ["node-a", "node-b"])  # the directory need not exist yet
+    (tmp_path / "nodes" / "node-a" / "containerd").mkdir(parents=True)  # a warm start: node-a has its images
+    cluster.check_disk(tmp_path / "nodes", ["node-a"])
+    with pytest.raises(NodesError, match="need 1.2 GiB"):
+        cluster.check_disk(tmp_path / "nodes", ["node-a", "node-b"])
+    usage(3 << 30)
+    cluster.check_disk(tmp_path / "nodes", ["node-a", "node-b"])

@@ -14,6 +14,7 @@ containerd, its mount namespace; the registry; then the host) and is safe after 
 
 from __future__ import annotations
 
+import shutil
 import string
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,25 @@ from .kubelet import Issuer
 from .node import Node
 from .processes import NodesError, Process
 from .registry import Registry
+
+# What a start writes to the state directory's disk, measured: each node's containerd unpacks the images (~650 MiB
+# for the product's five), the registry holds them once (~130 MiB); the kubelets' eviction threshold (256Mi,
+# kubelet.py) must stay free on top, or they taint their nodes DiskPressure and no pod schedules.
+DISK_PER_NODE = 768 << 20
+DISK_BASE = 512 << 20
+
+
+def check_disk(state_dir: Path, names: list[str]) -> None:
+    """Refuse to start on a disk the nodes would fill, in one line (not a DiskPressure taint minutes later). A node
+    whose containerd directory is there from an earlier start has its images already."""
+    existing = next((p for p in (state_dir, *state_dir.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(existing).free
+    fresh = sum(not (state_dir / name / "containerd").is_dir() for name in names)
+    needed = DISK_BASE + DISK_PER_NODE * fresh
+    if free < needed:
+        raise NodesError(f"the disk holding {state_dir} has {free / 2**30:.1f} GiB free; the nodes need "
+                         f"{needed / 2**30:.1f} GiB for their images: free some space or pass another state "
+                         "directory")
 
 
 class ClusterLike(Issuer, ControlPlaneLike, Protocol):
@@ -71,6 +91,7 @@ class RealNodes:
     def start(self, cluster: ClusterLike, timeout: float = 60.0) -> RealNodes:
         if self.images_dir is None:
             raise NodesError("RealNodes needs images_dir (scripts/build-images.sh's directory) to start")
+        check_disk(self.state_dir, self.node_names)
         begin = time.monotonic()
         try:
             self._start_registry()
