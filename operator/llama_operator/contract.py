@@ -8,6 +8,7 @@ formats: no I/O, no imports from the package.
 
 from __future__ import annotations
 
+import csv
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -118,6 +119,17 @@ from the model's trust ConfigMap, optional: absent until the first download is r
 TRUST_CONFIGMAP_KEY = "sha256sum"
 TERMINATION_LOG_ENV = "LLAMA_FETCH_TERMINATION_LOG"
 API_KEY_ENV = "LLAMA_API_KEY"
+"""The server's `--api-key` value, from `apiKeySecretRef`: llama-server reads it as a comma-separated list of keys;
+a call of our own sends the first (`first_key`)."""
+
+
+def first_key(value: str) -> str:
+    """The first key of an --api-key value (LLAMA_API_KEY), which llama-server reads as a comma-separated list
+    (CSV quoting; empty fields skipped); "" when it holds none."""
+    if "," not in value and '"' not in value:
+        return value
+    return next((field for field in next(csv.reader([value]), []) if field), "")
+
 
 # ---------------------------------------------------------------------------------------------- exit codes
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import API_KEY_ENV, SLOT_FILE_SUFFIX, router_slot_file
+from .contract import API_KEY_ENV, SLOT_FILE_SUFFIX, first_key, router_slot_file
 
 log = logging.getLogger("llama_operator.drain")
 
@@ -40,8 +40,9 @@ _NAME = re.compile(r"^(?P<key>[0-9a-f]{16})-(?P<ms>[0-9]{1,15})-(?P<pod>[a-z0-9-
 
 def authorization() -> dict[str, str]:
     """The header that carries the server's API key (the pod gives the sidecar its Secret, spec.apiKeySecretRef):
-    llama-server guards /metrics, /props and /slots with it. Empty without a key."""
-    key = os.environ.get(API_KEY_ENV)
+    llama-server guards /metrics, /props and /slots with it. Empty without a key. The Secret may hold several
+    keys, comma-separated, as llama-server's --api-key takes them: one of them goes in the header."""
+    key = first_key(os.environ.get(API_KEY_ENV, ""))
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 

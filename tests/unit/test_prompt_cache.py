@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from llama_operator import slotstore
 from llama_operator.api.v1beta1 import LlamaModel
 from llama_operator.builders.plan import PlanProblem, ServerPlan, plan_server
 from llama_operator.builders.prompt_cache import model_key
@@ -336,3 +337,14 @@ def test_the_claim_needs_room_for_the_kept_caches_beside_the_model() -> None:
                             "the model's files): set its cache.size to at least 5Gi, or a smaller maxSize")
     derived = resolved_model(spec=PVC, status={"sha256": SHA, "size": 3 << 30, "files": [{"name": "q.gguf"}]})
     assert isinstance(plan_server(server(promptCache={"persist": True}), {"qwen": derived}, Settings()), ServerPlan)
+
+
+def test_the_sidecar_sends_one_key_of_several(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Secret may hold several keys, comma-separated, as llama-server's --api-key reads them: the whole list in
+    one header would be refused 401 and the slots never saved."""
+    monkeypatch.setenv("LLAMA_API_KEY", "first,second")
+    assert slotstore.authorization() == {"Authorization": "Bearer first"}
+    monkeypatch.setenv("LLAMA_API_KEY", "only")
+    assert slotstore.authorization() == {"Authorization": "Bearer only"}
+    monkeypatch.delenv("LLAMA_API_KEY")
+    assert slotstore.authorization() == {}

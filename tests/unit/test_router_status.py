@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from llama_operator.config import Settings
+from llama_operator.contract import first_key
 from llama_operator.fit import model_info
 from llama_operator.gguf import FileByteSource, read_header
 from llama_operator.kube import CONFIG_MAPS, DEPLOYMENTS, LLAMA_MODELS, LLAMA_SERVERS, PODS, SECRETS, SERVICES
@@ -437,8 +438,8 @@ async def test_pods_that_want_a_key_the_spec_does_not_give_are_said_in_status(po
 
 def test_of_several_keys_the_first_is_sent() -> None:
     """llama-server reads --api-key (LLAMA_API_KEY) as a comma-separated list (common/arg.cpp parse_csv_row)."""
-    assert router_status.first_key("k1") == "k1"
-    assert router_status.first_key("k1,k2") == "k1"
-    assert router_status.first_key(",k2") == "k2"
-    assert router_status.first_key('"a,b",c') == "a,b"
-    assert router_status.first_key(",") == ""
+    assert first_key("k1") == "k1"
+    assert first_key("k1,k2") == "k1"
+    assert first_key(",k2") == "k2"
+    assert first_key('"a,b",c') == "a,b"
+    assert first_key(",") == ""

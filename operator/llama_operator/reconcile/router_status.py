@@ -37,7 +37,6 @@ llamaservers/status).
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
 import logging
 import time
@@ -50,6 +49,7 @@ from pydantic import ValidationError
 from ..api.v1beta1 import LlamaModel, LlamaServer, SecretKeyRef, ServedModelStatus
 from ..builders.router_memory import budget_used, quantity, served_estimates
 from ..clock import now_rfc3339
+from ..contract import first_key
 from ..flags.render import SERVER_PORT
 from ..kube import LLAMA_SERVERS, KubeError, NotFound
 from .context import Context
@@ -162,14 +162,6 @@ def _models_by_key(bodies: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str],
             continue
         out[(model.metadata.namespace or "", model.metadata.name)] = model
     return out
-
-
-def first_key(value: str) -> str:
-    """The first key of an --api-key value (LLAMA_API_KEY), which llama-server reads as a comma-separated list
-    (CSV quoting; empty fields skipped); "" when it holds none."""
-    if "," not in value and '"' not in value:
-        return value
-    return next((field for field in next(csv.reader([value]), []) if field), "")
 
 
 def _url(ip: str, port: int) -> str:
