@@ -15,7 +15,7 @@ import pytest
 
 from llama_operator.api.v1beta1 import GgufInfo, LlamaServerSpec, ModelMemoryShape
 from llama_operator.fit import FitSettings, estimate, estimate_server, model_info, settings_from_spec, table
-from llama_operator.fit.estimate import GiB, MiB, kv_bytes, pad
+from llama_operator.fit.estimate import GiB, MiB, _output_device, kv_bytes, pad
 from llama_operator.fit.shape import memory_shape
 from llama_operator.gguf import FileByteSource, read_header
 from llama_operator.llamacpp.ggml import GGML_BLOCK_SIZES, TensorSummary
@@ -289,10 +289,20 @@ def test_tied_output_is_duplicated_on_the_gpu() -> None:
 def test_tensor_split_shares_layers_and_kv() -> None:
     fit = estimate(DENSE, FitSettings(context_size=8192, gpu_count=2, tensor_split=[3, 1]))
     first, second = fit.gpus
-    assert first.weights - DENSE.output_weight_bytes == pytest.approx(3 * second.weights, rel=1e-6)
+    # The output head is llama.cpp's last slot: on the last GPU (tests/runtime/test_rpc.py reads the placement log).
+    assert second.weights - DENSE.output_weight_bytes == pytest.approx(first.weights / 3, rel=1e-6)
     assert first.kv_cache == pytest.approx(3 * second.kv_cache, rel=1e-6)
     none = estimate(DENSE, FitSettings(context_size=8192, gpu_count=2, split_mode="none"))
     assert none.gpus[1].total == 0
+    assert none.gpus[0].weights == fit.gpus[0].weights + fit.gpus[1].weights
+
+
+def test_the_output_head_goes_where_llama_cpp_puts_its_slot() -> None:
+    """Slot n_layer of n_layer+1 goes to the first device whose cumulative share passes n_layer/(n_layer+1)."""
+    assert _output_device([0.5, 0.5], 32) == 1
+    assert _output_device([1.0, 0.0], 32) == 0
+    assert _output_device([0.98, 0.02], 32) == 0  # under one slot of 33: the head stays on the first
+    assert _output_device([0.25, 0.25, 0.25, 0.25], 32) == 3
 
 
 # ------------------------------------------------------------------------------------------------ from a spec

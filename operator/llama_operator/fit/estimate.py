@@ -182,6 +182,19 @@ def _gpu_shares(settings: FitSettings) -> list[float]:
     return [s / total for s in split]
 
 
+def _output_device(shares: list[float], layers: int) -> int:
+    """The GPU llama.cpp puts the output head on once every block is offloaded: it is slot n_layer of n_layer+1,
+    and a slot goes to the first device whose cumulative share passes its fraction (llama_model::load_tensors'
+    upper_bound over the splits): the last device with a share, unless that share is under one slot."""
+    fraction = layers / (layers + 1)
+    cumulative = 0.0
+    for index, share in enumerate(shares):
+        cumulative += share
+        if cumulative > fraction:
+            return index
+    return len(shares) - 1
+
+
 def compute_bytes(shape: ModelMemoryShape, *, tokens: int, kv_cells: int, swa_cells: int, outputs: int,
                   flash_attention: bool) -> int:
     """The graph allocator's buffer for one worst-case batch of `tokens` (f32 activations).
@@ -288,7 +301,7 @@ def estimate(shape: ModelMemoryShape, settings: FitSettings, *, trained_context:
                 gpu.overhead = GPU_CONTEXT_OVERHEAD
             devices.append(gpu)
         if output_on_gpu:
-            devices[1].weights += output_weights
+            devices[1 + _output_device(_gpu_shares(settings), shape.layers)].weights += output_weights
         if settings.split_mode == "row":
             notes.append("splitMode row: KV cache and compute buffers are estimated as with layer split")
         if settings.gpu_layers == "auto":
