@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from tests.tiers import LLAMA_SERVER, in_ci, require
+from tests.waiting import wait_for
 
 
 def llama_server_bin() -> str:
@@ -77,3 +79,37 @@ def serving(args: Sequence[str], port: int, *, workdir: Path, env: Mapping[str, 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def drain_sidecar(url: str, slots: Path, workdir: Path, *, hostname: str, slot_key: str = "",
+                  model_keys: Sequence[str] = (), timeout: float = 30.0) -> Iterator[str]:
+    """`llama-operator drain` beside the llama-server at `url`, keeping slots under `slots`: one server's
+    (`slot_key`) or a router's, a directory per model key (`model_keys`). Yields its base URL once its readiness
+    path is 200 (after its restore); stopped on exit."""
+    from llama_operator.contract import DRAIN_READY_PATH
+
+    port = free_port()
+    log_path = workdir / f"drain-{port}.log"
+    which = ["--model-keys", ",".join(model_keys)] if model_keys else ["--slot-key", slot_key]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_operator.cli", "drain", "--port", str(port), "--server", url,
+             "--budget-seconds", "30", "--min-wait", "0", "--poll", "0.2", "--slots-dir", str(slots), *which,
+             "--slots-max-bytes", str(64 << 20)],
+            stdout=log, stderr=subprocess.STDOUT, env={"HOSTNAME": hostname, "PATH": "/usr/bin:/bin"})
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            return httpx.get(f"{base}{DRAIN_READY_PATH}", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, timeout=timeout, interval=0.1, message=f"the drain sidecar's readiness ({log_path})")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -5,21 +5,18 @@ restore it pays the whole prefill. Another model's files are never restored."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from llama_operator.api.v1beta1 import LlamaServerSpec
-from llama_operator.contract import DRAIN_PATH, DRAIN_READY_PATH, SLOT_FILE_SUFFIX
+from llama_operator.contract import DRAIN_PATH, SLOT_FILE_SUFFIX
 from llama_operator.flags.render import render_args
 
-from ..llama_bin import free_port, on_loopback, serving
+from ..llama_bin import drain_sidecar, on_loopback, serving
 from ..tiny_gguf import write_tiny_llama
 
 KEY = "0123456789abcdef"
@@ -42,31 +39,8 @@ def _server(model: Path, slots: Path, workdir: Path) -> Iterator[str]:
         yield url
 
 
-@contextmanager
-def _sidecar(url: str, slots: Path, workdir: Path, key: str = KEY) -> Iterator[str]:
-    port = free_port()
-    log = (workdir / f"drain-{port}.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_operator.cli", "drain", "--port", str(port), "--server", url,
-         "--budget-seconds", "30", "--min-wait", "0", "--poll", "0.2", "--slots-dir", str(slots),
-         "--slot-key", key, "--slots-max-bytes", str(64 << 20)],
-        stdout=log, stderr=subprocess.STDOUT, env={"HOSTNAME": "tiny-7d9f-abcde", "PATH": "/usr/bin:/bin"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}{DRAIN_READY_PATH}", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (workdir / f"drain-{port}.log").read_text()
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
+def _sidecar(url: str, slots: Path, workdir: Path, key: str = KEY) -> AbstractContextManager[str]:
+    return drain_sidecar(url, slots, workdir, hostname="tiny-7d9f-abcde", slot_key=key)
 
 
 def _turn(url: str, prompt: str) -> dict[str, float]:

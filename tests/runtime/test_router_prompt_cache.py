@@ -10,23 +10,20 @@ them. Files never cross models: each model saves into and restores from its own 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import aiohttp
 import httpx
 import pytest
 
-from llama_operator.contract import DRAIN_PATH, DRAIN_READY_PATH
+from llama_operator.contract import DRAIN_PATH
 from llama_operator.gateway.app import GatewayConfig
 from llama_operator.gateway.room import MemoryKeeper
 
 from ..gateway_thread import gateway_in_thread
-from ..llama_bin import free_port, serving
+from ..llama_bin import drain_sidecar, free_port, serving
 from ..tiny_gguf import write_tiny_llama
 
 PROMPT = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
@@ -100,31 +97,8 @@ def test_a_restore_never_crosses_models(shelf: Path, tmp_path: Path) -> None:
     assert {f.name for f in (slots / KEYS["b"]).iterdir()} <= {"b-0.slot", "b-1.slot"}
 
 
-@contextmanager
-def _sidecar(url: str, slots: Path, workdir: Path) -> Iterator[str]:
-    port = free_port()
-    log = (workdir / f"drain-{port}.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_operator.cli", "drain", "--port", str(port), "--server", url,
-         "--budget-seconds", "30", "--min-wait", "0", "--poll", "0.2", "--slots-dir", str(slots),
-         "--model-keys", ",".join(KEYS.values()), "--slots-max-bytes", str(64 << 20)],
-        stdout=log, stderr=subprocess.STDOUT, env={"HOSTNAME": "fleet-7d9f-abcde", "PATH": "/usr/bin:/bin"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}{DRAIN_READY_PATH}", timeout=2).status_code == 200:  # at once: no restore
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (workdir / f"drain-{port}.log").read_text()
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
+def _sidecar(url: str, slots: Path, workdir: Path) -> AbstractContextManager[str]:
+    return drain_sidecar(url, slots, workdir, hostname="fleet-7d9f-abcde", model_keys=list(KEYS.values()))
 
 
 async def _load(url: str, model: str) -> None:
