@@ -3,7 +3,7 @@
 test_router_api_key.py). The gateway holds no key: its own calls made for a request (the load before it, the
 memory budget's evictions, the kept prompt caches' save and restore) carry the client's Authorization or
 X-Api-Key, and the admin API's load and unload the key its caller gives in X-Upstream-Authorization. Against fake
-router replicas that want a key (tests/unit/test_gateway_slots.py's, behind a key check)."""
+router replicas that want a key (tests/fake_router.py's, behind a key check)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from aiohttp import web
 
 from llama_operator.gateway.models_admin import UPSTREAM_AUTHORIZATION
 from llama_operator.gateway.room import MemoryKeeper, RoomError, auth_headers
+from tests.fake_router import SlotRouter, serve
 from tests.unit.test_gateway_models_admin import HEADERS, TOKEN, _gateway
-from tests.unit.test_gateway_slots import SlotRouter
 from tests.unit.test_router_budget import ESTIMATES, MiB
 
 KEY = "server-key"
@@ -43,17 +43,8 @@ class KeyedRouter(SlotRouter):
 @pytest.fixture
 async def replica() -> AsyncIterator[tuple[KeyedRouter, str]]:
     fake = KeyedRouter({"a"})
-    app = web.Application(middlewares=[fake.check])
-    app.router.add_get("/models", fake.models)
-    app.router.add_get("/props", fake.props)
-    app.router.add_post("/models/{action}", fake.action)
-    app.router.add_post("/slots/{slot}", fake.slots)
-    app.router.add_post("/v1/chat/completions", fake.chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield fake, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    runner, url = await serve(fake, middlewares=[fake.check])
+    yield fake, url
     await runner.cleanup()
 
 

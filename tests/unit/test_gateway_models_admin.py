@@ -13,7 +13,8 @@ import pytest
 
 from llama_operator.gateway.app import Gateway, GatewayConfig
 from llama_operator.gateway.models_admin import read_token
-from tests.unit.test_router_budget import ESTIMATES, FakeRouter, MiB, _fake_router
+from tests.fake_router import FakeRouter, serve
+from tests.unit.test_router_budget import ESTIMATES, MiB
 
 TOKEN = b"s3cret-admin-token"
 HEADERS = {"Authorization": f"Bearer {TOKEN.decode()}"}
@@ -41,7 +42,7 @@ async def _gateway(token: bytes | None, urls: list[str], budget: str | None = No
 @pytest.fixture
 async def replicas() -> AsyncIterator[tuple[list[FakeRouter], list[str]]]:
     fakes = [FakeRouter({"a"}), FakeRouter({"a", "b"})]
-    started = [await _fake_router(fake) for fake in fakes]
+    started = [await serve(fake) for fake in fakes]
     yield fakes, [url for _, url in started]
     for runner, _ in started:
         await runner.cleanup()
@@ -128,7 +129,7 @@ async def test_a_busy_model_is_not_unloaded(replicas: tuple[list[FakeRouter], li
 
 async def test_a_replica_that_does_not_answer_is_a_502_naming_no_address() -> None:
     fake = FakeRouter({"a"})
-    runner, url = await _fake_router(fake)
+    runner, url = await serve(fake)
     await runner.cleanup()  # gone: connections are refused
     gateway, admin = await _gateway(TOKEN, [url])
     try:

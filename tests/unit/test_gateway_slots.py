@@ -12,60 +12,18 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from llama_operator.gateway.room import MemoryKeeper, slot_file
 from llama_operator.gateway.routing import route_from
+from tests.fake_router import SlotRouter, serve
 from tests.unit.test_gateway_models_admin import HEADERS, TOKEN, _gateway
-from tests.unit.test_router_budget import ESTIMATES, FakeRouter, MiB
-
-
-class SlotRouter(FakeRouter):
-    """The fake router with llama-server's slot API on it: two slots per model; a file exists once saved."""
-
-    def __init__(self, loaded: set[str]) -> None:
-        super().__init__(loaded)
-        self.files: set[str] = set()
-        self.queries: list[str] = []
-
-    async def props(self, request: web.Request) -> web.Response:
-        if request.query.get("model") not in self.loaded:
-            return web.json_response({"error": {"message": "model is not loaded"}}, status=400)
-        return web.json_response({"total_slots": 2})
-
-    async def slots(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        action, slot, model = request.query["action"], request.match_info["slot"], body["model"]
-        self.queries.append(request.query_string)
-        self.calls.append(f"{action} {model} {slot}")
-        if model not in self.loaded:
-            return web.json_response({"error": {"message": "model is not loaded"}}, status=400)
-        if action == "save":
-            self.files.add(body["filename"])
-            return web.json_response({"n_saved": 100})
-        if body["filename"] not in self.files:
-            return web.json_response({"error": {"message": "failed to open file"}}, status=400)
-        return web.json_response({"n_restored": 100})
-
-
-async def _serve(fake: SlotRouter) -> tuple[web.AppRunner, str]:
-    app = web.Application()
-    app.router.add_get("/models", fake.models)
-    app.router.add_get("/props", fake.props)
-    app.router.add_post("/models/{action}", fake.action)
-    app.router.add_post("/slots/{slot}", fake.slots)
-    app.router.add_post("/v1/chat/completions", fake.chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+from tests.unit.test_router_budget import ESTIMATES, MiB
 
 
 @pytest.fixture
 async def replica() -> AsyncIterator[tuple[SlotRouter, str]]:
     fake = SlotRouter({"a"})
-    runner, url = await _serve(fake)
+    runner, url = await serve(fake)
     yield fake, url
     await runner.cleanup()
 

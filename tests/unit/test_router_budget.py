@@ -30,6 +30,7 @@ from llama_operator.reconcile.context import Context
 from llama_operator.reconcile.fits import fits_condition
 from llama_operator.reconcile.server import reconcile_server
 from tests.conftest import model_body
+from tests.fake_router import FakeRouter, serve
 from tests.fakekube import Events, FakeKube
 from tests.tiny_gguf import write_tiny_llama
 
@@ -136,40 +137,6 @@ def test_the_route_reads_the_budget_and_the_estimates_and_drops_what_does_not_pa
 # ------------------------------------------------------------------ the I/O on a replica (gateway/room.py)
 
 
-class FakeRouter:
-    """llama-server's router endpoints: /models with states, /models/load and /models/unload (instant), and a
-    chat completion that echoes the model."""
-
-    def __init__(self, loaded: set[str]) -> None:
-        self.loaded = set(loaded)
-        self.calls: list[str] = []
-
-    async def models(self, request: web.Request) -> web.Response:
-        data = [{"id": n, "status": {"value": "loaded" if n in self.loaded else "unloaded"}}
-                for n in ("big", "a", "b")]
-        return web.json_response({"data": data})
-
-    async def chat(self, request: web.Request) -> web.Response:
-        return web.json_response({"model": (await request.json())["model"]})
-
-    async def action(self, request: web.Request) -> web.Response:
-        name = (await request.json())["model"]
-        action = request.match_info["action"]
-        self.calls.append(f"{action} {name}")
-        (self.loaded.add if action == "load" else self.loaded.discard)(name)
-        return web.json_response({"success": True})
-
-
-async def _fake_router(fake: FakeRouter) -> tuple[web.AppRunner, str]:
-    app = web.Application()
-    app.router.add_get("/models", fake.models)
-    app.router.add_post("/models/{action}", fake.action)
-    app.router.add_post("/v1/chat/completions", fake.chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
 
 
 ESTIMATES = {"big": 60 * MiB, "a": 20 * MiB, "b": 20 * MiB}
@@ -177,7 +144,7 @@ ESTIMATES = {"big": 60 * MiB, "a": 20 * MiB, "b": 20 * MiB}
 
 async def test_the_keeper_unloads_idle_models_and_waits_for_busy_ones() -> None:
     fake = FakeRouter({"a", "b"})
-    runner, url = await _fake_router(fake)
+    runner, url = await serve(fake)
     keeper = MemoryKeeper(wait_seconds=0.5)
     try:
         async with aiohttp.ClientSession() as session:
@@ -212,7 +179,7 @@ async def test_a_replica_that_does_not_answer_models_is_skipped_for_another() ->
     """Through the gateway's proxy: the budget's GET /models to a dead replica is a failure before answering,
     like a refused connection, so the request goes to the other replica (which makes room and answers)."""
     fake = FakeRouter({"a", "b"})
-    runner, url = await _fake_router(fake)
+    runner, url = await serve(fake)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead = sock.getsockname()[1]  # closed when the block ends: connections are refused
