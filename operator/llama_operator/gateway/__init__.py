@@ -37,7 +37,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         listen=args.listen, admin=args.admin, namespaces=tuple(filter(None, args.namespaces.split(","))),
         hold_timeout=args.hold_timeout, hold_queue=args.hold_queue, max_request_bytes=args.max_request_bytes,
         max_buffered_bytes=args.max_buffered_bytes, header_timeout=args.header_timeout,
-        body_timeout=args.body_timeout, max_connections=args.max_connections,
+        body_timeout=args.body_timeout, max_connections=args.max_connections, fast_lane=not args.no_fast_lane,
         cors_origins=tuple(args.cors_origin or ()), connect_timeout=args.connect_timeout,
         autoscale=not args.no_autoscale,
         autoscale_interval=args.autoscale_interval, retry_after=args.retry_after,
@@ -98,6 +98,8 @@ def register(sub: Any) -> None:
                          help="seconds for a request's body to arrive (default %(default)s); then 408 and close")
     gateway.add_argument("--max-connections", type=int, default=1024,
                          help="open client connections of the OpenAI API (default %(default)s); more get 503")
+    gateway.add_argument("--no-fast-lane", action="store_true",
+                         help="proxy every request through aiohttp, none at the socket (fastlane.py; for comparison)")
     gateway.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                          help="an origin (https://app.example.com, or *) browsers may call the API from "
                          "(repeatable; default none: no CORS headers)")

@@ -29,6 +29,7 @@ from ..kube.lease import LEASE_PERMISSION, LEASES, LeaseApi
 from . import cors, metrics
 from .autoscaler import Autoscaler
 from .endpoints import EndpointTable
+from .fastlane import Lane
 from .hold import HoldQueue
 from .lease import Coordination
 from .listener import CappedSite, runner_settings
@@ -96,6 +97,8 @@ class GatewayConfig:
     body_timeout: float = 60.0
     """Seconds for a request's body to arrive (body.py)."""
     max_connections: int = 1024
+    fast_lane: bool = True
+    """Plain requests proxied at the socket (fastlane.py); False: every request through aiohttp."""
     """Open client connections of the OpenAI API; more are answered 503 and closed."""
     cors_origins: tuple[str, ...] = ()
     """Origins browsers may call from (cors.py); empty: no CORS header at all."""
@@ -168,6 +171,7 @@ class Gateway:
         self._synced: list[asyncio.Event] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._runners: list[web.AppRunner] = []
+        self.lane: Lane | None = None
         self.api_port: int | None = None
         self.admin_port: int | None = None
 
@@ -254,7 +258,9 @@ class Gateway:
         await runner.setup()
         self._runners.append(runner)
         host, port = _host_port(self.config.listen, 0)
-        site: web.TCPSite = CappedSite(runner, host, port, limit=self.config.max_connections)
+        if self.config.fast_lane:
+            self.lane = Lane(self.proxy, header_timeout=self.config.header_timeout)
+        site: web.TCPSite = CappedSite(runner, host, port, limit=self.config.max_connections, lane=self.lane)
         await site.start()
         self.api_port = site.port
         # The admin port gets the header deadline too (its clients are Prometheus and the kubelet's probes).
@@ -275,8 +281,8 @@ class Gateway:
         """Close the API listener and let the streams in flight finish (at most drain_timeout) while this replica
         still counts, reports and decides; then give up the Lease and the report, and stop the rest."""
         api, others = self._runners[:1], self._runners[1:]
-        for runner in api:
-            await runner.cleanup()
+        lane = [self.lane.drain(self.config.drain_timeout)] if self.lane is not None else []
+        await asyncio.gather(*(runner.cleanup() for runner in api), *lane)
         if self.coordination is not None:
             await self.coordination.stop()
         for task in self._tasks:

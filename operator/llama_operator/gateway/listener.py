@@ -5,15 +5,18 @@
   is closed. `runner_settings` sets it to the header deadline, so a client must send a request's complete
   headers within that time of connecting (or of its previous answer), and an idle keep-alive connection is
   closed after it too. Header size is aiohttp's: lines and fields up to 8190 bytes, at most 128 headers.
-- Connections: `CappedSite` is aiohttp's TCPSite whose protocol factory, once `limit` connections are open,
-  answers 503 (OpenAI's error format, Retry-After) on the new connection and closes it before reading a byte.
+- Connections: `CappedSite` is aiohttp's TCPSite whose protocol factory, once `limit` connections are open
+  (aiohttp's and the fast lane's), answers 503 (OpenAI's error format, Retry-After) on the new connection and
+  closes it before reading a byte. With a `lane` (fastlane.py) a new connection starts in the fast lane, which
+  hands it to aiohttp's handler for any request it does not take.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from collections.abc import Callable, Sized
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -44,12 +47,22 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
+class Lane(Protocol):
+    """fastlane.Lane, as the listener sees it."""
+
+    connections: Sized
+
+    def connection(self, handler: Callable[[], asyncio.Protocol]) -> asyncio.Protocol: ...
+
+
 class CappedSite(web.TCPSite):
     """A TCPSite that refuses connections past `limit` open ones."""
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, limit: int) -> None:
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, limit: int, lane: Lane | None = None
+                 ) -> None:
         super().__init__(runner, host, port)
         self.limit = limit
+        self.lane = lane
         self._answer = _busy_answer(limit)
 
     async def start(self) -> None:
@@ -59,10 +72,10 @@ class CappedSite(web.TCPSite):
         assert server is not None
 
         def protocol() -> asyncio.BaseProtocol:
-            if len(server.connections) >= self.limit:
+            if len(server.connections) + (len(self.lane.connections) if self.lane else 0) >= self.limit:
                 metrics.CONNECTIONS_REFUSED.inc()
                 return _Refuse(self._answer)
-            return server()
+            return self.lane.connection(server) if self.lane else server()
 
         self._server = await asyncio.get_running_loop().create_server(
             protocol, self._host, self._port, backlog=self._backlog)

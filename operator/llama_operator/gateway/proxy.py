@@ -61,7 +61,7 @@ clients). An allow-list, never a wildcard: llama-server's other paths (/props, /
 /models/load) change or show one replica's state and are not the tenant's to call through a shared gateway."""
 
 
-def _has_api_key(headers: Mapping[str, str]) -> bool:
+def has_api_key(headers: Mapping[str, str]) -> bool:
     authorization = headers.get("Authorization", "")
     return bool(authorization.partition(" ")[2].strip()) or bool(headers.get("X-Api-Key", "").strip())
 
@@ -198,7 +198,7 @@ class Proxy:
             return self._unknown(model, resolution.candidates), "unknown"
         key = route.key
         request[_MODEL_LABEL] = key
-        if route.api_key_required and not _has_api_key(request.headers):
+        if route.api_key_required and not has_api_key(request.headers):
             return openai_error(401, f"LlamaServer {key} requires an API key: send Authorization: Bearer <key>.",
                                 code="invalid_api_key"), key
         try:

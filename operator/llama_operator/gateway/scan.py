@@ -327,6 +327,45 @@ def scan(buf: bytes | bytearray) -> Summary:
     return Summary(model=model, stream=stream, messages=messages, prompt=prompt or fallback, lora=lora)
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(name)
+
+
+def _no_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a field named twice")
+    return found
+
+
+def quick_summary(buf: bytes) -> tuple[str, bool, bool] | None:
+    """(model, stream, lora) of a small body that `scan` would route the same way, read by json.loads in C (a few
+    times faster than `scan` for a usual chat request); None when it cannot be sure, and the caller scans.
+
+    Sure means: one JSON object that json.loads reads without NaN or Infinity and with no field named twice in
+    any object (json.loads keeps the last, scan refuses a second `model`); at most MAX_DEPTH brackets in all (so
+    no deeper than scan allows) and MAX_FIELDS top-level fields; `model` a non-empty string of at most
+    MAX_MODEL_BYTES bytes. Field names are compared decoded, as scan compares them. Only for bodies the event
+    loop may parse at once (the caller bounds the size)."""
+    if buf.count(b"{") + buf.count(b"[") > MAX_DEPTH:
+        return None
+    try:
+        body = json.loads(buf, parse_constant=_no_constant, object_pairs_hook=_no_twice)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(body, dict) or len(body) > MAX_FIELDS:
+        return None
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return None
+    # scan bounds the name as written: without escapes it is the UTF-8 bytes and quotes, with them at most 12
+    # bytes a character ("\ud83d\ude00").
+    written = len(model.encode()) + 2 if b"\\" not in buf else 12 * len(model) + 2
+    if written > MAX_MODEL_BYTES:
+        return None
+    return model, body.get("stream") is True, "lora" in body
+
+
 def text(buf: bytes | bytearray, span: Span, chars: int) -> str:
     """The first `chars` characters of the JSON string at `span`, decoding only as many bytes as they can take."""
     inner_end = span[1] - 1

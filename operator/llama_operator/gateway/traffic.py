@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import metrics
 
@@ -56,6 +57,8 @@ class _Traffic:
     last_activity: float = 0.0
     window: LoadWindow = field(default_factory=LoadWindow)
     horizon: float = 60.0
+    gauges: tuple[Any, Any] | None = None
+    """This key's in-flight and queue-length series (labels() costs a lock and a lookup per call)."""
 
 
 class Traffic:
@@ -78,8 +81,10 @@ class Traffic:
         now = self._clock()
         item.last_activity = now
         item.window.set(now, item.in_flight + item.held, item.horizon)
-        metrics.IN_FLIGHT.labels(key).set(item.in_flight)
-        metrics.QUEUE_LENGTH.labels(key).set(item.held)
+        if item.gauges is None:
+            item.gauges = (metrics.IN_FLIGHT.labels(key), metrics.QUEUE_LENGTH.labels(key))
+        item.gauges[0].set(item.in_flight)
+        item.gauges[1].set(item.held)
 
     def start(self, key: str) -> None:
         item = self._get(key)
