@@ -8,7 +8,10 @@ straight to llama-server and through the gateway, interleaved in rounds so drift
 (all streams together), time to first token and whole-request latency (p50/p99).
 
 Part 2, the proxy alone: a trivial upstream (nginx answering a fixed JSON body at once) reached directly,
-through the gateway, and through nginx as a reverse proxy: the added latency of each at p50/p99.
+through the gateway (its fast lane on, as shipped), through the gateway with --no-fast-lane (every request through
+aiohttp) and through nginx as a reverse proxy: what each adds at p50/p99, in rounds (targets alternating), with 1
+and 16 concurrent clients, in two layouts: the proxies on the client's core ("shared core") and on a core of their
+own ("own core": a gateway pod has its CPU to itself in a cluster; the client and the upstream stay on the other).
 
 Needs (checked before anything starts; benchmarks/needs.py): nginx, which apt-get installs when this runs as root
 and it is missing (else one line says how); for part 1 also the pinned llama-server (`make llama-server`) and the
@@ -33,6 +36,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
+from typing import Any
 
 import aiohttp
 import needs  # benchmarks/needs.py, beside this file
@@ -142,16 +147,22 @@ http {{
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
-    upstream trivial {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+{servers}
+}}
+"""
+UPSTREAM_SERVER = """
     server {{
-        listen 127.0.0.1:{upstream};
+        listen 127.0.0.1:{port};
         location / {{
             default_type application/json;
             return 200 '{{"id":"x","object":"chat.completion","choices":[]}}';
         }}
     }}
+"""
+PROXY_SERVER = """
+    upstream trivial {{ server 127.0.0.1:{upstream}; keepalive 64; }}
     server {{
-        listen 127.0.0.1:{proxy};
+        listen 127.0.0.1:{port};
         location / {{
             proxy_pass http://trivial;
             proxy_http_version 1.1;
@@ -159,8 +170,60 @@ http {{
             proxy_buffering off;
         }}
     }}
-}}
 """
+PROXIES = ("gateway", "gateway, aiohttp only", "nginx")
+"""What part 2 puts in front of the trivial upstream: the gateway as shipped (its fast lane on), the gateway with
+`--no-fast-lane` (every request through aiohttp, as before the fast lane), and nginx as a reverse proxy."""
+
+
+def start_nginx(nginx: str, work: Path, name: str, servers: str, procs: Processes, cpus: set[int]) -> None:
+    folder = work / name
+    folder.mkdir()
+    (folder / "nginx.conf").write_text(NGINX_CONF.format(dir=folder, servers=servers))
+    procs.start([nginx, "-c", str(folder / "nginx.conf"), "-p", str(folder)], work / f"{name}.log", cpus)
+
+
+def trivial_rows(args: argparse.Namespace, nginx: str, work: Path, layout: str, upstream: str,
+                 proxy_cpus: set[int]) -> list[dict[str, object]]:
+    """Part 2 in one layout: the proxies under test on `proxy_cpus`, each concurrency in rounds, targets
+    alternating within a round; a row per concurrency with the median over rounds and the range."""
+    procs = Processes()
+    try:
+        targets = {"direct": upstream}
+        port = free_port()
+        start_nginx(nginx, work, f"nginx-proxy-{layout.replace(' ', '-')}", PROXY_SERVER.format(
+            upstream=upstream.rsplit(":", 1)[1], port=port), procs, proxy_cpus)
+        targets["nginx"] = f"http://127.0.0.1:{port}"
+        for name, extra in (("gateway", []), ("gateway, aiohttp only", ["--no-fast-lane"])):
+            port, admin = free_port(), free_port()
+            procs.start(gateway_args(port, admin, f"trivial={upstream}") + extra,
+                        work / f"{name}-{layout}.log".replace(" ", "-").replace(",", ""), proxy_cpus)
+            wait_http(f"http://127.0.0.1:{admin}/readyz")
+            targets[name] = f"http://127.0.0.1:{port}"
+        wait_http(targets["nginx"] + "/")
+        rows: list[dict[str, object]] = []
+        for concurrency in (1, 16):
+            for url in targets.values():
+                asyncio.run(trivial_latencies(url, concurrency, 200))  # warm up: connections, caches
+            rounds: list[dict[str, tuple[float, float]]] = []
+            for _ in range(args.trivial_rounds):
+                measured = {}
+                for name, url in targets.items():
+                    latencies = asyncio.run(trivial_latencies(url, concurrency, args.trivial_requests))
+                    measured[name] = (percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000)
+                rounds.append(measured)
+            row: dict[str, object] = {"layout": layout, "concurrency": concurrency, "rounds": len(rounds),
+                                      "direct_p50_ms": median(r["direct"][0] for r in rounds),
+                                      "direct_p99_ms": median(r["direct"][1] for r in rounds)}
+            for name in PROXIES:
+                for which, index in (("p50", 0), ("p99", 1)):
+                    added = sorted(r[name][index] - r["direct"][index] for r in rounds)
+                    row[f"{name} added {which}"] = {"median": median(added), "min": added[0], "max": added[-1]}
+            rows.append(row)
+            print(f"  trivial upstream, {layout}, concurrency {concurrency}: done", file=sys.stderr)
+        return rows
+    finally:
+        procs.stop()
 
 
 def model_rows(args: argparse.Namespace, levels: list[int], work: Path, procs: Processes, server_cpus: set[int],
@@ -211,7 +274,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6,
                         help="direct/gateway alternations per level (default %(default)s): drift hits both alike")
     parser.add_argument("--max-tokens", type=int, default=48, help="tokens per streamed answer")
-    parser.add_argument("--trivial-requests", type=int, default=1500, help="requests per trivial-upstream row")
+    parser.add_argument("--trivial-requests", type=int, default=1500,
+                        help="requests per trivial-upstream target and round (default %(default)s)")
+    parser.add_argument("--trivial-rounds", type=int, default=3,
+                        help="rounds of the trivial-upstream targets, alternating (default %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--trivial-only", action="store_true",
                         help="part 2 only (the proxy's added latency; needs nginx, not llama-server or the model)")
@@ -233,34 +299,18 @@ def main() -> int:
     try:
         results["model"] = [] if args.trivial_only else model_rows(args, levels, work, procs, server_cpus, proxy_cpus)
 
-        # Part 2: the proxy alone, in front of a trivial upstream.
-        trivial_rows = []
-        upstream_port, nginx_proxy_port = free_port(), free_port()
-        nginx_dir = work / "nginx"
-        nginx_dir.mkdir()
-        conf = nginx_dir / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=nginx_dir, upstream=upstream_port, proxy=nginx_proxy_port))
-        procs.start([nginx, "-c", str(conf), "-p", str(nginx_dir)], work / "nginx.log", proxy_cpus)
-        wait_http(f"http://127.0.0.1:{upstream_port}/")
-        trivial_upstream = f"http://127.0.0.1:{upstream_port}"
-        gw2_port, gw2_admin = free_port(), free_port()
-        procs.start(gateway_args(gw2_port, gw2_admin, f"trivial={trivial_upstream}"), work / "gateway2.log",
-                    proxy_cpus)
-        wait_http(f"http://127.0.0.1:{gw2_admin}/readyz")
-        targets = {"direct": trivial_upstream, "gateway": f"http://127.0.0.1:{gw2_port}",
-                   "nginx": f"http://127.0.0.1:{nginx_proxy_port}"}
-        for concurrency in (1, 16):
-            asyncio.run(trivial_latencies(targets["gateway"], concurrency, 200))  # warm up
-            latencies = {name: asyncio.run(trivial_latencies(url, concurrency, args.trivial_requests))
-                         for name, url in targets.items()}
-            base50, base99 = percentile(latencies["direct"], 50), percentile(latencies["direct"], 99)
-            row: dict[str, object] = {"concurrency": concurrency, "direct_p50_ms": base50 * 1000,
-                                      "direct_p99_ms": base99 * 1000}
-            for name in ("gateway", "nginx"):
-                row[f"{name}_added_p50_ms"] = (percentile(latencies[name], 50) - base50) * 1000
-                row[f"{name}_added_p99_ms"] = (percentile(latencies[name], 99) - base99) * 1000
-            trivial_rows.append(row)
-        results["trivial"] = trivial_rows
+        # Part 2: the proxy alone, in front of a trivial upstream (nginx answering at once, beside the client).
+        # "shared core": the proxy on the client's core, as in part 1; "own core": the proxy on a core of its own
+        # (the model's, idle now), as a gateway pod has its CPU to itself in a cluster.
+        upstream_port = free_port()
+        start_nginx(nginx, work, "nginx-upstream", UPSTREAM_SERVER.format(port=upstream_port), procs, proxy_cpus)
+        upstream = f"http://127.0.0.1:{upstream_port}"
+        wait_http(upstream + "/")
+        layouts = {"shared core": proxy_cpus}
+        if server_cpus != proxy_cpus:
+            layouts["own core"] = server_cpus
+        results["trivial"] = [row for layout, cpus in layouts.items()
+                              for row in trivial_rows(args, nginx, work, layout, upstream, cpus)]
     finally:
         procs.stop()
 
@@ -271,11 +321,12 @@ def main() -> int:
 
 
 def render(results: dict[str, object]) -> str:
-    lines = [f"gateway benchmark, one run: {results['cores']} cores (llama-server on CPUs {results['server_cpus']}, "
-             f"gateway + nginx + client on {results['proxy_cpus']}), {results['max_tokens']} tokens per streamed "
-             "answer, gemma-3-270m Q4_K_M on the pinned llama-server", "",
-             "| concurrency | target | tokens/s | vs direct | TTFT p50 | TTFT p99 | latency p50 | latency p99 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"gateway benchmark, one run: {results['cores']} cores; part 1: llama-server on CPUs "
+             f"{results['server_cpus']}, the gateway and the client on {results['proxy_cpus']}, "
+             f"{results['max_tokens']} tokens per streamed answer, gemma-3-270m Q4_K_M on the pinned llama-server"]
+    if results["model"]:
+        lines += ["", "| concurrency | target | tokens/s | vs direct | TTFT p50 | TTFT p99 | latency p50 "
+                  "| latency p99 |", "|---|---|---|---|---|---|---|---|"]
     for row in results["model"]:  # type: ignore[attr-defined]
         base = row["direct"]["tokens_per_second"]
         for target in ("direct", "gateway"):
@@ -283,12 +334,22 @@ def render(results: dict[str, object]) -> str:
             lines.append(f"| {row['concurrency']} | {target} | {r['tokens_per_second']:.1f} | "
                          f"{r['tokens_per_second'] / base:.3f}x | {r['ttft_p50_ms']:.1f} ms | "
                          f"{r['ttft_p99_ms']:.1f} ms | {r['latency_p50_ms']:.0f} ms | {r['latency_p99_ms']:.0f} ms |")
-    lines += ["", "| trivial upstream, concurrency | direct p50 / p99 | gateway adds p50 / p99 "
-              "| nginx adds p50 / p99 |", "|---|---|---|---|"]
-    for row in results["trivial"]:  # type: ignore[attr-defined]
-        lines.append(f"| {row['concurrency']} | {row['direct_p50_ms']:.2f} / {row['direct_p99_ms']:.2f} ms | "
-                     f"{row['gateway_added_p50_ms']:.2f} / {row['gateway_added_p99_ms']:.2f} ms | "
-                     f"{row['nginx_added_p50_ms']:.2f} / {row['nginx_added_p99_ms']:.2f} ms |")
+    trivial = results["trivial"]
+    rounds = trivial[0]["rounds"] if trivial else 0  # type: ignore[index]
+    lines += ["", f"part 2, trivial upstream (the client and it on CPUs {results['proxy_cpus']}; the proxies there "
+              f"too, \"shared core\", or on {results['server_cpus']}, \"own core\"): p50 / p99 straight to it, then "
+              f"what each proxy adds to them, the median of {rounds} rounds (the range over the rounds)", "",
+              "| layout | clients | direct | " + " | ".join(f"{name} adds" for name in PROXIES) + " |",
+              "|---|---|---|" + "---|" * len(PROXIES)]
+
+    def added(row: dict[str, Any], name: str) -> str:
+        p50, p99 = row[f"{name} added p50"], row[f"{name} added p99"]
+        return (f"{p50['median']:.2f} ({p50['min']:.2f}–{p50['max']:.2f}) / "
+                f"{p99['median']:.2f} ({p99['min']:.2f}–{p99['max']:.2f}) ms")
+
+    for row in trivial:  # type: ignore[attr-defined]
+        lines.append(f"| {row['layout']} | {row['concurrency']} | {row['direct_p50_ms']:.2f} / "
+                     f"{row['direct_p99_ms']:.2f} ms | " + " | ".join(added(row, name) for name in PROXIES) + " |")
     return "\n".join(lines)
 
 
