@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 SPLIT_WAIT = 0.5
 """Seconds a request's head may wait for its body (clients that send them in two writes) before aiohttp takes it."""
+SWEEP = 0.25
+"""The connections' deadlines are checked this often: one timer for the lane, not two per request (a timer costs
+a heap entry and a cancel, and asyncio's loop lookup a getpid call)."""
 _NOT_ANSWERED = dropping(HOP_BY_HOP | {"date", "server"})
 """What the client does not get of a replica's answer head (as proxy.py's answers: aiohttp sets its own)."""
 _NOT_FORWARDED = dropping(HOP_BY_HOP | {"host", "content-length", "x-forwarded-for", "x-forwarded-proto",
@@ -65,9 +68,12 @@ class Lane:
     """What the fast lane's connections share: the proxy's tables, the replica connections, the open connections."""
 
     def __init__(self, proxy: Proxy, *, header_timeout: float) -> None:
+        """Made on the running event loop (the gateway's start)."""
         self.proxy = proxy
         self.header_timeout = header_timeout
-        self.pool = Pool(proxy.upstreams.connect_timeout)
+        self.loop = asyncio.get_running_loop()
+        self.pool = Pool(proxy.upstreams.connect_timeout, self.loop)
+        self._sweeping = self.loop.call_later(SWEEP, self._sweep)
         self.connections: set[Connection] = set()
         self.stopping = False
         self.busy = 0
@@ -143,6 +149,13 @@ class Lane:
             found = self._timings[key] = (metrics.TIME_TO_FIRST_BYTE.labels(key), metrics.REQUEST_DURATION.labels(key))
         return found
 
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for connection in [c for c in self.connections if c.deadline <= now]:
+            connection.expire()
+        self.pool.sweep(now)
+        self._sweeping = self.loop.call_later(SWEEP, self._sweep)
+
     def quiet(self) -> None:
         self._quiet.set()
 
@@ -157,6 +170,7 @@ class Lane:
                 await asyncio.wait_for(self._quiet.wait(), seconds)
         for connection in list(self.connections):
             connection.close()
+        self._sweeping.cancel()
         self.pool.close()
 
 
@@ -176,7 +190,9 @@ class Connection(asyncio.Protocol, Exchange):
         self.started = 0.0
         self.answered = 0
         self.close_after = False
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline = float("inf")
+        """When `expire` runs (the lane's sweep): the header deadline, or SPLIT_WAIT after a request began."""
+        self._then: Callable[[], None] = self.close
         self._splitting = False
 
     # -- the client's side ---------------------------------------------------------------------------------
@@ -229,7 +245,7 @@ class Connection(asyncio.Protocol, Exchange):
             self.replica = replica
             replica.send(self, plan.request)
         else:
-            asyncio.get_running_loop().create_task(self._connect(plan))
+            self.lane.loop.create_task(self._connect(plan))
 
     async def _connect(self, plan: Plan) -> None:
         try:
@@ -312,7 +328,7 @@ class Connection(asyncio.Protocol, Exchange):
         elif self.buffer:
             if self.transport is not None:
                 self.transport.resume_reading()
-            asyncio.get_running_loop().call_soon(self._next)
+            self.lane.loop.call_soon(self._next)
         else:
             self._arm(self.lane.header_timeout, self.close)
 
@@ -357,14 +373,17 @@ class Connection(asyncio.Protocol, Exchange):
             self._splitting = True
 
     def _arm(self, seconds: float, then: Callable[[], None]) -> None:
-        self._disarm()
-        self._timer = asyncio.get_running_loop().call_later(seconds, then)
+        self._splitting = False
+        self.deadline, self._then = self.lane.loop.time() + seconds, then
 
     def _disarm(self) -> None:
         self._splitting = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline = float("inf")
+
+    def expire(self) -> None:
+        then = self._then
+        self._disarm()
+        then()
 
     def close(self) -> None:
         self._disarm()

@@ -146,7 +146,8 @@ class Replica(asyncio.Protocol):
         self._buffer = b""
         self._answer: Answer | None = None
         self._end: BodyEnd | None = None
-        self._idle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
+        """When it went back to the pool (Pool.sweep closes it IDLE_SECONDS later)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -154,9 +155,6 @@ class Replica(asyncio.Protocol):
 
     def send(self, exchange: Exchange, data: bytes) -> None:
         assert self.transport is not None
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
         self.exchange, self._buffer, self._answer, self._end = exchange, b"", None, None
         self.transport.write(data)
 
@@ -230,9 +228,6 @@ class Replica(asyncio.Protocol):
         self.exchange = None
         self.close()
 
-    def idle(self) -> None:
-        self._idle = asyncio.get_running_loop().call_later(IDLE_SECONDS, self.close)
-
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -250,8 +245,9 @@ class Exchange:
 class Pool:
     """Idle keep-alive connections per replica URL (`http://host:port`)."""
 
-    def __init__(self, connect_timeout: float) -> None:
+    def __init__(self, connect_timeout: float, loop: asyncio.AbstractEventLoop) -> None:
         self.connect_timeout = connect_timeout
+        self.loop = loop
         self._idle: dict[str, list[Replica]] = {}
         self._all: set[Replica] = set()
 
@@ -266,15 +262,20 @@ class Pool:
     async def connect(self, url: str) -> Replica:
         host, _, port = url.removeprefix("http://").rpartition(":")
         factory: Callable[[], Replica] = lambda: Replica(url, self)  # noqa: E731 - one line
-        loop = asyncio.get_running_loop()
-        _, replica = await asyncio.wait_for(loop.create_connection(factory, host.strip("[]"), int(port)),
+        _, replica = await asyncio.wait_for(self.loop.create_connection(factory, host.strip("[]"), int(port)),
                                             self.connect_timeout)
         self._all.add(replica)
         return replica
 
     def release(self, replica: Replica) -> None:
+        replica.idle_since = self.loop.time()
         self._idle.setdefault(replica.url, []).append(replica)
-        replica.idle()
+
+    def sweep(self, now: float) -> None:
+        """Close the connections idle for IDLE_SECONDS (the oldest are first in each list)."""
+        for idle in self._idle.values():
+            while idle and idle[0].idle_since + IDLE_SECONDS <= now:
+                idle.pop(0).close()
 
     def forget(self, replica: Replica) -> None:
         self._all.discard(replica)
