@@ -220,3 +220,13 @@ async def test_a_stop_lets_the_request_in_flight_finish(upstreams: list[Upstream
     await asyncio.wait_for(stopping, 5)
     writer.close()
     assert b"[DONE]" in rest
+
+
+@pytest.mark.parametrize("path", [b"/v1/../slots", b"/v1/./chat/completions", b"/v1//chat/completions",
+                                  b"/v1/chat/completions?x=1", b"/v1/%2e%2e/slots"])
+async def test_paths_a_replica_could_read_as_another_are_left_to_aiohttp(gateway: Gateway, upstreams: list[Upstream],
+                                                                         path: bytes) -> None:
+    data = _request(CHAT).replace(b"/v1/chat/completions", path, 1)
+    await _exchange(gateway.api_port, data)
+    assert _taken(gateway) == 0
+    assert all(r["path"] != "/slots" for r in upstreams[0].requests)  # aiohttp never lets one through either

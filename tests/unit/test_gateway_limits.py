@@ -339,3 +339,19 @@ async def test_cors_answers_only_configured_origins(gateway: Gateway, upstream: 
                                 headers={"Origin": "https://app.example"}) as response:
             assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"  # streamed too
             await response.read()
+
+
+@pytest.mark.parametrize("path", [b"/v1/../slots?action=save", b"/v1/%2e%2e/slots", b"/v1/chat/../../models/unload",
+                                  b"/v1/./../props"])
+async def test_a_path_that_resolves_outside_the_allow_list_is_a_404(gateway: Gateway, upstream: Upstream,
+                                                                     path: bytes) -> None:
+    """aiohttp's router matched `/v1/{tail}` on the path as sent, and its client resolved the dot segments:
+    `POST /v1/../slots?action=save` reached the replica as `POST /slots?action=save` (a slot saved to a file)."""
+    body = b'{"model": "qwen"}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.api_port)
+    writer.write(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 404 ")
+    assert not upstream.requests

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import metrics
-from .proxy import INLINE_SCAN_BYTES, NATIVE_PATHS, Proxy, has_api_key
+from .proxy import INLINE_SCAN_BYTES, Proxy, forwarded_path, has_api_key
 from .scan import BadBody, affinity_payload, quick_summary, scan
 from .upstream import HOP_BY_HOP, RETRY_STATUSES
 from .wire import MAX_HEAD, REQUEST_LINE, Answer, Exchange, Head, Pool, Replica, dropping, parse_head
@@ -91,7 +91,7 @@ class Lane:
     def plan(self, head: Head, body: bytes, peer: str) -> Plan | None:
         """Where the request goes, or None when aiohttp is to take it."""
         path = head.first.group(1).decode()
-        if not (path.startswith("/v1/") and len(path) > 4) and path not in NATIVE_PATHS:
+        if not forwarded_path(path):
             return None
         if head.values(b"transfer-encoding") or head.values(b"expect") or head.values(b"origin"):
             return None
@@ -230,7 +230,11 @@ class Connection(asyncio.Protocol, Exchange):
         if len(buffer) < total:
             self._wait_for_the_rest()
             return
-        plan = self.lane.plan(head, buffer[end + 4:total], self.peer)
+        try:
+            plan = self.lane.plan(head, buffer[end + 4:total], self.peer)
+        except Exception:  # a bug here must cost the fast lane, not the request
+            log.exception("the fast lane failed to plan a request; aiohttp takes it")
+            plan = None
         if plan is None:
             self._hand_over()
             return

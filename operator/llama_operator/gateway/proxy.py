@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from aiohttp import web
+from yarl import URL
 
 from . import metrics
 from .adapters import with_adapter, with_base
@@ -59,6 +60,12 @@ NATIVE_PATHS = ("/completion", "/completions", "/chat/completions", "/chat/compl
 """llama-server's inference paths outside /v1, routed by `model` like /v1 (llama.vim's /infill, native /completion
 clients). An allow-list, never a wildcard: llama-server's other paths (/props, /slots, /lora-adapters,
 /models/load) change or show one replica's state and are not the tenant's to call through a shared gateway."""
+
+
+def forwarded_path(path: str) -> bool:
+    """Whether a request for `path` (decoded, dot segments resolved: what the replica is sent) is one the gateway
+    forwards by `model`: under /v1/, or one of NATIVE_PATHS."""
+    return (path.startswith("/v1/") and len(path) > 4) or path in NATIVE_PATHS
 
 
 def has_api_key(headers: Mapping[str, str]) -> bool:
@@ -156,6 +163,10 @@ class Proxy:
                 metrics.REQUEST_DURATION.labels(label).observe(time.monotonic() - started)
 
     async def _handle(self, request: web.Request, started: float) -> tuple[web.StreamResponse, str]:
+        if not forwarded_path(URL("http://replica" + request.path_qs).path):
+            # aiohttp's router matched the path as sent, and the replica is sent it with its dot segments resolved
+            # (`/v1/../slots` becomes `/slots`): what is forwarded must itself be on the allow-list.
+            return await self.not_found(request), "unknown"
         try:
             body = await self.bodies.read(request)
         except Refused as refused:

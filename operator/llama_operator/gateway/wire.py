@@ -22,8 +22,10 @@ IDLE_SECONDS = 4.0
 _FIELDS = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*+)*+\Z")
 """The field lines after the first line: a token, a colon, a value without CR, LF or NUL."""
 _FIELD = re.compile(rb"\r\n([^:]++):[ \t]*+([^\r]*+)")
-REQUEST_LINE = re.compile(rb"POST (/[A-Za-z0-9/_.-]*) HTTP/1\.1\Z")
-"""The requests the fast lane takes: POST to a plain path (no query, no escapes), HTTP/1.1."""
+REQUEST_LINE = re.compile(rb"POST ((?:/[A-Za-z0-9_-][A-Za-z0-9_.-]*+)++) HTTP/1\.1\Z")
+"""The requests the fast lane takes: POST to a plain path, HTTP/1.1. Plain: no query, no escapes, and no segment
+that is empty or starts with a dot, so never `/v1/../slots`, which a replica may read as `/slots` (the gateway
+forwards an allow-list of paths, proxy.NATIVE_PATHS)."""
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}\Z")
 
