@@ -230,3 +230,25 @@ async def test_paths_a_replica_could_read_as_another_are_left_to_aiohttp(gateway
     await _exchange(gateway.api_port, data)
     assert _taken(gateway) == 0
     assert all(r["path"] != "/slots" for r in upstreams[0].requests)  # aiohttp never lets one through either
+
+
+CHUNKED = b"5;ext=1\r\nhello\r\n0\r\nTrailer: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("cut", range(1, len(CHUNKED)))
+def test_the_end_of_a_chunked_body_is_found_however_it_arrives(cut: int) -> None:
+    end = BodyEnd(None, chunked=True)
+    taken = end.feed(CHUNKED[:cut])
+    assert taken == cut and not end.done
+    assert end.feed(CHUNKED[cut:] + b"HTTP/1.1 200 OK\r\n") == len(CHUNKED) - cut and end.done
+
+
+def test_lengths_and_bad_framing() -> None:
+    end = BodyEnd(5, chunked=False)
+    assert (end.feed(b"abc"), end.done, end.feed(b"defg"), end.done) == (3, False, 2, True)
+    assert BodyEnd(0, chunked=False).done
+    until_close = BodyEnd(None, chunked=False)
+    assert until_close.feed(b"x" * 100) == 100 and not until_close.done
+    for bad in (b"zz\r\n", b"5\r\nhelloXX\r\n", b"1" * 5000):
+        with pytest.raises(ValueError):
+            BodyEnd(None, chunked=True).feed(bad)
