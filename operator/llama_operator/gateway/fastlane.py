@@ -31,13 +31,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from . import metrics
 from .proxy import INLINE_SCAN_BYTES, Proxy, forwarded_path, has_api_key
 from .scan import BadBody, affinity_payload, quick_summary, scan
 from .upstream import HOP_BY_HOP, RETRY_STATUSES
-from .wire import MAX_HEAD, REQUEST_LINE, Answer, Exchange, Head, Pool, Replica, dropping, parse_head
+from .wire import MAX_HEAD, REQUEST_LINE, Answer, Exchange, Head, Pool, Replica, dropping, parse_head, reading
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ _NOT_ANSWERED = dropping(HOP_BY_HOP | {"date", "server"})
 _NOT_FORWARDED = dropping(HOP_BY_HOP | {"host", "content-length", "x-forwarded-for", "x-forwarded-proto",
                                         "x-forwarded-host"})
 """What the replica does not get of the client's head (Upstreams._forward_headers: these are set anew)."""
+_READ = reading({"content-length", "content-type", "host", "connection", "transfer-encoding", "expect", "origin",
+                 "authorization", "x-api-key", "x-forwarded-for"})
+"""The request fields the fast lane decides by."""
 
 
 @dataclass
@@ -198,8 +201,7 @@ class Connection(asyncio.Protocol, Exchange):
     # -- the client's side ---------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else ""
         self.lane.connections.add(self)
@@ -221,7 +223,7 @@ class Connection(asyncio.Protocol, Exchange):
             elif buffer:
                 self._wait_for_the_rest()
             return
-        head = parse_head(buffer[:end], REQUEST_LINE)
+        head = parse_head(buffer[:end], REQUEST_LINE, _READ)
         length = head.one(b"content-length") if head is not None else None
         if head is None or length is None or not length.isdigit() or int(length) > INLINE_SCAN_BYTES:
             self._hand_over()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Sized
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiohttp import web
 
@@ -42,9 +42,9 @@ class _Refuse(asyncio.Protocol):
         self.answer = answer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(self.answer)
-        transport.close()
+        writer = cast(asyncio.WriteTransport, transport)  # uvloop's are not asyncio.WriteTransport subclasses
+        writer.write(self.answer)
+        writer.close()
 
 
 class Lane(Protocol):

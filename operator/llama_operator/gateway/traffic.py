@@ -77,34 +77,34 @@ class Traffic:
     def set_horizon(self, key: str, seconds: float) -> None:
         self._get(key).horizon = seconds
 
-    def _changed(self, key: str, item: _Traffic) -> None:
+    def _changed(self, key: str, item: _Traffic, which: int) -> None:
+        """After `which` changed: 0 requests in flight, 1 requests held."""
         now = self._clock()
         item.last_activity = now
         item.window.set(now, item.in_flight + item.held, item.horizon)
         if item.gauges is None:
             item.gauges = (metrics.IN_FLIGHT.labels(key), metrics.QUEUE_LENGTH.labels(key))
-        item.gauges[0].set(item.in_flight)
-        item.gauges[1].set(item.held)
+        item.gauges[which].set(item.held if which else item.in_flight)
 
     def start(self, key: str) -> None:
         item = self._get(key)
         item.in_flight += 1
-        self._changed(key, item)
+        self._changed(key, item, 0)
 
     def finish(self, key: str) -> None:
         item = self._get(key)
         item.in_flight -= 1
-        self._changed(key, item)
+        self._changed(key, item, 0)
 
     def hold(self, key: str) -> None:
         item = self._get(key)
         item.held += 1
-        self._changed(key, item)
+        self._changed(key, item, 1)
 
     def release(self, key: str) -> None:
         item = self._get(key)
         item.held -= 1
-        self._changed(key, item)
+        self._changed(key, item, 1)
 
     def touch(self, key: str) -> None:
         """Count now as activity (a manual scale): not idle before idleSeconds from now."""

@@ -13,6 +13,7 @@ import asyncio
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 MAX_HEAD = 16 << 10
 """A head longer than this is left to aiohttp (its own limit: lines and fields of 8190 bytes, 128 fields)."""
@@ -21,7 +22,15 @@ IDLE_SECONDS = 4.0
 
 _FIELDS = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*+)*+\Z")
 """The field lines after the first line: a token, a colon, a value without CR, LF or NUL."""
-_FIELD = re.compile(rb"\r\n([^:]++):[ \t]*+([^\r]*+)")
+
+
+def reading(names: Iterable[str]) -> re.Pattern[bytes]:
+    """What `parse_head` takes to read the fields `names` (any case) and skip the others without a Python step."""
+    alternatives = b"|".join(re.escape(name.encode()) for name in sorted(names))
+    return re.compile(rb"\r\n(" + alternatives + rb"):[ \t]*+([^\r]*+)", re.IGNORECASE)
+
+
+_ANSWER_FIELDS = reading({"content-length", "transfer-encoding", "connection"})
 REQUEST_LINE = re.compile(rb"POST ((?:/[A-Za-z0-9_-][A-Za-z0-9_.-]*+)++) HTTP/1\.1\Z")
 """The requests the fast lane takes: POST to a plain path, HTTP/1.1. Plain: no query, no escapes, and no segment
 that is empty or starts with a dot, so never `/v1/../slots`, which a replica may read as `/slots` (the gateway
@@ -32,8 +41,8 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}\Z")
 
 @dataclass
 class Head:
-    """A message head: its first line's match, the head itself (without its blank line) and the values of its
-    fields by lowercase name."""
+    """A message head: its first line's match, the head itself (without its blank line) and the values of the
+    fields its reader asked for (`reading`), by lowercase name."""
 
     first: re.Match[bytes]
     raw: bytes
@@ -58,8 +67,9 @@ def dropping(names: Iterable[str]) -> re.Pattern[bytes]:
     return re.compile(rb"\r\n(?:" + alternatives + rb"):[^\r\n]*+", re.IGNORECASE)
 
 
-def parse_head(raw: bytes, first_line: re.Pattern[bytes]) -> Head | None:
-    """The head `raw` (without its closing blank line); None unless every line is plain."""
+def parse_head(raw: bytes, first_line: re.Pattern[bytes], fields: re.Pattern[bytes]) -> Head | None:
+    """The head `raw` (without its closing blank line), with the values of the `fields` (from `reading`); None
+    unless every line is plain."""
     line_end = raw.find(b"\r\n")
     first = first_line.match(raw, 0, line_end if line_end >= 0 else len(raw))
     if first is None:
@@ -68,7 +78,7 @@ def parse_head(raw: bytes, first_line: re.Pattern[bytes]) -> Head | None:
     if line_end >= 0:
         if _FIELDS.match(raw, line_end) is None:
             return None
-        for name, value in _FIELD.findall(raw, line_end):
+        for name, value in fields.findall(raw, line_end):
             by_name.setdefault(name.lower(), []).append(value.rstrip(b" \t"))
     return Head(first, raw, by_name)
 
@@ -152,8 +162,7 @@ class Replica(asyncio.Protocol):
         """When it went back to the pool (Pool.sweep closes it IDLE_SECONDS later)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
 
     def send(self, exchange: Exchange, data: bytes) -> None:
         assert self.transport is not None
@@ -195,7 +204,7 @@ class Replica(asyncio.Protocol):
             self.pool.release(self) if reusable else self.close()
 
     def _parse(self, raw: bytes) -> Answer | None:
-        head = parse_head(raw, _STATUS_LINE)
+        head = parse_head(raw, _STATUS_LINE, _ANSWER_FIELDS)
         lengths = head.values(b"content-length") if head else []
         codings = b",".join(head.values(b"transfer-encoding")).lower() if head else b""
         if head is None or len(lengths) > 1 or (lengths and not lengths[0].isdigit()) or codings not in (
