@@ -100,6 +100,7 @@ async def test_a_plain_request_takes_the_fast_lane_with_the_same_answer_as_aioht
 async def test_requests_on_one_connection_stay_until_one_is_not_plain(gateway: Gateway,
                                                                       upstreams: list[Upstream]) -> None:
     before = metrics.REQUESTS.labels("static/qwen", "200")._value.get()
+    fast_before = metrics.FAST_LANE.labels("static/qwen")._value.get()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
         url = f"http://127.0.0.1:{gateway.api_port}/v1/chat/completions"
         for _ in range(5):
@@ -112,6 +113,7 @@ async def test_requests_on_one_connection_stay_until_one_is_not_plain(gateway: G
             assert response.status == 200
     assert _taken(gateway) == 5
     assert metrics.REQUESTS.labels("static/qwen", "200")._value.get() - before == 6  # counted alike in both lanes
+    assert metrics.FAST_LANE.labels("static/qwen")._value.get() - fast_before == 5
 
 
 async def test_a_streamed_request_goes_to_aiohttp_and_streams(gateway: Gateway, upstreams: list[Upstream]) -> None:

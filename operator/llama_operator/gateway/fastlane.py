@@ -83,7 +83,7 @@ class Lane:
         """Requests in flight here."""
         self._quiet = asyncio.Event()
         self._counters: dict[tuple[str, str], Any] = {}
-        self._timings: dict[str, tuple[Any, Any]] = {}
+        self._timings: dict[str, tuple[Any, Any, Any]] = {}
         self.taken = 0
         """Requests answered here (the rest went to aiohttp)."""
 
@@ -145,11 +145,12 @@ class Lane:
             found = self._counters[key, code] = metrics.REQUESTS.labels(key, code)
         return found
 
-    def timings(self, key: str) -> tuple[Any, Any]:
-        """(time to first byte, request duration) of `key`."""
+    def timings(self, key: str) -> tuple[Any, Any, Any]:
+        """(time to first byte, request duration, fast-lane requests) of `key`."""
         found = self._timings.get(key)
         if found is None:
-            found = self._timings[key] = (metrics.TIME_TO_FIRST_BYTE.labels(key), metrics.REQUEST_DURATION.labels(key))
+            found = self._timings[key] = (metrics.TIME_TO_FIRST_BYTE.labels(key),
+                                          metrics.REQUEST_DURATION.labels(key), metrics.FAST_LANE.labels(key))
         return found
 
     def _sweep(self) -> None:
@@ -369,7 +370,9 @@ class Connection(asyncio.Protocol, Exchange):
             self.lane.proxy.bodies.budget.release(plan.reserved)
         if code is not None:
             self.lane.series(plan.key, code).inc()
-            self.lane.timings(plan.key)[1].observe(time.monotonic() - self.started)
+            _, duration, fast = self.lane.timings(plan.key)
+            duration.observe(time.monotonic() - self.started)
+            fast.inc()
 
     def _wait_for_the_rest(self) -> None:
         """A request has begun: aiohttp takes it SPLIT_WAIT after its first byte (not its last: a client that

@@ -19,6 +19,9 @@ TIME_TO_FIRST_BYTE = Histogram(
     "llama_gateway_time_to_first_byte_seconds",
     "From the request's arrival to the first response byte sent to the client (holding included).",
     ["model"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+FAST_LANE = Counter("llama_gateway_fast_lane_requests_total",
+                    "Requests answered by the fast lane, at the socket (also in llama_gateway_requests_total).",
+                    ["model"], registry=REGISTRY)
 REQUEST_DURATION = Histogram("llama_gateway_request_duration_seconds", "From arrival to the last byte sent.",
                              ["model"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 IN_FLIGHT = Gauge("llama_gateway_in_flight_requests", "Requests being proxied to a replica now.", ["model"],
