@@ -98,9 +98,9 @@ class GatewayConfig:
     body_timeout: float = 60.0
     """Seconds for a request's body to arrive (body.py)."""
     max_connections: int = 1024
+    """Open client connections of the OpenAI API; more are answered 503 and closed."""
     fast_lane: bool = True
     """Plain requests proxied at the socket (fastlane.py); False: every request through aiohttp."""
-    """Open client connections of the OpenAI API; more are answered 503 and closed."""
     cors_origins: tuple[str, ...] = ()
     """Origins browsers may call from (cors.py); empty: no CORS header at all."""
     connect_timeout: float = 5.0

@@ -244,7 +244,7 @@ class Connection(asyncio.Protocol, Exchange):
         self._disarm()
         self.sent, self.buffer, self.plan = buffer[:total], buffer[total:], plan
         self.started = time.monotonic()
-        self.lane.proxy.upstreams.in_flight[plan.url] = self.lane.proxy.upstreams.in_flight.get(plan.url, 0) + 1
+        self.lane.proxy.upstreams.sent(plan.url)
         self.lane.proxy.traffic.start(plan.key)
         self.lane.busy += 1
         replica = self.lane.pool.take(plan.url)
@@ -358,10 +358,7 @@ class Connection(asyncio.Protocol, Exchange):
         plan, self.plan = self.plan, None
         if plan is None:
             return
-        upstreams = self.lane.proxy.upstreams
-        upstreams.in_flight[plan.url] -= 1
-        if not upstreams.in_flight[plan.url]:
-            del upstreams.in_flight[plan.url]
+        self.lane.proxy.upstreams.answered(plan.url)
         self.lane.proxy.traffic.finish(plan.key)
         self.lane.busy -= 1
         if self.lane.stopping and not self.lane.busy:

@@ -78,6 +78,16 @@ class Upstreams:
         assert self._session is not None, "the gateway's API app is not started"
         return self._session
 
+    def sent(self, url: str) -> None:
+        """A request is in flight to the replica at `url` (proxy.py's path and the fast lane's)."""
+        self.in_flight[url] = self.in_flight.get(url, 0) + 1
+
+    def answered(self, url: str) -> None:
+        """That request ended, however it ended."""
+        self.in_flight[url] -= 1
+        if not self.in_flight[url]:
+            del self.in_flight[url]
+
     def candidates(self, route: Route, tried: set[str]) -> list[str]:
         urls = [e.url for e in self.endpoints.ready(*route.service) if e.url not in tried]
         now = time.monotonic()
@@ -137,7 +147,7 @@ class Upstreams:
             if tried and not reused_once:
                 metrics.UPSTREAM_RETRIES.labels(key).inc()
             tried.add(url)
-            self.in_flight[url] = self.in_flight.get(url, 0) + 1
+            self.sent(url)
             upstream: aiohttp.ClientResponse | None = None
             # A memory budget, or kept prompt caches (the gateway loads the model and restores its slots).
             budgeted = (route.memory_budget is not None or route.keeps_slots) and summary.model in route.models
@@ -187,9 +197,7 @@ class Upstreams:
             finally:
                 if budgeted:
                     self.memory.done(url, summary.model)
-                self.in_flight[url] -= 1
-                if not self.in_flight[url]:
-                    del self.in_flight[url]
+                self.answered(url)
                 if upstream is not None:
                     upstream.close()
 
