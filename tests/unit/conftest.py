@@ -13,7 +13,7 @@ from llama_operator import metrics
 from tests.tiers import mark_tier
 
 if TYPE_CHECKING:
-    from tests.unit.test_gateway_proxy import Harness
+    from tests.unit.test_gateway_proxy import Harness, Upstream
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
@@ -39,3 +39,18 @@ async def gw() -> AsyncIterator[Harness]:
     await harness.start()
     yield harness
     await harness.close()
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[list[Upstream]]:
+    """Two stand-in replicas (tests/unit/test_gateway_proxy.py's Upstream), started; released and stopped after."""
+    from tests.unit.test_gateway_proxy import Upstream
+
+    made = [Upstream(), Upstream()]
+    for upstream in made:
+        await upstream.start()
+    yield made
+    for upstream in made:
+        upstream.go.set()
+        assert upstream.runner is not None
+        await upstream.runner.cleanup()

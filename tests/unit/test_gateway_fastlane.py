@@ -22,17 +22,6 @@ from tests.unit.test_gateway_proxy import Upstream, _free_port
 CHAT = {"model": "qwen", "messages": [{"role": "user", "content": "hi"}]}
 
 
-@pytest.fixture
-async def upstreams() -> AsyncIterator[list[Upstream]]:
-    made = [Upstream(), Upstream()]
-    for one in made:
-        await one.start()
-    yield made
-    for one in made:
-        one.go.set()
-        assert one.runner is not None
-        await one.runner.cleanup()
-
 
 async def _gateway(static: dict[str, list[str]], **settings: Any) -> Gateway:
     made = Gateway(GatewayConfig(listen="127.0.0.1:0", admin="127.0.0.1:0", static=static, autoscale=False,

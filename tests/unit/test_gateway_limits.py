@@ -23,17 +23,6 @@ from tests.unit.test_gateway_proxy import Harness, Upstream, _free_port
 
 
 @pytest.fixture
-async def upstreams() -> AsyncIterator[list[Upstream]]:
-    made = [Upstream(), Upstream()]
-    for one in made:
-        await one.start()
-    yield made
-    for one in made:
-        assert one.runner is not None
-        await one.runner.cleanup()
-
-
-@pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     made = Upstream()
     await made.start()

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,18 +137,6 @@ class Harness:
             await self.client.close()
         if self.runner is not None:
             await self.runner.cleanup()
-
-
-@pytest.fixture
-async def upstreams() -> AsyncIterator[list[Upstream]]:
-    made = [Upstream(), Upstream()]
-    for upstream in made:
-        await upstream.start()
-    yield made
-    for upstream in made:
-        upstream.go.set()
-        assert upstream.runner is not None
-        await upstream.runner.cleanup()
 
 
 def _counter(name: str, **labels: str) -> float:
