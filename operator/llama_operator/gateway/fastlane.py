@@ -35,7 +35,7 @@ from typing import Any, cast
 
 from . import metrics
 from .proxy import INLINE_SCAN_BYTES, Proxy, forwarded_path, has_api_key
-from .scan import BadBody, affinity_payload, quick_summary, scan
+from .scan import BadBody, Summary, affinity_payload, quick_summary, scan
 from .upstream import HOP_BY_HOP, RETRY_STATUSES
 from .wire import MAX_HEAD, REQUEST_LINE, Answer, Exchange, Head, Pool, Replica, dropping, parse_head, reading
 
@@ -104,14 +104,17 @@ class Lane:
                 host is None or connection not in (b"", b"keep-alive"):
             return None
         quick = quick_summary(body)
-        try:
-            model, stream = quick[:2] if quick is not None else ((s := scan(body)).model, s.stream)
-        except BadBody:
-            return None
+        summary: Summary | None = None
+        if quick is not None:
+            model, stream = quick[0], quick[1]
+        else:
+            try:
+                summary = scan(body)
+            except BadBody:
+                return None
+            model, stream = summary.model, summary.stream
         route = self.proxy.routes.resolve(model).route
-        if route is None or stream or route.adapters or route.adapter(model) is not None:
-            return None
-        if (route.memory_budget is not None or route.keeps_slots) and model in route.models:
+        if route is None or stream or route.adapters or route.makes_room(model):  # no adapters: nor adapter(model)
             return None
         if route.api_key_required and not has_api_key(
                 {name: b",".join(head.values(name.lower().encode())).decode("latin-1")
@@ -121,7 +124,7 @@ class Lane:
         if not self.proxy.endpoints.ready(*route.service):
             return None
         try:
-            affinity = (affinity_payload(body, scan(body), route.routing.prefix_characters)
+            affinity = (affinity_payload(body, summary or scan(body), route.routing.prefix_characters)
                         if route.routing.strategy == "PrefixAffinity" else {})
         except BadBody:
             return None

@@ -98,6 +98,11 @@ class Route:
         return next(((index, scale) for index, (adapter, scale) in enumerate(self.adapters) if adapter == name),
                     None)
 
+    def makes_room(self, model: str) -> bool:
+        """Whether the gateway loads `model` on the replica itself before a request for it (a memory budget, or
+        kept prompt caches: room.py)."""
+        return (self.memory_budget is not None or self.keeps_slots) and model in self.models
+
     @property
     def target_in_flight(self) -> int:
         if self.scaling is not None and self.scaling.target_in_flight is not None:

@@ -150,7 +150,7 @@ class Upstreams:
             self.sent(url)
             upstream: aiohttp.ClientResponse | None = None
             # A memory budget, or kept prompt caches (the gateway loads the model and restores its slots).
-            budgeted = (route.memory_budget is not None or route.keeps_slots) and summary.model in route.models
+            budgeted = route.makes_room(summary.model)
             try:
                 if budgeted:
                     try:
